@@ -1,0 +1,508 @@
+"""The one Levenberg-Marquardt loop behind every least-squares front-end.
+
+A problem is a residual map F from points p (of a flat space or a manifold) to
+R^m, and a retraction R_p(s) that moves p along a step s given by its n
+coordinates in a tangent basis. The objective is
+
+    cost(p) = 1/2 ||F(p)||^2.
+
+Each iteration of the loop:
+
+1. linearize: J = d/ds F(R_p(s)) at s = 0, an m x n matrix, and the gradient
+   g = J^T F(p). J is kept in the loop state and recomputed only when a step
+   is accepted, so a rejected step costs one linear solve and no derivative.
+2. solve the damped normal equations for the step s,
+
+       (J^T J + lambda D) s = -J^T F(p),            (m >= n)
+       s = -J^T (J J^T + lambda I)^-1 F(p),         (m <  n, D = I)
+
+   by Cholesky factorization (the same arithmetic as
+   `tf.linalg.lstsq(J, F, l2_regularizer=lambda, fast=True)`). D is the
+   identity, or diag(J^T J) for Marquardt's scale-invariant damping.
+3. propose q = R_p(s) and evaluate F(q) once.
+4. accept or reject q and update the damping, by a `DampingPolicy`.
+   A failed factorization (TensorFlow fills the factor with NaN) or a
+   non-finite F(q) is a rejection, in every execution mode.
+5. call the callback and test the stopping criteria.
+
+Everything carries optional leading batch dimensions: F(p) is [B..., m], J is
+[B..., m, n], and every problem of the batch has its own damping, acceptance,
+counters and stop. A stopped problem is frozen. The loop is a
+`tf.while_loop` over a namedtuple of tensors: it runs eagerly, inside
+`tf.function`, in a TF1 `Session` graph and under XLA with the same numbers.
+"""
+
+import collections
+import enum
+
+import tensorflow as tf
+
+
+class StopReason(enum.IntEnum):
+  """Why a problem stopped; stored per problem as an int32 tensor."""
+  RUNNING = 0
+  MAX_ITERATIONS = 1
+  GRADIENT_NORM = 2
+  STEP_SIZE = 3
+  COST = 4
+  RELATIVE_COST_CHANGE = 5
+  RELATIVE_STEP = 6
+  NOT_FINITE = 7
+
+  @property
+  def converged(self):
+    return self in (StopReason.GRADIENT_NORM, StopReason.STEP_SIZE,
+                    StopReason.COST, StopReason.RELATIVE_COST_CHANGE,
+                    StopReason.RELATIVE_STEP)
+
+
+Problem = collections.namedtuple(
+    "Problem", ["residual_fn", "retract", "tangent_dim", "cost_fn",
+                "jacobian_fn"])
+Problem.__doc__ = """A least-squares problem as the engine sees it.
+
+residual_fn: point -> F(point), a [B..., m] tensor.
+retract: (point, step) -> point, with step a [B..., n] tensor of coordinates.
+tangent_dim: n, a Python int.
+cost_fn: F -> [B...] cost tensor; None means 1/2 sum(F^2, axis=-1).
+jacobian_fn: point -> [B..., m, n] Jacobian, or None for automatic
+  differentiation of s -> F(retract(point, s)) at s = 0.
+"""
+
+LoopState = collections.namedtuple(
+    "LoopState",
+    ["iteration", "point", "residual", "jacobian", "gradient", "cost",
+     "damping", "step_norm", "cost_change", "num_iterations", "num_accepted",
+     "num_rejected", "num_residual_evaluations", "num_jacobian_evaluations",
+     "stop_reason", "records"])
+
+Step = collections.namedtuple(
+    "Step", ["cost", "candidate_cost", "predicted_decrease", "finite"])
+Step.__doc__ = """What a damping policy sees of one trial step.
+
+cost: cost at the current point. candidate_cost: cost at the candidate.
+predicted_decrease: decrease of the damped linear model,
+  -g^T s - 1/2 ||J s||^2 - 1/2 lambda s^T D s  (>= 0), or None when the policy
+  does not ask for it. finite: whether the step and candidate cost are finite.
+"""
+
+
+def default_cost(residual):
+  """1/2 ||F||^2 over the last axis."""
+  return 0.5 * tf.reduce_sum(tf.square(residual), axis=-1)
+
+
+def select(condition, if_true, if_false):
+  """`tf.where` for a [B...] condition and tensors of shape [B..., ...]."""
+  condition = tf.convert_to_tensor(condition)
+  if_true = tf.convert_to_tensor(if_true)
+  extra = if_true.shape.rank - condition.shape.rank
+  if extra:
+    condition = tf.reshape(
+        condition, tf.concat([tf.shape(condition), [1] * extra], axis=0))
+  return tf.where(condition, if_true, if_false)
+
+
+def select_structure(condition, if_true, if_false):
+  return tf.nest.map_structure(lambda a, b: select(condition, a, b),
+                               if_true, if_false)
+
+
+def _all_finite(tensor, batch_rank):
+  finite = tf.math.is_finite(tensor)
+  return tf.reduce_all(finite, axis=list(range(batch_rank, tensor.shape.rank)))
+
+
+# -- linearize -----------------------------------------------------------------
+
+
+def jacobian(problem, point, batch_shape, num_residuals):
+  """J = d/ds F(R_p(s)) at s = 0, shape [B..., m, n].
+
+  Forward mode (one Jacobian-vector product per tangent coordinate,
+  vectorized with `tf.vectorized_map`) when m >= n or m is unknown; reverse
+  mode (one vector-Jacobian product per residual) when m < n. Neither builds an
+  m x m matrix. Eagerly, the products run as a Python loop so that nothing is
+  traced (and retraced) per call.
+  """
+  if problem.jacobian_fn is not None:
+    return problem.jacobian_fn(point)
+  n = problem.tangent_dim
+  dtype = tf.nest.flatten(point)[0].dtype
+  zero_step = tf.zeros(tf.concat([batch_shape, [n]], axis=0), dtype)
+
+  def residual_of_step(step):
+    return problem.residual_fn(problem.retract(point, step))
+
+  eager = tf.executing_eagerly()
+  if num_residuals is not None and num_residuals < n:
+    return _reverse_jacobian(residual_of_step, zero_step, eager)
+
+  def directional_derivative(direction):
+    tangent = tf.broadcast_to(direction, tf.shape(zero_step))
+    with tf.autodiff.ForwardAccumulator(zero_step, tangent) as accumulator:
+      residual = residual_of_step(zero_step)
+    return accumulator.jvp(
+        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+  basis = tf.eye(n, dtype=dtype)
+  if eager:
+    columns = tf.stack([directional_derivative(basis[i]) for i in range(n)])
+  else:
+    columns = tf.vectorized_map(directional_derivative, basis,
+                                fallback_to_while_loop=True, warn=False)
+  # columns: [n, B..., m] -> [B..., m, n].
+  rank = columns.shape.rank
+  return tf.transpose(columns, list(range(1, rank)) + [0])
+
+
+def _reverse_jacobian(residual_of_step, zero_step, eager):
+  """Reverse-mode Jacobian for few residuals; batch dimensions stay blocks."""
+  batch_rank = zero_step.shape.rank - 1
+  if batch_rank == 0:
+    with tf.GradientTape(watch_accessed_variables=False,
+                         persistent=eager) as tape:
+      tape.watch(zero_step)
+      residual = residual_of_step(zero_step)
+    return tape.jacobian(residual, zero_step,
+                         unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                         experimental_use_pfor=not eager)
+  batch_shape = tf.shape(zero_step)[:-1]
+  flat_step = tf.reshape(zero_step, [-1, zero_step.shape[-1]])
+  with tf.GradientTape(watch_accessed_variables=False,
+                       persistent=eager) as tape:
+    tape.watch(flat_step)
+    residual = residual_of_step(tf.reshape(flat_step, tf.shape(zero_step)))
+    flat_residual = tf.reshape(residual, [tf.shape(flat_step)[0], -1])
+  flat_jacobian = tape.batch_jacobian(
+      flat_residual, flat_step,
+      unconnected_gradients=tf.UnconnectedGradients.ZERO,
+      experimental_use_pfor=not eager)
+  return tf.reshape(flat_jacobian,
+                    tf.concat([batch_shape, tf.shape(flat_jacobian)[1:]], 0))
+
+
+# -- solve ---------------------------------------------------------------------
+
+
+def damped_step(jacobian_matrix, residual, gradient, regularization,
+                scaling=None):
+  """Solves the damped normal equations for the step s (see module docstring).
+
+  Args:
+    jacobian_matrix: J, [B..., m, n].
+    residual: F, [B..., m].
+    gradient: g = J^T F, [B..., n].
+    regularization: lambda, [B...].
+    scaling: D's diagonal, [B..., n], or None for the identity.
+
+  Returns:
+    s, [B..., n]; NaN where the factorization failed.
+  """
+  m, n = jacobian_matrix.shape[-2], jacobian_matrix.shape[-1]
+  lam = regularization[..., tf.newaxis, tf.newaxis]
+
+  def overdetermined():
+    gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_a=True)
+    if scaling is None:
+      gram += lam * tf.eye(n, dtype=gram.dtype)
+    else:
+      gram += lam * tf.linalg.diag(scaling)
+    factor = tf.linalg.cholesky(gram)
+    return -tf.linalg.cholesky_solve(factor, gradient[..., tf.newaxis])[..., 0]
+
+  def underdetermined():
+    gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_b=True)
+    size = tf.shape(gram)[-1]
+    gram += lam * tf.eye(size, dtype=gram.dtype)
+    factor = tf.linalg.cholesky(gram)
+    multiplier = tf.linalg.cholesky_solve(factor, residual[..., tf.newaxis])
+    return -tf.matmul(jacobian_matrix, multiplier, adjoint_a=True)[..., 0]
+
+  if scaling is not None or (m is not None and m >= n):
+    solve = overdetermined
+  elif m is not None:
+    solve = underdetermined
+  else:
+    num_residuals = tf.shape(jacobian_matrix)[-2]
+    return tf.cond(num_residuals >= n, overdetermined, underdetermined)
+  if not tf.executing_eagerly():
+    return solve()
+  try:  # Older TensorFlow kernels raise instead of returning NaN.
+    return solve()
+  except tf.errors.InvalidArgumentError:
+    shape = tf.shape(gradient)
+    return tf.fill(shape, tf.constant(float("nan"), gradient.dtype))
+
+
+# -- damping policies ----------------------------------------------------------
+
+
+class DampingPolicy:
+  """How the damping lambda is chosen and how a trial step is judged.
+
+  A policy keeps one damping value per problem (`initial`), turns it into the
+  regularization lambda of the normal equations (`regularization`), and after
+  each trial step returns (accepted, new damping) (`update`).
+  """
+
+  uses_predicted_decrease = False
+  scaled = False
+
+  def initial(self, dtype, batch_shape):
+    raise NotImplementedError
+
+  def regularization(self, damping, cost):
+    raise NotImplementedError
+
+  def update(self, damping, step):
+    raise NotImplementedError
+
+
+class MultiplicativeDamping(DampingPolicy):
+  """TensorFlow Graphics' rule: lambda starts at `initial_regularizer`.
+
+  Accept iff cost(q) < cost(p) strictly; on rejection lambda *= multiplier;
+  lambda never decreases.
+  """
+
+  def __init__(self, initial_regularizer, multiplier):
+    self.initial_regularizer = initial_regularizer
+    self.multiplier = multiplier
+
+  def initial(self, dtype, batch_shape):
+    return tf.fill(batch_shape, tf.constant(self.initial_regularizer, dtype))
+
+  def regularization(self, damping, cost):
+    return damping
+
+  def update(self, damping, step):
+    accepted = tf.less(step.candidate_cost, step.cost) & step.finite
+    multiplier = tf.constant(self.multiplier, damping.dtype)
+    return accepted, tf.where(accepted, damping, damping * multiplier)
+
+
+class GainRatioDamping(DampingPolicy):
+  """Manopt's rule (Adachi, Okuno & Takeda 2022, Algorithm 1).
+
+  lambda = mu ||F(p)||^2. The gain ratio
+      rho = (||F(p)||^2 - ||F(q)||^2) / (2 * predicted decrease)
+  compares the actual decrease with the decrease of the regularized model.
+  Accept iff rho >= eta; then, if `expect_zero_residual`,
+  mu <- max(mu_min, mu / beta). Reject: mu <- beta mu.
+  """
+
+  uses_predicted_decrease = True
+
+  def __init__(self, eta, damping_term_min, beta, expect_zero_residual):
+    self.eta = eta
+    self.damping_term_min = damping_term_min
+    self.beta = beta
+    self.expect_zero_residual = expect_zero_residual
+
+  def initial(self, dtype, batch_shape):
+    return tf.fill(batch_shape, tf.constant(self.damping_term_min, dtype))
+
+  def regularization(self, damping, cost):
+    return damping * (2.0 * cost)
+
+  def update(self, damping, step):
+    dtype = damping.dtype
+    gain = (step.cost - step.candidate_cost) / step.predicted_decrease
+    accepted = (gain >= tf.constant(self.eta, dtype)) & step.finite
+    beta = tf.constant(self.beta, dtype)
+    if self.expect_zero_residual:
+      on_accept = tf.maximum(tf.constant(self.damping_term_min, dtype),
+                             damping / beta)
+    else:
+      on_accept = damping
+    return accepted, tf.where(accepted, on_accept, damping * beta)
+
+
+# -- the loop ------------------------------------------------------------------
+
+
+def _as_callback_ops(callback_result):
+  if callback_result is None:
+    return []
+  if isinstance(callback_result, (list, tuple)):
+    return [op for op in callback_result if op is not None]
+  return [callback_result]
+
+
+def minimize(problem, initial_point, policy, max_iterations, stopping=None,
+             callback=None, num_records=0, initial_residual=None,
+             initial_jacobian=None):
+  """Runs the Levenberg-Marquardt loop.
+
+  Args:
+    problem: a `Problem`.
+    initial_point: the starting point, a structure of tensors.
+    policy: a `DampingPolicy`.
+    max_iterations: Python int or int32 scalar tensor, the most iterations.
+    stopping: optional `fn(state) -> (stop [B...] bool, reason [B...] int32)`,
+      evaluated after every iteration on the new state.
+    callback: optional `fn(iteration, cost, point)`, called after every
+      iteration; ops it returns run before the next iteration.
+    num_records: when > 0, per-iteration records (cost, gradient norm, step
+      norm, damping) are kept for the first `num_records` iterations.
+    initial_residual, initial_jacobian: optional values at the start, to skip
+      their evaluation.
+
+  Returns:
+    The final `LoopState`.
+  """
+  cost_fn = problem.cost_fn or default_cost
+  if initial_residual is None:
+    residual = problem.residual_fn(initial_point)
+    residual_evaluations = 1
+  else:
+    residual = tf.convert_to_tensor(initial_residual)
+    residual_evaluations = 0
+  dtype = residual.dtype
+  batch_shape = tf.shape(residual)[:-1]
+  batch_rank = residual.shape.rank - 1
+  num_residuals = residual.shape[-1]
+  if initial_jacobian is None:
+    jacobian_matrix = jacobian(problem, initial_point, batch_shape,
+                               num_residuals)
+    jacobian_evaluations = 1
+  else:
+    jacobian_matrix = tf.convert_to_tensor(initial_jacobian, dtype)
+    jacobian_evaluations = 0
+  cost = cost_fn(residual)
+  zeros_int = tf.zeros(batch_shape, tf.int32)
+  records = ()
+  if num_records:
+    records = tuple(tf.zeros(tf.concat([[num_records], batch_shape], 0), dtype)
+                    for _ in range(4))
+
+  state = LoopState(
+      iteration=tf.constant(0, tf.int32),
+      point=initial_point,
+      residual=residual,
+      jacobian=jacobian_matrix,
+      gradient=tf.linalg.matvec(jacobian_matrix, residual, adjoint_a=True),
+      cost=cost,
+      damping=policy.initial(dtype, batch_shape),
+      step_norm=tf.zeros(batch_shape, dtype),
+      cost_change=tf.zeros(batch_shape, dtype),
+      num_iterations=zeros_int,
+      num_accepted=zeros_int,
+      num_rejected=zeros_int,
+      num_residual_evaluations=zeros_int + residual_evaluations,
+      num_jacobian_evaluations=zeros_int + jacobian_evaluations,
+      stop_reason=zeros_int,
+      records=records)
+
+  def body(state):
+    active = tf.equal(state.stop_reason, StopReason.RUNNING)
+    lam = policy.regularization(state.damping, state.cost)
+    scaling = None
+    if policy.scaled:
+      scaling = policy.scaling(state)
+    step = damped_step(state.jacobian, state.residual, state.gradient, lam,
+                       scaling)
+    candidate = problem.retract(state.point, step)
+    candidate_residual = problem.residual_fn(candidate)
+    candidate_cost = cost_fn(candidate_residual)
+    finite = (_all_finite(step, batch_rank) & tf.math.is_finite(candidate_cost))
+    predicted = None
+    if policy.uses_predicted_decrease:
+      model_step = tf.linalg.matvec(state.jacobian, step)
+      penalty = tf.reduce_sum(step * step * (1.0 if scaling is None else
+                                             scaling), axis=-1)
+      predicted = -(tf.reduce_sum(state.gradient * step, axis=-1) +
+                    0.5 * tf.reduce_sum(tf.square(model_step), axis=-1) +
+                    0.5 * lam * penalty)
+    accepted, damping = policy.update(
+        state.damping, Step(state.cost, candidate_cost, predicted, finite))
+    accepted &= active
+    damping = tf.where(active, damping, state.damping)
+
+    point = select_structure(accepted, candidate, state.point)
+    residual = select(accepted, candidate_residual, state.residual)
+    new_cost = tf.where(accepted, candidate_cost, state.cost)
+
+    def relinearize():
+      new_jacobian = jacobian(problem, point, batch_shape, num_residuals)
+      return select(accepted, new_jacobian, state.jacobian)
+
+    jacobian_matrix = tf.cond(tf.reduce_any(accepted), relinearize,
+                              lambda: state.jacobian)
+    gradient = select(accepted,
+                      tf.linalg.matvec(jacobian_matrix, residual,
+                                       adjoint_a=True),
+                      state.gradient)
+    step_norm = tf.where(active & finite, tf.norm(step, axis=-1),
+                         state.step_norm)
+    cost_change = tf.where(accepted, state.cost - new_cost,
+                           tf.where(active, tf.zeros_like(new_cost),
+                                    state.cost_change))
+    active_int = tf.cast(active, tf.int32)
+    accepted_int = tf.cast(accepted, tf.int32)
+    new_state = LoopState(
+        iteration=state.iteration + 1,
+        point=point,
+        residual=residual,
+        jacobian=jacobian_matrix,
+        gradient=gradient,
+        cost=new_cost,
+        damping=damping,
+        step_norm=step_norm,
+        cost_change=cost_change,
+        num_iterations=state.num_iterations + active_int,
+        num_accepted=state.num_accepted + accepted_int,
+        num_rejected=state.num_rejected + active_int - accepted_int,
+        num_residual_evaluations=state.num_residual_evaluations + active_int,
+        num_jacobian_evaluations=(state.num_jacobian_evaluations +
+                                  accepted_int),
+        stop_reason=state.stop_reason,
+        records=state.records)
+    if num_records:
+      new_state = new_state._replace(
+          records=_record(state.records, state.iteration, num_records, active,
+                          (new_cost, tf.norm(gradient, axis=-1), step_norm,
+                           damping)))
+    if stopping is not None:
+      stop, reason = stopping(new_state)
+      new_state = new_state._replace(stop_reason=tf.where(
+          active & stop, tf.cast(reason, tf.int32), state.stop_reason))
+
+    if callback is not None:
+      callback_ops = _as_callback_ops(
+          callback(new_state.iteration, new_state.cost, new_state.point))
+      if callback_ops:
+        with tf.control_dependencies(callback_ops):
+          new_state = tf.nest.map_structure(tf.identity, new_state)
+    return (new_state,)
+
+  def cond(state):
+    return tf.reduce_any(tf.equal(state.stop_reason, StopReason.RUNNING))
+
+  if stopping is not None:
+    # Problems may stop before the first iteration (already converged).
+    stop, reason = stopping(state)
+    state = state._replace(
+        stop_reason=tf.where(stop, tf.cast(reason, tf.int32), state.stop_reason))
+  (state,) = tf.while_loop(cond, body, (state,),
+                           maximum_iterations=max_iterations,
+                           parallel_iterations=1)
+  running = tf.equal(state.stop_reason, StopReason.RUNNING)
+  return state._replace(stop_reason=tf.where(
+      running, tf.constant(int(StopReason.MAX_ITERATIONS), tf.int32),
+      state.stop_reason))
+
+
+def _record(records, iteration, num_records, active, values):
+  """Writes this iteration's values (NaN for a stopped problem) into row
+  `iteration` of the fixed-size record buffers; later iterations are dropped."""
+  index = tf.minimum(iteration, num_records - 1)
+  keep = iteration < num_records
+  updated = []
+  for buffer, value in zip(records, values):
+    row = tf.where(active, value, tf.fill(tf.shape(value),
+                                          tf.constant(float("nan"), value.dtype)))
+    new_buffer = tf.tensor_scatter_nd_update(buffer, [[index]], row[tf.newaxis])
+    updated.append(tf.where(keep, new_buffer, buffer))
+  return tuple(updated)

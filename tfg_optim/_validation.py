@@ -1,0 +1,101 @@
+"""Argument checks shared by the front-ends: each error names the argument."""
+
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+FLOAT_DTYPES = (tf.float32, tf.float64)
+
+
+def as_callable_list(value, name):
+  """A callable or a non-empty list/tuple of callables, as a list."""
+  values = list(value) if isinstance(value, (list, tuple)) else [value]
+  if not values:
+    raise ValueError(f"'{name}' must not be empty.")
+  for index, item in enumerate(values):
+    if not callable(item):
+      where = name if len(values) == 1 else f"{name}[{index}]"
+      raise TypeError(f"'{where}' must be callable, got {type(item).__name__}.")
+  return values
+
+
+def positive_int(value, name, minimum=1):
+  """A Python or NumPy integer >= minimum (bools are rejected)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"'{name}' must be an integer, got {value!r}.")
+  if value < minimum:
+    raise ValueError(f"'{name}' needs to be at least {minimum}.")
+  return int(value)
+
+
+def real_number(value, name, lower=None, lower_inclusive=True, upper=None,
+                upper_inclusive=True):
+  """A finite real Python/NumPy number within the given bounds."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"'{name}' must be a real number, got {value!r}.")
+  value = float(value)
+  if not np.isfinite(value):
+    raise ValueError(f"'{name}' must be finite, got {value}.")
+  if lower is not None and (value < lower or
+                            (not lower_inclusive and value == lower)):
+    bound = ">=" if lower_inclusive else ">"
+    raise ValueError(f"'{name}' must be {bound} {lower}, got {value}.")
+  if upper is not None and (value > upper or
+                            (not upper_inclusive and value == upper)):
+    bound = "<=" if upper_inclusive else "<"
+    raise ValueError(f"'{name}' must be {bound} {upper}, got {value}.")
+  return value
+
+
+def float_tensors(values, name):
+  """Converts values to tensors of one float dtype with fully known shapes."""
+  tensors = []
+  for index, value in enumerate(values):
+    where = name if len(values) == 1 else f"{name}[{index}]"
+    try:
+      tensor = tf.convert_to_tensor(value)
+    except (TypeError, ValueError) as error:
+      raise TypeError(f"'{where}' cannot be converted to a tensor: "
+                      f"{error}") from error
+    if tensor.dtype not in FLOAT_DTYPES:
+      raise TypeError(f"'{where}' must be float32 or float64, got "
+                      f"{tensor.dtype.name}.")
+    if not tensor.shape.is_fully_defined():
+      raise ValueError(f"'{where}' must have a fully defined shape, got "
+                       f"{tensor.shape}.")
+    tensors.append(tensor)
+  dtypes = {t.dtype for t in tensors}
+  if len(dtypes) > 1:
+    raise TypeError(f"All '{name}' must share one dtype, got "
+                    f"{sorted(d.name for d in dtypes)}.")
+  return tensors
+
+
+def check_output_dtype(tensor, dtype, name):
+  """A residual's output must be a float tensor of the variables' dtype."""
+  tensor = tf.convert_to_tensor(tensor)
+  if tensor.dtype != dtype:
+    raise TypeError(f"'{name}' returned a {tensor.dtype.name} tensor; it must "
+                    f"return {dtype.name}, the dtype of the variables.")
+  return tensor
+
+
+def check_finite(tensors, name):
+  """Rejects NaN or Inf in a starting point.
+
+  Eagerly this raises `ValueError` at once. In a graph it adds a
+  `tf.debugging.check_numerics` op that raises `InvalidArgumentError` when the
+  graph runs. XLA drops such checks; there the solver returns the start
+  unchanged with a NaN objective.
+  """
+  if tf.executing_eagerly():
+    for index, tensor in enumerate(tensors):
+      if not np.all(np.isfinite(tensor.numpy())):
+        where = name if len(tensors) == 1 else f"{name}[{index}]"
+        raise ValueError(f"'{where}' contains NaN or Inf; the starting point "
+                         "must be finite.")
+    return list(tensors)
+  return [tf.debugging.check_numerics(
+      tensor, f"'{name}' contains NaN or Inf; the starting point must be "
+      "finite") for tensor in tensors]

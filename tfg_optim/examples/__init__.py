@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m tfg_optim.examples.curve_fit`."""
