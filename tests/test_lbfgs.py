@@ -1,0 +1,356 @@
+"""Tests of tfg_optim.lbfgs (L-BFGS and BFGS) in every execution mode."""
+
+import itertools
+
+from absl.testing import parameterized
+import numpy as np
+from scipy import optimize
+import tensorflow as tf
+
+from tfg_optim import lbfgs
+from tests import modes
+
+DTYPES = ("float32", "float64")
+MODE_DTYPES = tuple(itertools.product(modes.MODES, DTYPES))
+METHODS = {"lbfgs": lbfgs.minimize_lbfgs, "bfgs": lbfgs.minimize_bfgs}
+C1, C2 = 1e-4, 0.9
+
+# Loose gradient tolerance reachable in each dtype, and position accuracy.
+GRAD_TOL = {"float32": 1e-4, "float64": 1e-9}
+ATOL = {"float32": 2e-3, "float64": 1e-6}
+
+QUAD_DIAG = np.linspace(1.0, 10.0, 10)
+QUAD_TARGET = np.linspace(-2.0, 3.0, 10)
+
+
+def quadratic(x):
+  diag = tf.constant(QUAD_DIAG, x.dtype)
+  target = tf.constant(QUAD_TARGET, x.dtype)
+  return 0.5 * tf.reduce_sum(diag * (x - target) ** 2, axis=-1)
+
+
+def quadratic_1d(x):
+  return tf.reduce_sum(3.0 * (x - 1.5) ** 2, axis=-1)
+
+
+def unbounded_cubic(x):
+  return tf.reduce_sum(x ** 3 / 3.0 - x ** 2 / 2.0 - 2.0 * x, axis=-1)
+
+
+def quartic(x):
+  return tf.reduce_sum(3.0 * x ** 4 + 0.4 * x ** 3 - 5.64 * x ** 2 +
+                       2.112 * x, axis=-1)
+
+
+def rosenbrock(x, a=1.0, b=100.0):
+  return tf.reduce_sum(b * (x[..., 1:] - x[..., :-1] ** 2) ** 2 +
+                       (a - x[..., :-1]) ** 2, axis=-1)
+
+
+def solve(method, function, x, **kwargs):
+  """Results namedtuple of one solve, with dtype from x."""
+  return METHODS[method](function, x, dtype=x.dtype, return_results=True,
+                         **kwargs)
+
+
+class ExactMinimaTest(tf.test.TestCase, parameterized.TestCase):
+  """Problems with a known answer; one traced build per mode and dtype."""
+
+  @parameterized.parameters(*MODE_DTYPES)
+  def test_known_minima(self, mode, dtype):
+    tol = GRAD_TOL[dtype]
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.5, 1.5)
+
+    def build(x10, x1, x_cubic, x_quartic, x_rosen, x_nan):
+      out = {}
+      for method in METHODS:
+        out[method + "_quad10"] = solve(method, quadratic, x10,
+                                        tolerance_grad=tol, max_iters=60,
+                                        history_size=5) if method == "lbfgs" \
+            else solve(method, quadratic, x10, tolerance_grad=tol,
+                       max_iters=60)
+      out["quad1"] = solve("lbfgs", quadratic_1d, x1, tolerance_grad=tol,
+                           history_size=3)
+      out["cubic"] = solve("lbfgs", unbounded_cubic, x_cubic, history_size=3,
+                           max_iters=50)
+      out["quartic"] = solve("lbfgs", quartic, x_quartic, history_size=3,
+                             tolerance_grad=tol)
+      out["rosen"] = solve("lbfgs", lambda x: rosenbrock(x, a=a), x_rosen,
+                           history_size=5, max_iters=200, tolerance_grad=tol,
+                           scale_initial_hessian=True)
+      out["bfgs_rosen"] = solve("bfgs", lambda x: rosenbrock(x, a=a), x_rosen,
+                                max_iters=200, tolerance_grad=tol)
+      out["nan"] = solve("lbfgs", quadratic, x_nan, history_size=3)
+      return {k: v._asdict() for k, v in out.items()}
+
+    x_nan = np.zeros(10)
+    x_nan[3] = np.nan
+    inputs = [np.zeros(10), np.array([-4.0]), np.array([-1.7]),
+              np.array([0.82]), np.array([-1.2, 1.0]), x_nan]
+    out = modes.run(build, [v.astype(dtype) for v in inputs], mode)
+
+    for key in ("lbfgs_quad10", "bfgs_quad10"):
+      self.assertTrue(out[key]["is_converge"], key)
+      self.assertAllClose(out[key]["position"], QUAD_TARGET, atol=ATOL[dtype])
+      self.assertEqual(out[key]["position"].dtype, np.dtype(dtype))
+    self.assertTrue(out["quad1"]["is_converge"])
+    self.assertAllClose(out["quad1"]["position"], [1.5], atol=ATOL[dtype])
+    # Unbounded below: the line search never brackets, not converged.
+    self.assertFalse(out["cubic"]["is_converge"])
+    self.assertTrue(out["cubic"]["failed"])
+    self.assertTrue(out["quartic"]["is_converge"])
+    self.assertAllClose(out["quartic"]["position"], [0.8], atol=ATOL[dtype])
+    for key in ("rosen", "bfgs_rosen"):
+      self.assertTrue(out[key]["is_converge"], key)
+      self.assertAllClose(out[key]["position"], [a, a * a],
+                          atol=10 * ATOL[dtype])
+    # A NaN start stops at once, returning the start.
+    self.assertFalse(out["nan"]["is_converge"])
+    self.assertEqual(out["nan"]["num_func_calls"], 1)
+    self.assertAllEqual(np.isnan(out["nan"]["position"]), np.isnan(x_nan))
+    self.assertEqual(out["nan"]["num_iterations"], 0)
+
+
+class HistoryTest(tf.test.TestCase, parameterized.TestCase):
+  """Tiny histories wrap many times: no hang, same minimum."""
+
+  @parameterized.parameters(*MODE_DTYPES)
+  def test_small_history_many_iterations(self, mode, dtype):
+    tol = GRAD_TOL[dtype]
+
+    def build(x0):
+      return [solve("lbfgs", rosenbrock, x0, history_size=m, max_iters=200,
+                    tolerance_grad=tol, tolerance_change=0.0)._asdict()
+              for m in (1, 2, 3)]
+
+    x0 = np.tile([-1.2, 1.0], 3).astype(dtype)
+    for m, out in zip((1, 2, 3), modes.run(build, [x0], mode)):
+      self.assertTrue(out["is_converge"], f"history_size={m}")
+      self.assertGreater(out["num_iterations"], 3 * m)
+      self.assertAllClose(out["position"], np.ones(6), atol=10 * ATOL[dtype])
+
+
+class BatchTest(tf.test.TestCase, parameterized.TestCase):
+  """A batch equals its members solved one by one; members freeze."""
+
+  @parameterized.parameters(*MODE_DTYPES)
+  def test_batch_equals_one_by_one(self, mode, dtype):
+    tol = GRAD_TOL[dtype]
+    starts = np.array([[-1.2, 1.0], [1.0, 1.0], [0.5, -0.3],
+                       [2.0, 3.5]]).astype(dtype)
+    kwargs = dict(max_iters=100, tolerance_grad=tol)
+
+    def build(x):
+      together = {m: solve(m, rosenbrock, x, batch_dims=1,
+                           **({"history_size": 4} if m == "lbfgs" else {}),
+                           **kwargs)._asdict() for m in METHODS}
+      alone = {m: [solve(m, rosenbrock, x[i],
+                         **({"history_size": 4} if m == "lbfgs" else {}),
+                         **kwargs)._asdict() for i in range(len(starts))]
+               for m in METHODS}
+      return together, alone
+
+    together, alone = modes.run(build, [starts], mode)
+    for method in METHODS:
+      for i in range(len(starts)):
+        for key, value in alone[method][i].items():
+          self.assertAllClose(together[method][key][i], value, atol=1e-6,
+                              rtol=1e-6, msg=f"{method} {key} {i}")
+      # The start at the minimum converges at once and stays frozen.
+      self.assertEqual(together[method]["num_iterations"][1], 0)
+      self.assertEqual(together[method]["num_func_calls"][1], 1)
+      self.assertTrue(np.all(together[method]["is_converge"]))
+
+
+class EvaluationCountTest(tf.test.TestCase, parameterized.TestCase):
+  """num_func_calls equals the number of objective calls."""
+
+  @parameterized.parameters(*MODE_DTYPES)
+  def test_counts_every_evaluation(self, mode, dtype):
+    outside = None if mode == "session" else tf.Variable(0)
+
+    def build(x0):
+      counter = outside if outside is not None else tf.Variable(0)
+      counter.assign(0)
+
+      def counted(x):
+        with tf.control_dependencies([counter.assign_add(1)]):
+          return rosenbrock(x)
+
+      with tf.control_dependencies([counter.assign(0)]):
+        x0 = tf.identity(x0)
+      result = lbfgs.minimize_lbfgs(counted, x0, history_size=3,
+                                    max_iters=30, dtype=dtype)
+      with tf.control_dependencies(tf.nest.flatten(result)):
+        return result[1], counter.read_value()
+
+    calls, counted = modes.run(build, [np.array([-1.2, 1.0], dtype)], mode)
+    self.assertGreater(calls, 30)
+    self.assertEqual(calls, counted)
+
+  def test_counts_python_calls_eagerly(self):
+    calls = []
+
+    def counted(x):
+      calls.append(1)
+      return quartic(x)
+
+    result = lbfgs.minimize_bfgs(counted, tf.constant([-1.0], tf.float64),
+                                 dtype="float64")
+    self.assertEqual(int(result[1]), len(calls))
+
+
+class StrongWolfeTest(tf.test.TestCase, parameterized.TestCase):
+  """Every accepted step satisfies the strong Wolfe conditions."""
+
+  @parameterized.parameters(("lbfgs", False), ("lbfgs", True),
+                            ("bfgs", False))
+  def test_accepted_steps(self, method, scale):
+    # x_k is the last point evaluated by a run of k iterations (recorded);
+    # the conditions are invariant to how the step splits into a * d.
+    x0 = tf.constant([-1.2, 1.0, 0.5], tf.float64)
+    iterates = []
+    for k in range(1, 16):
+      record = []
+
+      def recording(x):
+        with tf.GradientTape() as tape:
+          tape.watch(x)
+          value = rosenbrock(x)
+        gradient = tape.gradient(value, x)
+        record.append((x.numpy(), value.numpy(), gradient.numpy()))
+        return value, gradient
+
+      r = solve(method, recording, x0, max_iters=k, value_and_gradient=True,
+                scale_initial_hessian=scale)
+      if k == 1:
+        iterates.append(record[0])
+      self.assertEqual(int(r.num_func_calls), len(record))
+      self.assertAllEqual(record[-1][0], r.position.numpy())
+      iterates.append(record[-1])
+    for (x, f, g), (x_new, f_new, g_new) in zip(iterates, iterates[1:]):
+      step = x_new - x
+      self.assertLess(g @ step, 0)
+      self.assertLessEqual(f_new, f + C1 * (g @ step))
+      self.assertLessEqual(abs(g_new @ step), C2 * abs(g @ step))
+
+
+class ScipyAgreementTest(tf.test.TestCase, parameterized.TestCase):
+  """Same minima as scipy's L-BFGS-B on standard functions."""
+
+  PROBLEMS = {
+      "rosen5": (rosenbrock, optimize.rosen, [-1.2, 1.0, -1.2, 1.0, 0.3]),
+      "beale": (lambda x: ((1.5 - x[0] + x[0] * x[1]) ** 2 +
+                           (2.25 - x[0] + x[0] * x[1] ** 2) ** 2 +
+                           (2.625 - x[0] + x[0] * x[1] ** 3) ** 2),
+                None, [1.0, 1.0]),
+      "himmelblau": (lambda x: ((x[0] ** 2 + x[1] - 11) ** 2 +
+                                (x[0] + x[1] ** 2 - 7) ** 2), None,
+                     [0.5, 0.5]),
+  }
+
+  @parameterized.parameters(*modes.MODES)
+  def test_minima_match_scipy(self, mode):
+    names = sorted(self.PROBLEMS)
+
+    def build(*starts):
+      return [solve(method, self.PROBLEMS[name][0], x, max_iters=300,
+                    tolerance_grad=1e-9, scale_initial_hessian=True
+                    ).position
+              for name, x in zip(names, starts) for method in METHODS]
+
+    starts = [np.array(self.PROBLEMS[name][2]) for name in names]
+    positions = modes.run(build, starts, mode)
+    for i, name in enumerate(names):
+      function = self.PROBLEMS[name][0]
+      numpy_function = lambda x, f=function: float(f(tf.constant(x)))
+      expected = optimize.minimize(numpy_function, starts[i],
+                                   method="L-BFGS-B",
+                                   options=dict(gtol=1e-10, ftol=0)).x
+      for j in range(len(METHODS)):
+        self.assertAllClose(positions[len(METHODS) * i + j], expected,
+                            atol=1e-4, msg=name)
+
+
+class InitialInverseHessianTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters(*MODE_DTYPES)
+  def test_exact_inverse_hessian_solves_quadratic_in_one_step(self, mode,
+                                                              dtype):
+    h0 = np.diag(1.0 / QUAD_DIAG).astype(dtype)
+
+    def build(x0, h0):
+      return [solve(m, quadratic, x0, initial_inverse_hessian_estimate=h0,
+                    tolerance_grad=GRAD_TOL[dtype],
+                    **({"history_size": 3} if m == "lbfgs" else {})
+                    )._asdict() for m in METHODS]
+
+    for out in modes.run(build, [np.zeros(10, dtype), h0], mode):
+      self.assertTrue(out["is_converge"])
+      self.assertEqual(out["num_iterations"], 1)
+      self.assertEqual(out["num_func_calls"], 2)
+      self.assertAllClose(out["position"], QUAD_TARGET, atol=ATOL[dtype])
+
+  @parameterized.parameters(
+      ("non-symmetric", [[1.0, 0.5], [0.0, 1.0]], "not symmetric"),
+      ("indefinite", [[1.0, 0.0], [0.0, -1.0]], "not positive definite"))
+  def test_bad_estimate_raises(self, _, h0, message):
+    for method in METHODS.values():
+      with self.assertRaisesRegex(ValueError,
+                                  "initial_inverse_hessian_estimate.*" +
+                                  message):
+        method(rosenbrock, tf.zeros(2), initial_inverse_hessian_estimate=h0)
+      # A constant estimate is checked while tracing too.
+      traced = tf.function(lambda x, method=method: method(
+          rosenbrock, x, initial_inverse_hessian_estimate=tf.constant(h0)))
+      with self.assertRaisesRegex(ValueError, message):
+        traced(tf.zeros(2))
+
+
+class ArgumentTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters(
+      (dict(initial_position=[1, 2]), ValueError, "initial_position"),
+      (dict(dtype="int32"), ValueError, "dtype"),
+      (dict(dtype="float64"), ValueError, "initial_position.*dtype"),
+      (dict(line_search_fn="hager_zhang"), NotImplementedError,
+       "line_search_fn"),
+      (dict(objective_func=3.0), TypeError, "objective_func"),
+      (dict(max_iters=0), ValueError, "max_iters"),
+      (dict(history_size=0), ValueError, "history_size"),
+      (dict(max_line_search_iters=0), ValueError, "max_line_search_iters"),
+      (dict(tolerance_grad=-1.0), ValueError, "tolerance_grad"),
+      (dict(initial_step_length=0.0), ValueError, "initial_step_length"),
+      (dict(initial_inverse_hessian_estimate=np.eye(3, dtype=np.float32)),
+       ValueError, "initial_inverse_hessian_estimate"),
+      (dict(initial_position=np.zeros((2, 2), np.float32)), ValueError,
+       "initial_position"),
+  )
+  def test_invalid_arguments(self, overrides, error, message):
+    kwargs = dict(objective_func=rosenbrock,
+                  initial_position=np.zeros(2, np.float32))
+    kwargs.update(overrides)
+    with self.assertRaisesRegex(error, message):
+      lbfgs.minimize_lbfgs(**kwargs)
+
+  def test_paddle_tuple_and_defaults(self):
+    result = lbfgs.minimize_lbfgs(quadratic_1d, tf.constant([0.0]))
+    self.assertLen(result, 5)
+    converged, calls, position, value, gradient = result
+    self.assertEqual(converged.dtype, tf.bool)
+    self.assertEqual(calls.dtype, tf.int32)
+    for tensor in (position, value, gradient):
+      self.assertEqual(tensor.dtype, tf.float32)
+    self.assertEqual(value.shape, ())
+    self.assertAllClose(position, [1.5], atol=1e-5)
+
+  def test_gradient_already_small_converges_without_iterating(self):
+    r = solve("lbfgs", quadratic_1d, tf.constant([1.5], tf.float64))
+    self.assertTrue(r.is_converge)
+    self.assertEqual(int(r.num_iterations), 0)
+    self.assertEqual(int(r.num_func_calls), 1)
+
+
+if __name__ == "__main__":
+  tf.test.main()
