@@ -1,0 +1,549 @@
+r"""L-BFGS and BFGS with a strong-Wolfe line search, with Paddle's interface.
+
+`minimize_lbfgs` and `minimize_bfgs` take the arguments of Paddle's
+`paddle.incubate.optimizer.functional.minimize_lbfgs` / `minimize_bfgs` and
+return the same 5-tuple
+`(is_converge, num_func_calls, position, objective_value, objective_gradient)`,
+as TensorFlow graph ops that run eagerly, in `tf.function`, in a TF1
+`Session` and under XLA (`jit_compile=True`) with the same numbers.
+
+The math. To minimize a smooth f: R^n -> R from x_0, iteration k takes
+
+    d_k = -H_k g_k,             g_k = grad f(x_k),
+    x_{k+1} = x_k + a_k d_k,    a_k from a strong-Wolfe line search,
+    s_k = x_{k+1} - x_k,        y_k = g_{k+1} - g_k,   rho_k = 1 / (y_k^T s_k),
+
+where H_k approximates the inverse Hessian. BFGS keeps H_k as a dense
+n x n matrix and updates it by
+
+    H_{k+1} = V_k^T H_k V_k + rho_k s_k s_k^T,     V_k = I - rho_k y_k s_k^T.
+
+L-BFGS never forms H_k: it keeps the last m = `history_size` pairs (s_i, y_i)
+and applies H_k to g_k by the two-loop recursion (Nocedal & Wright, Numerical
+Optimization, 2nd ed., Algorithm 7.4) starting from H_k^0 = gamma_k H_0, with
+H_0 the identity (applied implicitly, O(n m) memory) or the caller's SPD
+matrix. gamma_k = 1 (Paddle's choice, the default here) or, with
+`scale_initial_hessian=True`, the usual gamma_k = s_{k-1}^T y_{k-1} /
+y_{k-1}^T y_{k-1} (N&W eq. 7.20); for BFGS that option scales H_0 once, before
+the first update (N&W eq. 6.20). Both methods are one loop with two
+direction/update policies.
+
+Step lengths satisfy the strong Wolfe conditions with c1 = 1e-4, c2 = 0.9
+(see `tfg_optim._line_search`). Since then y_k^T s_k > 0, every update keeps
+H_k positive definite; a pair with y_k^T s_k <= 0 (possible only through
+rounding) is skipped.
+
+Stopping. Before the loop, a start whose value or gradient is not finite
+stops at once (not converged, position = start), and a start with
+||g_0||_inf < tolerance_grad stops at once as converged (a zero direction
+has nothing to search; this is the one case where no iteration runs).
+Otherwise iterations run until, after an iteration, ||g_{k+1}||_inf <
+tolerance_grad or ||s_k||_inf < tolerance_change (converged), or until the
+line search fails (no strong-Wolfe step within `max_line_search_iters`
+evaluations, a non-finite value or gradient, or a non-descent direction: not
+converged, position = the last accepted iterate), or until `max_iters`
+iterations (not converged). An objective unbounded below thus ends as not
+converged.
+
+Batches. With keyword-only `batch_dims=k`, the first k dimensions of
+`initial_position` index independent problems: `objective_func` then maps
+positions of shape batch_shape + [n] to values of shape batch_shape (and
+member i's value must depend on member i's position only). Each member has
+its own line search, convergence and counts; a finished member is frozen
+while the others go on, and its results equal those of a solve on its own.
+
+Differences from Paddle (all keeping its interface and defaults):
+- the history is a fixed-size buffer of the last `history_size` pairs: any
+  number of iterations works with any `history_size >= 1` (Paddle's ring
+  buffer stops making progress once it wraps);
+- the default H_0 is an implicit identity, not a dense n x n matrix;
+- `num_func_calls` counts every objective evaluation, the one at the start
+  included;
+- a NaN start returns the start, not converged;
+- extra keyword-only options: `value_and_gradient`, `scale_initial_hessian`,
+  `batch_dims`, `return_results`.
+"""
+
+import collections
+import numpy as np
+import tensorflow as tf
+
+from tfg_optim import _line_search
+from tfg_optim import _validation
+
+__all__ = ["minimize_lbfgs", "minimize_bfgs", "LbfgsResults"]
+
+# Above this history size the two-loop recursion is a tf.while_loop over the
+# filled part of the buffer; up to it, a fixed unrolled loop (cheaper per
+# iteration, quick to compile).
+_UNROLL_LIMIT = 16
+
+LbfgsResults = collections.namedtuple("LbfgsResults", [
+    "is_converge", "num_func_calls", "position", "objective_value",
+    "objective_gradient", "failed", "num_iterations"])
+LbfgsResults.__doc__ = """Full results (`return_results=True`).
+
+  The first five fields are Paddle's return values, in Paddle's order.
+  is_converge: bool, True where a tolerance was met.
+  num_func_calls: int32, objective evaluations (the first included).
+  position: the last accepted iterate.
+  objective_value: the objective there.
+  objective_gradient: its gradient there.
+  failed: bool, True where the run stopped on a failed line search, a
+    non-descent direction or a non-finite start.
+  num_iterations: int32, iterations that accepted or attempted a step.
+  Each field has shape batch_shape (position and gradient: batch_shape + [n]).
+"""
+
+_LoopState = collections.namedtuple("_LoopState", [
+    "converged", "failed", "num_iterations", "num_evaluations", "position",
+    "value", "gradient", "policy_state"])
+
+
+# ---------------------------------------------------------------------------
+# Public front-ends.
+
+
+def minimize_lbfgs(objective_func,
+                   initial_position,
+                   history_size=100,
+                   max_iters=50,
+                   tolerance_grad=1e-8,
+                   tolerance_change=1e-8,
+                   initial_inverse_hessian_estimate=None,
+                   line_search_fn="strong_wolfe",
+                   max_line_search_iters=50,
+                   initial_step_length=1.0,
+                   dtype="float32",
+                   name=None,
+                   *,
+                   value_and_gradient=False,
+                   scale_initial_hessian=False,
+                   batch_dims=0,
+                   return_results=False):
+  """Minimizes a differentiable function with L-BFGS.
+
+  Args:
+    objective_func: Callable taking a position (a tensor of shape [n], or
+      batch_shape + [n] with `batch_dims`) and returning the objective, a
+      scalar (or batch_shape). Gradients come from `tf.GradientTape`, unless
+      `value_and_gradient=True`.
+    initial_position: The start, float tensor / NumPy array of shape [n] (or
+      batch_shape + [n]), of dtype `dtype`.
+    history_size: Number of stored (s, y) pairs, a Python int >= 1.
+    max_iters: Maximum number of iterations, a Python int >= 1.
+    tolerance_grad: Converged when the infinity norm of the gradient falls
+      below this, >= 0.
+    tolerance_change: Converged when the infinity norm of a step (position
+      change) falls below this, >= 0.
+    initial_inverse_hessian_estimate: None (implicit identity) or a
+      symmetric positive definite [n, n] matrix (or batch_shape + [n, n]).
+    line_search_fn: Only 'strong_wolfe' is implemented.
+    max_line_search_iters: Maximum objective evaluations per line search, a
+      Python int >= 1.
+    initial_step_length: First trial step of every line search, > 0.
+    dtype: 'float32' or 'float64' (or the tf.DType); must be the dtype of
+      `initial_position`.
+    name: Name scope of the ops, default 'minimize_lbfgs'.
+    value_and_gradient: If True, `objective_func` returns
+      `(value, gradient)` itself and no tape is used.
+    scale_initial_hessian: If True, the two-loop recursion starts from
+      gamma_k * H_0, gamma_k = s^T y / y^T y of the newest pair (N&W eq.
+      7.20). Default False: Paddle's unscaled H_0, which reproduces Paddle's
+      iterates; True usually needs fewer evaluations (see docs/lbfgs.md).
+    batch_dims: Number of leading batch dimensions of `initial_position`
+      (independent problems), a Python int >= 0.
+    return_results: If True, return an `LbfgsResults` namedtuple (the 5-tuple
+      plus `failed` and `num_iterations`).
+
+  Returns:
+    `(is_converge, num_func_calls, position, objective_value,
+    objective_gradient)`: a bool tensor, an int32 tensor (evaluations of the
+    objective, the first included), the last iterate, the objective and its
+    gradient there, in `dtype`; each of shape batch_shape (position and
+    gradient: batch_shape + [n]). Or an `LbfgsResults`.
+
+  Raises:
+    TypeError: `objective_func` is not callable, or an integer argument is
+      not an integer.
+    ValueError: a bad `dtype`, an integer `initial_position` or one whose
+      dtype differs from `dtype`, a bad shape, `history_size`, `max_iters` or
+      `max_line_search_iters` < 1, negative tolerances, a non-positive
+      `initial_step_length`, or an `initial_inverse_hessian_estimate` that is
+      known (eagerly, or as a constant while tracing) not to be symmetric
+      positive definite. A non-constant estimate in a graph is not checked:
+      if it yields a non-descent direction the run ends not converged.
+    NotImplementedError: `line_search_fn` is not 'strong_wolfe'.
+  """
+  history_size = _validation.positive_int(history_size, "history_size")
+  return _minimize(
+      "minimize_lbfgs", _LbfgsPolicy(history_size, scale_initial_hessian),
+      objective_func, initial_position, max_iters, tolerance_grad,
+      tolerance_change, initial_inverse_hessian_estimate, line_search_fn,
+      max_line_search_iters, initial_step_length, dtype, name,
+      value_and_gradient, batch_dims, return_results)
+
+
+def minimize_bfgs(objective_func,
+                  initial_position,
+                  max_iters=50,
+                  tolerance_grad=1e-7,
+                  tolerance_change=1e-9,
+                  initial_inverse_hessian_estimate=None,
+                  line_search_fn="strong_wolfe",
+                  max_line_search_iters=50,
+                  initial_step_length=1.0,
+                  dtype="float32",
+                  name=None,
+                  *,
+                  value_and_gradient=False,
+                  scale_initial_hessian=False,
+                  batch_dims=0,
+                  return_results=False):
+  """Minimizes a differentiable function with BFGS (dense inverse Hessian).
+
+  Same arguments, results and errors as `minimize_lbfgs` without
+  `history_size`, and with Paddle's BFGS defaults (tolerance_grad=1e-7,
+  tolerance_change=1e-9). H_k is a dense [n, n] matrix (batch_shape + [n, n]
+  with batches). `scale_initial_hessian=True` multiplies H_0 by
+  s_0^T y_0 / y_0^T y_0 once, before the first update (N&W eq. 6.20).
+  """
+  return _minimize(
+      "minimize_bfgs", _BfgsPolicy(scale_initial_hessian), objective_func,
+      initial_position, max_iters, tolerance_grad, tolerance_change,
+      initial_inverse_hessian_estimate, line_search_fn, max_line_search_iters,
+      initial_step_length, dtype, name, value_and_gradient, batch_dims,
+      return_results)
+
+
+# ---------------------------------------------------------------------------
+# Direction / update policies. A policy's state is a tuple of tensors that
+# rides in the while_loop state; `h0` is None or a [B or 1, n, n] tensor.
+
+
+def _dot(a, b):
+  return tf.reduce_sum(a * b, axis=-1)
+
+
+def _apply_h0(h0, vector):
+  return vector if h0 is None else tf.linalg.matvec(h0, vector)
+
+
+def _curvature_ok(s, y, mask):
+  sy = _dot(s, y)
+  return mask & (sy > 0) & tf.math.is_finite(sy), sy
+
+
+class _LbfgsPolicy:
+  """Last-m pairs, two-loop recursion. State: (s [B,m,n], y [B,m,n],
+  rho [B,m], count [B]); the newest pair is at index m-1, and unfilled slots
+  hold zeros (rho = 0), which the recursion passes through unchanged."""
+
+  def __init__(self, history_size, scale):
+    self.m = history_size
+    self.scale = bool(scale)
+
+  def initial_state(self, batch, n, dtype, h0):
+    del h0
+    return (tf.zeros([batch, self.m, n], dtype),
+            tf.zeros([batch, self.m, n], dtype),
+            tf.zeros([batch, self.m], dtype),
+            tf.zeros([batch], tf.int32))
+
+  def direction(self, state, gradient, h0):
+    s_hist, y_hist, rho, count = state
+    m = self.m
+    one_hot = tf.eye(m, dtype=gradient.dtype)
+
+    def first(i, q, alphas):
+      alpha = rho[:, i] * _dot(s_hist[:, i], q)
+      return q - alpha[:, None] * y_hist[:, i], alphas + alpha[:, None] * one_hot[i]
+
+    def second(i, r, alphas):
+      beta = rho[:, i] * _dot(y_hist[:, i], r)
+      return r + (tf.gather(alphas, i, axis=1) - beta)[:, None] * s_hist[:, i]
+
+    q, alphas = gradient, tf.zeros_like(rho)
+    if m <= _UNROLL_LIMIT:
+      for i in reversed(range(m)):
+        q, alphas = first(i, q, alphas)
+    else:
+      filled = tf.reduce_max(count)
+      _, q, alphas = tf.while_loop(
+          lambda j, q, a: j < filled,
+          lambda j, q, a: (j + 1,) + first(m - 1 - j, q, a),
+          (tf.constant(0), q, alphas), maximum_iterations=m)
+    r = _apply_h0(h0, q)
+    if self.scale:
+      # gamma = s^T y / y^T y = 1 / (rho y^T y) for the newest pair.
+      rho_yy = rho[:, m - 1] * _dot(y_hist[:, m - 1], y_hist[:, m - 1])
+      valid = rho_yy > 0
+      gamma = tf.where(valid, 1.0 / tf.where(valid, rho_yy, 1.0), 1.0)
+      r = gamma[:, None] * r
+    if m <= _UNROLL_LIMIT:
+      for i in range(m):
+        r = second(i, r, alphas)
+    else:
+      filled = tf.reduce_max(count)
+      _, r = tf.while_loop(
+          lambda i, r: i < m,
+          lambda i, r: (i + 1, second(i, r, alphas)),
+          (m - filled, r), maximum_iterations=m)
+    return -r
+
+  def update(self, state, s, y, mask, h0):
+    del h0
+    s_hist, y_hist, rho, count = state
+    keep, sy = _curvature_ok(s, y, mask)
+    new_rho = 1.0 / tf.where(keep, sy, tf.ones_like(sy))
+
+    def push(buffer, new):
+      shifted = tf.concat([buffer[:, 1:], new[:, None]], axis=1)
+      return tf.where(keep[:, None, None] if buffer.shape.rank == 3
+                      else keep[:, None], shifted, buffer)
+
+    return (push(s_hist, s), push(y_hist, y), push(rho, new_rho),
+            tf.where(keep, tf.minimum(count + 1, self.m), count))
+
+
+class _BfgsPolicy:
+  """Dense inverse Hessian. State: (H [B,n,n], updated [B] bool)."""
+
+  def __init__(self, scale):
+    self.scale = bool(scale)
+
+  def initial_state(self, batch, n, dtype, h0):
+    h = tf.eye(n, batch_shape=[batch], dtype=dtype)
+    if h0 is not None:
+      h = h0 + tf.zeros_like(h)
+    return (h, tf.zeros([batch], tf.bool))
+
+  def direction(self, state, gradient, h0):
+    del h0
+    return -tf.linalg.matvec(state[0], gradient)
+
+  def update(self, state, s, y, mask, h0):
+    del h0
+    h, updated = state
+    keep, sy = _curvature_ok(s, y, mask)
+    rho = 1.0 / tf.where(keep, sy, tf.ones_like(sy))
+    if self.scale:
+      yy = _dot(y, y)
+      gamma = sy / tf.where(yy > 0, yy, tf.ones_like(yy))
+      first = keep & ~updated
+      h = tf.where(first[:, None, None], gamma[:, None, None] * h, h)
+    # V^T H V + rho s s^T, expanded: H - rho (s (Hy)^T + (Hy) s^T)
+    #                                  + (rho^2 y^T H y + rho) s s^T.
+    hy = tf.linalg.matvec(h, y)
+    outer = lambda a, b: a[:, :, None] * b[:, None, :]
+    coef = (rho * rho * _dot(y, hy) + rho)[:, None, None]
+    new_h = (h - rho[:, None, None] * (outer(s, hy) + outer(hy, s)) +
+             coef * outer(s, s))
+    return (tf.where(keep[:, None, None], new_h, h), updated | keep)
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+
+
+def _minimize(default_name, policy, objective_func, initial_position,
+              max_iters, tolerance_grad, tolerance_change, h0, line_search_fn,
+              max_line_search_iters, initial_step_length, dtype, name,
+              value_and_gradient, batch_dims, return_results):
+  """Shared front-end checks and the quasi-Newton while_loop."""
+  if not callable(objective_func):
+    raise TypeError("'objective_func' must be callable, got "
+                    f"{type(objective_func).__name__}.")
+  if line_search_fn not in ("strong_wolfe", "strong wolfe"):
+    raise NotImplementedError(
+        f"'line_search_fn' {line_search_fn!r} is not implemented; only "
+        "'strong_wolfe' is.")
+  max_iters = _validation.positive_int(max_iters, "max_iters")
+  max_line_search_iters = _validation.positive_int(max_line_search_iters,
+                                                   "max_line_search_iters")
+  batch_dims = _validation.positive_int(batch_dims, "batch_dims", minimum=0)
+  tolerance_grad = _validation.real_number(tolerance_grad, "tolerance_grad",
+                                           lower=0.0)
+  tolerance_change = _validation.real_number(tolerance_change,
+                                             "tolerance_change", lower=0.0)
+  initial_step_length = _validation.real_number(
+      initial_step_length, "initial_step_length", lower=0.0,
+      lower_inclusive=False)
+  dtype = _check_dtype(dtype)
+  with tf.name_scope(name or default_name):
+    x0 = _check_position(initial_position, dtype, batch_dims)
+    batch_shape = x0.shape[:batch_dims].as_list()
+    n = int(x0.shape[-1])
+    batch = int(np.prod(batch_shape, dtype=np.int64))
+    h0 = _check_h0(h0, dtype, batch_shape, n)
+    value_and_grad = _batched_value_and_gradient(
+        objective_func, value_and_gradient, batch_shape, n, dtype)
+    final = _run(policy, value_and_grad, tf.reshape(x0, [batch, n]), h0,
+                 max_iters, tf.constant(tolerance_grad, dtype),
+                 tf.constant(tolerance_change, dtype), max_line_search_iters,
+                 initial_step_length)
+    results = LbfgsResults(
+        is_converge=tf.reshape(final.converged, batch_shape),
+        num_func_calls=tf.reshape(final.num_evaluations, batch_shape),
+        position=tf.reshape(final.position, batch_shape + [n]),
+        objective_value=tf.reshape(final.value, batch_shape),
+        objective_gradient=tf.reshape(final.gradient, batch_shape + [n]),
+        failed=tf.reshape(final.failed, batch_shape),
+        num_iterations=tf.reshape(final.num_iterations, batch_shape))
+  return results if return_results else tuple(results[:5])
+
+
+def _inf_norm(v):
+  return tf.reduce_max(tf.abs(v), axis=-1)
+
+
+def _run(policy, value_and_grad, x0, h0, max_iters, tolerance_grad,
+         tolerance_change, max_line_search_iters, initial_step_length):
+  """Runs the loop on [B, n] positions; returns the final `_LoopState`."""
+  batch, n = x0.shape.as_list()
+  f0, g0 = value_and_grad(x0)
+  finite = tf.math.is_finite(f0) & tf.reduce_all(tf.math.is_finite(g0), -1)
+  initial = _LoopState(
+      converged=finite & (_inf_norm(g0) < tolerance_grad),
+      failed=~finite,
+      num_iterations=tf.zeros([batch], tf.int32),
+      num_evaluations=tf.ones([batch], tf.int32),
+      position=x0, value=f0, gradient=g0,
+      policy_state=policy.initial_state(batch, n, x0.dtype, h0))
+
+  def cond(state):
+    return tf.reduce_any(~state.converged & ~state.failed)
+
+  def body(state):
+    active = ~state.converged & ~state.failed
+    direction = policy.direction(state.policy_state, state.gradient, h0)
+    direction = tf.where(active[:, None], direction, tf.zeros_like(direction))
+    descent = active & (_dot(state.gradient, direction) < 0)
+    search = _line_search.strong_wolfe(
+        value_and_grad, state.position, direction, state.value,
+        state.gradient, descent, initial_step_length, max_line_search_iters)
+    ok = search.success
+    position = tf.where(ok[:, None],
+                        state.position + search.step[:, None] * direction,
+                        state.position)
+    step = position - state.position
+    converged = ok & ((_inf_norm(search.gradient) < tolerance_grad) |
+                      (_inf_norm(step) < tolerance_change))
+    return (_LoopState(
+        converged=state.converged | converged,
+        failed=state.failed | (active & ~ok),
+        num_iterations=state.num_iterations + tf.cast(active, tf.int32),
+        num_evaluations=state.num_evaluations + search.num_evaluations,
+        position=position,
+        value=tf.where(ok, search.value, state.value),
+        gradient=tf.where(ok[:, None], search.gradient, state.gradient),
+        policy_state=policy.update(state.policy_state, step,
+                                   search.gradient - state.gradient, ok,
+                                   h0)),)
+
+  final, = tf.while_loop(cond, body, (initial,), maximum_iterations=max_iters,
+                         parallel_iterations=1)
+  return final
+
+
+# ---------------------------------------------------------------------------
+# Objective wrapper and argument checks.
+
+
+def _batched_value_and_gradient(objective_func, value_and_gradient,
+                                batch_shape, n, dtype):
+  """Maps [B, n] positions to ([B] values, [B, n] gradients)."""
+  batch = int(np.prod(batch_shape, dtype=np.int64))
+
+  def call(x_flat):
+    x = tf.reshape(x_flat, batch_shape + [n])
+    if value_and_gradient:
+      value, gradient = objective_func(x)
+      value = _check_output(value, dtype, "value")
+      gradient = _check_output(gradient, dtype, "gradient")
+    else:
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = _check_output(objective_func(x), dtype, "value")
+      gradient = tape.gradient(
+          value, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return tf.reshape(value, [batch]), tf.reshape(gradient, [batch, n])
+
+  return call
+
+
+def _check_output(tensor, dtype, what):
+  tensor = tf.convert_to_tensor(tensor)
+  if tensor.dtype != dtype:
+    raise TypeError(f"'objective_func' returned a {tensor.dtype.name} "
+                    f"{what}; it must be {dtype.name}, the dtype of "
+                    "'initial_position'.")
+  return tensor
+
+
+def _check_dtype(dtype):
+  try:
+    dtype = tf.as_dtype(dtype)
+  except TypeError as error:
+    raise ValueError(f"'dtype' must be 'float32' or 'float64', got "
+                     f"{dtype!r}.") from error
+  if dtype not in (tf.float32, tf.float64):
+    raise ValueError(f"'dtype' must be 'float32' or 'float64', got "
+                     f"{dtype.name}.")
+  return dtype
+
+
+def _check_position(initial_position, dtype, batch_dims):
+  """initial_position as a tensor of `dtype` and rank batch_dims + 1."""
+  try:
+    x0 = tf.convert_to_tensor(initial_position)
+  except (TypeError, ValueError) as error:
+    raise ValueError("'initial_position' cannot be converted to a tensor: "
+                     f"{error}") from error
+  if not x0.dtype.is_floating:
+    raise ValueError(f"'initial_position' must be float32 or float64, got "
+                     f"{x0.dtype.name}.")
+  if x0.dtype != dtype:
+    raise ValueError(f"'initial_position' is {x0.dtype.name} but 'dtype' is "
+                     f"{dtype.name}; they must match.")
+  if x0.shape.rank != batch_dims + 1 or not x0.shape.is_fully_defined():
+    raise ValueError(f"'initial_position' must have a fully defined shape of "
+                     f"rank batch_dims + 1 = {batch_dims + 1}, got "
+                     f"{x0.shape}.")
+  return x0
+
+
+def _check_h0(h0, dtype, batch_shape, n):
+  """None, or the estimate as a [B or 1, n, n] tensor, checked SPD if known."""
+  if h0 is None:
+    return None
+  where = "'initial_inverse_hessian_estimate'"
+  try:
+    h0 = tf.convert_to_tensor(h0, dtype_hint=dtype)
+  except (TypeError, ValueError) as error:
+    raise ValueError(f"{where} cannot be converted to a tensor: "
+                     f"{error}") from error
+  if h0.dtype != dtype:
+    raise ValueError(f"{where} must be {dtype.name}, got {h0.dtype.name}.")
+  shapes = ([n, n], batch_shape + [n, n])
+  if h0.shape.as_list() not in shapes:
+    raise ValueError(f"{where} must have shape {shapes[0]} or "
+                     f"{shapes[1]}, got {h0.shape}.")
+  value = tf.get_static_value(h0)
+  if value is not None:
+    _check_spd(np.asarray(value), where)
+  batch = int(np.prod(batch_shape, dtype=np.int64))
+  return tf.reshape(h0, [batch if h0.shape.rank > 2 else 1, n, n])
+
+
+def _check_spd(matrix, where):
+  matrices = matrix.reshape((-1,) + matrix.shape[-2:])
+  for m in matrices:
+    scale = max(np.max(np.abs(m)), np.finfo(m.dtype).tiny)
+    if not np.all(np.isfinite(m)) or not np.allclose(
+        m, m.T, rtol=0, atol=100 * np.finfo(m.dtype).eps * scale):
+      raise ValueError(f"{where} must be symmetric positive definite; it is "
+                       "not symmetric.")
+    if np.min(np.linalg.eigvalsh(m.astype(np.float64))) <= 0:
+      raise ValueError(f"{where} must be symmetric positive definite; it is "
+                       "not positive definite.")
