@@ -1,0 +1,118 @@
+"""The results of a least-squares solve, as a namedtuple of tensors.
+
+Every field has the batch shape [B...] of the problem (scalars for a single
+problem), except `position` (the solution, shaped like the start), `records`
+(a dict of [num_records, B...] per-iteration histories, NaN past the stop;
+empty unless recording was asked for) and `initial_cost`.
+
+`results.summary()` (or `print(results)`) renders a short report from eager
+tensors or from the NumPy values that `Session.run(results)` returns.
+"""
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+
+from tfg_optim._engine import StopReason
+
+_FIELDS = (
+    "position", "cost", "initial_cost", "converged", "stop_reason",
+    "num_iterations", "num_accepted", "num_rejected",
+    "num_residual_evaluations", "num_jacobian_evaluations", "gradient_norm",
+    "damping", "step_size", "residual", "records")
+
+RECORD_NAMES = ("cost", "gradient_norm", "step_size", "damping")
+
+
+class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
+                                                 _FIELDS)):
+  """Results of a Levenberg-Marquardt solve.
+
+  Attributes:
+    position: the final point (same structure and shapes as the start).
+    cost: 1/2 ||F||^2 at `position`, [B...].
+    initial_cost: 1/2 ||F||^2 at the start, [B...].
+    converged: bool [B...], whether a convergence criterion (not the
+      iteration limit) stopped the problem.
+    stop_reason: int32 [B...], a `tfg_optim.StopReason` value.
+    num_iterations, num_accepted, num_rejected: int32 [B...].
+    num_residual_evaluations, num_jacobian_evaluations: int32 [B...].
+    gradient_norm: ||J^T F|| at `position`, [B...].
+    damping: the final damping term (mu or lambda, by policy), [B...].
+    step_size: the norm of the last computed step, [B...].
+    residual: F at `position`, [B..., m].
+    records: dict name -> [num_records, B...] histories (see RECORD_NAMES).
+  """
+
+  __slots__ = ()
+
+  def summary(self):
+    """A short human-readable report (needs concrete values)."""
+    values = tf.nest.map_structure(
+        lambda v: v.numpy() if hasattr(v, "numpy") else np.asarray(v),
+        self._asdict())
+    reasons = np.asarray(values["stop_reason"]).reshape(-1)
+    lines = []
+    if reasons.size == 1:
+      get = lambda name: np.asarray(values[name]).reshape(-1)[0]
+      lines.append("Levenberg-Marquardt: "
+                   f"{'converged' if get('converged') else 'not converged'} "
+                   f"({StopReason(int(get('stop_reason'))).name.lower()})")
+      lines.append(f"  cost {get('initial_cost'):.6e} -> {get('cost'):.6e}, "
+                   f"gradient norm {get('gradient_norm'):.3e}")
+      lines.append(f"  iterations {get('num_iterations')} "
+                   f"({get('num_accepted')} accepted, "
+                   f"{get('num_rejected')} rejected); evaluations: residual "
+                   f"{get('num_residual_evaluations')}, Jacobian "
+                   f"{get('num_jacobian_evaluations')}")
+      lines.append(f"  last step size {get('step_size'):.3e}, damping "
+                   f"{get('damping'):.3e}")
+      return "\n".join(lines)
+    converged = np.asarray(values["converged"]).reshape(-1)
+    cost = np.asarray(values["cost"]).reshape(-1)
+    iterations = np.asarray(values["num_iterations"]).reshape(-1)
+    counts = collections.Counter(StopReason(int(r)).name.lower()
+                                 for r in reasons)
+    lines.append(f"Levenberg-Marquardt on {reasons.size} problems: "
+                 f"{int(converged.sum())} converged")
+    lines.append("  stop reasons: " + ", ".join(
+        f"{name} {count}" for name, count in sorted(counts.items())))
+    lines.append(f"  cost: max {cost.max():.6e}, median "
+                 f"{np.median(cost):.6e}; iterations: max {iterations.max()},"
+                 f" median {np.median(iterations):g}")
+    return "\n".join(lines)
+
+  def __str__(self):
+    try:
+      return self.summary()
+    except (TypeError, ValueError, AttributeError):  # symbolic tensors
+      return super().__repr__()
+
+
+def from_state(state, num_records):
+  """Builds `LeastSquaresResults` from the engine's final loop state."""
+  reason = state.stop_reason
+  converged = tf.zeros_like(reason, tf.bool)
+  for member in StopReason:
+    if member.converged:
+      converged |= tf.equal(reason, int(member))
+  records = {}
+  if num_records:
+    records = dict(zip(RECORD_NAMES, state.records))
+  return LeastSquaresResults(
+      position=state.point,
+      cost=state.cost,
+      initial_cost=state.initial_cost,
+      converged=converged,
+      stop_reason=reason,
+      num_iterations=state.num_iterations,
+      num_accepted=state.num_accepted,
+      num_rejected=state.num_rejected,
+      num_residual_evaluations=state.num_residual_evaluations,
+      num_jacobian_evaluations=state.num_jacobian_evaluations,
+      gradient_norm=tf.norm(state.gradient, axis=-1),
+      damping=state.damping,
+      step_size=state.step_norm,
+      residual=state.residual,
+      records=records)

@@ -1,0 +1,243 @@
+"""Riemannian Levenberg-Marquardt with the contract of Manopt's.
+
+Minimizes 1/2 ||F(p)||^2 over a manifold M (Peeters 1993; Adachi, Okuno &
+Takeda 2022, Algorithm 1, as in Manopt 0.5). With J the m x d matrix of the
+differential of F at p in an orthonormal basis of T_p M, each iteration
+
+1. sets lambda = mu ||F(p)||^2 and solves (J^T J + lambda I) s = -J^T F(p);
+2. proposes q = R_p(s) (the manifold's retraction of the step s);
+3. computes the gain ratio of actual to predicted decrease
+
+       rho = (||F(p)||^2 - ||F(q)||^2)
+             / (-2 <J^T F, s> - ||J s||^2 - lambda ||s||^2);
+
+4. accepts q iff rho >= eta (then, if `expect_zero_residual`,
+   mu <- max(mu_min, mu / beta)), else keeps p, sets mu <- beta mu and reuses
+   the Jacobian of the unchanged point.
+
+mu starts at `damping_term_min`. A failed factorization or a non-finite F(q)
+is a rejection. It is the same engine as `tfg_optim.levenberg_marquardt`
+(another damping policy and retraction), a `tf.while_loop` that runs eagerly,
+in `tf.function`, in a TF1 `Session` and under XLA, and stops early by the
+composable criteria of `tfg_optim.stopping`.
+"""
+
+import numbers
+
+import tensorflow as tf
+
+from tfg_optim import _engine
+from tfg_optim import _validation
+from tfg_optim import results as results_lib
+from tfg_optim import stopping as stopping_lib
+
+
+class NonlinearLeastSquaresObjective:
+  """F, its optional Jacobian and its length m, as one object (Manopt's
+  `NonlinearLeastSquaresObjective`); pass it in place of `f, jacobian_f`."""
+
+  def __init__(self, f, jacobian_f=None, num_components=-1):
+    self.f = f
+    self.jacobian_f = jacobian_f
+    self.num_components = num_components
+
+  def __repr__(self):
+    return (f"NonlinearLeastSquaresObjective(f={self.f!r}, jacobian_f="
+            f"{self.jacobian_f!r}, num_components={self.num_components})")
+
+
+def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
+                        eta=0.2, damping_term_min=0.1, beta=5.0,
+                        expect_zero_residual=False, retraction_method=None,
+                        stopping_criterion=None, callback=None,
+                        return_state=False, record=False,
+                        jacobian_tangent_basis=None,
+                        initial_residual_values=None, initial_jacobian_f=None,
+                        batch_dims=0, name="riemannian_levenberg_marquardt"):
+  """Riemannian Levenberg-Marquardt: argmin over p in M of 1/2 ||f(p)||^2.
+
+  Args:
+    manifold: a `tfg_optim.manifolds.Manifold` (Euclidean, Sphere,
+      SpecialOrthogonal, Stiefel, Product, Power).
+    f: callable p -> residuals (any shape; flattened to m values), or a
+      `NonlinearLeastSquaresObjective` (then `jacobian_f` must be None).
+    p: the starting point on the manifold: a tensor (a tuple of tensors for a
+      `Product`), NumPy value or `tf.Variable` (read, not assigned; see
+      `levenberg_marquardt_in_place`).
+    jacobian_f: optional callable p -> [m, d] coefficients of the differential
+      of f in the manifold's orthonormal tangent basis at p. By default the
+      Jacobian is differentiated automatically through the retraction
+      (forward mode when m >= d).
+    num_components: m, or -1 to determine it by one extra call of f (counted
+      in `num_residual_evaluations`, as in Manopt).
+    eta: acceptance threshold of the gain ratio, 0 < eta < 1.
+    damping_term_min: initial and smallest damping term mu, > 0.
+    beta: factor by which mu grows on rejection (and shrinks on acceptance
+      when `expect_zero_residual`), > 1.
+    expect_zero_residual: whether the residual is expected to vanish at the
+      minimum (enables decreasing mu).
+    retraction_method: None for the manifold's retraction, or a callable
+      `(p, coordinates) -> point`.
+    stopping_criterion: a `tfg_optim.stopping` criterion; default
+      `StopAfterIteration(200) | StopWhenGradientNormLess(1e-12) |
+      StopWhenStepsizeLess(1e-12)`.
+    callback: optional `callback(iteration, cost, point)` after every
+      iteration (1-based int32 iteration); ops it returns run every iteration.
+    return_state: if True, return a `LeastSquaresResults` instead of the point.
+    record: False, True (keep per-iteration cost, gradient norm, step size
+      and damping for up to the criterion's iteration bound, else 1000), or
+      an int number of iterations to keep; see `results.records`.
+    jacobian_tangent_basis: None or "orthonormal" (the default basis), or a
+      callable p -> [d, d] matrix C whose column j holds the orthonormal
+      coordinates of the j-th basis vector `jacobian_f` is expressed in.
+    initial_residual_values: f(p), when the caller has it.
+    initial_jacobian_f: the orthonormal-basis Jacobian at p, when the caller
+      has it.
+    batch_dims: number of leading dimensions of p (and of f's output) that
+      index independent problems, each with its own damping and stop.
+    name: name scope of the ops.
+
+  Returns:
+    The final point (same structure as `p`), or with `return_state=True` a
+    `tfg_optim.results.LeastSquaresResults`.
+
+  Raises:
+    ValueError: for eta, damping_term_min, beta out of range, num_components
+      that does not match f, a point off the manifold (checked eagerly).
+    TypeError: for a non-callable f/jacobian_f/callback, a non-manifold, a
+      non-float point, or f returning another dtype.
+  """
+  state, _ = _solve(manifold, f, p, jacobian_f, num_components, eta,
+                    damping_term_min, beta, expect_zero_residual,
+                    retraction_method, stopping_criterion, callback, record,
+                    jacobian_tangent_basis, initial_residual_values,
+                    initial_jacobian_f, batch_dims, name)
+  return state if return_state else state.position
+
+
+def levenberg_marquardt_in_place(manifold, f, p, jacobian_f=None,
+                                 num_components=-1, **kwargs):
+  """`levenberg_marquardt` that assigns the solution into `p`.
+
+  Manopt's `LevenbergMarquardt!`: `p` is a `tf.Variable` (a tuple of them for
+  a `Product`). The assignment runs eagerly, inside `tf.function` and in a
+  TF1 `Session` (it is a dependency of the returned tensors). Takes the same
+  keyword arguments and returns what `levenberg_marquardt` returns.
+  """
+  variables = tf.nest.flatten(p)
+  if not all(isinstance(v, tf.Variable) for v in variables):
+    raise TypeError("'p' must be a tf.Variable (or a tuple of them) for an "
+                    "in-place solve.")
+  return_state = kwargs.pop("return_state", False)
+  solution = levenberg_marquardt(manifold, f, p, jacobian_f, num_components,
+                                 return_state=True, **kwargs)
+  assigns = [v.assign(value) for v, value in
+             zip(variables, tf.nest.flatten(solution.position))]
+  with tf.control_dependencies(assigns):
+    solution = tf.nest.map_structure(tf.identity, solution)
+  return solution if return_state else solution.position
+
+
+def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
+           beta, expect_zero_residual, retraction_method, stopping_criterion,
+           callback, record, jacobian_tangent_basis, initial_residual_values,
+           initial_jacobian_f, batch_dims, name):
+  """Validates the arguments, runs the engine, returns (results, state)."""
+  if isinstance(f, NonlinearLeastSquaresObjective):
+    if jacobian_f is not None:
+      raise ValueError("Pass 'jacobian_f' inside the "
+                       "NonlinearLeastSquaresObjective, not both.")
+    f, jacobian_f, num_components = f.f, f.jacobian_f, f.num_components
+  if not all(hasattr(manifold, attr) for attr in ("retract", "dim")):
+    raise TypeError(f"'manifold' must be a tfg_optim.manifolds.Manifold, got "
+                    f"{type(manifold).__name__}.")
+  _validation.as_callable_list(f, "f")
+  for value, arg in ((jacobian_f, "jacobian_f"), (callback, "callback"),
+                     (retraction_method, "retraction_method")):
+    if value is not None and not callable(value):
+      raise TypeError(f"'{arg}' must be callable, got {type(value).__name__}.")
+  eta = _validation.real_number(eta, "eta", lower=0.0, lower_inclusive=False,
+                                upper=1.0, upper_inclusive=False)
+  damping_term_min = _validation.real_number(
+      damping_term_min, "damping_term_min", lower=0.0, lower_inclusive=False)
+  beta = _validation.real_number(beta, "beta", lower=1.0,
+                                 lower_inclusive=False)
+  batch_dims = _validation.positive_int(batch_dims, "batch_dims", minimum=0)
+  if isinstance(num_components, bool) or not isinstance(
+      num_components, numbers.Integral) or (num_components < 1 and
+                                            num_components != -1):
+    raise ValueError(f"'num_components' must be -1 or a positive integer, "
+                     f"got {num_components!r}.")
+  if stopping_criterion is None:
+    stopping_criterion = stopping_lib.default_criterion()
+  if not isinstance(stopping_criterion, stopping_lib.StoppingCriterion):
+    raise TypeError("'stopping_criterion' must be a tfg_optim.stopping "
+                    f"criterion, got {type(stopping_criterion).__name__}.")
+  if jacobian_tangent_basis not in (None, "orthonormal") and not callable(
+      jacobian_tangent_basis):
+    raise ValueError("'jacobian_tangent_basis' must be None, 'orthonormal' "
+                     "or a callable returning a basis matrix.")
+  num_records = 0
+  if record:
+    num_records = (int(record) if not isinstance(record, bool) else
+                   stopping_criterion.max_iterations or 1000)
+
+  with tf.name_scope(name):
+    point = tf.nest.map_structure(tf.convert_to_tensor, p)
+    _validation.float_tensors(tf.nest.flatten(point), "p")
+    dtype = tf.nest.flatten(point)[0].dtype
+    if tf.executing_eagerly():
+      manifold.check_point(point)
+    else:
+      point = tf.nest.pack_sequence_as(
+          point, _validation.check_finite(tf.nest.flatten(point), "p"))
+
+    def residual_fn(q):
+      value = _validation.check_output_dtype(f(q), dtype, "f")
+      flat = tf.reshape(value, tf.concat(
+          [tf.shape(value)[:batch_dims], [-1]], 0))
+      if num_components != -1 and flat.shape[-1] is not None and (
+          flat.shape[-1] != num_components):
+        raise ValueError(f"'num_components' is {num_components} but f "
+                         f"returned {flat.shape[-1]} values.")
+      return flat
+
+    user_jacobian = None
+    if jacobian_f is not None:
+      def user_jacobian(q):
+        value = tf.convert_to_tensor(jacobian_f(q), dtype)
+        if callable(jacobian_tangent_basis):
+          # J_user a = DF[sum_j a_j c_j], with C a = xi: J = J_user C^-1.
+          basis = tf.convert_to_tensor(jacobian_tangent_basis(q), dtype)
+          value = tf.linalg.matrix_transpose(tf.linalg.solve(
+              tf.linalg.matrix_transpose(basis),
+              tf.linalg.matrix_transpose(value)))
+        return value
+
+    problem = _engine.Problem(
+        residual_fn=residual_fn,
+        retract=retraction_method or manifold.retract,
+        tangent_dim=manifold.dim,
+        cost_fn=None,
+        jacobian_fn=user_jacobian)
+    policy = _engine.GainRatioDamping(eta, damping_term_min, beta,
+                                      expect_zero_residual)
+    state = _engine.minimize(
+        problem, point, policy, stopping_criterion.max_iterations,
+        stopping=stopping_criterion, callback=callback,
+        num_records=num_records,
+        initial_residual=(None if initial_residual_values is None else
+                          _flat_initial(initial_residual_values, dtype,
+                                        batch_dims)),
+        initial_jacobian=initial_jacobian_f)
+    if num_components == -1 and initial_residual_values is None:
+      # Manopt determines m by one more call of f; so is it counted here.
+      state = state._replace(
+          num_residual_evaluations=state.num_residual_evaluations + 1)
+    return results_lib.from_state(state, num_records), state
+
+
+def _flat_initial(values, dtype, batch_dims):
+  values = tf.convert_to_tensor(values, dtype)
+  return tf.reshape(values, tf.concat([tf.shape(values)[:batch_dims], [-1]],
+                                      0))

@@ -1,0 +1,168 @@
+"""Composable stopping criteria, evaluated in-graph after every iteration.
+
+A criterion maps the solver's loop state to `(stop, reason)`, two [B...]
+tensors (one entry per problem of a batch), so `tf.while_loop` really stops
+early, under XLA too. Criteria combine with `|` (stop when either holds; the
+reason is the first one that holds) and `&` (stop when both hold).
+
+    criterion = (StopAfterIteration(200) | StopWhenGradientNormLess(1e-12)
+                 | StopWhenStepsizeLess(1e-12))
+
+The gradient is g = J^T F in orthonormal tangent coordinates, so ||g|| is the
+Riemannian norm of the gradient of 1/2 ||F||^2. The step size is the norm of
+the last computed step (accepted or not).
+"""
+
+import tensorflow as tf
+
+from tfg_optim._engine import StopReason
+
+
+class StoppingCriterion:
+  """Base class: subclasses define `_check(state) -> stop` and `reason`."""
+
+  reason = StopReason.RUNNING
+  max_iterations = None  # A finite bound on iterations, when the criterion has one.
+
+  def __call__(self, state):
+    stop = self._check(state)
+    return stop, tf.fill(tf.shape(stop), tf.constant(int(self.reason),
+                                                     tf.int32))
+
+  def _check(self, state):
+    raise NotImplementedError
+
+  def __or__(self, other):
+    return StopWhenAny(self, other)
+
+  def __and__(self, other):
+    return StopWhenAll(self, other)
+
+
+class StopAfterIteration(StoppingCriterion):
+  """Stops once `max_iterations` iterations have run."""
+
+  reason = StopReason.MAX_ITERATIONS
+
+  def __init__(self, max_iterations):
+    if isinstance(max_iterations, bool) or int(max_iterations) != max_iterations:
+      raise TypeError(f"'max_iterations' must be an integer, got "
+                      f"{max_iterations!r}.")
+    if max_iterations < 0:
+      raise ValueError("'max_iterations' must be >= 0.")
+    self.max_iterations = int(max_iterations)
+
+  def _check(self, state):
+    return state.num_iterations >= self.max_iterations
+
+  def __repr__(self):
+    return f"StopAfterIteration({self.max_iterations})"
+
+
+class _Threshold(StoppingCriterion):
+  """A criterion `quantity(state) < tolerance`."""
+
+  def __init__(self, tolerance):
+    if isinstance(tolerance, bool) or not float(tolerance) >= 0:
+      raise ValueError(f"'tolerance' must be >= 0, got {tolerance!r}.")
+    self.tolerance = float(tolerance)
+
+  def __repr__(self):
+    return f"{type(self).__name__}({self.tolerance:g})"
+
+
+class StopWhenGradientNormLess(_Threshold):
+  """Stops when ||J^T F|| < tolerance."""
+
+  reason = StopReason.GRADIENT_NORM
+
+  def _check(self, state):
+    return tf.norm(state.gradient, axis=-1) < self.tolerance
+
+
+class StopWhenStepsizeLess(_Threshold):
+  """Stops when the last step's norm < tolerance (after >= 1 iteration)."""
+
+  reason = StopReason.STEP_SIZE
+
+  def _check(self, state):
+    return (state.num_iterations > 0) & (state.step_norm < self.tolerance)
+
+
+class StopWhenCostLess(_Threshold):
+  """Stops when 1/2 ||F||^2 < tolerance."""
+
+  reason = StopReason.COST
+
+  def _check(self, state):
+    return state.cost < self.tolerance
+
+
+class StopWhenRelativeCostChangeLess(_Threshold):
+  """Stops after an accepted step whose relative decrease < tolerance:
+  (cost_before - cost_after) <= tolerance * cost_before."""
+
+  reason = StopReason.RELATIVE_COST_CHANGE
+
+  def _check(self, state):
+    before = state.cost + state.cost_change
+    return (state.cost_change > 0) & (state.cost_change <=
+                                      self.tolerance * before)
+
+
+class StopWhenAny(StoppingCriterion):
+  """`a | b`: stops when any criterion holds; reports the first that holds."""
+
+  def __init__(self, *criteria):
+    self.criteria = []
+    for criterion in criteria:
+      if not isinstance(criterion, StoppingCriterion):
+        raise TypeError(f"Cannot combine {criterion!r} with a stopping "
+                        "criterion.")
+      self.criteria.extend(criterion.criteria
+                           if isinstance(criterion, StopWhenAny)
+                           else [criterion])
+    bounds = [c.max_iterations for c in self.criteria
+              if c.max_iterations is not None]
+    self.max_iterations = min(bounds) if bounds else None
+
+  def __call__(self, state):
+    results = [criterion(state) for criterion in self.criteria]
+    stop, reason = results[-1]
+    for other_stop, other_reason in reversed(results[:-1]):
+      reason = tf.where(other_stop, other_reason, reason)
+      stop = stop | other_stop
+    return stop, reason
+
+  def __repr__(self):
+    return " | ".join(map(repr, self.criteria))
+
+
+class StopWhenAll(StoppingCriterion):
+  """`a & b`: stops when all criteria hold; reports the first one's reason."""
+
+  def __init__(self, *criteria):
+    for criterion in criteria:
+      if not isinstance(criterion, StoppingCriterion):
+        raise TypeError(f"Cannot combine {criterion!r} with a stopping "
+                        "criterion.")
+    self.criteria = list(criteria)
+    bounds = [c.max_iterations for c in self.criteria]
+    self.max_iterations = (max(bounds) if all(b is not None for b in bounds)
+                           else None)
+
+  def __call__(self, state):
+    results = [criterion(state) for criterion in self.criteria]
+    stop = results[0][0]
+    for other_stop, _ in results[1:]:
+      stop = stop & other_stop
+    return stop, results[0][1]
+
+  def __repr__(self):
+    return "(" + " & ".join(map(repr, self.criteria)) + ")"
+
+
+def default_criterion():
+  """Manopt's default for Levenberg-Marquardt, plus its step-size test."""
+  return (StopAfterIteration(200) | StopWhenGradientNormLess(1e-12) |
+          StopWhenStepsizeLess(1e-12))
