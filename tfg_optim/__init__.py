@@ -1,7 +1,21 @@
-"""tfg_optim: numerical optimizers that run as TensorFlow graph ops."""
+"""tfg_optim: numerical optimizers that run as TensorFlow graph ops.
+
+- `levenberg_marquardt.minimize`: TensorFlow Graphics' Levenberg-Marquardt.
+- `least_squares`: a robust solver with tolerances, losses and results.
+- `riemannian.levenberg_marquardt`: Manopt's Riemannian Levenberg-Marquardt.
+- `manifolds`, `stopping`, `results`: its building blocks.
+"""
 
 from tfg_optim import levenberg_marquardt
+from tfg_optim import manifolds
+from tfg_optim import results
+from tfg_optim import riemannian
+from tfg_optim import stopping
+from tfg_optim._engine import StopReason
+from tfg_optim.nonlinear_least_squares import least_squares
+from tfg_optim.results import LeastSquaresResults
 
 __version__ = "0.1.0"
 
-__all__ = ["levenberg_marquardt"]
+__all__ = ["levenberg_marquardt", "least_squares", "riemannian", "manifolds",
+           "stopping", "results", "LeastSquaresResults", "StopReason"]

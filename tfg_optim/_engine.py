@@ -77,13 +77,14 @@ LoopState = collections.namedtuple(
      "stop_reason", "records"])
 
 Step = collections.namedtuple(
-    "Step", ["cost", "candidate_cost", "predicted_decrease", "finite"])
-Step.__doc__ = """What a damping policy sees of one trial step.
+    "Step", ["cost", "candidate_cost", "model_decrease", "penalty", "finite"])
+Step.__doc__ = """What a damping policy sees of one trial step s.
 
 cost: cost at the current point. candidate_cost: cost at the candidate.
-predicted_decrease: decrease of the damped linear model,
-  -g^T s - 1/2 ||J s||^2 - 1/2 lambda s^T D s  (>= 0), or None when the policy
-  does not ask for it. finite: whether the step and candidate cost are finite.
+model_decrease: decrease of the Gauss-Newton model, -g^T s - 1/2 ||J s||^2.
+penalty: 1/2 lambda s^T D s, the damping term of the regularized model.
+  (Both None unless the policy sets `uses_predicted_decrease`.)
+finite: whether the step and the candidate cost are finite.
 """
 
 
@@ -241,16 +242,30 @@ def damped_step(jacobian_matrix, residual, gradient, regularization,
 class DampingPolicy:
   """How the damping lambda is chosen and how a trial step is judged.
 
-  A policy keeps one damping value per problem (`initial`), turns it into the
-  regularization lambda of the normal equations (`regularization`), and after
-  each trial step returns (accepted, new damping) (`update`).
+  A policy keeps a damping state per problem (a tensor or a tuple of
+  tensors, `initial`), turns it into the regularization lambda of the normal
+  equations (`regularization`), and after each trial step returns
+  (accepted, new damping state) (`update`). A `scaled` policy also gives the
+  diagonal D of the damping matrix (`scaling`), and may update its state when
+  the Jacobian changes (`observe_jacobian`).
   """
 
   uses_predicted_decrease = False
   scaled = False
 
-  def initial(self, dtype, batch_shape):
+  def initial(self, dtype, batch_shape, jacobian_matrix):
     raise NotImplementedError
+
+  def observe_jacobian(self, damping, jacobian_matrix):
+    del jacobian_matrix
+    return damping
+
+  def scaling(self, damping):
+    raise NotImplementedError
+
+  def damping_value(self, damping):
+    """The [B...] number reported as `damping` in results and records."""
+    return damping
 
   def regularization(self, damping, cost):
     raise NotImplementedError
@@ -270,7 +285,7 @@ class MultiplicativeDamping(DampingPolicy):
     self.initial_regularizer = initial_regularizer
     self.multiplier = multiplier
 
-  def initial(self, dtype, batch_shape):
+  def initial(self, dtype, batch_shape, jacobian_matrix):
     return tf.fill(batch_shape, tf.constant(self.initial_regularizer, dtype))
 
   def regularization(self, damping, cost):
@@ -300,7 +315,7 @@ class GainRatioDamping(DampingPolicy):
     self.beta = beta
     self.expect_zero_residual = expect_zero_residual
 
-  def initial(self, dtype, batch_shape):
+  def initial(self, dtype, batch_shape, jacobian_matrix):
     return tf.fill(batch_shape, tf.constant(self.damping_term_min, dtype))
 
   def regularization(self, damping, cost):
@@ -308,7 +323,8 @@ class GainRatioDamping(DampingPolicy):
 
   def update(self, damping, step):
     dtype = damping.dtype
-    gain = (step.cost - step.candidate_cost) / step.predicted_decrease
+    gain = (step.cost - step.candidate_cost) / (step.model_decrease -
+                                                 step.penalty)
     accepted = (gain >= tf.constant(self.eta, dtype)) & step.finite
     beta = tf.constant(self.beta, dtype)
     if self.expect_zero_residual:
@@ -317,6 +333,70 @@ class GainRatioDamping(DampingPolicy):
     else:
       on_accept = damping
     return accepted, tf.where(accepted, on_accept, damping * beta)
+
+
+class NielsenDamping(DampingPolicy):
+  """A robust default: gain-ratio acceptance with a lambda that also falls.
+
+  Nielsen's update (Madsen, Nielsen & Tingleff 2004, sec. 3.2) with
+  Marquardt's scaling: the damping matrix is D = diag(d), d the running
+  maximum over iterations of the squared column norms of J (MINPACK's choice;
+  a column that has always been zero gets d = 1), which makes the method
+  invariant to the scale of each variable. lambda starts at `initial`.
+  The gain ratio compares the actual decrease with the Gauss-Newton model's,
+      rho = (cost(p) - cost(q)) / (-g^T s - 1/2 ||J s||^2).
+  Accept iff rho > `acceptance`; then lambda *= max(1/3, 1 - (2 rho - 1)^3)
+  and nu = 2; else lambda *= nu and nu *= 2.
+  """
+
+  uses_predicted_decrease = True
+
+  def __init__(self, initial=1e-3, acceptance=0.0, scaled=True):
+    self.initial_lambda = initial
+    self.acceptance = acceptance
+    self.scaled = scaled
+
+  def initial(self, dtype, batch_shape, jacobian_matrix):
+    lam = tf.fill(batch_shape, tf.constant(self.initial_lambda, dtype))
+    column_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
+    if not self.scaled:  # lambda relative to the largest diagonal entry.
+      lam *= tf.maximum(tf.reduce_max(column_norms, axis=-1),
+                        tf.constant(1e-30, dtype))
+    nu = tf.fill(batch_shape, tf.constant(2.0, dtype))
+    scale = tf.where(column_norms > 0, column_norms,
+                     tf.ones_like(column_norms))
+    return (lam, nu, scale)
+
+  def observe_jacobian(self, damping, jacobian_matrix):
+    lam, nu, scale = damping
+    column_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
+    return (lam, nu, tf.maximum(scale, column_norms))
+
+  def scaling(self, damping):
+    return damping[2]
+
+  def damping_value(self, damping):
+    return damping[0]
+
+  def regularization(self, damping, cost):
+    return damping[0]
+
+  def update(self, damping, step):
+    lam, nu, scale = damping
+    dtype = lam.dtype
+    decrease = step.cost - step.candidate_cost
+    gain = decrease / step.model_decrease
+    accepted = (step.finite & (step.model_decrease > 0) &
+                (gain > tf.constant(self.acceptance, dtype)))
+    one = tf.constant(1.0, dtype)
+    factor = tf.maximum(tf.constant(1.0 / 3.0, dtype),
+                        one - tf.pow(2.0 * gain - one, 3))
+    safe_factor = tf.where(accepted, factor, one)
+    huge = tf.constant(1e300 if dtype == tf.float64 else 1e37, dtype)
+    new_lam = tf.where(accepted, lam * safe_factor, tf.minimum(lam * nu, huge))
+    new_nu = tf.where(accepted, tf.constant(2.0, dtype),
+                      tf.minimum(2.0 * nu, tf.constant(2.0 ** 60, dtype)))
+    return accepted, (new_lam, new_nu, scale)
 
 
 # -- the loop ------------------------------------------------------------------
@@ -385,7 +465,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       gradient=tf.linalg.matvec(jacobian_matrix, residual, adjoint_a=True),
       cost=cost,
       initial_cost=cost,
-      damping=policy.initial(dtype, batch_shape),
+      damping=policy.initial(dtype, batch_shape, jacobian_matrix),
       step_norm=tf.zeros(batch_shape, dtype),
       cost_change=tf.zeros(batch_shape, dtype),
       num_iterations=zeros_int,
@@ -399,27 +479,25 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
   def body(state):
     active = tf.equal(state.stop_reason, StopReason.RUNNING)
     lam = policy.regularization(state.damping, state.cost)
-    scaling = None
-    if policy.scaled:
-      scaling = policy.scaling(state)
+    scaling = policy.scaling(state.damping) if policy.scaled else None
     step = damped_step(state.jacobian, state.residual, state.gradient, lam,
                        scaling)
     candidate = problem.retract(state.point, step)
     candidate_residual = problem.residual_fn(candidate)
     candidate_cost = cost_fn(candidate_residual)
     finite = (_all_finite(step, batch_rank) & tf.math.is_finite(candidate_cost))
-    predicted = None
+    model_decrease = penalty = None
     if policy.uses_predicted_decrease:
       model_step = tf.linalg.matvec(state.jacobian, step)
-      penalty = tf.reduce_sum(step * step * (1.0 if scaling is None else
-                                             scaling), axis=-1)
-      predicted = -(tf.reduce_sum(state.gradient * step, axis=-1) +
-                    0.5 * tf.reduce_sum(tf.square(model_step), axis=-1) +
-                    0.5 * lam * penalty)
+      model_decrease = -(tf.reduce_sum(state.gradient * step, axis=-1) +
+                         0.5 * tf.reduce_sum(tf.square(model_step), axis=-1))
+      penalty = 0.5 * lam * tf.reduce_sum(
+          step * step * (1.0 if scaling is None else scaling), axis=-1)
     accepted, damping = policy.update(
-        state.damping, Step(state.cost, candidate_cost, predicted, finite))
+        state.damping,
+        Step(state.cost, candidate_cost, model_decrease, penalty, finite))
     accepted &= active
-    damping = tf.where(active, damping, state.damping)
+    damping = select_structure(active, damping, state.damping)
 
     point = select_structure(accepted, candidate, state.point)
     residual = select(accepted, candidate_residual, state.residual)
@@ -431,6 +509,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
 
     jacobian_matrix = tf.cond(tf.reduce_any(accepted), relinearize,
                               lambda: state.jacobian)
+    damping = policy.observe_jacobian(damping, jacobian_matrix)
     gradient = select(accepted,
                       tf.linalg.matvec(jacobian_matrix, residual,
                                        adjoint_a=True),
@@ -465,7 +544,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       new_state = new_state._replace(
           records=_record(state.records, state.iteration, num_records, active,
                           (new_cost, tf.norm(gradient, axis=-1), step_norm,
-                           damping)))
+                           policy.damping_value(damping))))
     if stopping is not None:
       stop, reason = stopping(new_state)
       new_state = new_state._replace(stop_reason=tf.where(
@@ -491,9 +570,11 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
                            maximum_iterations=max_iterations,
                            parallel_iterations=1)
   running = tf.equal(state.stop_reason, StopReason.RUNNING)
-  return state._replace(stop_reason=tf.where(
-      running, tf.constant(int(StopReason.MAX_ITERATIONS), tf.int32),
-      state.stop_reason))
+  return state._replace(
+      damping=policy.damping_value(state.damping),
+      stop_reason=tf.where(
+          running, tf.constant(int(StopReason.MAX_ITERATIONS), tf.int32),
+          state.stop_reason))
 
 
 def _record(records, iteration, num_records, active, values):

@@ -99,3 +99,20 @@ def check_finite(tensors, name):
   return [tf.debugging.check_numerics(
       tensor, f"'{name}' contains NaN or Inf; the starting point must be "
       "finite") for tensor in tensors]
+
+
+def check_batch_shapes(tensors, batch_dims, name):
+  """All tensors share their first `batch_dims` dimensions."""
+  if not batch_dims:
+    return
+  batch_shape = None
+  for index, tensor in enumerate(tensors):
+    if tensor.shape.rank < batch_dims:
+      raise ValueError(f"'{name}[{index}]' has rank {tensor.shape.rank} "
+                       f"< batch_dims={batch_dims}.")
+    shape = tensor.shape[:batch_dims]
+    if batch_shape is None:
+      batch_shape = shape
+    elif shape != batch_shape:
+      raise ValueError(f"'{name}[{index}]' has batch shape {shape}, expected "
+                       f"{batch_shape} like '{name}[0]'.")

@@ -7,6 +7,8 @@ and a step is [B..., n] with n = sum_i prod(shape_i).
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _validation
+
 
 def event_shapes(tensors, batch_rank):
   """The per-problem shape of each tensor (its shape after the batch dims)."""
@@ -35,3 +37,33 @@ def flatten_batched(tensor, batch_rank):
   """Reshapes [B..., *shape] to [B..., prod(shape)]."""
   batch_shape = tf.shape(tensor)[:batch_rank]
   return tf.reshape(tensor, tf.concat([batch_shape, [-1]], 0))
+
+
+class ResidualStack:
+  """F(x) = concat_k flatten(residual_k(*x)), checked, as [B..., m].
+
+  Called with the list of variables. After the first call `sizes` holds each
+  residual's length m_k (static ints where known).
+  """
+
+  def __init__(self, residuals, dtype, batch_dims):
+    self.residuals = residuals
+    self.dtype = dtype
+    self.batch_dims = batch_dims
+    self.sizes = []
+
+  def __call__(self, variables):
+    pieces = []
+    for index, residual in enumerate(self.residuals):
+      where = ("residuals" if len(self.residuals) == 1 else
+               f"residuals[{index}]")
+      value = _validation.check_output_dtype(residual(*variables), self.dtype,
+                                             where)
+      if value.shape.rank is not None and value.shape.rank < self.batch_dims:
+        raise ValueError(f"'{where}' returned a tensor of rank "
+                         f"{value.shape.rank} < batch_dims={self.batch_dims}.")
+      pieces.append(flatten_batched(value, self.batch_dims))
+    if not self.sizes:
+      self.sizes.extend(p.shape[-1] if p.shape[-1] is not None else
+                        tf.shape(p)[-1] for p in pieces)
+    return tf.concat(pieces, axis=-1)

@@ -102,28 +102,14 @@ def minimize(residuals,
 
   with tf.name_scope(name or "levenberg_marquardt_minimize"):
     variables = _validation.float_tensors(list(variables), "variables")
-    _check_batch_shapes(variables, batch_dims)
+    _validation.check_batch_shapes(variables, batch_dims, "variables")
     variables = _validation.check_finite(variables, "variables")
     dtype = variables[0].dtype
     shapes = _vector_space.event_shapes(variables, batch_dims)
-    residual_sizes = []
-
-    def evaluate(point):
-      pieces = []
-      for index, residual in enumerate(residuals):
-        where = "residuals" if len(residuals) == 1 else f"residuals[{index}]"
-        value = _validation.check_output_dtype(residual(*point), dtype, where)
-        if value.shape.rank is not None and value.shape.rank < batch_dims:
-          raise ValueError(f"'{where}' returned a tensor of rank "
-                           f"{value.shape.rank} < batch_dims={batch_dims}.")
-        pieces.append(_vector_space.flatten_batched(value, batch_dims))
-      if not residual_sizes:
-        residual_sizes.extend(p.shape[-1] if p.shape[-1] is not None else
-                              tf.shape(p)[-1] for p in pieces)
-      return tf.concat(pieces, axis=-1)
+    evaluate = _vector_space.ResidualStack(residuals, dtype, batch_dims)
 
     def objective(residual):
-      pieces = tf.split(residual, residual_sizes, axis=-1)
+      pieces = tf.split(residual, evaluate.sizes, axis=-1)
       if batch_dims == 0:  # TensorFlow Graphics' exact arithmetic.
         return tf.reduce_sum([tf.nn.l2_loss(piece) for piece in pieces])
       return tf.add_n([0.5 * tf.reduce_sum(tf.square(piece), axis=-1)
@@ -143,19 +129,3 @@ def minimize(residuals,
     state = _engine.minimize(problem, variables, policy, max_iterations,
                              callback=engine_callback)
     return state.cost, list(state.point)
-
-
-def _check_batch_shapes(variables, batch_dims):
-  if not batch_dims:
-    return
-  batch_shape = None
-  for index, variable in enumerate(variables):
-    if variable.shape.rank < batch_dims:
-      raise ValueError(f"'variables[{index}]' has rank {variable.shape.rank} "
-                       f"< batch_dims={batch_dims}.")
-    shape = variable.shape[:batch_dims]
-    if batch_shape is None:
-      batch_shape = shape
-    elif shape != batch_shape:
-      raise ValueError(f"'variables[{index}]' has batch shape {shape}, "
-                       f"expected {batch_shape} like 'variables[0]'.")

@@ -166,3 +166,40 @@ def default_criterion():
   """Manopt's default for Levenberg-Marquardt, plus its step-size test."""
   return (StopAfterIteration(200) | StopWhenGradientNormLess(1e-12) |
           StopWhenStepsizeLess(1e-12))
+
+
+class StopWhenRelativeStepLess(_Threshold):
+  """Stops when the last step is small relative to the point:
+  ||s|| <= tolerance * (||x|| + tolerance), after >= 1 iteration (Ceres'
+  parameter tolerance; ||x|| over all entries of the point)."""
+
+  reason = StopReason.RELATIVE_STEP
+
+  def _check(self, state):
+    batch_rank = state.cost.shape.rank
+    squares = [tf.reduce_sum(tf.square(part),
+                             axis=list(range(batch_rank, part.shape.rank)))
+               for part in tf.nest.flatten(state.point)]
+    point_norm = tf.sqrt(tf.add_n(squares))
+    tolerance = tf.constant(self.tolerance, state.cost.dtype)
+    return (state.num_iterations > 0) & (
+        state.step_norm <= tolerance * (point_norm + tolerance))
+
+
+class StopWhenGradientCosineLess(_Threshold):
+  """Stops when F is nearly orthogonal to every column of J (MINPACK's gtol,
+  invariant to the scale of F and of each variable):
+      max_j |(J^T F)_j| / (||F|| ||J_j||) <= tolerance."""
+
+  reason = StopReason.GRADIENT_NORM
+
+  def _check(self, state):
+    residual_norm = tf.norm(state.residual, axis=-1)
+    column_norms = tf.norm(state.jacobian, axis=-2)
+    denominator = residual_norm[..., tf.newaxis] * column_norms
+    cosine = tf.where(denominator > 0,
+                      tf.abs(state.gradient) / tf.where(
+                          denominator > 0, denominator,
+                          tf.ones_like(denominator)),
+                      tf.zeros_like(denominator))
+    return tf.reduce_max(cosine, axis=-1) <= self.tolerance

@@ -1,0 +1,245 @@
+"""A robust least-squares solver: `tfg_optim.least_squares`.
+
+Minimizes
+
+    cost(x) = 1/2 sum_i C^2 rho((r_i(x) / C)^2)
+
+over variables x in R^n (or a point of a manifold), where r is the
+concatenation of the flattened residuals, rho a loss (rho(z) = z for plain
+least squares) and C the loss scale. It runs the shared Levenberg-Marquardt
+engine with, by default, the robust damping policy (gain-ratio acceptance,
+Nielsen's lambda update, Marquardt's scaling by diag(J^T J)) and stops, in
+the graph, on the first of:
+
+- relative decrease of an accepted step <= function_tolerance,
+- max_j |(J^T F)_j| / (||F|| ||J_j||) <= gradient_tolerance,
+- ||s|| <= parameter_tolerance (||x|| + parameter_tolerance),
+- cost <= cost_tolerance,
+- max_iterations iterations.
+
+Robust losses are solved exactly by Gauss-Newton on the transformed residual
+r~ = r sqrt(w(z)), w(z) = rho(z) / z, z = (r / C)^2, whose squared norm is
+the robust cost; w is smooth at 0 (w(0) = 1), so no derivative is singular.
+
+    Loss       rho(z)
+    linear     z
+    huber      z if z <= 1 else 2 sqrt(z) - 1
+    soft_l1    2 (sqrt(1 + z) - 1)
+    cauchy     log(1 + z)
+    arctan     arctan(z)
+"""
+
+import tensorflow as tf
+
+from tfg_optim import _engine
+from tfg_optim import _validation
+from tfg_optim import _vector_space
+from tfg_optim import results as results_lib
+from tfg_optim import stopping as stopping_lib
+
+LOSSES = ("linear", "huber", "soft_l1", "cauchy", "arctan")
+
+# Tolerances by dtype: (function, gradient, parameter).
+_DEFAULT_TOLERANCES = {tf.float64: (1e-14, 1e-14, 1e-12),
+                       tf.float32: (1e-7, 1e-6, 1e-6)}
+
+
+def _taylor_or(z, small, taylor, exact):
+  """exact(z), with the Taylor expansion where z < small (safe gradients)."""
+  is_small = z < small
+  safe_z = tf.where(is_small, tf.ones_like(z), z)
+  return tf.where(is_small, taylor(z), exact(safe_z))
+
+
+def loss_weight(loss, z):
+  """w(z) = rho(z) / z for the named loss, smooth at z = 0."""
+  if loss == "linear":
+    return tf.ones_like(z)
+  if loss == "huber":
+    safe_z = tf.where(z <= 1.0, tf.ones_like(z), z)
+    return tf.where(z <= 1.0, tf.ones_like(z),
+                    (2.0 * tf.sqrt(safe_z) - 1.0) / safe_z)
+  if loss == "soft_l1":
+    return 2.0 / (tf.sqrt(1.0 + z) + 1.0)
+  if loss == "cauchy":
+    return _taylor_or(z, 1e-4, lambda z: 1.0 - z / 2.0 + z * z / 3.0,
+                      lambda z: tf.math.log1p(z) / z)
+  if loss == "arctan":
+    return _taylor_or(z, 1e-4, lambda z: 1.0 - z * z / 3.0,
+                      lambda z: tf.atan(z) / z)
+  raise ValueError(f"'loss' must be one of {LOSSES}, got {loss!r}.")
+
+
+def damping_policy(damping):
+  """A `DampingPolicy` from a name ('robust', 'tfg', 'manopt') or itself."""
+  if isinstance(damping, _engine.DampingPolicy):
+    return damping
+  if damping == "robust":
+    return _engine.NielsenDamping()
+  if damping == "tfg":
+    return _engine.MultiplicativeDamping(1e-20, 10.0)
+  if damping == "manopt":
+    return _engine.GainRatioDamping(0.2, 0.1, 5.0, False)
+  raise ValueError("'damping' must be 'robust', 'tfg', 'manopt' or a "
+                   f"DampingPolicy, got {damping!r}.")
+
+
+def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
+                  damping="robust", max_iterations=1000,
+                  function_tolerance=None, gradient_tolerance=None,
+                  parameter_tolerance=None, cost_tolerance=0.0,
+                  stopping_criterion=None, loss="linear", loss_scale=1.0,
+                  jacobian=None, callback=None, record=False,
+                  name="least_squares"):
+  """Solves a nonlinear least-squares problem; returns its results.
+
+  Args:
+    residuals: a callable or a list/tuple of callables, each called as
+      `residual(*variables)` (for a `Product` manifold point, with its
+      factors); outputs are flattened and concatenated.
+    variables: the start: a tensor, or a list/tuple of tensors (NumPy values
+      and `tf.Variable`s are read); float32 or float64.
+    manifold: None for Euclidean variables, or a `tfg_optim.manifolds`
+      manifold of which `variables` is a point (a tuple for a `Product`).
+    batch_dims: leading dimensions that index independent problems, each with
+      its own damping, acceptance, counters and stop.
+    damping: 'robust' (default; `NielsenDamping`), 'tfg' (TensorFlow
+      Graphics' rule), 'manopt' (Manopt's rule), or a `DampingPolicy`.
+    max_iterations: the most iterations, an int >= 1.
+    function_tolerance, gradient_tolerance, parameter_tolerance: relative
+      tolerances (see the module docstring); None picks defaults for the
+      dtype (float64: 1e-14, 1e-14, 1e-12; float32: 1e-7, 1e-6, 1e-6).
+    cost_tolerance: stop when the cost is at most this (default 0).
+    stopping_criterion: a `tfg_optim.stopping` criterion replacing all of the
+      above but max_iterations.
+    loss: 'linear', 'huber', 'soft_l1', 'cauchy' or 'arctan'.
+    loss_scale: C > 0, the residual size where the loss turns robust.
+    jacobian: optional callable `jacobian(*variables)` returning the
+      [B..., m, n] Jacobian of the concatenated residuals w.r.t. the
+      concatenated flattened variables (Euclidean only; with a robust loss it
+      is chained with the loss automatically).
+    callback: optional `callback(iteration, cost, variables)`; ops it returns
+      run every iteration.
+    record: False, True or an int: keep per-iteration histories (see
+      `LeastSquaresResults.records`).
+    name: name scope of the ops.
+
+  Returns:
+    `tfg_optim.results.LeastSquaresResults`; `position` has the structure of
+    `variables`; `cost` and `residual` are of the robust (transformed)
+    residual, so cost is 1/2 sum C^2 rho(z).
+
+  Raises:
+    ValueError / TypeError: for invalid arguments, naming the argument.
+  """
+  max_iterations = _validation.positive_int(max_iterations, "max_iterations")
+  batch_dims = _validation.positive_int(batch_dims, "batch_dims", minimum=0)
+  residuals = _validation.as_callable_list(residuals, "residuals")
+  policy = damping_policy(damping)
+  if loss not in LOSSES:
+    raise ValueError(f"'loss' must be one of {LOSSES}, got {loss!r}.")
+  loss_scale = _validation.real_number(loss_scale, "loss_scale", lower=0.0,
+                                       lower_inclusive=False)
+  cost_tolerance = _validation.real_number(cost_tolerance, "cost_tolerance",
+                                           lower=0.0)
+  for value, arg in ((jacobian, "jacobian"), (callback, "callback")):
+    if value is not None and not callable(value):
+      raise TypeError(f"'{arg}' must be callable, got {type(value).__name__}.")
+  if jacobian is not None and manifold is not None:
+    raise ValueError("'jacobian' is for Euclidean variables; with a manifold "
+                     "use tfg_optim.riemannian.levenberg_marquardt.")
+  single = not isinstance(variables, (list, tuple))
+  if manifold is None and not single and not variables:
+    raise ValueError("'variables' must not be empty.")
+
+  with tf.name_scope(name):
+    if manifold is None:
+      tensors = _validation.float_tensors([variables] if single else
+                                          list(variables), "variables")
+      point = tensors
+    else:
+      point = tf.nest.map_structure(tf.convert_to_tensor, variables)
+      tensors = _validation.float_tensors(tf.nest.flatten(point), "variables")
+      if tf.executing_eagerly():
+        manifold.check_point(point)
+    _validation.check_batch_shapes(tensors, batch_dims, "variables")
+    tensors = _validation.check_finite(tensors, "variables")
+    point = tf.nest.pack_sequence_as(point, tensors)
+    dtype = tensors[0].dtype
+    criterion = _criterion(dtype, max_iterations, function_tolerance,
+                           gradient_tolerance, parameter_tolerance,
+                           cost_tolerance, stopping_criterion)
+
+    stack = _vector_space.ResidualStack(residuals, dtype, batch_dims)
+    evaluate = lambda p: stack(tf.nest.flatten(p))
+    scale = tf.constant(loss_scale, dtype)
+
+    def robust(residual):
+      if loss == "linear":
+        return residual
+      z = tf.square(residual / scale)
+      return residual * tf.sqrt(loss_weight(loss, z))
+
+    jacobian_fn = None
+    if jacobian is not None:
+      def jacobian_fn(p):
+        value = tf.convert_to_tensor(jacobian(*tf.nest.flatten(p)), dtype)
+        if loss == "linear":
+          return value
+        residual = evaluate(p)
+        with tf.GradientTape() as tape:
+          tape.watch(residual)
+          transformed = robust(residual)
+        derivative = tape.gradient(transformed, residual)  # elementwise
+        return derivative[..., tf.newaxis] * value
+
+    if manifold is None:
+      shapes = _vector_space.event_shapes(tensors, batch_dims)
+      retract = lambda p, s: _vector_space.retract(p, s, batch_dims)
+      tangent_dim = sum(_vector_space.sizes(shapes))
+    else:
+      retract, tangent_dim = manifold.retract, manifold.dim
+    problem = _engine.Problem(
+        residual_fn=lambda p: robust(evaluate(p)), retract=retract,
+        tangent_dim=tangent_dim, cost_fn=None, jacobian_fn=jacobian_fn)
+    num_records = 0
+    if record:
+      num_records = max_iterations if isinstance(record, bool) else int(record)
+    engine_callback = None
+    if callback is not None:
+      engine_callback = (lambda it, cost, p:
+                         callback(it, cost, tf.nest.flatten(p)))
+    state = _engine.minimize(problem, point, policy, max_iterations,
+                             stopping=criterion, callback=engine_callback,
+                             num_records=num_records)
+    result = results_lib.from_state(state, num_records)
+    position = result.position
+    if manifold is None:
+      position = position[0] if single else type(variables)(position)
+    return result._replace(position=position)
+
+
+def _criterion(dtype, max_iterations, function_tolerance, gradient_tolerance,
+               parameter_tolerance, cost_tolerance, stopping_criterion):
+  """The stopping criterion: the caller's, or the tolerances' (by dtype)."""
+  limit = stopping_lib.StopAfterIteration(max_iterations)
+  if stopping_criterion is not None:
+    if not isinstance(stopping_criterion, stopping_lib.StoppingCriterion):
+      raise TypeError("'stopping_criterion' must be a tfg_optim.stopping "
+                      f"criterion, got {type(stopping_criterion).__name__}.")
+    return limit | stopping_criterion
+  defaults = _DEFAULT_TOLERANCES[dtype]
+  tolerances = [
+      defaults[i] if value is None else _validation.real_number(
+          value, arg, lower=0.0)
+      for i, (value, arg) in enumerate(
+          ((function_tolerance, "function_tolerance"),
+           (gradient_tolerance, "gradient_tolerance"),
+           (parameter_tolerance, "parameter_tolerance")))]
+  criterion = (limit |
+               stopping_lib.StopWhenRelativeCostChangeLess(tolerances[0]) |
+               stopping_lib.StopWhenGradientCosineLess(tolerances[1]) |
+               stopping_lib.StopWhenRelativeStepLess(tolerances[2]))
+  if cost_tolerance > 0:
+    criterion = criterion | stopping_lib.StopWhenCostLess(cost_tolerance)
+  return criterion
