@@ -89,6 +89,36 @@ def polar_orthonormalize(x):
   return x
 
 
+def determinant(matrix):
+  """det of [B..., n, n] matrices.
+
+  By cofactor expansion along the first row for n <= 6 (plain slicing and
+  products: tf.linalg.det has no XLA kernel on CPU), by tf.linalg.det beyond.
+  """
+  a = tf.convert_to_tensor(matrix)
+  n = a.shape[-1]
+  if n > 6:
+    return tf.linalg.det(a)
+  return _cofactor_determinant(a, list(range(n)), 0)
+
+
+def _cofactor_determinant(a, columns, row):
+  if len(columns) == 1:
+    return a[..., row, columns[0]]
+  total = None
+  for index, column in enumerate(columns):
+    minor = _cofactor_determinant(a, columns[:index] + columns[index + 1:],
+                                  row + 1)
+    term = a[..., row, column] * minor
+    if total is None:
+      total = term
+    elif index % 2:
+      total = total - term
+    else:
+      total = total + term
+  return total
+
+
 def _positive_diagonal_qr(x):
   """numpy-convention QR followed by the sign fix making diag(R) > 0."""
   q, r = tf.linalg.qr(x)
@@ -251,10 +281,10 @@ class SpecialOrthogonal(Stiefel):
   def distance_to_manifold(self, point):
     """||p^T p - I||_F + |det p - 1| per batch element."""
     p = tf.convert_to_tensor(point)
-    return super().distance_to_manifold(p) + tf.abs(tf.linalg.det(p) - 1.0)
+    return super().distance_to_manifold(p) + tf.abs(determinant(p) - 1.0)
 
   def _off_manifold_hint(self, point):
-    if np.any(np.asarray(tf.linalg.det(point)) < 0):
+    if np.any(np.asarray(determinant(point)) < 0):
       return "; determinant < 0: a reflection, not a rotation"
     return ""
 
@@ -262,7 +292,7 @@ class SpecialOrthogonal(Stiefel):
     """Uniform (Haar) rotations: Haar O(n) by sign-fixed QR, then the first
     column negated where det = -1."""
     q = super().random_point(batch_shape, dtype, seed)
-    sign = tf.sign(tf.linalg.det(q))
+    sign = tf.sign(determinant(q))
     return tf.concat([q[..., :1] * sign[..., tf.newaxis, tf.newaxis],
                       q[..., 1:]], axis=-1)
 
