@@ -85,6 +85,16 @@ def _pick(condition, new, old):
   return tf.where(condition, new, old)
 
 
+def _choose(cases, default):
+  """Per member, the point of the first true case, else `default`.
+
+  Points are tuples of [B] tensors; cases are (condition, point) pairs.
+  """
+  for condition, point in reversed(cases):
+    default = tuple(tf.where(condition, p, d) for p, d in zip(point, default))
+  return default
+
+
 def strong_wolfe(value_and_gradient, position, direction, value, gradient,
                  active, initial_step, max_evaluations, c1=1e-4, c2=0.9):
   """Strong-Wolfe line search for a batch of members.
@@ -141,29 +151,22 @@ def strong_wolfe(value_and_gradient, position, direction, value, gradient,
 
     accept = searching & finite & tf.where(bracketing, b_accept, z_accept)
 
-    # New bracket ends. "lo" takes the trial when bracketing found an uphill
-    # slope, or when a zoom trial improved without satisfying curvature.
-    lo_from_prev = bracketing & b_hi_is_trial
-    lo_from_trial = tf.where(bracketing, b_lo_is_trial, z_move_lo)
-    hi_from_prev = bracketing & b_lo_is_trial
-    hi_from_trial = tf.where(bracketing, b_hi_is_trial, z_hi_is_trial)
-    hi_from_lo = ~bracketing & z_flip
-
-    def new_end(lo_or_hi_prev, lo_or_hi_trial, keep):
-      return (_pick(lo_or_hi_trial, trial, _pick(lo_or_hi_prev, state.a_prev,
-                                                  keep[0])),
-              _pick(lo_or_hi_trial, f, _pick(lo_or_hi_prev, state.f_prev,
-                                              keep[1])),
-              _pick(lo_or_hi_trial, slope, _pick(lo_or_hi_prev, state.d_prev,
-                                                  keep[2])))
-
-    a_hi, f_hi, d_hi = new_end(hi_from_prev, hi_from_trial,
-                               (state.a_hi, state.f_hi, state.d_hi))
-    a_hi = _pick(hi_from_lo, state.a_lo, a_hi)
-    f_hi = _pick(hi_from_lo, state.f_lo, f_hi)
-    d_hi = _pick(hi_from_lo, state.d_lo, d_hi)
-    a_lo, f_lo, d_lo = new_end(lo_from_prev, lo_from_trial,
-                               (state.a_lo, state.f_lo, state.d_lo))
+    # New bracket ends, as (step, value, slope) points. "lo" becomes the
+    # previous trial when a bracketing trial overshot, or the trial when it
+    # went uphill or a zoom trial improved without meeting curvature; "hi"
+    # becomes the trial when it overshot, the previous trial when bracketing
+    # went uphill, or the old "lo" when a zoom trial's slope points away.
+    trial_point = (trial, f, slope)
+    prev_point = (state.a_prev, state.f_prev, state.d_prev)
+    lo_point = (state.a_lo, state.f_lo, state.d_lo)
+    hi_point = (state.a_hi, state.f_hi, state.d_hi)
+    a_lo, f_lo, d_lo = _choose(
+        [(tf.where(bracketing, b_lo_is_trial, z_move_lo), trial_point),
+         (bracketing & b_hi_is_trial, prev_point)], lo_point)
+    a_hi, f_hi, d_hi = _choose(
+        [(tf.where(bracketing, b_hi_is_trial, z_hi_is_trial), trial_point),
+         (bracketing & b_lo_is_trial, prev_point),
+         (~bracketing & z_flip, lo_point)], hi_point)
 
     extend = bracketing & b_extend
     zooming = searching & finite & ~accept & ~extend
