@@ -2,7 +2,8 @@
 
 Every field has the batch shape [B...] of the problem (scalars for a single
 problem), except `position` (the solution, shaped like the start), `records`
-(a dict of [num_records, B...] per-iteration histories, NaN past the stop;
+(a dict of [num_records, B...] per-iteration histories, row i for
+iteration i + 1, NaN from each problem's stop on;
 empty unless recording was asked for) and `initial_cost`.
 
 `results.summary()` (or `print(results)`) renders a short report from eager
@@ -99,7 +100,17 @@ def from_state(state, num_records):
       converged |= tf.equal(reason, int(member))
   records = {}
   if num_records:
-    records = dict(zip(RECORD_NAMES, state.records))
+    # Row i holds iteration i + 1. The engine writes NaN for a problem that
+    # has stopped while others of its batch run on, but rows after the whole
+    # loop ended keep their zero initialization: mask every row at or past
+    # each problem's own iteration count.
+    rows = tf.range(num_records)
+    rows = tf.reshape(rows, tf.concat(
+        [[num_records], tf.ones_like(tf.shape(state.num_iterations))], 0))
+    valid = rows < state.num_iterations[tf.newaxis]
+    records = {name: tf.where(valid, values,
+                              tf.constant(float("nan"), values.dtype))
+               for name, values in zip(RECORD_NAMES, state.records)}
   return LeastSquaresResults(
       position=state.point,
       cost=state.cost,

@@ -1,0 +1,646 @@
+"""Tests of the Riemannian Levenberg-Marquardt (tfg_optim.riemannian).
+
+Independent truth: closed forms (Kabsch / orthogonal Procrustes by SVD, the
+nearest point of a sphere), scipy.optimize.least_squares, and Manopt's
+Algorithm 1 re-implemented here in NumPy (using only the manifold's basis and
+retraction as data). Behaviours run in eager, tf.function, XLA and TF1
+Session modes through tests/modes.py.
+"""
+
+import numpy as np
+import pytest
+import scipy.optimize
+import tensorflow as tf
+
+from tests import modes
+from tfg_optim import manifolds
+from tfg_optim import riemannian
+from tfg_optim import stopping
+
+MODES = modes.MODES
+SO3 = manifolds.SpecialOrthogonal(3)
+TOL = {"float64": 1e-9, "float32": 2e-4}
+# (mode, dtype) pairs: every mode in float64, the compiled modes in float32
+# (XLA compiles are slow on small CPUs, so few XLA cases are run).
+FAST_MODES = [(mode, "float64") for mode in MODES] + [("eager", "float32"),
+                                                       ("xla", "float32")]
+
+
+# -- independent references ----------------------------------------------------
+
+
+def _random_rotation(rng):
+  q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+  q = q * np.sign(np.diag(r))
+  if np.linalg.det(q) < 0:
+    q[:, 0] = -q[:, 0]
+  return q
+
+
+def _kabsch(x, y):
+  """argmin over rotations R of sum_i ||R x_i - y_i||^2 (rows x_i, y_i)."""
+  u, _, vt = np.linalg.svd(x.T @ y)
+  d = np.sign(np.linalg.det(vt.T @ u.T))
+  return vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+
+
+def _rotation_problem(rng, num_points=20, noise=0.05, batch=()):
+  x = rng.standard_normal(batch + (num_points, 3))
+  rotations = np.stack([_random_rotation(rng)
+                        for _ in range(int(np.prod(batch, dtype=int)))])
+  rotations = rotations.reshape(batch + (3, 3))
+  y = (np.einsum("...ij,...nj->...ni", rotations, x) +
+       noise * rng.standard_normal(x.shape))
+  return x, y
+
+
+def _rotation_residual(x, y):
+  return lambda r: tf.matmul(tf.cast(x, r.dtype), r, transpose_b=True) - tf.cast(
+      y, r.dtype)
+
+
+def _so3_distance(r):
+  r = np.asarray(r, np.float64)
+  gram = np.einsum("...ji,...jk->...ik", r, r)
+  return (np.linalg.norm(gram - np.eye(r.shape[-1]), axis=(-2, -1)) +
+          np.abs(np.linalg.det(r) - 1.0))
+
+
+def _fields(results, *names):
+  return tuple(getattr(results, name) for name in names)
+
+
+# -- closed forms --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,dtype", FAST_MODES)
+def test_rotation_fit_matches_kabsch(mode, dtype):
+  x, y = _rotation_problem(np.random.default_rng(1))
+
+  def build(start):
+    results = riemannian.levenberg_marquardt(
+        SO3, _rotation_residual(x, y), start, return_state=True)
+    return _fields(results, "position", "converged", "num_iterations")
+
+  position, converged, iterations = modes.run(
+      build, [np.eye(3, dtype=dtype)], mode)
+  assert position.dtype == np.dtype(dtype)
+  np.testing.assert_allclose(position, _kabsch(x, y), atol=TOL[dtype])
+  assert _so3_distance(position) < (1e-12 if dtype == "float64" else 1e-5)
+  assert converged and 0 < iterations < 200
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "session"])
+def test_stiefel_orthogonal_procrustes(mode):
+  rng = np.random.default_rng(2)
+  # x has orthonormal columns, so ||x w - y||^2 = const - 2 tr(w^T x^T y) and
+  # the minimizer over St(5, 3) is u v^T from the SVD x^T y = u s v^T.
+  x = np.linalg.qr(rng.standard_normal((12, 5)))[0]
+  target = np.linalg.qr(rng.standard_normal((5, 3)))[0]
+  y = x @ target + 0.05 * rng.standard_normal((12, 3))
+  u, _, vt = np.linalg.svd(x.T @ y, full_matrices=False)
+  manifold = manifolds.Stiefel(5, 3)
+  start = np.linalg.qr(target + 0.3 * rng.standard_normal((5, 3)))[0]
+
+  def build(w):
+    return riemannian.levenberg_marquardt(manifold, lambda w: x @ w - y, w)
+
+  got = modes.run(build, [start], mode)
+  np.testing.assert_allclose(got, u @ vt, atol=1e-9)
+  np.testing.assert_allclose(got.T @ got, np.eye(3), atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,dtype", [
+    ("eager", "float64"), ("session", "float64"), ("function", "float32"),
+    ("xla", "float32")])
+def test_nearest_point_on_sphere(mode, dtype):
+  target = np.array([3.0, -1.0, 2.0, 0.5], dtype)
+  start = np.array([0.0, 1.0, 0.0, 0.0], dtype)
+
+  def build(p):
+    return riemannian.levenberg_marquardt(manifolds.Sphere(4),
+                                          lambda p: p - target, p)
+
+  got = modes.run(build, [start], mode)
+  np.testing.assert_allclose(got, target / np.linalg.norm(target),
+                             atol=TOL[dtype])
+  assert abs(np.linalg.norm(got.astype(np.float64)) - 1.0) < (
+      1e-12 if dtype == "float64" else 1e-6)
+
+
+def _pose_problem(rng, num_points=30):
+  x = rng.standard_normal((num_points, 3))
+  rotation, translation = _random_rotation(rng), rng.standard_normal(3)
+  y = x @ rotation.T + translation + 0.02 * rng.standard_normal(x.shape)
+  x_mean, y_mean = x.mean(0), y.mean(0)
+  r = _kabsch(x - x_mean, y - y_mean)
+  return x, y, (r, y_mean - r @ x_mean)
+
+
+POSE = manifolds.Product(SO3, manifolds.Euclidean(3))
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "session"])
+def test_rigid_pose_matches_kabsch_with_centroids(mode):
+  x, y, (r_want, t_want) = _pose_problem(np.random.default_rng(3))
+
+  def build(r, t):
+    return riemannian.levenberg_marquardt(
+        POSE, lambda p: tf.matmul(x, p[0], transpose_b=True) + p[1] - y,
+        (r, t))
+
+  r, t = modes.run(build, [np.eye(3), np.zeros(3)], mode)
+  np.testing.assert_allclose(r, r_want, atol=1e-10)
+  np.testing.assert_allclose(t, t_want, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize("form", ["power", "batch_dims"])
+def test_many_rotation_fits_match_kabsch(mode, form):
+  x, y = _rotation_problem(np.random.default_rng(4), batch=(20,))
+  want = np.stack([_kabsch(a, b) for a, b in zip(x, y)])
+  start = np.tile(np.eye(3), (20, 1, 1))
+
+  def build(r):
+    if form == "power":
+      results = riemannian.levenberg_marquardt(
+          manifolds.Power(SO3, 20), _rotation_residual(x, y), r,
+          return_state=True)
+    else:
+      results = riemannian.levenberg_marquardt(
+          SO3, _rotation_residual(x, y), r, batch_dims=1, return_state=True)
+    return _fields(results, "position", "num_iterations", "converged")
+
+  position, iterations, converged = modes.run(build, [start], mode)
+  np.testing.assert_allclose(position, want, atol=1e-8)
+  assert np.all(converged)
+  if form == "batch_dims":  # one damping and stop per problem
+    assert iterations.shape == (20,) and len(set(iterations.tolist())) > 1
+  else:
+    assert iterations.shape == ()
+
+
+@pytest.mark.parametrize("mode", ["eager", "session"])
+@pytest.mark.parametrize("seed", [5, 6])
+def test_euclidean_curve_fit_agrees_with_scipy(mode, seed):
+  rng = np.random.default_rng(seed)
+  t = np.linspace(0.0, 4.0, 40)
+  truth = rng.uniform(0.5, 2.0, 4)
+  y = (truth[0] * np.exp(-truth[1] * t) + truth[2] * np.sin(truth[3] * t) +
+       0.01 * rng.standard_normal(t.size))
+  model = lambda q, lib: (q[0] * lib.exp(-q[1] * t) +
+                          q[2] * lib.sin(q[3] * t) - y)
+  start = truth * rng.uniform(0.8, 1.2, 4)
+  want = scipy.optimize.least_squares(lambda q: model(q, np), start,
+                                      xtol=1e-15, ftol=1e-15, gtol=1e-15).x
+
+  def build(q):
+    return riemannian.levenberg_marquardt(
+        manifolds.Euclidean(4), lambda q: model(q, tf.math), q)
+
+  np.testing.assert_allclose(modes.run(build, [start], mode), want,
+                             rtol=1e-8, atol=1e-10)
+
+
+# -- the damping rule, by hand -------------------------------------------------
+
+
+def _numpy_algorithm1(residual, jacobian, retract, p, iterations, eta=0.2,
+                      mu_min=0.1, beta=5.0, expect_zero_residual=False):
+  """Manopt's Algorithm 1 in NumPy; returns per-iteration (p, mu, acc, rej)."""
+  mu, accepted, rejected, history = mu_min, 0, 0, []
+  for _ in range(iterations):
+    f, j = residual(p), jacobian(p)
+    lam = mu * (f @ f)
+    gradient = j.T @ f
+    s = -np.linalg.solve(j.T @ j + lam * np.eye(j.shape[1]), gradient)
+    q = retract(p, s)
+    fq = residual(q)
+    predicted = -2.0 * gradient @ s - (j @ s) @ (j @ s) - lam * s @ s
+    rho = (f @ f - fq @ fq) / predicted
+    if np.isfinite(fq @ fq) and rho >= eta:
+      p, accepted = q, accepted + 1
+      if expect_zero_residual:
+        mu = max(mu_min, mu / beta)
+    else:
+      mu, rejected = mu * beta, rejected + 1
+    history.append((p, mu, accepted, rejected))
+  return history
+
+
+def _rosenbrock(v, lib=np):
+  return lib.stack([1.0 - v[0], 10.0 * (v[1] - v[0] ** 2)])
+
+
+def _rosenbrock_jacobian(v):
+  return np.array([[-1.0, 0.0], [-20.0 * v[0], 10.0]])
+
+
+SPHERE_A = np.array([[2.0, -1.0, 0.5], [0.3, 1.5, -2.0], [1.0, 0.2, 0.7],
+                     [-0.4, 0.9, 1.1]])
+SPHERE_B = np.array([1.0, -2.0, 0.5, 3.0])
+
+
+def _sphere_residual(p, lib=np):
+  return lib.tensordot(SPHERE_A, p, 1) + 2.0 * p[0] * p[2] - SPHERE_B
+
+
+def _sphere_case():
+  sphere = manifolds.Sphere(3)
+
+  def basis(p):
+    return np.stack([sphere.tangent_vector(p, e).numpy()
+                     for e in np.eye(2)], axis=1)
+
+  def jacobian(p):
+    differential = SPHERE_A + 2.0 * np.outer(np.ones(4),
+                                             [p[2], 0.0, p[0]])
+    return differential @ basis(p)
+
+  retract = lambda p, s: sphere.retract(p, s).numpy()
+  start = np.array([0.0, 0.0, -1.0])
+  return sphere, _sphere_residual, jacobian, retract, start
+
+
+def _euclidean_case():
+  return (manifolds.Euclidean(2), _rosenbrock, _rosenbrock_jacobian,
+          lambda p, s: p + s, np.array([-1.2, 1.0]))
+
+
+HAND_CASES = {"euclidean": _euclidean_case, "sphere": _sphere_case}
+
+
+@pytest.mark.parametrize("mode,case,expect_zero_residual", [
+    ("eager", "euclidean", False), ("eager", "euclidean", True),
+    ("eager", "sphere", False), ("eager", "sphere", True),
+    ("session", "euclidean", False), ("function", "sphere", True),
+    ("xla", "sphere", False)])
+def test_iterates_match_hand_computed_algorithm_1(mode, case,
+                                                  expect_zero_residual):
+  manifold, residual, jacobian, retract, start = HAND_CASES[case]()
+  options = dict(eta=0.5, damping_term_min=0.1, beta=5.0,
+                 expect_zero_residual=expect_zero_residual)
+  iterations = 6
+  want = _numpy_algorithm1(residual, jacobian, retract, start, iterations,
+                           **options)
+  assert want[-1][3] >= 1 and want[-1][2] >= 2  # both branches exercised
+  if mode == "xla":
+    counts = [iterations]
+  elif mode == "eager":
+    counts = range(1, iterations + 1)
+  else:
+    counts = [2, iterations]
+  for count in counts:
+    def build(p):
+      results = riemannian.levenberg_marquardt(
+          manifold, lambda q: residual(q, tf), p, return_state=True,
+          stopping_criterion=stopping.StopAfterIteration(count), **options)
+      return _fields(results, "position", "damping", "num_accepted",
+                     "num_rejected")
+
+    position, damping, accepted, rejected = modes.run(build, [start], mode)
+    point, mu, want_accepted, want_rejected = want[count - 1]
+    np.testing.assert_allclose(position, point, rtol=1e-10, atol=1e-12)
+    assert damping == pytest.approx(mu, rel=1e-12)
+    assert (accepted, rejected) == (want_accepted, want_rejected)
+
+
+# -- the Jacobian and the objective --------------------------------------------
+
+
+def _so3_jacobian(x):
+  """The Jacobian of R -> x R^T - y in SO(3)'s orthonormal basis R E_j."""
+  basis = manifolds.skew_basis(3)
+
+  def jacobian(r):
+    columns = [tf.reshape(tf.matmul(x, tf.matmul(r, e), transpose_b=True),
+                          [-1]) for e in tf.constant(basis)]
+    return tf.stack(columns, axis=1)
+  return jacobian
+
+
+@pytest.mark.parametrize("mode", ["eager", "session"])
+def test_user_jacobian_gives_autodiff_iterates(mode):
+  x, y = _rotation_problem(np.random.default_rng(7), num_points=10, noise=0.3)
+  fields = ("position", "num_iterations", "num_accepted", "cost")
+  coefficients = np.array([[1.0, 0.5, 0.0], [0.0, 2.0, -0.3], [0.2, 0.0, 0.7]])
+  jacobian = _so3_jacobian(x)
+
+  def build(r):
+    options = dict(return_state=True,
+                   stopping_criterion=stopping.StopAfterIteration(8))
+    auto = riemannian.levenberg_marquardt(SO3, _rotation_residual(x, y), r,
+                                          **options)
+    user = riemannian.levenberg_marquardt(SO3, _rotation_residual(x, y), r,
+                                          jacobian, **options)
+    objective = riemannian.NonlinearLeastSquaresObjective(
+        _rotation_residual(x, y), jacobian, 30)
+    as_object = riemannian.levenberg_marquardt(SO3, objective, r, **options)
+    # The same Jacobian in the basis v_j = sum_i C_ij b_i: J_user = J C.
+    other_basis = riemannian.levenberg_marquardt(
+        SO3, _rotation_residual(x, y), r,
+        lambda q: tf.matmul(jacobian(q), coefficients),
+        jacobian_tangent_basis=lambda q: tf.constant(coefficients),
+        **options)
+    return [_fields(result, *fields)
+            for result in (auto, user, as_object, other_basis)]
+
+  auto, *others = modes.run(build, [_random_rotation(
+      np.random.default_rng(8))], mode)
+  for other in others:
+    for got, want in zip(other, auto):
+      np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_evaluation_counts_and_initial_values():
+  x, y = _rotation_problem(np.random.default_rng(9))
+  f = _rotation_residual(x, y)
+  start = tf.constant(np.eye(3))
+  criterion = stopping.StopAfterIteration(5)
+
+  def solve(**kwargs):
+    results = riemannian.levenberg_marquardt(
+        SO3, f, start, return_state=True, stopping_criterion=criterion,
+        **kwargs)
+    return results
+
+  known = solve(num_components=60)
+  unknown = solve()
+  initial = solve(initial_residual_values=f(start),
+                  initial_jacobian_f=_so3_jacobian(x)(start))
+  # 1 initial + 1 per iteration residual evaluations; 1 initial + 1 per
+  # accepted step Jacobian evaluations.
+  assert int(known.num_residual_evaluations) == 1 + 5
+  assert int(known.num_jacobian_evaluations) == 1 + int(known.num_accepted)
+  assert int(unknown.num_residual_evaluations) == 1 + 5 + 1
+  assert int(initial.num_residual_evaluations) == 5
+  assert int(initial.num_jacobian_evaluations) == int(initial.num_accepted)
+  for results in (unknown, initial):
+    np.testing.assert_allclose(results.position, known.position, atol=1e-12)
+
+
+def test_residual_evaluations_really_skipped():
+  x, y = _rotation_problem(np.random.default_rng(9))
+  calls = []
+  f = _rotation_residual(x, y)
+
+  def counting(r):
+    calls.append(1)
+    return f(r)
+
+  start = tf.constant(np.eye(3))
+  criterion = stopping.StopAfterIteration(3)
+  riemannian.levenberg_marquardt(SO3, counting, start,
+                                 jacobian_f=_so3_jacobian(x),
+                                 stopping_criterion=criterion,
+                                 num_components=60)
+  with_initial = len(calls)
+  calls.clear()
+  riemannian.levenberg_marquardt(SO3, counting, start,
+                                 jacobian_f=_so3_jacobian(x),
+                                 stopping_criterion=criterion,
+                                 num_components=60,
+                                 initial_residual_values=f(start))
+  assert with_initial - len(calls) == 1
+
+
+def test_num_components_and_objective_errors():
+  x, y = _rotation_problem(np.random.default_rng(10))
+  f = _rotation_residual(x, y)
+  with pytest.raises(ValueError, match="num_components"):
+    riemannian.levenberg_marquardt(SO3, f, np.eye(3), num_components=59)
+  with pytest.raises(ValueError, match="num_components"):
+    riemannian.levenberg_marquardt(SO3, f, np.eye(3), num_components=0)
+  objective = riemannian.NonlinearLeastSquaresObjective(f, num_components=7)
+  with pytest.raises(ValueError, match="num_components"):
+    riemannian.levenberg_marquardt(SO3, objective, np.eye(3))
+  with pytest.raises(ValueError, match="jacobian_f"):
+    riemannian.levenberg_marquardt(SO3, objective, np.eye(3),
+                                   _so3_jacobian(x))
+
+
+# -- in place ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "session"])
+def test_in_place_assigns_variables(mode):
+  x, y = _rotation_problem(np.random.default_rng(11))
+  xp, yp, (r_want, t_want) = _pose_problem(np.random.default_rng(12))
+  pose_residual = lambda p: tf.matmul(xp, p[0], transpose_b=True) + p[1] - yp
+
+  def solve(rotation, pose):
+    first = riemannian.levenberg_marquardt_in_place(
+        SO3, _rotation_residual(x, y), rotation)
+    second = riemannian.levenberg_marquardt_in_place(POSE, pose_residual,
+                                                     pose, return_state=True)
+    return first, second.position
+
+  if mode == "session":
+    with tf.Graph().as_default():
+      rotation = tf.compat.v1.Variable(np.eye(3))
+      pose = (tf.compat.v1.Variable(np.eye(3)),
+              tf.compat.v1.Variable(np.zeros(3)))
+      ops = solve(rotation, pose)
+      with tf.compat.v1.Session() as session:
+        session.run(tf.compat.v1.global_variables_initializer())
+        session.run(ops)
+        values = session.run([rotation, pose])
+  else:
+    rotation = tf.Variable(np.eye(3))
+    pose = (tf.Variable(np.eye(3)), tf.Variable(np.zeros(3)))
+    if mode == "function":
+      tf.function(lambda: solve(rotation, pose), autograph=False)()
+    else:
+      returned = solve(rotation, pose)
+      np.testing.assert_allclose(returned[0], _kabsch(x, y), atol=1e-10)
+    values = [rotation.numpy(), (pose[0].numpy(), pose[1].numpy())]
+  np.testing.assert_allclose(values[0], _kabsch(x, y), atol=1e-10)
+  np.testing.assert_allclose(values[1][0], r_want, atol=1e-10)
+  np.testing.assert_allclose(values[1][1], t_want, atol=1e-10)
+
+
+def test_in_place_needs_variables():
+  with pytest.raises(TypeError, match="tf.Variable"):
+    riemannian.levenberg_marquardt_in_place(SO3, lambda r: r, np.eye(3))
+
+
+# -- recording -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["eager", "session"])
+def test_records(mode):
+  x, y = _rotation_problem(np.random.default_rng(13), noise=0.2)
+
+  def build(r):
+    results = riemannian.levenberg_marquardt(
+        SO3, _rotation_residual(x, y), r, return_state=True, record=True)
+    return (results.records, results.num_iterations, results.initial_cost,
+            results.cost, results.gradient_norm, results.damping)
+
+  records, iterations, initial_cost, cost, gradient_norm, damping = (
+      modes.run(build, [np.eye(3)], mode))
+  assert records["cost"].shape == (200,)  # the criterion's iteration bound
+  done = slice(0, iterations)
+  assert np.all(np.isnan(records["cost"][iterations:]))
+  for name in records:
+    assert np.all(np.isfinite(records[name][done])), name
+  history = np.concatenate([[initial_cost], records["cost"][done]])
+  changes = np.diff(history)
+  assert np.all(changes <= 0) and np.any(changes < 0)
+  # the damping grows by beta exactly where the cost did not change
+  growth = np.diff(np.concatenate([[0.1], records["damping"][done]]))
+  np.testing.assert_array_equal(growth > 0, changes == 0)
+  assert records["cost"][iterations - 1] == cost
+  assert records["gradient_norm"][iterations - 1] == gradient_norm
+  assert records["damping"][iterations - 1] == damping
+
+
+def test_records_match_callback_and_batch_nan_after_stop():
+  x, y = _rotation_problem(np.random.default_rng(14), batch=(3,))
+  seen = []
+
+  def callback(iteration, cost, point):
+    seen.append((int(iteration), cost.numpy(), point.numpy()))
+
+  results = riemannian.levenberg_marquardt(
+      SO3, _rotation_residual(x, y), np.tile(np.eye(3), (3, 1, 1)),
+      batch_dims=1, return_state=True, record=40, callback=callback)
+  costs = results.records["cost"].numpy()
+  iterations = results.num_iterations.numpy()
+  assert costs.shape == (40, 3) and len(set(iterations.tolist())) > 1
+  assert [it for it, _, _ in seen] == list(range(1, max(iterations) + 1))
+  for problem in range(3):
+    n = iterations[problem]
+    np.testing.assert_array_equal(
+        costs[:n, problem], [c[problem] for _, c, _ in seen[:n]])
+    assert np.all(np.isnan(costs[n:, problem]))
+  assert max(_so3_distance(p).max() for _, _, p in seen) < 1e-12
+
+
+# -- validation and failures ---------------------------------------------------
+
+
+@pytest.mark.parametrize("argument,value", [
+    ("eta", 0.0), ("eta", 1.0), ("eta", -0.5), ("damping_term_min", 0.0),
+    ("damping_term_min", -1.0), ("beta", 1.0), ("beta", 0.5)])
+def test_parameter_ranges(argument, value):
+  with pytest.raises(ValueError, match=argument):
+    riemannian.levenberg_marquardt(SO3, lambda r: r, np.eye(3),
+                                   **{argument: value})
+
+
+def test_bad_arguments():
+  with pytest.raises(TypeError, match="'f'"):
+    riemannian.levenberg_marquardt(SO3, 3.0, np.eye(3))
+  with pytest.raises(TypeError, match="manifold"):
+    riemannian.levenberg_marquardt("SO3", lambda r: r, np.eye(3))
+  with pytest.raises(ValueError, match="off the manifold"):
+    riemannian.levenberg_marquardt(SO3, lambda r: r, 2.0 * np.eye(3))
+  with pytest.raises(ValueError, match="off the manifold"):
+    riemannian.levenberg_marquardt(SO3, lambda r: r, np.diag([1.0, 1.0, -1.0]))
+  with pytest.raises(ValueError, match="factor 1"):
+    riemannian.levenberg_marquardt(
+        manifolds.Product(SO3, manifolds.Sphere(3)), lambda p: p[1],
+        (np.eye(3), np.ones(3)))
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_non_finite_candidate_is_a_rejection(mode):
+  residual, jacobian = _rosenbrock, _rosenbrock_jacobian
+  start = np.array([-1.2, 1.0])
+  first = _numpy_algorithm1(residual, jacobian, lambda p, s: p + s, start, 1)
+  # the first candidate, before it is judged, is start + s: poison a ball
+  # around it that contains neither the start nor the minimum (1, 1).
+  f, j = residual(start), jacobian(start)
+  bad = start - np.linalg.solve(j.T @ j + 0.1 * (f @ f) * np.eye(2), j.T @ f)
+  assert np.linalg.norm(bad - start) > 0.1 and first[0][2] == 1
+
+  def poisoned(v, lib=np):
+    near = lib.reduce_sum((v - bad) ** 2) < 0.01 if lib is tf else (
+        np.sum((v - bad) ** 2) < 0.01)
+    nan = (tf.constant(np.nan, v.dtype) if lib is tf else np.nan)
+    return _rosenbrock(v, lib) + (tf.where(near, nan, 0.0) if lib is tf else
+                                  (nan if near else 0.0))
+
+  want = _numpy_algorithm1(poisoned, jacobian, lambda p, s: p + s, start, 10)
+
+  def build(v):
+    results = riemannian.levenberg_marquardt(
+        manifolds.Euclidean(2), lambda q: poisoned(q, tf), v,
+        return_state=True, stopping_criterion=stopping.StopAfterIteration(10))
+    return _fields(results, "position", "num_rejected", "cost")
+
+  position, rejected, cost = modes.run(build, [start], mode)
+  assert np.isfinite(cost) and rejected == want[-1][3] >= 1
+  np.testing.assert_allclose(position, want[-1][0], rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["eager", "session", "xla"])
+def test_failed_factorization_is_a_rejection(mode):
+  # A rank-1 J at a zero residual: lambda = mu ||F||^2 = 0 and J^T J is
+  # singular, so the Cholesky factorization fails every time.
+  def build(v):
+    results = riemannian.levenberg_marquardt(
+        manifolds.Euclidean(2),
+        lambda q: tf.stack([q[0] + q[1] - 2.0, 2.0 * (q[0] + q[1]) - 4.0,
+                            3.0 * (q[0] + q[1] - 2.0)]), v,
+        return_state=True, stopping_criterion=stopping.StopAfterIteration(3))
+    return _fields(results, "position", "num_rejected", "cost", "damping",
+                   "step_size")
+
+  position, rejected, cost, damping, step_size = modes.run(
+      build, [np.array([0.5, 1.5])], mode)
+  np.testing.assert_array_equal(position, [0.5, 1.5])
+  assert rejected == 3 and cost == 0.0
+  assert damping == pytest.approx(0.1 * 5.0 ** 3)
+  assert np.isfinite(step_size)
+
+
+@pytest.mark.parametrize("mode", ["eager"])
+def test_nan_region_still_converges(mode):
+  # log(1 + x) is NaN for x < -1; steps into that region are rejections.
+  def build(v):
+    results = riemannian.levenberg_marquardt(
+        manifolds.Euclidean(1),
+        lambda q: tf.math.log1p(q) * 10.0 + 3.0 * q + 40.0, v,
+        return_state=True)
+    return _fields(results, "position", "num_rejected", "cost", "converged")
+
+  position, rejected, cost, converged = modes.run(build, [np.array([0.0])],
+                                                  mode)
+  want = scipy.optimize.brentq(lambda q: np.log1p(q) * 10 + 3 * q + 40,
+                               -1 + 1e-300, 0.0)
+  assert converged and rejected >= 1 and cost < 1e-20
+  np.testing.assert_allclose(position, [want], rtol=1e-12)
+
+
+# -- staying on the manifold ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_points_stay_on_the_manifold(dtype):
+  rng = np.random.default_rng(15)
+  x, y = _rotation_problem(rng, noise=0.5)
+  tolerance = 1e-12 if dtype == "float64" else 1e-5
+  stiefel = manifolds.Stiefel(6, 2)
+  target = rng.standard_normal((6, 2))
+  sphere_target = rng.standard_normal(5)
+  cases = [
+      (SO3, _rotation_residual(x, y), _random_rotation(rng), _so3_distance),
+      (stiefel, lambda w: tf.sin(w) - tf.cast(target, w.dtype),
+       np.linalg.qr(rng.standard_normal((6, 2)))[0],
+       lambda w: np.linalg.norm(w.T.astype(np.float64) @ w - np.eye(2))),
+      (manifolds.Sphere(5),
+       lambda p: tf.exp(p) - tf.cast(sphere_target, p.dtype),
+       np.eye(5)[0], lambda p: abs(np.linalg.norm(p.astype(np.float64)) - 1))]
+  for manifold, residual, start, distance in cases:
+    worst = []
+
+    def callback(iteration, cost, point, distance=distance, worst=worst):
+      worst.append(distance(point.numpy()))
+
+    results = riemannian.levenberg_marquardt(
+        manifold, residual, start.astype(dtype), return_state=True,
+        callback=callback, stopping_criterion=stopping.StopAfterIteration(25))
+    assert len(worst) == 25 and int(results.num_accepted) >= 3
+    assert max(worst) <= tolerance, manifold
