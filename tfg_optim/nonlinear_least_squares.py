@@ -244,21 +244,8 @@ def _criterion(dtype, max_iterations, function_tolerance, gradient_tolerance,
   criterion = (limit |
                stopping_lib.StopWhenRelativeCostChangeLess(tolerances[0]) |
                stopping_lib.StopWhenGradientCosineLess(tolerances[1]) |
-               _RelativeStepOfFiniteStep(tolerances[2]))
+               stopping_lib.StopWhenRelativeStepLess(tolerances[2]))
   if cost_tolerance > 0:
     criterion = criterion | stopping_lib.StopWhenCostLess(cost_tolerance)
   return criterion
 
-
-class _RelativeStepOfFiniteStep(stopping_lib.StopWhenRelativeStepLess):
-  """`StopWhenRelativeStepLess` that waits for a finite trial step.
-
-  The engine records the norm of finite steps only (it starts at 0), so when
-  every trial step so far overflowed (NIST BoxBOD from start 1: the first
-  steps send exp(-b2 x) to infinity) the plain test saw a step of norm 0 and
-  stopped after one iteration. A zero step of a finite solve means g = 0,
-  which the gradient test reports first.
-  """
-
-  def _check(self, state):
-    return super()._check(state) & (state.step_norm > 0)

@@ -41,7 +41,8 @@ class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
     num_residual_evaluations, num_jacobian_evaluations: int32 [B...].
     gradient_norm: ||J^T F|| at `position`, [B...].
     damping: the final damping term (mu or lambda, by policy), [B...].
-    step_size: the norm of the last computed step, [B...].
+    step_size: the norm of the last finite step computed (accepted or not);
+      +inf if no finite step was ever computed, [B...].
     residual: F at `position`, [B..., m].
     records: dict name -> [num_records, B...] histories (see RECORD_NAMES).
   """

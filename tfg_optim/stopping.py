@@ -10,7 +10,8 @@ reason is the first one that holds) and `&` (stop when both hold).
 
 The gradient is g = J^T F in orthonormal tangent coordinates, so ||g|| is the
 Riemannian norm of the gradient of 1/2 ||F||^2. The step size is the norm of
-the last computed step (accepted or not).
+the last finite step computed, accepted or not (as in Manopt); it is +inf until
+one is, so step tests never fire on a solve whose every trial step overflowed.
 """
 
 import tensorflow as tf
