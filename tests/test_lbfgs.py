@@ -115,7 +115,7 @@ class ExactMinimaTest(tf.test.TestCase, parameterized.TestCase):
 class HistoryTest(tf.test.TestCase, parameterized.TestCase):
   """Tiny histories wrap many times: no hang, same minimum."""
 
-  @parameterized.parameters(*SOME_MODE_DTYPES)
+  @parameterized.parameters(*SOME_MODE_DTYPES[1:])
   def test_small_history_many_iterations(self, mode, dtype):
     tol = {"float32": 1e-3, "float64": 1e-8}[dtype]
 
@@ -246,10 +246,6 @@ class ScipyAgreementTest(tf.test.TestCase, parameterized.TestCase):
 
   PROBLEMS = {
       "rosen5": (rosenbrock, [-1.2, 1.0, -1.2, 1.0, 0.3]),
-      "beale": (lambda x: ((1.5 - x[0] + x[0] * x[1]) ** 2 +
-                           (2.25 - x[0] + x[0] * x[1] ** 2) ** 2 +
-                           (2.625 - x[0] + x[0] * x[1] ** 3) ** 2),
-                [1.0, 1.0]),
       "himmelblau": (lambda x: ((x[0] ** 2 + x[1] - 11) ** 2 +
                                 (x[0] + x[1] ** 2 - 7) ** 2),
                      [0.5, 0.5]),
