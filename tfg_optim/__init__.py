@@ -4,8 +4,10 @@
 - `least_squares`: a robust solver with tolerances, losses and results.
 - `riemannian.levenberg_marquardt`: Manopt's Riemannian Levenberg-Marquardt.
 - `manifolds`, `stopping`, `results`: its building blocks.
+- `lbfgs.minimize_lbfgs` / `minimize_bfgs`: Paddle's L-BFGS/BFGS interface.
 """
 
+from tfg_optim import lbfgs
 from tfg_optim import levenberg_marquardt
 from tfg_optim import manifolds
 from tfg_optim import results
@@ -17,5 +19,5 @@ from tfg_optim.results import LeastSquaresResults
 
 __version__ = "0.1.0"
 
-__all__ = ["levenberg_marquardt", "least_squares", "riemannian", "manifolds",
+__all__ = ["lbfgs", "levenberg_marquardt", "least_squares", "riemannian", "manifolds",
            "stopping", "results", "LeastSquaresResults", "StopReason"]

@@ -21,7 +21,8 @@ decreases and there is no early stop.
 What differs from TensorFlow Graphics (all compatible with code written for
 it):
 - A failed factorization is a rejected step in every mode: eagerly, inside
-  `tf.function`, in a TF1 `Session` and under XLA, with the same numbers.
+  `tf.function`, in a TF1 `Session` and under XLA (whose Cholesky rounds
+  differently: on an exactly singular J^T J it may fail at another lambda).
   (The reference catches the error only eagerly.)
 - J comes from forward-mode differentiation when m >= n and is recomputed
   only after an accepted step; the reference builds an m x m intermediate

@@ -68,8 +68,9 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
       of f in the manifold's orthonormal tangent basis at p. By default the
       Jacobian is differentiated automatically through the retraction
       (forward mode when m >= d).
-    num_components: m, or -1 to determine it by one extra call of f (counted
-      in `num_residual_evaluations`, as in Manopt).
+    num_components: m, or -1 to read it from the shape of the first
+      evaluation of f (Manopt calls f once more for it; no extra call is
+      needed here, and none is counted).
     eta: acceptance threshold of the gain ratio, 0 < eta < 1.
     damping_term_min: initial and smallest damping term mu, > 0.
     beta: factor by which mu grows on rejection (and shrinks on acceptance
@@ -91,8 +92,8 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
       callable p -> [d, d] matrix C whose column j holds the orthonormal
       coordinates of the j-th basis vector `jacobian_f` is expressed in.
     initial_residual_values: f(p), when the caller has it.
-    initial_jacobian_f: the orthonormal-basis Jacobian at p, when the caller
-      has it.
+    initial_jacobian_f: the Jacobian at p (in the basis of
+      `jacobian_tangent_basis`), when the caller has it.
     batch_dims: number of leading dimensions of p (and of f's output) that
       index independent problems, each with its own damping and stop.
     name: name scope of the ops.
@@ -202,17 +203,20 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
                          f"returned {flat.shape[-1]} values.")
       return flat
 
+    def to_orthonormal(q, value):
+      """A Jacobian in the caller's basis, in the orthonormal one."""
+      value = tf.convert_to_tensor(value, dtype)
+      if not callable(jacobian_tangent_basis):
+        return value
+      # J_user a = DF[sum_j a_j c_j], with C a = xi: J = J_user C^-1.
+      basis = tf.convert_to_tensor(jacobian_tangent_basis(q), dtype)
+      return tf.linalg.matrix_transpose(tf.linalg.solve(
+          tf.linalg.matrix_transpose(basis),
+          tf.linalg.matrix_transpose(value)))
+
     user_jacobian = None
     if jacobian_f is not None:
-      def user_jacobian(q):
-        value = tf.convert_to_tensor(jacobian_f(q), dtype)
-        if callable(jacobian_tangent_basis):
-          # J_user a = DF[sum_j a_j c_j], with C a = xi: J = J_user C^-1.
-          basis = tf.convert_to_tensor(jacobian_tangent_basis(q), dtype)
-          value = tf.linalg.matrix_transpose(tf.linalg.solve(
-              tf.linalg.matrix_transpose(basis),
-              tf.linalg.matrix_transpose(value)))
-        return value
+      user_jacobian = lambda q: to_orthonormal(q, jacobian_f(q))
 
     problem = _engine.Problem(
         residual_fn=residual_fn,
@@ -229,11 +233,8 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
         initial_residual=(None if initial_residual_values is None else
                           _flat_initial(initial_residual_values, dtype,
                                         batch_dims)),
-        initial_jacobian=initial_jacobian_f)
-    if num_components == -1 and initial_residual_values is None:
-      # Manopt determines m by one more call of f; so is it counted here.
-      state = state._replace(
-          num_residual_evaluations=state.num_residual_evaluations + 1)
+        initial_jacobian=(None if initial_jacobian_f is None else
+                          to_orthonormal(point, initial_jacobian_f)))
     return results_lib.from_state(state, num_records), state
 
 
