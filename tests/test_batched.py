@@ -30,6 +30,12 @@ COUNTERS = ("num_iterations", "num_accepted", "num_rejected",
             "stop_reason", "converged")
 
 
+def _single_mode(mode):
+  """Where to solve one problem alone to compare with a batch solved in
+  `mode`: under XLA too for XLA (its kernels round differently)."""
+  return "xla" if mode == "xla" else "function"
+
+
 # -- a family of 2-parameter problems of very different difficulty -------------
 
 
@@ -266,7 +272,7 @@ def test_singular_problem_does_not_poison_the_batch(mode, front_end):
   batched = modes.run(lambda x: solve(POISON_C, x), [POISON_X], mode)
   for row in range(1, len(POISON_C)):
     alone = modes.run(lambda x, row=row: solve(POISON_C[row], x),
-                      [POISON_X[row]], "function")
+                      [POISON_X[row]], _single_mode(mode))
     for got, want in zip(batched, alone):
       np.testing.assert_allclose(np.asarray(got)[row], want, rtol=1e-12,
                                  atol=1e-300, err_msg=f"problem {row}")
@@ -298,7 +304,7 @@ def test_tfg_minimize_batched(mode, dtype):
         list(residuals()), [x, y], 40, batch_dims=batch_dims)
     return cost, variables[0], variables[1]
 
-  c = tf.constant(coefficients.reshape(2, 2, 6))
+  c = coefficients.reshape(2, 2, 6)
   batched = modes.run(lambda x, y: solve(c, x, y, 2),
                       [starts[:, 0].reshape(2, 2), starts[:, 1].reshape(2, 2)],
                       mode)
@@ -340,7 +346,9 @@ def test_riemannian_rotation_batch_vs_kabsch(mode, dtype):
   starts[1] = np.asarray(manifolds.SpecialOrthogonal(3).random_point(
       (), tf.float64, seed=9)).astype(dtype)
   starts[2] = kabsch[2].astype(dtype)  # already optimal
-  tiny = 1e-12 if dtype == "float64" else 1e-5
+  # Tolerances above the rounding level: the batched and single kernels round
+  # differently, so a stop decided by noise could come an iteration apart.
+  tiny = 1e-6 if dtype == "float64" else 1e-4
   def solve(s, t, p):
     residual = lambda r: tf.linalg.matmul(s, r, transpose_b=True) - t
     result = riemannian.levenberg_marquardt(
@@ -356,7 +364,7 @@ def test_riemannian_rotation_batch_vs_kabsch(mode, dtype):
                              atol=1e-9 if dtype == "float64" else 2e-5)
   for index in range(5):
     alone = modes.run(solve, [source[index], target[index], starts[index]],
-                      "function")
+                      _single_mode(mode))
     for field in COUNTERS:
       np.testing.assert_array_equal(batched[field][index], alone[field],
                                     err_msg=f"{index}: {field}")
@@ -364,8 +372,12 @@ def test_riemannian_rotation_batch_vs_kabsch(mode, dtype):
     np.testing.assert_allclose(batched["position"][index], alone["position"],
                                **tolerance)
     for record, values in alone["records"].items():
-      np.testing.assert_allclose(batched["records"][record][:, index], values,
-                                 equal_nan=True, **tolerance)
+      # Rounding of batched vs single kernels, relative to the record's scale.
+      scale = np.nanmax(np.abs(values))
+      np.testing.assert_allclose(
+          batched["records"][record][:, index], values, equal_nan=True,
+          rtol=tolerance["rtol"],
+          atol=(1e-11 if dtype == "float64" else 1e-4) * scale)
   assert batched["num_iterations"][2] <= 1  # started at the optimum
 
 
