@@ -5,6 +5,7 @@ closed-form least-squares solutions, and iterates computed by hand in NumPy.
 Every behaviour runs in eager, tf.function, XLA and TF1 Session modes.
 """
 
+import functools
 import logging
 
 import numpy as np
@@ -91,12 +92,19 @@ def _assert_same(ours, expected, dtype):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * 10)
 
 
+@functools.lru_cache(maxsize=None)
+def _case(name, seed, dtype):
+  """The problem and the reference's solution, computed once per case."""
+  residuals, start, iterations = GENERATORS[name](np.random.default_rng(seed),
+                                                  np.dtype(dtype))
+  return (residuals, start, iterations,
+          _reference_solution(residuals, start, iterations))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name,seed,dtype", CASES)
 def test_same_numbers_as_tensorflow_graphics(name, seed, dtype, mode):
-  residuals, start, iterations = GENERATORS[name](np.random.default_rng(seed),
-                                                  np.dtype(dtype))
-  expected = _reference_solution(residuals, start, iterations)
+  residuals, start, iterations, expected = _case(name, seed, dtype)
   ours = modes.run(_ours(residuals, iterations), start, mode)
   _assert_same(ours, expected, dtype)
   for got, initial in zip(ours[1], start):

@@ -126,7 +126,9 @@ def _rotation_fit(seed=0, batch=(), noise=0.05):
                          + [("eager", "float32"), ("xla", "float32")])
 def test_loop_really_stops_early(mode, dtype):
   # With an iteration bound of 10^8 a loop that did not stop would not end.
-  tolerance = 1e-9 if dtype == "float64" else 1e-3
+  # Well above the gradient's rounding floor (~1e-9 in float64, ~1e-5 in
+  # float32 for this fit, where every further step is rejected as noise).
+  tolerance = 1e-7 if dtype == "float64" else 1e-3
   criterion = (stopping.StopAfterIteration(10**8) |
                stopping.StopWhenGradientNormLess(tolerance))
 
@@ -216,14 +218,14 @@ def test_batch_problems_stop_independently(mode):
         manifolds.SpecialOrthogonal(3), _rotation_fit(batch=(4,)), r,
         batch_dims=1, return_state=True,
         stopping_criterion=(stopping.StopAfterIteration(30) |
-                            stopping.StopWhenGradientNormLess(1e-10)))
+                            stopping.StopWhenGradientNormLess(1e-7)))
     return results.num_iterations, results.stop_reason, results.gradient_norm
 
   start = np.stack([np.eye(3), np.eye(3), np.diag([1.0, -1.0, -1.0]),
                     np.diag([-1.0, -1.0, 1.0])])
   iterations, reasons, gradient_norm = modes.run(build, [start], mode)
   assert np.all(reasons == StopReason.GRADIENT_NORM)
-  assert np.all(gradient_norm < 1e-10)
+  assert np.all(gradient_norm < 1e-7)
   assert len(set(iterations.tolist())) > 1
 
 
@@ -259,7 +261,7 @@ def test_summary_of_a_batch_and_from_a_session():
     assert "LeastSquaresResults(" in str(results)  # symbolic: no values yet
     with tf.compat.v1.Session() as session:
       values = session.run(results)
-  report = type(results)(**values).summary()
+  report = values.summary()  # Session.run returns the namedtuple of values
   assert report.splitlines()[0] == (
       "Levenberg-Marquardt on 3 problems: 3 converged")
   assert "iterations: max " in report

@@ -88,7 +88,8 @@ class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
   def __str__(self):
     try:
       return self.summary()
-    except (TypeError, ValueError, AttributeError):  # symbolic tensors
+    except (TypeError, ValueError, AttributeError,
+            NotImplementedError):  # symbolic tensors: no values yet
       return super().__repr__()
 
 
