@@ -206,9 +206,9 @@ def residual_fn(dataset, ops=TF, dtype=tf.float64):
   model = MODELS[dataset.name]
   if ops is NP:
     return lambda b: dataset.y - model(np.asarray(b), dataset.x, NP)
-  x = tf.constant(dataset.x, dtype)
-  y = tf.constant(dataset.y, dtype)
-  return lambda b: y - model(b, x, TF)
+  # Constants are made at call time, in whatever graph the call builds.
+  return lambda b: (tf.constant(dataset.y, dtype) -
+                    model(b, tf.constant(dataset.x, dtype), TF))
 
 
 def lre(b, certified):

@@ -119,11 +119,15 @@ def test_every_mode_solves(name, dtype, mode):
   assert position.dtype == np.dtype(dtype)
   digits = 6.0 if dtype == "float64" else 3.0
   assert nist.lre(position, np.asarray(solution)).min() >= digits
-  # Every mode runs the same loop: same iterations, nearly the same numbers.
+  # Every mode runs the same loop: nearly the same numbers. The last few
+  # iterations are decided by rounding (the float64 function tolerance, 1e-16,
+  # is at the rounding floor) and kernels round differently across modes, so
+  # the iteration counts may differ by a few.
   np.testing.assert_allclose(position, eager[0],
                              rtol=1e-9 if dtype == "float64" else 1e-4)
   if dtype == "float64":
-    assert got[2] == eager[2] and got[3] == eager[3]
+    assert abs(int(got[2]) - int(eager[2])) <= 5
+    assert int(got[3]) == int(got[2]) + 1
   assert StopReason(int(got[4])).converged
 
 
