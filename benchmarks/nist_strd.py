@@ -97,7 +97,11 @@ def main():
         f"mean iterations {mean('iterations'):.1f}; mean residual evaluations "
         f"{mean('residual_evaluations'):.1f}; mean Jacobian evaluations "
         f"{mean('jacobian_evaluations'):.1f}")
-  if not args.float32:
+  if args.float32:
+    print("ours LRE >= k for k = 2..6:",
+          [sum(r["ours"] >= k for r in rows) for k in range(2, 7)],
+          "; all finite:", all(r["finite"] for r in rows))
+  else:
     for key in ("default", "tight"):
       print(f"scipy {key}: LRE >= 6: {sum(r[key] >= 6 for r in rows)}; "
             f"mean LRE {mean(key):.2f}")

@@ -74,6 +74,10 @@ CHAOTIC_FLOAT32 = ("stiff_rosenbrock", "rosenbrock_100")
 
 
 def _least_squares(coefficients, start, **kwargs):
+  # Without geodesic acceleration, a batch reproduces each problem's iterates
+  # to rounding (its second derivatives round differently batched; see
+  # test_geodesic_acceleration_batch_reaches_each_solution).
+  kwargs.setdefault("geodesic_acceleration", None)
   coefficients = tf.cast(coefficients, start.dtype)
   batch_dims = coefficients.shape.rank - 1
   return tfg_optim.least_squares(lambda x: family(x, coefficients), start,
@@ -188,7 +192,7 @@ def test_frozen_problems_do_not_change_or_count():
   result = tfg_optim.least_squares(
       lambda x: family(x, tf.constant(COEFFICIENTS[rows])),
       tf.constant(STARTS[rows]), batch_dims=1, max_iterations=MAX_ITERATIONS,
-      callback=callback)
+      callback=callback, geodesic_acceleration=None)
   iterations = result.num_iterations.numpy()
   assert len(seen) == iterations.max()
   singles = _single_solutions("float64")
@@ -453,3 +457,21 @@ def test_graph_has_no_block_diagonal_jacobian(m, n):
     assert not any(t.endswith("Grad") for t in types)
   else:  # reverse mode: batch_jacobian, one product per residual
     assert (m, batch, n) in shapes or (None, batch, n) in shapes
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_geodesic_acceleration_batch_reaches_each_solution(mode):
+  """With geodesic acceleration (least_squares' default) every problem of
+  the batch still stops for its own reason at its own solution."""
+  build = lambda x, c: _least_squares(c, x, geodesic_acceleration=0.75)._asdict()
+  batched = modes.run(build, [STARTS, COEFFICIENTS], mode)
+  for index, name in enumerate(NAMES):
+    single = modes.run(
+        lambda x, c=COEFFICIENTS[index]: _least_squares(
+            c, x, geodesic_acceleration=0.75)._asdict(),
+        [STARTS[index]], _single_mode(mode))
+    for field in ("stop_reason", "converged"):
+      assert batched[field][index] == single[field], (name, field)
+    np.testing.assert_allclose(batched["position"][index], single["position"],
+                               atol=1e-7, err_msg=name)
+

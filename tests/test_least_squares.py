@@ -32,14 +32,11 @@ def _nist_fit(name, dtype):
 
 # Measured with the default options (see docs/nist.md); not special-cased.
 _UNREACHED = {
-    ("BoxBOD", 1): "the first trial steps overflow exp(-b2 x); the first "
-                   "finite one sends b2 to ~115, onto the plateau where the "
-                   "model is constant (b1 = mean(y)) and dF/db2 = 0: a "
-                   "degenerate stationary point, cost 4885.75",
-    ("MGH10", 1): "from b = (2, 4e5, 2.5e4) the iterates crawl along a curved "
-                  "valley; 1000 iterations end at cost ~7.6e5 (certified "
-                  "44.0); Marquardt's running-max scaling keeps the step "
-                  "small once the b2/b3 columns have been huge",
+    ("MGH10", 1): "from b = (2, 4e5, 2.5e4) the iterates enter a curved "
+                  "valley where b1 -> 1e-50 and crawl along it; 1000 "
+                  "iterations end at cost ~7e5 (certified 44.0). "
+                  "damping='trust_region' without geodesic acceleration "
+                  "solves it (test_trust_region_solves_mgh10_from_start_1)",
 }
 
 
@@ -93,6 +90,116 @@ def test_rosenbrock_within_thirty_residual_evaluations():
   assert int(result.num_residual_evaluations) <= 30
 
 
+def test_boxbod_start_1_needs_geodesic_acceleration():
+  """Without the curvature test, the first finite step sends b2 to ~115,
+  where exp(-b2 x) = 0 and dF/db2 = 0: a false stop far from the solution."""
+  dataset = nist.load("BoxBOD")
+  plain = nist.solve(dataset, geodesic_acceleration=None)
+  accelerated = _nist_fit("BoxBOD", "float64")
+  assert nist.lre(plain.position[0], dataset.certified).min() < 1
+  assert nist.lre(accelerated.position[0], dataset.certified).min() >= 6
+
+
+def test_trust_region_solves_mgh10_from_start_1():
+  dataset = nist.load("MGH10")
+  result = nist.solve(dataset, damping="trust_region",
+                      geodesic_acceleration=None)
+  for s in range(2):
+    assert nist.lre(result.position[s], dataset.certified).min() >= 6
+    assert result.converged[s]
+
+
+# -- geodesic acceleration -----------------------------------------------------
+
+
+def _curved(v):  # F''(v)[d, d] = [2 d0^2 v1 + 4 v0 d0 d1, -sin(v0) d0^2, 0]
+  return tf.stack([v[..., 0] ** 2 * v[..., 1], tf.sin(v[..., 0]),
+                   3.0 * v[..., 1]], -1)
+
+
+@pytest.mark.parametrize("user_jacobian", [False, True])
+def test_second_directional_derivative_closed_form(user_jacobian):
+  point = tf.constant([[0.7, -1.3], [2.0, 0.5]], tf.float64)
+  direction = tf.constant([[0.3, 0.2], [-1.0, 0.25]], tf.float64)
+  x0, x1 = point[:, 0], point[:, 1]
+  d0, d1 = direction[:, 0], direction[:, 1]
+  want = tf.stack([2 * d0 ** 2 * x1 + 4 * x0 * d0 * d1,
+                   -tf.sin(x0) * d0 ** 2, tf.zeros_like(x0)], -1)
+  jacobian_fn = None
+  if user_jacobian:
+    def jacobian_fn(v):
+      return tf.stack([
+          tf.stack([2 * v[:, 0] * v[:, 1], v[:, 0] ** 2], -1),
+          tf.stack([tf.cos(v[:, 0]), tf.zeros_like(v[:, 0])], -1),
+          tf.stack([tf.zeros_like(v[:, 0]), 3.0 * tf.ones_like(v[:, 0])], -1)],
+                      -2)
+  problem = _engine.Problem(_curved, lambda p, s: p + s, 2, None, jacobian_fn)
+  residual = _curved(point)
+  jacobian = _engine.jacobian(problem, point, tf.shape(point)[:-1], 3)
+  got, evaluations = _engine.second_directional_derivative(
+      problem, point, direction, residual, jacobian)
+  if user_jacobian:
+    # A forward difference, h = 0.1: F''[d, d] + (h / 3) F'''[d, d, d] + ...,
+    # exact for the cubic x0^2 x1 with its third-order term, 6 d0^2 d1.
+    assert evaluations == 1
+    np.testing.assert_allclose(got[:, 0], want[:, 0] + 0.2 * d0 ** 2 * d1,
+                               rtol=1e-9)
+    np.testing.assert_allclose(got[:, 1], want[:, 1], atol=0.05)
+  else:
+    assert evaluations == 0
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
+
+
+def test_geodesic_acceleration_is_zero_on_a_linear_problem():
+  matrix = np.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]])
+  target = np.array([1.0, -2.0, 4.0])
+  residual = lambda x: tf.linalg.matvec(tf.constant(matrix), x) - target
+  start = tf.constant([10.0, -7.0], tf.float64)
+  with_acceleration = tfg_optim.least_squares(residual, start, record=True)
+  without = tfg_optim.least_squares(residual, start, record=True,
+                                    geodesic_acceleration=None)
+  np.testing.assert_allclose(with_acceleration.position,
+                             np.linalg.lstsq(matrix, target, rcond=None)[0],
+                             rtol=1e-8)
+  np.testing.assert_array_equal(with_acceleration.records["cost"],
+                                without.records["cost"])
+
+
+def test_geodesic_acceleration_with_a_user_jacobian_takes_the_same_steps():
+  """Rosenbrock's residuals are quadratic: the finite-difference F''[v, v]
+  of a user Jacobian is exact, so the iterates match the autodiff ones; each
+  iteration costs one more residual evaluation."""
+  def jacobian(v):
+    return tf.stack([tf.stack([-1.0 * tf.ones_like(v[0]), tf.zeros_like(v[0])]),
+                     tf.stack([-20.0 * v[0], 10.0 * tf.ones_like(v[0])])])
+  start = tf.constant([-1.2, 1.0], tf.float64)
+  auto = tfg_optim.least_squares(_rosenbrock, start, record=True)
+  user = tfg_optim.least_squares(_rosenbrock, start, record=True,
+                                 jacobian=jacobian)
+  assert int(user.num_iterations) == int(auto.num_iterations)
+  np.testing.assert_allclose(user.position, auto.position, rtol=1e-12)
+  above_rounding = auto.records["cost"].numpy() > 1e-12
+  np.testing.assert_allclose(user.records["cost"].numpy()[above_rounding],
+                             auto.records["cost"].numpy()[above_rounding],
+                             rtol=1e-9)
+  assert int(user.num_residual_evaluations) == 1 + 2 * int(user.num_iterations)
+  assert int(auto.num_residual_evaluations) == 1 + int(auto.num_iterations)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_trust_region_every_mode(dtype, mode):
+  dataset = nist.load("Misra1a")
+  residual = nist.residual_fn(dataset, nist.TF, tf.as_dtype(dtype))
+  build = lambda b: _fields(tfg_optim.least_squares(
+      residual, b, damping="trust_region"))
+  got = modes.run(build, [dataset.starts[0].astype(dtype)], mode)
+  assert got[0].dtype == np.dtype(dtype)
+  digits = 6.0 if dtype == "float64" else 3.0
+  assert nist.lre(got[0], dataset.certified).min() >= digits
+  assert StopReason(int(got[4])).converged
+
+
 # -- every execution mode ------------------------------------------------------
 
 
@@ -122,11 +229,11 @@ def test_every_mode_solves(name, dtype, mode):
   # Every mode runs the same loop: nearly the same numbers. The last few
   # iterations are decided by rounding (the float64 function tolerance, 1e-16,
   # is at the rounding floor) and kernels round differently across modes, so
-  # the iteration counts may differ by a few.
+  # the iteration counts may differ by several (DanWood: 19 eager, 26 XLA).
   np.testing.assert_allclose(position, eager[0],
                              rtol=1e-9 if dtype == "float64" else 1e-4)
   if dtype == "float64":
-    assert abs(int(got[2]) - int(eager[2])) <= 5
+    assert abs(int(got[2]) - int(eager[2])) <= 10
     assert int(got[3]) == int(got[2]) + 1
   assert StopReason(int(got[4])).converged
 
@@ -178,7 +285,7 @@ def test_robust_loss_resists_outliers():
 # -- damping policies ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("damping", ["robust", "tfg", "manopt",
+@pytest.mark.parametrize("damping", ["robust", "tfg", "manopt", "trust_region",
                                      _engine.NielsenDamping(initial=1.0)])
 def test_damping_choices_reach_the_same_minimum(damping):
   result = tfg_optim.least_squares(
@@ -280,6 +387,8 @@ def test_user_jacobian_matches_autodiff(loss):
     (dict(stopping_criterion="gradient"), "stopping_criterion"),
     (dict(jacobian=3), "jacobian"),
     (dict(callback="print"), "callback"),
+    (dict(geodesic_acceleration=0.0), "geodesic_acceleration"),
+    (dict(geodesic_acceleration="yes"), "geodesic_acceleration"),
 ])
 def test_invalid_arguments_name_the_argument(kwargs, argument):
   with pytest.raises((ValueError, TypeError), match=argument):

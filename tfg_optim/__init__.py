@@ -3,7 +3,9 @@
 - `levenberg_marquardt.minimize`: TensorFlow Graphics' Levenberg-Marquardt.
 - `least_squares`: a robust solver with tolerances, losses and results.
 - `riemannian.levenberg_marquardt`: Manopt's Riemannian Levenberg-Marquardt.
-- `manifolds`, `stopping`, `results`: its building blocks.
+- `manifolds`, `stopping`, `results`: its building blocks; the damping
+  policies (`NielsenDamping`, `TrustRegionDamping`, `GainRatioDamping`,
+  `MultiplicativeDamping`) for `least_squares(damping=...)`.
 - `lbfgs.minimize_lbfgs` / `minimize_bfgs`: Paddle's L-BFGS/BFGS interface.
 """
 
@@ -13,11 +15,18 @@ from tfg_optim import manifolds
 from tfg_optim import results
 from tfg_optim import riemannian
 from tfg_optim import stopping
+from tfg_optim._engine import DampingPolicy
+from tfg_optim._engine import GainRatioDamping
+from tfg_optim._engine import MultiplicativeDamping
+from tfg_optim._engine import NielsenDamping
 from tfg_optim._engine import StopReason
+from tfg_optim._engine import TrustRegionDamping
 from tfg_optim.nonlinear_least_squares import least_squares
 from tfg_optim.results import LeastSquaresResults
 
 __version__ = "0.1.0"
 
-__all__ = ["lbfgs", "levenberg_marquardt", "least_squares", "riemannian", "manifolds",
-           "stopping", "results", "LeastSquaresResults", "StopReason"]
+__all__ = ["lbfgs", "levenberg_marquardt", "least_squares", "riemannian",
+           "manifolds", "stopping", "results", "LeastSquaresResults",
+           "StopReason", "DampingPolicy", "NielsenDamping",
+           "TrustRegionDamping", "GainRatioDamping", "MultiplicativeDamping"]

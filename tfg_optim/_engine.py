@@ -18,7 +18,11 @@ Each iteration of the loop:
 
    by Cholesky factorization (the same arithmetic as
    `tf.linalg.lstsq(J, F, l2_regularizer=lambda, fast=True)`). D is the
-   identity, or diag(J^T J) for Marquardt's scale-invariant damping.
+   identity, or diag(J^T J) for Marquardt's scale-invariant damping. A
+   policy may solve otherwise (`TrustRegionDamping` picks lambda from a
+   radius by an eigendecomposition).
+   Optionally (geodesic acceleration), add a / 2 to the step, where
+   (J^T J + lambda D) a = -J^T F''(p)[s, s] reuses the factorization.
 3. propose q = R_p(s) and evaluate F(q) once.
 4. accept or reject q and update the damping, by a `DampingPolicy`.
    A failed factorization (TensorFlow fills the factor with NaN) or a
@@ -37,6 +41,8 @@ the factorization of an exactly singular J^T J + lambda I fails.
 
 import collections
 import enum
+
+import numpy as np
 
 import tensorflow as tf
 
@@ -80,7 +86,8 @@ LoopState = collections.namedtuple(
      "stop_reason", "records"])
 
 Step = collections.namedtuple(
-    "Step", ["cost", "candidate_cost", "model_decrease", "penalty", "finite"])
+    "Step", ["cost", "candidate_cost", "model_decrease", "penalty", "finite",
+             "scaled_norm"])
 Step.__doc__ = """What a damping policy sees of one trial step s.
 
 cost: cost at the current point. candidate_cost: cost at the candidate.
@@ -88,6 +95,7 @@ model_decrease: decrease of the Gauss-Newton model, -g^T s - 1/2 ||J s||^2.
 penalty: 1/2 lambda s^T D s, the damping term of the regularized model.
   (Both None unless the policy sets `uses_predicted_decrease`.)
 finite: whether the step and the candidate cost are finite.
+scaled_norm: ||D^1/2 s|| (||s|| for an unscaled policy).
 """
 
 
@@ -192,22 +200,54 @@ def _reverse_jacobian(residual_of_step, zero_step, eager):
                     tf.concat([batch_shape, tf.shape(flat_jacobian)[1:]], 0))
 
 
+# Finite-difference step of the second directional derivative when the
+# Jacobian is the user's (Transtrum & Sethna 2012 use h = 0.1).
+_SECOND_DERIVATIVE_STEP = 0.1
+
+
+def second_directional_derivative(problem, point, direction, residual,
+                                  jacobian_matrix):
+  """F''(p)[v, v] = d^2/dt^2 F(R_p(t v)) at t = 0, shape [B..., m].
+
+  By nested forward-mode automatic differentiation (exact, no residual
+  evaluation counted); with a user Jacobian, by the finite difference
+  (2 / h) ((F(R_p(h v)) - F(p)) / h - J v), h = 0.1, which costs one residual
+  evaluation. Returns (value, residual evaluations spent).
+  """
+  if problem.jacobian_fn is not None:
+    h = tf.constant(_SECOND_DERIVATIVE_STEP, residual.dtype)
+    shifted = problem.residual_fn(problem.retract(point, h * direction))
+    slope = tf.linalg.matvec(jacobian_matrix, direction)
+    return (2.0 / h) * ((shifted - residual) / h - slope), 1
+  zero_step = tf.zeros_like(direction)
+  with tf.autodiff.ForwardAccumulator(zero_step, direction) as outer:
+    with tf.autodiff.ForwardAccumulator(zero_step, direction) as inner:
+      value = problem.residual_fn(problem.retract(point, zero_step))
+    slope = inner.jvp(value, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  curvature = outer.jvp(slope,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  # Nested accumulators may lose the static shape while tracing.
+  curvature = tf.reshape(curvature, tf.shape(residual))
+  curvature.set_shape(residual.shape)
+  return curvature, 0
+
+
 # -- solve ---------------------------------------------------------------------
 
 
-def damped_step(jacobian_matrix, residual, gradient, regularization,
-                scaling=None):
-  """Solves the damped normal equations for the step s (see module docstring).
+def damped_solver(jacobian_matrix, regularization, scaling=None):
+  """Factors the damped normal equations once; returns `solve`.
+
+  `solve(residual, gradient)` returns the step s of the module docstring for
+  a right-hand side F (used when m < n) and g = J^T F (used when m >= n);
+  NaN where the factorization failed. Called again with another F, e.g. the
+  second directional derivative of geodesic acceleration, it reuses the
+  factor.
 
   Args:
     jacobian_matrix: J, [B..., m, n].
-    residual: F, [B..., m].
-    gradient: g = J^T F, [B..., n].
     regularization: lambda, [B...].
     scaling: D's diagonal, [B..., n], or None for the identity.
-
-  Returns:
-    s, [B..., n]; NaN where the factorization failed.
   """
   m, n = jacobian_matrix.shape[-2], jacobian_matrix.shape[-1]
   lam = regularization[..., tf.newaxis, tf.newaxis]
@@ -218,31 +258,39 @@ def damped_step(jacobian_matrix, residual, gradient, regularization,
       gram += lam * tf.eye(n, dtype=gram.dtype)
     else:
       gram += lam * tf.linalg.diag(scaling)
-    factor = tf.linalg.cholesky(gram)
-    return -tf.linalg.cholesky_solve(factor, gradient[..., tf.newaxis])[..., 0]
+    factor = _cholesky(gram)
+    return lambda residual, gradient: -tf.linalg.cholesky_solve(
+        factor, gradient[..., tf.newaxis])[..., 0]
 
   def underdetermined():
     gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_b=True)
-    size = tf.shape(gram)[-1]
-    gram += lam * tf.eye(size, dtype=gram.dtype)
-    factor = tf.linalg.cholesky(gram)
-    multiplier = tf.linalg.cholesky_solve(factor, residual[..., tf.newaxis])
-    return -tf.matmul(jacobian_matrix, multiplier, adjoint_a=True)[..., 0]
+    gram += lam * tf.eye(tf.shape(gram)[-1], dtype=gram.dtype)
+    factor = _cholesky(gram)
+
+    def solve(residual, gradient):
+      del gradient
+      multiplier = tf.linalg.cholesky_solve(factor, residual[..., tf.newaxis])
+      return -tf.matmul(jacobian_matrix, multiplier, adjoint_a=True)[..., 0]
+    return solve
 
   if scaling is not None or (m is not None and m >= n):
-    solve = overdetermined
-  elif m is not None:
-    solve = underdetermined
-  else:
-    num_residuals = tf.shape(jacobian_matrix)[-2]
-    return tf.cond(num_residuals >= n, overdetermined, underdetermined)
+    return overdetermined()
+  if m is not None:
+    return underdetermined()
+  wide = tf.shape(jacobian_matrix)[-2] < n  # m unknown while tracing.
+  return lambda residual, gradient: tf.cond(
+      wide, lambda: underdetermined()(residual, gradient),
+      lambda: overdetermined()(residual, gradient))
+
+
+def _cholesky(matrix):
+  """Cholesky factor; NaN where it fails (older eager kernels raise)."""
   if not tf.executing_eagerly():
-    return solve()
-  try:  # Older TensorFlow kernels raise instead of returning NaN.
-    return solve()
+    return tf.linalg.cholesky(matrix)
+  try:
+    return tf.linalg.cholesky(matrix)
   except tf.errors.InvalidArgumentError:
-    shape = tf.shape(gradient)
-    return tf.fill(shape, tf.constant(float("nan"), gradient.dtype))
+    return tf.fill(tf.shape(matrix), tf.constant(float("nan"), matrix.dtype))
 
 
 # -- damping policies ----------------------------------------------------------
@@ -278,6 +326,13 @@ class DampingPolicy:
 
   def regularization(self, damping, cost):
     raise NotImplementedError
+
+  def solver(self, damping, jacobian_matrix, gradient, regularization,
+             scaling):
+    """(`solve(residual, gradient)` for this iteration (see `damped_solver`),
+    the damping state that `update` is given)."""
+    del gradient
+    return damped_solver(jacobian_matrix, regularization, scaling), damping
 
   def update(self, damping, step):
     raise NotImplementedError
@@ -344,6 +399,25 @@ class GainRatioDamping(DampingPolicy):
     return accepted, tf.where(accepted, on_accept, damping * beta)
 
 
+def _initial_scale(jacobian_matrix):
+  """diag(J^T J), the squared column norms [B..., n]; 1 for a zero column."""
+  column_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
+  return tf.where(column_norms > 0, column_norms, tf.ones_like(column_norms))
+
+
+def _observe_column_norms(self, damping, jacobian_matrix):
+  """Marquardt's D: the running maximum of diag(J^T J), the state's last
+  element (a method of the scaled policies)."""
+  del self
+  column_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
+  return damping[:-1] + (tf.maximum(damping[-1], column_norms),)
+
+
+def _last(self, damping):
+  del self
+  return damping[-1]
+
+
 class NielsenDamping(DampingPolicy):
   """A robust default: gain-ratio acceptance with a lambda that also falls.
 
@@ -367,22 +441,15 @@ class NielsenDamping(DampingPolicy):
 
   def initial(self, dtype, batch_shape, jacobian_matrix):
     lam = tf.fill(batch_shape, tf.constant(self.initial_lambda, dtype))
-    column_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
+    scale = _initial_scale(jacobian_matrix)
     if not self.scaled:  # lambda relative to the largest diagonal entry.
-      lam *= tf.maximum(tf.reduce_max(column_norms, axis=-1),
+      lam *= tf.maximum(tf.reduce_max(scale, axis=-1),
                         tf.constant(1e-30, dtype))
     nu = tf.fill(batch_shape, tf.constant(2.0, dtype))
-    scale = tf.where(column_norms > 0, column_norms,
-                     tf.ones_like(column_norms))
     return (lam, nu, scale)
 
-  def observe_jacobian(self, damping, jacobian_matrix):
-    lam, nu, scale = damping
-    column_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
-    return (lam, nu, tf.maximum(scale, column_norms))
-
-  def scaling(self, damping):
-    return damping[2]
+  observe_jacobian = _observe_column_norms
+  scaling = _last
 
   def damping_value(self, damping):
     return damping[0]
@@ -402,10 +469,109 @@ class NielsenDamping(DampingPolicy):
                         one - tf.pow(2.0 * gain - one, 3))
     safe_factor = tf.where(accepted, factor, one)
     huge = tf.constant(1e300 if dtype == tf.float64 else 1e37, dtype)
-    new_lam = tf.where(accepted, lam * safe_factor, tf.minimum(lam * nu, huge))
+    tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).eps, dtype)
+    new_lam = tf.where(accepted, tf.maximum(lam * safe_factor, tiny),
+                       tf.minimum(lam * nu, huge))
     new_nu = tf.where(accepted, tf.constant(2.0, dtype),
                       tf.minimum(2.0 * nu, tf.constant(2.0 ** 60, dtype)))
     return accepted, (new_lam, new_nu, scale)
+
+
+class TrustRegionDamping(DampingPolicy):
+  """A trust region in Marquardt's scaled norm (More 1978, as in MINPACK).
+
+  The step minimizes the Gauss-Newton model subject to ||D^1/2 s|| <= Delta:
+  s = -(J^T J + lambda D)^-1 g with lambda >= 0 the smallest value that
+  meets the bound, found from the eigendecomposition of the scaled Gram
+  matrix D^-1/2 J^T J D^-1/2 = V diag(sigma) V^T by Newton's method on
+  1/Delta - 1/||s(lambda)|| (concave, so the iterates rise monotonically to
+  the root). D is the running maximum of diag(J^T J), as in `NielsenDamping`.
+  The first radius is `initial_radius` (default 100, as MINPACK's `factor`)
+  times the scaled norm of the Gauss-Newton step, so the first trial step is
+  the Gauss-Newton step. With the gain ratio
+  rho = (cost(p) - cost(q)) / (-g^T s - 1/2 ||J s||^2): accept iff
+  rho > 1e-4; rho < 1/4 or rejected: Delta /= 4; rho > 3/4:
+  Delta = max(Delta, 3 ||D^1/2 s||). The reported damping is lambda.
+  Each iteration costs an n x n eigendecomposition instead of a Cholesky
+  factorization, and `newton_iterations` O(n) root-finding steps.
+  """
+
+  uses_predicted_decrease = True
+  scaled = True
+
+  def __init__(self, initial_radius=100.0, newton_iterations=30):
+    self.initial_radius = initial_radius
+    self.newton_iterations = newton_iterations
+
+  def initial(self, dtype, batch_shape, jacobian_matrix):
+    radius = tf.fill(batch_shape, tf.constant(-self.initial_radius, dtype))
+    return (radius, tf.zeros(batch_shape, dtype),
+            _initial_scale(jacobian_matrix))
+
+  observe_jacobian = _observe_column_norms
+  scaling = _last
+
+  def damping_value(self, damping):
+    return damping[1]
+
+  def regularization(self, damping, cost):
+    return damping[1]
+
+  def solver(self, damping, jacobian_matrix, gradient, regularization,
+             scaling):
+    radius, _, scale = damping
+    dtype = gradient.dtype
+    inverse_root = tf.math.rsqrt(scale)
+    gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_a=True)
+    scaled_gram = (gram * inverse_root[..., :, tf.newaxis] *
+                   inverse_root[..., tf.newaxis, :])
+    sigma, vectors = tf.linalg.eigh(scaled_gram)
+    sigma = tf.maximum(sigma, tf.zeros_like(sigma))
+    coefficients = tf.linalg.matvec(vectors, inverse_root * gradient,
+                                    adjoint_a=True)
+    finfo = np.finfo(dtype.as_numpy_dtype)
+    tiny = tf.constant(finfo.tiny, dtype)
+    # Eigenvalues below eps * the largest are rounding: a singular J^T J
+    # gives a long, finite Gauss-Newton step, not an infinite one.
+    floor = finfo.eps * tf.reduce_max(sigma, axis=-1, keepdims=True) + tiny
+
+    def shifted(lam):  # sigma + lambda, [B..., n]
+      return tf.maximum(sigma + lam[..., tf.newaxis], floor)
+
+    def length(lam):  # ||D^1/2 s(lambda)||
+      return tf.norm(coefficients / shifted(lam), axis=-1)
+
+    # A negative radius is the first one, relative to the Gauss-Newton step.
+    lam = tf.zeros_like(radius)
+    radius = tf.where(radius < 0, -radius * length(lam), radius)
+    for _ in range(self.newton_iterations):
+      current = length(lam)
+      slope = tf.reduce_sum(tf.square(coefficients) / shifted(lam) ** 3, -1)
+      # psi(lambda) = 1/radius - 1/length, psi' = -slope / length^3.
+      update = ((current / radius - 1.0) * tf.square(current) /
+                tf.maximum(slope, tiny))
+      lam = tf.where(current > radius, lam + update, lam)
+    final_shift = shifted(lam)
+
+    def solve(residual, rhs_gradient):
+      del residual
+      c = tf.linalg.matvec(vectors, inverse_root * rhs_gradient,
+                           adjoint_a=True)
+      return -inverse_root * tf.linalg.matvec(vectors, c / final_shift)
+    return solve, (radius, lam, scale)
+
+  def update(self, damping, step):
+    radius, lam, scale = damping
+    dtype = radius.dtype
+    gain = (step.cost - step.candidate_cost) / step.model_decrease
+    accepted = (step.finite & (step.model_decrease > 0) &
+                (gain > tf.constant(1e-4, dtype)))
+    good = accepted & (gain > 0.75)
+    poor = tf.logical_not(accepted) | (gain < 0.25)
+    new_radius = tf.where(
+        poor, radius / 4.0,
+        tf.where(good, tf.maximum(radius, 3.0 * step.scaled_norm), radius))
+    return accepted, (new_radius, lam, scale)
 
 
 # -- the loop ------------------------------------------------------------------
@@ -421,7 +587,7 @@ def _as_callback_ops(callback_result):
 
 def minimize(problem, initial_point, policy, max_iterations, stopping=None,
              callback=None, num_records=0, initial_residual=None,
-             initial_jacobian=None):
+             initial_jacobian=None, geodesic_acceleration=None):
   """Runs the Levenberg-Marquardt loop.
 
   Args:
@@ -437,6 +603,14 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       norm, damping) are kept for the first `num_records` iterations.
     initial_residual, initial_jacobian: optional values at the start, to skip
       their evaluation.
+    geodesic_acceleration: None, or alpha > 0 to add Transtrum's second-order
+      correction to every step: with the velocity v (the damped step) and
+      the acceleration a solving (J^T J + lambda D) a = -J^T F''(p)[v, v],
+      the trial step is s = v + a / 2, admissible only if
+      2 ||a||_D / ||v||_D <= alpha (||x||_D^2 = x^T D x); an inadmissible
+      step is rejected like a failed one. The ratio bounds the curvature of
+      the path the step follows, which keeps the method off steps that leave
+      the region where the linear model means anything.
 
   Returns:
     The final `LoopState`.
@@ -490,22 +664,39 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     active = tf.equal(state.stop_reason, StopReason.RUNNING)
     lam = policy.regularization(state.damping, state.cost)
     scaling = policy.scaling(state.damping) if policy.scaled else None
-    step = damped_step(state.jacobian, state.residual, state.gradient, lam,
-                       scaling)
+    solve, trial_damping = policy.solver(state.damping, state.jacobian,
+                                         state.gradient, lam, scaling)
+    step = velocity = solve(state.residual, state.gradient)
+    extra_evaluations = 0
+    admissible = True
+    if geodesic_acceleration is not None:
+      curvature, extra_evaluations = second_directional_derivative(
+          problem, state.point, step, state.residual, state.jacobian)
+      acceleration = solve(curvature, tf.linalg.matvec(
+          state.jacobian, curvature, adjoint_a=True))
+      weight = 1.0 if scaling is None else scaling
+      ratio = 2.0 * tf.sqrt(
+          tf.reduce_sum(weight * tf.square(acceleration), axis=-1) /
+          tf.reduce_sum(weight * tf.square(step), axis=-1))
+      admissible = ratio <= tf.constant(geodesic_acceleration, dtype)
+      step = velocity + 0.5 * acceleration
     candidate = problem.retract(state.point, step)
     candidate_residual = problem.residual_fn(candidate)
     candidate_cost = cost_fn(candidate_residual)
-    finite = (_all_finite(step, batch_rank) & tf.math.is_finite(candidate_cost))
+    finite = (_all_finite(step, batch_rank) & tf.math.is_finite(candidate_cost)
+              & admissible)
     model_decrease = penalty = None
     if policy.uses_predicted_decrease:
-      model_step = tf.linalg.matvec(state.jacobian, step)
-      model_decrease = -(tf.reduce_sum(state.gradient * step, axis=-1) +
+      model_step = tf.linalg.matvec(state.jacobian, velocity)
+      model_decrease = -(tf.reduce_sum(state.gradient * velocity, axis=-1) +
                          0.5 * tf.reduce_sum(tf.square(model_step), axis=-1))
       penalty = 0.5 * lam * tf.reduce_sum(
-          step * step * (1.0 if scaling is None else scaling), axis=-1)
+          velocity * velocity * (1.0 if scaling is None else scaling), axis=-1)
+    scaled_norm = tf.sqrt(tf.reduce_sum(
+        step * step * (1.0 if scaling is None else scaling), axis=-1))
     accepted, damping = policy.update(
-        state.damping,
-        Step(state.cost, candidate_cost, model_decrease, penalty, finite))
+        trial_damping, Step(state.cost, candidate_cost, model_decrease,
+                            penalty, finite, scaled_norm))
     accepted &= active
     damping = select_structure(active, damping, state.damping)
 
@@ -545,7 +736,8 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
         num_iterations=state.num_iterations + active_int,
         num_accepted=state.num_accepted + accepted_int,
         num_rejected=state.num_rejected + active_int - accepted_int,
-        num_residual_evaluations=state.num_residual_evaluations + active_int,
+        num_residual_evaluations=(state.num_residual_evaluations +
+                                  active_int * (1 + extra_evaluations)),
         num_jacobian_evaluations=(state.num_jacobian_evaluations +
                                   accepted_int),
         stop_reason=state.stop_reason,

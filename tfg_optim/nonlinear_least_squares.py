@@ -8,7 +8,8 @@ over variables x in R^n (or a point of a manifold), where r is the
 concatenation of the flattened residuals, rho a loss (rho(z) = z for plain
 least squares) and C the loss scale. It runs the shared Levenberg-Marquardt
 engine with, by default, the robust damping policy (gain-ratio acceptance,
-Nielsen's lambda update, Marquardt's scaling by diag(J^T J)) and stops, in
+Nielsen's lambda update, Marquardt's scaling by diag(J^T J)) and geodesic
+acceleration (Transtrum & Sethna 2012) and stops, in
 the graph, on the first of:
 
 - relative decrease of an accepted step <= function_tolerance,
@@ -85,7 +86,10 @@ def damping_policy(damping):
     return _engine.MultiplicativeDamping(1e-20, 10.0)
   if damping == "manopt":
     return _engine.GainRatioDamping(0.2, 0.1, 5.0, False)
-  raise ValueError("'damping' must be 'robust', 'tfg', 'manopt' or a "
+  if damping == "trust_region":
+    return _engine.TrustRegionDamping()
+  raise ValueError("'damping' must be 'robust', 'tfg', 'manopt', "
+                   "'trust_region' or a "
                    f"DampingPolicy, got {damping!r}.")
 
 
@@ -94,8 +98,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   function_tolerance=None, gradient_tolerance=None,
                   parameter_tolerance=None, cost_tolerance=0.0,
                   stopping_criterion=None, loss="linear", loss_scale=1.0,
-                  jacobian=None, callback=None, record=False,
-                  name="least_squares"):
+                  jacobian=None, geodesic_acceleration=0.75, callback=None,
+                  record=False, name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
 
   Args:
@@ -109,7 +113,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     batch_dims: leading dimensions that index independent problems, each with
       its own damping, acceptance, counters and stop.
     damping: 'robust' (default; `NielsenDamping`), 'tfg' (TensorFlow
-      Graphics' rule), 'manopt' (Manopt's rule), or a `DampingPolicy`.
+      Graphics' rule), 'manopt' (Manopt's rule), 'trust_region'
+      (`TrustRegionDamping`, MINPACK's kind of method), or a `DampingPolicy`.
     max_iterations: the most iterations, an int >= 1.
     function_tolerance, gradient_tolerance, parameter_tolerance: relative
       tolerances (see the module docstring); None picks defaults for the
@@ -119,6 +124,14 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       above but max_iterations.
     loss: 'linear', 'huber', 'soft_l1', 'cauchy' or 'arctan'.
     loss_scale: C > 0, the residual size where the loss turns robust.
+    geodesic_acceleration: alpha > 0 (default 0.75), or None to turn it off.
+      Each step v gets Transtrum's second-order correction a / 2, with
+      (J^T J + lambda D) a = -J^T F''[v, v], and is taken only if
+      2 ||a||_D / ||v||_D <= alpha; else it is rejected and lambda grows.
+      This keeps steps where the model's curvature is small (it is what
+      solves NIST BoxBOD from start 1). F''[v, v] costs one nested
+      forward-mode product per iteration (with `jacobian`, one more residual
+      evaluation: a finite difference).
     jacobian: optional callable `jacobian(*variables)` returning the
       [B..., m, n] Jacobian of the concatenated residuals w.r.t. the
       concatenated flattened variables (Euclidean only; with a robust loss it
@@ -147,6 +160,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                                        lower_inclusive=False)
   cost_tolerance = _validation.real_number(cost_tolerance, "cost_tolerance",
                                            lower=0.0)
+  if geodesic_acceleration is not None:
+    geodesic_acceleration = _validation.real_number(
+        geodesic_acceleration, "geodesic_acceleration", lower=0.0,
+        lower_inclusive=False)
   for value, arg in ((jacobian, "jacobian"), (callback, "callback")):
     if value is not None and not callable(value):
       raise TypeError(f"'{arg}' must be callable, got {type(value).__name__}.")
@@ -216,7 +233,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                          callback(it, cost, tf.nest.flatten(p)))
     state = _engine.minimize(problem, point, policy, max_iterations,
                              stopping=criterion, callback=engine_callback,
-                             num_records=num_records)
+                             num_records=num_records,
+                             geodesic_acceleration=geodesic_acceleration)
     result = results_lib.from_state(state, num_records)
     position = result.position
     if manifold is None:
