@@ -1,7 +1,7 @@
 """What geodesic acceleration costs: least_squares with and without it.
 
 Two problems, each solved by `tfg_optim.least_squares` with default options
-(geodesic_acceleration=0.75) and with geodesic_acceleration=None, side by
+(geodesic_acceleration=2.0) and with geodesic_acceleration=None, side by
 side in one run, in tf.function and with jit_compile=True:
 
   curve fit   y = p0 exp(-p1 t) + p2 sin(3 p3 t), m = 10,000, n = 4 (the
@@ -71,12 +71,12 @@ def main():
                         ("NIST, 54 starts", _nist_suite)):
     for jit in (False, True):
       row = {}
-      for acceleration in (0.75, None):
+      for acceleration in (2.0, None):
         repeats = args.repeats if problem.startswith("curve") else 1
         median, _, _, out = tfg_curve_fit.time_solve(make(acceleration, jit),
                                                      repeats)
         row[acceleration] = median, out
-      (with_time, with_out), (without_time, without_out) = row[0.75], row[None]
+      (with_time, with_out), (without_time, without_out) = row[2.0], row[None]
       print(f"| {problem} | {'jit_compile' if jit else 'tf.function'} | "
             f"{with_time * 1e3:.1f} ms | {int(with_out[0])} | "
             f"{without_time * 1e3:.1f} ms | {int(without_out[0])} | "

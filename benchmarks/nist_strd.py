@@ -12,6 +12,9 @@ LRE = -log10(|b - c| / |c|), capped at 11. Prints a markdown table
 our LRE only. Run:
 
     PYTHONPATH=. python benchmarks/nist_strd.py [--float32] [names...]
+
+Other options of ours: --damping trust_region, --geodesic-acceleration 0.75
+(or none), e.g. `--damping trust_region --geodesic-acceleration none MGH10`.
 """
 
 import argparse
@@ -47,6 +50,10 @@ def _scipy_fit(dataset, start, tolerance):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--float32", action="store_true")
+  parser.add_argument("--damping", default="robust",
+                      help="least_squares' damping (default: robust)")
+  parser.add_argument("--geodesic-acceleration", default=None,
+                      help="alpha, or 'none'; default: least_squares' own")
   parser.add_argument("names", nargs="*", default=list(nist.NAMES))
   args = parser.parse_args()
   dtype = tf.float32 if args.float32 else tf.float64
@@ -54,7 +61,12 @@ def main():
   start_time = time.time()
   for name in args.names:
     dataset = nist.load(name)
-    result = nist.solve(dataset, dtype)
+    options = dict(damping=args.damping)
+    if args.geodesic_acceleration is not None:
+      options["geodesic_acceleration"] = (
+          None if args.geodesic_acceleration == "none" else
+          float(args.geodesic_acceleration))
+    result = nist.solve(dataset, dtype, **options)
     for s in range(2):
       ours = nist.lre(result.position[s], dataset.certified).min()
       finite = bool(np.all(np.isfinite(result.position[s])))

@@ -463,12 +463,12 @@ def test_graph_has_no_block_diagonal_jacobian(m, n):
 def test_geodesic_acceleration_batch_reaches_each_solution(mode):
   """With geodesic acceleration (least_squares' default) every problem of
   the batch still stops for its own reason at its own solution."""
-  build = lambda x, c: _least_squares(c, x, geodesic_acceleration=0.75)._asdict()
+  build = lambda x, c: _least_squares(c, x, geodesic_acceleration=2.0)._asdict()
   batched = modes.run(build, [STARTS, COEFFICIENTS], mode)
   for index, name in enumerate(NAMES):
     single = modes.run(
         lambda x, c=COEFFICIENTS[index]: _least_squares(
-            c, x, geodesic_acceleration=0.75)._asdict(),
+            c, x, geodesic_acceleration=2.0)._asdict(),
         [STARTS[index]], _single_mode(mode))
     for field in ("stop_reason", "converged"):
       assert batched[field][index] == single[field], (name, field)

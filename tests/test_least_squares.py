@@ -200,6 +200,61 @@ def test_trust_region_every_mode(dtype, mode):
   assert StopReason(int(got[4])).converged
 
 
+# -- box bounds ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_bounds_rosenbrock_closed_form(dtype, mode):
+  """With x0 <= 0.5 the minimum of (1 - x0)^2 + 100 (x1 - x0^2)^2 has
+  x1 = x0^2 and x0 = 0.5 on the bound: (0.5, 0.25)."""
+  bounds = (np.array([-np.inf, -np.inf], dtype), np.array([0.5, np.inf], dtype))
+  build = lambda b: _fields(tfg_optim.least_squares(_rosenbrock, b,
+                                                    bounds=bounds))
+  got = modes.run(build, [np.array([-1.2, 1.0], dtype)], mode)
+  np.testing.assert_allclose(got[0], [0.5, 0.25],
+                             atol=1e-10 if dtype == "float64" else 1e-5)
+  assert got[0][0] <= 0.5
+  assert StopReason(int(got[4])).converged
+
+
+def test_bounds_linear_matches_scipy_lsq_linear():
+  rng = np.random.default_rng(0)
+  matrix, target = rng.normal(size=(20, 5)), rng.normal(size=20)
+  lower, upper = np.full(5, -0.2), np.array([0.3, 0.3, 0.3, 0.3, np.inf])
+  want = scipy.optimize.lsq_linear(matrix, target, bounds=(lower, upper),
+                                   tol=1e-14).x
+  result = tfg_optim.least_squares(
+      lambda x: tf.linalg.matvec(tf.constant(matrix), x) - target,
+      tf.zeros(5, tf.float64), bounds=(lower, upper))
+  assert np.sum((want <= lower + 1e-12) | (want >= upper - 1e-12)) >= 2
+  np.testing.assert_allclose(result.position, want, atol=1e-10)
+  assert result.converged
+
+
+def test_inactive_bounds_change_nothing():
+  dataset = nist.load("Misra1a")
+  residual = nist.residual_fn(dataset)
+  start = tf.constant(dataset.starts[0])
+  free = tfg_optim.least_squares(residual, start, record=True)
+  boxed = tfg_optim.least_squares(residual, start, record=True,
+                                  bounds=(-1e6, 1e6))
+  np.testing.assert_array_equal(boxed.position, free.position)
+  np.testing.assert_array_equal(boxed.records["cost"], free.records["cost"])
+
+
+@pytest.mark.parametrize("bounds,message", [
+    ((0.0,), "pair"),
+    ((1.0, 1.0), "lower < upper"),
+    ((0.5, 2.0), "within"),
+    (([0.0, 0.0, 0.0], 2.0), "broadcastable"),
+])
+def test_invalid_bounds_name_the_argument(bounds, message):
+  with pytest.raises(ValueError, match=message):
+    tfg_optim.least_squares(_rosenbrock, tf.constant([0.1, 1.0], tf.float64),
+                            bounds=bounds)
+
+
 # -- every execution mode ------------------------------------------------------
 
 

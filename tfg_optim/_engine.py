@@ -67,7 +67,7 @@ class StopReason(enum.IntEnum):
 
 Problem = collections.namedtuple(
     "Problem", ["residual_fn", "retract", "tangent_dim", "cost_fn",
-                "jacobian_fn"])
+                "jacobian_fn", "fixed_fn"], defaults=(None,))
 Problem.__doc__ = """A least-squares problem as the engine sees it.
 
 residual_fn: point -> F(point), a [B..., m] tensor.
@@ -76,6 +76,11 @@ tangent_dim: n, a Python int.
 cost_fn: F -> [B...] cost tensor; None means 1/2 sum(F^2, axis=-1).
 jacobian_fn: point -> [B..., m, n] Jacobian, or None for automatic
   differentiation of s -> F(retract(point, s)) at s = 0.
+fixed_fn: optional (point, gradient) -> [B..., n] bool, the coordinates held
+  fixed at this point (bound constraints: at a bound, with the gradient
+  pointing out of the box). Their Jacobian columns and gradient entries are
+  zeroed, so the step leaves them alone and the gradient tests see the
+  projected gradient.
 """
 
 LoopState = collections.namedtuple(
@@ -230,6 +235,16 @@ def second_directional_derivative(problem, point, direction, residual,
   curvature = tf.reshape(curvature, tf.shape(residual))
   curvature.set_shape(residual.shape)
   return curvature, 0
+
+
+def hold_fixed(problem, point, jacobian_matrix, gradient):
+  """(J, g) with the columns and entries of `problem.fixed_fn`'s coordinates
+  zeroed; unchanged without one."""
+  if problem.fixed_fn is None:
+    return jacobian_matrix, gradient
+  fixed = problem.fixed_fn(point, gradient)
+  free = tf.cast(tf.logical_not(fixed), gradient.dtype)
+  return jacobian_matrix * free[..., tf.newaxis, :], gradient * free
 
 
 # -- solve ---------------------------------------------------------------------
@@ -634,6 +649,10 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     jacobian_matrix = tf.convert_to_tensor(initial_jacobian, dtype)
     jacobian_evaluations = 0
   cost = cost_fn(residual)
+  damping = policy.initial(dtype, batch_shape, jacobian_matrix)
+  jacobian_matrix, gradient = hold_fixed(
+      problem, initial_point, jacobian_matrix,
+      tf.linalg.matvec(jacobian_matrix, residual, adjoint_a=True))
   zeros_int = tf.zeros(batch_shape, tf.int32)
   records = ()
   if num_records:
@@ -645,10 +664,10 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       point=initial_point,
       residual=residual,
       jacobian=jacobian_matrix,
-      gradient=tf.linalg.matvec(jacobian_matrix, residual, adjoint_a=True),
+      gradient=gradient,
       cost=cost,
       initial_cost=cost,
-      damping=policy.initial(dtype, batch_shape, jacobian_matrix),
+      damping=damping,
       # +inf until a finite step is computed, so step tests cannot fire on it.
       step_norm=tf.fill(batch_shape, tf.constant(float("inf"), dtype)),
       cost_change=tf.zeros(batch_shape, dtype),
@@ -710,11 +729,13 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
 
     jacobian_matrix = tf.cond(tf.reduce_any(accepted), relinearize,
                               lambda: state.jacobian)
-    damping = policy.observe_jacobian(damping, jacobian_matrix)
     gradient = select(accepted,
                       tf.linalg.matvec(jacobian_matrix, residual,
                                        adjoint_a=True),
                       state.gradient)
+    damping = policy.observe_jacobian(damping, jacobian_matrix)
+    jacobian_matrix, gradient = hold_fixed(problem, point, jacobian_matrix,
+                                           gradient)
     step_norm = tf.where(active & finite, tf.norm(step, axis=-1),
                          state.step_norm)
     cost_change = tf.where(accepted, state.cost - new_cost,

@@ -31,6 +31,7 @@ the robust cost; w is smooth at 0 (w(0) = 1), so no derivative is singular.
     arctan     arctan(z)
 """
 
+import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _engine
@@ -98,8 +99,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   function_tolerance=None, gradient_tolerance=None,
                   parameter_tolerance=None, cost_tolerance=0.0,
                   stopping_criterion=None, loss="linear", loss_scale=1.0,
-                  jacobian=None, geodesic_acceleration=0.75, callback=None,
-                  record=False, name="least_squares"):
+                  jacobian=None, bounds=None, geodesic_acceleration=2.0,
+                  callback=None, record=False, name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
 
   Args:
@@ -124,7 +125,13 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       above but max_iterations.
     loss: 'linear', 'huber', 'soft_l1', 'cauchy' or 'arctan'.
     loss_scale: C > 0, the residual size where the loss turns robust.
-    geodesic_acceleration: alpha > 0 (default 0.75), or None to turn it off.
+    bounds: optional (lower, upper), each a number or an array broadcastable
+      to the [B..., n] concatenated flattened variables (-inf / inf for no
+      bound); lower < upper, and the start must lie within. Euclidean only.
+      Each step is projected onto the box, and a coordinate at a bound whose
+      gradient points out of the box is held fixed for that iteration (so
+      the gradient tests see the projected gradient).
+    geodesic_acceleration: alpha > 0 (default 2), or None to turn it off.
       Each step v gets Transtrum's second-order correction a / 2, with
       (J^T J + lambda D) a = -J^T F''[v, v], and is taken only if
       2 ||a||_D / ||v||_D <= alpha; else it is rejected and lambda grows.
@@ -170,6 +177,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   if jacobian is not None and manifold is not None:
     raise ValueError("'jacobian' is for Euclidean variables; with a manifold "
                      "use tfg_optim.riemannian.levenberg_marquardt.")
+  if bounds is not None and manifold is not None:
+    raise ValueError("'bounds' are for Euclidean variables, not a manifold.")
   single = not isinstance(variables, (list, tuple))
   if manifold is None and not single and not variables:
     raise ValueError("'variables' must not be empty.")
@@ -215,15 +224,19 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         derivative = tape.gradient(transformed, residual)  # elementwise
         return derivative[..., tf.newaxis] * value
 
+    fixed_fn = None
     if manifold is None:
       shapes = _vector_space.event_shapes(tensors, batch_dims)
       retract = lambda p, s: _vector_space.retract(p, s, batch_dims)
       tangent_dim = sum(_vector_space.sizes(shapes))
+      if bounds is not None:
+        retract, fixed_fn = _box(bounds, point, batch_dims, shapes)
     else:
       retract, tangent_dim = manifold.retract, manifold.dim
     problem = _engine.Problem(
         residual_fn=lambda p: robust(evaluate(p)), retract=retract,
-        tangent_dim=tangent_dim, cost_fn=None, jacobian_fn=jacobian_fn)
+        tangent_dim=tangent_dim, cost_fn=None, jacobian_fn=jacobian_fn,
+        fixed_fn=fixed_fn)
     num_records = 0
     if record:
       num_records = max_iterations if isinstance(record, bool) else int(record)
@@ -240,6 +253,48 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     if manifold is None:
       position = position[0] if single else type(variables)(position)
     return result._replace(position=position)
+
+
+def _box(bounds, point, batch_dims, shapes):
+  """(retract, fixed_fn) for box bounds on the flattened variables.
+
+  retract(x, s) = clip(x + s, lower, upper); fixed_fn marks coordinates at
+  a bound whose gradient g = J^T r points out of the box (x_j <= lower_j and
+  g_j > 0, or x_j >= upper_j and g_j < 0): the descent direction -g would
+  leave the box there.
+  """
+  if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+    raise ValueError("'bounds' must be a pair (lower, upper), got "
+                     f"{bounds!r}.")
+  dtype = point[0].dtype
+  flatten = lambda p: tf.concat(
+      [_vector_space.flatten_batched(t, batch_dims) for t in p], axis=-1)
+  start = flatten(point)
+  try:
+    lower, upper = (tf.broadcast_to(tf.cast(b, dtype), tf.shape(start))
+                    for b in bounds)
+  except (TypeError, ValueError, tf.errors.InvalidArgumentError) as error:
+    raise ValueError("'bounds' must be broadcastable to the [B..., n] "
+                     f"flattened variables: {error}") from None
+  if tf.executing_eagerly():
+    if np.any(np.isnan(lower.numpy())) or np.any(np.isnan(upper.numpy())):
+      raise ValueError("'bounds' must not contain NaN.")
+    if not np.all(lower.numpy() < upper.numpy()):
+      raise ValueError("'bounds' must have lower < upper everywhere.")
+    if not np.all((lower.numpy() <= start.numpy()) &
+                  (start.numpy() <= upper.numpy())):
+      raise ValueError("'variables' must lie within 'bounds'.")
+
+  def retract(p, step):
+    moved = tf.clip_by_value(flatten(p) + step, lower, upper)
+    return _vector_space.split_step(moved, shapes)
+
+  def fixed_fn(p, gradient):
+    x = flatten(p)
+    return (((x <= lower) & (gradient > 0)) |
+            ((x >= upper) & (gradient < 0)))
+
+  return retract, fixed_fn
 
 
 def _criterion(dtype, max_iterations, function_tolerance, gradient_tolerance,
