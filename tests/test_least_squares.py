@@ -255,6 +255,13 @@ def test_invalid_bounds_name_the_argument(bounds, message):
                             bounds=bounds)
 
 
+def test_start_outside_bounds_fails_when_the_graph_runs():
+  solve = tf.function(lambda x: tfg_optim.least_squares(
+      _rosenbrock, x, bounds=(0.5, 2.0)).position)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="within"):
+    solve(tf.constant([0.1, 1.0], tf.float64))
+
+
 # -- every execution mode ------------------------------------------------------
 
 

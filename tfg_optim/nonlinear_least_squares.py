@@ -230,7 +230,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       retract = lambda p, s: _vector_space.retract(p, s, batch_dims)
       tangent_dim = sum(_vector_space.sizes(shapes))
       if bounds is not None:
-        retract, fixed_fn = _box(bounds, point, batch_dims, shapes)
+        point, retract, fixed_fn = _box(bounds, point, batch_dims, shapes)
     else:
       retract, tangent_dim = manifold.retract, manifold.dim
     problem = _engine.Problem(
@@ -256,7 +256,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
 
 
 def _box(bounds, point, batch_dims, shapes):
-  """(retract, fixed_fn) for box bounds on the flattened variables.
+  """(point, retract, fixed_fn) for box bounds on the flattened variables;
+  the point is the start, checked against the bounds.
 
   retract(x, s) = clip(x + s, lower, upper); fixed_fn marks coordinates at
   a bound whose gradient g = J^T r points out of the box (x_j <= lower_j and
@@ -284,6 +285,16 @@ def _box(bounds, point, batch_dims, shapes):
     if not np.all((lower.numpy() <= start.numpy()) &
                   (start.numpy() <= upper.numpy())):
       raise ValueError("'variables' must lie within 'bounds'.")
+  else:  # Checked when the graph runs (XLA drops the checks).
+    checks = [
+        tf.debugging.assert_less(
+            lower, upper, message="'bounds' must have lower < upper"),
+        tf.debugging.assert_less_equal(
+            lower, start, message="'variables' must lie within 'bounds'"),
+        tf.debugging.assert_less_equal(
+            start, upper, message="'variables' must lie within 'bounds'")]
+    with tf.control_dependencies(checks):
+      point = [tf.identity(t) for t in point]
 
   def retract(p, step):
     moved = tf.clip_by_value(flatten(p) + step, lower, upper)
@@ -294,7 +305,7 @@ def _box(bounds, point, batch_dims, shapes):
     return (((x <= lower) & (gradient > 0)) |
             ((x >= upper) & (gradient < 0)))
 
-  return retract, fixed_fn
+  return point, retract, fixed_fn
 
 
 def _criterion(dtype, max_iterations, function_tolerance, gradient_tolerance,
