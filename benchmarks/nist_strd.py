@@ -13,8 +13,8 @@ our LRE only. Run:
 
     PYTHONPATH=. python benchmarks/nist_strd.py [--float32] [names...]
 
-Other options of ours: --damping trust_region, --geodesic-acceleration 0.75
-(or none), e.g. `--damping trust_region --geodesic-acceleration none MGH10`.
+Other options of ours: --damping nielsen, --geodesic-acceleration 0.75
+(or none), e.g. `--damping nielsen MGH10`.
 """
 
 import argparse
@@ -50,8 +50,8 @@ def _scipy_fit(dataset, start, tolerance):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--float32", action="store_true")
-  parser.add_argument("--damping", default="robust",
-                      help="least_squares' damping (default: robust)")
+  parser.add_argument("--damping", default="trust_region",
+                      help="least_squares damping (default: trust_region)")
   parser.add_argument("--geodesic-acceleration", default=None,
                       help="alpha, or 'none'; default: least_squares' own")
   parser.add_argument("names", nargs="*", default=list(nist.NAMES))

@@ -505,8 +505,8 @@ class TrustRegionDamping(DampingPolicy):
   times the scaled norm of the Gauss-Newton step, so the first trial step is
   the Gauss-Newton step. With the gain ratio
   rho = (cost(p) - cost(q)) / (-g^T s - 1/2 ||J s||^2): accept iff
-  rho > 1e-4; rho < 1/4 or rejected: Delta /= 4; rho > 3/4:
-  Delta = max(Delta, 3 ||D^1/2 s||). The reported damping is lambda.
+  rho > 1e-4; rho < 1/4 or rejected: Delta = min(Delta, ||D^1/2 s||) / 4;
+  rho > 3/4: Delta = max(Delta, 3 ||D^1/2 s||). The reported damping is lambda.
   Each iteration costs an n x n eigendecomposition instead of a Cholesky
   factorization, and `newton_iterations` O(n) root-finding steps.
   """
@@ -583,8 +583,10 @@ class TrustRegionDamping(DampingPolicy):
                 (gain > tf.constant(1e-4, dtype)))
     good = accepted & (gain > 0.75)
     poor = tf.logical_not(accepted) | (gain < 0.25)
+    # Shrink from the step actually tried: while the Gauss-Newton step is
+    # inside the radius, shrinking only the radius would retry the same step.
     new_radius = tf.where(
-        poor, radius / 4.0,
+        poor, tf.minimum(radius, step.scaled_norm) / 4.0,
         tf.where(good, tf.maximum(radius, 3.0 * step.scaled_norm), radius))
     return accepted, (new_radius, lam, scale)
 
@@ -602,7 +604,8 @@ def _as_callback_ops(callback_result):
 
 def minimize(problem, initial_point, policy, max_iterations, stopping=None,
              callback=None, num_records=0, initial_residual=None,
-             initial_jacobian=None, geodesic_acceleration=None):
+             initial_jacobian=None, geodesic_acceleration=None,
+             vanishing_column_tolerance=None):
   """Runs the Levenberg-Marquardt loop.
 
   Args:
@@ -618,6 +621,13 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       norm, damping) are kept for the first `num_records` iterations.
     initial_residual, initial_jacobian: optional values at the start, to skip
       their evaluation.
+    vanishing_column_tolerance: None/0, or tau > 0 (scaled policies only):
+      refuse an otherwise accepted step after which a column of J that was
+      nonzero has ||J_j|| < tau max_k ||J_j(p_k)|| (the running maximum).
+      Such a step has made a variable lose all influence, e.g. exp(-b x)
+      underflowing for all data, and a stationary point there is a
+      degenerate plateau. The refusal costs the Jacobian evaluation at the
+      refused point (counted) and updates the damping as a rejection.
     geodesic_acceleration: None, or alpha > 0 to add Transtrum's second-order
       correction to every step: with the velocity v (the damped step) and
       the acceleration a solving (J^T J + lambda D) a = -J^T F''(p)[v, v],
@@ -713,22 +723,37 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
           velocity * velocity * (1.0 if scaling is None else scaling), axis=-1)
     scaled_norm = tf.sqrt(tf.reduce_sum(
         step * step * (1.0 if scaling is None else scaling), axis=-1))
-    accepted, damping = policy.update(
-        trial_damping, Step(state.cost, candidate_cost, model_decrease,
-                            penalty, finite, scaled_norm))
+    trial = Step(state.cost, candidate_cost, model_decrease, penalty, finite,
+                 scaled_norm)
+    accepted, damping = policy.update(trial_damping, trial)
     accepted &= active
+    relinearized = accepted
+    trial_point = select_structure(relinearized, candidate, state.point)
+
+    def relinearize():
+      new_jacobian = jacobian(problem, trial_point, batch_shape, num_residuals)
+      return select(relinearized, new_jacobian, state.jacobian)
+
+    jacobian_matrix = tf.cond(tf.reduce_any(accepted), relinearize,
+                              lambda: state.jacobian)
+    if vanishing_column_tolerance and policy.scaled:
+      old_norms = tf.reduce_sum(tf.square(state.jacobian), axis=-2)
+      new_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
+      reference = policy.scaling(state.damping)  # running max of ||J_j||^2
+      collapsed = accepted & tf.reduce_any(
+          (old_norms > 0) &
+          (new_norms < tf.constant(vanishing_column_tolerance ** 2, dtype) *
+           reference), axis=-1)
+      _, refused = policy.update(
+          trial_damping, trial._replace(finite=tf.zeros_like(finite)))
+      damping = select_structure(collapsed, refused, damping)
+      accepted &= tf.logical_not(collapsed)
+      jacobian_matrix = select(accepted, jacobian_matrix, state.jacobian)
     damping = select_structure(active, damping, state.damping)
 
     point = select_structure(accepted, candidate, state.point)
     residual = select(accepted, candidate_residual, state.residual)
     new_cost = tf.where(accepted, candidate_cost, state.cost)
-
-    def relinearize():
-      new_jacobian = jacobian(problem, point, batch_shape, num_residuals)
-      return select(accepted, new_jacobian, state.jacobian)
-
-    jacobian_matrix = tf.cond(tf.reduce_any(accepted), relinearize,
-                              lambda: state.jacobian)
     gradient = select(accepted,
                       tf.linalg.matvec(jacobian_matrix, residual,
                                        adjoint_a=True),
@@ -760,7 +785,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
         num_residual_evaluations=(state.num_residual_evaluations +
                                   active_int * (1 + extra_evaluations)),
         num_jacobian_evaluations=(state.num_jacobian_evaluations +
-                                  accepted_int),
+                                  tf.cast(relinearized, tf.int32)),
         stop_reason=state.stop_reason,
         records=state.records)
     if num_records:

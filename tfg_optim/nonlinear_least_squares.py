@@ -7,10 +7,11 @@ Minimizes
 over variables x in R^n (or a point of a manifold), where r is the
 concatenation of the flattened residuals, rho a loss (rho(z) = z for plain
 least squares) and C the loss scale. It runs the shared Levenberg-Marquardt
-engine with, by default, the robust damping policy (gain-ratio acceptance,
-Nielsen's lambda update, Marquardt's scaling by diag(J^T J)) and geodesic
-acceleration (Transtrum & Sethna 2012) and stops, in
-the graph, on the first of:
+engine with, by default, a trust region in Marquardt's scaled norm
+(`TrustRegionDamping`: D = running max of diag(J^T J), gain-ratio
+acceptance), geodesic acceleration (Transtrum & Sethna 2012) and a refusal
+of steps that make a Jacobian column vanish, and stops, in the graph, on the
+first of:
 
 - relative decrease of an accepted step <= function_tolerance,
 - max_j |(J^T F)_j| / (||F|| ||J_j||) <= gradient_tolerance,
@@ -78,29 +79,30 @@ def loss_weight(loss, z):
 
 
 def damping_policy(damping):
-  """A `DampingPolicy` from a name ('robust', 'tfg', 'manopt') or itself."""
+  """A `DampingPolicy` from a name ('trust_region', 'nielsen', 'tfg',
+  'manopt') or itself."""
   if isinstance(damping, _engine.DampingPolicy):
     return damping
-  if damping == "robust":
+  if damping == "trust_region":
+    return _engine.TrustRegionDamping()
+  if damping == "nielsen":
     return _engine.NielsenDamping()
   if damping == "tfg":
     return _engine.MultiplicativeDamping(1e-20, 10.0)
   if damping == "manopt":
     return _engine.GainRatioDamping(0.2, 0.1, 5.0, False)
-  if damping == "trust_region":
-    return _engine.TrustRegionDamping()
-  raise ValueError("'damping' must be 'robust', 'tfg', 'manopt', "
-                   "'trust_region' or a "
-                   f"DampingPolicy, got {damping!r}.")
+  raise ValueError("'damping' must be 'trust_region', 'nielsen', 'tfg', "
+                   f"'manopt' or a DampingPolicy, got {damping!r}.")
 
 
 def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
-                  damping="robust", max_iterations=1000,
+                  damping="trust_region", max_iterations=1000,
                   function_tolerance=None, gradient_tolerance=None,
                   parameter_tolerance=None, cost_tolerance=0.0,
                   stopping_criterion=None, loss="linear", loss_scale=1.0,
                   jacobian=None, bounds=None, geodesic_acceleration=2.0,
-                  callback=None, record=False, name="least_squares"):
+                  vanishing_column_tolerance=None, callback=None,
+                  record=False, name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
 
   Args:
@@ -113,9 +115,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       manifold of which `variables` is a point (a tuple for a `Product`).
     batch_dims: leading dimensions that index independent problems, each with
       its own damping, acceptance, counters and stop.
-    damping: 'robust' (default; `NielsenDamping`), 'tfg' (TensorFlow
-      Graphics' rule), 'manopt' (Manopt's rule), 'trust_region'
-      (`TrustRegionDamping`, MINPACK's kind of method), or a `DampingPolicy`.
+    damping: 'trust_region' (default; `TrustRegionDamping`, MINPACK's kind
+      of method), 'nielsen' (`NielsenDamping`), 'tfg' (TensorFlow Graphics'
+      rule), 'manopt' (Manopt's rule), or a `DampingPolicy`.
     max_iterations: the most iterations, an int >= 1.
     function_tolerance, gradient_tolerance, parameter_tolerance: relative
       tolerances (see the module docstring); None picks defaults for the
@@ -131,6 +133,12 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       Each step is projected onto the box, and a coordinate at a bound whose
       gradient points out of the box is held fixed for that iteration (so
       the gradient tests see the projected gradient).
+    vanishing_column_tolerance: tau >= 0, or None for sqrt(eps) of the dtype
+      (0 turns it off). With a scaled policy ('trust_region', 'nielsen'), a
+      step after which a Jacobian column that was nonzero has a norm below
+      tau times its largest norm so far is refused: the step made a variable
+      lose all influence (e.g. exp(-b x) underflowing for all data), and the
+      stationary points there are degenerate plateaus.
     geodesic_acceleration: alpha > 0 (default 2), or None to turn it off.
       Each step v gets Transtrum's second-order correction a / 2, with
       (J^T J + lambda D) a = -J^T F''[v, v], and is taken only if
@@ -167,6 +175,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                                        lower_inclusive=False)
   cost_tolerance = _validation.real_number(cost_tolerance, "cost_tolerance",
                                            lower=0.0)
+  if vanishing_column_tolerance is not None:
+    vanishing_column_tolerance = _validation.real_number(
+        vanishing_column_tolerance, "vanishing_column_tolerance", lower=0.0)
   if geodesic_acceleration is not None:
     geodesic_acceleration = _validation.real_number(
         geodesic_acceleration, "geodesic_acceleration", lower=0.0,
@@ -197,6 +208,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     tensors = _validation.check_finite(tensors, "variables")
     point = tf.nest.pack_sequence_as(point, tensors)
     dtype = tensors[0].dtype
+    vanishing_tolerance = (
+        float(np.sqrt(np.finfo(dtype.as_numpy_dtype).eps))
+        if vanishing_column_tolerance is None else vanishing_column_tolerance)
     criterion = _criterion(dtype, max_iterations, function_tolerance,
                            gradient_tolerance, parameter_tolerance,
                            cost_tolerance, stopping_criterion)
@@ -247,7 +261,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     state = _engine.minimize(problem, point, policy, max_iterations,
                              stopping=criterion, callback=engine_callback,
                              num_records=num_records,
-                             geodesic_acceleration=geodesic_acceleration)
+                             geodesic_acceleration=geodesic_acceleration,
+                             vanishing_column_tolerance=vanishing_tolerance)
     result = results_lib.from_state(state, num_records)
     position = result.position
     if manifold is None:
