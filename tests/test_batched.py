@@ -74,9 +74,11 @@ CHAOTIC_FLOAT32 = ("stiff_rosenbrock", "rosenbrock_100")
 
 
 def _least_squares(coefficients, start, **kwargs):
-  # Without geodesic acceleration, a batch reproduces each problem's iterates
-  # to rounding (its second derivatives round differently batched; see
-  # test_geodesic_acceleration_batch_reaches_each_solution).
+  # With Nielsen's damping (a Cholesky factorization) and no geodesic
+  # acceleration, a batch reproduces each problem's iterates to rounding;
+  # batched eigendecompositions and second derivatives round differently
+  # (see test_default_options_batch_reaches_each_solution).
+  kwargs.setdefault("damping", "nielsen")
   kwargs.setdefault("geodesic_acceleration", None)
   coefficients = tf.cast(coefficients, start.dtype)
   batch_dims = coefficients.shape.rank - 1
@@ -192,7 +194,7 @@ def test_frozen_problems_do_not_change_or_count():
   result = tfg_optim.least_squares(
       lambda x: family(x, tf.constant(COEFFICIENTS[rows])),
       tf.constant(STARTS[rows]), batch_dims=1, max_iterations=MAX_ITERATIONS,
-      callback=callback, geodesic_acceleration=None)
+      callback=callback, damping="nielsen", geodesic_acceleration=None)
   iterations = result.num_iterations.numpy()
   assert len(seen) == iterations.max()
   singles = _single_solutions("float64")
@@ -448,9 +450,9 @@ def test_graph_has_no_block_diagonal_jacobian(m, n):
   offending = [s for s in shapes if flat_sizes & {d for d in s if d}]
   assert not offending, offending
   assert (batch, m, n) in shapes  # the batched Jacobian
-  assert "Cholesky" in types
+  assert "SelfAdjointEigV2" in types  # the default trust region's solve
   # Per-problem factorization; the default (Marquardt-scaled) policy always
-  # factors the [B, n, n] scaled normal equations.
+  # decomposes the [B, n, n] scaled normal equations.
   assert (batch, n, n) in shapes
   if m >= n:  # forward mode: n products, each over the whole batch
     assert (n, batch, m) in shapes
@@ -460,15 +462,17 @@ def test_graph_has_no_block_diagonal_jacobian(m, n):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_geodesic_acceleration_batch_reaches_each_solution(mode):
-  """With geodesic acceleration (least_squares' default) every problem of
-  the batch still stops for its own reason at its own solution."""
-  build = lambda x, c: _least_squares(c, x, geodesic_acceleration=2.0)._asdict()
+def test_default_options_batch_reaches_each_solution(mode):
+  """With least_squares' defaults (trust region, geodesic acceleration)
+  every problem of the batch still stops for its own reason at its own
+  solution."""
+  defaults = dict(damping="trust_region", geodesic_acceleration=2.0)
+  build = lambda x, c: _least_squares(c, x, **defaults)._asdict()
   batched = modes.run(build, [STARTS, COEFFICIENTS], mode)
   for index, name in enumerate(NAMES):
     single = modes.run(
         lambda x, c=COEFFICIENTS[index]: _least_squares(
-            c, x, geodesic_acceleration=2.0)._asdict(),
+            c, x, **defaults)._asdict(),
         [STARTS[index]], _single_mode(mode))
     for field in ("stop_reason", "converged"):
       assert batched[field][index] == single[field], (name, field)

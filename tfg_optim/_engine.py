@@ -540,7 +540,13 @@ class TrustRegionDamping(DampingPolicy):
     gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_a=True)
     scaled_gram = (gram * inverse_root[..., :, tf.newaxis] *
                    inverse_root[..., tf.newaxis, :])
-    sigma, vectors = tf.linalg.eigh(scaled_gram)
+    # eigh raises on NaN or Inf (in every mode): decompose the identity for
+    # those problems instead and return a NaN step (a rejection).
+    finite = _all_finite(scaled_gram, scaled_gram.shape.rank - 2)
+    identity = tf.eye(tf.shape(scaled_gram)[-1], dtype=dtype)
+    sigma, vectors = tf.linalg.eigh(
+        select(finite, scaled_gram, tf.broadcast_to(identity,
+                                                    tf.shape(scaled_gram))))
     sigma = tf.maximum(sigma, tf.zeros_like(sigma))
     coefficients = tf.linalg.matvec(vectors, inverse_root * gradient,
                                     adjoint_a=True)
@@ -572,7 +578,10 @@ class TrustRegionDamping(DampingPolicy):
       del residual
       c = tf.linalg.matvec(vectors, inverse_root * rhs_gradient,
                            adjoint_a=True)
-      return -inverse_root * tf.linalg.matvec(vectors, c / final_shift)
+      step = -inverse_root * tf.linalg.matvec(vectors, c / final_shift)
+      return select(finite, step, tf.fill(tf.shape(step),
+                                          tf.constant(np.nan, dtype)))
+    radius = tf.where(finite & tf.math.is_finite(radius), radius, damping[0])
     return solve, (radius, lam, scale)
 
   def update(self, damping, step):
@@ -585,8 +594,10 @@ class TrustRegionDamping(DampingPolicy):
     poor = tf.logical_not(accepted) | (gain < 0.25)
     # Shrink from the step actually tried: while the Gauss-Newton step is
     # inside the radius, shrinking only the radius would retry the same step.
+    tried = tf.where(tf.math.is_finite(step.scaled_norm),
+                     tf.minimum(radius, step.scaled_norm), radius)
     new_radius = tf.where(
-        poor, tf.minimum(radius, step.scaled_norm) / 4.0,
+        poor, tried / 4.0,
         tf.where(good, tf.maximum(radius, 3.0 * step.scaled_norm), radius))
     return accepted, (new_radius, lam, scale)
 
