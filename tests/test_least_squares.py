@@ -103,6 +103,19 @@ def test_vanishing_column_refusal_keeps_boxbod_off_its_plateau():
               vanishing_column_tolerance=0.0) < 1
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_vanishing_column_refusal_every_mode(mode):
+  """The refusal (with the trust region, no acceleration) solves BoxBOD
+  start 1 in every mode."""
+  dataset = nist.load("BoxBOD")
+  residual = nist.residual_fn(dataset)
+  build = lambda b: _fields(tfg_optim.least_squares(
+      residual, b, geodesic_acceleration=None))
+  got = modes.run(build, [dataset.starts[0]], mode)
+  assert nist.lre(got[0], dataset.certified).min() >= 6
+  assert StopReason(int(got[4])).converged
+
+
 def test_vanishing_column_refusal_keeps_mgh17_off_its_plateau():
   """From MGH17 start 1 the trust region walks to b4 ~ 186, b5 ~ 96, where
   both exponentials vanish for x > 0, unless those steps are refused."""

@@ -414,6 +414,15 @@ class GainRatioDamping(DampingPolicy):
     return accepted, tf.where(accepted, on_accept, damping * beta)
 
 
+def _gain_ratio_test(step, threshold):
+  """(rho, accepted): rho = actual / Gauss-Newton model decrease; accepted
+  iff the step is finite, the model decreases and rho > threshold."""
+  gain = (step.cost - step.candidate_cost) / step.model_decrease
+  accepted = (step.finite & (step.model_decrease > 0) &
+              (gain > tf.constant(threshold, gain.dtype)))
+  return gain, accepted
+
+
 def _initial_scale(jacobian_matrix):
   """diag(J^T J), the squared column norms [B..., n]; 1 for a zero column."""
   column_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
@@ -475,10 +484,7 @@ class NielsenDamping(DampingPolicy):
   def update(self, damping, step):
     lam, nu, scale = damping
     dtype = lam.dtype
-    decrease = step.cost - step.candidate_cost
-    gain = decrease / step.model_decrease
-    accepted = (step.finite & (step.model_decrease > 0) &
-                (gain > tf.constant(self.acceptance, dtype)))
+    gain, accepted = _gain_ratio_test(step, self.acceptance)
     one = tf.constant(1.0, dtype)
     factor = tf.maximum(tf.constant(1.0 / 3.0, dtype),
                         one - tf.pow(2.0 * gain - one, 3))
@@ -559,15 +565,15 @@ class TrustRegionDamping(DampingPolicy):
     def shifted(lam):  # sigma + lambda, [B..., n]
       return tf.maximum(sigma + lam[..., tf.newaxis], floor)
 
-    def length(lam):  # ||D^1/2 s(lambda)||
-      return tf.norm(coefficients / shifted(lam), axis=-1)
-
-    # A negative radius is the first one, relative to the Gauss-Newton step.
+    # A negative radius is the first one, relative to the Gauss-Newton step
+    # (||D^1/2 s(lambda)|| = ||coefficients / shifted(lambda)||).
     lam = tf.zeros_like(radius)
-    radius = tf.where(radius < 0, -radius * length(lam), radius)
+    gauss_newton_length = tf.norm(coefficients / shifted(lam), axis=-1)
+    radius = tf.where(radius < 0, -radius * gauss_newton_length, radius)
     for _ in range(self.newton_iterations):
-      current = length(lam)
-      slope = tf.reduce_sum(tf.square(coefficients) / shifted(lam) ** 3, -1)
+      shift = shifted(lam)
+      current = tf.norm(coefficients / shift, axis=-1)
+      slope = tf.reduce_sum(tf.square(coefficients) / shift ** 3, -1)
       # psi(lambda) = 1/radius - 1/length, psi' = -slope / length^3.
       update = ((current / radius - 1.0) * tf.square(current) /
                 tf.maximum(slope, tiny))
@@ -586,10 +592,7 @@ class TrustRegionDamping(DampingPolicy):
 
   def update(self, damping, step):
     radius, lam, scale = damping
-    dtype = radius.dtype
-    gain = (step.cost - step.candidate_cost) / step.model_decrease
-    accepted = (step.finite & (step.model_decrease > 0) &
-                (gain > tf.constant(1e-4, dtype)))
+    gain, accepted = _gain_ratio_test(step, 1e-4)
     good = accepted & (gain > 0.75)
     poor = tf.logical_not(accepted) | (gain < 0.25)
     # Shrink from the step actually tried: while the Gauss-Newton step is
