@@ -48,7 +48,24 @@ import tensorflow as tf
 
 
 class StopReason(enum.IntEnum):
-  """Why a problem stopped; stored per problem as an int32 tensor."""
+  """Why a problem stopped; stored per problem as an int32 tensor.
+
+  Only the convergence tests (`converged` is True) mean success, and they
+  fire only on finite values. Every other ending is named:
+
+  RUNNING: not stopped (never in a returned result).
+  MAX_ITERATIONS: the iteration bound was reached first.
+  NOT_FINITE: the cost or the gradient at the current point is NaN or Inf
+    (at the start, or after an accepted step). The point is returned as it
+    is; nothing after it was tried.
+  STALLED: no acceptable step can be found: the damping reached its cap,
+    the trust region collapsed to the rounding level of the point, or
+    `MAX_CONSECUTIVE_INVALID_STEPS` steps in a row had a non-finite
+    candidate. Ceres ends such solves with a failure too.
+  INVALID_INPUT: the start was invalid (off the manifold, outside the
+    bounds, not finite) where only a graph run can tell; the start is
+    returned unchanged.
+  """
   RUNNING = 0
   MAX_ITERATIONS = 1
   GRADIENT_NORM = 2
@@ -57,12 +74,41 @@ class StopReason(enum.IntEnum):
   RELATIVE_COST_CHANGE = 5
   RELATIVE_STEP = 6
   NOT_FINITE = 7
+  STALLED = 8
+  INVALID_INPUT = 9
 
   @property
   def converged(self):
     return self in (StopReason.GRADIENT_NORM, StopReason.STEP_SIZE,
                     StopReason.COST, StopReason.RELATIVE_COST_CHANGE,
                     StopReason.RELATIVE_STEP)
+
+  @property
+  def message(self):
+    """One sentence for a person: what happened."""
+    return _STOP_MESSAGES[self]
+
+
+_STOP_MESSAGES = {
+    StopReason.RUNNING: "still running",
+    StopReason.MAX_ITERATIONS: "reached the iteration limit before any "
+                               "convergence test fired",
+    StopReason.GRADIENT_NORM: "converged: the gradient test fired",
+    StopReason.STEP_SIZE: "converged: the step-size test fired",
+    StopReason.COST: "converged: the cost fell below its tolerance",
+    StopReason.RELATIVE_COST_CHANGE: "converged: an accepted step changed "
+                                     "the cost by less than its tolerance",
+    StopReason.RELATIVE_STEP: "converged: the step was small relative to "
+                              "the point",
+    StopReason.NOT_FINITE: "failed: the cost or gradient at the current "
+                           "point is NaN or Inf",
+    StopReason.STALLED: "failed: no acceptable step could be found (damping "
+                        "at its cap, trust region collapsed, or repeated "
+                        "non-finite candidates)",
+    StopReason.INVALID_INPUT: "failed: the starting point is invalid (off "
+                              "the manifold, outside the bounds or not "
+                              "finite)",
+}
 
 
 Problem = collections.namedtuple(
@@ -619,7 +665,7 @@ def _as_callback_ops(callback_result):
 def minimize(problem, initial_point, policy, max_iterations, stopping=None,
              callback=None, num_records=0, initial_residual=None,
              initial_jacobian=None, geodesic_acceleration=None,
-             vanishing_column_tolerance=None):
+             vanishing_column_tolerance=None, invalid_start=None):
   """Runs the Levenberg-Marquardt loop.
 
   Args:
@@ -635,6 +681,10 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       norm, damping) are kept for the first `num_records` iterations.
     initial_residual, initial_jacobian: optional values at the start, to skip
       their evaluation.
+    invalid_start: optional [B...] bool tensor, True for problems whose start
+      failed a check that only a graph run can make (off the manifold,
+      outside the bounds); they stop at once with `INVALID_INPUT` and return
+      the start.
     vanishing_column_tolerance: None/0, or tau > 0 (scaled policies only):
       refuse an otherwise accepted step after which a column of J that was
       nonzero has ||J_j|| < tau max_k ||J_j(p_k)|| (the running maximum).
@@ -823,11 +873,16 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
   def cond(state):
     return tf.reduce_any(tf.equal(state.stop_reason, StopReason.RUNNING))
 
+  if invalid_start is not None:
+    state = state._replace(stop_reason=tf.where(
+        invalid_start, tf.constant(int(StopReason.INVALID_INPUT), tf.int32),
+        state.stop_reason))
   if stopping is not None:
     # Problems may stop before the first iteration (already converged).
     stop, reason = stopping(state)
-    state = state._replace(
-        stop_reason=tf.where(stop, tf.cast(reason, tf.int32), state.stop_reason))
+    state = state._replace(stop_reason=tf.where(
+        stop & tf.equal(state.stop_reason, StopReason.RUNNING),
+        tf.cast(reason, tf.int32), state.stop_reason))
   (state,) = tf.while_loop(cond, body, (state,),
                            maximum_iterations=max_iterations,
                            parallel_iterations=1)

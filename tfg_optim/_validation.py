@@ -20,13 +20,50 @@ def as_callable_list(value, name):
   return values
 
 
-def positive_int(value, name, minimum=1):
-  """A Python or NumPy integer >= minimum (bools are rejected)."""
+INT32_MAX = 2**31 - 1
+
+
+def positive_int(value, name, minimum=1, maximum=INT32_MAX):
+  """A Python or NumPy integer in [minimum, maximum] (bools are rejected).
+
+  The default maximum is the largest int32: counters and loop bounds are
+  int32 tensors, and a larger value would wrap silently.
+  """
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise TypeError(f"'{name}' must be an integer, got {value!r}.")
   if value < minimum:
     raise ValueError(f"'{name}' needs to be at least {minimum}.")
+  if value > maximum:
+    raise ValueError(f"'{name}' must be at most {maximum}, got {value}.")
   return int(value)
+
+
+def connected_outputs(function, primals, names):
+  """Evaluates `function()` -> list of tensors, checking that each depends on
+  `primals` (a structure of tensors) through differentiable ops.
+
+  The evaluation runs under a forward-mode accumulator whose tangents are
+  ones; an output with no tangent at all (None, not a computed zero) is not
+  connected: computed in NumPy, from constants, through `tf.stop_gradient`
+  or through ops without gradients. Such a residual would make every solver
+  report convergence at the start, so it is an error, raised while tracing.
+  In a graph the tangent ops are pruned when nothing reads them.
+
+  Returns the outputs. Raises ValueError naming the first unconnected one.
+  """
+  flat = tf.nest.flatten(primals)
+  with tf.autodiff.ForwardAccumulator(
+      flat, [tf.ones_like(p) for p in flat]) as accumulator:
+    outputs = function()
+  for output, name in zip(outputs, names):
+    if accumulator.jvp(output) is None:
+      raise ValueError(
+          f"'{name}' does not depend on the variables through "
+          "differentiable TensorFlow ops (was it computed in NumPy, from "
+          "constants, through tf.stop_gradient, or through ops without "
+          "gradients such as round, floor or an int cast?); the solver "
+          "cannot move it.")
+  return outputs
 
 
 def real_number(value, name, lower=None, lower_inclusive=True, upper=None,
