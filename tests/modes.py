@@ -12,23 +12,32 @@ import tensorflow as tf
 MODES = ("eager", "function", "xla", "session")
 
 
-def run(build, inputs, mode):
-  """Returns build(*inputs) evaluated in `mode`, as NumPy values."""
+def run(build, inputs, mode, signature=None):
+  """Returns build(*inputs) evaluated in `mode`, as NumPy values.
+
+  `signature`: optional list of shapes (None for an unknown dimension), one
+  per input, for the graph modes: the `tf.function` input signature, or the
+  placeholders' shapes; by default the inputs' own shapes.
+  """
   inputs = [np.asarray(value) for value in inputs]
+  shapes = signature or [value.shape for value in inputs]
   if mode == "eager":
     outputs = build(*[tf.constant(value) for value in inputs])
     return tf.nest.map_structure(_numpy, outputs)
   if mode in ("function", "xla"):
-    function = tf.function(build, jit_compile=(mode == "xla"),
-                           autograph=False)
+    function = tf.function(
+        build, jit_compile=(mode == "xla"), autograph=False,
+        input_signature=None if signature is None else [
+            tf.TensorSpec(shape, tf.as_dtype(value.dtype))
+            for shape, value in zip(shapes, inputs)])
     outputs = function(*[tf.constant(value) for value in inputs])
     return tf.nest.map_structure(_numpy, outputs)
   if mode == "session":
     graph = tf.Graph()
     with graph.as_default():
       placeholders = [tf.compat.v1.placeholder(tf.as_dtype(value.dtype),
-                                               value.shape)
-                      for value in inputs]
+                                               shape)
+                      for value, shape in zip(inputs, shapes)]
       outputs = build(*placeholders)
       with tf.compat.v1.Session(graph=graph) as session:
         session.run(tf.compat.v1.global_variables_initializer())

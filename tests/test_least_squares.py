@@ -116,10 +116,14 @@ def test_vanishing_column_refusal_every_mode(mode):
   assert StopReason(int(got[4])).converged
 
 
-def test_vanishing_column_refusal_keeps_mgh17_off_its_plateau():
-  """From MGH17 start 1 the trust region walks to b4 ~ 186, b5 ~ 96, where
-  both exponentials vanish for x > 0, unless those steps are refused."""
-  assert _lre("MGH17", 1, vanishing_column_tolerance=0.0) < 1
+def test_mgh17_start_1_needs_no_refusal_once_acceleration_falls_back():
+  """From MGH17 start 1 the trust region used to walk to b4 ~ 186, b5 ~ 96,
+  where both exponentials vanish for x > 0, unless those steps were
+  refused. Since an inadmissible acceleration falls back to the plain step
+  instead of rejecting the iteration, the walk no longer happens: both
+  reach the certified values."""
+  assert _lre("MGH17", 1) >= 6
+  assert _lre("MGH17", 1, vanishing_column_tolerance=0.0) >= 6
 
 
 def test_nielsen_damping_crawls_on_mgh10_start_1():
@@ -165,8 +169,9 @@ def test_second_directional_derivative_closed_form(user_jacobian):
                                rtol=1e-9)
     np.testing.assert_allclose(got[:, 1], want[:, 1], atol=0.05)
   else:
+    # A forward difference of Jacobian-vector products: about sqrt(eps).
     assert evaluations == 0
-    np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_geodesic_acceleration_is_zero_on_a_linear_problem():
@@ -313,8 +318,11 @@ def test_every_mode_solves(name, dtype, mode):
   # iterations are decided by rounding (the float64 function tolerance, 1e-16,
   # is at the rounding floor) and kernels round differently across modes, so
   # the iteration counts may differ by several (DanWood: 19 eager, 26 XLA).
+  # Geodesic acceleration's finite difference (relative error sqrt(eps))
+  # carries such rounding differences into the last digits: Misra1a ends
+  # 1.3e-9 apart in tf.function and eagerly.
   np.testing.assert_allclose(position, eager[0],
-                             rtol=1e-9 if dtype == "float64" else 1e-4)
+                             rtol=1e-8 if dtype == "float64" else 1e-4)
   if dtype == "float64":
     assert abs(int(got[2]) - int(eager[2])) <= 10
     assert int(got[3]) == int(got[2]) + 1

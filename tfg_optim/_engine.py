@@ -58,10 +58,12 @@ class StopReason(enum.IntEnum):
   NOT_FINITE: the cost or the gradient at the current point is NaN or Inf
     (at the start, or after an accepted step). The point is returned as it
     is; nothing after it was tried.
-  STALLED: no acceptable step can be found: the damping reached its cap,
-    the trust region collapsed to the rounding level of the point, or
-    `MAX_CONSECUTIVE_INVALID_STEPS` steps in a row had a non-finite
-    candidate. Ceres ends such solves with a failure too.
+  STALLED: no acceptable step can be found: a rejected step is zero or the
+    damping is exhausted (Inf, or at its cap), or a step
+    test fired on a step that the damping, not the problem, made small while
+    the Gauss-Newton model still promised a real decrease (a trust region
+    collapsed against the edge of the residual's domain, say; see
+    `_StopCheck`). Ceres ends such solves with a failure too.
   INVALID_INPUT: the start was invalid (off the manifold, outside the
     bounds, not finite) where only a graph run can tell; the start is
     returned unchanged.
@@ -102,9 +104,8 @@ _STOP_MESSAGES = {
                               "the point",
     StopReason.NOT_FINITE: "failed: the cost or gradient at the current "
                            "point is NaN or Inf",
-    StopReason.STALLED: "failed: no acceptable step could be found (damping "
-                        "at its cap, trust region collapsed, or repeated "
-                        "non-finite candidates)",
+    StopReason.STALLED: "failed: no acceptable step could be found (the "
+                        "damping, not a solution, made the steps vanish)",
     StopReason.INVALID_INPUT: "failed: the starting point is invalid (off "
                               "the manifold, outside the bounds or not "
                               "finite)",
@@ -134,19 +135,25 @@ LoopState = collections.namedtuple(
     ["iteration", "point", "residual", "jacobian", "gradient", "cost",
      "initial_cost", "damping", "step_norm", "cost_change", "num_iterations", "num_accepted",
      "num_rejected", "num_residual_evaluations", "num_jacobian_evaluations",
-     "stop_reason", "records"])
+     "stop_reason", "records", "wall_time"])
+LoopState.__doc__ = """The loop's state, one entry per problem of a batch.
+
+`wall_time` is the start's `tf.timestamp()` while the loop runs and the
+seconds the solve took, measured in the graph, once it returns (NaN under
+XLA, which cannot compile timestamps)."""
 
 Step = collections.namedtuple(
     "Step", ["cost", "candidate_cost", "model_decrease", "penalty", "finite",
-             "scaled_norm"])
+             "scaled_norm", "curvature"])
 Step.__doc__ = """What a damping policy sees of one trial step s.
 
 cost: cost at the current point. candidate_cost: cost at the candidate.
-model_decrease: decrease of the Gauss-Newton model, -g^T s - 1/2 ||J s||^2.
-penalty: 1/2 lambda s^T D s, the damping term of the regularized model.
-  (Both None unless the policy sets `uses_predicted_decrease`.)
+model_decrease: decrease of the Gauss-Newton model, -g^T v - 1/2 ||J v||^2,
+  for the damped step v (without geodesic acceleration).
+penalty: 1/2 lambda v^T D v, the damping term of the regularized model.
 finite: whether the step and the candidate cost are finite.
 scaled_norm: ||D^1/2 s|| (||s|| for an unscaled policy).
+curvature: ||J v||^2, the model's curvature term.
 """
 
 
@@ -260,25 +267,48 @@ def second_directional_derivative(problem, point, direction, residual,
                                   jacobian_matrix):
   """F''(p)[v, v] = d^2/dt^2 F(R_p(t v)) at t = 0, shape [B..., m].
 
-  By nested forward-mode automatic differentiation (exact, no residual
-  evaluation counted); with a user Jacobian, by the finite difference
-  (2 / h) ((F(R_p(h v)) - F(p)) / h - J v), h = 0.1, which costs one residual
-  evaluation. Returns (value, residual evaluations spent).
+  A forward difference of Jacobian-vector products,
+
+      (d/dt F(R_p(t v)) at t = tau  -  J v) / tau,
+      tau = sqrt(eps) (1 + ||p||) / ||v||,
+
+  with one forward-mode product at the shifted point (no residual
+  evaluation counted; relative error about sqrt(eps), which is far below
+  what geodesic acceleration needs). It works wherever the Jacobian does.
+  Exact second-order automatic differentiation does not: TensorFlow cannot
+  nest forward-mode accumulators over ops whose outputs have no tangent
+  (comparisons in `tf.where`, `round`, `floor`, `sign`, integer casts) in
+  graphs nor under an eager `GradientTape`, and under XLA the gradients of
+  slices are XLA ops without gradients of their own. With a user Jacobian,
+  the finite difference (2 / h) ((F(R_p(h v)) - F(p)) / h - J v), h = 0.1,
+  which costs one residual evaluation. Returns (value, residual evaluations
+  spent).
   """
+  dtype = residual.dtype
+  slope = tf.linalg.matvec(jacobian_matrix, direction)
   if problem.jacobian_fn is not None:
-    h = tf.constant(_SECOND_DERIVATIVE_STEP, residual.dtype)
+    h = tf.constant(_SECOND_DERIVATIVE_STEP, dtype)
     shifted = problem.residual_fn(problem.retract(point, h * direction))
-    slope = tf.linalg.matvec(jacobian_matrix, direction)
     return (2.0 / h) * ((shifted - residual) / h - slope), 1
-  zero_step = tf.zeros_like(direction)
-  with tf.autodiff.ForwardAccumulator(zero_step, direction) as outer:
-    with tf.autodiff.ForwardAccumulator(zero_step, direction) as inner:
-      value = problem.residual_fn(problem.retract(point, zero_step))
-    slope = inner.jvp(value, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  curvature = outer.jvp(slope,
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  # Nested accumulators may lose the static shape while tracing.
-  curvature = tf.reshape(curvature, tf.shape(residual))
+  batch_rank = direction.shape.rank - 1
+  point_norm = tf.sqrt(tf.add_n([
+      tf.reduce_sum(tf.square(part), axis=list(range(batch_rank,
+                                                      part.shape.rank)))
+      for part in tf.nest.flatten(point)]))
+  direction_norm = tf.norm(direction, axis=-1)
+  moving = direction_norm > 0
+  tau = tf.constant(np.sqrt(np.finfo(dtype.as_numpy_dtype).eps), dtype) * (
+      1.0 + point_norm) / tf.where(moving, direction_norm,
+                                   tf.ones_like(direction_norm))
+  shifted_step = tau[..., tf.newaxis] * direction
+  with tf.autodiff.ForwardAccumulator(shifted_step, direction) as accumulator:
+    value = problem.residual_fn(problem.retract(point, shifted_step))
+  shifted_slope = accumulator.jvp(
+      value, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  curvature = (tf.reshape(shifted_slope, tf.shape(slope)) - slope) / tau[
+      ..., tf.newaxis]
+  curvature = tf.where(moving[..., tf.newaxis], curvature,
+                       tf.zeros_like(curvature))
   curvature.set_shape(residual.shape)
   return curvature, 0
 
@@ -368,7 +398,6 @@ class DampingPolicy:
   the Jacobian changes (`observe_jacobian`).
   """
 
-  uses_predicted_decrease = False
   scaled = False
 
   def initial(self, dtype, batch_shape, jacobian_matrix):
@@ -432,7 +461,6 @@ class GainRatioDamping(DampingPolicy):
   mu <- max(mu_min, mu / beta). Reject: mu <- beta mu.
   """
 
-  uses_predicted_decrease = True
 
   def __init__(self, eta, damping_term_min, beta, expect_zero_residual):
     self.eta = eta
@@ -502,7 +530,6 @@ class NielsenDamping(DampingPolicy):
   and nu = 2; else lambda *= nu and nu *= 2.
   """
 
-  uses_predicted_decrease = True
 
   def __init__(self, initial=1e-3, acceptance=0.0, scaled=True):
     self.initial_lambda = initial
@@ -563,7 +590,6 @@ class TrustRegionDamping(DampingPolicy):
   factorization, and `newton_iterations` O(n) root-finding steps.
   """
 
-  uses_predicted_decrease = True
   scaled = True
 
   def __init__(self, initial_radius=100.0, newton_iterations=30):
@@ -623,7 +649,11 @@ class TrustRegionDamping(DampingPolicy):
       # psi(lambda) = 1/radius - 1/length, psi' = -slope / length^3.
       update = ((current / radius - 1.0) * tf.square(current) /
                 tf.maximum(slope, tiny))
-      lam = tf.where(current > radius, lam + update, lam)
+      # Overflow (float32: coefficients / tiny shifts) must not make lambda
+      # NaN: keep the last finite value, and let the gain ratio judge.
+      raised = lam + update
+      lam = tf.where((current > radius) & tf.math.is_finite(raised), raised,
+                     lam)
     final_shift = shifted(lam)
 
     def solve(residual, rhs_gradient):
@@ -654,6 +684,16 @@ class TrustRegionDamping(DampingPolicy):
 # -- the loop ------------------------------------------------------------------
 
 
+def _timestamp():
+  """`tf.timestamp()`, or None under XLA (no kernel there)."""
+  from tensorflow.python.ops import control_flow_util  # pylint: disable=g-import-not-at-top
+  graph = tf.compat.v1.get_default_graph()
+  if (not tf.executing_eagerly() and
+      control_flow_util.GraphOrParentsInXlaContext(graph)):
+    return None
+  return tf.timestamp()
+
+
 def _as_callback_ops(callback_result):
   if callback_result is None:
     return []
@@ -665,7 +705,8 @@ def _as_callback_ops(callback_result):
 def minimize(problem, initial_point, policy, max_iterations, stopping=None,
              callback=None, num_records=0, initial_residual=None,
              initial_jacobian=None, geodesic_acceleration=None,
-             vanishing_column_tolerance=None, invalid_start=None):
+             vanishing_column_tolerance=None, invalid_start=None,
+             safeguards=True, initial_residual_evaluations=0):
   """Runs the Levenberg-Marquardt loop.
 
   Args:
@@ -681,10 +722,17 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       norm, damping) are kept for the first `num_records` iterations.
     initial_residual, initial_jacobian: optional values at the start, to skip
       their evaluation.
-    invalid_start: optional [B...] bool tensor, True for problems whose start
-      failed a check that only a graph run can make (off the manifold,
-      outside the bounds); they stop at once with `INVALID_INPUT` and return
-      the start.
+    initial_residual_evaluations: residual evaluations the caller spent on
+      `initial_residual` (counted in the results; 0 for a value the user
+      gave).
+    geodesic_acceleration: None, or alpha > 0 to add Transtrum's second-order
+      correction to every step: with the velocity v (the damped step) and
+      the acceleration a solving (J^T J + lambda D) a = -J^T F''(p)[v, v],
+      the trial step is s = v + a / 2 where 2 ||a||_D / ||v||_D <= alpha
+      (||x||_D^2 = x^T D x), else the plain step v. The ratio bounds the
+      curvature of the path the step follows: where it is large the
+      quadratic correction means nothing, and the plain step is still the
+      damped Gauss-Newton step.
     vanishing_column_tolerance: None/0, or tau > 0 (scaled policies only):
       refuse an otherwise accepted step after which a column of J that was
       nonzero has ||J_j|| < tau max_k ||J_j(p_k)|| (the running maximum).
@@ -692,25 +740,33 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       underflowing for all data, and a stationary point there is a
       degenerate plateau. The refusal costs the Jacobian evaluation at the
       refused point (counted) and updates the damping as a rejection.
-    geodesic_acceleration: None, or alpha > 0 to add Transtrum's second-order
-      correction to every step: with the velocity v (the damped step) and
-      the acceleration a solving (J^T J + lambda D) a = -J^T F''(p)[v, v],
-      the trial step is s = v + a / 2, admissible only if
-      2 ||a||_D / ||v||_D <= alpha (||x||_D^2 = x^T D x); an inadmissible
-      step is rejected like a failed one. The ratio bounds the curvature of
-      the path the step follows, which keeps the method off steps that leave
-      the region where the linear model means anything.
+    invalid_start: optional [B...] bool tensor, True for problems whose start
+      failed a check that only a graph run can make (off the manifold,
+      outside the bounds); they stop at once with `INVALID_INPUT` and return
+      the start.
+    safeguards: True (every front-end with stopping tests) for the honest
+      endings of `StopReason`: NOT_FINITE at a non-finite cost or gradient
+      (also at the start), a step whose new gradient is not finite is
+      refused like an invalid one, STALLED when the step no longer moves
+      the point or the damping is exhausted, and step tests that fire while
+      the model still promises a decrease are STALLED, not converged (see
+      `_stop`). False keeps TensorFlow Graphics' contract: every iteration
+      runs, nothing else is checked.
 
   Returns:
     The final `LoopState`.
   """
   cost_fn = problem.cost_fn or default_cost
+  start_time = _timestamp()
+  if start_time is not None:
+    with tf.control_dependencies([start_time]):
+      initial_point = tf.nest.map_structure(tf.identity, initial_point)
   if initial_residual is None:
     residual = problem.residual_fn(initial_point)
     residual_evaluations = 1
   else:
     residual = tf.convert_to_tensor(initial_residual)
-    residual_evaluations = 0
+    residual_evaluations = initial_residual_evaluations
   dtype = residual.dtype
   batch_shape = tf.shape(residual)[:-1]
   batch_rank = residual.shape.rank - 1
@@ -751,81 +807,57 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       num_residual_evaluations=zeros_int + residual_evaluations,
       num_jacobian_evaluations=zeros_int + jacobian_evaluations,
       stop_reason=zeros_int,
-      records=records)
+      records=records,
+      wall_time=(tf.constant(np.nan, tf.float64) if start_time is None
+                 else start_time))
+  check = _StopCheck(stopping, safeguards, policy, batch_rank)
 
   def body(state):
     active = tf.equal(state.stop_reason, StopReason.RUNNING)
-    lam = policy.regularization(state.damping, state.cost)
-    scaling = policy.scaling(state.damping) if policy.scaled else None
-    solve, trial_damping = policy.solver(state.damping, state.jacobian,
-                                         state.gradient, lam, scaling)
-    step = velocity = solve(state.residual, state.gradient)
+    trial, solve = _propose(policy, state)
     extra_evaluations = 0
-    admissible = True
     if geodesic_acceleration is not None:
-      curvature, extra_evaluations = second_directional_derivative(
-          problem, state.point, step, state.residual, state.jacobian)
-      acceleration = solve(curvature, tf.linalg.matvec(
-          state.jacobian, curvature, adjoint_a=True))
-      weight = 1.0 if scaling is None else scaling
-      ratio = 2.0 * tf.sqrt(
-          tf.reduce_sum(weight * tf.square(acceleration), axis=-1) /
-          tf.reduce_sum(weight * tf.square(step), axis=-1))
-      admissible = ratio <= tf.constant(geodesic_acceleration, dtype)
-      step = velocity + 0.5 * acceleration
-    candidate = problem.retract(state.point, step)
+      trial, extra_evaluations = _accelerate(problem, state, trial, solve,
+                                             geodesic_acceleration)
+    candidate = problem.retract(state.point, trial.step)
     candidate_residual = problem.residual_fn(candidate)
     candidate_cost = cost_fn(candidate_residual)
-    finite = (_all_finite(step, batch_rank) & tf.math.is_finite(candidate_cost)
-              & admissible)
-    model_decrease = penalty = None
-    if policy.uses_predicted_decrease:
-      model_step = tf.linalg.matvec(state.jacobian, velocity)
-      model_decrease = -(tf.reduce_sum(state.gradient * velocity, axis=-1) +
-                         0.5 * tf.reduce_sum(tf.square(model_step), axis=-1))
-      penalty = 0.5 * lam * tf.reduce_sum(
-          velocity * velocity * (1.0 if scaling is None else scaling), axis=-1)
-    scaled_norm = tf.sqrt(tf.reduce_sum(
-        step * step * (1.0 if scaling is None else scaling), axis=-1))
-    trial = Step(state.cost, candidate_cost, model_decrease, penalty, finite,
-                 scaled_norm)
-    accepted, damping = policy.update(trial_damping, trial)
+    judged = _judge(policy, state, trial, candidate_cost, batch_rank)
+    accepted, damping = policy.update(trial.damping, judged)
     accepted &= active
-    relinearized = accepted
-    trial_point = select_structure(relinearized, candidate, state.point)
+    # Advance: the Jacobian at the accepted candidates, then the refusals
+    # that need it.
+    trial_point = select_structure(accepted, candidate, state.point)
 
     def relinearize():
       new_jacobian = jacobian(problem, trial_point, batch_shape, num_residuals)
-      return select(relinearized, new_jacobian, state.jacobian)
+      return select(accepted, new_jacobian, state.jacobian)
 
+    relinearized = accepted
     jacobian_matrix = tf.cond(tf.reduce_any(accepted), relinearize,
                               lambda: state.jacobian)
-    if vanishing_column_tolerance and policy.scaled:
-      old_norms = tf.reduce_sum(tf.square(state.jacobian), axis=-2)
-      new_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
-      reference = policy.scaling(state.damping)  # running max of ||J_j||^2
-      collapsed = accepted & tf.reduce_any(
-          (old_norms > 0) &
-          (new_norms < tf.constant(vanishing_column_tolerance ** 2, dtype) *
-           reference), axis=-1)
+    candidate_gradient = tf.linalg.matvec(jacobian_matrix, candidate_residual,
+                                          adjoint_a=True)
+    invalid = _invalid_steps(
+        state, accepted, jacobian_matrix, candidate_gradient, policy,
+        vanishing_column_tolerance if policy.scaled else None, safeguards,
+        batch_rank)
+    if invalid is not None:
       _, refused = policy.update(
-          trial_damping, trial._replace(finite=tf.zeros_like(finite)))
-      damping = select_structure(collapsed, refused, damping)
-      accepted &= tf.logical_not(collapsed)
+          trial.damping, judged._replace(finite=tf.zeros_like(judged.finite)))
+      damping = select_structure(invalid, refused, damping)
+      accepted &= tf.logical_not(invalid)
       jacobian_matrix = select(accepted, jacobian_matrix, state.jacobian)
     damping = select_structure(active, damping, state.damping)
 
     point = select_structure(accepted, candidate, state.point)
     residual = select(accepted, candidate_residual, state.residual)
     new_cost = tf.where(accepted, candidate_cost, state.cost)
-    gradient = select(accepted,
-                      tf.linalg.matvec(jacobian_matrix, residual,
-                                       adjoint_a=True),
-                      state.gradient)
+    gradient = select(accepted, candidate_gradient, state.gradient)
     damping = policy.observe_jacobian(damping, jacobian_matrix)
     jacobian_matrix, gradient = hold_fixed(problem, point, jacobian_matrix,
                                            gradient)
-    step_norm = tf.where(active & finite, tf.norm(step, axis=-1),
+    step_norm = tf.where(active & judged.finite, tf.norm(trial.step, axis=-1),
                          state.step_norm)
     cost_change = tf.where(accepted, state.cost - new_cost,
                            tf.where(active, tf.zeros_like(new_cost),
@@ -851,16 +883,19 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
         num_jacobian_evaluations=(state.num_jacobian_evaluations +
                                   tf.cast(relinearized, tf.int32)),
         stop_reason=state.stop_reason,
-        records=state.records)
+        records=state.records,
+        wall_time=state.wall_time)
     if num_records:
       new_state = new_state._replace(
           records=_record(state.records, state.iteration, num_records, active,
                           (new_cost, tf.norm(gradient, axis=-1), step_norm,
                            policy.damping_value(damping))))
-    if stopping is not None:
-      stop, reason = stopping(new_state)
-      new_state = new_state._replace(stop_reason=tf.where(
-          active & stop, tf.cast(reason, tf.int32), state.stop_reason))
+    zero_step = tf.reduce_all(tf.equal(trial.step, 0), axis=-1)
+    new_state = check(new_state, active,
+                      stuck=active & tf.logical_not(accepted) & (
+                          zero_step | _exhausted(
+                              policy.damping_value(damping))),
+                      damping_limited=_damping_limited(judged))
 
     if callback is not None:
       callback_ops = _as_callback_ops(
@@ -877,21 +912,215 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     state = state._replace(stop_reason=tf.where(
         invalid_start, tf.constant(int(StopReason.INVALID_INPUT), tf.int32),
         state.stop_reason))
-  if stopping is not None:
-    # Problems may stop before the first iteration (already converged).
-    stop, reason = stopping(state)
-    state = state._replace(stop_reason=tf.where(
-        stop & tf.equal(state.stop_reason, StopReason.RUNNING),
-        tf.cast(reason, tf.int32), state.stop_reason))
+  # Problems may stop before the first iteration (already converged, or not
+  # finite at the start).
+  state = check(state, tf.equal(state.stop_reason, StopReason.RUNNING))
   (state,) = tf.while_loop(cond, body, (state,),
                            maximum_iterations=max_iterations,
                            parallel_iterations=1)
   running = tf.equal(state.stop_reason, StopReason.RUNNING)
+  if start_time is not None:
+    with tf.control_dependencies(tf.nest.flatten(state)):
+      state = state._replace(wall_time=_timestamp() - state.wall_time)
   return state._replace(
       damping=policy.damping_value(state.damping),
       stop_reason=tf.where(
           running, tf.constant(int(StopReason.MAX_ITERATIONS), tf.int32),
           state.stop_reason))
+
+
+# -- the loop's stages ---------------------------------------------------------
+
+Trial = collections.namedtuple(
+    "Trial", ["velocity", "step", "regularization", "scaling", "damping"])
+Trial.__doc__ = """A proposed step.
+
+velocity: the damped Gauss-Newton step v; step: the step tried (v, or v plus
+half the geodesic acceleration); regularization: lambda, [B...]; scaling: D's
+diagonal [B..., n] or None for the identity; damping: the policy's state for
+`update` (a trust-region policy sets its lambda while solving).
+"""
+
+
+def _propose(policy, state):
+  """The damped step v = -(J^T J + lambda D)^-1 J^T F, by the policy's solver;
+  returns (`Trial`, the solve, for corrections that reuse its factor)."""
+  lam = policy.regularization(state.damping, state.cost)
+  scaling = policy.scaling(state.damping) if policy.scaled else None
+  solve, trial_damping = policy.solver(state.damping, state.jacobian,
+                                       state.gradient, lam, scaling)
+  velocity = solve(state.residual, state.gradient)
+  # A policy that owns its solve (the trust region) chose lambda in it.
+  lam = policy.regularization(trial_damping, state.cost)
+  return Trial(velocity, velocity, lam, scaling, trial_damping), solve
+
+
+def _accelerate(problem, state, trial, solve, alpha):
+  """Geodesic acceleration (Transtrum & Sethna 2012): s = v + a / 2 with
+  (J^T J + lambda D) a = -J^T F''(p)[v, v], where admissible
+  (2 ||a||_D / ||v||_D <= alpha, finite); elsewhere s = v.
+  Returns (`Trial`, residual evaluations spent)."""
+  velocity = trial.velocity
+  curvature, evaluations = second_directional_derivative(
+      problem, state.point, velocity, state.residual, state.jacobian)
+  acceleration = solve(curvature, tf.linalg.matvec(
+      state.jacobian, curvature, adjoint_a=True))
+  weight = 1.0 if trial.scaling is None else trial.scaling
+  ratio = 2.0 * tf.sqrt(
+      tf.reduce_sum(weight * tf.square(acceleration), axis=-1) /
+      tf.reduce_sum(weight * tf.square(velocity), axis=-1))
+  admissible = ratio <= tf.constant(alpha, velocity.dtype)  # False for NaN
+  step = select(admissible, velocity + 0.5 * acceleration, velocity)
+  return trial._replace(step=step), evaluations
+
+
+def _judge(policy, state, trial, candidate_cost, batch_rank):
+  """The `Step` the policy judges: costs, the velocity's model decrease and
+  damping penalty (when the policy uses them), finiteness, scaled norm."""
+  finite = (_all_finite(trial.step, batch_rank) &
+            tf.math.is_finite(candidate_cost))
+  weight = 1.0 if trial.scaling is None else trial.scaling
+  velocity = trial.velocity
+  model_step = tf.linalg.matvec(state.jacobian, velocity)
+  model_decrease = -(tf.reduce_sum(state.gradient * velocity, axis=-1) +
+                     0.5 * tf.reduce_sum(tf.square(model_step), axis=-1))
+  penalty = 0.5 * trial.regularization * tf.reduce_sum(
+      weight * tf.square(velocity), axis=-1)
+  scaled_norm = tf.sqrt(tf.reduce_sum(weight * tf.square(trial.step), axis=-1))
+  return Step(state.cost, candidate_cost, model_decrease, penalty, finite,
+              scaled_norm, tf.reduce_sum(tf.square(model_step), axis=-1))
+
+
+def _damping_limited(step):
+  """[B...]: whether the damping term, more than the curvature, shaped the
+  step v: lambda v^T D v > ||J v||^2, i.e. more than half of
+  -g^T v = ||J v||^2 + lambda v^T D v (exact for a damped step)."""
+  return 2.0 * step.penalty > step.curvature
+
+
+def _invalid_steps(state, accepted, jacobian_matrix, candidate_gradient,
+                   policy, vanishing_column_tolerance, safeguards, batch_rank):
+  """[B...] accepted steps to refuse after all (Ceres' invalid steps), or
+  None when no filter is on:
+  - with `safeguards`, the gradient at the candidate is not finite (e.g.
+    sqrt at 0): continuing from there could only end NOT_FINITE;
+  - with a tolerance tau, a Jacobian column that was nonzero has
+    ||J_j||^2 < tau^2 max_k ||J_j(p_k)||^2 at the candidate.
+  """
+  invalid = None
+  if vanishing_column_tolerance:
+    old_norms = tf.reduce_sum(tf.square(state.jacobian), axis=-2)
+    new_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
+    reference = policy.scaling(state.damping)  # running max of ||J_j||^2
+    invalid = accepted & tf.reduce_any(
+        (old_norms > 0) &
+        (new_norms < tf.constant(vanishing_column_tolerance ** 2,
+                                 new_norms.dtype) * reference), axis=-1)
+  if safeguards:
+    not_finite = accepted & tf.logical_not(
+        _all_finite(candidate_gradient, batch_rank))
+    invalid = not_finite if invalid is None else invalid | not_finite
+  return invalid
+
+
+def _exhausted(damping_value):
+  """[B...]: the damping reached its cap (1e300, 1e37 in float32), Inf or
+  NaN; no step it gives can move the point."""
+  dtype = damping_value.dtype
+  cap = tf.constant(1e300 if dtype == tf.float64 else 1e37, dtype)
+  # Not logical_not(value < cap): Grappler rewrites that to value >= cap,
+  # which is False for NaN.
+  return tf.logical_not(tf.math.is_finite(damping_value)) | (
+      damping_value >= cap)
+
+
+def cauchy_decrease(jacobian_matrix, gradient, scaling=None):
+  """The Gauss-Newton model's decrease at its Cauchy point, [B...]:
+
+      (g^T D^-1 g)^2 / (2 ||J D^-1 g||^2),
+
+  the best decrease of 1/2 ||F + J s||^2 along the scaled steepest-descent
+  direction s = -t D^-1 g, hence a lower bound of the model's best decrease.
+  Zero where g = 0."""
+  direction = gradient if scaling is None else gradient / scaling
+  slope = tf.reduce_sum(gradient * direction, axis=-1)
+  curvature = tf.reduce_sum(
+      tf.square(tf.linalg.matvec(jacobian_matrix, direction)), axis=-1)
+  positive = curvature > 0
+  return tf.where(positive, 0.5 * tf.square(slope) / tf.where(
+      positive, curvature, tf.ones_like(curvature)), tf.zeros_like(slope))
+
+
+_STEP_TESTS = (StopReason.STEP_SIZE, StopReason.RELATIVE_STEP,
+               StopReason.RELATIVE_COST_CHANGE)
+
+
+class _StopCheck:
+  """The stop stage: the caller's criterion, then (with safeguards) the
+  honest endings.
+
+  - A step or cost-change test that fires on a step shaped more by the
+    damping than by the curvature (`_damping_limited`) while the
+    Gauss-Newton model still promises to remove more than a tenth of the
+    cost, and more than sqrt(eps) times the initial cost (by
+    `cauchy_decrease`, a lower bound of the model's promise), is STALLED:
+    the damping, not the problem, made the step small (e.g. a trust region
+    collapsed against the edge of the residual's domain). Converged points
+    fail at least one condition: near a solution Gauss-Newton steps are
+    barely damped; a large residual's promise falls with the gradient; a
+    zero residual's promise is at most its cost, which is then tiny next to
+    the initial cost; and a loose user tolerance stops while the promise is
+    a small fraction of the cost.
+  - `stuck`: a rejected step that is exactly zero, or an exhausted
+    damping: STALLED, since no later iteration can differ. (A rejected
+    step too small to change the point in floating point is not enough:
+    the damping keeps growing until a step test fires or the damping is
+    exhausted, which bounds every loop, with or without an iteration
+    limit.)
+  - A non-finite cost or gradient at the current point: NOT_FINITE, which
+    overrides every other reason.
+  """
+
+  def __init__(self, stopping, safeguards, policy, batch_rank):
+    self.stopping = stopping
+    self.safeguards = safeguards
+    self.policy = policy
+    self.batch_rank = batch_rank
+
+  def __call__(self, state, active, stuck=None, damping_limited=None):
+    if self.stopping is None and not self.safeguards:
+      return state
+    if self.stopping is not None:
+      stop, reason = self.stopping(state)
+      reason = tf.cast(reason, tf.int32)
+    else:
+      stop = tf.zeros_like(active)
+      reason = tf.zeros_like(state.stop_reason)
+    if self.safeguards:
+      stalled = tf.constant(int(StopReason.STALLED), tf.int32)
+      if damping_limited is not None:  # after a step
+        step_test = tf.zeros_like(stop)
+        for member in _STEP_TESTS:
+          step_test |= tf.equal(reason, int(member))
+        scaling = (self.policy.scaling(state.damping) if self.policy.scaled
+                   else None)
+        promise = cauchy_decrease(state.jacobian, state.gradient, scaling)
+        dtype = state.cost.dtype
+        floor = tf.constant(np.sqrt(np.finfo(dtype.as_numpy_dtype).eps),
+                            dtype) * state.initial_cost
+        reason = tf.where(step_test & damping_limited &
+                          (promise > 0.1 * state.cost) & (promise > floor),
+                          stalled, reason)
+      if stuck is not None:
+        reason = tf.where(stop, reason, stalled)
+        stop |= stuck
+      not_finite = tf.logical_not(tf.math.is_finite(state.cost) & _all_finite(
+          state.gradient, self.batch_rank))
+      reason = tf.where(not_finite, tf.constant(int(StopReason.NOT_FINITE),
+                                                tf.int32), reason)
+      stop |= not_finite
+    return state._replace(stop_reason=tf.where(
+        active & stop, reason, state.stop_reason))
 
 
 def _record(records, iteration, num_records, active, values):

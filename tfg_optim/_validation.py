@@ -44,7 +44,7 @@ def connected_outputs(function, primals, names):
 
   The evaluation runs under a forward-mode accumulator whose tangents are
   ones; an output with no tangent at all (None, not a computed zero) is not
-  connected: computed in NumPy, from constants, through `tf.stop_gradient`
+  connected: computed in NumPy, from constants,
   or through ops without gradients. Such a residual would make every solver
   report convergence at the start, so it is an error, raised while tracing.
   In a graph the tangent ops are pruned when nothing reads them.
@@ -60,9 +60,8 @@ def connected_outputs(function, primals, names):
       raise ValueError(
           f"'{name}' does not depend on the variables through "
           "differentiable TensorFlow ops (was it computed in NumPy, from "
-          "constants, through tf.stop_gradient, or through ops without "
-          "gradients such as round, floor or an int cast?); the solver "
-          "cannot move it.")
+          "constants, or only through ops without gradients such as round, "
+          "floor or an int cast?); the solver cannot move it.")
   return outputs
 
 
@@ -85,8 +84,14 @@ def real_number(value, name, lower=None, lower_inclusive=True, upper=None,
   return value
 
 
-def float_tensors(values, name):
-  """Converts values to tensors of one float dtype with fully known shapes."""
+def float_tensors(values, name, batch_dims=None):
+  """Converts values to tensors of one float dtype.
+
+  With `batch_dims=None` every shape must be fully known; with an int, only
+  the dimensions after the first `batch_dims` (each problem's own shape, which
+  fixes the number of parameters while tracing): batch dimensions may be
+  unknown (`tf.TensorSpec([None, 3])`).
+  """
   tensors = []
   for index, value in enumerate(values):
     where = name if len(values) == 1 else f"{name}[{index}]"
@@ -98,9 +103,17 @@ def float_tensors(values, name):
     if tensor.dtype not in FLOAT_DTYPES:
       raise TypeError(f"'{where}' must be float32 or float64, got "
                       f"{tensor.dtype.name}.")
-    if not tensor.shape.is_fully_defined():
-      raise ValueError(f"'{where}' must have a fully defined shape, got "
-                       f"{tensor.shape}.")
+    if batch_dims is None:
+      if not tensor.shape.is_fully_defined():
+        raise ValueError(f"'{where}' must have a fully defined shape, got "
+                         f"{tensor.shape}.")
+    elif (tensor.shape.rank is None or tensor.shape.rank < batch_dims or
+          not tensor.shape[batch_dims:].is_fully_defined()):
+      raise ValueError(
+          f"'{where}' has shape {tensor.shape}: its dimensions after the "
+          f"{batch_dims} batch dimension(s) must be known while tracing (they "
+          "fix the number of parameters); only batch dimensions may be "
+          "unknown.")
     tensors.append(tensor)
   dtypes = {t.dtype for t in tensors}
   if len(dtypes) > 1:
@@ -150,6 +163,6 @@ def check_batch_shapes(tensors, batch_dims, name):
     shape = tensor.shape[:batch_dims]
     if batch_shape is None:
       batch_shape = shape
-    elif shape != batch_shape:
+    elif not shape.is_compatible_with(batch_shape):
       raise ValueError(f"'{name}[{index}]' has batch shape {shape}, expected "
                        f"{batch_shape} like '{name}[0]'.")

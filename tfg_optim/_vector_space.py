@@ -36,7 +36,9 @@ def retract(tensors, step, batch_rank):
 def flatten_batched(tensor, batch_rank):
   """Reshapes [B..., *shape] to [B..., prod(shape)]."""
   batch_shape = tf.shape(tensor)[:batch_rank]
-  return tf.reshape(tensor, tf.concat([batch_shape, [-1]], 0))
+  event = tensor.shape[batch_rank:]
+  size = event.num_elements() if event.is_fully_defined() else -1
+  return tf.reshape(tensor, tf.concat([batch_shape, [size]], 0))
 
 
 class ResidualStack:
@@ -52,11 +54,16 @@ class ResidualStack:
     self.batch_dims = batch_dims
     self.sizes = []
 
-  def __call__(self, variables):
+  def names(self):
+    """The name of each residual in error messages."""
+    if len(self.residuals) == 1:
+      return ["residuals"]
+    return [f"residuals[{index}]" for index in range(len(self.residuals))]
+
+  def pieces(self, variables):
+    """[flatten(residual_k(*variables)) for each k], each [B..., m_k]."""
     pieces = []
-    for index, residual in enumerate(self.residuals):
-      where = ("residuals" if len(self.residuals) == 1 else
-               f"residuals[{index}]")
+    for where, residual in zip(self.names(), self.residuals):
       value = _validation.check_output_dtype(residual(*variables), self.dtype,
                                              where)
       if value.shape.rank is not None and value.shape.rank < self.batch_dims:
@@ -66,4 +73,7 @@ class ResidualStack:
     if not self.sizes:
       self.sizes.extend(p.shape[-1] if p.shape[-1] is not None else
                         tf.shape(p)[-1] for p in pieces)
-    return tf.concat(pieces, axis=-1)
+    return pieces
+
+  def __call__(self, variables):
+    return tf.concat(self.pieces(variables), axis=-1)

@@ -127,6 +127,7 @@ def minimize(residuals,
     engine_callback = None
     if callback is not None:
       engine_callback = lambda it, cost, point: callback(it, cost, list(point))
+    # TensorFlow Graphics' contract: every iteration runs, no other stop.
     state = _engine.minimize(problem, variables, policy, max_iterations,
-                             callback=engine_callback)
+                             callback=engine_callback, safeguards=False)
     return state.cost, list(state.point)

@@ -196,12 +196,14 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
 
   with tf.name_scope(name):
     if manifold is None:
-      tensors = _validation.float_tensors([variables] if single else
-                                          list(variables), "variables")
+      tensors = _validation.float_tensors(
+          [variables] if single else list(variables), "variables",
+          batch_dims=batch_dims)
       point = tensors
     else:
       point = tf.nest.map_structure(tf.convert_to_tensor, variables)
-      tensors = _validation.float_tensors(tf.nest.flatten(point), "variables")
+      tensors = _validation.float_tensors(tf.nest.flatten(point), "variables",
+                                          batch_dims=batch_dims)
       if tf.executing_eagerly():
         manifold.check_point(point)
     _validation.check_batch_shapes(tensors, batch_dims, "variables")
@@ -247,6 +249,14 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         point, retract, fixed_fn = _box(bounds, point, batch_dims, shapes)
     else:
       retract, tangent_dim = manifold.retract, manifold.dim
+    if tangent_dim == 0:
+      raise ValueError("'variables' must have at least one entry per "
+                       "problem.")
+    initial_residual = None
+    if jacobian is None:  # Residuals must depend on the variables.
+      initial_residual = robust(tf.concat(_validation.connected_outputs(
+          lambda: stack.pieces(tf.nest.flatten(point)), point, stack.names()),
+                                          axis=-1))
     problem = _engine.Problem(
         residual_fn=lambda p: robust(evaluate(p)), retract=retract,
         tangent_dim=tangent_dim, cost_fn=None, jacobian_fn=jacobian_fn,
@@ -261,9 +271,11 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     state = _engine.minimize(problem, point, policy, max_iterations,
                              stopping=criterion, callback=engine_callback,
                              num_records=num_records,
+                             initial_residual=initial_residual,
+                             initial_residual_evaluations=1,
                              geodesic_acceleration=geodesic_acceleration,
                              vanishing_column_tolerance=vanishing_tolerance)
-    result = results_lib.from_state(state, num_records)
+    result = results_lib.from_state(state, num_records, criterion)
     position = result.position
     if manifold is None:
       position = position[0] if single else type(variables)(position)

@@ -21,7 +21,8 @@ _FIELDS = (
     "position", "cost", "initial_cost", "converged", "stop_reason",
     "num_iterations", "num_accepted", "num_rejected",
     "num_residual_evaluations", "num_jacobian_evaluations", "gradient_norm",
-    "damping", "step_size", "residual", "records")
+    "damping", "step_size", "residual", "records", "num_residuals",
+    "num_parameters", "wall_time", "tolerances")
 
 RECORD_NAMES = ("cost", "gradient_norm", "step_size", "damping")
 
@@ -45,22 +46,44 @@ class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
       +inf if no finite step was ever computed, [B...].
     residual: F at `position`, [B..., m].
     records: dict name -> [num_records, B...] histories (see RECORD_NAMES).
+    num_residuals, num_parameters: int32 scalars, m and n of each problem.
+    wall_time: float64 scalar, seconds the solve took, measured in the graph
+      with `tf.timestamp` (NaN under XLA, which cannot compile timestamps;
+      time the call from Python there).
+    tolerances: dict name -> float64 scalar, the thresholds of the stopping
+      criterion that applied (e.g. 'relative_cost_change', 'gradient_cosine',
+      'relative_step', 'max_iterations').
   """
 
   __slots__ = ()
 
-  def summary(self):
-    """A short human-readable report (needs concrete values)."""
-    values = tf.nest.map_structure(
+  def _values(self):
+    return tf.nest.map_structure(
         lambda v: v.numpy() if hasattr(v, "numpy") else np.asarray(v),
         self._asdict())
+
+  def summary(self):
+    """A short report for a person, like Ceres' Summary (needs concrete
+    values: eager tensors, or what `Session.run(results)` returns)."""
+    values = self._values()
     reasons = np.asarray(values["stop_reason"]).reshape(-1)
     lines = []
+    sizes = (f"{int(values['num_residuals'])} residuals, "
+             f"{int(values['num_parameters'])} parameters")
+    tolerances = ", ".join(f"{name} {float(value):g}" for name, value in
+                           sorted(values["tolerances"].items()))
+    wall_time = float(values["wall_time"])
+    timing = ("time not measured (XLA)" if np.isnan(wall_time) else
+              f"time {wall_time:.4g} s (measured in the graph)")
     if reasons.size == 1:
       get = lambda name: np.asarray(values[name]).reshape(-1)[0]
+      reason = StopReason(int(get("stop_reason")))
       lines.append("Levenberg-Marquardt: "
                    f"{'converged' if get('converged') else 'not converged'} "
-                   f"({StopReason(int(get('stop_reason'))).name.lower()})")
+                   f"({reason.name.lower()}): {reason.message}")
+      lines.append(f"  {sizes}; {timing}")
+      if tolerances:
+        lines.append(f"  tolerances: {tolerances}")
       lines.append(f"  cost {get('initial_cost'):.6e} -> {get('cost'):.6e}, "
                    f"gradient norm {get('gradient_norm'):.3e}")
       lines.append(f"  iterations {get('num_iterations')} "
@@ -78,6 +101,9 @@ class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
                                  for r in reasons)
     lines.append(f"Levenberg-Marquardt on {reasons.size} problems: "
                  f"{int(converged.sum())} converged")
+    lines.append(f"  each {sizes}; {timing}")
+    if tolerances:
+      lines.append(f"  tolerances: {tolerances}")
     lines.append("  stop reasons: " + ", ".join(
         f"{name} {count}" for name, count in sorted(counts.items())))
     lines.append(f"  cost: max {cost.max():.6e}, median "
@@ -92,9 +118,27 @@ class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
             NotImplementedError):  # symbolic tensors: no values yet
       return super().__repr__()
 
+  def __repr__(self):
+    """One line with the stop reason by name; the plain namedtuple for
+    symbolic tensors."""
+    try:
+      values = self._values()
+      reasons = [StopReason(int(r)).name for r in
+                 np.asarray(values["stop_reason"]).reshape(-1)]
+      cost = np.asarray(values["cost"])
+      iterations = np.asarray(values["num_iterations"])
+    except (TypeError, ValueError, AttributeError, NotImplementedError):
+      return super().__repr__()
+    reason = reasons[0] if len(reasons) == 1 else reasons
+    converged = np.asarray(values["converged"]).tolist()
+    return (f"LeastSquaresResults(converged={converged}, stop_reason="
+            f"{reason}, cost={cost.tolist()}, num_iterations="
+            f"{iterations.tolist()})")
 
-def from_state(state, num_records):
-  """Builds `LeastSquaresResults` from the engine's final loop state."""
+
+def from_state(state, num_records, criterion=None):
+  """Builds `LeastSquaresResults` from the engine's final loop state and the
+  stopping criterion that applied (for `tolerances`)."""
   reason = state.stop_reason
   converged = tf.zeros_like(reason, tf.bool)
   for member in StopReason:
@@ -128,4 +172,9 @@ def from_state(state, num_records):
       damping=state.damping,
       step_size=state.step_norm,
       residual=state.residual,
-      records=records)
+      records=records,
+      num_residuals=tf.shape(state.residual)[-1],
+      num_parameters=tf.shape(state.gradient)[-1],
+      wall_time=state.wall_time,
+      tolerances={name: tf.constant(value, tf.float64) for name, value in
+                  (criterion.thresholds() if criterion else {}).items()})

@@ -33,6 +33,16 @@ class StoppingCriterion:
   def _check(self, state):
     raise NotImplementedError
 
+  key = None  # The name of this criterion's threshold in `thresholds()`.
+
+  def thresholds(self):
+    """{name: value} of the thresholds that apply, e.g. for a summary."""
+    if self.key is None:
+      return {}
+    value = (self.max_iterations if self.key == "max_iterations"
+             else self.tolerance)
+    return {self.key: value}
+
   def __or__(self, other):
     return StopWhenAny(self, other)
 
@@ -44,6 +54,7 @@ class StopAfterIteration(StoppingCriterion):
   """Stops once `max_iterations` iterations have run."""
 
   reason = StopReason.MAX_ITERATIONS
+  key = "max_iterations"
 
   def __init__(self, max_iterations):
     if isinstance(max_iterations, bool) or int(max_iterations) != max_iterations:
@@ -76,6 +87,7 @@ class StopWhenGradientNormLess(_Threshold):
   """Stops when ||J^T F|| < tolerance."""
 
   reason = StopReason.GRADIENT_NORM
+  key = "gradient_norm"
 
   def _check(self, state):
     return tf.norm(state.gradient, axis=-1) < self.tolerance
@@ -85,6 +97,7 @@ class StopWhenStepsizeLess(_Threshold):
   """Stops when the last step's norm < tolerance (after >= 1 iteration)."""
 
   reason = StopReason.STEP_SIZE
+  key = "step_size"
 
   def _check(self, state):
     return (state.num_iterations > 0) & (state.step_norm < self.tolerance)
@@ -94,6 +107,7 @@ class StopWhenCostLess(_Threshold):
   """Stops when 1/2 ||F||^2 < tolerance."""
 
   reason = StopReason.COST
+  key = "cost"
 
   def _check(self, state):
     return state.cost < self.tolerance
@@ -104,6 +118,7 @@ class StopWhenRelativeCostChangeLess(_Threshold):
   (cost_before - cost_after) <= tolerance * cost_before."""
 
   reason = StopReason.RELATIVE_COST_CHANGE
+  key = "relative_cost_change"
 
   def _check(self, state):
     before = state.cost + state.cost_change
@@ -126,6 +141,12 @@ class StopWhenAny(StoppingCriterion):
     bounds = [c.max_iterations for c in self.criteria
               if c.max_iterations is not None]
     self.max_iterations = min(bounds) if bounds else None
+
+  def thresholds(self):
+    merged = {}
+    for criterion in self.criteria:
+      merged.update(criterion.thresholds())
+    return merged
 
   def __call__(self, state):
     results = [criterion(state) for criterion in self.criteria]
@@ -152,6 +173,12 @@ class StopWhenAll(StoppingCriterion):
     self.max_iterations = (max(bounds) if all(b is not None for b in bounds)
                            else None)
 
+  def thresholds(self):
+    merged = {}
+    for criterion in self.criteria:
+      merged.update(criterion.thresholds())
+    return merged
+
   def __call__(self, state):
     results = [criterion(state) for criterion in self.criteria]
     stop = results[0][0]
@@ -175,6 +202,7 @@ class StopWhenRelativeStepLess(_Threshold):
   parameter tolerance; ||x|| over all entries of the point)."""
 
   reason = StopReason.RELATIVE_STEP
+  key = "relative_step"
 
   def _check(self, state):
     batch_rank = state.cost.shape.rank
@@ -193,14 +221,16 @@ class StopWhenGradientCosineLess(_Threshold):
       max_j |(J^T F)_j| / (||F|| ||J_j||) <= tolerance."""
 
   reason = StopReason.GRADIENT_NORM
+  key = "gradient_cosine"
 
   def _check(self, state):
     residual_norm = tf.norm(state.residual, axis=-1)
     column_norms = tf.norm(state.jacobian, axis=-2)
     denominator = residual_norm[..., tf.newaxis] * column_norms
-    cosine = tf.where(denominator > 0,
+    # A zero column (or F = 0) has a zero gradient entry: cosine 0. NaN
+    # stays NaN, and NaN <= tolerance is False: no test fires on NaN.
+    zero = tf.equal(denominator, 0)
+    cosine = tf.where(zero, tf.zeros_like(denominator),
                       tf.abs(state.gradient) / tf.where(
-                          denominator > 0, denominator,
-                          tf.ones_like(denominator)),
-                      tf.zeros_like(denominator))
-    return tf.reduce_max(cosine, axis=-1) <= self.tolerance
+                          zero, tf.ones_like(denominator), denominator))
+    return tf.reduce_all(cosine <= self.tolerance, axis=-1)

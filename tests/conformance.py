@@ -1,0 +1,112 @@
+"""One table of option combinations for every front-end, sampled pairwise.
+
+`FACTORS` lists each option and its levels; `cells()` picks, deterministically,
+a small set of combinations (the valid ones only, see `valid`) that covers
+every valid pair of levels of every two factors (greedy all-pairs). Each cell
+is one solve whose answer is known in closed form (`PROBLEMS`), run in its
+mode by `tests.modes.run`.
+"""
+
+import itertools
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+FACTORS = {
+    "front_end": ("least_squares", "riemannian"),
+    "problem": ("rosenbrock", "sphere", "rotation", "pose"),
+    "loss": ("linear", "huber", "soft_l1", "cauchy", "arctan"),
+    "bounds": ("none", "inactive", "active"),
+    "acceleration": ("on", "off"),
+    "damping": ("trust_region", "nielsen", "tfg", "manopt"),
+    "batch_dims": (0, 1),
+    "mode": ("eager", "function", "xla", "session"),
+    "dtype": ("float64", "float32"),
+    "shapes": ("static", "dynamic"),
+}
+
+
+def valid(cell):
+  """Whether a combination means something."""
+  if cell["bounds"] != "none" and cell["problem"] != "rosenbrock":
+    return False  # bounds are for Euclidean variables
+  if cell["front_end"] == "riemannian" and (
+      cell["loss"] != "linear" or cell["bounds"] != "none" or
+      cell["acceleration"] != "off" or cell["damping"] != "manopt"):
+    return False  # Manopt's contract: none of these options
+  return True
+
+
+def cells():
+  """Greedy all-pairs cover of the valid combinations (deterministic)."""
+  names = list(FACTORS)
+  combos = [dict(zip(names, values))
+            for values in itertools.product(*FACTORS.values())]
+  combos = [c for c in combos if valid(c)]
+
+  def pairs(cell):
+    return {(a, cell[a], b, cell[b]) for a, b in itertools.combinations(names, 2)}
+
+  uncovered = set().union(*(pairs(c) for c in combos))
+  chosen = []
+  while uncovered:
+    best = max(combos, key=lambda c: len(pairs(c) & uncovered))
+    chosen.append(best)
+    uncovered -= pairs(best)
+  return chosen
+
+
+def cell_id(cell):
+  return "-".join(str(v) for v in cell.values())
+
+
+# -- problems with known answers -------------------------------------------------
+
+_RNG = np.random.default_rng(7)
+SPHERE_B = _RNG.standard_normal((5, 3))
+SPHERE_TRUTH = np.array([0.48, -0.6, 0.64])
+POINTS = _RNG.standard_normal((8, 3))
+ROTATION_TRUTH = Rotation.from_rotvec([0.3, -0.2, 0.5]).as_matrix()
+TRANSLATION_TRUTH = np.array([0.5, -1.0, 2.0])
+
+
+def starts(problem, batch_dims):
+  """Start(s) of a problem: one, or a batch of two different ones."""
+  if problem == "rosenbrock":
+    one, two = np.array([-1.2, 1.0]), np.array([0.3, -0.4])
+  elif problem == "sphere":
+    one, two = (np.array([0.0, 0.0, 1.0]),
+                np.array([0.6, 0.0, 0.8]))
+  else:
+    one = np.eye(3)
+    two = Rotation.from_rotvec([0.2, 0.1, 0.0]).as_matrix()
+  if problem == "pose":
+    one, two = (one, np.zeros(3)), (two, np.ones(3))
+  if batch_dims == 0:
+    return one
+  if problem == "pose":
+    return tuple(np.stack([a, b]) for a, b in zip(one, two))
+  return np.stack([one, two])
+
+
+def truth(problem, bounds):
+  if problem == "rosenbrock":
+    return np.array([0.5, 0.25]) if bounds == "active" else np.ones(2)
+  if problem == "sphere":
+    return SPHERE_TRUTH
+  if problem == "rotation":
+    return ROTATION_TRUTH
+  return (ROTATION_TRUTH, TRANSLATION_TRUTH)
+
+
+def data(problem):
+  """The data a residual reads (fed as inputs, so 'dynamic' cells have an
+  unknown number of residuals)."""
+  if problem == "rosenbrock":
+    return [np.array([1.0, 10.0])]
+  if problem == "sphere":
+    return [SPHERE_B, SPHERE_B @ SPHERE_TRUTH]
+  observed = POINTS @ ROTATION_TRUTH.T
+  if problem == "pose":
+    observed = observed + TRANSLATION_TRUTH
+  return [POINTS, observed]

@@ -1,0 +1,167 @@
+"""No result says "converged" unless a convergence test fired on finite
+values; every other ending has its named reason (issue 10).
+
+Independent truth: closed forms (the helical valley's minimum (1, 0, 0),
+d sqrt(x)/dx), and each problem solved alone for batches.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfg_optim
+from tests import modes
+from tfg_optim import StopReason
+from tfg_optim import stopping
+
+MODES = modes.MODES
+
+
+def _reasons(result_reason):
+  return [StopReason(int(r)) for r in np.ravel(result_reason)]
+
+
+def _outcome(result):
+  return (result.position, result.converged, result.stop_reason,
+          result.num_iterations, result.cost)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_start_fails_at_once(mode, dtype):
+  """sqrt of a negative start (NaN cost), an Inf residual, a NaN user
+  Jacobian, and a batch with one poisoned member, in one trace."""
+
+  def build(x, batch):
+    nan_cost = tfg_optim.least_squares(lambda v: tf.sqrt(v) - 2.0, x)
+    inf_residual = tfg_optim.least_squares(lambda v: v / 0.0 - 1.0, -x)
+    nan_jacobian = tfg_optim.least_squares(
+        lambda v: v - 2.0, -x,
+        jacobian=lambda v: tf.fill([1, 1], tf.constant(np.nan, v.dtype)))
+    poisoned = tfg_optim.least_squares(lambda v: tf.sqrt(v) - 2.0, batch,
+                                       batch_dims=1)
+    alone = tfg_optim.least_squares(lambda v: tf.sqrt(v) - 2.0, batch[:1],
+                                    batch_dims=1)
+    return [_outcome(r) for r in (nan_cost, inf_residual, nan_jacobian,
+                                  poisoned, alone)]
+
+  x = np.array([-1.0], dtype)
+  batch = np.array([[1.0], [-1.0]], dtype)
+  outcomes = modes.run(build, [x, batch], mode)
+  for position, converged, reason, iterations, _ in outcomes[:3]:
+    assert not np.any(converged)
+    assert _reasons(reason) == [StopReason.NOT_FINITE]
+    assert iterations == 0
+  position, converged, reason, iterations, cost = outcomes[3]
+  assert _reasons(reason) == _reasons(outcomes[4][2]) + [
+      StopReason.NOT_FINITE]
+  assert list(converged) == [True, False]
+  # The healthy member is solved as if alone: sqrt(x) = 2 at x = 4.
+  np.testing.assert_array_equal(position[:1], outcomes[4][0])
+  np.testing.assert_allclose(position[0], [4.0], rtol=1e-5)
+
+
+def test_non_finite_gradient_after_a_step_is_refused():
+  """sqrt(x) + 1 has an infinite derivative at x = 0: a step landing there
+  is refused like an invalid one, never accepted into a NaN gradient."""
+  result = tfg_optim.least_squares(lambda x: tf.sqrt(x) + 1.0,
+                                   tf.constant([1.0], tf.float64),
+                                   geodesic_acceleration=None)
+  assert np.all(np.isfinite(result.gradient_norm))
+  assert not result.converged
+
+
+@pytest.mark.parametrize("acceleration", [2.0, None])
+def test_stalls_are_named_not_converged(acceleration):
+  """Against the edge of sqrt's domain the trust region collapses: the
+  optimum (cost 1/2 at x -> 0+, y = 3) is not a stationary point, so no
+  convergence test may fire. It must end STALLED, well before the limit."""
+  one = tfg_optim.least_squares(lambda x: tf.sqrt(x) + 1.0,
+                                tf.constant([1.0], tf.float64),
+                                geodesic_acceleration=acceleration)
+  two = tfg_optim.least_squares(
+      lambda x, y: tf.stack([tf.sqrt(x) + 1.0, y - 3.0]),
+      [tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)],
+      geodesic_acceleration=acceleration)
+  for result in (one, two):
+    assert not result.converged
+    assert StopReason(int(result.stop_reason)) == StopReason.STALLED
+    assert result.num_iterations < 400
+    assert result.cost >= 0.5
+
+
+def test_cosine_test_does_not_fire_on_nan():
+  criterion = stopping.StopWhenGradientCosineLess(1e-8)
+  nan = np.nan
+
+  class State:
+    residual = tf.constant([[nan, 1.0]], tf.float64)
+    jacobian = tf.constant([[[1.0], [nan]]], tf.float64)
+    gradient = tf.constant([[nan]], tf.float64)
+
+  stop, _ = criterion(State)
+  assert not stop.numpy()[0]
+
+
+def _helical_valley(x):
+  """More, Garbow & Hillstrom's problem 7: minimum 0 at (1, 0, 0); theta
+  uses tf.where, and the test adds round/floor/sign/int-cast terms that are
+  constant near the minimum."""
+  x1, x2, x3 = x[0], x[1], x[2]
+  theta = tf.where(x1 > 0, tf.atan(x2 / x1), tf.atan(x2 / x1) + np.pi) / (
+      2.0 * np.pi)
+  flat = (tf.round(x1) + tf.floor(x1) - 2.0 * tf.sign(x1) +
+          tf.cast(tf.cast(x1, tf.int32), x.dtype)) * 0.0
+  return tf.stack([10.0 * (x3 - 10.0 * theta) + flat,
+                   10.0 * (tf.sqrt(x1 ** 2 + x2 ** 2) - 1.0), x3])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_default_options_trace_piecewise_residuals(mode):
+  position, converged = modes.run(
+      lambda x: (lambda r: (r.position, r.converged))(
+          tfg_optim.least_squares(_helical_valley, x)),
+      [np.array([-1.0, 0.0, 0.0])], mode)
+  assert converged
+  np.testing.assert_allclose(position, [1.0, 0.0, 0.0], atol=1e-8)
+
+
+def test_gradient_through_default_options_eagerly():
+  """y = sqrt(x) solves y^2 = x; dy/dx = 1 / (2 sqrt(x))."""
+  target = tf.Variable([1.0, 3.0], dtype=tf.float64)
+  with tf.GradientTape() as tape:
+    result = tfg_optim.least_squares(lambda y: y ** 2 - target,
+                                     tf.constant([1.0, 1.0], tf.float64))
+  gradient = tape.gradient(result.position, target)
+  np.testing.assert_allclose(gradient, 0.5 / np.sqrt([1.0, 3.0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("residuals,name", [
+    (lambda x: tf.constant(np.array([1.0, 2.0])), "'residuals'"),
+    ([lambda x: x - 1.0, lambda x: tf.ones_like(x)], "'residuals[1]'"),
+    (lambda x: tf.round(x) - 1.0, "'residuals'"),
+])
+def test_residuals_not_depending_on_the_variables_raise(residuals, name):
+  with pytest.raises(ValueError, match=re.escape(name)):
+    tfg_optim.least_squares(residuals, tf.constant([1.0, 3.0], tf.float64))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_iterations=2 ** 31), "max_iterations"),
+    (dict(variables=np.zeros(0)), "variables"),
+    (dict(variables=np.zeros((2, 0)), batch_dims=1), "variables"),
+])
+def test_bad_input_names_the_argument(kwargs, message):
+  kwargs = {"variables": np.array([1.0]), **kwargs}
+  with pytest.raises(ValueError, match=message):
+    tfg_optim.least_squares(lambda x: x - 1.0, **kwargs)
+
+
+def test_unknown_parameter_count_is_a_clear_error():
+  function = tf.function(lambda x: tfg_optim.least_squares(
+      lambda v: v - 1.0, x).position,
+                         input_signature=[tf.TensorSpec([None], tf.float64)])
+  with pytest.raises(ValueError, match="only batch dimensions may be unknown"):
+    function(tf.constant([1.0, 2.0], tf.float64))
