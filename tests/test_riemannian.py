@@ -781,3 +781,12 @@ def test_product_point_as_a_list(mode):
   np.testing.assert_allclose(position[1], t_want, atol=1e-10)
   assert seen and set(seen) == {list}
 
+
+@pytest.mark.skip(reason="needs engine NOT_FINITE stop")
+def test_nan_residual_everywhere_stops_not_finite():
+  results = riemannian.levenberg_marquardt(
+      manifolds.Sphere(3), lambda p: tf.sqrt(p - 2.0), [1.0, 0.0, 0.0],
+      stopping_criterion=stopping.StopWhenGradientNormLess(1e-6),
+      return_state=True)
+  assert not bool(results.converged)
+  assert int(results.stop_reason) == StopReason.NOT_FINITE == 7
