@@ -379,3 +379,65 @@ def test_constructor_errors():
   assert repr(M.SpecialOrthogonal(3)) == "SpecialOrthogonal(3)"
   assert M.SpecialOrthogonal(5).dim == 10
   assert M.Stiefel(5, 2).dim == 7
+
+
+# -- contains, check_shape, list points ----------------------------------------
+
+
+@pytest.mark.parametrize("name,mode,dtype", mode_cases())
+def test_contains_is_check_points_test_in_every_mode(name, mode, dtype):
+  manifold = ALL[name]()
+  point = as_numpy(manifold.random_point((4,), tf.as_dtype(dtype), seed=3))
+  tolerance = 1e-4 if dtype == np.float32 else 1e-9
+  # Row 0 on M; row 1 scaled by 1.01 (off M unless M is flat); row 2 NaN;
+  # row 3 scaled by 1 + tolerance / 20, within the tolerance.
+  scale = np.array([1.0, 1.01, np.nan, 1.0 + tolerance / 20])
+  perturbed = tf.nest.map_structure(
+      lambda a: (a * scale.reshape((4,) + (1,) * (a.ndim - 1))).astype(dtype),
+      point)
+  got = run_on_point(lambda p: manifold.contains(p), perturbed, [], mode)
+  np.testing.assert_array_equal(got, [True, name == "euclidean", False, True])
+  if mode == "eager":  # check_point raises exactly where contains is False
+    for row, inside in enumerate(got):
+      entry = tf.nest.map_structure(lambda a, row=row: a[row], perturbed)
+      if inside:
+        manifold.check_point(entry)
+      else:
+        with pytest.raises(ValueError):
+          manifold.check_point(entry)
+
+
+def test_check_shape_with_batch_dims():
+  so3 = M.SpecialOrthogonal(3)
+  so3.check_shape(np.zeros((2, 3, 3)))  # any number of batch axes
+  so3.check_shape(np.zeros((2, 3, 3)), batch_dims=1)
+  with pytest.raises(ValueError, match=r"\[3, 3\], got \(2, 3, 3\)"):
+    so3.check_shape(np.zeros((2, 3, 3)), batch_dims=0)
+  with pytest.raises(ValueError, match=r"\[B1, B2, 3, 3\]"):
+    so3.check_shape(np.zeros((2, 3, 3)), batch_dims=2)
+  power = M.Power(M.Product(M.Sphere(3), M.Euclidean()), 2)
+  power.check_shape((np.zeros((5, 2, 3)), np.zeros((5, 2))), batch_dims=1)
+  with pytest.raises(ValueError, match="2 copies"):
+    power.check_shape((np.zeros((5, 4, 3)), np.zeros((5, 4))), batch_dims=1)
+  with pytest.raises(ValueError, match="factor 1"):
+    power.check_shape((np.zeros((5, 2, 3)), np.zeros((5, 2, 1))),
+                      batch_dims=1)
+
+
+@pytest.mark.parametrize("name", ["pose", "power_of_product"])
+def test_product_keeps_the_container_type_of_its_point(name):
+  manifold = ALL[name]()
+  point, coords = point_and_coordinates(manifold, (2,), np.float64, seed=4)
+  as_list = list(point)
+  vector = manifold.tangent_vector(point, coords)
+  for method, args in [("as_point", ()), ("check_point", ()),
+                       ("retract", (coords,)), ("tangent_vector", (coords,)),
+                       ("project", (list(vector),))]:
+    want = getattr(manifold, method)(point, *args)
+    got = getattr(manifold, method)(as_list, *args)
+    assert isinstance(want, tuple) and isinstance(got, list), method
+    assert max_difference(got, as_numpy(want)) == 0.0, method
+  np.testing.assert_array_equal(
+      manifold.coordinates(as_list, list(vector)),
+      manifold.coordinates(point, vector))
+  np.testing.assert_array_equal(manifold.contains(as_list), [True, True])

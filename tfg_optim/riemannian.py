@@ -61,9 +61,13 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
       SpecialOrthogonal, Stiefel, Product, Power).
     f: callable p -> residuals (any shape; flattened to m values), or a
       `NonlinearLeastSquaresObjective` (then `jacobian_f` must be None).
-    p: the starting point on the manifold: a tensor (a tuple of tensors for a
-      `Product`), NumPy value or `tf.Variable` (read, not assigned; see
-      `levenberg_marquardt_in_place`).
+    p: the starting point on the manifold: a tensor (a tuple or list of
+      tensors for a `Product`; f, the callback and the result get the same
+      container), NumPy value or `tf.Variable` (read, not assigned; see
+      `levenberg_marquardt_in_place`), of shape [B..., *point_shape] with
+      exactly `batch_dims` axes B.... A start off the manifold raises eagerly;
+      in a graph its problem stops at once with `StopReason.INVALID_INPUT`
+      (not converged, the start returned unchanged; the others run).
     jacobian_f: optional callable p -> [m, d] coefficients of the differential
       of f in the manifold's orthonormal tangent basis at p. By default the
       Jacobian is differentiated automatically through the retraction
@@ -104,7 +108,11 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
 
   Raises:
     ValueError: for eta, damping_term_min, beta out of range, num_components
-      that does not match f, a point off the manifold (checked eagerly).
+      that does not match f, integers beyond int32, a point of the wrong
+      shape for the manifold and batch_dims, an empty point or a manifold of
+      dimension 0, a point off the manifold (eagerly), an f whose output does
+      not keep p's batch axes or does not depend on p (checked on its first
+      evaluation unless jacobian_f or initial_residual_values is given).
     TypeError: for a non-callable f/jacobian_f/callback, a non-manifold, a
       non-float point, or f returning another dtype.
   """
@@ -149,7 +157,9 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
       raise ValueError("Pass 'jacobian_f' inside the "
                        "NonlinearLeastSquaresObjective, not both.")
     f, jacobian_f, num_components = f.f, f.jacobian_f, f.num_components
-  if not all(hasattr(manifold, attr) for attr in ("retract", "dim")):
+  if not all(hasattr(manifold, attr) for attr in (
+      "retract", "dim", "name", "as_point", "check_shape", "check_point",
+      "contains")):
     raise TypeError(f"'manifold' must be a tfg_optim.manifolds.Manifold, got "
                     f"{type(manifold).__name__}.")
   _validation.as_callable_list(f, "f")
@@ -165,9 +175,10 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
                                  lower_inclusive=False)
   batch_dims = _validation.positive_int(batch_dims, "batch_dims", minimum=0)
   if isinstance(num_components, bool) or not isinstance(
-      num_components, numbers.Integral) or (num_components < 1 and
-                                            num_components != -1):
-    raise ValueError(f"'num_components' must be -1 or a positive integer, "
+      num_components, numbers.Integral) or (
+          num_components < 1 and num_components != -1) or (
+              num_components > _validation.INT32_MAX):
+    raise ValueError(f"'num_components' must be -1 or a positive int32, "
                      f"got {num_components!r}.")
   if stopping_criterion is None:
     stopping_criterion = stopping_lib.default_criterion()
@@ -180,21 +191,32 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
                      "or a callable returning a basis matrix.")
   num_records = 0
   if record:
-    num_records = (int(record) if not isinstance(record, bool) else
+    num_records = (_validation.positive_int(record, "record")
+                   if not isinstance(record, bool) else
                    stopping_criterion.max_iterations or 1000)
 
   with tf.name_scope(name):
-    point = tf.nest.map_structure(tf.convert_to_tensor, p)
-    _validation.float_tensors(tf.nest.flatten(point), "p")
+    point = _start_point(manifold, p, batch_dims)
     dtype = tf.nest.flatten(point)[0].dtype
+    batch_shape = tf.nest.flatten(point)[0].shape[:batch_dims]
+    invalid_start = None
     if tf.executing_eagerly():
-      manifold.check_point(point)
+      try:
+        manifold.check_point(point)
+      except ValueError as error:
+        raise ValueError(f"'p': {error}") from None
     else:
-      point = tf.nest.pack_sequence_as(
-          point, _validation.check_finite(tf.nest.flatten(point), "p"))
+      # A graph cannot raise on values: a problem whose start is off the
+      # manifold (or not finite) stops at once with INVALID_INPUT.
+      invalid_start = tf.logical_not(manifold.contains(point))
 
     def residual_fn(q):
       value = _validation.check_output_dtype(f(q), dtype, "f")
+      if value.shape.rank is not None and not value.shape[
+          :batch_dims].is_compatible_with(batch_shape):
+        raise ValueError(f"'f' returned shape {value.shape}; its first "
+                         f"batch_dims={batch_dims} axes must be the batch "
+                         f"shape {batch_shape} of 'p'.")
       flat = tf.reshape(value, tf.concat(
           [tf.shape(value)[:batch_dims], [-1]], 0))
       if num_components != -1 and flat.shape[-1] is not None and (
@@ -217,10 +239,24 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
     user_jacobian = None
     if jacobian_f is not None:
       user_jacobian = lambda q: to_orthonormal(q, jacobian_f(q))
+    retract = manifold.retract
+    if retraction_method is not None:  # into the container types of q
+      retract = lambda q, c: tf.nest.pack_sequence_as(
+          q, tf.nest.flatten(retraction_method(q, c)))
+
+    initial_residual = None
+    if initial_residual_values is not None:
+      initial_residual = _flat_initial(initial_residual_values, dtype,
+                                       batch_dims)
+    elif jacobian_f is None:
+      # The engine's first evaluation, made here to check that F depends on
+      # p: otherwise J = 0 and the start would pass for converged.
+      initial_residual = _validation.connected_outputs(
+          lambda: [residual_fn(point)], point, ["f"])[0]
 
     problem = _engine.Problem(
         residual_fn=residual_fn,
-        retract=retraction_method or manifold.retract,
+        retract=retract,
         tangent_dim=manifold.dim,
         cost_fn=None,
         jacobian_fn=user_jacobian)
@@ -229,13 +265,39 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
     state = _engine.minimize(
         problem, point, policy, stopping_criterion.max_iterations,
         stopping=stopping_criterion, callback=callback,
-        num_records=num_records,
-        initial_residual=(None if initial_residual_values is None else
-                          _flat_initial(initial_residual_values, dtype,
-                                        batch_dims)),
+        num_records=num_records, initial_residual=initial_residual,
         initial_jacobian=(None if initial_jacobian_f is None else
-                          to_orthonormal(point, initial_jacobian_f)))
+                          to_orthonormal(point, initial_jacobian_f)),
+        invalid_start=invalid_start)
+    if initial_residual_values is None and jacobian_f is None:
+      state = state._replace(  # the evaluation made above
+          num_residual_evaluations=state.num_residual_evaluations + 1)
     return results_lib.from_state(state, num_records), state
+
+
+def _start_point(manifold, p, batch_dims):
+  """`p` in the manifold's structure, as float tensors of static shape
+  [B1..B_batch_dims, *point_shape] (a wrong shape would broadcast into a
+  wrong answer reported as converged), not empty."""
+  try:
+    point = manifold.as_point(p)
+  except ValueError as error:
+    raise ValueError(f"'p': {error}") from None
+  flat = _validation.float_tensors(tf.nest.flatten(point), "p")
+  if manifold.dim == 0:
+    raise ValueError(f"'p': {manifold.name} has dimension 0; there is "
+                     "nothing to optimize.")
+  try:
+    manifold.check_shape(point, batch_dims)
+  except ValueError as error:
+    raise ValueError(f"'p': {error} (batch_dims={batch_dims}: a batch of "
+                     "problems needs batch_dims = its number of leading "
+                     "axes.)") from None
+  _validation.check_batch_shapes(flat, batch_dims, "p")
+  if any(tensor.shape.num_elements() == 0 for tensor in flat):
+    raise ValueError(f"'p' is empty (shapes {[t.shape for t in flat]}); "
+                     "there is no problem to solve.")
+  return point
 
 
 def _flat_initial(values, dtype, batch_dims):

@@ -62,6 +62,9 @@ class StopAfterIteration(StoppingCriterion):
                       f"{max_iterations!r}.")
     if max_iterations < 0:
       raise ValueError("'max_iterations' must be >= 0.")
+    if max_iterations > 2**31 - 1:  # iteration counters are int32
+      raise ValueError(f"'max_iterations' must be at most 2**31 - 1 (int32), "
+                       f"got {max_iterations}.")
     self.max_iterations = int(max_iterations)
 
   def _check(self, state):

@@ -3,7 +3,9 @@
 Every manifold has `dim`, `point_shape`, `name` and
 `retract(p, c)`, `tangent_vector(p, c)`, `coordinates(p, v)`,
 `project(p, v)`, `inner(p, u, v)`, `norm(p, v)`, `distance_to_manifold(p)`,
-`check_point(p, atol=None)`, `random_point(batch_shape, dtype, seed)`;
+`contains(p, atol=None)`, `check_point(p, atol=None)`,
+`check_shape(p, batch_dims=None)`, `as_point(p)`,
+`random_point(batch_shape, dtype, seed)`;
 points are [B..., *point_shape], coordinates [B..., dim] in an orthonormal
 tangent basis. See docs/manifolds.md.
 """

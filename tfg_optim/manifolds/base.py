@@ -159,17 +159,34 @@ class Manifold:
     """Random points of shape [*batch_shape, *point_shape]."""
     raise NotImplementedError
 
-  def _check_shape(self, point):
+  def as_point(self, point):
+    """`point` (a tensor, NumPy value, nested list, `tf.Variable`) as this
+    manifold's structure: one tensor here; a `Product` keeps the tuple or
+    list it is given."""
+    return tf.convert_to_tensor(point)
+
+  def check_shape(self, point, batch_dims=None):
+    """Raises ValueError unless `point` has shape [B..., *point_shape].
+
+    With `batch_dims` given, exactly that many leading axes B... are
+    allowed (an extra axis with batch_dims=0 is an error, not a batch).
+    Unknown sizes pass.
+    """
     shape = tf.convert_to_tensor(point).shape
     rank = self.point_rank
-    ok = shape.rank is None or (
-        shape.rank >= rank and
-        tf.TensorShape(shape[shape.rank - rank:]).is_compatible_with(
-            self.point_shape))
+    if shape.rank is None:
+      return
+    ok = (shape.rank == rank + batch_dims if batch_dims is not None else
+          shape.rank >= rank)
+    ok = ok and tf.TensorShape(shape[shape.rank - rank:]).is_compatible_with(
+        self.point_shape)
     if not ok:
-      raise ValueError(f"{self.name}: a point must have shape "
-                       f"[..., {', '.join(map(str, self.point_shape))}], got "
-                       f"{shape}.")
+      batch = ("..." if batch_dims is None else
+               ", ".join(f"B{i + 1}" for i in range(batch_dims)))
+      expected = ", ".join(([batch] if batch else []) +
+                           [str(size) for size in self.point_shape])
+      raise ValueError(f"{self.name}: a point must have shape [{expected}], "
+                       f"got {shape}.")
 
   def _check_distance(self, point, atol):
     dtype = tf.nest.flatten(point)[0].dtype
@@ -194,10 +211,24 @@ class Manifold:
     """Raises ValueError if `point` has the wrong shape or is off M.
 
     The distance test runs only eagerly (in a graph only the static shape is
-    checked). atol defaults to 1e-4 for float32 and 1e-9 for float64.
-    Returns `point`.
+    checked; see `contains` for the in-graph test). atol defaults to 1e-4 for
+    float32 and 1e-9 for float64. Returns `point`.
     """
     point = tf.convert_to_tensor(point)
-    self._check_shape(point)
+    self.check_shape(point)
     self._check_distance(point, atol)
     return point
+
+  def contains(self, point, atol=None):
+    """[B...] bool: whether each point is on M, distance_to_manifold(p) <=
+    atol, the test of `check_point` as a tensor (False for NaN or Inf).
+
+    Runs in every mode, XLA included; atol defaults as in `check_point`.
+    """
+    dtype = tf.nest.flatten(point)[0].dtype
+    atol = default_tolerance(dtype) if atol is None else float(atol)
+    distance = self.distance_to_manifold(point)
+    # is_finite is not redundant: Grappler rewrites not(d <= atol) into
+    # d > atol, which is False for NaN.
+    return tf.math.is_finite(distance) & (
+        distance <= tf.constant(atol, distance.dtype))

@@ -8,7 +8,9 @@ from tfg_optim.manifolds import base
 class Product(base.Manifold):
   """M1 x M2 x ...; points (and ambient tangent vectors) are Python tuples
   with one entry per factor, each in its factor's format (tf.nest-compatible;
-  a factor that is itself a Product contributes a nested tuple).
+  a factor that is itself a Product contributes a nested tuple). Lists work
+  too (`[R, t]`, as Manopt users write them): what a method returns for a
+  point has the container type of that point.
 
   Inner product: the sum of the factors' inner products. Basis: the factors'
   bases side by side, so coordinates are the factors' coordinates
@@ -39,45 +41,68 @@ class Product(base.Manifold):
     for structure in structures:
       if not isinstance(structure, (tuple, list)) or len(structure) != len(
           self.factors):
-        raise ValueError(f"{self.name}: expected a tuple of "
+        raise ValueError(f"{self.name}: expected a tuple or list of "
                          f"{len(self.factors)} entries, got {structure!r}.")
     return zip(self.factors, *structures)
+
+  @staticmethod
+  def _like(point, values):
+    """`values` in the container type of `point` (list or tuple)."""
+    return list(values) if isinstance(point, list) else tuple(values)
+
+  def as_point(self, point):
+    return self._like(point, (f.as_point(p) for f, p in self._zip(point)))
 
   def inner(self, point, u, v):
     return tf.add_n([f.inner(p, a, b) for f, p, a, b in self._zip(point, u, v)])
 
   def project(self, point, v):
-    return tuple(f.project(p, a) for f, p, a in self._zip(point, v))
+    return self._like(point, (f.project(p, a)
+                              for f, p, a in self._zip(point, v)))
 
   def tangent_vector(self, point, coordinates):
-    return tuple(f.tangent_vector(p, c)
-                 for f, p, c in self._zip(point, self._split(coordinates)))
+    return self._like(point, (
+        f.tangent_vector(p, c)
+        for f, p, c in self._zip(point, self._split(coordinates))))
 
   def coordinates(self, point, v):
     return tf.concat([f.coordinates(p, a) for f, p, a in self._zip(point, v)],
                      axis=-1)
 
   def retract(self, point, coordinates):
-    return tuple(f.retract(p, c)
-                 for f, p, c in self._zip(point, self._split(coordinates)))
+    return self._like(point, (
+        f.retract(p, c)
+        for f, p, c in self._zip(point, self._split(coordinates))))
 
   def distance_to_manifold(self, point):
     distances = [f.distance_to_manifold(p) for f, p in self._zip(point)]
     return tf.reduce_max(tf.stack(distances), axis=0)
 
+  def contains(self, point, atol=None):
+    """Every factor contains its entry (each with its own test)."""
+    inside = [f.contains(p, atol) for f, p in self._zip(point)]
+    return tf.reduce_all(tf.stack(inside), axis=0)
+
   def random_point(self, batch_shape=(), dtype=tf.float64, seed=None):
     return tuple(f.random_point(batch_shape, dtype, base.sub_seed(seed, index))
                  for index, f in enumerate(self.factors))
 
-  def check_point(self, point, atol=None):
-    """Checks each factor (its error names the factor); returns the tuple."""
-    checked = []
+  def _each_factor(self, method, point, *args):
+    """factor.method(entry, *args) for each factor; errors name the factor."""
+    results = []
     for index, (factor, p) in enumerate(self._zip(point)):
       try:
-        checked.append(factor.check_point(p, atol))
+        results.append(getattr(factor, method)(p, *args))
       except ValueError as error:
         raise ValueError(f"{self.name}, factor {index}: {error}") from None
-    return tuple(checked)
+    return results
+
+  def check_shape(self, point, batch_dims=None):
+    self._each_factor("check_shape", point, batch_dims)
+
+  def check_point(self, point, atol=None):
+    """Checks each factor (its error names the factor); returns the point."""
+    return self._like(point, self._each_factor("check_point", point, atol))
 
 
 class Power(base.Manifold):
@@ -128,6 +153,28 @@ class Power(base.Manifold):
 
   def distance_to_manifold(self, point):
     return tf.reduce_max(self.manifold.distance_to_manifold(point), axis=-1)
+
+  def contains(self, point, atol=None):
+    return tf.reduce_all(self.manifold.contains(point, atol), axis=-1)
+
+  def as_point(self, point):
+    return self.manifold.as_point(point)
+
+  def check_shape(self, point, batch_dims=None):
+    """M's shape check with the count axis as one more batch axis, and
+    (with `batch_dims`) that axis of size `count`."""
+    inner_batch_dims = None if batch_dims is None else batch_dims + 1
+    try:
+      self.manifold.check_shape(point, inner_batch_dims)
+    except ValueError as error:
+      raise ValueError(f"{self.name}: {error}") from None
+    for leaf in tf.nest.flatten(point):
+      shape = tf.convert_to_tensor(leaf).shape
+      if batch_dims is None or shape.rank is None:
+        continue
+      if shape[batch_dims] not in (None, self.count):
+        raise ValueError(f"{self.name}: axis {batch_dims} holds the "
+                         f"{self.count} copies, got shape {shape}.")
 
   def random_point(self, batch_shape=(), dtype=tf.float64, seed=None):
     return self.manifold.random_point(
