@@ -225,6 +225,18 @@ def _dot(a, b):
   return tf.reduce_sum(a * b, axis=-1)
 
 
+def _reciprocal(x):
+  """1 / x, correctly rounded in every mode (0 where x = 0).
+
+  Grappler's arithmetic optimizer rewrites a graph's `1 / x` into the
+  `Reciprocal` op, which on CPU is a hardware estimate refined by a Newton
+  step and differs from the division in the last bit for about a third of
+  float32 inputs, while eager execution divides. `div_no_nan` is left alone,
+  so eager, tf.function and Session compute the same rho.
+  """
+  return tf.math.divide_no_nan(tf.ones_like(x), x)
+
+
 def _apply_h0(h0, vector):
   return vector if h0 is None else tf.linalg.matvec(h0, vector)
 
@@ -278,7 +290,7 @@ class _LbfgsPolicy:
       # gamma = s^T y / y^T y = 1 / (rho y^T y) for the newest pair.
       rho_yy = rho[:, m - 1] * _dot(y_hist[:, m - 1], y_hist[:, m - 1])
       valid = rho_yy > 0
-      gamma = tf.where(valid, 1.0 / tf.where(valid, rho_yy, 1.0), 1.0)
+      gamma = tf.where(valid, _reciprocal(rho_yy), 1.0)
       r = gamma[:, None] * r
     if m <= _UNROLL_LIMIT:
       for i in range(m):
@@ -295,7 +307,7 @@ class _LbfgsPolicy:
     del h0
     s_hist, y_hist, rho, count = state
     keep, sy = _curvature_ok(s, y, mask)
-    new_rho = 1.0 / tf.where(keep, sy, tf.ones_like(sy))
+    new_rho = tf.where(keep, _reciprocal(sy), 0.0)
 
     def push(buffer, new):
       shifted = tf.concat([buffer[:, 1:], new[:, None]], axis=1)
@@ -326,7 +338,7 @@ class _BfgsPolicy:
     del h0
     h, updated = state
     keep, sy = _curvature_ok(s, y, mask)
-    rho = 1.0 / tf.where(keep, sy, tf.ones_like(sy))
+    rho = tf.where(keep, _reciprocal(sy), 0.0)
     if self.scale:
       yy = _dot(y, y)
       gamma = sy / tf.where(yy > 0, yy, tf.ones_like(yy))
@@ -334,11 +346,15 @@ class _BfgsPolicy:
       h = tf.where(first[:, None, None], gamma[:, None, None] * h, h)
     # V^T H V + rho s s^T, expanded: H - rho (s (Hy)^T + (Hy) s^T)
     #                                  + (rho^2 y^T H y + rho) s s^T.
+    # The last term is formed as s (coef s)^T: a product of three factors
+    # written coef * (s s^T) is a chain of two multiplications that
+    # Grappler's arithmetic optimizer reorders in graphs (to minimize
+    # broadcasts) but eager execution does not, which changes the rounding.
     hy = tf.linalg.matvec(h, y)
     outer = lambda a, b: a[:, :, None] * b[:, None, :]
-    coef = (rho * rho * _dot(y, hy) + rho)[:, None, None]
+    coef = rho * rho * _dot(y, hy) + rho
     new_h = (h - rho[:, None, None] * (outer(s, hy) + outer(hy, s)) +
-             coef * outer(s, s))
+             outer(s, coef[:, None] * s))
     return (tf.where(keep[:, None, None], new_h, h), updated | keep)
 
 
