@@ -257,6 +257,29 @@ class ModeAgreementTest(tf.test.TestCase, parameterized.TestCase):
                           msg=mode)
 
 
+class StopReasonTest(tf.test.TestCase, parameterized.TestCase):
+  """The reasons not covered above: iteration limit and step size."""
+
+  @parameterized.parameters(*modes.MODES)
+  def test_max_iterations_and_step_size(self, mode):
+    def build(x10, x1):
+      return (solve("bfgs", quadratic, x10, max_iters=2)._asdict(),
+              solve("lbfgs", quadratic_1d, x1, history_size=1,
+                    tolerance_grad=0.0, tolerance_change=10.0)._asdict())
+
+    limited, step = modes.run(build, [np.zeros(10), np.array([-4.0])], mode)
+    self.assertEqual(limited["stop_reason"], StopReason.MAX_ITERATIONS)
+    self.assertFalse(limited["is_converge"])
+    self.assertFalse(limited["failed"])
+    self.assertEqual(limited["num_iterations"], 2)
+    # From -4 the first step, |s| = 5.5 < 10, reaches the minimum 1.5 (the
+    # cubic interpolation is exact on a quadratic) and stops on its size.
+    self.assertEqual(step["stop_reason"], StopReason.STEP_SIZE)
+    self.assertTrue(step["is_converge"])
+    self.assertEqual(step["num_iterations"], 1)
+    self.assertAllClose(step["position"], [1.5])
+
+
 class HistoryTest(tf.test.TestCase, parameterized.TestCase):
   """Tiny histories wrap many times: no hang, same minimum."""
 
