@@ -70,8 +70,10 @@ kernel eagerly and Square in graphs, and sums of three or more terms
 (including the tape's sum of the gradients of a tensor used three times)
 may be reassociated. XLA (`jit_compile=True`) fuses and reorders floating-
 point operations on its own, so its iterates differ in the last bits and,
-over many iterations in float32, its path differs; it converges to the
-same minimum. See docs/lbfgs.md.
+over many iterations in float32, its path differs; it reaches the same
+minimum, though with tolerance_grad at the dtype's rounding noise its line
+search may fail there (STALLED) where the other modes converge. See
+docs/lbfgs.md for the measurements.
 
 Batches. With keyword-only `batch_dims=k`, the first k dimensions of
 `initial_position` index independent problems: `objective_func` then maps
@@ -216,11 +218,11 @@ def minimize_lbfgs(objective_func,
       `objective_func` whose value (or supplied gradient) has the wrong
       static shape, or which has no tape gradient (it does not depend on
       the position through differentiable ops), negative tolerances, a
-      non-positive
-      `initial_step_length`, or an `initial_inverse_hessian_estimate` that is
-      known (eagerly, or as a constant while tracing) not to be symmetric
-      positive definite. A non-constant estimate in a graph is not checked:
-      if it yields a non-descent direction the run ends not converged.
+      non-positive `initial_step_length`, or an
+      `initial_inverse_hessian_estimate` that is known (eagerly, or as a
+      constant while tracing) not to be symmetric positive definite. A
+      non-constant estimate in a graph is not checked: if it yields a
+      non-descent direction the run ends not converged (STALLED).
     NotImplementedError: `line_search_fn` is not 'strong_wolfe'.
   """
   history_size = _validation.positive_int(history_size, "history_size")
