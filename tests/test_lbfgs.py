@@ -7,8 +7,11 @@ import numpy as np
 from scipy import optimize
 import tensorflow as tf
 
+import tfg_optim
 from tfg_optim import lbfgs
 from tests import modes
+
+StopReason = tfg_optim.StopReason
 
 DTYPES = ("float32", "float64")
 MODE_DTYPES = tuple(itertools.product(modes.MODES, DTYPES))
@@ -48,6 +51,16 @@ def quartic(x):
 def rosenbrock(x, a=1.0, b=100.0):
   return tf.reduce_sum(b * (x[..., 1:] - x[..., :-1] ** 2) ** 2 +
                        (a - x[..., :-1]) ** 2, axis=-1)
+
+
+def rosenbrock_once(x):
+  """Rosenbrock with ops whose value and tape gradient Grappler does not
+  rewrite: tf.square, not ** (Pow eagerly, Square in graphs), and x[:-1]
+  sliced once (three gradient contributions to x form a sum that Grappler
+  may reassociate)."""
+  lo, hi = x[..., :-1], x[..., 1:]
+  return tf.reduce_sum(100.0 * tf.square(hi - tf.square(lo)) +
+                       tf.square(1.0 - lo), axis=-1)
 
 
 def solve(method, function, x, **kwargs):
@@ -110,6 +123,161 @@ class ExactMinimaTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(out["nan"]["num_func_calls"], 1)
     self.assertAllEqual(np.isnan(out["nan"]["position"]), np.isnan(x_nan))
     self.assertEqual(out["nan"]["num_iterations"], 0)
+    self.assertEqual(out["nan"]["stop_reason"], StopReason.INVALID_INPUT)
+    self.assertEqual(out["cubic"]["stop_reason"], StopReason.STALLED)
+    self.assertEqual(out["quad1"]["stop_reason"], StopReason.GRADIENT_NORM)
+
+
+def sqrt_objective(x):
+  """sum(sqrt(x)): NaN for x < 0; decreasing towards the boundary x = 0."""
+  return tf.reduce_sum(tf.sqrt(x), axis=-1)
+
+
+def poisoned_rosenbrock(x):
+  """Rosenbrock per member, NaN (value and gradient) where x_0 > 1000."""
+  return rosenbrock(x) + 0.0 * tf.sqrt(1000.0 - x[..., 0])
+
+
+class NonFiniteTest(tf.test.TestCase, parameterized.TestCase):
+  """A NaN or Inf never converges, ends failed at once, and stays local."""
+
+  @parameterized.parameters(*MODE_DTYPES)
+  def test_non_finite_values_fail_promptly(self, mode, dtype):
+    # sqrt: a NaN start, and a finite start whose trial steps reach x < 0.
+    sqrt_starts = np.array([[-1.0, 2.0], [1.0, 2.0]], dtype)
+    # Rosenbrock: healthy, NaN objective, Inf in the start, converged start.
+    starts = np.array([[-1.2, 1.0], [2000.0, 1.0], [np.inf, 1.0],
+                       [1.0, 1.0]], dtype)
+
+    def build(sqrt_starts, starts):
+      out = {"sqrt": solve("lbfgs", sqrt_objective, sqrt_starts,
+                           batch_dims=1, max_iters=1000),
+             "batch": solve("lbfgs", poisoned_rosenbrock, starts,
+                            batch_dims=1, history_size=5, max_iters=100),
+             "alone": solve("lbfgs", poisoned_rosenbrock, starts[0],
+                            history_size=5, max_iters=100)}
+      return {k: v._asdict() for k, v in out.items()}
+
+    out = modes.run(build, [sqrt_starts, starts], mode)
+    r = out["sqrt"]
+    self.assertAllEqual(r["is_converge"], [False, False])
+    self.assertAllEqual(r["failed"], [True, True])
+    self.assertAllEqual(r["stop_reason"], [StopReason.NOT_FINITE] * 2)
+    # NaN objective at the start: no iteration.
+    self.assertEqual(r["num_iterations"][0], 0)
+    self.assertEqual(r["num_func_calls"][0], 1)
+    # Finite start: the first NaN trial ends the run (within a few
+    # iterations, not after max_iters) at the last accepted iterate, whose
+    # reported value is the objective there.
+    self.assertLess(r["num_iterations"][1], 10)
+    self.assertTrue(np.all(r["position"][1] > 0))
+    self.assertAllClose(r["objective_value"][1],
+                        np.sum(np.sqrt(r["position"][1])))
+    self.assertLessEqual(r["objective_value"][1],
+                         np.float32(np.sqrt(2.0) + 1))
+    # Each member stops for its own reason; the healthy one reaches the
+    # minimum (1, 1) and equals its solo solve. (XLA may round a batched
+    # reduction differently from an unbatched one in float32.)
+    b = out["batch"]
+    self.assertAllEqual(b["is_converge"], [True, False, False, True])
+    self.assertAllEqual(b["failed"], [False, True, True, False])
+    self.assertAllEqual(b["stop_reason"], [
+        StopReason.GRADIENT_NORM, StopReason.NOT_FINITE,
+        StopReason.INVALID_INPUT, StopReason.GRADIENT_NORM])
+    self.assertAllEqual(b["num_iterations"][1:], [0, 0, 0])
+    self.assertAllEqual(b["position"][1:], starts[1:])
+    self.assertAllClose(b["position"][0], [1.0, 1.0], atol=10 * ATOL[dtype])
+    for key in ("is_converge", "stop_reason", "position", "objective_value"):
+      if mode == "xla" and dtype == "float32":
+        self.assertAllClose(b[key][0], out["alone"][key], atol=1e-4)
+      else:
+        self.assertAllEqual(b[key][0], out["alone"][key], msg=key)
+
+
+class UnconnectedObjectiveTest(tf.test.TestCase, parameterized.TestCase):
+  """An objective without a tape gradient is an error, not convergence."""
+
+  @parameterized.parameters(
+      ("constant", lambda x: tf.constant(3.0)),
+      ("stop_gradient", lambda x: tf.stop_gradient(quadratic(x))),
+      ("round", lambda x: tf.reduce_sum(tf.round(x))),
+      ("int cast", lambda x: tf.cast(tf.reduce_sum(tf.cast(x, tf.int32)),
+                                     tf.float32)),
+      ("numpy", lambda x: np.sum(np.asarray(x) ** 2)))
+  def test_raises_eagerly_and_while_tracing(self, _, function):
+    x0 = tf.constant(np.linspace(-1.0, 1.0, 10), tf.float32)
+    traced = tf.function(lambda x: lbfgs.minimize_lbfgs(function, x))
+    for call in (lambda: lbfgs.minimize_bfgs(function, x0),
+                 lambda: traced(x0)):
+      # NumPy cannot read a symbolic tensor: its own error while tracing.
+      with self.assertRaisesRegex((ValueError, NotImplementedError,
+                                   TypeError), "objective_func|NumPy|numpy"):
+        call()
+    with self.assertRaisesRegex(ValueError, "objective_func.*depend"):
+      lbfgs.minimize_lbfgs(function, x0)
+
+  def test_value_and_gradient_skips_the_check(self):
+    def value_and_gradient(x):
+      value = tf.stop_gradient(quadratic_1d(x))
+      return value, 6.0 * (x - 1.5)
+
+    r = lbfgs.minimize_lbfgs(value_and_gradient, tf.constant([0.0]),
+                             value_and_gradient=True, return_results=True)
+    self.assertTrue(r.is_converge)
+    self.assertAllClose(r.position, [1.5], atol=1e-5)
+
+
+class ModeAgreementTest(tf.test.TestCase, parameterized.TestCase):
+  """Eager, tf.function and Session agree bit for bit; XLA, to tolerance.
+
+  Before the fix, n = 4 float32 BFGS with scaling failed after 107
+  evaluations eagerly and converged after 58 in graphs (Grappler reordered
+  the rank-one update's products; 1/x became Reciprocal).
+  """
+
+  # BFGS with scaling is the case that differed; L-BFGS (history 10, no
+  # scaling) runs the two-loop recursion.
+  @parameterized.parameters(*itertools.product(
+      (("bfgs", {"scale_initial_hessian": True}),
+       ("lbfgs", {"history_size": 10})), DTYPES))
+  def test_rosenbrock_paddle_defaults(self, method_options, dtype):
+    method, options = method_options
+
+    def build(x0):
+      return solve(method, rosenbrock_once, x0, **options)._asdict()
+
+    x0 = np.array([-1.2, 1.0, -1.2, 1.0], dtype)
+    out = {mode: modes.run(build, [x0], mode) for mode in modes.MODES}
+    for mode in ("function", "session"):
+      for key, value in out["eager"].items():
+        self.assertAllEqual(value, out[mode][key], msg=f"{mode} {key}")
+    for mode in modes.MODES:
+      self.assertTrue(out[mode]["is_converge"], mode)
+      self.assertAllClose(out[mode]["position"], np.ones(4), atol=ATOL[dtype],
+                          msg=mode)
+
+
+class StopReasonTest(tf.test.TestCase, parameterized.TestCase):
+  """The reasons not covered above: iteration limit and step size."""
+
+  @parameterized.parameters(*modes.MODES)
+  def test_max_iterations_and_step_size(self, mode):
+    def build(x10, x1):
+      return (solve("bfgs", quadratic, x10, max_iters=2)._asdict(),
+              solve("lbfgs", quadratic_1d, x1, history_size=1,
+                    tolerance_grad=0.0, tolerance_change=10.0)._asdict())
+
+    limited, step = modes.run(build, [np.zeros(10), np.array([-4.0])], mode)
+    self.assertEqual(limited["stop_reason"], StopReason.MAX_ITERATIONS)
+    self.assertFalse(limited["is_converge"])
+    self.assertFalse(limited["failed"])
+    self.assertEqual(limited["num_iterations"], 2)
+    # From -4 the first step, |s| = 5.5 < 10, reaches the minimum 1.5 (the
+    # cubic interpolation is exact on a quadratic) and stops on its size.
+    self.assertEqual(step["stop_reason"], StopReason.STEP_SIZE)
+    self.assertTrue(step["is_converge"])
+    self.assertEqual(step["num_iterations"], 1)
+    self.assertAllClose(step["position"], [1.5])
 
 
 class HistoryTest(tf.test.TestCase, parameterized.TestCase):
@@ -333,6 +501,17 @@ class ArgumentTest(tf.test.TestCase, parameterized.TestCase):
        ValueError, "initial_inverse_hessian_estimate"),
       (dict(initial_position=np.zeros((2, 2), np.float32)), ValueError,
        "initial_position"),
+      (dict(initial_position=np.zeros(0, np.float32)), ValueError,
+       "initial_position.*n >= 1"),
+      (dict(max_iters=2**31), ValueError, "max_iters.*2147483647"),
+      (dict(history_size=2**31), ValueError, "history_size"),
+      (dict(max_line_search_iters=2**31), ValueError,
+       "max_line_search_iters"),
+      (dict(max_iters=np.int64(2**40)), ValueError, "max_iters"),
+      (dict(objective_func=lambda x: x ** 2), ValueError,
+       r"objective_func.*shape \[\].*got shape \(2,\)"),
+      (dict(objective_func=lambda x: tf.reduce_sum(x ** 2, keepdims=True)[0]
+            * tf.ones([3])), ValueError, "objective_func"),
   )
   def test_invalid_arguments(self, overrides, error, message):
     kwargs = dict(objective_func=rosenbrock,
@@ -340,6 +519,26 @@ class ArgumentTest(tf.test.TestCase, parameterized.TestCase):
     kwargs.update(overrides)
     with self.assertRaisesRegex(error, message):
       lbfgs.minimize_lbfgs(**kwargs)
+
+  def test_objective_shape_checked_in_graphs(self):
+    vector = lambda x: x ** 2
+    for method in METHODS.values():
+      traced = tf.function(lambda x, method=method: method(vector, x))
+      with self.assertRaisesRegex(ValueError, "objective_func.*shape"):
+        traced(tf.zeros(2))
+    # Batched: values must have shape batch_shape, not batch_shape + [n].
+    with self.assertRaisesRegex(ValueError, r"objective_func.*\[3\]"):
+      lbfgs.minimize_lbfgs(lambda x: x ** 2, tf.zeros([3, 2]), batch_dims=1)
+    # A shape unknown while tracing is checked when the graph runs.
+    def numpy_value_and_gradient(x):
+      value = tf.numpy_function(lambda x: x ** 2, [x], tf.float32)
+      return value, 2.0 * x
+
+    traced = tf.function(lambda x: lbfgs.minimize_lbfgs(
+        numpy_value_and_gradient, x, value_and_gradient=True))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                "objective_func.*shape"):
+      traced(tf.zeros(2))
 
   def test_paddle_tuple_and_defaults(self):
     result = lbfgs.minimize_lbfgs(quadratic_1d, tf.constant([0.0]))
@@ -357,6 +556,7 @@ class ArgumentTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(r.is_converge)
     self.assertEqual(int(r.num_iterations), 0)
     self.assertEqual(int(r.num_func_calls), 1)
+    self.assertEqual(int(r.stop_reason), StopReason.GRADIENT_NORM)
 
 
 if __name__ == "__main__":

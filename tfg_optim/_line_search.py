@@ -21,7 +21,10 @@ Each member of a batch runs its own search (its own phase, bracket and
 evaluation count); one loop iteration evaluates the objective once for the
 whole batch. A member stops when it accepts a step, when it meets a non-finite
 value or gradient, when its bracket collapses to rounding level, or after
-`max_evaluations` evaluations; all but the first are failures.
+`max_evaluations` evaluations; all but the first are failures, and the
+result says which failures met a non-finite value or gradient. A non-finite
+trial is never accepted: the search stops there rather than guessing a
+shorter step, so a NaN or Inf fails the search at once.
 """
 
 import collections
@@ -34,7 +37,8 @@ _BRACKET, _ZOOM, _DONE, _FAILED = 0, 1, 2, 3
 
 LineSearchResult = collections.namedtuple(
     "LineSearchResult",
-    ["success", "step", "value", "gradient", "num_evaluations"])
+    ["success", "step", "value", "gradient", "num_evaluations",
+     "not_finite"])
 LineSearchResult.__doc__ = """Outcome of `strong_wolfe`, one entry per member.
 
   success: [B] bool, True where an accepted step satisfies strong Wolfe.
@@ -43,13 +47,15 @@ LineSearchResult.__doc__ = """Outcome of `strong_wolfe`, one entry per member.
   gradient: [B, n] the gradient at x + step d (the start gradient where
     unsuccessful).
   num_evaluations: [B] int32, objective evaluations spent by the member.
+  not_finite: [B] bool, True where the search failed on a trial whose value
+    or gradient was NaN or Inf.
 """
 
 _State = collections.namedtuple("_State", [
     "phase", "trial", "evals",
     "a_prev", "f_prev", "d_prev",
     "a_lo", "f_lo", "d_lo", "a_hi", "f_hi", "d_hi",
-    "step", "value", "gradient"])
+    "step", "value", "gradient", "not_finite"])
 
 
 def cubic_minimizer(a, fa, da, b, fb, db):
@@ -197,7 +203,8 @@ def strong_wolfe(value_and_gradient, position, direction, value, gradient,
         d_hi=_pick(searching, d_hi, state.d_hi),
         step=_pick(accept, trial, state.step),
         value=_pick(accept, f, state.value),
-        gradient=_pick(accept[:, None], g, state.gradient)),)
+        gradient=_pick(accept[:, None], g, state.gradient),
+        not_finite=state.not_finite | (searching & ~finite)),)
 
   initial = _State(
       phase=tf.where(active, _BRACKET, _DONE),
@@ -206,7 +213,8 @@ def strong_wolfe(value_and_gradient, position, direction, value, gradient,
       a_prev=zeros, f_prev=value, d_prev=slope0,
       a_lo=zeros, f_lo=value, d_lo=slope0,
       a_hi=zeros, f_hi=value, d_hi=slope0,
-      step=zeros, value=value, gradient=gradient)
+      step=zeros, value=value, gradient=gradient,
+      not_finite=tf.zeros(tf.shape(value), tf.bool))
   final, = tf.while_loop(cond, body, (initial,), parallel_iterations=1,
                          maximum_iterations=max_evaluations)
   success = active & tf.equal(final.phase, _DONE)
@@ -215,4 +223,5 @@ def strong_wolfe(value_and_gradient, position, direction, value, gradient,
       step=tf.where(success, final.step, zeros),
       value=final.value,
       gradient=final.gradient,
-      num_evaluations=final.evals)
+      num_evaluations=final.evals,
+      not_finite=final.not_finite)

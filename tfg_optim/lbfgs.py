@@ -5,7 +5,8 @@ r"""L-BFGS and BFGS with a strong-Wolfe line search, with Paddle's interface.
 return the same 5-tuple
 `(is_converge, num_func_calls, position, objective_value, objective_gradient)`,
 as TensorFlow graph ops that run eagerly, in `tf.function`, in a TF1
-`Session` and under XLA (`jit_compile=True`) with the same numbers.
+`Session` and under XLA (`jit_compile=True`) (for when the numbers agree
+bit for bit, see "Same numbers in every mode" below).
 
 The math. To minimize a smooth f: R^n -> R from x_0, iteration k takes
 
@@ -33,17 +34,46 @@ Step lengths satisfy the strong Wolfe conditions with c1 = 1e-4, c2 = 0.9
 H_k positive definite; a pair with y_k^T s_k <= 0 (possible only through
 rounding) is skipped.
 
-Stopping. Before the loop, a start whose value or gradient is not finite
-stops at once (not converged, position = start), and a start with
-||g_0||_inf < tolerance_grad stops at once as converged (a zero direction
-has nothing to search; this is the one case where no iteration runs).
-Otherwise iterations run until, after an iteration, ||g_{k+1}||_inf <
-tolerance_grad or ||s_k||_inf < tolerance_change (converged), or until the
-line search fails (no strong-Wolfe step within `max_line_search_iters`
-evaluations, a non-finite value or gradient, or a non-descent direction: not
-converged, position = the last accepted iterate), or until `max_iters`
-iterations (not converged). An objective unbounded below thus ends as not
-converged.
+Stopping. Each problem ends with an int32 `stop_reason`, a
+`tfg_optim.StopReason` value (full results only). Before the loop, a start
+holding NaN or Inf stops at once (INVALID_INPUT), a start whose value or
+gradient is not finite stops at once (NOT_FINITE), and a start with
+||g_0||_inf < tolerance_grad stops at once as converged (GRADIENT_NORM: a
+zero direction has nothing to search; the one case where no iteration
+runs). Otherwise iterations run until, after an iteration, ||g_{k+1}||_inf <
+tolerance_grad (GRADIENT_NORM) or ||s_k||_inf < tolerance_change (STEP_SIZE),
+both converged; or until the line search fails: a trial point with a NaN or
+Inf value or gradient (NOT_FINITE), or no strong-Wolfe step within
+`max_line_search_iters` evaluations, a collapsed bracket or a non-descent
+direction (STALLED), all failed, with position = the last accepted iterate;
+or until `max_iters` iterations (MAX_ITERATIONS, neither converged nor
+failed). The convergence tests only ever see finite values, so a NaN or Inf
+never reports convergence, and it ends the run in the iteration that meets
+it. An objective unbounded below ends not converged.
+
+Checks while tracing. The objective must return a value of shape
+batch_shape (Paddle's one-element [1] is accepted when unbatched) and, with
+`value_and_gradient`, a gradient of shape batch_shape + [n]; a static shape
+that differs raises ValueError, one unknown while tracing is checked when
+the graph runs. Without `value_and_gradient`, an objective with no tape
+gradient (computed in NumPy, a constant, through tf.stop_gradient, or ops
+without gradients) raises ValueError: it would otherwise have a zero
+gradient and report convergence at the start.
+
+Same numbers in every mode. Eager execution, tf.function and a TF1 Session
+give bit-for-bit the same results when the objective's value and gradient
+are the same eagerly and in a graph. Grappler (the graph optimizer of
+tf.function and Session, never run eagerly) rewrites some expressions with
+different rounding; this module avoids them (`_reciprocal`, the BFGS
+rank-one term), but an objective may contain them: `x ** 2` is the Pow
+kernel eagerly and Square in graphs, and sums of three or more terms
+(including the tape's sum of the gradients of a tensor used three times)
+may be reassociated. XLA (`jit_compile=True`) fuses and reorders floating-
+point operations on its own, so its iterates differ in the last bits and,
+over many iterations in float32, its path differs; it reaches the same
+minimum, though with tolerance_grad at the dtype's rounding noise its line
+search may fail there (STALLED) where the other modes converge. See
+docs/lbfgs.md for the measurements.
 
 Batches. With keyword-only `batch_dims=k`, the first k dimensions of
 `initial_position` index independent problems: `objective_func` then maps
@@ -59,7 +89,9 @@ Differences from Paddle (all keeping its interface and defaults):
 - the default H_0 is an implicit identity, not a dense n x n matrix;
 - `num_func_calls` counts every objective evaluation, the one at the start
   included;
-- a NaN start returns the start, not converged;
+- a NaN start returns the start, not converged, and a NaN or Inf reached
+  during the run ends it as failed (full results name the reason);
+- an objective with no gradient, or with a non-scalar value, is an error;
 - extra keyword-only options: `value_and_gradient`, `scale_initial_hessian`,
   `batch_dims`, `return_results`.
 """
@@ -70,6 +102,7 @@ import tensorflow as tf
 
 from tfg_optim import _line_search
 from tfg_optim import _validation
+from tfg_optim._engine import StopReason
 
 __all__ = ["minimize_lbfgs", "minimize_bfgs", "LbfgsResults"]
 
@@ -80,7 +113,7 @@ _UNROLL_LIMIT = 16
 
 LbfgsResults = collections.namedtuple("LbfgsResults", [
     "is_converge", "num_func_calls", "position", "objective_value",
-    "objective_gradient", "failed", "num_iterations"])
+    "objective_gradient", "failed", "num_iterations", "stop_reason"])
 LbfgsResults.__doc__ = """Full results (`return_results=True`).
 
   The first five fields are Paddle's return values, in Paddle's order.
@@ -89,14 +122,27 @@ LbfgsResults.__doc__ = """Full results (`return_results=True`).
   position: the last accepted iterate.
   objective_value: the objective there.
   objective_gradient: its gradient there.
-  failed: bool, True where the run stopped on a failed line search, a
-    non-descent direction or a non-finite start.
+  failed: bool, True where the run stopped on a failure: neither converged
+    nor out of iterations (stop_reason NOT_FINITE, STALLED or INVALID_INPUT).
   num_iterations: int32, iterations that accepted or attempted a step.
+  stop_reason: int32, a `tfg_optim.StopReason` value:
+    GRADIENT_NORM: ||g||_inf < tolerance_grad (at the start, or after an
+      iteration); converged.
+    STEP_SIZE: an iteration's step had ||s||_inf < tolerance_change;
+      converged.
+    MAX_ITERATIONS: `max_iters` iterations ran; not converged, not failed.
+    NOT_FINITE: the objective or its gradient was NaN or Inf at the start or
+      at a line-search trial point; failed.
+    STALLED: the line search found no strong-Wolfe step within
+      `max_line_search_iters` evaluations (or its bracket collapsed), or the
+      direction was not a descent direction; failed.
+    INVALID_INPUT: `initial_position` holds NaN or Inf; failed, no
+      iteration.
   Each field has shape batch_shape (position and gradient: batch_shape + [n]).
 """
 
 _LoopState = collections.namedtuple("_LoopState", [
-    "converged", "failed", "num_iterations", "num_evaluations", "position",
+    "stop_reason", "num_iterations", "num_evaluations", "position",
     "value", "gradient", "policy_state"])
 
 
@@ -154,7 +200,7 @@ def minimize_lbfgs(objective_func,
     batch_dims: Number of leading batch dimensions of `initial_position`
       (independent problems), a Python int >= 0.
     return_results: If True, return an `LbfgsResults` namedtuple (the 5-tuple
-      plus `failed` and `num_iterations`).
+      plus `failed`, `num_iterations` and `stop_reason`).
 
   Returns:
     `(is_converge, num_func_calls, position, objective_value,
@@ -167,12 +213,16 @@ def minimize_lbfgs(objective_func,
     TypeError: `objective_func` is not callable, or an integer argument is
       not an integer.
     ValueError: a bad `dtype`, an integer `initial_position` or one whose
-      dtype differs from `dtype`, a bad shape, `history_size`, `max_iters` or
-      `max_line_search_iters` < 1, negative tolerances, a non-positive
-      `initial_step_length`, or an `initial_inverse_hessian_estimate` that is
-      known (eagerly, or as a constant while tracing) not to be symmetric
-      positive definite. A non-constant estimate in a graph is not checked:
-      if it yields a non-descent direction the run ends not converged.
+      dtype differs from `dtype`, a bad shape or n = 0, `history_size`,
+      `max_iters` or `max_line_search_iters` < 1 or > 2**31 - 1, an
+      `objective_func` whose value (or supplied gradient) has the wrong
+      static shape, or which has no tape gradient (it does not depend on
+      the position through differentiable ops), negative tolerances, a
+      non-positive `initial_step_length`, or an
+      `initial_inverse_hessian_estimate` that is known (eagerly, or as a
+      constant while tracing) not to be symmetric positive definite. A
+      non-constant estimate in a graph is not checked: if it yields a
+      non-descent direction the run ends not converged (STALLED).
     NotImplementedError: `line_search_fn` is not 'strong_wolfe'.
   """
   history_size = _validation.positive_int(history_size, "history_size")
@@ -223,6 +273,18 @@ def minimize_bfgs(objective_func,
 
 def _dot(a, b):
   return tf.reduce_sum(a * b, axis=-1)
+
+
+def _reciprocal(x):
+  """1 / x, correctly rounded in every mode (0 where x = 0).
+
+  Grappler's arithmetic optimizer rewrites a graph's `1 / x` into the
+  `Reciprocal` op, which on CPU is a hardware estimate refined by a Newton
+  step and differs from the division in the last bit for about a third of
+  float32 inputs, while eager execution divides. `div_no_nan` is left alone,
+  so eager, tf.function and Session compute the same rho.
+  """
+  return tf.math.divide_no_nan(tf.ones_like(x), x)
 
 
 def _apply_h0(h0, vector):
@@ -278,7 +340,7 @@ class _LbfgsPolicy:
       # gamma = s^T y / y^T y = 1 / (rho y^T y) for the newest pair.
       rho_yy = rho[:, m - 1] * _dot(y_hist[:, m - 1], y_hist[:, m - 1])
       valid = rho_yy > 0
-      gamma = tf.where(valid, 1.0 / tf.where(valid, rho_yy, 1.0), 1.0)
+      gamma = tf.where(valid, _reciprocal(rho_yy), 1.0)
       r = gamma[:, None] * r
     if m <= _UNROLL_LIMIT:
       for i in range(m):
@@ -295,7 +357,7 @@ class _LbfgsPolicy:
     del h0
     s_hist, y_hist, rho, count = state
     keep, sy = _curvature_ok(s, y, mask)
-    new_rho = 1.0 / tf.where(keep, sy, tf.ones_like(sy))
+    new_rho = tf.where(keep, _reciprocal(sy), 0.0)
 
     def push(buffer, new):
       shifted = tf.concat([buffer[:, 1:], new[:, None]], axis=1)
@@ -326,7 +388,7 @@ class _BfgsPolicy:
     del h0
     h, updated = state
     keep, sy = _curvature_ok(s, y, mask)
-    rho = 1.0 / tf.where(keep, sy, tf.ones_like(sy))
+    rho = tf.where(keep, _reciprocal(sy), 0.0)
     if self.scale:
       yy = _dot(y, y)
       gamma = sy / tf.where(yy > 0, yy, tf.ones_like(yy))
@@ -334,11 +396,15 @@ class _BfgsPolicy:
       h = tf.where(first[:, None, None], gamma[:, None, None] * h, h)
     # V^T H V + rho s s^T, expanded: H - rho (s (Hy)^T + (Hy) s^T)
     #                                  + (rho^2 y^T H y + rho) s s^T.
+    # The last term is formed as s (coef s)^T: a product of three factors
+    # written coef * (s s^T) is a chain of two multiplications that
+    # Grappler's arithmetic optimizer reorders in graphs (to minimize
+    # broadcasts) but eager execution does not, which changes the rounding.
     hy = tf.linalg.matvec(h, y)
     outer = lambda a, b: a[:, :, None] * b[:, None, :]
-    coef = (rho * rho * _dot(y, hy) + rho)[:, None, None]
+    coef = rho * rho * _dot(y, hy) + rho
     new_h = (h - rho[:, None, None] * (outer(s, hy) + outer(hy, s)) +
-             coef * outer(s, s))
+             outer(s, coef[:, None] * s))
     return (tf.where(keep[:, None, None], new_h, h), updated | keep)
 
 
@@ -382,14 +448,20 @@ def _minimize(default_name, policy, objective_func, initial_position,
                  max_iters, tf.constant(tolerance_grad, dtype),
                  tf.constant(tolerance_change, dtype), max_line_search_iters,
                  initial_step_length)
+    reason = final.stop_reason
+    converged = (tf.equal(reason, int(StopReason.GRADIENT_NORM)) |
+                 tf.equal(reason, int(StopReason.STEP_SIZE)))
+    failed = ~converged & tf.not_equal(reason,
+                                       int(StopReason.MAX_ITERATIONS))
     results = LbfgsResults(
-        is_converge=tf.reshape(final.converged, batch_shape),
+        is_converge=tf.reshape(converged, batch_shape),
         num_func_calls=tf.reshape(final.num_evaluations, batch_shape),
         position=tf.reshape(final.position, batch_shape + [n]),
         objective_value=tf.reshape(final.value, batch_shape),
         objective_gradient=tf.reshape(final.gradient, batch_shape + [n]),
-        failed=tf.reshape(final.failed, batch_shape),
-        num_iterations=tf.reshape(final.num_iterations, batch_shape))
+        failed=tf.reshape(failed, batch_shape),
+        num_iterations=tf.reshape(final.num_iterations, batch_shape),
+        stop_reason=tf.reshape(reason, batch_shape))
   return results if return_results else tuple(results[:5])
 
 
@@ -399,23 +471,35 @@ def _inf_norm(v):
 
 def _run(policy, value_and_grad, x0, h0, max_iters, tolerance_grad,
          tolerance_change, max_line_search_iters, initial_step_length):
-  """Runs the loop on [B, n] positions; returns the final `_LoopState`."""
+  """Runs the loop on [B, n] positions; returns the final `_LoopState`.
+
+  A member runs while its stop reason is RUNNING. The convergence tests read
+  only finite values (the start's, or a successful line search's, which
+  accepts finite points only), so a NaN or Inf can never look converged.
+  """
   batch, n = x0.shape.as_list()
   f0, g0 = value_and_grad(x0)
   finite = tf.math.is_finite(f0) & tf.reduce_all(tf.math.is_finite(g0), -1)
+  start_ok = tf.reduce_all(tf.math.is_finite(x0), -1)
+  reason = tf.where(
+      ~start_ok, _reason(StopReason.INVALID_INPUT),
+      tf.where(~finite, _reason(StopReason.NOT_FINITE),
+               tf.where(_inf_norm(g0) < tolerance_grad,
+                        _reason(StopReason.GRADIENT_NORM),
+                        _reason(StopReason.RUNNING))))
   initial = _LoopState(
-      converged=finite & (_inf_norm(g0) < tolerance_grad),
-      failed=~finite,
+      stop_reason=reason,
       num_iterations=tf.zeros([batch], tf.int32),
       num_evaluations=tf.ones([batch], tf.int32),
       position=x0, value=f0, gradient=g0,
       policy_state=policy.initial_state(batch, n, x0.dtype, h0))
 
   def cond(state):
-    return tf.reduce_any(~state.converged & ~state.failed)
+    return tf.reduce_any(tf.equal(state.stop_reason,
+                                  int(StopReason.RUNNING)))
 
   def body(state):
-    active = ~state.converged & ~state.failed
+    active = tf.equal(state.stop_reason, int(StopReason.RUNNING))
     direction = policy.direction(state.policy_state, state.gradient, h0)
     direction = tf.where(active[:, None], direction, tf.zeros_like(direction))
     descent = active & (_dot(state.gradient, direction) < 0)
@@ -427,11 +511,19 @@ def _run(policy, value_and_grad, x0, h0, max_iters, tolerance_grad,
                         state.position + search.step[:, None] * direction,
                         state.position)
     step = position - state.position
-    converged = ok & ((_inf_norm(search.gradient) < tolerance_grad) |
-                      (_inf_norm(step) < tolerance_change))
+    # The first reason that applies, in this order of precedence.
+    reasons = [
+        (ok & (_inf_norm(search.gradient) < tolerance_grad),
+         StopReason.GRADIENT_NORM),
+        (ok & (_inf_norm(step) < tolerance_change), StopReason.STEP_SIZE),
+        (~ok & search.not_finite, StopReason.NOT_FINITE),
+        (~ok, StopReason.STALLED),
+    ]
+    new_reason = _reason(StopReason.RUNNING)
+    for condition, value in reversed(reasons):
+      new_reason = tf.where(condition, _reason(value), new_reason)
     return (_LoopState(
-        converged=state.converged | converged,
-        failed=state.failed | (active & ~ok),
+        stop_reason=tf.where(active, new_reason, state.stop_reason),
         num_iterations=state.num_iterations + tf.cast(active, tf.int32),
         num_evaluations=state.num_evaluations + search.num_evaluations,
         position=position,
@@ -443,7 +535,13 @@ def _run(policy, value_and_grad, x0, h0, max_iters, tolerance_grad,
 
   final, = tf.while_loop(cond, body, (initial,), maximum_iterations=max_iters,
                          parallel_iterations=1)
-  return final
+  return final._replace(stop_reason=tf.where(
+      tf.equal(final.stop_reason, int(StopReason.RUNNING)),
+      _reason(StopReason.MAX_ITERATIONS), final.stop_reason))
+
+
+def _reason(reason):
+  return tf.constant(int(reason), tf.int32)
 
 
 # ---------------------------------------------------------------------------
@@ -452,7 +550,14 @@ def _run(policy, value_and_grad, x0, h0, max_iters, tolerance_grad,
 
 def _batched_value_and_gradient(objective_func, value_and_gradient,
                                 batch_shape, n, dtype):
-  """Maps [B, n] positions to ([B] values, [B, n] gradients)."""
+  """Maps [B, n] positions to ([B] values, [B, n] gradients).
+
+  Checks, while tracing (eagerly: on every call), that the value has shape
+  batch_shape (unbatched, Paddle's one-element [1] is accepted too), that a
+  supplied gradient has shape batch_shape + [n], and that a tape gradient
+  exists: a value not connected to the position through differentiable ops
+  would have a zero gradient and look converged at the start.
+  """
   batch = int(np.prod(batch_shape, dtype=np.int64))
 
   def call(x_flat):
@@ -466,10 +571,41 @@ def _batched_value_and_gradient(objective_func, value_and_gradient,
         tape.watch(x)
         value = _check_output(objective_func(x), dtype, "value")
       gradient = tape.gradient(
-          value, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+          value, x, unconnected_gradients=tf.UnconnectedGradients.NONE)
+      if gradient is None:
+        raise ValueError(
+            "'objective_func' does not depend on the position through "
+            "differentiable TensorFlow ops (was it computed in NumPy, a "
+            "constant, through tf.stop_gradient, or through ops without "
+            "gradients such as round, floor or an int cast?); its gradient "
+            "is undefined. Pass value_and_gradient=True to supply one.")
+    value = _check_shape(value, batch_shape, batch, "a value")
+    gradient = _check_shape(gradient, batch_shape + [n], batch * n,
+                            "a gradient")
     return tf.reshape(value, [batch]), tf.reshape(gradient, [batch, n])
 
   return call
+
+
+def _check_shape(tensor, shape, size, what):
+  """`tensor` if its shape is `shape` (or [1] for a scalar `shape`).
+
+  A static shape that differs raises ValueError at once; a shape unknown
+  while tracing is checked when the graph runs (InvalidArgumentError).
+  """
+  allowed = [shape] + ([[1]] if not shape else [])
+  message = (f"'objective_func' must return {what} of shape {shape} "
+             f"(batch_shape{'' if what == 'a value' else ' + [n]'})")
+  if tensor.shape.is_fully_defined():
+    if tensor.shape.as_list() not in allowed:
+      raise ValueError(f"{message}, got shape {tensor.shape}.")
+    return tensor
+  if not any(tensor.shape.is_compatible_with(a) for a in allowed):
+    raise ValueError(f"{message}, got shape {tensor.shape}.")
+  check = tf.debugging.assert_equal(tf.size(tensor), size,
+                                    message=message + ".")
+  with tf.control_dependencies([check]):
+    return tf.identity(tensor)
 
 
 def _check_output(tensor, dtype, what):
@@ -510,6 +646,9 @@ def _check_position(initial_position, dtype, batch_dims):
     raise ValueError(f"'initial_position' must have a fully defined shape of "
                      f"rank batch_dims + 1 = {batch_dims + 1}, got "
                      f"{x0.shape}.")
+  if x0.shape[-1] == 0:
+    raise ValueError(f"'initial_position' must have at least one coordinate "
+                     f"(n >= 1), got shape {x0.shape}.")
   return x0
 
 
