@@ -782,7 +782,6 @@ def test_product_point_as_a_list(mode):
   assert seen and set(seen) == {list}
 
 
-@pytest.mark.skip(reason="needs engine NOT_FINITE stop")
 def test_nan_residual_everywhere_stops_not_finite():
   results = riemannian.levenberg_marquardt(
       manifolds.Sphere(3), lambda p: tf.sqrt(p - 2.0), [1.0, 0.0, 0.0],

@@ -268,11 +268,11 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
         num_records=num_records, initial_residual=initial_residual,
         initial_jacobian=(None if initial_jacobian_f is None else
                           to_orthonormal(point, initial_jacobian_f)),
-        invalid_start=invalid_start)
-    if initial_residual_values is None and jacobian_f is None:
-      state = state._replace(  # the evaluation made above
-          num_residual_evaluations=state.num_residual_evaluations + 1)
-    return results_lib.from_state(state, num_records), state
+        invalid_start=invalid_start,
+        initial_residual_evaluations=int(initial_residual_values is None and
+                                         jacobian_f is None))
+    return results_lib.from_state(state, num_records,
+                                  stopping_criterion), state
 
 
 def _start_point(manifold, p, batch_dims):
