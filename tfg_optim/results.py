@@ -78,9 +78,11 @@ class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
     if reasons.size == 1:
       get = lambda name: np.asarray(values[name]).reshape(-1)[0]
       reason = StopReason(int(get("stop_reason")))
-      lines.append("Levenberg-Marquardt: "
-                   f"{'converged' if get('converged') else 'not converged'} "
-                   f"({reason.name.lower()}): {reason.message}")
+      head = f"({reason.name.lower()})"
+      if not get("converged"):
+        head = f"not converged {head}: {reason.message}"
+      lines.append(f"Levenberg-Marquardt: {'converged ' if get('converged') else ''}"
+                   f"{head}")
       lines.append(f"  {sizes}; {timing}")
       if tolerances:
         lines.append(f"  tolerances: {tolerances}")
