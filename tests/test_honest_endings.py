@@ -165,3 +165,17 @@ def test_unknown_parameter_count_is_a_clear_error():
                          input_signature=[tf.TensorSpec([None], tf.float64)])
   with pytest.raises(ValueError, match="only batch dimensions may be unknown"):
     function(tf.constant([1.0, 2.0], tf.float64))
+
+
+def test_nan_start_under_xla_is_not_finite():
+  """XLA drops the start's check_numerics; the NaN cost then ends the solve
+  with NOT_FINITE, not with a result that passes for a solution."""
+  solve = tf.function(lambda x: (lambda r: (r.converged, r.stop_reason,
+                                            r.num_iterations))(
+                                                tfg_optim.least_squares(
+                                                    lambda v: v - 1.0, x)),
+                      jit_compile=True)
+  converged, reason, iterations = solve(tf.constant([np.nan, 1.0]))
+  assert not converged
+  assert StopReason(int(reason)) == StopReason.NOT_FINITE
+  assert int(iterations) == 0
