@@ -150,6 +150,9 @@ _LoopState = collections.namedtuple("_LoopState", [
 # Public front-ends.
 
 
+# Not converted by AutoGraph inside a caller's tf.function: the solver is
+# explicit graph code (a tf.while_loop), and converting it only costs tracing.
+@tf.autograph.experimental.do_not_convert
 def minimize_lbfgs(objective_func,
                    initial_position,
                    history_size=100,
@@ -234,6 +237,9 @@ def minimize_lbfgs(objective_func,
       value_and_gradient, batch_dims, return_results)
 
 
+# Not converted by AutoGraph inside a caller's tf.function: the solver is
+# explicit graph code (a tf.while_loop), and converting it only costs tracing.
+@tf.autograph.experimental.do_not_convert
 def minimize_bfgs(objective_func,
                   initial_position,
                   max_iters=50,

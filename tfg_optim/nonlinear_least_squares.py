@@ -95,6 +95,9 @@ def damping_policy(damping):
                    f"'manopt' or a DampingPolicy, got {damping!r}.")
 
 
+# Not converted by AutoGraph inside a caller's tf.function: the solver is
+# explicit graph code (a tf.while_loop), and converting it only costs tracing.
+@tf.autograph.experimental.do_not_convert
 def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   damping="trust_region", max_iterations=1000,
                   function_tolerance=None, gradient_tolerance=None,

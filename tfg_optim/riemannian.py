@@ -46,6 +46,9 @@ class NonlinearLeastSquaresObjective:
             f"{self.jacobian_f!r}, num_components={self.num_components})")
 
 
+# Not converted by AutoGraph inside a caller's tf.function: the solver is
+# explicit graph code (a tf.while_loop), and converting it only costs tracing.
+@tf.autograph.experimental.do_not_convert
 def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
                         eta=0.2, damping_term_min=0.1, beta=5.0,
                         expect_zero_residual=False, retraction_method=None,
@@ -124,6 +127,9 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
   return state if return_state else state.position
 
 
+# Not converted by AutoGraph inside a caller's tf.function: the solver is
+# explicit graph code (a tf.while_loop), and converting it only costs tracing.
+@tf.autograph.experimental.do_not_convert
 def levenberg_marquardt_in_place(manifold, f, p, jacobian_f=None,
                                  num_components=-1, **kwargs):
   """`levenberg_marquardt` that assigns the solution into `p`.
