@@ -17,6 +17,7 @@ from tests import modes
 from tests import nist
 from tfg_optim import StopReason
 from tfg_optim import _engine
+from tfg_optim import damping as damping_lib
 
 MODES = modes.MODES
 
@@ -377,7 +378,7 @@ def test_robust_loss_resists_outliers():
 
 
 @pytest.mark.parametrize("damping", ["trust_region", "nielsen", "tfg", "manopt",
-                                     _engine.NielsenDamping(initial=1.0)])
+                                     damping_lib.NielsenDamping(initial=1.0)])
 def test_damping_choices_reach_the_same_minimum(damping):
   result = tfg_optim.least_squares(
       _rosenbrock, tf.constant([-1.2, 1.0], tf.float64), damping=damping)

@@ -46,6 +46,9 @@ import numpy as np
 
 import tensorflow as tf
 
+from tfg_optim import _batch
+from tfg_optim.damping import Step
+
 
 class StopReason(enum.IntEnum):
   """Why a problem stopped; stored per problem as an int32 tensor.
@@ -142,45 +145,9 @@ LoopState.__doc__ = """The loop's state, one entry per problem of a batch.
 seconds the solve took, measured in the graph, once it returns (NaN under
 XLA, which cannot compile timestamps)."""
 
-Step = collections.namedtuple(
-    "Step", ["cost", "candidate_cost", "model_decrease", "penalty", "finite",
-             "scaled_norm", "curvature"])
-Step.__doc__ = """What a damping policy sees of one trial step s.
-
-cost: cost at the current point. candidate_cost: cost at the candidate.
-model_decrease: decrease of the Gauss-Newton model, -g^T v - 1/2 ||J v||^2,
-  for the damped step v (without geodesic acceleration).
-penalty: 1/2 lambda v^T D v, the damping term of the regularized model.
-finite: whether the step and the candidate cost are finite.
-scaled_norm: ||D^1/2 s|| (||s|| for an unscaled policy).
-curvature: ||J v||^2, the model's curvature term.
-"""
-
-
 def default_cost(residual):
   """1/2 ||F||^2 over the last axis."""
   return 0.5 * tf.reduce_sum(tf.square(residual), axis=-1)
-
-
-def select(condition, if_true, if_false):
-  """`tf.where` for a [B...] condition and tensors of shape [B..., ...]."""
-  condition = tf.convert_to_tensor(condition)
-  if_true = tf.convert_to_tensor(if_true)
-  extra = if_true.shape.rank - condition.shape.rank
-  if extra:
-    condition = tf.reshape(
-        condition, tf.concat([tf.shape(condition), [1] * extra], axis=0))
-  return tf.where(condition, if_true, if_false)
-
-
-def select_structure(condition, if_true, if_false):
-  return tf.nest.map_structure(lambda a, b: select(condition, a, b),
-                               if_true, if_false)
-
-
-def _all_finite(tensor, batch_rank):
-  finite = tf.math.is_finite(tensor)
-  return tf.reduce_all(finite, axis=list(range(batch_rank, tensor.shape.rank)))
 
 
 # -- linearize -----------------------------------------------------------------
@@ -321,364 +288,6 @@ def hold_fixed(problem, point, jacobian_matrix, gradient):
   fixed = problem.fixed_fn(point, gradient)
   free = tf.cast(tf.logical_not(fixed), gradient.dtype)
   return jacobian_matrix * free[..., tf.newaxis, :], gradient * free
-
-
-# -- solve ---------------------------------------------------------------------
-
-
-def damped_solver(jacobian_matrix, regularization, scaling=None):
-  """Factors the damped normal equations once; returns `solve`.
-
-  `solve(residual, gradient)` returns the step s of the module docstring for
-  a right-hand side F (used when m < n) and g = J^T F (used when m >= n);
-  NaN where the factorization failed. Called again with another F, e.g. the
-  second directional derivative of geodesic acceleration, it reuses the
-  factor.
-
-  Args:
-    jacobian_matrix: J, [B..., m, n].
-    regularization: lambda, [B...].
-    scaling: D's diagonal, [B..., n], or None for the identity.
-  """
-  m, n = jacobian_matrix.shape[-2], jacobian_matrix.shape[-1]
-  lam = regularization[..., tf.newaxis, tf.newaxis]
-
-  def overdetermined():
-    gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_a=True)
-    if scaling is None:
-      gram += lam * tf.eye(n, dtype=gram.dtype)
-    else:
-      gram += lam * tf.linalg.diag(scaling)
-    factor = _cholesky(gram)
-    return lambda residual, gradient: -tf.linalg.cholesky_solve(
-        factor, gradient[..., tf.newaxis])[..., 0]
-
-  def underdetermined():
-    gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_b=True)
-    gram += lam * tf.eye(tf.shape(gram)[-1], dtype=gram.dtype)
-    factor = _cholesky(gram)
-
-    def solve(residual, gradient):
-      del gradient
-      multiplier = tf.linalg.cholesky_solve(factor, residual[..., tf.newaxis])
-      return -tf.matmul(jacobian_matrix, multiplier, adjoint_a=True)[..., 0]
-    return solve
-
-  if scaling is not None or (m is not None and m >= n):
-    return overdetermined()
-  if m is not None:
-    return underdetermined()
-  wide = tf.shape(jacobian_matrix)[-2] < n  # m unknown while tracing.
-  return lambda residual, gradient: tf.cond(
-      wide, lambda: underdetermined()(residual, gradient),
-      lambda: overdetermined()(residual, gradient))
-
-
-def _cholesky(matrix):
-  """Cholesky factor; NaN where it fails (older eager kernels raise)."""
-  if not tf.executing_eagerly():
-    return tf.linalg.cholesky(matrix)
-  try:
-    return tf.linalg.cholesky(matrix)
-  except tf.errors.InvalidArgumentError:
-    return tf.fill(tf.shape(matrix), tf.constant(float("nan"), matrix.dtype))
-
-
-# -- damping policies ----------------------------------------------------------
-
-
-class DampingPolicy:
-  """How the damping lambda is chosen and how a trial step is judged.
-
-  A policy keeps a damping state per problem (a tensor or a tuple of
-  tensors, `initial`), turns it into the regularization lambda of the normal
-  equations (`regularization`), and after each trial step returns
-  (accepted, new damping state) (`update`). A `scaled` policy also gives the
-  diagonal D of the damping matrix (`scaling`), and may update its state when
-  the Jacobian changes (`observe_jacobian`).
-  """
-
-  scaled = False
-
-  def initial(self, dtype, batch_shape, jacobian_matrix):
-    raise NotImplementedError
-
-  def observe_jacobian(self, damping, jacobian_matrix):
-    del jacobian_matrix
-    return damping
-
-  def scaling(self, damping):
-    raise NotImplementedError
-
-  def damping_value(self, damping):
-    """The [B...] number reported as `damping` in results and records."""
-    return damping
-
-  def regularization(self, damping, cost):
-    raise NotImplementedError
-
-  def solver(self, damping, jacobian_matrix, gradient, regularization,
-             scaling):
-    """(`solve(residual, gradient)` for this iteration (see `damped_solver`),
-    the damping state that `update` is given)."""
-    del gradient
-    return damped_solver(jacobian_matrix, regularization, scaling), damping
-
-  def update(self, damping, step):
-    raise NotImplementedError
-
-
-class MultiplicativeDamping(DampingPolicy):
-  """TensorFlow Graphics' rule: lambda starts at `initial_regularizer`.
-
-  Accept iff cost(q) < cost(p) strictly; on rejection lambda *= multiplier;
-  lambda never decreases.
-  """
-
-  def __init__(self, initial_regularizer, multiplier):
-    self.initial_regularizer = initial_regularizer
-    self.multiplier = multiplier
-
-  def initial(self, dtype, batch_shape, jacobian_matrix):
-    return tf.fill(batch_shape, tf.constant(self.initial_regularizer, dtype))
-
-  def regularization(self, damping, cost):
-    return damping
-
-  def update(self, damping, step):
-    accepted = tf.less(step.candidate_cost, step.cost) & step.finite
-    multiplier = tf.constant(self.multiplier, damping.dtype)
-    return accepted, tf.where(accepted, damping, damping * multiplier)
-
-
-class GainRatioDamping(DampingPolicy):
-  """Manopt's rule (Adachi, Okuno & Takeda 2022, Algorithm 1).
-
-  lambda = mu ||F(p)||^2. The gain ratio
-      rho = (||F(p)||^2 - ||F(q)||^2) / (2 * predicted decrease)
-  compares the actual decrease with the decrease of the regularized model.
-  Accept iff rho >= eta; then, if `expect_zero_residual`,
-  mu <- max(mu_min, mu / beta). Reject: mu <- beta mu.
-  """
-
-
-  def __init__(self, eta, damping_term_min, beta, expect_zero_residual):
-    self.eta = eta
-    self.damping_term_min = damping_term_min
-    self.beta = beta
-    self.expect_zero_residual = expect_zero_residual
-
-  def initial(self, dtype, batch_shape, jacobian_matrix):
-    return tf.fill(batch_shape, tf.constant(self.damping_term_min, dtype))
-
-  def regularization(self, damping, cost):
-    return damping * (2.0 * cost)
-
-  def update(self, damping, step):
-    dtype = damping.dtype
-    gain = (step.cost - step.candidate_cost) / (step.model_decrease -
-                                                 step.penalty)
-    accepted = (gain >= tf.constant(self.eta, dtype)) & step.finite
-    beta = tf.constant(self.beta, dtype)
-    if self.expect_zero_residual:
-      on_accept = tf.maximum(tf.constant(self.damping_term_min, dtype),
-                             damping / beta)
-    else:
-      on_accept = damping
-    return accepted, tf.where(accepted, on_accept, damping * beta)
-
-
-def _gain_ratio_test(step, threshold):
-  """(rho, accepted): rho = actual / Gauss-Newton model decrease; accepted
-  iff the step is finite, the model decreases and rho > threshold."""
-  gain = (step.cost - step.candidate_cost) / step.model_decrease
-  accepted = (step.finite & (step.model_decrease > 0) &
-              (gain > tf.constant(threshold, gain.dtype)))
-  return gain, accepted
-
-
-def _initial_scale(jacobian_matrix):
-  """diag(J^T J), the squared column norms [B..., n]; 1 for a zero column."""
-  column_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
-  return tf.where(column_norms > 0, column_norms, tf.ones_like(column_norms))
-
-
-def _observe_column_norms(self, damping, jacobian_matrix):
-  """Marquardt's D: the running maximum of diag(J^T J), the state's last
-  element (a method of the scaled policies)."""
-  del self
-  column_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
-  return damping[:-1] + (tf.maximum(damping[-1], column_norms),)
-
-
-def _last(self, damping):
-  del self
-  return damping[-1]
-
-
-class NielsenDamping(DampingPolicy):
-  """A robust default: gain-ratio acceptance with a lambda that also falls.
-
-  Nielsen's update (Madsen, Nielsen & Tingleff 2004, sec. 3.2) with
-  Marquardt's scaling: the damping matrix is D = diag(d), d the running
-  maximum over iterations of the squared column norms of J (MINPACK's choice;
-  a column that has always been zero gets d = 1), which makes the method
-  invariant to the scale of each variable. lambda starts at `initial`.
-  The gain ratio compares the actual decrease with the Gauss-Newton model's,
-      rho = (cost(p) - cost(q)) / (-g^T s - 1/2 ||J s||^2).
-  Accept iff rho > `acceptance`; then lambda *= max(1/3, 1 - (2 rho - 1)^3)
-  and nu = 2; else lambda *= nu and nu *= 2.
-  """
-
-
-  def __init__(self, initial=1e-3, acceptance=0.0, scaled=True):
-    self.initial_lambda = initial
-    self.acceptance = acceptance
-    self.scaled = scaled
-
-  def initial(self, dtype, batch_shape, jacobian_matrix):
-    lam = tf.fill(batch_shape, tf.constant(self.initial_lambda, dtype))
-    scale = _initial_scale(jacobian_matrix)
-    if not self.scaled:  # lambda relative to the largest diagonal entry.
-      lam *= tf.maximum(tf.reduce_max(scale, axis=-1),
-                        tf.constant(1e-30, dtype))
-    nu = tf.fill(batch_shape, tf.constant(2.0, dtype))
-    return (lam, nu, scale)
-
-  observe_jacobian = _observe_column_norms
-  scaling = _last
-
-  def damping_value(self, damping):
-    return damping[0]
-
-  def regularization(self, damping, cost):
-    return damping[0]
-
-  def update(self, damping, step):
-    lam, nu, scale = damping
-    dtype = lam.dtype
-    gain, accepted = _gain_ratio_test(step, self.acceptance)
-    one = tf.constant(1.0, dtype)
-    factor = tf.maximum(tf.constant(1.0 / 3.0, dtype),
-                        one - tf.pow(2.0 * gain - one, 3))
-    safe_factor = tf.where(accepted, factor, one)
-    huge = tf.constant(1e300 if dtype == tf.float64 else 1e37, dtype)
-    tiny = tf.constant(np.finfo(dtype.as_numpy_dtype).eps, dtype)
-    new_lam = tf.where(accepted, tf.maximum(lam * safe_factor, tiny),
-                       tf.minimum(lam * nu, huge))
-    new_nu = tf.where(accepted, tf.constant(2.0, dtype),
-                      tf.minimum(2.0 * nu, tf.constant(2.0 ** 60, dtype)))
-    return accepted, (new_lam, new_nu, scale)
-
-
-class TrustRegionDamping(DampingPolicy):
-  """A trust region in Marquardt's scaled norm (More 1978, as in MINPACK).
-
-  The step minimizes the Gauss-Newton model subject to ||D^1/2 s|| <= Delta:
-  s = -(J^T J + lambda D)^-1 g with lambda >= 0 the smallest value that
-  meets the bound, found from the eigendecomposition of the scaled Gram
-  matrix D^-1/2 J^T J D^-1/2 = V diag(sigma) V^T by Newton's method on
-  1/Delta - 1/||s(lambda)|| (concave, so the iterates rise monotonically to
-  the root). D is the running maximum of diag(J^T J), as in `NielsenDamping`.
-  The first radius is `initial_radius` (default 100, as MINPACK's `factor`)
-  times the scaled norm of the Gauss-Newton step, so the first trial step is
-  the Gauss-Newton step. With the gain ratio
-  rho = (cost(p) - cost(q)) / (-g^T s - 1/2 ||J s||^2): accept iff
-  rho > 1e-4; rho < 1/4 or rejected: Delta = min(Delta, ||D^1/2 s||) / 4;
-  rho > 3/4: Delta = max(Delta, 3 ||D^1/2 s||). The reported damping is lambda.
-  Each iteration costs an n x n eigendecomposition instead of a Cholesky
-  factorization, and `newton_iterations` O(n) root-finding steps.
-  """
-
-  scaled = True
-
-  def __init__(self, initial_radius=100.0, newton_iterations=30):
-    self.initial_radius = initial_radius
-    self.newton_iterations = newton_iterations
-
-  def initial(self, dtype, batch_shape, jacobian_matrix):
-    radius = tf.fill(batch_shape, tf.constant(-self.initial_radius, dtype))
-    return (radius, tf.zeros(batch_shape, dtype),
-            _initial_scale(jacobian_matrix))
-
-  observe_jacobian = _observe_column_norms
-  scaling = _last
-
-  def damping_value(self, damping):
-    return damping[1]
-
-  def regularization(self, damping, cost):
-    return damping[1]
-
-  def solver(self, damping, jacobian_matrix, gradient, regularization,
-             scaling):
-    radius, _, scale = damping
-    dtype = gradient.dtype
-    inverse_root = tf.math.rsqrt(scale)
-    gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_a=True)
-    scaled_gram = (gram * inverse_root[..., :, tf.newaxis] *
-                   inverse_root[..., tf.newaxis, :])
-    # eigh raises on NaN or Inf (in every mode): decompose the identity for
-    # those problems instead and return a NaN step (a rejection).
-    finite = _all_finite(scaled_gram, scaled_gram.shape.rank - 2)
-    identity = tf.eye(tf.shape(scaled_gram)[-1], dtype=dtype)
-    sigma, vectors = tf.linalg.eigh(
-        select(finite, scaled_gram, tf.broadcast_to(identity,
-                                                    tf.shape(scaled_gram))))
-    sigma = tf.maximum(sigma, tf.zeros_like(sigma))
-    coefficients = tf.linalg.matvec(vectors, inverse_root * gradient,
-                                    adjoint_a=True)
-    finfo = np.finfo(dtype.as_numpy_dtype)
-    tiny = tf.constant(finfo.tiny, dtype)
-    # Eigenvalues below eps * the largest are rounding: a singular J^T J
-    # gives a long, finite Gauss-Newton step, not an infinite one.
-    floor = finfo.eps * tf.reduce_max(sigma, axis=-1, keepdims=True) + tiny
-
-    def shifted(lam):  # sigma + lambda, [B..., n]
-      return tf.maximum(sigma + lam[..., tf.newaxis], floor)
-
-    # A negative radius is the first one, relative to the Gauss-Newton step
-    # (||D^1/2 s(lambda)|| = ||coefficients / shifted(lambda)||).
-    lam = tf.zeros_like(radius)
-    gauss_newton_length = tf.norm(coefficients / shifted(lam), axis=-1)
-    radius = tf.where(radius < 0, -radius * gauss_newton_length, radius)
-    for _ in range(self.newton_iterations):
-      shift = shifted(lam)
-      current = tf.norm(coefficients / shift, axis=-1)
-      slope = tf.reduce_sum(tf.square(coefficients) / shift ** 3, -1)
-      # psi(lambda) = 1/radius - 1/length, psi' = -slope / length^3.
-      update = ((current / radius - 1.0) * tf.square(current) /
-                tf.maximum(slope, tiny))
-      # Overflow (float32: coefficients / tiny shifts) must not make lambda
-      # NaN: keep the last finite value, and let the gain ratio judge.
-      raised = lam + update
-      lam = tf.where((current > radius) & tf.math.is_finite(raised), raised,
-                     lam)
-    final_shift = shifted(lam)
-
-    def solve(residual, rhs_gradient):
-      del residual
-      c = tf.linalg.matvec(vectors, inverse_root * rhs_gradient,
-                           adjoint_a=True)
-      step = -inverse_root * tf.linalg.matvec(vectors, c / final_shift)
-      return select(finite, step, tf.fill(tf.shape(step),
-                                          tf.constant(np.nan, dtype)))
-    radius = tf.where(finite & tf.math.is_finite(radius), radius, damping[0])
-    return solve, (radius, lam, scale)
-
-  def update(self, damping, step):
-    radius, lam, scale = damping
-    gain, accepted = _gain_ratio_test(step, 1e-4)
-    good = accepted & (gain > 0.75)
-    poor = tf.logical_not(accepted) | (gain < 0.25)
-    # Shrink from the step actually tried: while the Gauss-Newton step is
-    # inside the radius, shrinking only the radius would retry the same step.
-    tried = tf.where(tf.math.is_finite(step.scaled_norm),
-                     tf.minimum(radius, step.scaled_norm), radius)
-    new_radius = tf.where(
-        poor, tried / 4.0,
-        tf.where(good, tf.maximum(radius, 3.0 * step.scaled_norm), radius))
-    return accepted, (new_radius, lam, scale)
 
 
 # -- the loop ------------------------------------------------------------------
@@ -827,11 +436,11 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     accepted &= active
     # Advance: the Jacobian at the accepted candidates, then the refusals
     # that need it.
-    trial_point = select_structure(accepted, candidate, state.point)
+    trial_point = _batch.select_structure(accepted, candidate, state.point)
 
     def relinearize():
       new_jacobian = jacobian(problem, trial_point, batch_shape, num_residuals)
-      return select(accepted, new_jacobian, state.jacobian)
+      return _batch.select(accepted, new_jacobian, state.jacobian)
 
     relinearized = accepted
     jacobian_matrix = tf.cond(tf.reduce_any(accepted), relinearize,
@@ -843,17 +452,16 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
         vanishing_column_tolerance if policy.scaled else None, safeguards,
         batch_rank)
     if invalid is not None:
-      _, refused = policy.update(
-          trial.damping, judged._replace(finite=tf.zeros_like(judged.finite)))
-      damping = select_structure(invalid, refused, damping)
+      damping = _batch.select_structure(
+          invalid, policy.invalid(trial.damping, judged), damping)
       accepted &= tf.logical_not(invalid)
-      jacobian_matrix = select(accepted, jacobian_matrix, state.jacobian)
-    damping = select_structure(active, damping, state.damping)
+      jacobian_matrix = _batch.select(accepted, jacobian_matrix, state.jacobian)
+    damping = _batch.select_structure(active, damping, state.damping)
 
-    point = select_structure(accepted, candidate, state.point)
-    residual = select(accepted, candidate_residual, state.residual)
+    point = _batch.select_structure(accepted, candidate, state.point)
+    residual = _batch.select(accepted, candidate_residual, state.residual)
     new_cost = tf.where(accepted, candidate_cost, state.cost)
-    gradient = select(accepted, candidate_gradient, state.gradient)
+    gradient = _batch.select(accepted, candidate_gradient, state.gradient)
     damping = policy.observe_jacobian(damping, jacobian_matrix)
     jacobian_matrix, gradient = hold_fixed(problem, point, jacobian_matrix,
                                            gradient)
@@ -970,14 +578,14 @@ def _accelerate(problem, state, trial, solve, alpha):
       tf.reduce_sum(weight * tf.square(acceleration), axis=-1) /
       tf.reduce_sum(weight * tf.square(velocity), axis=-1))
   admissible = ratio <= tf.constant(alpha, velocity.dtype)  # False for NaN
-  step = select(admissible, velocity + 0.5 * acceleration, velocity)
+  step = _batch.select(admissible, velocity + 0.5 * acceleration, velocity)
   return trial._replace(step=step), evaluations
 
 
 def _judge(policy, state, trial, candidate_cost, batch_rank):
   """The `Step` the policy judges: costs, the velocity's model decrease and
   damping penalty (when the policy uses them), finiteness, scaled norm."""
-  finite = (_all_finite(trial.step, batch_rank) &
+  finite = (_batch.all_finite(trial.step, batch_rank) &
             tf.math.is_finite(candidate_cost))
   weight = 1.0 if trial.scaling is None else trial.scaling
   velocity = trial.velocity
@@ -1018,7 +626,7 @@ def _invalid_steps(state, accepted, jacobian_matrix, candidate_gradient,
                                  new_norms.dtype) * reference), axis=-1)
   if safeguards:
     not_finite = accepted & tf.logical_not(
-        _all_finite(candidate_gradient, batch_rank))
+        _batch.all_finite(candidate_gradient, batch_rank))
     invalid = not_finite if invalid is None else invalid | not_finite
   return invalid
 
@@ -1114,7 +722,7 @@ class _StopCheck:
       if stuck is not None:
         reason = tf.where(stop, reason, stalled)
         stop |= stuck
-      not_finite = tf.logical_not(tf.math.is_finite(state.cost) & _all_finite(
+      not_finite = tf.logical_not(tf.math.is_finite(state.cost) & _batch.all_finite(
           state.gradient, self.batch_rank))
       reason = tf.where(not_finite, tf.constant(int(StopReason.NOT_FINITE),
                                                 tf.int32), reason)

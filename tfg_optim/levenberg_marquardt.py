@@ -34,6 +34,7 @@ it):
 import tensorflow as tf
 
 from tfg_optim import _engine
+from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
 from tfg_optim import _vector_space
 
@@ -123,7 +124,7 @@ def minimize(residuals,
         tangent_dim=sum(_vector_space.sizes(shapes)),
         cost_fn=objective,
         jacobian_fn=None)
-    policy = _engine.MultiplicativeDamping(regularizer, regularizer_multiplier)
+    policy = damping_lib.MultiplicativeDamping(regularizer, regularizer_multiplier)
     engine_callback = None
     if callback is not None:
       engine_callback = lambda it, cost, point: callback(it, cost, list(point))

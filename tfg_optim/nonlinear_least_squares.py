@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _engine
+from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
 from tfg_optim import _vector_space
 from tfg_optim import results as results_lib
@@ -81,16 +82,16 @@ def loss_weight(loss, z):
 def damping_policy(damping):
   """A `DampingPolicy` from a name ('trust_region', 'nielsen', 'tfg',
   'manopt') or itself."""
-  if isinstance(damping, _engine.DampingPolicy):
+  if isinstance(damping, damping_lib.DampingPolicy):
     return damping
   if damping == "trust_region":
-    return _engine.TrustRegionDamping()
+    return damping_lib.TrustRegionDamping()
   if damping == "nielsen":
-    return _engine.NielsenDamping()
+    return damping_lib.NielsenDamping()
   if damping == "tfg":
-    return _engine.MultiplicativeDamping(1e-20, 10.0)
+    return damping_lib.MultiplicativeDamping(1e-20, 10.0)
   if damping == "manopt":
-    return _engine.GainRatioDamping(0.2, 0.1, 5.0, False)
+    return damping_lib.GainRatioDamping(0.2, 0.1, 5.0, False)
   raise ValueError("'damping' must be 'trust_region', 'nielsen', 'tfg', "
                    f"'manopt' or a DampingPolicy, got {damping!r}.")
 

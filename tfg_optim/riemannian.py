@@ -27,6 +27,7 @@ import numbers
 import tensorflow as tf
 
 from tfg_optim import _engine
+from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
 from tfg_optim import results as results_lib
 from tfg_optim import stopping as stopping_lib
@@ -266,7 +267,7 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
         tangent_dim=manifold.dim,
         cost_fn=None,
         jacobian_fn=user_jacobian)
-    policy = _engine.GainRatioDamping(eta, damping_term_min, beta,
+    policy = damping_lib.GainRatioDamping(eta, damping_term_min, beta,
                                       expect_zero_residual)
     state = _engine.minimize(
         problem, point, policy, stopping_criterion.max_iterations,

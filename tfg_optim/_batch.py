@@ -1,0 +1,27 @@
+"""Per-problem selection for batches: every problem of a batch has its own
+decisions, applied to tensors of shape [B..., ...] by a [B...] condition."""
+
+import tensorflow as tf
+
+
+def select(condition, if_true, if_false):
+  """`tf.where` for a [B...] condition and tensors of shape [B..., ...]."""
+  condition = tf.convert_to_tensor(condition)
+  if_true = tf.convert_to_tensor(if_true)
+  extra = if_true.shape.rank - condition.shape.rank
+  if extra:
+    condition = tf.reshape(
+        condition, tf.concat([tf.shape(condition), [1] * extra], axis=0))
+  return tf.where(condition, if_true, if_false)
+
+
+def select_structure(condition, if_true, if_false):
+  """`select` over matching structures of tensors."""
+  return tf.nest.map_structure(lambda a, b: select(condition, a, b),
+                               if_true, if_false)
+
+
+def all_finite(tensor, batch_rank):
+  """[B...]: whether every entry of each problem's part is finite."""
+  finite = tf.math.is_finite(tensor)
+  return tf.reduce_all(finite, axis=list(range(batch_rank, tensor.shape.rank)))
