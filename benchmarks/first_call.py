@@ -20,12 +20,11 @@ also with `jit_compile=True`):
 
 Every row runs in a fresh subprocess (no tracing or compilation cache from
 an earlier row), `--repeats` times; the table shows medians. In a row:
-  first call  the first call of a fresh tf.function: tracing, graph
-              optimization or XLA compilation, and one solve (after an
-              unrelated warm-up function, so TensorFlow's own start-up is
-              not counted);
-  trace       then `get_concrete_function` of another fresh tf.function
-              (Python tracing alone; a retrace in the same process);
+  trace       `get_concrete_function` of a fresh tf.function (Python
+              tracing alone), after an unrelated warm-up function so that
+              TensorFlow's own start-up is not counted;
+  first call  the trace plus the first call of that function: graph
+              optimization or XLA compilation, and one solve;
   second call median of 3 further calls (the solve alone);
   ops         operations in the traced graph (while-loop bodies included);
   ratio       first call / the reference's trace time.
@@ -145,16 +144,14 @@ def child(row, jit):
                      autograph=False)
   warm(argument).numpy()
 
-  # The first call of a fresh tf.function: what a user waits for.
+  # A fresh tf.function: trace it (cold), then its first call (graph
+  # optimization or XLA compilation, and one solve).
   fresh = tf.function(solve, jit_compile=jit, autograph=False)
   begin = time.perf_counter()
+  concrete = fresh.get_concrete_function(argument)
+  trace = time.perf_counter() - begin
   tf.nest.map_structure(lambda x: x.numpy(), fresh(argument))
   first = time.perf_counter() - begin
-  # Tracing alone, in another fresh tf.function (a retrace in this process).
-  traced = tf.function(solve, jit_compile=jit, autograph=False)
-  begin = time.perf_counter()
-  concrete = traced.get_concrete_function(argument)
-  trace = time.perf_counter() - begin
   ops = _count_ops(concrete.graph)
   seconds = []
   for _ in range(3):
