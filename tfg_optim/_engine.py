@@ -47,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _batch
+from tfg_optim import _linear_solvers
 from tfg_optim.damping import Step
 
 
@@ -117,7 +118,8 @@ _STOP_MESSAGES = {
 
 Problem = collections.namedtuple(
     "Problem", ["residual_fn", "retract", "tangent_dim", "cost_fn",
-                "jacobian_fn", "fixed_fn"], defaults=(None,))
+                "jacobian_fn", "fixed_fn", "forward_product"],
+    defaults=(None, None))
 Problem.__doc__ = """A least-squares problem as the engine sees it.
 
 residual_fn: point -> F(point), a [B..., m] tensor.
@@ -131,6 +133,11 @@ fixed_fn: optional (point, gradient) -> [B..., n] bool, the coordinates held
   pointing out of the box). Their Jacobian columns and gradient entries are
   zeroed, so the step leaves them alone and the gradient tests see the
   projected gradient.
+forward_product: optional (point, step, tangent) -> d/dt F(R_p(step + t
+  tangent)) at t = 0, [B..., m]; None means a `tf.autodiff.ForwardAccumulator`
+  around F at every use. `minimize` sets it, in graphs, to one traced
+  function that the Jacobian's columns, its relinearization and geodesic
+  acceleration all call (see `_traced_forward_product`).
 """
 
 LoopState = collections.namedtuple(
@@ -189,7 +196,12 @@ def jacobian(problem, point, batch_shape, num_residuals):
         residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
   basis = tf.eye(n, dtype=dtype)
-  if eager or n <= _UNROLLED_JVPS:
+  if not eager and n <= _UNROLLED_JVPS and problem.forward_product:
+    columns = tf.stack([
+        problem.forward_product(point, zero_step,
+                                tf.broadcast_to(basis[i], tf.shape(zero_step)))
+        for i in range(n)])
+  elif eager or n <= _UNROLLED_JVPS:
     columns = tf.stack([directional_derivative(basis[i]) for i in range(n)])
   else:
     columns = tf.vectorized_map(directional_derivative, basis,
@@ -197,6 +209,23 @@ def jacobian(problem, point, batch_shape, num_residuals):
   # columns: [n, B..., m] -> [B..., m, n].
   rank = columns.shape.rank
   return tf.transpose(columns, list(range(1, rank)) + [0])
+
+
+def _traced_forward_product(problem):
+  """(point, step, tangent) -> d/dt F(R_p(step + t tangent)) at t = 0, as one
+  `tf.function`: F and its forward-mode derivative are traced once (per input
+  signature) however often it is called, instead of once per Jacobian column,
+  per relinearization and per geodesic correction. Tracing F under a
+  `ForwardAccumulator` is most of the engine's trace time (each op's
+  derivative is a function call built by TensorFlow); the calls are inlined
+  before the graph runs (or is compiled), so the arithmetic is unchanged.
+  """
+  def forward_product(point, step, tangent):
+    with tf.autodiff.ForwardAccumulator(step, tangent) as accumulator:
+      residual = problem.residual_fn(problem.retract(point, step))
+    return accumulator.jvp(
+        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  return tf.function(forward_product, autograph=False)
 
 
 def _reverse_jacobian(residual_of_step, zero_step, eager):
@@ -268,10 +297,14 @@ def second_directional_derivative(problem, point, direction, residual,
       1.0 + point_norm) / tf.where(moving, direction_norm,
                                    tf.ones_like(direction_norm))
   shifted_step = tau[..., tf.newaxis] * direction
-  with tf.autodiff.ForwardAccumulator(shifted_step, direction) as accumulator:
-    value = problem.residual_fn(problem.retract(point, shifted_step))
-  shifted_slope = accumulator.jvp(
-      value, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  if problem.forward_product:
+    shifted_slope = problem.forward_product(point, shifted_step, direction)
+  else:
+    with tf.autodiff.ForwardAccumulator(shifted_step,
+                                        direction) as accumulator:
+      value = problem.residual_fn(problem.retract(point, shifted_step))
+    shifted_slope = accumulator.jvp(
+        value, unconnected_gradients=tf.UnconnectedGradients.ZERO)
   curvature = (tf.reshape(shifted_slope, tf.shape(slope)) - slope) / tau[
       ..., tf.newaxis]
   curvature = tf.where(moving[..., tf.newaxis], curvature,
@@ -295,10 +328,7 @@ def hold_fixed(problem, point, jacobian_matrix, gradient):
 
 def _timestamp():
   """`tf.timestamp()`, or None under XLA (no kernel there)."""
-  from tensorflow.python.ops import control_flow_util  # pylint: disable=g-import-not-at-top
-  graph = tf.compat.v1.get_default_graph()
-  if (not tf.executing_eagerly() and
-      control_flow_util.GraphOrParentsInXlaContext(graph)):
+  if _linear_solvers.in_xla():
     return None
   return tf.timestamp()
 
@@ -366,6 +396,10 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     The final `LoopState`.
   """
   cost_fn = problem.cost_fn or default_cost
+  if (problem.forward_product is None and problem.jacobian_fn is None and
+      not tf.executing_eagerly()):
+    problem = problem._replace(
+        forward_product=_traced_forward_product(problem))
   start_time = _timestamp()
   if start_time is not None:
     with tf.control_dependencies([start_time]):

@@ -1,0 +1,244 @@
+"""First-call cost: tracing (and XLA compilation) of each front-end.
+
+The problem: fit y = a exp(-b t) + c to m = 200 noisy samples (t in [0, 4],
+true (a, b, c) = (2, 1.3, 0.5), noise sigma 0.01, seed 0), n = 3, float64,
+CPU, from (1, 1, 0); and, for the Riemannian front-end, one rotation fit on
+SO(3) (20 points, noise 0.05, seed 0, from the identity).
+
+Rows (each in `tf.function(autograph=False)` and, but for the reference,
+also with `jit_compile=True`):
+  tfg                 `tensorflow_graphics...levenberg_marquardt.minimize`,
+                      10 iterations (the reference, tf.function only: its
+                      XLA compile takes minutes)
+  lm                  `tfg_optim.levenberg_marquardt.minimize`, 10 iterations
+  least_squares       `tfg_optim.least_squares`, defaults (trust region,
+                      geodesic acceleration)
+  least_squares/nls   `least_squares(damping='nielsen',
+                      geodesic_acceleration=None)`
+  riemannian          `tfg_optim.riemannian.levenberg_marquardt` on SO(3)
+  lbfgs               `tfg_optim.lbfgs.minimize_lbfgs` on 1/2 ||r||^2
+
+Every row runs in a fresh subprocess (no tracing or compilation cache from
+an earlier row), `--repeats` times; the table shows medians. In a row:
+  trace       `get_concrete_function` of a fresh tf.function (Python
+              tracing alone), after an unrelated warm-up function so that
+              TensorFlow's own start-up is not counted;
+  first call  the trace plus the first call of that function: graph
+              optimization or XLA compilation, and one solve;
+  second call median of 3 further calls (the solve alone);
+  ops         operations in the traced graph (while-loop bodies included);
+  ratio       first call / the reference's trace time.
+
+Usage (from the repository root):
+
+    PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/first_call.py
+    ... --repeats 5                 # more subprocesses per row
+    ... --rows lm,least_squares     # a subset (the reference always runs)
+    ... --json results.json         # also write every timing as JSON
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROWS = ("tfg", "lm", "least_squares", "least_squares/nls", "riemannian",
+        "lbfgs")
+NUM_POINTS = 200
+MAX_ITERATIONS = 10
+
+
+def _curve_data():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  t = np.linspace(0.0, 4.0, NUM_POINTS)
+  y = 2.0 * np.exp(-1.3 * t) + 0.5 + 0.01 * rng.standard_normal(NUM_POINTS)
+  return t, y, np.array([1.0, 1.0, 0.0])
+
+
+def _rotation_data():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from scipy.spatial.transform import Rotation  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  rotation = Rotation.random(random_state=0).as_matrix()
+  x = rng.standard_normal((20, 3))
+  y = x @ rotation.T + 0.05 * rng.standard_normal(x.shape)
+  return x, y, np.eye(3)
+
+
+def _solver(row):
+  """(function of one tensor to wrap in tf.function, its argument)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if row == "riemannian":
+    from tfg_optim import manifolds, riemannian  # pylint: disable=g-import-not-at-top
+    x, y, start = _rotation_data()
+    x, y = tf.constant(x), tf.constant(y)
+
+    def solve(r):
+      result = riemannian.levenberg_marquardt(
+          manifolds.SpecialOrthogonal(3),
+          lambda r: tf.matmul(x, r, transpose_b=True) - y, r,
+          return_state=True)
+      return result.cost, result.position
+    return solve, tf.constant(start)
+
+  t, y, start = _curve_data()
+  t, y = tf.constant(t), tf.constant(y)
+
+  def residual(p):
+    return p[0] * tf.exp(-p[1] * t) + p[2] - y
+
+  if row == "tfg":
+    from tensorflow_graphics.math.optimizer import levenberg_marquardt  # pylint: disable=g-import-not-at-top
+
+    def solve(p):
+      return levenberg_marquardt.minimize(residual, p, MAX_ITERATIONS)
+  elif row == "lm":
+    from tfg_optim import levenberg_marquardt  # pylint: disable=g-import-not-at-top
+
+    def solve(p):
+      return levenberg_marquardt.minimize(residual, p, MAX_ITERATIONS)
+  elif row in ("least_squares", "least_squares/nls"):
+    import tfg_optim  # pylint: disable=g-import-not-at-top
+    options = {}
+    if row == "least_squares/nls":
+      options = dict(damping="nielsen", geodesic_acceleration=None)
+
+    def solve(p):
+      result = tfg_optim.least_squares(residual, p, **options)
+      return result.cost, result.position
+  elif row == "lbfgs":
+    from tfg_optim import lbfgs  # pylint: disable=g-import-not-at-top
+
+    def solve(p):
+      result = lbfgs.minimize_lbfgs(
+          lambda p: 0.5 * tf.reduce_sum(tf.square(residual(p))), p,
+          dtype="float64", return_results=True)
+      return result.objective_value, result.position
+  else:
+    raise ValueError(f"unknown row {row!r}")
+  return solve, tf.constant(start)
+
+
+def _count_ops(graph):
+  """Operations in a graph and in the function bodies it calls."""
+  total = len(graph.get_operations())
+  for function in getattr(graph, "_functions", {}).values():
+    definition = function.cached_definition if hasattr(
+        function, "cached_definition") else function.definition
+    total += len(definition.node_def)
+  return total
+
+
+def child(row, jit):
+  """Measures one row in this (fresh) process; prints one JSON line."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  solve, argument = _solver(row)
+  # Warm up TensorFlow itself (kernels, the first tf.function, XLA's
+  # initialization) on an unrelated function, so the row pays only for
+  # itself.
+  warm = tf.function(lambda x: tf.reduce_sum(x * x), jit_compile=jit,
+                     autograph=False)
+  warm(argument).numpy()
+
+  # A fresh tf.function: trace it (cold), then its first call (graph
+  # optimization or XLA compilation, and one solve).
+  fresh = tf.function(solve, jit_compile=jit, autograph=False)
+  begin = time.perf_counter()
+  concrete = fresh.get_concrete_function(argument)
+  trace = time.perf_counter() - begin
+  tf.nest.map_structure(lambda x: x.numpy(), fresh(argument))
+  first = time.perf_counter() - begin
+  ops = _count_ops(concrete.graph)
+  seconds = []
+  for _ in range(3):
+    begin = time.perf_counter()
+    out = tf.nest.map_structure(lambda x: x.numpy(), fresh(argument))
+    seconds.append(time.perf_counter() - begin)
+  cost = float(tf.nest.flatten(out)[0])
+  print(json.dumps(dict(row=row, jit=jit, trace=trace, first=first,
+                        second=statistics.median(seconds), ops=ops,
+                        cost=cost)))
+
+
+def run_child(row, jit):
+  env = dict(os.environ)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+  command = [sys.executable, os.path.abspath(__file__), "--child", row]
+  if jit:
+    command.append("--jit")
+  output = subprocess.run(command, env=env, check=True, capture_output=True,
+                          text=True).stdout
+  return json.loads(output.strip().splitlines()[-1])
+
+
+def main():
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="subprocesses per row (default 3)")
+  parser.add_argument("--rows", default=",".join(ROWS[1:]),
+                      help="comma-separated rows besides the reference")
+  parser.add_argument("--skip-xla", action="store_true",
+                      help="only tf.function rows")
+  parser.add_argument("--json", help="also write every timing to this file")
+  parser.add_argument("--child", help=argparse.SUPPRESS)
+  parser.add_argument("--jit", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    child(args.child, args.jit)
+    return
+
+  plan = [("tfg", False)]
+  for row in args.rows.split(","):
+    if row not in ROWS[1:]:
+      parser.error(f"unknown row {row!r}; rows: {', '.join(ROWS[1:])}")
+    plan.append((row, False))
+    if not args.skip_xla:
+      plan.append((row, True))
+  runs = {key: [] for key in plan}
+  # Round-robin, so a load spike on the shared machine spreads over rows.
+  for repeat in range(args.repeats):
+    for key in plan:
+      result = run_child(*key)
+      runs[key].append(result)
+      print(f"  [{repeat + 1}/{args.repeats}] {key[0]:18s} "
+            f"{'xla' if key[1] else 'function':8s} trace {result['trace']:.3f} "
+            f"s, first call {result['first']:.3f} s", flush=True)
+
+  median = lambda key, field: statistics.median(r[field] for r in runs[key])
+  reference = median(("tfg", False), "trace")
+  header = ["front-end", "mode", "trace [s]", "first call [s]",
+            "second call [s]", "ops", "cost", "first call / tfg trace"]
+  table = [header]
+  for key in plan:
+    row, jit = key
+    table.append([
+        row, "jit_compile" if jit else "function",
+        f"{median(key, 'trace'):.3f}", f"{median(key, 'first'):.3f}",
+        f"{median(key, 'second'):.4f}", str(runs[key][0]["ops"]),
+        f"{runs[key][0]['cost']:.6g}",
+        f"{median(key, 'first') / reference:.2f}"])
+  widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+  print()
+  for index, line in enumerate(table):
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
+    if index == 0:
+      print("| " + " | ".join("-" * w for w in widths) + " |")
+  print()
+  print(f"Medians over {args.repeats} fresh subprocesses per row; m = "
+        f"{NUM_POINTS}, n = 3, float64; ratio = first call / tfg trace "
+        f"({reference:.3f} s).")
+  if args.json:
+    with open(args.json, "w") as out:
+      json.dump([dict(row=k[0], jit=k[1], runs=v) for k, v in runs.items()],
+                out, indent=1)
+
+
+if __name__ == "__main__":
+  main()
