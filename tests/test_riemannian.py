@@ -290,12 +290,30 @@ def test_iterates_match_hand_computed_algorithm_1(mode, case,
   want = _numpy_algorithm1(residual, jacobian, retract, start, iterations,
                            **options)
   assert want[-1][3] >= 1 and want[-1][2] >= 2  # both branches exercised
-  if mode == "xla":
-    counts = [iterations]
-  elif mode == "eager":
-    counts = range(1, iterations + 1)
-  else:
-    counts = [2, iterations]
+  if mode == "eager":
+    # One solve checks every iteration: the callback sees each iterate and
+    # the records hold each iteration's damping (a rejection multiplies it by
+    # beta, an acceptance keeps or divides it, so the damping history and
+    # the final counts fix the accepted/rejected history).
+    seen = []
+    results = riemannian.levenberg_marquardt(
+        manifold, lambda q: residual(q, tf), tf.constant(start),
+        return_state=True, record=True,
+        callback=lambda i, cost, point: seen.append(point.numpy()),
+        stopping_criterion=stopping.StopAfterIteration(iterations), **options)
+    assert len(seen) == iterations
+    for count in range(1, iterations + 1):
+      point, mu, _, _ = want[count - 1]
+      np.testing.assert_allclose(seen[count - 1], point, rtol=1e-10,
+                                 atol=1e-12)
+      assert results.records["damping"].numpy()[count - 1] == pytest.approx(
+          mu, rel=1e-12)
+    _, mu, want_accepted, want_rejected = want[-1]
+    assert float(results.damping) == pytest.approx(mu, rel=1e-12)
+    assert (int(results.num_accepted), int(results.num_rejected)) == (
+        want_accepted, want_rejected)
+    return
+  counts = [iterations] if mode == "xla" else [2, iterations]
   for count in counts:
     def build(p):
       results = riemannian.levenberg_marquardt(
