@@ -365,8 +365,11 @@ def _rotation_fits(batch, points, dtype, seed=3):
   return source.astype(dtype), target.astype(dtype), kabsch
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", MODES)
+# float64 in every mode; float32 under XLA, whose kernels round a batch and a
+# single problem most differently (the conformance table runs float32
+# rotation batches against the closed form in the other modes).
+@pytest.mark.parametrize("mode,dtype", [(mode, "float64") for mode in MODES] +
+                         [("xla", "float32")])
 def test_riemannian_rotation_batch_vs_kabsch(mode, dtype):
   source, target, kabsch = _rotation_fits(5, 8, dtype)
   starts = np.broadcast_to(np.eye(3, dtype=dtype), (5, 3, 3)).copy()
