@@ -283,7 +283,11 @@ class StopReasonTest(tf.test.TestCase, parameterized.TestCase):
 class HistoryTest(tf.test.TestCase, parameterized.TestCase):
   """Tiny histories wrap many times: no hang, same minimum."""
 
-  @parameterized.parameters(*SOME_MODE_DTYPES[1:])
+  # Not eagerly (3 eager solves of up to 200 iterations): the ring buffer is
+  # the same ops in every mode, and eagerly it wraps in ExactMinimaTest
+  # (history 5, Rosenbrock) and BatchTest (history 4).
+  @parameterized.parameters(*[(mode, dtype) for mode, dtype in SOME_MODE_DTYPES
+                              if mode != "eager"])
   def test_small_history_many_iterations(self, mode, dtype):
     tol = {"float32": 1e-3, "float64": 1e-8}[dtype]
 
@@ -302,7 +306,8 @@ class HistoryTest(tf.test.TestCase, parameterized.TestCase):
 class BatchTest(tf.test.TestCase, parameterized.TestCase):
   """A batch equals its members solved one by one; members freeze."""
 
-  @parameterized.parameters(*MODE_DTYPES)
+  # Every mode in float64; float32 eagerly and under XLA.
+  @parameterized.parameters(*SOME_MODE_DTYPES)
   def test_batch_equals_one_by_one(self, mode, dtype):
     tol = GRAD_TOL[dtype]
     starts = np.array([[-1.2, 1.0], [1.0, 1.0]]).astype(dtype)
