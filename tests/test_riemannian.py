@@ -158,12 +158,14 @@ def test_rigid_pose_matches_kabsch_with_centroids(mode):
   np.testing.assert_allclose(t, t_want, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", ["eager", "function"])
-@pytest.mark.parametrize("form", ["power", "batch_dims"])
+@pytest.mark.parametrize("mode,form", [("function", "power"),
+                                       ("eager", "batch_dims"),
+                                       ("function", "batch_dims")])
 def test_many_rotation_fits_match_kabsch(mode, form):
   # Eagerly each iteration is a Python loop over the Power manifold's 3k
   # tangent directions (k = 20: minutes); the form, not the mode, is the point
-  # here, so the eager cases fit 3 rotations and the traced ones 20.
+  # here, so the Power form is traced, and the eager case fits 3 rotations
+  # and the traced ones 20.
   count = 3 if mode == "eager" else 20
   x, y = _rotation_problem(np.random.default_rng(4), batch=(count,))
   want = np.stack([_kabsch(a, b) for a, b in zip(x, y)])
@@ -454,8 +456,9 @@ def test_num_components_and_objective_errors():
 # -- in place ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["eager", "function", "session"])
+@pytest.mark.parametrize("mode", ["function", "session"])
 def test_in_place_assigns_variables(mode):
+  # Eagerly the assignment is a plain tf.Variable.assign after the solve.
   x, y = _rotation_problem(np.random.default_rng(11))
   xp, yp, (r_want, t_want) = _pose_problem(np.random.default_rng(12))
   pose_residual = lambda p: tf.matmul(xp, p[0], transpose_b=True) + p[1] - yp
@@ -480,11 +483,8 @@ def test_in_place_assigns_variables(mode):
   else:
     rotation = tf.Variable(np.eye(3))
     pose = (tf.Variable(np.eye(3)), tf.Variable(np.zeros(3)))
-    if mode == "function":
-      tf.function(lambda: solve(rotation, pose), autograph=False)()
-    else:
-      returned = solve(rotation, pose)
-      np.testing.assert_allclose(returned[0], _kabsch(x, y), atol=1e-10)
+    returned = tf.function(lambda: solve(rotation, pose), autograph=False)()
+    np.testing.assert_allclose(returned[0], _kabsch(x, y), atol=1e-10)
     values = [rotation.numpy(), (pose[0].numpy(), pose[1].numpy())]
   np.testing.assert_allclose(values[0], _kabsch(x, y), atol=1e-10)
   np.testing.assert_allclose(values[1][0], r_want, atol=1e-10)
@@ -673,8 +673,8 @@ def test_points_stay_on_the_manifold(dtype):
 
     results = riemannian.levenberg_marquardt(
         manifold, residual, start.astype(dtype), return_state=True,
-        callback=callback, stopping_criterion=stopping.StopAfterIteration(25))
-    assert len(worst) == 25 and int(results.num_accepted) >= 3
+        callback=callback, stopping_criterion=stopping.StopAfterIteration(12))
+    assert len(worst) == 12 and int(results.num_accepted) >= 3
     assert max(worst) <= tolerance, manifold
 
 
