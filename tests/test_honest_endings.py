@@ -189,3 +189,21 @@ def test_nan_start_under_xla_is_not_finite():
   assert not converged
   assert StopReason(int(reason)) == StopReason.NOT_FINITE
   assert int(iterations) == 0
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_zero_jacobian_is_not_convergence(mode):
+  """x^2 - 1 at x = 0: gradient 0 because J = 0, at a maximum of the cost.
+  A flat model is not a solution: STALLED. (x - 1 at x = 1 still converges
+  at once: zero cost.)"""
+  def build(x):
+    flat = tfg_optim.least_squares(lambda v: v ** 2 - 1.0, x)
+    solved = tfg_optim.least_squares(lambda v: v - 1.0, x + 1.0)
+    return [(r.converged, r.stop_reason, r.num_iterations)
+            for r in (flat, solved)]
+
+  (converged, reason, iterations), solved = modes.run(
+      build, [np.array([0.0])], mode)
+  assert not converged and iterations == 0
+  assert StopReason(int(reason)) == StopReason.STALLED
+  assert solved[0] and StopReason(int(solved[1])).converged

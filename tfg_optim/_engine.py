@@ -63,7 +63,8 @@ class StopReason(enum.IntEnum):
     (at the start, or after an accepted step). The point is returned as it
     is; nothing after it was tried.
   STALLED: no acceptable step can be found: a rejected step is zero or the
-    damping is exhausted (Inf, or at its cap), or a step
+    damping is exhausted (Inf, or at its cap), the gradient test fired only
+    because the whole Jacobian is zero while the cost is not, or a step
     test fired on a step that the damping, not the problem, made small while
     the Gauss-Newton model still promised a real decrease (a trust region
     collapsed against the edge of the residual's domain, say; see
@@ -109,7 +110,8 @@ _STOP_MESSAGES = {
     StopReason.NOT_FINITE: "failed: the cost or gradient at the current "
                            "point is NaN or Inf",
     StopReason.STALLED: "failed: no acceptable step could be found (the "
-                        "damping, not a solution, made the steps vanish)",
+                        "damping, not a solution, made the steps vanish, or "
+                        "the Jacobian is zero where the cost is not)",
     StopReason.INVALID_INPUT: "failed: the starting point is invalid (off "
                               "the manifold, outside the bounds or not "
                               "finite)",
@@ -453,7 +455,8 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       records=records,
       wall_time=(tf.constant(np.nan, tf.float64) if start_time is None
                  else start_time))
-  check = _StopCheck(stopping, safeguards, policy, batch_rank)
+  check = _StopCheck(stopping, safeguards, policy, batch_rank,
+                     bounded=problem.fixed_fn is not None)
 
   def body(state):
     active = tf.equal(state.stop_reason, StopReason.RUNNING)
@@ -713,6 +716,10 @@ class _StopCheck:
     zero residual's promise is at most its cost, which is then tiny next to
     the initial cost; and a loose user tolerance stops while the promise is
     a small fraction of the cost.
+  - A gradient test that fires where the whole Jacobian is zero and the cost
+    is not (without bounds, whose held coordinates have zeroed columns): the
+    Gauss-Newton model is flat, and the point may as well be a maximum
+    (x^2 - 1 at x = 0): STALLED, not converged.
   - `stuck`: a rejected step that is exactly zero, or an exhausted
     damping: STALLED, since no later iteration can differ. (A rejected
     step too small to change the point in floating point is not enough:
@@ -723,7 +730,9 @@ class _StopCheck:
     overrides every other reason.
   """
 
-  def __init__(self, stopping, safeguards, policy, batch_rank):
+  def __init__(self, stopping, safeguards, policy, batch_rank,
+               bounded=False):
+    self.bounded = bounded
     self.stopping = stopping
     self.safeguards = safeguards
     self.policy = policy
@@ -752,6 +761,11 @@ class _StopCheck:
                             dtype) * state.initial_cost
         reason = tf.where(step_test & damping_limited &
                           (promise > 0.1 * state.cost) & (promise > floor),
+                          stalled, reason)
+      if not self.bounded:
+        flat = (tf.reduce_all(tf.equal(state.jacobian, 0), axis=[-2, -1]) &
+                (state.cost > 0))
+        reason = tf.where(flat & tf.equal(reason, int(StopReason.GRADIENT_NORM)),
                           stalled, reason)
       if stuck is not None:
         reason = tf.where(stop, reason, stalled)
