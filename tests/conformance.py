@@ -19,6 +19,7 @@ FACTORS = {
     "bounds": ("none", "inactive", "active"),
     "acceleration": ("on", "off"),
     "damping": ("trust_region", "nielsen", "tfg", "manopt"),
+    "linear_solver": ("dense", "cg"),
     "batch_dims": (0, 1),
     "mode": ("eager", "function", "xla", "session"),
     "dtype": ("float64", "float32"),
@@ -32,7 +33,8 @@ def valid(cell):
     return False  # bounds are for Euclidean variables
   if cell["front_end"] == "riemannian" and (
       cell["loss"] != "linear" or cell["bounds"] != "none" or
-      cell["acceleration"] != "off" or cell["damping"] != "manopt"):
+      cell["acceleration"] != "off" or cell["damping"] != "manopt" or
+      cell["linear_solver"] != "dense"):
     return False  # Manopt's contract: none of these options
   return True
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import tfg_optim
 from tests import modes
+from tfg_optim import _linearization
 from tfg_optim import StopReason
 from tfg_optim import stopping
 
@@ -108,7 +109,8 @@ def test_cosine_test_does_not_fire_on_nan():
 
   class State:
     residual = tf.constant([[nan, 1.0]], tf.float64)
-    jacobian = tf.constant([[[1.0], [nan]]], tf.float64)
+    linearization = _linearization.Dense(
+        tf.constant([[[1.0], [nan]]], tf.float64))
     gradient = tf.constant([[nan]], tf.float64)
 
   stop, _ = criterion(State)

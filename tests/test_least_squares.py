@@ -17,6 +17,7 @@ from tests import modes
 from tests import nist
 from tfg_optim import StopReason
 from tfg_optim import _engine
+from tfg_optim import _linearization
 from tfg_optim import damping as damping_lib
 
 MODES = modes.MODES
@@ -156,9 +157,10 @@ def test_second_directional_derivative_closed_form(user_jacobian):
                       -2)
   problem = _engine.Problem(_curved, lambda p, s: p + s, 2, None, jacobian_fn)
   residual = _curved(point)
-  jacobian = _engine.jacobian(problem, point, tf.shape(point)[:-1], 3)
+  linearization = _linearization.Dense(_linearization.jacobian(
+      problem, point, tf.shape(point)[:-1], 3))
   got, evaluations = _engine.second_directional_derivative(
-      problem, point, direction, residual, jacobian)
+      problem, point, direction, residual, linearization)
   if user_jacobian:
     # A forward difference, h = 0.1: F''[d, d] + (h / 3) F'''[d, d, d] + ...,
     # exact for the cubic x0^2 x1 with its third-order term, 6 d0^2 d1.

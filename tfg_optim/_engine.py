@@ -48,6 +48,7 @@ import tensorflow as tf
 
 from tfg_optim import _batch
 from tfg_optim import _linear_solvers
+from tfg_optim import _linearization
 from tfg_optim.damping import Step
 
 
@@ -139,16 +140,20 @@ forward_product: optional (point, step, tangent) -> d/dt F(R_p(step + t
   tangent)) at t = 0, [B..., m]; None means a `tf.autodiff.ForwardAccumulator`
   around F at every use. `minimize` sets it, in graphs, to one traced
   function that the Jacobian's columns, its relinearization and geodesic
-  acceleration all call (see `_traced_forward_product`).
+  acceleration all call (see `_linearization.traced_forward_product`).
 """
 
 LoopState = collections.namedtuple(
     "LoopState",
-    ["iteration", "point", "residual", "jacobian", "gradient", "cost",
+    ["iteration", "point", "residual", "linearization", "gradient", "cost",
      "initial_cost", "damping", "step_norm", "cost_change", "num_iterations", "num_accepted",
      "num_rejected", "num_residual_evaluations", "num_jacobian_evaluations",
      "stop_reason", "records", "wall_time"])
 LoopState.__doc__ = """The loop's state, one entry per problem of a batch.
+
+`linearization` holds the tensors of J at `point` (`_linearization`: the
+matrix, or what a matrix-free linearization keeps); the stopping criteria
+see the bound linearization itself (`column_norms()`, `matvec`, ...).
 
 `wall_time` is the start's `tf.timestamp()` while the loop runs and the
 seconds the solve took, measured in the graph, once it returns (NaN under
@@ -159,110 +164,13 @@ def default_cost(residual):
   return 0.5 * tf.reduce_sum(tf.square(residual), axis=-1)
 
 
-# -- linearize -----------------------------------------------------------------
-
-# Up to this many tangent directions, the Jacobian-vector products are traced
-# one by one: as fast to run as `tf.vectorized_map` and several times faster to
-# trace. Beyond it, one vectorized product keeps the graph small.
-_UNROLLED_JVPS = 16
-
-
-def jacobian(problem, point, batch_shape, num_residuals):
-  """J = d/ds F(R_p(s)) at s = 0, shape [B..., m, n].
-
-  Forward mode (one Jacobian-vector product per tangent coordinate,
-  vectorized with `tf.vectorized_map`) when m >= n or m is unknown; reverse
-  mode (one vector-Jacobian product per residual) when m < n. Neither builds an
-  m x m matrix. Eagerly, and for n <= 16 in graphs, the forward products are a
-  Python loop: eagerly nothing is traced (and retraced) per call, and in graphs
-  it traces much faster than `tf.vectorized_map` at the same run time.
-  """
-  if problem.jacobian_fn is not None:
-    return problem.jacobian_fn(point)
-  n = problem.tangent_dim
-  dtype = tf.nest.flatten(point)[0].dtype
-  zero_step = tf.zeros(tf.concat([batch_shape, [n]], axis=0), dtype)
-
-  def residual_of_step(step):
-    return problem.residual_fn(problem.retract(point, step))
-
-  eager = tf.executing_eagerly()
-  if num_residuals is not None and num_residuals < n:
-    return _reverse_jacobian(residual_of_step, zero_step, eager)
-
-  def directional_derivative(direction):
-    tangent = tf.broadcast_to(direction, tf.shape(zero_step))
-    with tf.autodiff.ForwardAccumulator(zero_step, tangent) as accumulator:
-      residual = residual_of_step(zero_step)
-    return accumulator.jvp(
-        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-  basis = tf.eye(n, dtype=dtype)
-  if not eager and n <= _UNROLLED_JVPS and problem.forward_product:
-    columns = tf.stack([
-        problem.forward_product(point, zero_step,
-                                tf.broadcast_to(basis[i], tf.shape(zero_step)))
-        for i in range(n)])
-  elif eager or n <= _UNROLLED_JVPS:
-    columns = tf.stack([directional_derivative(basis[i]) for i in range(n)])
-  else:
-    columns = tf.vectorized_map(directional_derivative, basis,
-                                fallback_to_while_loop=True, warn=False)
-  # columns: [n, B..., m] -> [B..., m, n].
-  rank = columns.shape.rank
-  return tf.transpose(columns, list(range(1, rank)) + [0])
-
-
-def _traced_forward_product(problem):
-  """(point, step, tangent) -> d/dt F(R_p(step + t tangent)) at t = 0, as one
-  `tf.function`: F and its forward-mode derivative are traced once (per input
-  signature) however often it is called, instead of once per Jacobian column,
-  per relinearization and per geodesic correction. Tracing F under a
-  `ForwardAccumulator` is most of the engine's trace time (each op's
-  derivative is a function call built by TensorFlow); the calls are inlined
-  before the graph runs (or is compiled), so the arithmetic is unchanged.
-  """
-  def forward_product(point, step, tangent):
-    with tf.autodiff.ForwardAccumulator(step, tangent) as accumulator:
-      residual = problem.residual_fn(problem.retract(point, step))
-    return accumulator.jvp(
-        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  return tf.function(forward_product, autograph=False)
-
-
-def _reverse_jacobian(residual_of_step, zero_step, eager):
-  """Reverse-mode Jacobian for few residuals; batch dimensions stay blocks."""
-  batch_rank = zero_step.shape.rank - 1
-  if batch_rank == 0:
-    with tf.GradientTape(watch_accessed_variables=False,
-                         persistent=eager) as tape:
-      tape.watch(zero_step)
-      residual = residual_of_step(zero_step)
-    return tape.jacobian(residual, zero_step,
-                         unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                         experimental_use_pfor=not eager)
-  batch_shape = tf.shape(zero_step)[:-1]
-  flat_step = tf.reshape(zero_step, [-1, zero_step.shape[-1]])
-  with tf.GradientTape(watch_accessed_variables=False,
-                       persistent=eager) as tape:
-    tape.watch(flat_step)
-    residual = residual_of_step(tf.reshape(flat_step, tf.shape(zero_step)))
-    flat_residual = tf.reshape(residual, [tf.shape(flat_step)[0], -1])
-  flat_jacobian = tape.batch_jacobian(
-      flat_residual, flat_step,
-      unconnected_gradients=tf.UnconnectedGradients.ZERO,
-      experimental_use_pfor=not eager)
-  return tf.reshape(flat_jacobian,
-                    tf.concat([batch_shape, tf.shape(flat_jacobian)[1:]], 0))
-
-
 # Finite-difference step of the second directional derivative when the
 # Jacobian is the user's (Transtrum & Sethna 2012 use h = 0.1).
 _SECOND_DERIVATIVE_STEP = 0.1
 
 
 def second_directional_derivative(problem, point, direction, residual,
-                                  jacobian_matrix):
+                                  linearization):
   """F''(p)[v, v] = d^2/dt^2 F(R_p(t v)) at t = 0, shape [B..., m].
 
   A forward difference of Jacobian-vector products,
@@ -283,7 +191,7 @@ def second_directional_derivative(problem, point, direction, residual,
   spent).
   """
   dtype = residual.dtype
-  slope = tf.linalg.matvec(jacobian_matrix, direction)
+  slope = linearization.matvec(direction)
   if problem.jacobian_fn is not None:
     h = tf.constant(_SECOND_DERIVATIVE_STEP, dtype)
     shifted = problem.residual_fn(problem.retract(point, h * direction))
@@ -315,16 +223,6 @@ def second_directional_derivative(problem, point, direction, residual,
   return curvature, 0
 
 
-def hold_fixed(problem, point, jacobian_matrix, gradient):
-  """(J, g) with the columns and entries of `problem.fixed_fn`'s coordinates
-  zeroed; unchanged without one."""
-  if problem.fixed_fn is None:
-    return jacobian_matrix, gradient
-  fixed = problem.fixed_fn(point, gradient)
-  free = tf.cast(tf.logical_not(fixed), gradient.dtype)
-  return jacobian_matrix * free[..., tf.newaxis, :], gradient * free
-
-
 # -- the loop ------------------------------------------------------------------
 
 
@@ -347,7 +245,8 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
              callback=None, num_records=0, initial_residual=None,
              initial_jacobian=None, geodesic_acceleration=None,
              vanishing_column_tolerance=None, invalid_start=None,
-             safeguards=True, initial_residual_evaluations=0):
+             safeguards=True, initial_residual_evaluations=0,
+             matrix_free=False):
   """Runs the Levenberg-Marquardt loop.
 
   Args:
@@ -393,6 +292,9 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       the model still promises a decrease are STALLED, not converged (see
       `_stop`). False keeps TensorFlow Graphics' contract: every iteration
       runs, nothing else is checked.
+    matrix_free: False for a dense Jacobian (`_linearization.DenseKind`);
+      True for a matrix-free one (`MatrixFreeKind`: J through its products,
+      solved by conjugate gradients).
 
   Returns:
     The final `LoopState`.
@@ -401,7 +303,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
   if (problem.forward_product is None and problem.jacobian_fn is None and
       not tf.executing_eagerly()):
     problem = problem._replace(
-        forward_product=_traced_forward_product(problem))
+        forward_product=_linearization.traced_forward_product(problem))
   start_time = _timestamp()
   if start_time is not None:
     with tf.control_dependencies([start_time]):
@@ -416,18 +318,22 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
   batch_shape = tf.shape(residual)[:-1]
   batch_rank = residual.shape.rank - 1
   num_residuals = residual.shape[-1]
+  if matrix_free:
+    kind = _linearization.MatrixFreeKind(problem)
+  else:
+    kind = _linearization.DenseKind(problem, num_residuals)
   if initial_jacobian is None:
-    jacobian_matrix = jacobian(problem, initial_point, batch_shape,
-                               num_residuals)
+    linearization = kind.at(initial_point, residual)
     jacobian_evaluations = 1
   else:
-    jacobian_matrix = tf.convert_to_tensor(initial_jacobian, dtype)
+    linearization = _linearization.Dense(
+        tf.convert_to_tensor(initial_jacobian, dtype))
     jacobian_evaluations = 0
   cost = cost_fn(residual)
-  damping = policy.initial(dtype, batch_shape, jacobian_matrix)
-  jacobian_matrix, gradient = hold_fixed(
-      problem, initial_point, jacobian_matrix,
-      tf.linalg.matvec(jacobian_matrix, residual, adjoint_a=True))
+  damping = policy.initial(dtype, batch_shape, linearization)
+  linearization, gradient = _linearization.hold_fixed(
+      problem, initial_point, linearization,
+      linearization.rmatvec(residual))
   zeros_int = tf.zeros(batch_shape, tf.int32)
   records = ()
   if num_records:
@@ -438,7 +344,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       iteration=tf.constant(0, tf.int32),
       point=initial_point,
       residual=residual,
-      jacobian=jacobian_matrix,
+      linearization=linearization.tensors,
       gradient=gradient,
       cost=cost,
       initial_cost=cost,
@@ -455,53 +361,57 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       records=records,
       wall_time=(tf.constant(np.nan, tf.float64) if start_time is None
                  else start_time))
-  check = _StopCheck(stopping, safeguards, policy, batch_rank,
+  check = _StopCheck(stopping, safeguards, policy, batch_rank, kind,
                      bounded=problem.fixed_fn is not None)
+  if matrix_free:  # Column norms are estimates; see `_invalid_steps`.
+    vanishing_column_tolerance = None
 
   def body(state):
     active = tf.equal(state.stop_reason, StopReason.RUNNING)
-    trial, solve = _propose(policy, state)
+    linearization = kind.restore(state.linearization, state.point)
+    trial, solve = _propose(policy, state, linearization)
     extra_evaluations = 0
     if geodesic_acceleration is not None:
-      trial, extra_evaluations = _accelerate(problem, state, trial, solve,
-                                             geodesic_acceleration)
+      trial, extra_evaluations = _accelerate(
+          problem, state, linearization, trial, solve, geodesic_acceleration)
     candidate = problem.retract(state.point, trial.step)
     candidate_residual = problem.residual_fn(candidate)
     candidate_cost = cost_fn(candidate_residual)
-    judged = _judge(policy, state, trial, candidate_cost, batch_rank)
+    judged = _judge(state, linearization, trial, candidate_cost, batch_rank)
     accepted, damping = policy.update(trial.damping, judged)
     accepted &= active
-    # Advance: the Jacobian at the accepted candidates, then the refusals
-    # that need it.
+    # Advance: the linearization at the accepted candidates, then the
+    # refusals that need it.
     trial_point = _batch.select_structure(accepted, candidate, state.point)
 
     def relinearize():
-      new_jacobian = jacobian(problem, trial_point, batch_shape, num_residuals)
-      return _batch.select(accepted, new_jacobian, state.jacobian)
+      new = kind.at(trial_point, candidate_residual)
+      return _linearization.select(accepted, new, linearization).tensors
 
     relinearized = accepted
-    jacobian_matrix = tf.cond(tf.reduce_any(accepted), relinearize,
-                              lambda: state.jacobian)
-    candidate_gradient = tf.linalg.matvec(jacobian_matrix, candidate_residual,
-                                          adjoint_a=True)
+    new_linearization = kind.restore(
+        tf.cond(tf.reduce_any(accepted), relinearize,
+                lambda: linearization.tensors), trial_point)
+    candidate_gradient = new_linearization.rmatvec(candidate_residual)
     invalid = _invalid_steps(
-        state, accepted, jacobian_matrix, candidate_gradient, policy,
-        vanishing_column_tolerance if policy.scaled else None, safeguards,
-        batch_rank)
+        state, linearization, accepted, new_linearization, candidate_gradient,
+        policy, vanishing_column_tolerance if policy.scaled else None,
+        safeguards, batch_rank)
     if invalid is not None:
       damping = _batch.select_structure(
           invalid, policy.invalid(trial.damping, judged), damping)
       accepted &= tf.logical_not(invalid)
-      jacobian_matrix = _batch.select(accepted, jacobian_matrix, state.jacobian)
     damping = _batch.select_structure(active, damping, state.damping)
 
     point = _batch.select_structure(accepted, candidate, state.point)
+    new_linearization = kind.restore(_batch.select_structure(
+        accepted, new_linearization.tensors, linearization.tensors), point)
     residual = _batch.select(accepted, candidate_residual, state.residual)
     new_cost = tf.where(accepted, candidate_cost, state.cost)
     gradient = _batch.select(accepted, candidate_gradient, state.gradient)
-    damping = policy.observe_jacobian(damping, jacobian_matrix)
-    jacobian_matrix, gradient = hold_fixed(problem, point, jacobian_matrix,
-                                           gradient)
+    damping = policy.observe_linearization(damping, new_linearization)
+    new_linearization, gradient = _linearization.hold_fixed(
+        problem, point, new_linearization, gradient)
     step_norm = tf.where(active & judged.finite, tf.norm(trial.step, axis=-1),
                          state.step_norm)
     cost_change = tf.where(accepted, state.cost - new_cost,
@@ -513,7 +423,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
         iteration=state.iteration + 1,
         point=point,
         residual=residual,
-        jacobian=jacobian_matrix,
+        linearization=new_linearization.tensors,
         gradient=gradient,
         cost=new_cost,
         initial_cost=state.initial_cost,
@@ -587,12 +497,12 @@ diagonal [B..., n] or None for the identity; damping: the policy's state for
 """
 
 
-def _propose(policy, state):
+def _propose(policy, state, linearization):
   """The damped step v = -(J^T J + lambda D)^-1 J^T F, by the policy's solver;
   returns (`Trial`, the solve, for corrections that reuse its factor)."""
   lam = policy.regularization(state.damping, state.cost)
   scaling = policy.scaling(state.damping) if policy.scaled else None
-  solve, trial_damping = policy.solver(state.damping, state.jacobian,
+  solve, trial_damping = policy.solver(state.damping, linearization,
                                        state.gradient, lam, scaling)
   velocity = solve(state.residual, state.gradient)
   # A policy that owns its solve (the trust region) chose lambda in it.
@@ -600,16 +510,15 @@ def _propose(policy, state):
   return Trial(velocity, velocity, lam, scaling, trial_damping), solve
 
 
-def _accelerate(problem, state, trial, solve, alpha):
+def _accelerate(problem, state, linearization, trial, solve, alpha):
   """Geodesic acceleration (Transtrum & Sethna 2012): s = v + a / 2 with
   (J^T J + lambda D) a = -J^T F''(p)[v, v], where admissible
   (2 ||a||_D / ||v||_D <= alpha, finite); elsewhere s = v.
   Returns (`Trial`, residual evaluations spent)."""
   velocity = trial.velocity
   curvature, evaluations = second_directional_derivative(
-      problem, state.point, velocity, state.residual, state.jacobian)
-  acceleration = solve(curvature, tf.linalg.matvec(
-      state.jacobian, curvature, adjoint_a=True))
+      problem, state.point, velocity, state.residual, linearization)
+  acceleration = solve(curvature, linearization.rmatvec(curvature))
   weight = 1.0 if trial.scaling is None else trial.scaling
   ratio = 2.0 * tf.sqrt(
       tf.reduce_sum(weight * tf.square(acceleration), axis=-1) /
@@ -619,14 +528,14 @@ def _accelerate(problem, state, trial, solve, alpha):
   return trial._replace(step=step), evaluations
 
 
-def _judge(policy, state, trial, candidate_cost, batch_rank):
+def _judge(state, linearization, trial, candidate_cost, batch_rank):
   """The `Step` the policy judges: costs, the velocity's model decrease and
   damping penalty (when the policy uses them), finiteness, scaled norm."""
   finite = (_batch.all_finite(trial.step, batch_rank) &
             tf.math.is_finite(candidate_cost))
   weight = 1.0 if trial.scaling is None else trial.scaling
   velocity = trial.velocity
-  model_step = tf.linalg.matvec(state.jacobian, velocity)
+  model_step = linearization.matvec(velocity)
   model_decrease = -(tf.reduce_sum(state.gradient * velocity, axis=-1) +
                      0.5 * tf.reduce_sum(tf.square(model_step), axis=-1))
   penalty = 0.5 * trial.regularization * tf.reduce_sum(
@@ -643,8 +552,9 @@ def _damping_limited(step):
   return 2.0 * step.penalty > step.curvature
 
 
-def _invalid_steps(state, accepted, jacobian_matrix, candidate_gradient,
-                   policy, vanishing_column_tolerance, safeguards, batch_rank):
+def _invalid_steps(state, linearization, accepted, new_linearization,
+                   candidate_gradient, policy, vanishing_column_tolerance,
+                   safeguards, batch_rank):
   """[B...] accepted steps to refuse after all (Ceres' invalid steps), or
   None when no filter is on:
   - with `safeguards`, the gradient at the candidate is not finite (e.g.
@@ -654,8 +564,8 @@ def _invalid_steps(state, accepted, jacobian_matrix, candidate_gradient,
   """
   invalid = None
   if vanishing_column_tolerance:
-    old_norms = tf.reduce_sum(tf.square(state.jacobian), axis=-2)
-    new_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
+    old_norms = linearization.column_norms()
+    new_norms = new_linearization.column_norms()
     reference = policy.scaling(state.damping)  # running max of ||J_j||^2
     invalid = accepted & tf.reduce_any(
         (old_norms > 0) &
@@ -679,7 +589,7 @@ def _exhausted(damping_value):
       damping_value >= cap)
 
 
-def cauchy_decrease(jacobian_matrix, gradient, scaling=None):
+def cauchy_decrease(linearization, gradient, scaling=None):
   """The Gauss-Newton model's decrease at its Cauchy point, [B...]:
 
       (g^T D^-1 g)^2 / (2 ||J D^-1 g||^2),
@@ -690,7 +600,7 @@ def cauchy_decrease(jacobian_matrix, gradient, scaling=None):
   direction = gradient if scaling is None else gradient / scaling
   slope = tf.reduce_sum(gradient * direction, axis=-1)
   curvature = tf.reduce_sum(
-      tf.square(tf.linalg.matvec(jacobian_matrix, direction)), axis=-1)
+      tf.square(linearization.matvec(direction)), axis=-1)
   positive = curvature > 0
   return tf.where(positive, 0.5 * tf.square(slope) / tf.where(
       positive, curvature, tf.ones_like(curvature)), tf.zeros_like(slope))
@@ -730,8 +640,9 @@ class _StopCheck:
     overrides every other reason.
   """
 
-  def __init__(self, stopping, safeguards, policy, batch_rank,
+  def __init__(self, stopping, safeguards, policy, batch_rank, kind,
                bounded=False):
+    self.kind = kind
     self.bounded = bounded
     self.stopping = stopping
     self.safeguards = safeguards
@@ -741,8 +652,9 @@ class _StopCheck:
   def __call__(self, state, active, stuck=None, damping_limited=None):
     if self.stopping is None and not self.safeguards:
       return state
+    linearization = self.kind.restore(state.linearization, state.point)
     if self.stopping is not None:
-      stop, reason = self.stopping(state)
+      stop, reason = self.stopping(state._replace(linearization=linearization))
       reason = tf.cast(reason, tf.int32)
     else:
       stop = tf.zeros_like(active)
@@ -755,7 +667,7 @@ class _StopCheck:
           step_test |= tf.equal(reason, int(member))
         scaling = (self.policy.scaling(state.damping) if self.policy.scaled
                    else None)
-        promise = cauchy_decrease(state.jacobian, state.gradient, scaling)
+        promise = cauchy_decrease(linearization, state.gradient, scaling)
         dtype = state.cost.dtype
         floor = tf.constant(np.sqrt(np.finfo(dtype.as_numpy_dtype).eps),
                             dtype) * state.initial_cost
@@ -763,8 +675,7 @@ class _StopCheck:
                           (promise > 0.1 * state.cost) & (promise > floor),
                           stalled, reason)
       if not self.bounded:
-        flat = (tf.reduce_all(tf.equal(state.jacobian, 0), axis=[-2, -1]) &
-                (state.cost > 0))
+        flat = linearization.is_zero() & (state.cost > 0)
         reason = tf.where(flat & tf.equal(reason, int(StopReason.GRADIENT_NORM)),
                           stalled, reason)
       if stuck is not None:

@@ -1,7 +1,8 @@
-"""Dense linear solvers of the damped Gauss-Newton system.
+"""Linear solvers of the damped Gauss-Newton system.
 
-Each takes the Jacobian J [B..., m, n] (and what its method needs) and
-returns `solve(residual, gradient)`, a function that solves the system for a
+Each takes a linearization (`_linearization`: J through its products, and
+J^T J where it is dense) and what its method needs, and returns
+`solve(residual, gradient)`, a function that solves the system for a
 right-hand side: F (used by the dual form) and g = J^T F (used by the normal
 form). The factorization is made once, so the same `solve` serves the step
 and geodesic acceleration's second solve (and will serve the backward pass
@@ -17,6 +18,15 @@ the loop treats as a rejection, in every mode.
 - `trust_region_solver`: the step of a trust region in the scaled norm
   ||D^1/2 s|| <= Delta, lambda found from an eigendecomposition of
   D^-1/2 J^T J D^-1/2 by Newton's method on the secular equation.
+- `conjugate_gradient_solver`: the damped normal equations by conjugate
+  gradients with the Jacobi preconditioner diag(J^T J) + lambda D, two
+  products (J v, J^T u) per iteration and O(n) memory: for matrix-free
+  linearizations.
+- `steihaug_solver`: the trust-region step by Steihaug-Toint truncated
+  conjugate gradients in the scaled norm (matrix-free).
+
+`damped_solver` and `trust_region_solver` pick the matrix-free method for a
+matrix-free linearization.
 """
 
 import numpy as np
@@ -33,19 +43,23 @@ def in_xla():
               tf.compat.v1.get_default_graph()))
 
 
-def damped_solver(jacobian_matrix, regularization, scaling=None):
+def damped_solver(linearization, regularization, scaling=None):
   """Factors the damped normal equations once; returns `solve`.
 
   Args:
-    jacobian_matrix: J, [B..., m, n].
+    linearization: J (`_linearization.Dense` or `MatrixFree`; the latter
+      is solved by `conjugate_gradient_solver`).
     regularization: lambda, [B...].
     scaling: D's diagonal, [B..., n], or None for the identity.
   """
+  if not linearization.dense:
+    return conjugate_gradient_solver(linearization, regularization, scaling)
+  jacobian_matrix = linearization.matrix
   m, n = jacobian_matrix.shape[-2], jacobian_matrix.shape[-1]
   lam = regularization[..., tf.newaxis, tf.newaxis]
 
   def overdetermined():
-    gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_a=True)
+    gram = linearization.gram()
     if scaling is None:
       gram += lam * tf.eye(n, dtype=gram.dtype)
     else:
@@ -85,7 +99,7 @@ def _cholesky(matrix):
     return tf.fill(tf.shape(matrix), tf.constant(float("nan"), matrix.dtype))
 
 
-def trust_region_solver(jacobian_matrix, gradient, scale, radius,
+def trust_region_solver(linearization, gradient, scale, radius,
                         newton_iterations):
   """The trust-region step: returns (`solve`, radius, lambda).
 
@@ -103,15 +117,18 @@ def trust_region_solver(jacobian_matrix, gradient, scale, radius,
   and their radius back unchanged.
 
   Args:
-    jacobian_matrix: J, [B..., m, n].
+    linearization: J (`_linearization.Dense`; a `MatrixFree` one is solved
+      by `steihaug_solver`).
     gradient: g = J^T F, [B..., n].
     scale: D's diagonal, [B..., n], positive.
     radius: [B...].
     newton_iterations: a Python int.
   """
+  if not linearization.dense:
+    return steihaug_solver(linearization, gradient, scale, radius)
   dtype = gradient.dtype
   inverse_root = tf.math.rsqrt(scale)
-  gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_a=True)
+  gram = linearization.gram()
   scaled_gram = (gram * inverse_root[..., :, tf.newaxis] *
                  inverse_root[..., tf.newaxis, :])
   finite = _batch.all_finite(scaled_gram, scaled_gram.shape.rank - 2)
@@ -165,6 +182,164 @@ def trust_region_solver(jacobian_matrix, gradient, scale, radius,
     step = -inverse_root * tf.linalg.matvec(vectors, c / final_shift)
     return _batch.select(finite, step,
                          tf.fill(tf.shape(step), tf.constant(np.nan, dtype)))
+
+  radius = tf.where(finite & tf.math.is_finite(radius), radius, old_radius)
+  return solve, radius, lam
+
+
+# Conjugate gradients stop when the preconditioned residual has fallen by
+# this factor, or after this many iterations. An inexact step is still a
+# descent step that the gain ratio judges with its own model decrease.
+CG_TOLERANCE = 1e-6
+CG_MAX_ITERATIONS = 200
+
+
+def _dot(a, b):
+  return tf.reduce_sum(a * b, axis=-1)
+
+
+def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
+             radius=None):
+  """Preconditioned conjugate gradients on operator(x) = rhs, [B..., n].
+
+  Every problem of a batch has its own scalars and stops on its own, when
+  ||r_k||_M^-1 <= tolerance ||rhs||_M^-1. With a `radius` [B...] (Steihaug
+  and Toint; `precondition` must then be the identity), an iterate that
+  would leave the ball ||x|| <= radius, or a direction of non-positive
+  curvature, ends at the boundary along the current direction.
+  Returns (x, iterations).
+  """
+  x = tf.zeros_like(rhs)
+  r = rhs
+  z = precondition(r)
+  p = z
+  rz = _dot(r, z)
+  target = tf.square(tf.constant(tolerance, rhs.dtype)) * rz
+  active = rz > target
+
+  def boundary(x, p):  # tau >= 0 with ||x + tau p|| = radius.
+    pp, xp, xx = _dot(p, p), _dot(x, p), _dot(x, x)
+    safe_pp = tf.where(pp > 0, pp, tf.ones_like(pp))
+    root = tf.sqrt(tf.maximum(xp * xp + pp * (radius * radius - xx), 0.0))
+    return (-xp + root) / safe_pp
+
+  def body(k, x, r, p, rz, active):
+    q = operator(p)
+    curvature = _dot(p, q)
+    positive = curvature > 0
+    alpha = tf.where(active & positive,
+                     rz / tf.where(positive, curvature,
+                                   tf.ones_like(curvature)),
+                     tf.zeros_like(rz))
+    next_x = x + alpha[..., tf.newaxis] * p
+    if radius is not None:
+      leaves = active & (tf.logical_not(positive) |
+                         (_dot(next_x, next_x) >= radius * radius))
+      # (An unbounded solve stops where the curvature vanishes.)
+      tau = tf.where(tf.math.is_finite(radius), boundary(x, p),
+                     tf.zeros_like(radius))
+      next_x = tf.where(leaves[..., tf.newaxis],
+                        x + tau[..., tf.newaxis] * p, next_x)
+      active &= tf.logical_not(leaves)
+    else:
+      active &= positive
+    r = r - alpha[..., tf.newaxis] * q
+    z = precondition(r)
+    next_rz = _dot(r, z)
+    beta = tf.where(active, next_rz / tf.where(rz > 0, rz, tf.ones_like(rz)),
+                    tf.zeros_like(rz))
+    p = tf.where(active[..., tf.newaxis], z + beta[..., tf.newaxis] * p, p)
+    active &= next_rz > target
+    return k + 1, next_x, r, p, tf.where(active, next_rz, rz), active
+
+  k, x, _, _, _, _ = tf.while_loop(
+      lambda k, x, r, p, rz, active: tf.reduce_any(active), body,
+      (tf.constant(0), x, r, p, rz, active),
+      maximum_iterations=max_iterations)
+  return x, k
+
+
+def conjugate_gradient_solver(linearization, regularization, scaling=None,
+                              max_iterations=CG_MAX_ITERATIONS,
+                              tolerance=CG_TOLERANCE):
+  """Returns `solve` for (J^T J + lambda D) s = -rhs by conjugate gradients.
+
+  Each iteration costs one J v and one J^T u; J^T J is never formed. The
+  Jacobi preconditioner M = diag(J^T J) + lambda D uses the
+  linearization's column norms. A non-finite right-hand side gives a NaN
+  step (a rejection).
+  """
+  lam = regularization[..., tf.newaxis]
+  damping_diagonal = lam if scaling is None else lam * scaling
+  diagonal = linearization.column_norms() + damping_diagonal
+  tiny = tf.constant(np.finfo(diagonal.dtype.as_numpy_dtype).tiny,
+                     diagonal.dtype)
+  diagonal = tf.where(diagonal > tiny, diagonal, tf.ones_like(diagonal))
+
+  def operator(v):
+    return linearization.rmatvec(linearization.matvec(v)) + (
+        damping_diagonal * v)
+
+  def solve(residual, gradient):
+    del residual
+    step, _ = _cg_loop(operator, -gradient, lambda r: r / diagonal,
+                       max_iterations, tolerance)
+    finite = _batch.all_finite(gradient, gradient.shape.rank - 1)
+    return _batch.select(finite, step,
+                         tf.fill(tf.shape(step),
+                                 tf.constant(np.nan, step.dtype)))
+  return solve
+
+
+def steihaug_solver(linearization, gradient, scale, radius,
+                    max_iterations=CG_MAX_ITERATIONS,
+                    tolerance=CG_TOLERANCE):
+  """The trust-region step by truncated conjugate gradients (Steihaug 1983,
+  Toint 1981): returns (`solve`, radius, lambda) like `trust_region_solver`.
+
+  In the scaled variables u = D^1/2 s the model is
+  g^T D^-1/2 u + 1/2 u^T D^-1/2 J^T J D^-1/2 u and the region the ball
+  ||u|| <= Delta, so conjugate gradients on the scaled system (D is
+  Marquardt's diag(J^T J), a Jacobi preconditioner) stop at the first
+  iterate that would leave the ball, on its boundary. A negative radius is
+  relative to the (conjugate-gradient) Gauss-Newton step, as there. The
+  lambda returned is the multiplier that the step would have in the exact
+  solution, (-g^T s - ||J s||^2) / s^T D s on the boundary (0 inside), which
+  is what the damping tests and the reports need; `solve` for another
+  right-hand side (geodesic acceleration) uses it in
+  `conjugate_gradient_solver`.
+  """
+  inverse_root = tf.math.rsqrt(scale)
+
+  def operator(u):
+    return inverse_root * linearization.rmatvec(
+        linearization.matvec(inverse_root * u))
+
+  relative = radius < 0
+  infinite = tf.constant(np.inf, gradient.dtype)
+  scaled_step, _ = _cg_loop(operator, -inverse_root * gradient,
+                            lambda r: r, max_iterations, tolerance,
+                            radius=tf.where(relative, infinite, radius))
+  length = tf.norm(scaled_step, axis=-1)
+  old_radius = radius
+  radius = tf.where(relative, -radius * length, radius)
+  step = inverse_root * scaled_step
+  curvature = tf.reduce_sum(tf.square(linearization.matvec(step)), axis=-1)
+  on_boundary = length >= (1.0 - 1e-6) * radius
+  safe_length = tf.where(length > 0, length, tf.ones_like(length))
+  lam = tf.where(on_boundary & (length > 0), tf.maximum(
+      (-_dot(gradient, step) - curvature) / tf.square(safe_length), 0.0),
+                 tf.zeros_like(length))
+  finite = _batch.all_finite(step, step.shape.rank - 1)
+  step = _batch.select(finite, step, tf.fill(tf.shape(step), tf.constant(
+      np.nan, step.dtype)))
+  cg_solve = conjugate_gradient_solver(linearization, lam, scale,
+                                       max_iterations, tolerance)
+
+  def solve(residual, rhs_gradient):
+    if rhs_gradient is gradient:  # The step itself.
+      return step
+    return cg_solve(residual, rhs_gradient)
 
   radius = tf.where(finite & tf.math.is_finite(radius), radius, old_radius)
   return solve, radius, lam

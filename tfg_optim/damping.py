@@ -63,13 +63,15 @@ class DampingPolicy:
 
   scaled = False
 
-  def initial(self, dtype, batch_shape, jacobian_matrix):
-    """The state at the start, from the Jacobian there."""
+  def initial(self, dtype, batch_shape, linearization):
+    """The state at the start, from the linearization there (J through
+    `column_norms()`, `matvec`, `rmatvec`; see `tfg_optim._linearization`)."""
     raise NotImplementedError
 
-  def observe_jacobian(self, state, jacobian_matrix):
-    """The state after the Jacobian changed (Marquardt's running maximum)."""
-    del jacobian_matrix
+  def observe_linearization(self, state, linearization):
+    """The state after the linearization changed (Marquardt's running
+    maximum)."""
+    del linearization
     return state
 
   def scaling(self, state):
@@ -84,12 +86,13 @@ class DampingPolicy:
     """lambda [B...] for the current cost."""
     raise NotImplementedError
 
-  def solver(self, state, jacobian_matrix, gradient, regularization,
+  def solver(self, state, linearization, gradient, regularization,
              scaling):
     """(`solve(residual, gradient)` for this iteration, the state that
-    `update` is given); by default the dense Cholesky solver."""
+    `update` is given); by default the dense Cholesky solver (conjugate
+    gradients for a matrix-free linearization)."""
     del gradient
-    return (_linear_solvers.damped_solver(jacobian_matrix, regularization,
+    return (_linear_solvers.damped_solver(linearization, regularization,
                                           scaling), state)
 
   def update(self, state, step):
@@ -102,10 +105,10 @@ class DampingPolicy:
     raise NotImplementedError
 
 
-def _marquardt_scale(jacobian_matrix, previous=None):
+def _marquardt_scale(linearization, previous=None):
   """diag(J^T J), the squared column norms [B..., n]: at the start with 1
   for a zero column, later the running maximum with `previous`."""
-  column_norms = tf.reduce_sum(tf.square(jacobian_matrix), axis=-2)
+  column_norms = linearization.column_norms()
   if previous is None:
     return tf.where(column_norms > 0, column_norms, tf.ones_like(column_norms))
   return tf.maximum(previous, column_norms)
@@ -114,9 +117,8 @@ def _marquardt_scale(jacobian_matrix, previous=None):
 class _MarquardtScaled(DampingPolicy):
   """A policy whose state carries Marquardt's D as `scale`."""
 
-  def observe_jacobian(self, state, jacobian_matrix):
-    return state._replace(scale=_marquardt_scale(jacobian_matrix,
-                                                 state.scale))
+  def observe_linearization(self, state, linearization):
+    return state._replace(scale=_marquardt_scale(linearization, state.scale))
 
 
 def _gain_ratio_test(step, threshold):
@@ -139,7 +141,7 @@ class MultiplicativeDamping(DampingPolicy):
     self.initial_regularizer = initial_regularizer
     self.multiplier = multiplier
 
-  def initial(self, dtype, batch_shape, jacobian_matrix):
+  def initial(self, dtype, batch_shape, linearization):
     return MultiplicativeState(
         tf.fill(batch_shape, tf.constant(self.initial_regularizer, dtype)))
 
@@ -172,7 +174,7 @@ class GainRatioDamping(DampingPolicy):
     self.beta = beta
     self.expect_zero_residual = expect_zero_residual
 
-  def initial(self, dtype, batch_shape, jacobian_matrix):
+  def initial(self, dtype, batch_shape, linearization):
     return GainRatioState(
         tf.fill(batch_shape, tf.constant(self.damping_term_min, dtype)))
 
@@ -219,9 +221,9 @@ class NielsenDamping(_MarquardtScaled):
     self.acceptance = acceptance
     self.scaled = scaled
 
-  def initial(self, dtype, batch_shape, jacobian_matrix):
+  def initial(self, dtype, batch_shape, linearization):
     lam = tf.fill(batch_shape, tf.constant(self.initial_lambda, dtype))
-    scale = _marquardt_scale(jacobian_matrix)
+    scale = _marquardt_scale(linearization)
     if not self.scaled:  # lambda relative to the largest diagonal entry.
       lam *= tf.maximum(tf.reduce_max(scale, axis=-1),
                         tf.constant(1e-30, dtype))
@@ -278,19 +280,19 @@ class TrustRegionDamping(_MarquardtScaled):
     self.initial_radius = initial_radius
     self.newton_iterations = newton_iterations
 
-  def initial(self, dtype, batch_shape, jacobian_matrix):
+  def initial(self, dtype, batch_shape, linearization):
     # A negative radius is relative to the Gauss-Newton step (the first).
     radius = tf.fill(batch_shape, tf.constant(-self.initial_radius, dtype))
     return TrustRegionState(radius, tf.zeros(batch_shape, dtype),
-                            _marquardt_scale(jacobian_matrix))
+                            _marquardt_scale(linearization))
 
   def regularization(self, state, cost):
     return state.lam
 
-  def solver(self, state, jacobian_matrix, gradient, regularization,
+  def solver(self, state, linearization, gradient, regularization,
              scaling):
     solve, radius, lam = _linear_solvers.trust_region_solver(
-        jacobian_matrix, gradient, state.scale, state.radius,
+        linearization, gradient, state.scale, state.radius,
         self.newton_iterations)
     return solve, state._replace(radius=radius, lam=lam)
 

@@ -43,6 +43,13 @@ from tfg_optim import results as results_lib
 from tfg_optim import stopping as stopping_lib
 
 LOSSES = ("linear", "huber", "soft_l1", "cauchy", "arctan")
+LINEAR_SOLVERS = ("auto", "dense", "cg")
+
+# linear_solver="auto" picks the dense solvers up to this many parameters per
+# problem and matrix-free conjugate gradients beyond: a dense n x n J^T J
+# costs 8 n^2 bytes (32 MB at n = 2048) and n^3 / 3 flops per factorization,
+# while conjugate gradients cost two residual-sized products per iteration.
+AUTO_DENSE_LIMIT = 2048
 
 # Tolerances by dtype: (function, gradient, parameter).
 # float64's function tolerance is 1e-16 (about one rounding unit of the cost):
@@ -105,8 +112,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   parameter_tolerance=None, cost_tolerance=0.0,
                   stopping_criterion=None, loss="linear", loss_scale=1.0,
                   jacobian=None, bounds=None, geodesic_acceleration=2.0,
-                  vanishing_column_tolerance=None, callback=None,
-                  record=False, name="least_squares"):
+                  vanishing_column_tolerance=None, linear_solver="auto",
+                  callback=None, record=False, name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
 
   Args:
@@ -151,6 +158,16 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       solves NIST BoxBOD from start 1). F''[v, v] costs one nested
       forward-mode product per iteration (with `jacobian`, one more residual
       evaluation: a finite difference).
+    linear_solver: 'dense' (the Jacobian as a [B..., m, n] tensor; Cholesky
+      of the damped normal equations or of their dual form, or the trust
+      region's eigendecomposition), 'cg' (matrix-free: J is never formed;
+      J v and J^T u are one forward- and one reverse-mode product each, and
+      the step is solved by Jacobi-preconditioned conjugate gradients,
+      Steihaug's truncated version for the trust region; memory O(m + n)),
+      or 'auto' (default): 'dense' for n <= 2048 parameters per problem or
+      with a `jacobian`, else 'cg'. With 'cg', Marquardt's scaling and the
+      preconditioner use diag(J^T J) estimated from 8 products J^T z
+      (fixed Gaussian probes), and the vanishing-column refusal is off.
     jacobian: optional callable `jacobian(*variables)` returning the
       [B..., m, n] Jacobian of the concatenated residuals w.r.t. the
       concatenated flattened variables (Euclidean only; with a robust loss it
@@ -175,6 +192,13 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   policy = damping_policy(damping)
   if loss not in LOSSES:
     raise ValueError(f"'loss' must be one of {LOSSES}, got {loss!r}.")
+  if linear_solver not in LINEAR_SOLVERS:
+    raise ValueError(f"'linear_solver' must be one of {LINEAR_SOLVERS}, got "
+                     f"{linear_solver!r}.")
+  if linear_solver == "cg" and jacobian is not None:
+    raise ValueError("'jacobian' gives a dense Jacobian; linear_solver='cg' "
+                     "is matrix-free. Use linear_solver='dense' or drop "
+                     "'jacobian'.")
   loss_scale = _validation.real_number(loss_scale, "loss_scale", lower=0.0,
                                        lower_inclusive=False)
   cost_tolerance = _validation.real_number(cost_tolerance, "cost_tolerance",
@@ -256,6 +280,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     if tangent_dim == 0:
       raise ValueError("'variables' must have at least one entry per "
                        "problem.")
+    matrix_free = linear_solver == "cg" or (
+        linear_solver == "auto" and jacobian is None and
+        tangent_dim > AUTO_DENSE_LIMIT)
     initial_residual = None
     if jacobian is None:  # Residuals must depend on the variables.
       initial_residual = robust(tf.concat(_validation.connected_outputs(
@@ -278,7 +305,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                              initial_residual=initial_residual,
                              initial_residual_evaluations=1,
                              geodesic_acceleration=geodesic_acceleration,
-                             vanishing_column_tolerance=vanishing_tolerance)
+                             vanishing_column_tolerance=vanishing_tolerance,
+                             matrix_free=matrix_free)
     result = results_lib.from_state(state, num_records, criterion)
     position = result.position
     if manifold is None:

@@ -228,7 +228,7 @@ class StopWhenGradientCosineLess(_Threshold):
 
   def _check(self, state):
     residual_norm = tf.norm(state.residual, axis=-1)
-    column_norms = tf.norm(state.jacobian, axis=-2)
+    column_norms = tf.sqrt(state.linearization.column_norms())
     denominator = residual_norm[..., tf.newaxis] * column_norms
     # A zero column (or F = 0) has a zero gradient entry: cosine 0. NaN
     # stays NaN, and NaN <= tolerance is False: no test fires on NaN.

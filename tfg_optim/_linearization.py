@@ -1,0 +1,287 @@
+"""Linearizations: the Jacobian at a point, as the loop asks for it.
+
+The loop never reads a Jacobian matrix. It asks a linearization of the
+residual map s -> F(R_p(s)) at s = 0 (J, m x n, per problem of a batch) for
+
+    matvec(v)        J v,            [B..., n] -> [B..., m]
+    rmatvec(u)       J^T u,          [B..., m] -> [B..., n]
+    column_norms()   diag(J^T J),    [B..., n] (Marquardt's scaling,
+                                     the Jacobi preconditioner, the
+                                     gradient cosine test)
+    gram()           J^T J,          [B..., n, n] (dense solvers only)
+    hold_fixed(free) J diag(free):   coordinates held at a bound
+
+and a linearization kind says how to build one at a point (`at`), which
+tensors the loop state carries between iterations (`tensors`), and how to
+rebuild the view from them (`restore`). Two kinds:
+
+- `DenseKind`: J as a [B..., m, n] tensor (forward-mode columns when m >= n,
+  reverse-mode rows when m < n; never an m x m intermediate). Every product
+  is a matrix product; the dense solvers factor `gram()` (or J J^T).
+- `MatrixFreeKind`: J is never formed. J v is one forward-mode product and
+  J^T u one reverse-mode product of F at the point; diag(J^T J) is
+  estimated from `num_probes` products J^T z with fixed Gaussian probes z
+  (E[(J^T z)_j^2] = ||J_j||^2; deterministic, so every execution mode gives
+  the same numbers). Memory is O(m + n) per problem: this is what solves
+  problems with millions of parameters with the conjugate-gradient solver.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tfg_optim import _batch
+
+
+# Up to this many tangent directions, the Jacobian-vector products are traced
+# one by one: as fast to run as `tf.vectorized_map` and several times faster to
+# trace. Beyond it, one vectorized product keeps the graph small.
+_UNROLLED_JVPS = 16
+
+
+class Dense:
+  """J as a [B..., m, n] tensor."""
+
+  dense = True
+
+  def __init__(self, matrix):
+    self.matrix = matrix
+
+  @property
+  def tensors(self):
+    return (self.matrix,)
+
+  def matvec(self, vector):
+    return tf.linalg.matvec(self.matrix, vector)
+
+  def rmatvec(self, vector):
+    return tf.linalg.matvec(self.matrix, vector, adjoint_a=True)
+
+  def column_norms(self):
+    return tf.reduce_sum(tf.square(self.matrix), axis=-2)
+
+  def gram(self):
+    return tf.matmul(self.matrix, self.matrix, adjoint_a=True)
+
+  def is_zero(self):
+    return tf.reduce_all(tf.equal(self.matrix, 0), axis=[-2, -1])
+
+  def hold_fixed(self, free):
+    return Dense(self.matrix * free[..., tf.newaxis, :])
+
+
+class MatrixFree:
+  """J at a point through its products; see the module docstring."""
+
+  dense = False
+
+  def __init__(self, kind, point, free, column_norms):
+    self.kind = kind
+    self.point = point
+    self.free = free
+    self._column_norms = column_norms
+
+  @property
+  def tensors(self):
+    return (self.free, self._column_norms)
+
+  def matvec(self, vector):
+    return self.kind.forward(self.point, self.free * vector)
+
+  def rmatvec(self, vector):
+    return self.free * self.kind.reverse(self.point, vector)
+
+  def column_norms(self):
+    return self._column_norms
+
+  def gram(self):
+    raise ValueError("a matrix-free linearization has no J^T J; use "
+                     "linear_solver='cg'.")
+
+  def is_zero(self):
+    return tf.reduce_all(tf.equal(self._column_norms, 0), axis=-1)
+
+  def hold_fixed(self, free):
+    return MatrixFree(self.kind, self.point, self.free * free,
+                      self._column_norms * free)
+
+
+class DenseKind:
+  """Builds `Dense` linearizations of a problem (see `jacobian`)."""
+
+  dense = True
+
+  def __init__(self, problem, num_residuals):
+    self.problem = problem
+    self.num_residuals = num_residuals
+
+  def at(self, point, residual):
+    """The linearization at `point`, where F is `residual`."""
+    return Dense(jacobian(self.problem, point, tf.shape(residual)[:-1],
+                          self.num_residuals))
+
+  def restore(self, tensors, point):
+    del point
+    return Dense(*tensors)
+
+
+class MatrixFreeKind:
+  """Builds `MatrixFree` linearizations of a problem.
+
+  `forward(point, v)` = J v and `reverse(point, u)` = J^T u are traced once
+  each (as `tf.function`s in graphs) however often the loop calls them.
+  """
+
+  dense = False
+
+  def __init__(self, problem, num_probes=8):
+    self.problem = problem
+    self.num_probes = num_probes
+    n = problem.tangent_dim
+
+    def forward(point, vector):
+      zero = tf.zeros_like(vector)
+      if problem.forward_product is not None:
+        return problem.forward_product(point, zero, vector)
+      with tf.autodiff.ForwardAccumulator(zero, vector) as accumulator:
+        residual = problem.residual_fn(problem.retract(point, zero))
+      return accumulator.jvp(
+          residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def reverse(point, vector):
+      batch_shape = tf.shape(vector)[:-1]
+      zero = tf.zeros(tf.concat([batch_shape, [n]], 0), vector.dtype)
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(zero)
+        residual = problem.residual_fn(problem.retract(point, zero))
+      return tape.gradient(residual, zero, output_gradients=vector,
+                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    if tf.executing_eagerly():
+      self.forward, self.reverse = forward, reverse
+    else:
+      self.forward = tf.function(forward, autograph=False)
+      self.reverse = tf.function(reverse, autograph=False)
+
+  def at(self, point, residual):
+    """The linearization at `point`, where F is `residual`."""
+    residual_shape = tf.shape(residual)
+    dtype = residual.dtype
+    n = self.problem.tangent_dim
+    estimate = tf.zeros(tf.concat([residual_shape[:-1], [n]], 0), dtype)
+    for probe in range(self.num_probes):
+      z = tf.random.stateless_normal(residual_shape, seed=[7, probe],
+                                     dtype=dtype)
+      estimate += tf.square(self.reverse(point, z))
+    estimate /= self.num_probes
+    return MatrixFree(self, point, tf.ones_like(estimate), estimate)
+
+  def restore(self, tensors, point):
+    return MatrixFree(self, point, *tensors)
+
+
+def select(condition, new, old):
+  """The linearization `new` where the [B...] `condition` holds, else
+  `old` (both of one kind, bound at the same point structure)."""
+  tensors = _batch.select_structure(condition, new.tensors, old.tensors)
+  if isinstance(new, Dense):
+    return Dense(*tensors)
+  return MatrixFree(new.kind, new.point, *tensors)
+
+
+def jacobian(problem, point, batch_shape, num_residuals):
+  """J = d/ds F(R_p(s)) at s = 0, shape [B..., m, n].
+
+  Forward mode (one Jacobian-vector product per tangent coordinate,
+  vectorized with `tf.vectorized_map`) when m >= n or m is unknown; reverse
+  mode (one vector-Jacobian product per residual) when m < n. Neither builds an
+  m x m matrix. Eagerly, and for n <= 16 in graphs, the forward products are a
+  Python loop: eagerly nothing is traced (and retraced) per call, and in graphs
+  it traces much faster than `tf.vectorized_map` at the same run time.
+  """
+  if problem.jacobian_fn is not None:
+    return problem.jacobian_fn(point)
+  n = problem.tangent_dim
+  dtype = tf.nest.flatten(point)[0].dtype
+  zero_step = tf.zeros(tf.concat([batch_shape, [n]], axis=0), dtype)
+
+  def residual_of_step(step):
+    return problem.residual_fn(problem.retract(point, step))
+
+  eager = tf.executing_eagerly()
+  if num_residuals is not None and num_residuals < n:
+    return _reverse_jacobian(residual_of_step, zero_step, eager)
+
+  def directional_derivative(direction):
+    tangent = tf.broadcast_to(direction, tf.shape(zero_step))
+    with tf.autodiff.ForwardAccumulator(zero_step, tangent) as accumulator:
+      residual = residual_of_step(zero_step)
+    return accumulator.jvp(
+        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+  basis = tf.eye(n, dtype=dtype)
+  if not eager and n <= _UNROLLED_JVPS and problem.forward_product:
+    columns = tf.stack([
+        problem.forward_product(point, zero_step,
+                                tf.broadcast_to(basis[i], tf.shape(zero_step)))
+        for i in range(n)])
+  elif eager or n <= _UNROLLED_JVPS:
+    columns = tf.stack([directional_derivative(basis[i]) for i in range(n)])
+  else:
+    columns = tf.vectorized_map(directional_derivative, basis,
+                                fallback_to_while_loop=True, warn=False)
+  # columns: [n, B..., m] -> [B..., m, n].
+  rank = columns.shape.rank
+  return tf.transpose(columns, list(range(1, rank)) + [0])
+
+
+def traced_forward_product(problem):
+  """(point, step, tangent) -> d/dt F(R_p(step + t tangent)) at t = 0, as one
+  `tf.function`: F and its forward-mode derivative are traced once (per input
+  signature) however often it is called, instead of once per Jacobian column,
+  per relinearization and per geodesic correction. Tracing F under a
+  `ForwardAccumulator` is most of the engine's trace time (each op's
+  derivative is a function call built by TensorFlow); the calls are inlined
+  before the graph runs (or is compiled), so the arithmetic is unchanged.
+  """
+  def forward_product(point, step, tangent):
+    with tf.autodiff.ForwardAccumulator(step, tangent) as accumulator:
+      residual = problem.residual_fn(problem.retract(point, step))
+    return accumulator.jvp(
+        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  return tf.function(forward_product, autograph=False)
+
+
+def _reverse_jacobian(residual_of_step, zero_step, eager):
+  """Reverse-mode Jacobian for few residuals; batch dimensions stay blocks."""
+  batch_rank = zero_step.shape.rank - 1
+  if batch_rank == 0:
+    with tf.GradientTape(watch_accessed_variables=False,
+                         persistent=eager) as tape:
+      tape.watch(zero_step)
+      residual = residual_of_step(zero_step)
+    return tape.jacobian(residual, zero_step,
+                         unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                         experimental_use_pfor=not eager)
+  batch_shape = tf.shape(zero_step)[:-1]
+  flat_step = tf.reshape(zero_step, [-1, zero_step.shape[-1]])
+  with tf.GradientTape(watch_accessed_variables=False,
+                       persistent=eager) as tape:
+    tape.watch(flat_step)
+    residual = residual_of_step(tf.reshape(flat_step, tf.shape(zero_step)))
+    flat_residual = tf.reshape(residual, [tf.shape(flat_step)[0], -1])
+  flat_jacobian = tape.batch_jacobian(
+      flat_residual, flat_step,
+      unconnected_gradients=tf.UnconnectedGradients.ZERO,
+      experimental_use_pfor=not eager)
+  return tf.reshape(flat_jacobian,
+                    tf.concat([batch_shape, tf.shape(flat_jacobian)[1:]], 0))
+
+
+def hold_fixed(problem, point, linearization, gradient):
+  """(J, g) with the columns and entries of `problem.fixed_fn`'s coordinates
+  zeroed; unchanged without one."""
+  if problem.fixed_fn is None:
+    return linearization, gradient
+  fixed = problem.fixed_fn(point, gradient)
+  free = tf.cast(tf.logical_not(fixed), gradient.dtype)
+  return linearization.hold_fixed(free), gradient * free
