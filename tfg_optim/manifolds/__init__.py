@@ -9,11 +9,11 @@ Every manifold has `dim`, `point_shape`, `name` and
 points are [B..., *point_shape], coordinates [B..., dim] in an orthonormal
 tangent basis. See docs/manifolds.md.
 
-Rigid motions: `SE2` (points (x, y, theta)) and `SE3` (points
-(x, y, z, qx, qy, qz, qw)), twists translation first, retraction X Exp(c);
-their group maps `se2_exp`, `se2_log`, `se3_exp`, `se3_log`, `exp`, `log`,
-`compose`, `inverse`, `between`, `transform` and matrix conversions live in
-`tfg_optim.manifolds.lie_groups` and are exported here.
+Rigid motions (`lie_groups`): `SE2` (points (x, y, theta)) and `SE3`
+(points (x, y, z, qx, qy, qz, qw)), coordinates twists translation first,
+retraction X Exp(c); the group maps `se2_exp`, `se2_log`, `se3_exp`,
+`se3_log`, `compose`, `inverse`, `between`, `transform` and the matrix and
+quaternion conversions.
 """
 
 from tfg_optim.manifolds.base import Manifold
