@@ -61,7 +61,8 @@ def gtsam_errors(paths):
 def g2o_style_cost(graph):
   """1/2 sum e^T Omega e with g2o's EDGE_SE3 error (t, 2 q_vec) (3-D only)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from tfg_optim.manifolds import lie_groups  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tfg_optim.manifolds import lie_groups
   first = graph.poses[graph.edges[:, 0]]
   second = graph.poses[graph.edges[:, 1]]
   relative = np.asarray(lie_groups.between(
@@ -89,7 +90,8 @@ def main():
   import numpy as np  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(ROOT))
   from tfg_optim import io  # pylint: disable=g-import-not-at-top
-  from tfg_optim.manifolds import lie_groups  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tfg_optim.manifolds import lie_groups
 
   paths = [str(pathlib.Path(args.data) / f"{name}.g2o") for name in FILES]
   try:

@@ -70,7 +70,7 @@ def reference_cost(graph):
   return total
 
 
-# -- g2o -----------------------------------------------------------------------------
+# -- g2o -----------------------------------------------------------------------
 
 
 def test_read_tiny_grid():
@@ -156,7 +156,8 @@ def test_pose_graph_cost_batched_under_xla_and_in_float32():
                      [batch.astype(np.float32)], "eager")
   assert cost32.dtype == np.float32
   np.testing.assert_allclose(cost32, expected, rtol=1e-4)
-  with pytest.raises(ValueError, match=r"`poses` must have shape \[\.\.\., N, 7"):
+  with pytest.raises(ValueError,
+                     match=r"`poses` must have shape \[\.\.\., N, 7"):
     io.pose_graph_cost(graph, graph.poses[:, :3])
   with pytest.raises(ValueError, match="9 vertices"):
     io.pose_graph_cost(graph, graph.poses[:5])
@@ -239,7 +240,7 @@ def test_write_g2o_rejects_inconsistent_graphs(tmp_path):
       io.write_g2o(tmp_path / "out.g2o", bad)
 
 
-# -- BAL -----------------------------------------------------------------------------
+# -- BAL -----------------------------------------------------------------------
 
 
 def reference_residuals(problem):

@@ -239,7 +239,7 @@ def test_matrix_conversions_round_trip():
                              atol=1e-15)
 
 
-# -- the manifolds ---------------------------------------------------------------
+# -- the manifolds -------------------------------------------------------------
 
 
 def point_and_coordinates(name, batch_shape, dtype, seed):
@@ -383,7 +383,7 @@ def test_argument_errors_name_the_argument():
   assert repr(manifolds.SE2()) == "SE2"
 
 
-# -- every execution mode ------------------------------------------------------------
+# -- every execution mode ------------------------------------------------------
 
 
 def _in_every_mode(*tensors):

@@ -50,7 +50,7 @@ class BalProblem(NamedTuple):
   observations: np.ndarray
 
 
-# -- reading and writing -----------------------------------------------------------
+# -- reading and writing -------------------------------------------------------
 
 
 def _error(path, line, message):
@@ -272,7 +272,7 @@ def write_bal(path, problem):
     stream.write("\n".join(lines) + "\n")
 
 
-# -- the cost ----------------------------------------------------------------------------
+# -- the cost ------------------------------------------------------------------
 
 
 def _cross(a, b):
@@ -347,7 +347,7 @@ def bal_cost(cameras, points, camera_index, point_index, observations):
   return 0.5 * tf.reduce_sum(residuals * residuals, axis=[-2, -1])
 
 
-# -- synthetic problems ------------------------------------------------------------------
+# -- synthetic problems --------------------------------------------------------
 
 
 def _rotation_vectors(rotations):

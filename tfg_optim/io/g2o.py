@@ -89,7 +89,7 @@ class PoseGraph(NamedTuple):
     return _TANGENT_SIZE[self.dimension]
 
 
-# -- reading ------------------------------------------------------------------------
+# -- reading -------------------------------------------------------------------
 
 
 def _error(path, line, message):
@@ -319,7 +319,7 @@ def _chain_missing(dimension, ids, poses, edge_ids, measurements):
           np.concatenate([poses, np.array(new_poses)]))
 
 
-# -- writing ------------------------------------------------------------------------
+# -- writing -------------------------------------------------------------------
 
 
 def _check_graph(graph):
@@ -393,7 +393,7 @@ def write_g2o(path, graph):
     stream.write("\n".join(output) + "\n")
 
 
-# -- the cost --------------------------------------------------------------------------
+# -- the cost ------------------------------------------------------------------
 
 
 def _gathered(graph, poses):

@@ -81,7 +81,7 @@ def _series_threshold(dtype):
   return 0.25 if tf.as_dtype(dtype) == tf.float64 else 1.0
 
 
-# -- scalar coefficients of t^2 -----------------------------------------------
+# -- scalar coefficients of t^2 ------------------------------------------------
 
 
 def _series(x, coefficients):
@@ -137,7 +137,7 @@ def wrap_angle(angle):
   return angle - (2.0 * math.pi) * turns
 
 
-# -- small vector helpers -------------------------------------------------------
+# -- small vector helpers ------------------------------------------------------
 
 
 def _cross(a, b):
@@ -179,7 +179,7 @@ def _planar_rotate(angle, p):
   return tf.concat([cosine * x - sine * y, sine * x + cosine * y], axis=-1)
 
 
-# -- argument checks ---------------------------------------------------------------
+# -- argument checks -----------------------------------------------------------
 
 
 def _last_size(x, function, argument, allowed):
@@ -201,7 +201,7 @@ def _same_dtype(a, b):
   return a, tf.convert_to_tensor(b)
 
 
-# -- SE(2) ---------------------------------------------------------------------------
+# -- SE(2) ---------------------------------------------------------------------
 
 
 def se2_exp(c):
@@ -281,7 +281,7 @@ def se2_from_matrix(matrix):
   return tf.stack([matrix[..., 0, 2], matrix[..., 1, 2], theta], axis=-1)
 
 
-# -- SE(3) ---------------------------------------------------------------------------
+# -- SE(3) ---------------------------------------------------------------------
 
 
 def se3_exp(c):
@@ -402,13 +402,13 @@ def rotation_matrix_to_quaternion(rotation):
 
 
 def se3_to_matrix(pose):
-  """(t, q) [..., 7] -> homogeneous matrices [[R(q), t], [0, 1]], [..., 4, 4]."""
+  """(t, q) [..., 7] -> homogeneous [[R(q), t], [0, 1]], [..., 4, 4]."""
   pose = tf.convert_to_tensor(pose)
   _last_size(pose, "se3_to_matrix", "pose", (7,))
   rotation = quaternion_to_rotation_matrix(pose[..., 3:])
   top = tf.concat([rotation, pose[..., :3, tf.newaxis]], axis=-1)
-  bottom = tf.concat([tf.zeros_like(pose[..., :3]), tf.ones_like(pose[..., :1])],
-                     axis=-1)
+  bottom = tf.concat([tf.zeros_like(pose[..., :3]),
+                      tf.ones_like(pose[..., :1])], axis=-1)
   return tf.concat([top, bottom[..., tf.newaxis, :]], axis=-2)
 
 
@@ -424,7 +424,7 @@ def se3_from_matrix(matrix):
   return tf.concat([matrix[..., :3, 3], quaternion], axis=-1)
 
 
-# -- group operations for both ---------------------------------------------------------
+# -- group operations for both -------------------------------------------------
 
 
 def compose(a, b):
@@ -486,7 +486,7 @@ def log(pose):
   return se2_log(pose) if size == 3 else se3_log(pose)
 
 
-# -- the manifolds -------------------------------------------------------------------------
+# -- the manifolds -------------------------------------------------------------
 
 
 class SE2(base.Manifold):
