@@ -158,9 +158,10 @@ def test_rigid_pose_matches_kabsch_with_centroids(mode):
   np.testing.assert_allclose(t, t_want, atol=1e-10)
 
 
+# Graph-mode batches of rotations: tests/test_batched.py and the
+# conformance table.
 @pytest.mark.parametrize("mode,form", [("function", "power"),
-                                       ("eager", "batch_dims"),
-                                       ("function", "batch_dims")])
+                                       ("eager", "batch_dims")])
 def test_many_rotation_fits_match_kabsch(mode, form):
   # Eagerly each iteration is a Python loop over the Power manifold's 3k
   # tangent directions (k = 20: minutes); the form, not the mode, is the point
@@ -456,7 +457,9 @@ def test_num_components_and_objective_errors():
 # -- in place ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["function", "session"])
+# A TF1 Session (variables assigned in the graph); tf.function builds the
+# same graph.
+@pytest.mark.parametrize("mode", ["session"])
 def test_in_place_assigns_variables(mode):
   # Eagerly the assignment is a plain tf.Variable.assign after the solve.
   x, y = _rotation_problem(np.random.default_rng(11))
@@ -673,8 +676,8 @@ def test_points_stay_on_the_manifold(dtype):
 
     results = riemannian.levenberg_marquardt(
         manifold, residual, start.astype(dtype), return_state=True,
-        callback=callback, stopping_criterion=stopping.StopAfterIteration(12))
-    assert len(worst) == 12 and int(results.num_accepted) >= 3
+        callback=callback, stopping_criterion=stopping.StopAfterIteration(8))
+    assert len(worst) == 8 and int(results.num_accepted) >= 3
     assert max(worst) <= tolerance, manifold
 
 
@@ -683,7 +686,7 @@ def test_points_stay_on_the_manifold(dtype):
 
 # A TF1 Session graph is built by the same code as a tf.function's, and
 # `contains` itself runs in every mode in tests/test_manifolds.py.
-@pytest.mark.parametrize("mode", ["function", "xla"])
+@pytest.mark.parametrize("mode", ["xla"])
 def test_off_manifold_start_fails_only_its_problem(mode):
   # Eagerly such starts raise (test_bad_arguments); a graph cannot raise on
   # values, so each bad start stops at once with INVALID_INPUT, unchanged.
@@ -786,7 +789,7 @@ def test_int32_bounds():
     riemannian.levenberg_marquardt(sphere, f, start, batch_dims=2**31)
 
 
-@pytest.mark.parametrize("mode", ["eager", "function", "session"])
+@pytest.mark.parametrize("mode", ["eager", "session"])
 def test_product_point_as_a_list(mode):
   # Manopt users write poses as [R, t]: f, the callback and the result all
   # get a list, as given.
