@@ -246,7 +246,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
              initial_jacobian=None, geodesic_acceleration=None,
              vanishing_column_tolerance=None, invalid_start=None,
              safeguards=True, initial_residual_evaluations=0,
-             matrix_free=False):
+             matrix_free=False, kind=None):
   """Runs the Levenberg-Marquardt loop.
 
   Args:
@@ -295,6 +295,9 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     matrix_free: False for a dense Jacobian (`_linearization.DenseKind`);
       True for a matrix-free one (`MatrixFreeKind`: J through its products,
       solved by conjugate gradients).
+    kind: optional linearization kind, overriding `matrix_free` (e.g.
+      `_chunked.ChunkedKind`, whose linearization is J^T J and J^T F summed
+      over data chunks; the problem's residual is then ||F||, [1]).
 
   Returns:
     The final `LoopState`.
@@ -318,7 +321,9 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
   batch_shape = tf.shape(residual)[:-1]
   batch_rank = residual.shape.rank - 1
   num_residuals = residual.shape[-1]
-  if matrix_free:
+  if kind is not None:
+    pass
+  elif matrix_free:
     kind = _linearization.MatrixFreeKind(problem)
   else:
     kind = _linearization.DenseKind(problem, num_residuals)
@@ -333,7 +338,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
   damping = policy.initial(dtype, batch_shape, linearization)
   linearization, gradient = _linearization.hold_fixed(
       problem, initial_point, linearization,
-      linearization.rmatvec(residual))
+      linearization.gradient(residual))
   zeros_int = tf.zeros(batch_shape, tf.int32)
   records = ()
   if num_records:
@@ -392,7 +397,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     new_linearization = kind.restore(
         tf.cond(tf.reduce_any(accepted), relinearize,
                 lambda: linearization.tensors), trial_point)
-    candidate_gradient = new_linearization.rmatvec(candidate_residual)
+    candidate_gradient = new_linearization.gradient(candidate_residual)
     invalid = _invalid_steps(
         state, linearization, accepted, new_linearization, candidate_gradient,
         policy, vanishing_column_tolerance if policy.scaled else None,
@@ -535,14 +540,14 @@ def _judge(state, linearization, trial, candidate_cost, batch_rank):
             tf.math.is_finite(candidate_cost))
   weight = 1.0 if trial.scaling is None else trial.scaling
   velocity = trial.velocity
-  model_step = linearization.matvec(velocity)
+  curvature = linearization.curvature(velocity)  # ||J v||^2
   model_decrease = -(tf.reduce_sum(state.gradient * velocity, axis=-1) +
-                     0.5 * tf.reduce_sum(tf.square(model_step), axis=-1))
+                     0.5 * curvature)
   penalty = 0.5 * trial.regularization * tf.reduce_sum(
       weight * tf.square(velocity), axis=-1)
   scaled_norm = tf.sqrt(tf.reduce_sum(weight * tf.square(trial.step), axis=-1))
   return Step(state.cost, candidate_cost, model_decrease, penalty, finite,
-              scaled_norm, tf.reduce_sum(tf.square(model_step), axis=-1))
+              scaled_norm, curvature)
 
 
 def _damping_limited(step):
@@ -599,8 +604,7 @@ def cauchy_decrease(linearization, gradient, scaling=None):
   Zero where g = 0."""
   direction = gradient if scaling is None else gradient / scaling
   slope = tf.reduce_sum(gradient * direction, axis=-1)
-  curvature = tf.reduce_sum(
-      tf.square(linearization.matvec(direction)), axis=-1)
+  curvature = linearization.curvature(direction)
   positive = curvature > 0
   return tf.where(positive, 0.5 * tf.square(slope) / tf.where(
       positive, curvature, tf.ones_like(curvature)), tf.zeros_like(slope))

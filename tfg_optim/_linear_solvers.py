@@ -54,14 +54,14 @@ def damped_solver(linearization, regularization, scaling=None):
   """
   if not linearization.dense:
     return conjugate_gradient_solver(linearization, regularization, scaling)
-  jacobian_matrix = linearization.matrix
-  m, n = jacobian_matrix.shape[-2], jacobian_matrix.shape[-1]
+  # A `_chunked.Gram` linearization has J^T J only: the normal form.
+  jacobian_matrix = getattr(linearization, "matrix", None)
   lam = regularization[..., tf.newaxis, tf.newaxis]
 
   def overdetermined():
     gram = linearization.gram()
     if scaling is None:
-      gram += lam * tf.eye(n, dtype=gram.dtype)
+      gram += lam * tf.eye(gram.shape[-1], dtype=gram.dtype)
     else:
       gram += lam * tf.linalg.diag(scaling)
     factor = _cholesky(gram)
@@ -79,6 +79,9 @@ def damped_solver(linearization, regularization, scaling=None):
       return -tf.matmul(jacobian_matrix, multiplier, adjoint_a=True)[..., 0]
     return solve
 
+  if jacobian_matrix is None:
+    return overdetermined()
+  m, n = jacobian_matrix.shape[-2], jacobian_matrix.shape[-1]
   if scaling is not None or (m is not None and m >= n):
     return overdetermined()
   if m is not None:

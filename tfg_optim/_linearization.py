@@ -9,11 +9,20 @@ residual map s -> F(R_p(s)) at s = 0 (J, m x n, per problem of a batch) for
                                      the Jacobi preconditioner, the
                                      gradient cosine test)
     gram()           J^T J,          [B..., n, n] (dense solvers only)
+    gradient(F)      J^T F,          [B..., n] (the gradient at the point,
+                                     where F is the residual there)
+    curvature(v)     ||J v||^2,      [B...] (the model's curvature along v)
     hold_fixed(free) J diag(free):   coordinates held at a bound
+
+`matvec` and `rmatvec` are optional: a linearization that keeps only J^T J
+and J^T F (`tfg_optim._chunked.Gram`, for data summed chunk by chunk) has
+neither, and the loop then asks only for `gradient`, `curvature`,
+`column_norms` and `gram`.
 
 and a linearization kind says how to build one at a point (`at`), which
 tensors the loop state carries between iterations (`tensors`), and how to
-rebuild the view from them (`restore`). Two kinds:
+rebuild the view from them (`restore`). Two kinds here (and
+`tfg_optim._chunked.ChunkedKind`):
 
 - `DenseKind`: J as a [B..., m, n] tensor (forward-mode columns when m >= n,
   reverse-mode rows when m < n; never an m x m intermediate). Every product
@@ -56,6 +65,12 @@ class Dense:
   def rmatvec(self, vector):
     return tf.linalg.matvec(self.matrix, vector, adjoint_a=True)
 
+  def gradient(self, residual):
+    return self.rmatvec(residual)
+
+  def curvature(self, vector):
+    return tf.reduce_sum(tf.square(self.matvec(vector)), axis=-1)
+
   def column_norms(self):
     return tf.reduce_sum(tf.square(self.matrix), axis=-2)
 
@@ -89,6 +104,12 @@ class MatrixFree:
 
   def rmatvec(self, vector):
     return self.free * self.kind.reverse(self.point, vector)
+
+  def gradient(self, residual):
+    return self.rmatvec(residual)
+
+  def curvature(self, vector):
+    return tf.reduce_sum(tf.square(self.matvec(vector)), axis=-1)
 
   def column_norms(self):
     return self._column_norms
@@ -185,7 +206,9 @@ def select(condition, new, old):
   tensors = _batch.select_structure(condition, new.tensors, old.tensors)
   if isinstance(new, Dense):
     return Dense(*tensors)
-  return MatrixFree(new.kind, new.point, *tensors)
+  if isinstance(new, MatrixFree):
+    return MatrixFree(new.kind, new.point, *tensors)
+  return type(new)(*tensors)  # Built from its tensors alone (`Gram`).
 
 
 def jacobian(problem, point, batch_shape, num_residuals):

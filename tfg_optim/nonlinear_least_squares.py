@@ -35,6 +35,7 @@ the robust cost; w is smooth at 0 (w(0) = 1), so no derivative is singular.
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _chunked
 from tfg_optim import _engine
 from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
@@ -58,6 +59,15 @@ AUTO_DENSE_LIMIT = 2048
 # determined parameter; the relative step test (1e-12) now ends most solves.
 _DEFAULT_TOLERANCES = {tf.float64: (1e-16, 1e-14, 1e-12),
                        tf.float32: (1e-7, 1e-6, 1e-6)}
+
+
+class _DefaultAcceleration(float):
+  """The default alpha = 2 of `geodesic_acceleration`, told apart from a
+  value the caller passed: with `data_chunk_size` the default turns
+  geodesic acceleration off, an explicit value is an error."""
+
+
+_DEFAULT_ACCELERATION = _DefaultAcceleration(2.0)
 
 
 def _taylor_or(z, small, taylor, exact):
@@ -111,15 +121,18 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   function_tolerance=None, gradient_tolerance=None,
                   parameter_tolerance=None, cost_tolerance=0.0,
                   stopping_criterion=None, loss="linear", loss_scale=1.0,
-                  jacobian=None, bounds=None, geodesic_acceleration=2.0,
+                  jacobian=None, bounds=None,
+                  geodesic_acceleration=_DEFAULT_ACCELERATION,
                   vanishing_column_tolerance=None, linear_solver="auto",
+                  data=None, data_chunk_size=None,
                   callback=None, record=False, name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
 
   Args:
     residuals: a callable or a list/tuple of callables, each called as
       `residual(*variables)` (for a `Product` manifold point, with its
-      factors); outputs are flattened and concatenated.
+      factors; with `data`, `residual(*variables, *data)`); outputs are
+      flattened and concatenated.
     variables: the start: a tensor, or a list/tuple of tensors (NumPy values
       and `tf.Variable`s are read); float32 or float64.
     manifold: None for Euclidean variables, or a `tfg_optim.manifolds`
@@ -157,7 +170,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       This keeps steps where the model's curvature is small (it is what
       solves NIST BoxBOD from start 1). F''[v, v] costs one nested
       forward-mode product per iteration (with `jacobian`, one more residual
-      evaluation: a finite difference).
+      evaluation: a finite difference). Off by default with
+      `data_chunk_size` (an explicit value is then an error).
     linear_solver: 'dense' (the Jacobian as a [B..., m, n] tensor; Cholesky
       of the damped normal equations or of their dual form, or the trust
       region's eigendecomposition), 'cg' (matrix-free: J is never formed;
@@ -168,6 +182,21 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       with a `jacobian`, else 'cg'. With 'cg', Marquardt's scaling and the
       preconditioner use diag(J^T J) estimated from 8 products J^T z
       (fixed Gaussian probes), and the vanishing-column refusal is off.
+    data: optional tensor or list/tuple of tensors (the data of a fit) with
+      a shared leading dimension N, passed to every residual after the
+      variables. Without `data_chunk_size`, the residuals are called once
+      with all of them (the same solve as closing over them).
+    data_chunk_size: optional int K >= 1 (needs `data`): the residuals are
+      called on chunks of K rows of the data (the last chunk has N mod K
+      rows) and must return the residuals of those rows. J is built one
+      chunk at a time and J^T J, J^T F and the cost are summed over chunks,
+      so memory is O(K n + n^2) whatever N is: a candidate costs one pass of
+      residual evaluations over the chunks, a relinearization one pass of
+      residuals and Jacobians. Dense solvers only; not with `batch_dims`,
+      `jacobian`, linear_solver='cg' or `geodesic_acceleration` (off by
+      default here). N may be unknown while tracing, not under XLA. The
+      results' `residual` is then the [1] vector ||F|| = sqrt(2 cost), and
+      `num_residuals` the number of residuals over all chunks.
     jacobian: optional callable `jacobian(*variables)` returning the
       [B..., m, n] Jacobian of the concatenated residuals w.r.t. the
       concatenated flattened variables (Euclidean only; with a robust loss it
@@ -189,6 +218,29 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   max_iterations = _validation.positive_int(max_iterations, "max_iterations")
   batch_dims = _validation.positive_int(batch_dims, "batch_dims", minimum=0)
   residuals = _validation.as_callable_list(residuals, "residuals")
+  data = _data(data, data_chunk_size)
+  chunked = data_chunk_size is not None
+  if chunked:
+    data_chunk_size = _validation.positive_int(data_chunk_size,
+                                               "data_chunk_size")
+    for value, default, arg in ((batch_dims, 0, "batch_dims"),
+                                (jacobian, None, "jacobian"),
+                                (linear_solver == "cg", False,
+                                 "linear_solver='cg'")):
+      if value != default:
+        raise ValueError(f"'data_chunk_size' does not support '{arg}': the "
+                         "Jacobian is summed chunk by chunk into J^T J "
+                         "(dense solvers, one problem).")
+    if geodesic_acceleration is not None:
+      if not isinstance(geodesic_acceleration, _DefaultAcceleration):
+        raise ValueError("'data_chunk_size' does not support "
+                         "'geodesic_acceleration' (F''[v, v] over all "
+                         "chunks); pass geodesic_acceleration=None.")
+      geodesic_acceleration = None
+  if data:
+    residuals = [_bind_data(residual, data) for residual in residuals]
+    if jacobian is not None:
+      jacobian = _bind_data(jacobian, data)
   policy = damping_policy(damping)
   if loss not in LOSSES:
     raise ValueError(f"'loss' must be one of {LOSSES}, got {loss!r}.")
@@ -245,6 +297,11 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                            gradient_tolerance, parameter_tolerance,
                            cost_tolerance, stopping_criterion)
 
+    if chunked:
+      # Called with a chunk: the residuals take it as trailing arguments.
+      chunk_residuals = [residual.unbound for residual in residuals]
+      residuals = [_bind_data(residual, [tf.gather(t, [0]) for t in data])
+                   for residual in chunk_residuals]  # For the checks.
     stack = _vector_space.ResidualStack(residuals, dtype, batch_dims)
     evaluate = lambda p: stack(tf.nest.flatten(p))
     scale = tf.constant(loss_scale, dtype)
@@ -288,8 +345,20 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       initial_residual = robust(tf.concat(_validation.connected_outputs(
           lambda: stack.pieces(tf.nest.flatten(point)), point, stack.names()),
                                           axis=-1))
+    residual_fn = lambda p: robust(evaluate(p))
+    kind = None
+    if chunked:  # The first row checked the residuals; now the passes.
+      def chunk_residual(p, chunk):
+        chunk_stack = _vector_space.ResidualStack(
+            [_bind_data(residual, chunk) for residual in chunk_residuals],
+            dtype, 0)
+        return robust(chunk_stack(tf.nest.flatten(p)))
+      kind = _chunked.ChunkedKind(chunk_residual, retract, tangent_dim, data,
+                                  data_chunk_size, dtype)
+      initial_residual = kind.residual_norm(point)
+      residual_fn = kind.residual_norm
     problem = _engine.Problem(
-        residual_fn=lambda p: robust(evaluate(p)), retract=retract,
+        residual_fn=residual_fn, retract=retract,
         tangent_dim=tangent_dim, cost_fn=None, jacobian_fn=jacobian_fn,
         fixed_fn=fixed_fn)
     num_records = 0
@@ -306,12 +375,62 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                              initial_residual_evaluations=1,
                              geodesic_acceleration=geodesic_acceleration,
                              vanishing_column_tolerance=vanishing_tolerance,
-                             matrix_free=matrix_free)
+                             matrix_free=matrix_free, kind=kind)
     result = results_lib.from_state(state, num_records, criterion)
+    if chunked:
+      # Static where the chunks' shapes are: no evaluation then.
+      result = result._replace(num_residuals=kind.count(point))
     position = result.position
     if manifold is None:
       position = position[0] if single else type(variables)(position)
     return result._replace(position=position)
+
+
+def _data(data, data_chunk_size):
+  """The list of data tensors (empty for None), checked: a shared leading
+  dimension N (where known while tracing, else when the graph runs)."""
+  if data is None:
+    if data_chunk_size is not None:
+      raise ValueError("'data_chunk_size' needs 'data' (the tensors to split "
+                       "into chunks).")
+    return []
+  tensors = list(data) if isinstance(data, (list, tuple)) else [data]
+  if not tensors:
+    raise ValueError("'data' must not be empty.")
+  try:
+    tensors = [tf.convert_to_tensor(t) for t in tensors]
+  except (TypeError, ValueError) as error:
+    raise TypeError(f"'data' must be tensors: {error}") from None
+  for index, tensor in enumerate(tensors):
+    if tensor.shape.rank == 0:
+      raise ValueError(f"'data[{index}]' must have a leading dimension N "
+                       "(rows), got a scalar.")
+  lengths = [t.shape[0] if t.shape.rank is not None else None
+             for t in tensors]
+  known = [n for n in lengths if n is not None]
+  if len(set(known)) > 1:
+    raise ValueError("'data' tensors must share their leading dimension N, "
+                     f"got {lengths}.")
+  if data_chunk_size is not None and any(t.shape.rank is None
+                                         for t in tensors):
+    raise ValueError("'data' tensors need a known rank with "
+                     "'data_chunk_size'.")
+  if len(tensors) > 1 and len(known) < len(tensors):
+    checks = [tf.debugging.assert_equal(
+        tf.shape(t)[0], tf.shape(tensors[0])[0],
+        message="'data' tensors must share their leading dimension N")
+              for t in tensors[1:]]
+    with tf.control_dependencies(checks):
+      tensors = [tf.identity(t) for t in tensors]
+  return tensors
+
+
+def _bind_data(function, data):
+  """function(*variables) -> function(*variables, *data)."""
+  def bound(*variables):
+    return function(*variables, *data)
+  bound.unbound = function
+  return bound
 
 
 def _box(bounds, point, batch_dims, shapes):
