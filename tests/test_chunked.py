@@ -36,7 +36,7 @@ def test_linear_fit_equals_lstsq_and_the_unchunked_solves():
   design = np.stack([np.ones_like(_T), _T, _T * _T], axis=1)
   expected = np.linalg.lstsq(design, _Y, rcond=None)[0]
   chunked = tfg_optim.least_squares(_quadratic, _zeros(3), data=(_T, _Y),
-                                    data_chunk_size=64)  # 15 x 64 + 40.
+                                    data_chunk_size=300)  # 3 x 300 + 100.
   # (With geodesic acceleration, on by default without chunks, the dense
   # solve stops on the relative step test 1e-9 away from lstsq.)
   unchunked = tfg_optim.least_squares(_quadratic, _zeros(3), data=(_T, _Y),
@@ -63,7 +63,7 @@ def test_nonlinear_fit_takes_the_unchunked_iterates():
   start = lambda: [tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)]
   t, y = _T[::2], _Y_EXP[::2]
   chunked = tfg_optim.least_squares(_exponential, start(), data=(t, y),
-                                    data_chunk_size=96, **options)
+                                    data_chunk_size=192, **options)
   dense = tfg_optim.least_squares(_exponential, start(), data=(t, y),
                                   **options)
   assert bool(chunked.converged)
@@ -85,7 +85,7 @@ def test_bounds_a_robust_loss_and_nielsen_match_the_unchunked_solve():
                  loss_scale=0.1, bounds=(-3.0, 3.0), max_iterations=200)
   start = lambda: [tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)]
   chunked = tfg_optim.least_squares(_exponential, start(), data=(t, y),
-                                    data_chunk_size=64, **options)
+                                    data_chunk_size=100, **options)
   dense = tfg_optim.least_squares(_exponential, start(), data=(t, y),
                                   **options)
   assert int(chunked.stop_reason) == int(dense.stop_reason)
@@ -101,7 +101,7 @@ def test_a_nan_data_row_ends_not_finite():
   result = tfg_optim.least_squares(
       _exponential, [tf.constant(1.0, tf.float64),
                      tf.constant(0.0, tf.float64)],
-      data=(_T, y), data_chunk_size=100)
+      data=(_T, y), data_chunk_size=400)
   assert int(result.stop_reason) == int(_engine.StopReason.NOT_FINITE)
   assert not bool(result.converged)
 

@@ -116,18 +116,26 @@ def test_steihaug_step_inside_and_on_the_boundary(radius):
     assert np.all(lam.numpy() > 0)
 
 
+def test_auto_rule():
+  rule = tfg_optim.nonlinear_least_squares.uses_matrix_free
+  limit = tfg_optim.nonlinear_least_squares.AUTO_DENSE_LIMIT
+  assert not rule("auto", False, limit) and rule("auto", False, limit + 1)
+  assert not rule("auto", True, 10 ** 6) and not rule("dense", False, 10 ** 6)
+  assert rule("cg", False, 1)
+
+
 def test_tikhonov_denoising_closed_form():
-  """n = 2500 > AUTO_DENSE_LIMIT: 'auto' is matrix-free; the answer of the
-  linear problem min ||x - y||^2 + mu^2 ||D x||^2 is (I + mu^2 D^T D)^-1 y."""
-  n, mu = 2500, 3.0
-  assert n > tfg_optim.nonlinear_least_squares.AUTO_DENSE_LIMIT
+  """The linear problem min ||x - y||^2 + mu^2 ||D x||^2, solved
+  matrix-free: (I + mu^2 D^T D)^-1 y."""
+  n, mu = 400, 1.0
   rng = np.random.default_rng(0)
   y = np.sin(np.linspace(0, 6, n)) + 0.3 * rng.standard_normal(n)
   difference = np.diff(np.eye(n), axis=0)
   want = np.linalg.solve(np.eye(n) + mu ** 2 * difference.T @ difference, y)
   y_tensor = tf.constant(y)
   residuals = [lambda x: x - y_tensor, lambda x: mu * (x[1:] - x[:-1])]
-  result = tfg_optim.least_squares(residuals, tf.zeros([n], tf.float64))
+  result = tfg_optim.least_squares(residuals, tf.zeros([n], tf.float64),
+                                   linear_solver="cg")
   assert result.converged, result.stop_reason
   np.testing.assert_allclose(result.position, want, atol=1e-7)
 

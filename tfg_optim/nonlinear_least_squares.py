@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _chunked
+from tfg_optim import _eager
 from tfg_optim import _engine
 from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
@@ -125,7 +126,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   geodesic_acceleration=_DEFAULT_ACCELERATION,
                   vanishing_column_tolerance=None, linear_solver="auto",
                   data=None, data_chunk_size=None,
-                  callback=None, record=False, name="least_squares"):
+                  callback=None, record=False, eager_compile="auto",
+                  name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
 
   Args:
@@ -205,6 +207,15 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       run every iteration.
     record: False, True or an int: keep per-iteration histories (see
       `LeastSquaresResults.records`).
+    eager_compile: what an eager call does (no effect inside `tf.function`
+      or a graph). 'auto' (default): the first call with a given problem
+      runs op by op, and later calls with the same problem (the same
+      residual functions with the same captured values, the same options;
+      see `tfg_optim._eager`) run a `tf.function` traced once, in
+      milliseconds; the start and `data` may change between calls. True:
+      compile from the first call. False: always op by op, for
+      step-by-step debugging. With a `callback`, 'auto' runs op by op (the
+      callback sees eager tensors).
     name: name scope of the ops.
 
   Returns:
@@ -215,6 +226,26 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   Raises:
     ValueError / TypeError: for invalid arguments, naming the argument.
   """
+  if eager_compile not in ("auto", True, False):
+    raise ValueError("'eager_compile' must be 'auto', True or False, got "
+                     f"{eager_compile!r}.")
+  if (eager_compile and tf.executing_eagerly() and
+      (callback is None or eager_compile is True)):
+    options = dict(
+        manifold=manifold, batch_dims=batch_dims, damping=damping,
+        max_iterations=max_iterations, function_tolerance=function_tolerance,
+        gradient_tolerance=gradient_tolerance,
+        parameter_tolerance=parameter_tolerance,
+        cost_tolerance=cost_tolerance, stopping_criterion=stopping_criterion,
+        loss=loss, loss_scale=loss_scale, jacobian=jacobian, bounds=bounds,
+        geodesic_acceleration=geodesic_acceleration,
+        vanishing_column_tolerance=vanishing_column_tolerance,
+        linear_solver=linear_solver, data_chunk_size=data_chunk_size,
+        callback=callback, record=record, name=name)
+    solve = _compiled_solve(residuals, variables, data, options,
+                            eager_compile is True)
+    if solve is not None:
+      return solve()
   max_iterations = _validation.positive_int(max_iterations, "max_iterations")
   batch_dims = _validation.positive_int(batch_dims, "batch_dims", minimum=0)
   residuals = _validation.as_callable_list(residuals, "residuals")
@@ -337,9 +368,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     if tangent_dim == 0:
       raise ValueError("'variables' must have at least one entry per "
                        "problem.")
-    matrix_free = linear_solver == "cg" or (
-        linear_solver == "auto" and jacobian is None and
-        tangent_dim > AUTO_DENSE_LIMIT)
+    matrix_free = uses_matrix_free(linear_solver, jacobian is not None,
+                                   tangent_dim)
     initial_residual = None
     if jacobian is None:  # Residuals must depend on the variables.
       initial_residual = robust(tf.concat(_validation.connected_outputs(
@@ -431,6 +461,62 @@ def _bind_data(function, data):
     return function(*variables, *data)
   bound.unbound = function
   return bound
+
+
+def uses_matrix_free(linear_solver, user_jacobian, num_parameters):
+  """Whether `linear_solver` means the matrix-free linearization for a
+  problem with `num_parameters` per problem (the 'auto' rule)."""
+  return linear_solver == "cg" or (
+      linear_solver == "auto" and not user_jacobian and
+      num_parameters > AUTO_DENSE_LIMIT)
+
+
+def _compiled_solve(residuals, variables, data, options, compile_now):
+  """() -> results of the cached compiled solve of this problem (see
+  `tfg_optim._eager`), after the eager checks of the start; or None to run
+  op by op (the problem's first call, or values that cannot be compiled
+  as arguments)."""
+  leaves = tf.nest.flatten(variables)
+  data_leaves = [] if data is None else tf.nest.flatten(data)
+  if not all(isinstance(leaf, (tf.Tensor, tf.Variable, np.ndarray))
+             for leaf in leaves + data_leaves):
+    return None
+  key, kept = _eager.fingerprint((
+      "least_squares", residuals, options, tf.nest.map_structure(
+          lambda _: None, variables),
+      None if data is None else tf.nest.map_structure(lambda _: None, data)))
+  flat_variables, flat_data = len(leaves), data_leaves
+
+  def build():
+    def solve(*flat):
+      point = tf.nest.pack_sequence_as(variables, flat[:flat_variables])
+      given = (None if data is None else
+               tf.nest.pack_sequence_as(data, flat[flat_variables:]))
+      return least_squares(residuals, point, data=given, eager_compile=False,
+                           **options)
+    return solve
+
+  function = _eager.compiled(key, kept, build, compile_now)
+  if function is None:
+    return None
+  tensors = [tf.convert_to_tensor(leaf) for leaf in leaves + flat_data]
+  _check_start(tensors[:flat_variables], variables, options)
+  return lambda: function(*tensors)
+
+
+def _check_start(tensors, variables, options):
+  """The start's eager checks (a compiled solve cannot raise on values)."""
+  batch_dims = options["batch_dims"]
+  tensors = _validation.float_tensors(tensors, "variables",
+                                      batch_dims=batch_dims)
+  _validation.check_batch_shapes(tensors, batch_dims, "variables")
+  _validation.check_finite(tensors, "variables")
+  if options["manifold"] is not None:
+    options["manifold"].check_point(
+        tf.nest.pack_sequence_as(variables, tensors))
+  if options["bounds"] is not None:
+    _box(options["bounds"], tensors, batch_dims,
+         _vector_space.event_shapes(tensors, batch_dims))
 
 
 def _box(bounds, point, batch_dims, shapes):

@@ -1,0 +1,115 @@
+"""Eager calls of least_squares reuse a compiled solve, never a stale one.
+
+`tfg_optim._eager`: the first eager call with a problem runs op by op, the
+second traces a `tf.function`, later ones call it. These tests count the
+Python executions of the residual to see which path ran, and change what
+the residual captures in every way the fingerprint must notice.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfg_optim
+from tfg_optim import _eager
+
+_T = np.linspace(0.0, 1.0, 20)
+
+
+class _Counter:
+  calls = 0
+
+
+def _start():
+  return [tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)]
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+  _eager.clear()
+  yield
+  _eager.clear()
+
+
+def test_third_call_runs_compiled_and_gives_the_same_answer():
+  counter = _Counter()
+  y = 2.0 * np.exp(-1.3 * _T)
+
+  def residual(a, b):
+    counter.calls += 1
+    return a * tf.exp(b * _T) - y
+
+  op_by_op = tfg_optim.least_squares(residual, _start(), eager_compile=False)
+  first = tfg_optim.least_squares(residual, _start())
+  assert counter.calls > 2 * int(first.num_iterations)  # op by op
+  second = tfg_optim.least_squares(residual, _start())  # traces
+  calls = counter.calls
+  third = tfg_optim.least_squares(residual, _start())
+  assert counter.calls == calls  # no Python: the compiled function ran
+  for result in (first, second, third):
+    np.testing.assert_array_equal(np.array(result.position),
+                                  np.array(op_by_op.position))
+    assert int(result.num_iterations) == int(op_by_op.num_iterations)
+  assert isinstance(third.position, list)
+  # A new start of the same shape reuses the trace.
+  moved = tfg_optim.least_squares(residual, [tf.constant(3.0, tf.float64),
+                                             tf.constant(0.5, tf.float64)])
+  assert counter.calls == calls
+  np.testing.assert_allclose(np.array(moved.position), [2.0, -1.3],
+                             rtol=1e-9)
+  assert len(_eager._CACHE) == 1
+  with pytest.raises(ValueError, match="NaN or Inf"):  # checked eagerly
+    tfg_optim.least_squares(residual, [tf.constant(np.nan, tf.float64),
+                                       tf.constant(0.0, tf.float64)])
+
+
+def test_changed_captures_are_new_problems():
+  y = 2.0 * np.exp(-1.3 * _T)
+  amplitude = tf.Variable(1.0, dtype=tf.float64)
+
+  def residual(a, b):
+    return a * tf.exp(b * _T) - amplitude * y
+
+  def solve():
+    return np.array(tfg_optim.least_squares(residual, _start()).position)
+
+  for _ in range(3):  # op by op, traced, compiled
+    np.testing.assert_allclose(solve(), [2.0, -1.3], rtol=1e-9)
+  amplitude.assign(1.5)  # read when the compiled solve runs
+  np.testing.assert_allclose(solve(), [3.0, -1.3], rtol=1e-9)
+  assert len(_eager._CACHE) == 1
+  y *= 2.0  # in place: a NumPy array is compared by value
+  np.testing.assert_allclose(solve(), [6.0, -1.3], rtol=1e-9)
+  y = 3.0 * np.exp(-1.3 * _T)  # the closure's variable rebound
+  np.testing.assert_allclose(solve(), [4.5, -1.3], rtol=1e-9)
+
+
+def test_eager_compile_true_and_false():
+  counter = _Counter()
+
+  def residual(x):
+    counter.calls += 1
+    return tf.stack([10.0 * (x[1] - x[0] ** 2), 1.0 - x[0]])
+
+  start = tf.constant([-1.2, 1.0], tf.float64)
+  for _ in range(3):
+    tfg_optim.least_squares(residual, start, eager_compile=False)
+  assert not _eager._CACHE
+  compiled = tfg_optim.least_squares(residual, start, eager_compile=True)
+  calls = counter.calls
+  again = tfg_optim.least_squares(residual, start, eager_compile=True)
+  assert counter.calls == calls
+  np.testing.assert_array_equal(compiled.position, again.position)
+  np.testing.assert_allclose(again.position, [1.0, 1.0], rtol=1e-10)
+  with pytest.raises(ValueError, match="eager_compile"):
+    tfg_optim.least_squares(residual, start, eager_compile="yes")
+
+
+def test_a_callback_keeps_auto_op_by_op():
+  seen = []
+  residual = lambda x: x - 1.0
+  for _ in range(3):
+    tfg_optim.least_squares(residual, tf.zeros([2], tf.float64),
+                            callback=lambda i, cost, x: seen.append(
+                                float(cost.numpy())))
+  assert not _eager._CACHE and len(seen) >= 3

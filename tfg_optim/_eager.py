@@ -1,0 +1,158 @@
+"""Eager calls that reuse a compiled solve.
+
+Called eagerly, a solver's `tf.while_loop` runs op by op: about 0.1-0.2 s
+per iteration whatever the problem's size, because every op is dispatched
+from Python. Inside `tf.function` the same loop runs in milliseconds, but
+tracing it costs seconds. A front-end called eagerly therefore runs its
+first call with a given problem op by op and, from the second call with the
+same problem, calls a `tf.function` traced once and cached here.
+
+"The same problem" is decided by a fingerprint (`fingerprint`) of the
+residual/objective functions and of everything they capture, recursively
+(closure cells, the globals their code names, default arguments), and of
+the solver's options:
+
+- tensors by identity (eager tensors are immutable; the cache keeps them
+  alive so their ids cannot be reused), `tf.Variable`s by identity (the
+  compiled function reads them when it runs, so assignments are seen);
+- NumPy arrays by value (a hash of their bytes: an array changed in place
+  is a new problem);
+- numbers, strings, None by value; lists, tuples and dicts element-wise;
+- functions by their code and captures; modules by name;
+- any other object by identity (a changed attribute of a captured object,
+  other than a variable, is not seen: pass `eager_compile=False`, or
+  create a new function).
+
+The starting point is an argument of the compiled function, not part of
+the key: new starts of the same shape reuse the trace. The cache holds the
+`MAX_ENTRIES` most recently used problems.
+"""
+
+import collections
+import hashlib
+import types
+
+import numpy as np
+import tensorflow as tf
+
+MAX_ENTRIES = 32
+_MAX_DEPTH = 6
+
+_CACHE = collections.OrderedDict()  # key -> (tf.function, kept objects)
+_SEEN = collections.OrderedDict()   # keys called once, op by op
+
+
+class _Uncacheable(Exception):
+  pass
+
+
+def _fingerprint(value, depth, kept):
+  if depth > _MAX_DEPTH:
+    raise _Uncacheable()
+  if isinstance(value, tf.Variable):
+    kept.append(value)
+    return ("variable", id(value))
+  if isinstance(value, tf.Tensor):
+    kept.append(value)
+    return ("tensor", id(value))
+  if isinstance(value, np.ndarray):
+    if value.dtype == object:
+      raise _Uncacheable()
+    digest = hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest()
+    return ("array", value.dtype.str, value.shape, digest)
+  if isinstance(value, np.generic):
+    return ("scalar", value.dtype.str, value.item())
+  if value is None or isinstance(value, (bool, int, float, complex, str,
+                                         bytes)):
+    return ("value", type(value).__name__, value)
+  if isinstance(value, (list, tuple)):
+    return (type(value).__name__,
+            tuple(_fingerprint(v, depth + 1, kept) for v in value))
+  if isinstance(value, dict):
+    return ("dict", tuple(sorted(
+        (repr(k), _fingerprint(v, depth + 1, kept))
+        for k, v in value.items())))
+  if isinstance(value, types.ModuleType):
+    return ("module", value.__name__)
+  if isinstance(value, types.FunctionType):
+    kept.append(value)
+    return ("function", id(value.__code__),
+            _captures(value, depth + 1, kept))
+  if isinstance(value, types.MethodType):
+    kept.append(value.__self__)
+    return ("method", _fingerprint(value.__func__, depth + 1, kept),
+            id(value.__self__))
+  kept.append(value)
+  return ("object", type(value).__name__, id(value))
+
+
+def _names(code):
+  """The global names `code` and the code nested in it may read."""
+  names = set(code.co_names)
+  for constant in code.co_consts:
+    if isinstance(constant, types.CodeType):
+      names |= _names(constant)
+  return names
+
+
+def _captures(function, depth, kept):
+  parts = []
+  for cell in function.__closure__ or ():
+    try:
+      contents = cell.cell_contents
+    except ValueError:  # An empty cell (a name assigned later).
+      raise _Uncacheable() from None
+    if contents is function:  # Recursion.
+      parts.append(("self",))
+      continue
+    parts.append(_fingerprint(contents, depth, kept))
+  namespace = function.__globals__
+  for name in sorted(_names(function.__code__)):
+    if name in namespace and namespace[name] is not function:
+      parts.append((name, _fingerprint(namespace[name], depth, kept)))
+  parts.append(_fingerprint(function.__defaults__, depth, kept))
+  parts.append(_fingerprint(function.__kwdefaults__, depth, kept))
+  return tuple(parts)
+
+
+def fingerprint(value):
+  """(key, objects to keep alive), or (None, None) if `value` cannot be
+  fingerprinted (then nothing is cached)."""
+  kept = []
+  try:
+    return _fingerprint(value, 0, kept), kept
+  except _Uncacheable:
+    return None, None
+
+
+def compiled(key, kept, build, compile_now):
+  """The cached `tf.function` for `key`, or None to run op by op.
+
+  Args:
+    key: from `fingerprint` (None: never cached).
+    kept: the objects `key` refers to by identity.
+    build: () -> the Python function to compile (called once per key).
+    compile_now: compile at the first call instead of the second.
+  """
+  if key is None:
+    return None
+  if key in _CACHE:
+    _CACHE.move_to_end(key)
+    return _CACHE[key][0]
+  if not compile_now and key not in _SEEN:
+    _SEEN[key] = kept
+    while len(_SEEN) > MAX_ENTRIES:
+      _SEEN.popitem(last=False)
+    return None
+  _SEEN.pop(key, None)
+  function = tf.function(build(), autograph=False)
+  _CACHE[key] = (function, kept)
+  while len(_CACHE) > MAX_ENTRIES:
+    _CACHE.popitem(last=False)
+  return function
+
+
+def clear():
+  """Forgets every compiled solve."""
+  _CACHE.clear()
+  _SEEN.clear()
