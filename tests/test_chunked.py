@@ -66,8 +66,10 @@ def test_nonlinear_fit_takes_the_unchunked_iterates():
                                     data_chunk_size=192, **options)
   dense = tfg_optim.least_squares(_exponential, start(), data=(t, y),
                                   **options)
-  assert bool(chunked.converged)
-  assert int(chunked.stop_reason) == int(dense.stop_reason)
+  # Both converge at the same iteration; which test fires first may differ,
+  # since sums over chunks round differently from one sum (here the gradient
+  # test and the relative step test fire on the same iteration).
+  assert bool(chunked.converged) and bool(dense.converged)
   assert int(chunked.num_iterations) == int(dense.num_iterations) > 3
   assert int(chunked.num_accepted) == int(dense.num_accepted)
   for name in ("cost", "gradient_norm", "step_size"):
