@@ -185,7 +185,7 @@ def main():
     n = ours[0]["n"]
     for label, run in (("GTSAM LM default", default),
                        ("GTSAM LM tight", tight)):
-      print(f"| {name} | {n} | {label} | - | {run['time']:.3f} | "
+      print(f"| {name} | {n} | {label} | - | {run['time']:.4f} | "
             f"{run['iterations']} | {run['cost']:.15g} | "
             f"{run['cost'] / default['cost']:.9f} | "
             f"{run['cost'] / tight['cost']:.9f} | "
@@ -197,10 +197,11 @@ def main():
         continue
       cost = theirs["evaluated"][row["solver"]]
       print(f"| {name} | {n} | {row['solver']} | {row['trace']:.2f} | "
-            f"{row['solve']:.2f} | {row['iterations']} | {cost:.12g} | "
+            f"{row['solve']:.2f} | {row['iterations']} | {cost:.15g} | "
             f"{cost / default['cost']:.9f} | {cost / tight['cost']:.9f} | "
             f"{row['solve'] / default['time']:.0f} | {row['reason']} |")
-  print("\n(initial costs: " + ", ".join(
+  print(f"\n(tfg_optim's output graphs: {scratch})")
+  print("(initial costs: " + ", ".join(
       f"{name} {reference[name]['initial']:.6g}" for name in args.graphs) +
         ")")
   return 0

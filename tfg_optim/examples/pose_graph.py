@@ -26,14 +26,10 @@ exit status 2. Files without VERTEX lines (CSAIL.g2o) are read with
 """
 
 import argparse
-import os
 import sys
 import time
 
-if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
 import tensorflow as tf
 
 from tfg_optim import io
