@@ -14,6 +14,8 @@ setuptools.setup(
     install_requires=["tensorflow>=2.16", "numpy", "absl-py"],
     # tensorflow-graphics is a test oracle too; it must be installed with
     # `pip install --no-deps tensorflow-graphics` (see README).
-    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "scipy"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "scipy"],
+                    # `--plot` of tfg_optim/examples/pose_graph.py.
+                    "plot": ["matplotlib"]},
     license="Apache-2.0",
 )
