@@ -19,7 +19,6 @@ from tfg_optim.manifolds import lie_groups
 
 
 
-
 def _graph(dimension, truth, edges, seed):
   """A noise-free graph: Z_ij = X_i^-1 X_j of `truth`, varied information,
   started from `truth` perturbed (all but the first pose)."""
