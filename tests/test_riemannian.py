@@ -652,7 +652,9 @@ def test_nan_region_still_converges(mode):
 # -- staying on the manifold ---------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+# float64, where the claim is sharpest (1e-12); float32 retractions run in
+# the conformance table and test_manifolds.
+@pytest.mark.parametrize("dtype", ["float64"])
 def test_points_stay_on_the_manifold(dtype):
   rng = np.random.default_rng(15)
   x, y = _rotation_problem(rng, noise=0.5)
