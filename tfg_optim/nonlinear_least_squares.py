@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _engine
+from tfg_optim import _implicit
 from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
 from tfg_optim import _vector_space
@@ -106,7 +107,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   stopping_criterion=None, loss="linear", loss_scale=1.0,
                   jacobian=None, bounds=None, geodesic_acceleration=2.0,
                   vanishing_column_tolerance=None, callback=None,
-                  record=False, name="least_squares"):
+                  record=False, gradients="implicit",
+                  implicit_hessian="gauss_newton", name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
 
   Args:
@@ -159,6 +161,14 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       run every iteration.
     record: False, True or an int: keep per-iteration histories (see
       `LeastSquaresResults.records`).
+    gradients: how `position`, `cost` and `residual` are differentiated
+      with respect to the tensors and variables the residuals capture:
+      'implicit' (default; the implicit function theorem at the solution,
+      one linear solve, the loop is not taped), 'unrolled' (the tape sees
+      every iteration) or 'none' (no gradients). See docs/differentiation.md.
+    implicit_hessian: 'gauss_newton' (default; H = J^T J, exact at
+      zero-residual solutions) or 'exact' (second derivatives by nested
+      tapes), the Hessian of the implicit gradients.
     name: name scope of the ops.
 
   Returns:
@@ -171,6 +181,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   """
   max_iterations = _validation.positive_int(max_iterations, "max_iterations")
   batch_dims = _validation.positive_int(batch_dims, "batch_dims", minimum=0)
+  gradients = _implicit.check_gradients(gradients)
+  implicit_hessian = _implicit.check_hessian(implicit_hessian)
   residuals = _validation.as_callable_list(residuals, "residuals")
   policy = damping_policy(damping)
   if loss not in LOSSES:
@@ -272,14 +284,19 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     if callback is not None:
       engine_callback = (lambda it, cost, p:
                          callback(it, cost, tf.nest.flatten(p)))
-    state = _engine.minimize(problem, point, policy, max_iterations,
-                             stopping=criterion, callback=engine_callback,
-                             num_records=num_records,
-                             initial_residual=initial_residual,
-                             initial_residual_evaluations=1,
-                             geodesic_acceleration=geodesic_acceleration,
-                             vanishing_column_tolerance=vanishing_tolerance)
+    state = _implicit.solve_untaped(lambda: _engine.minimize(
+        problem, point, policy, max_iterations, stopping=criterion,
+        callback=engine_callback, num_records=num_records,
+        initial_residual=initial_residual, initial_residual_evaluations=1,
+        geodesic_acceleration=geodesic_acceleration,
+        vanishing_column_tolerance=vanishing_tolerance), gradients)
     result = results_lib.from_state(state, num_records, criterion)
+    if gradients == "implicit":  # coordinates: x + c, unclipped by bounds
+      result = _implicit.attach_least_squares(
+          result, state.jacobian, problem.residual_fn,
+          (manifold.retract if manifold is not None else
+           lambda p, s: _vector_space.retract(p, s, batch_dims)),
+          implicit_hessian)
     position = result.position
     if manifold is None:
       position = position[0] if single else type(variables)(position)
