@@ -22,7 +22,11 @@ from tfg_optim import manifolds
 from tfg_optim import riemannian
 from tfg_optim import StopReason
 
-RNG_SEED = 0
+
+
+def _jacobian(tape, target, source):
+  """tape.jacobian without pfor (which traces the backward pass: seconds)."""
+  return tape.jacobian(target, source, experimental_use_pfor=False).numpy()
 
 
 # -- problems ------------------------------------------------------------------
@@ -70,7 +74,7 @@ def test_linear_least_squares_closed_form(hessian):
     tape.watch([a, b])
     result = _linear_solve(a, b, implicit_hessian=hessian)
     loss = tf.reduce_sum(u * result.position) + 3.0 * result.cost
-  np.testing.assert_allclose(tape.jacobian(result.position, b),
+  np.testing.assert_allclose(_jacobian(tape, result.position, b),
                              np.linalg.pinv(a_np), atol=1e-12)
   grad_a, grad_b = tape.gradient(loss, [a, b])
   want_a, want_b = _linear_expectations(a_np, b_np, u, 3.0, hessian)
@@ -98,14 +102,14 @@ def test_active_bound_holds_its_component_fixed():
   a_np, b_np = _linear_problem(seed=2)
   upper = np.linalg.lstsq(a_np, b_np, rcond=None)[0][0] - 0.5
   a, b = tf.constant(a_np), tf.constant(b_np)
-  with tf.GradientTape() as tape:
+  with tf.GradientTape(persistent=True) as tape:
     tape.watch(b)
     result = _linear_solve(a, b, start=tf.constant([upper - 1.0, 0.0, 0.0],
                                                    tf.float64),
                            bounds=([-np.inf, -np.inf, -np.inf],
                                    [upper, np.inf, np.inf]))
   assert result.converged and float(result.position[0]) == upper
-  jacobian = tape.jacobian(result.position, b).numpy()
+  jacobian = _jacobian(tape, result.position, b)
   np.testing.assert_array_equal(jacobian[0], 0.0)
   np.testing.assert_allclose(jacobian[1:], np.linalg.pinv(a_np[:, 1:]),
                              atol=1e-12)
@@ -141,6 +145,14 @@ def _scipy_fit(t, y):
   return p
 
 
+def _gauss_newton_derivative(y):
+  """dx/dy = (J^T J)^-1 J^T of the curve fit at its polished solution."""
+  p = _scipy_fit(_T, y)
+  jacobian = np.stack([np.exp(p[1] * _T), p[0] * _T * np.exp(p[1] * _T)],
+                      -1)
+  return np.linalg.solve(jacobian.T @ jacobian, jacobian.T)
+
+
 def _curve_residual(t, y):
   return lambda p: p[..., :1] * tf.exp(p[..., 1:] * t) - y
 
@@ -173,23 +185,31 @@ def test_curve_fit_matches_finite_differences_of_re_solves(noise, hessian):
     finite_difference = u @ (solves[0] - solves[1]) / 2e-5
     np.testing.assert_allclose(np.sum(grad.numpy() * direction),
                                finite_difference, rtol=1e-6)
+    if which == 1 and noise:
+      # Gauss-Newton's dx/dy = (J^T J)^-1 J^T is off by percents here: the
+      # approximation docs/differentiation.md describes.
+      assert abs(u @ _gauss_newton_derivative(y_np) @ direction /
+                 finite_difference - 1.0) > 1e-3
 
 
-def test_gauss_newton_is_not_exact_at_a_large_residual():
-  """The approximation the docs describe: with noisy data, Gauss-Newton's
-  gradient differs from the exact one by percents here."""
+def test_not_converged_gradient_is_that_of_a_gauss_newton_step():
+  """After 1 iteration the gradient is d/dtheta of x - (J^T J)^-1 J^T r(x,
+  theta) at the returned (held) x, computed here from the explicit formula."""
   y = tf.constant(_curve_data(0.05))
   t = tf.constant(_T)
-  grads = []
-  for hessian in ("gauss_newton", "exact"):
-    with tf.GradientTape() as tape:
-      tape.watch(y)
-      position = tfg_optim.least_squares(
-          _curve_residual(t, y), tf.constant([1.0, -1.0], tf.float64),
-          implicit_hessian=hessian).position
-    grads.append(tape.jacobian(position, y).numpy())
-  relative = np.abs(grads[0] - grads[1]).max() / np.abs(grads[1]).max()
-  assert 1e-3 < relative < 0.2, relative
+  with tf.GradientTape() as tape:
+    tape.watch(y)
+    result = tfg_optim.least_squares(_curve_residual(t, y),
+                                     tf.constant([1.0, -0.5], tf.float64),
+                                     max_iterations=1)
+    loss = tf.reduce_sum(result.position)
+  assert not result.converged
+  got = tape.gradient(loss, y)
+  p = result.position.numpy()
+  jacobian = np.stack([np.exp(p[1] * _T), p[0] * _T * np.exp(p[1] * _T)], -1)
+  # d/dy of -(J^T J)^-1 J^T (model(p) - y) = (J^T J)^-1 J^T.
+  want = np.ones(2) @ np.linalg.solve(jacobian.T @ jacobian, jacobian.T)
+  np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
 # -- Riemannian: the Kabsch rotation -------------------------------------------
@@ -252,7 +272,7 @@ def test_quadratic_minimizer_derivative_is_inverse_matrix(method):
   with tf.GradientTape(persistent=True) as tape:
     _, _, position, value, _ = method(_quadratic(a, b), tf.zeros(4, tf.float64),
                                       dtype="float64", max_iters=100)
-  np.testing.assert_allclose(tape.jacobian(position, b), np.linalg.inv(a_np),
+  np.testing.assert_allclose(_jacobian(tape, position, b), np.linalg.inv(a_np),
                              atol=1e-12)
   # The envelope theorem: d min f / db = -x*.
   np.testing.assert_allclose(tape.gradient(value, b), -position, atol=1e-12)
@@ -262,39 +282,38 @@ def test_quadratic_minimizer_derivative_is_inverse_matrix(method):
 
 
 def test_batched_gradient_equals_per_problem_gradients():
-  """Three curve fits solved as one batch give each problem's gradient,
-  as solved alone; and a batch of two quadratics in L-BFGS."""
-  rng = np.random.default_rng(7)
+  """Three curve fits solved as one batch: the Jacobian of the [3, 2]
+  solutions w.r.t. the [3, 8] data is block diagonal with each problem's
+  own dx/dy (the closed form, and a solve of problem 1 alone). And a batch
+  of two quadratics in L-BFGS."""
   y_np = np.stack([_curve_data(0.05) * scale for scale in (1.0, 0.5, 2.0)])
-  u = rng.standard_normal((3, 2))
   t = tf.constant(_T)
+  y = tf.constant(y_np)
+  start = tf.constant([[1.0, -1.0]] * 3, tf.float64)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(y)
+    batched = tfg_optim.least_squares(_curve_residual(t, y), start,
+                                      batch_dims=1).position
+    alone = tfg_optim.least_squares(_curve_residual(t, y[1]),
+                                    start[1]).position
+  jacobian = _jacobian(tape, batched, y)
+  np.testing.assert_allclose(jacobian[1, :, 1], _jacobian(tape, alone, y)[
+      :, 1], rtol=1e-10, atol=1e-12)
+  for i in range(3):
+    for j in range(3):
+      want = _gauss_newton_derivative(y_np[i]) if i == j else 0.0
+      np.testing.assert_allclose(jacobian[i, :, j], np.broadcast_to(
+          want, (2, 8)), rtol=1e-7, atol=1e-9)
 
-  def gradient(y_value, batch_dims):
-    y = tf.constant(y_value)
-    start = tf.broadcast_to(tf.constant([1.0, -1.0], tf.float64),
-                            y_value.shape[:-1] + (2,))
-    with tf.GradientTape() as tape:
-      tape.watch(y)
-      result = tfg_optim.least_squares(_curve_residual(t, y), start,
-                                       batch_dims=batch_dims)
-      loss = tf.reduce_sum(u[:len(y_value)] * result.position
-                           if batch_dims else u[row[0]] * result.position)
-    return tape.gradient(loss, y).numpy()
-
-  batched = gradient(y_np, 1)
-  for index in range(3):
-    row = [index]
-    np.testing.assert_allclose(batched[index], gradient(y_np[index], 0),
-                               rtol=1e-10, atol=1e-12)
-
+  rng = np.random.default_rng(7)
   a_np = np.stack([np.diag([1.0, 2.0, 4.0]), np.diag([3.0, 1.0, 0.5])])
   a, b = tf.constant(a_np), tf.constant(rng.standard_normal((2, 3)))
-  with tf.GradientTape() as tape:
+  with tf.GradientTape(persistent=True) as tape:
     tape.watch(b)
     position = lbfgs.minimize_lbfgs(_quadratic(a, b), tf.zeros([2, 3],
                                                              tf.float64),
                                     dtype="float64", batch_dims=1)[2]
-  np.testing.assert_allclose(tape.jacobian(position, b).numpy(),
+  np.testing.assert_allclose(_jacobian(tape, position, b),
                              np.einsum("ij,ikl->ikjl", np.eye(2),
                                        np.linalg.inv(a_np)), atol=1e-12)
 
@@ -319,18 +338,23 @@ def test_failed_problem_of_a_batch_gets_zero_not_nan_gradients():
 # -- execution modes -----------------------------------------------------------
 
 
+# The smallest loop body (quickest to trace and compile); the gradient's
+# machinery does not depend on the damping.
+_SMALL_LOOP = {"damping": "nielsen", "geodesic_acceleration": None}
+
+
 def _mode_build(mode):
   """(A, b) -> (d/dA, d/db) of u . x + 2 cost, through a tape, or
   tf.gradients in a TF1 graph."""
   def build(a, b):
     u = tf.constant([1.0, -2.0, 0.5], a.dtype)
     if mode == "session":
-      result = _linear_solve(a, b)
+      result = _linear_solve(a, b, **_SMALL_LOOP)
       loss = tf.reduce_sum(u * result.position) + 2.0 * result.cost
       return tf.gradients(loss, [a, b])
     with tf.GradientTape() as tape:
       tape.watch([a, b])
-      result = _linear_solve(a, b)
+      result = _linear_solve(a, b, **_SMALL_LOOP)
       loss = tf.reduce_sum(u * result.position) + 2.0 * result.cost
     return tape.gradient(loss, [a, b])
   return build
@@ -376,16 +400,16 @@ def test_saved_model_keeps_the_implicit_gradient():
   a_np, b_np = _linear_problem(seed=10)
   module = tf.Module()
   module.solve = tf.function(
-      lambda b: _linear_solve(tf.constant(a_np), b).position,
+      lambda b: _linear_solve(tf.constant(a_np), b, **_SMALL_LOOP).position,
       input_signature=[tf.TensorSpec([6], tf.float64)])
   with tempfile.TemporaryDirectory() as directory:
     tf.saved_model.save(module, directory)
     loaded = tf.saved_model.load(directory)
     b = tf.constant(b_np)
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:
       tape.watch(b)
       position = loaded.solve(b)
-    np.testing.assert_allclose(tape.jacobian(position, b),
+    np.testing.assert_allclose(_jacobian(tape, position, b),
                                np.linalg.pinv(a_np), atol=1e-12)
 
 
@@ -453,10 +477,8 @@ def test_keras_model_learns_through_a_pose_fit(jit_compile):
   from tfg_optim.examples import learned_pose  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(0)
   features, poses = learned_pose.make_data(num_examples=128)
-  # The smallest loop body (quickest to compile): no geodesic acceleration.
   model = learned_pose.build_model(jit_compile, learning_rate=0.03,
-                                   max_iterations=10, damping="nielsen",
-                                   geodesic_acceleration=None)
+                                   max_iterations=10, **_SMALL_LOOP)
   history = model.fit(features, poses, batch_size=64, epochs=3, verbose=0)
   losses = history.history["loss"]
   assert losses[-1] < 0.6 * losses[0], losses
