@@ -93,7 +93,8 @@ Differences from Paddle (all keeping its interface and defaults):
   during the run ends it as failed (full results name the reason);
 - an objective with no gradient, or with a non-scalar value, is an error;
 - extra keyword-only options: `value_and_gradient`, `scale_initial_hessian`,
-  `batch_dims`, `return_results`.
+  `batch_dims`, `return_results`, `gradients` (implicit differentiation of
+  the position and value by default; see `tfg_optim._implicit`).
 """
 
 import collections
