@@ -21,6 +21,7 @@ from tfg_optim import lbfgs
 from tfg_optim import manifolds
 from tfg_optim import riemannian
 from tfg_optim import StopReason
+from tfg_optim import _implicit
 
 
 
@@ -344,19 +345,22 @@ _SMALL_LOOP = {"damping": "nielsen", "geodesic_acceleration": None}
 
 
 def _mode_build(mode):
-  """(A, b) -> (d/dA, d/db) of u . x + 2 cost, through a tape, or
-  tf.gradients in a TF1 graph."""
+  """(A, b) -> (d/dA, d/db) of u . x + 2 cost, through a tape (tf.gradients
+  in a TF1 graph), and the (position, cost, residual) of the implicit solve
+  and of a solve with gradients='none' (which must be the same bits)."""
   def build(a, b):
     u = tf.constant([1.0, -2.0, 0.5], a.dtype)
+    fields = lambda r: (r.position, r.cost, r.residual)
+    plain = fields(_linear_solve(a, b, gradients="none", **_SMALL_LOOP))
     if mode == "session":
       result = _linear_solve(a, b, **_SMALL_LOOP)
       loss = tf.reduce_sum(u * result.position) + 2.0 * result.cost
-      return tf.gradients(loss, [a, b])
+      return tf.gradients(loss, [a, b]), fields(result), plain
     with tf.GradientTape() as tape:
       tape.watch([a, b])
       result = _linear_solve(a, b, **_SMALL_LOOP)
       loss = tf.reduce_sum(u * result.position) + 2.0 * result.cost
-    return tape.gradient(loss, [a, b])
+    return tape.gradient(loss, [a, b]), fields(result), plain
   return build
 
 
@@ -370,17 +374,63 @@ def _function_mode():
                                          for mode in modes.MODES] +
                          [("eager", "float32")])
 def test_gradients_in_every_mode(mode, dtype):
+  """The gradients, and values bit for bit those of gradients='none'."""
   a_np, b_np = _linear_problem(seed=9)
   inputs = [a_np.astype(dtype), b_np.astype(dtype)]
   if mode == "function":
-    grad_a, grad_b = (g.numpy() for g in _function_mode()(*inputs))
+    outputs = tf.nest.map_structure(lambda t: t.numpy(),
+                                    _function_mode()(*inputs))
   else:
-    grad_a, grad_b = modes.run(_mode_build(mode), inputs, mode)
+    outputs = modes.run(_mode_build(mode), inputs, mode)
+  (grad_a, grad_b), values, plain = outputs
   want_a, want_b = _linear_expectations(a_np, b_np, [1.0, -2.0, 0.5], 2.0,
                                         "gauss_newton")
   tolerance = 1e-10 if dtype == "float64" else 1e-4
   np.testing.assert_allclose(grad_a, want_a, atol=tolerance)
   np.testing.assert_allclose(grad_b, want_b, atol=tolerance)
+  for value, reference in zip(values, plain):
+    np.testing.assert_array_equal(value, reference)
+
+
+def test_forward_mode():
+  """Forward mode (how the engine takes Jacobians, so a solve nested in a
+  residual differentiates) sees the implicit derivative: eagerly through a
+  solve, and in a graph through the attached outputs (here at the closed-form
+  solution: a graph's accumulator would also trace the loop's discarded
+  tangents, seconds). The exact Hessian and L-BFGS refuse forward mode."""
+  a_np, b_np = _linear_problem(seed=12)
+  a, b = tf.constant(a_np), tf.constant(b_np)
+  tangent = tf.constant(np.arange(6.0))
+  want = np.linalg.pinv(a_np) @ tangent.numpy()
+  with tf.autodiff.ForwardAccumulator(b, tangent) as accumulator:
+    position = _linear_solve(a, b, **_SMALL_LOOP).position
+  np.testing.assert_allclose(accumulator.jvp(position), want, atol=1e-12)
+
+  x = np.linalg.lstsq(a_np, b_np, rcond=None)[0]
+  r = a_np @ x - b_np
+  fields = dict.fromkeys(tfg_optim.LeastSquaresResults._fields)
+  fields.update(position=[tf.constant(x)], residual=tf.constant(r),
+                cost=tf.constant(0.5 * r @ r))
+
+  @tf.function(autograph=False)
+  def jvp(b):
+    with tf.autodiff.ForwardAccumulator(b, tangent) as accumulator:
+      attached = _implicit.attach_least_squares(
+          tfg_optim.LeastSquaresResults(**fields), a,
+          lambda p: tf.linalg.matvec(a, p[0]) - b, None,
+          None, lambda p, c: [c])
+    return [accumulator.jvp(t) for t in (attached.position[0],
+                                          attached.cost)]
+
+  position_tangent, cost_tangent = jvp(b)
+  np.testing.assert_allclose(position_tangent, want, atol=1e-12)
+  np.testing.assert_allclose(cost_tangent, -r @ tangent.numpy(), atol=1e-12)
+  with tf.autodiff.ForwardAccumulator(b, tangent):
+    with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
+      _linear_solve(a, b, implicit_hessian="exact")
+    with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
+      lbfgs.minimize_lbfgs(lambda x: tf.reduce_sum(tf.square(x - b)),
+                           tf.zeros(6, tf.float64), dtype="float64")
 
 
 def test_loop_is_not_differentiated_in_a_graph():

@@ -54,18 +54,30 @@ gradient rather than NaN. Batches: the problems are independent, so H is
 block diagonal and each problem has its own [n, n] factorization.
 
 Mechanism. The solver runs with its outputs under `tf.stop_gradient` (and,
-eagerly, in a thread of its own so that no `GradientTape` of the caller
+eagerly under a tape, in a thread of its own, so that no tape of the caller
 records its iterations: memory does not grow with them). Then the residual
-(or objective) is evaluated once more at the stopped x*, where every captured
-tensor is visible to the caller's tape, and the outputs are routed through
-one `tf.custom_gradient` identity whose inputs are the solver's outputs and
-that live evaluation. Its forward value is the identity, so every returned
-value is bit for bit the solver's; its backward pass makes the solve above
-and returns the cotangent of the live evaluation, from which ordinary
-automatic differentiation reaches closures over tensors and `tf.Variable`s
-alike. Equivalently, the outputs are differentiated as one (Gauss-)Newton
-step x* - H^-1 g(x*, theta) from the held point: away from a stationary
-point (a solve stopped early) that is what the gradient means.
+(or objective) is evaluated once more at the stopped x*, in the caller's
+context, where every captured tensor and variable is visible to the
+caller's tapes, and the outputs are rebuilt from it:
+
+- Gauss-Newton: with the live residual r(theta) and the stopped J, the
+  Gauss-Newton step s(theta) = -(J^T J)^-1 J^T r(theta) has
+  ds/dtheta = dx*/dtheta, and the outputs are the solver's values plus terms
+  t - stop_gradient(t) (s, r, 1/2 ||r||^2 and their images), which are
+  exactly zero for finite t: the values are the solver's bit for bit, the
+  derivatives the implicit ones, in reverse and forward mode alike, with
+  plain ops (no custom gradient), at the price of one residual evaluation
+  and one n x n Cholesky per problem in the forward pass.
+- exact Hessian, L-BFGS: one `tf.custom_gradient` identity whose inputs are
+  the solver's outputs and the live evaluation (value and gradient of f);
+  its backward pass forms H with tapes and solves, and returns the
+  cotangent of the live evaluation; forward mode is refused.
+
+Either way ordinary automatic differentiation carries the result from the
+live evaluation to closures over tensors and `tf.Variable`s alike. The
+outputs are differentiated as one (Gauss-)Newton step x* - H^-1 g(x*, theta)
+from the held point: away from a stationary point (a solve stopped early)
+that is what the gradient means.
 """
 
 import contextlib
@@ -243,7 +255,7 @@ def _batch_jacobian(function, flat, eager):
 
 
 def attach_least_squares(results, jacobian, residual_fn, retract,
-                         hessian="gauss_newton"):
+                         coordinates, tangent_vector, hessian="gauss_newton"):
   """`results` (a `LeastSquaresResults` from a stopped solve) whose
   position, cost and residual have implicit gradients.
 
@@ -256,6 +268,12 @@ def attach_least_squares(results, jacobian, residual_fn, retract,
       closures hold the tensors to differentiate.
     retract: (point, coordinates [B..., n]) -> point, the solver's map from
       tangent coordinates (x + c in a flat space).
+    coordinates: (point, ambient cotangent) -> [B..., n], P^T v for
+      P = d retract(point, c) / dc at c = 0: the manifold's `coordinates`
+      (an orthonormal basis for the Frobenius inner product), or the
+      flattening of a flat space.
+    tangent_vector: (point, [B..., n]) -> ambient P c (the manifold's
+      `tangent_vector`, or the split of a flat space's step).
     hessian: 'gauss_newton' or 'exact'.
 
   Returns:
@@ -270,6 +288,67 @@ def attach_least_squares(results, jacobian, residual_fn, retract,
   jacobian = tf.stop_gradient(jacobian)
   residual = tf.stop_gradient(results.residual)
   cost = tf.stop_gradient(results.cost)
+  if hessian == "exact":
+    return _attach_exact(results, point, jacobian, residual, cost,
+                         residual_fn, retract, coordinates)
+  return _attach_gauss_newton(results, point, jacobian, residual, cost,
+                              residual_fn, tangent_vector)
+
+
+def _zero_valued(tensor):
+  """tensor - stop_gradient(tensor): exactly 0 where `tensor` is finite,
+  with the derivative of `tensor` (in reverse and forward mode)."""
+  return tensor - tf.stop_gradient(tensor)
+
+
+def _attach_gauss_newton(results, point, jacobian, residual, cost,
+                         residual_fn, tangent_vector):
+  """Gauss-Newton: plain ops whose values are zero and whose derivative is
+  the implicit one, added to the solver's outputs.
+
+  With r = r(x*, theta) evaluated once more (x* held), the Gauss-Newton
+  step s(theta) = -(J^T J)^-1 J^T r is ~0 at a solution and
+  ds/dtheta = dx*/dtheta. The outputs are
+
+      x* + P (s - stop(s)),  r* + (r - stop(r)) + J (s - stop(s)),
+      c* + (1/2 ||r||^2 - stop(1/2 ||r||^2)),
+
+  each term after the solver's value exactly zero, so the values are the
+  solver's bit for bit, while every derivative (reverse or forward mode,
+  with respect to anything r captures) is that of the implicit function.
+  No custom gradient: it works wherever automatic differentiation does
+  (forward-mode accumulators included, so a solve nested in another
+  solver's residual differentiates). Costs, in the forward pass, one
+  residual evaluation and one n x n Cholesky per problem.
+  """
+  batch_rank = residual.shape.rank - 1
+  live = residual_fn(point)
+  free = tf.reduce_any(tf.not_equal(jacobian, 0), axis=-2)
+  step, ok = _masked_solve(
+      tf.matmul(jacobian, jacobian, adjoint_a=True),
+      -tf.linalg.matvec(jacobian, live, adjoint_a=True), free)
+  ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
+  ok &= tf.reduce_all(tf.math.is_finite(live), axis=-1)
+  ok &= tf.reduce_all(tf.math.is_finite(jacobian),
+                      axis=list(range(batch_rank, batch_rank + 2)))
+  delta = _per_problem(ok, _zero_valued(step))
+  moved = tf.nest.flatten(tangent_vector(point, delta))
+  position = [x + _per_problem(ok, v) for x, v in
+              zip(tf.nest.flatten(point), moved)]
+  residual_out = residual + _per_problem(
+      ok, _zero_valued(live) + tf.linalg.matvec(jacobian, delta))
+  cost_out = cost + tf.where(ok, _zero_valued(
+      0.5 * tf.reduce_sum(tf.square(live), axis=-1)), tf.zeros_like(cost))
+  return results._replace(
+      position=tf.nest.pack_sequence_as(results.position, position),
+      residual=residual_out, cost=cost_out)
+
+
+def _attach_exact(results, point, jacobian, residual, cost, residual_fn,
+                  retract, coordinates):
+  """The exact Hessian: a custom gradient (H is formed in the backward pass
+  only, by nested tapes)."""
+  flat_point = tf.nest.flatten(point)
   eager = tf.executing_eagerly()
   batch_shape = tf.shape(residual)[:-1]
   n = jacobian.shape[-1] if jacobian.shape[-1] is not None else tf.shape(
@@ -277,67 +356,91 @@ def attach_least_squares(results, jacobian, residual_fn, retract,
   coordinate_shape = tf.concat([batch_shape, [n]], 0)
   zero = tf.zeros(coordinate_shape, residual.dtype)
 
-  def residual_at(coordinates):
-    return residual_fn(retract(point, coordinates))
+  def residual_at(coordinates_value):
+    return residual_fn(retract(point, coordinates_value))
 
-  if hessian == "exact":
-    # f(R(c)) and its gradient at c = 0, recorded by the caller's tapes.
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-      tape.watch(zero)
-      live_residual = residual_at(zero)
-      objective = 0.5 * tf.reduce_sum(tf.square(live_residual))
-    live = [live_residual, tape.gradient(
-        objective, zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
-  else:
-    live = [residual_fn(point)]
+  # r(R(c)) and the gradient of f(R(c)) at c = 0, recorded by the caller's
+  # tapes (which then differentiate the gradient: second order).
+  with tf.GradientTape(watch_accessed_variables=False) as tape:
+    tape.watch(zero)
+    live_residual = residual_at(zero)
+    objective = 0.5 * tf.reduce_sum(tf.square(live_residual))
+  live = [live_residual, tape.gradient(
+      objective, zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
+  _refuse_forward_mode(live)
   num_points = len(flat_point)
 
   def backward(upstream):
+    _require_tapes()
     point_bar = _zeros_for_none(upstream[:num_points], flat_point)
     residual_bar, cost_bar = _zeros_for_none(upstream[num_points:],
                                              [residual, cost])
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-      tape.watch(zero)
-      moved = tf.nest.flatten(retract(point, zero))
-    tangent_bar = tape.gradient(
-        moved, zero, output_gradients=point_bar,
-        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    tangent_bar = coordinates(
+        point, tf.nest.pack_sequence_as(results.position, point_bar))
     tangent_bar += tf.linalg.matvec(jacobian, residual_bar, adjoint_a=True)
     free = tf.reduce_any(tf.not_equal(jacobian, 0), axis=-2)
-    if hessian == "exact":
-      flat_shape = tf.stack([-1, n])
 
-      def gradient_of(flat):
-        with tf.GradientTape(watch_accessed_variables=False) as inner:
-          inner.watch(flat)
-          value = residual_at(tf.reshape(flat, coordinate_shape))
-          objective = 0.5 * tf.reduce_sum(tf.square(value))
-        return inner.gradient(
-            objective, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    def gradient_of(flat):
+      with tf.GradientTape(watch_accessed_variables=False) as inner:
+        inner.watch(flat)
+        value = residual_at(tf.reshape(flat, coordinate_shape))
+        objective = 0.5 * tf.reduce_sum(tf.square(value))
+      return inner.gradient(
+          objective, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-      matrix = tf.reshape(
-          _batch_jacobian(gradient_of, tf.reshape(zero, flat_shape), eager),
-          tf.concat([coordinate_shape, [n]], 0))
-    else:
-      matrix = tf.matmul(jacobian, jacobian, adjoint_a=True)
+    matrix = tf.reshape(
+        _batch_jacobian(gradient_of, tf.reshape(zero, tf.stack([-1, n])),
+                        eager),
+        tf.concat([coordinate_shape, [n]], 0))
     w, ok = _masked_solve(matrix, tangent_bar, free)
     batch_rank = residual.shape.rank - 1
     ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
     ok &= tf.reduce_all(tf.math.is_finite(jacobian),
                         axis=list(range(batch_rank, batch_rank + 2)))
     live_bar = residual_bar + residual * cost_bar[..., tf.newaxis]
-    if hessian == "exact":
-      grads = [_per_problem(ok, live_bar), _per_problem(ok, -w)]
-    else:
-      grads = [_per_problem(ok, live_bar - tf.linalg.matvec(jacobian, w))]
-    return [None] * (num_points + 2) + grads
+    return [None] * (num_points + 2) + [_per_problem(ok, live_bar),
+                                        _per_problem(ok, -w)]
 
-  outputs = _identity_with_gradient(
-      flat_point + [residual, cost], live, backward)
+  outputs = _identity_with_gradient(flat_point + [residual, cost], live,
+                                    backward)
   return results._replace(
       position=tf.nest.pack_sequence_as(results.position,
                                         outputs[:num_points]),
       residual=outputs[num_points], cost=outputs[num_points + 1])
+
+
+_FORWARD_MODE_MESSAGE = (
+    "Forward-mode differentiation (tf.autodiff.ForwardAccumulator) of a "
+    "solve with implicit_hessian='exact' or of L-BFGS/BFGS is not "
+    "supported: their implicit derivative is a custom gradient (its Hessian "
+    "is formed with a tape in the backward pass), which forward mode cannot "
+    "use. Use gradients='unrolled', or the default Gauss-Newton least "
+    "squares.")
+
+
+def _refuse_forward_mode(tensors):
+  """Raises if a forward accumulator tracks any of `tensors` (eagerly or
+  while tracing): it would get no tangent, or silently a zero one in a
+  graph, through `tf.custom_gradient`."""
+  try:
+    from tensorflow.python import pywrap_tfe  # pylint: disable=g-import-not-at-top
+    _, tangents = pywrap_tfe.TFE_Py_PackJVPs(list(tensors))
+  except (ImportError, AttributeError, TypeError):  # unknown TensorFlow
+    return
+  if tangents:
+    raise NotImplementedError(_FORWARD_MODE_MESSAGE)
+
+
+def _require_tapes():
+  """Raises where the backward pass cannot use a tape: TensorFlow's forward
+  mode (`ForwardAccumulator`) runs backward functions with recording
+  stopped, and the exact Hessian would silently come out zero."""
+  probe = tf.constant(1.0)
+  with tf.GradientTape() as tape:
+    tape.watch(probe)
+    doubled = 2.0 * probe
+  if tape.gradient(doubled, probe) is None:
+    raise NotImplementedError(_FORWARD_MODE_MESSAGE)
 
 
 def _identity_with_gradient(outputs, live, backward):
@@ -379,8 +482,10 @@ def attach_minimum(position, value, value_and_gradient):
   value = tf.stop_gradient(value)
   eager = tf.executing_eagerly()
   live = list(value_and_gradient(position))
+  _refuse_forward_mode(live)
 
   def backward(upstream):
+    _require_tapes()
     position_bar, value_bar = _zeros_for_none(upstream, [position, value])
     matrix = _batch_jacobian(lambda x: value_and_gradient(x)[1], position,
                              eager)

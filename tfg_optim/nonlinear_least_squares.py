@@ -296,6 +296,11 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
           result, state.jacobian, problem.residual_fn,
           (manifold.retract if manifold is not None else
            lambda p, s: _vector_space.retract(p, s, batch_dims)),
+          (manifold.coordinates if manifold is not None else
+           lambda p, v: tf.concat([_vector_space.flatten_batched(
+               t, batch_dims) for t in v], axis=-1)),
+          (manifold.tangent_vector if manifold is not None else
+           lambda p, c: _vector_space.split_step(c, shapes)),
           implicit_hessian)
     position = result.position
     if manifold is None:

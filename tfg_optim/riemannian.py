@@ -295,7 +295,8 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
     results = results_lib.from_state(state, num_records, stopping_criterion)
     if gradients == "implicit":
       results = _implicit.attach_least_squares(
-          results, state.jacobian, residual_fn, retract, implicit_hessian)
+          results, state.jacobian, residual_fn, retract, manifold.coordinates,
+          manifold.tangent_vector, implicit_hessian)
     return results, state
 
 
