@@ -9,18 +9,23 @@ Two problems, float64, CPU, inside `tf.function` (and under XLA):
   point pairs, `tfg_optim.riemannian.levenberg_marquardt`; gradient w.r.t.
   the target points y.
 
-Part 1 (one process, side by side): the median time of the solve alone
-(forward), of solve + gradient with gradients='implicit' and with
-gradients='unrolled'; backward = (solve + gradient) - forward, and its
-ratio to the forward time. Default tolerances (converged solves).
+Part 1 (one process, side by side): the time of the solve alone
+(gradients='none', forward), and of solve + gradient with
+gradients='implicit' and with gradients='unrolled', called in turn in each
+round; backward = the median over rounds of (solve + gradient) - solve,
+with the median absolute deviation of those differences as its noise, and
+its ratio to the forward time. Default tolerances (converged solves). The
+implicit "backward" includes what the implicit mode adds to the forward
+pass (one residual evaluation, one n x n Cholesky).
 
 Part 2 (one subprocess per row): the peak resident set size of solve +
 gradient with exactly k iterations (`StopAfterIteration(k)`, the trust
 region runs all of them on the curve fit), for both modes, minus the RSS
-after tracing: implicit stays flat in k, unrolled keeps every iteration's
-intermediates for the backward pass. On CPU `get_memory_info` is
-unavailable; RSS includes allocator slack, so small differences mean
-nothing.
+after tracing (VmHWM - VmRSS from /proc/self/status; the tracing's own
+transient peak counts too, if it was higher): implicit stays flat in k,
+unrolled keeps every iteration's intermediates for the backward pass. On
+CPU `get_memory_info` is unavailable; RSS includes allocator slack, so
+differences of a few MiB mean nothing.
 
 Usage (from the repository root):
 
@@ -31,7 +36,6 @@ Usage (from the repository root):
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -125,23 +129,41 @@ def time_table(args):
             row["iterations"] = count
         except Exception as error:  # pylint: disable=broad-except
           row[label + "_error"] = type(error).__name__
+          row[label + "_message"] = " ".join(str(error).split())[:300]
           del functions[label]
       samples = {label: [] for label in functions}
       for _ in range(args.repeats):
         for label, function in functions.items():
           samples[label].append(_timed(function, y)[0])
-      for label in ("forward", "implicit", "unrolled"):
-        row[label] = (statistics.median(samples[label]) if label in samples
-                      else None)
+      row["forward"] = statistics.median(samples["forward"])
+      for label in ("implicit", "unrolled"):
+        if label not in samples:
+          row[label] = row[label + "_backward"] = None
+          continue
+        row[label] = statistics.median(samples[label])
+        # Backward: the median over rounds of (solve + gradient) - solve,
+        # each round's pair measured back to back; its noise: the median
+        # absolute deviation of those differences.
+        differences = [a - b for a, b in zip(samples[label],
+                                              samples["forward"])]
+        middle = statistics.median(differences)
+        row[label + "_backward"] = middle
+        row[label + "_noise"] = statistics.median(
+            abs(d - middle) for d in differences)
       rows.append(row)
       print(f"  {name}, {row['mode']}: done", flush=True)
   return rows
 
 
-def _rss_bytes():
+def _status_bytes(field):
+  """A /proc/self/status memory field (VmRSS, VmHWM) in bytes.
+
+  VmHWM, the peak RSS of this process image, is used rather than
+  getrusage's ru_maxrss, which Linux carries over from the parent at fork
+  and exec (it reported the parent's ~800 MiB for every child)."""
   with open("/proc/self/status") as status:
     for line in status:
-      if line.startswith("VmRSS:"):
+      if line.startswith(field + ":"):
         return int(line.split()[1]) * 1024
   return 0
 
@@ -161,11 +183,11 @@ def child(problem, gradients, iterations, m):
     return tape.gradient(loss, y), count
 
   run.get_concrete_function(y)  # Trace first: the baseline has the graph.
-  baseline = _rss_bytes()
+  baseline = _status_bytes("VmRSS")
   begin = time.perf_counter()
   gradient, count = run(y)
   seconds = time.perf_counter() - begin
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  peak = _status_bytes("VmHWM")
   print(json.dumps({"problem": problem, "gradients": gradients,
                     "iterations": int(count), "requested": iterations,
                     "extra": peak - baseline, "seconds": seconds,
@@ -199,43 +221,53 @@ def _format_time(seconds):
 
 
 def print_tables(times, memory, args):
-  print(f"\nTime (median of {args.repeats}, ms), m = {args.m:,d}, float64, "
-        f"CPU ({os.cpu_count()} cores); backward = (solve + gradient) - "
-        "solve")
-  header = ("problem", "mode", "iters", "solve", "implicit s+g",
-            "implicit bwd/fwd", "unrolled s+g", "unrolled bwd/fwd",
-            "unrolled/implicit bwd")
+  print(f"\nTime (ms; medians of {args.repeats} rounds), m = {args.m:,d}, "
+        f"float64, CPU ({os.cpu_count()} cores). backward = median over "
+        "rounds of (solve + gradient) - solve, +- its median absolute "
+        "deviation")
+  header = ("problem", "mode", "iters", "solve", "implicit backward",
+            "implicit bwd/fwd", "unrolled backward", "unrolled bwd/fwd",
+            "unrolled/implicit")
   lines = [header]
   for row in times:
-    ratio = lambda key: ("-" if row.get(key) is None else
-                         f"{(row[key] - row['forward']) / row['forward']:.2f}")
-    implicit_back = (row["implicit"] - row["forward"]
-                     if row.get("implicit") is not None else None)
-    unrolled_back = (row["unrolled"] - row["forward"]
-                     if row.get("unrolled") is not None else None)
-    lines.append((
-        row["problem"], row["mode"], str(row["iterations"]),
-        _format_time(row["forward"]), _format_time(row.get("implicit")),
-        ratio("implicit"),
-        _format_time(row.get("unrolled")) if row.get("unrolled") is not None
-        else "fails: " + row.get("unrolled_error", "?"),
-        ratio("unrolled"),
-        (f"{unrolled_back / implicit_back:.1f}"
-         if implicit_back and unrolled_back is not None else "-")))
+    cells = []
+    for label in ("implicit", "unrolled"):
+      back = row.get(label + "_backward")
+      if back is None:
+        cells += ["fails: " + row.get(label + "_error", "?"), "-"]
+        continue
+      cells += [f"{back * 1e3:.2f} +- {row[label + '_noise'] * 1e3:.2f}",
+                f"{back / row['forward']:.2f}"]
+    implicit, unrolled = row.get("implicit_backward"), row.get(
+        "unrolled_backward")
+    if implicit is None or unrolled is None:
+      ratio = "-"
+    elif implicit <= 2.0 * row["implicit_noise"]:
+      ratio = "implicit within noise"
+    else:
+      ratio = f"{unrolled / implicit:.0f}"
+    lines.append((row["problem"], row["mode"], str(row["iterations"]),
+                  _format_time(row["forward"])) + tuple(cells) + (ratio,))
   _print_lines(lines)
+  for row in times:
+    for label in ("implicit", "unrolled"):
+      if row.get(label + "_message"):
+        print(f"  {row['problem']}, {row['mode']}, {label}: "
+              f"{row[label + '_message'][:160]}")
   if memory:
     print(f"\nPeak RSS of solve + gradient minus RSS after tracing (MiB), "
-          f"m = {args.memory_m:,d}, tf.function, k iterations")
+          f"m = {args.memory_m:,d}, tf.function, k iterations (first call: "
+          "includes graph optimization)")
     lines = [("problem", "gradients", "k requested", "iterations run",
-              "extra RSS [MiB]", "time [s]")]
+              "extra RSS [MiB]", "first call [s]", "gradient finite")]
     for row in memory:
       if "error" in row:
         lines.append((row["problem"], row["gradients"], str(row["requested"]),
-                      "-", row["error"], "-"))
+                      "-", row["error"], "-", "-"))
         continue
       lines.append((row["problem"], row["gradients"], str(row["requested"]),
                     str(row["iterations"]), f"{row['extra'] / MIB:.0f}",
-                    f"{row['seconds']:.2f}"))
+                    f"{row['seconds']:.2f}", str(row["finite"])))
     _print_lines(lines)
 
 
@@ -255,7 +287,7 @@ def main():
   parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
   parser.add_argument("--m", type=int, default=10_000,
                       help="residual blocks of the timed problems")
-  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=50)
   parser.add_argument("--skip-xla", action="store_true")
   parser.add_argument("--skip-memory", action="store_true")
   parser.add_argument("--iterations", default="10,100,400",
