@@ -182,7 +182,7 @@ def _needed():
   return not tf.executing_eagerly() or _may_record()
 
 
-# -- the linear solve of the backward pass -------------------------------------
+# -- the linear solve (Gauss-Newton: forward pass; exact, L-BFGS: backward) ---
 
 
 def _diagonal_finite(factor):
