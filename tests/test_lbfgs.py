@@ -371,8 +371,12 @@ class EvaluationCountTest(tf.test.TestCase, parameterized.TestCase):
 
       with tf.control_dependencies([counter.assign(0)]):
         x0 = tf.identity(x0)
+      # gradients="none": the implicit default evaluates the objective once
+      # more at the solution in graphs, outside the solve and its count (the
+      # input of its backward pass; docs/differentiation.md).
       result = lbfgs.minimize_lbfgs(counted, x0, history_size=3,
-                                    max_iters=30, dtype=dtype)
+                                    max_iters=30, dtype=dtype,
+                                    gradients="none")
       with tf.control_dependencies(tf.nest.flatten(result)):
         return result[1], counter.read_value()
 

@@ -93,13 +93,15 @@ Differences from Paddle (all keeping its interface and defaults):
   during the run ends it as failed (full results name the reason);
 - an objective with no gradient, or with a non-scalar value, is an error;
 - extra keyword-only options: `value_and_gradient`, `scale_initial_hessian`,
-  `batch_dims`, `return_results`.
+  `batch_dims`, `return_results`, `gradients` (implicit differentiation of
+  the position and value by default; see `tfg_optim._implicit`).
 """
 
 import collections
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _implicit
 from tfg_optim import _line_search
 from tfg_optim import _validation
 from tfg_optim._engine import StopReason
@@ -169,7 +171,8 @@ def minimize_lbfgs(objective_func,
                    value_and_gradient=False,
                    scale_initial_hessian=False,
                    batch_dims=0,
-                   return_results=False):
+                   return_results=False,
+                   gradients="implicit"):
   """Minimizes a differentiable function with L-BFGS.
 
   Args:
@@ -204,6 +207,12 @@ def minimize_lbfgs(objective_func,
       (independent problems), a Python int >= 0.
     return_results: If True, return an `LbfgsResults` namedtuple (the 5-tuple
       plus `failed`, `num_iterations` and `stop_reason`).
+    gradients: how `position` and `objective_value` are differentiated with
+      respect to the tensors and variables `objective_func` captures:
+      'implicit' (default; the implicit function theorem at the returned
+      point with the exact Hessian, one linear solve, the loop is not
+      taped), 'unrolled' (the tape sees every iteration) or 'none'. The
+      other outputs are not differentiable. See docs/differentiation.md.
 
   Returns:
     `(is_converge, num_func_calls, position, objective_value,
@@ -234,7 +243,7 @@ def minimize_lbfgs(objective_func,
       objective_func, initial_position, max_iters, tolerance_grad,
       tolerance_change, initial_inverse_hessian_estimate, line_search_fn,
       max_line_search_iters, initial_step_length, dtype, name,
-      value_and_gradient, batch_dims, return_results)
+      value_and_gradient, batch_dims, return_results, gradients)
 
 
 # Not converted by AutoGraph inside a caller's tf.function: the solver is
@@ -255,7 +264,8 @@ def minimize_bfgs(objective_func,
                   value_and_gradient=False,
                   scale_initial_hessian=False,
                   batch_dims=0,
-                  return_results=False):
+                  return_results=False,
+                  gradients="implicit"):
   """Minimizes a differentiable function with BFGS (dense inverse Hessian).
 
   Same arguments, results and errors as `minimize_lbfgs` without
@@ -269,7 +279,7 @@ def minimize_bfgs(objective_func,
       initial_position, max_iters, tolerance_grad, tolerance_change,
       initial_inverse_hessian_estimate, line_search_fn, max_line_search_iters,
       initial_step_length, dtype, name, value_and_gradient, batch_dims,
-      return_results)
+      return_results, gradients)
 
 
 # ---------------------------------------------------------------------------
@@ -421,8 +431,9 @@ class _BfgsPolicy:
 def _minimize(default_name, policy, objective_func, initial_position,
               max_iters, tolerance_grad, tolerance_change, h0, line_search_fn,
               max_line_search_iters, initial_step_length, dtype, name,
-              value_and_gradient, batch_dims, return_results):
+              value_and_gradient, batch_dims, return_results, gradients):
   """Shared front-end checks and the quasi-Newton while_loop."""
+  gradients = _implicit.check_gradients(gradients)
   if not callable(objective_func):
     raise TypeError("'objective_func' must be callable, got "
                     f"{type(objective_func).__name__}.")
@@ -450,10 +461,15 @@ def _minimize(default_name, policy, objective_func, initial_position,
     h0 = _check_h0(h0, dtype, batch_shape, n)
     value_and_grad = _batched_value_and_gradient(
         objective_func, value_and_gradient, batch_shape, n, dtype)
-    final = _run(policy, value_and_grad, tf.reshape(x0, [batch, n]), h0,
-                 max_iters, tf.constant(tolerance_grad, dtype),
-                 tf.constant(tolerance_change, dtype), max_line_search_iters,
-                 initial_step_length)
+    final = _implicit.solve_untaped(lambda: _run(
+        policy, value_and_grad, tf.reshape(x0, [batch, n]), h0, max_iters,
+        tf.constant(tolerance_grad, dtype),
+        tf.constant(tolerance_change, dtype), max_line_search_iters,
+        initial_step_length), gradients)
+    if gradients == "implicit":
+      position, value = _implicit.attach_minimum(
+          final.position, final.value, value_and_grad)
+      final = final._replace(position=position, value=value)
     reason = final.stop_reason
     converged = (tf.equal(reason, int(StopReason.GRADIENT_NORM)) |
                  tf.equal(reason, int(StopReason.STEP_SIZE)))

@@ -38,6 +38,7 @@ import tensorflow as tf
 from tfg_optim import _chunked
 from tfg_optim import _eager
 from tfg_optim import _engine
+from tfg_optim import _implicit
 from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
 from tfg_optim import _vector_space
@@ -126,7 +127,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   geodesic_acceleration=_DEFAULT_ACCELERATION,
                   vanishing_column_tolerance=None, linear_solver="auto",
                   data=None, data_chunk_size=None,
-                  callback=None, record=False, eager_compile="auto",
+                  callback=None, record=False, gradients="implicit",
+                  implicit_hessian="gauss_newton", eager_compile="auto",
                   name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
 
@@ -207,6 +209,16 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       run every iteration.
     record: False, True or an int: keep per-iteration histories (see
       `LeastSquaresResults.records`).
+    gradients: how `position`, `cost` and `residual` are differentiated
+      with respect to the tensors and variables the residuals capture:
+      'implicit' (default; the implicit function theorem at the solution,
+      one linear solve, the loop is not taped), 'unrolled' (the tape sees
+      every iteration) or 'none' (no gradients). See docs/differentiation.md.
+    implicit_hessian: 'gauss_newton' (default; H = J^T J, exact at
+      zero-residual solutions) or 'exact' (second derivatives by nested
+      tapes), the Hessian of the implicit gradients. With
+      linear_solver='cg' or `data_chunk_size` (no J to reuse), 'implicit'
+      means 'unrolled' for now.
     eager_compile: what an eager call does (no effect inside `tf.function`
       or a graph). 'auto' (default): the first call with a given problem
       runs op by op, and later calls with the same problem (the same
@@ -241,13 +253,16 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         geodesic_acceleration=geodesic_acceleration,
         vanishing_column_tolerance=vanishing_column_tolerance,
         linear_solver=linear_solver, data_chunk_size=data_chunk_size,
-        callback=callback, record=record, name=name)
+        callback=callback, record=record, gradients=gradients,
+        implicit_hessian=implicit_hessian, name=name)
     solve = _compiled_solve(residuals, variables, data, options,
                             eager_compile is True)
     if solve is not None:
       return solve()
   max_iterations = _validation.positive_int(max_iterations, "max_iterations")
   batch_dims = _validation.positive_int(batch_dims, "batch_dims", minimum=0)
+  gradients = _implicit.check_gradients(gradients)
+  implicit_hessian = _implicit.check_hessian(implicit_hessian)
   residuals = _validation.as_callable_list(residuals, "residuals")
   data = _data(data, data_chunk_size)
   chunked = data_chunk_size is not None
@@ -370,6 +385,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                        "problem.")
     matrix_free = uses_matrix_free(linear_solver, jacobian is not None,
                                    tangent_dim)
+    if gradients == "implicit" and (matrix_free or chunked):
+      gradients = "unrolled"  # No dense J to solve with yet (documented).
     initial_residual = None
     if jacobian is None:  # Residuals must depend on the variables.
       initial_residual = robust(tf.concat(_validation.connected_outputs(
@@ -398,18 +415,28 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     if callback is not None:
       engine_callback = (lambda it, cost, p:
                          callback(it, cost, tf.nest.flatten(p)))
-    state = _engine.minimize(problem, point, policy, max_iterations,
-                             stopping=criterion, callback=engine_callback,
-                             num_records=num_records,
-                             initial_residual=initial_residual,
-                             initial_residual_evaluations=1,
-                             geodesic_acceleration=geodesic_acceleration,
-                             vanishing_column_tolerance=vanishing_tolerance,
-                             matrix_free=matrix_free, kind=kind)
+    state = _implicit.solve_untaped(lambda: _engine.minimize(
+        problem, point, policy, max_iterations, stopping=criterion,
+        callback=engine_callback, num_records=num_records,
+        initial_residual=initial_residual, initial_residual_evaluations=1,
+        geodesic_acceleration=geodesic_acceleration,
+        vanishing_column_tolerance=vanishing_tolerance,
+        matrix_free=matrix_free, kind=kind), gradients)
     result = results_lib.from_state(state, num_records, criterion)
     if chunked:
       # Static where the chunks' shapes are: no evaluation then.
       result = result._replace(num_residuals=kind.count(point))
+    if gradients == "implicit":  # coordinates: x + c, unclipped by bounds
+      result = _implicit.attach_least_squares(
+          result, state.linearization[0], problem.residual_fn,
+          (manifold.retract if manifold is not None else
+           lambda p, s: _vector_space.retract(p, s, batch_dims)),
+          (manifold.coordinates if manifold is not None else
+           lambda p, v: tf.concat([_vector_space.flatten_batched(
+               t, batch_dims) for t in v], axis=-1)),
+          (manifold.tangent_vector if manifold is not None else
+           lambda p, c: _vector_space.split_step(c, shapes)),
+          implicit_hessian)
     position = result.position
     if manifold is None:
       position = position[0] if single else type(variables)(position)

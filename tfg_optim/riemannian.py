@@ -27,6 +27,7 @@ import numbers
 import tensorflow as tf
 
 from tfg_optim import _engine
+from tfg_optim import _implicit
 from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
 from tfg_optim import results as results_lib
@@ -57,7 +58,9 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
                         return_state=False, record=False,
                         jacobian_tangent_basis=None,
                         initial_residual_values=None, initial_jacobian_f=None,
-                        batch_dims=0, name="riemannian_levenberg_marquardt"):
+                        batch_dims=0, gradients="implicit",
+                        implicit_hessian="gauss_newton",
+                        name="riemannian_levenberg_marquardt"):
   """Riemannian Levenberg-Marquardt: argmin over p in M of 1/2 ||f(p)||^2.
 
   Args:
@@ -104,6 +107,14 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
       `jacobian_tangent_basis`), when the caller has it.
     batch_dims: number of leading dimensions of p (and of f's output) that
       index independent problems, each with its own damping and stop.
+    gradients: how the result (point, cost, residual) is differentiated with
+      respect to the tensors and variables f captures: 'implicit' (default;
+      the implicit function theorem at the solution in the tangent
+      coordinates of the retraction, one linear solve, the loop is not
+      taped), 'unrolled' (the tape sees every iteration) or 'none'. See
+      docs/differentiation.md.
+    implicit_hessian: 'gauss_newton' (default; J^T J) or 'exact', the
+      Hessian of the implicit gradients.
     name: name scope of the ops.
 
   Returns:
@@ -124,7 +135,8 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
                     damping_term_min, beta, expect_zero_residual,
                     retraction_method, stopping_criterion, callback, record,
                     jacobian_tangent_basis, initial_residual_values,
-                    initial_jacobian_f, batch_dims, name)
+                    initial_jacobian_f, batch_dims, gradients,
+                    implicit_hessian, name)
   return state if return_state else state.position
 
 
@@ -157,8 +169,10 @@ def levenberg_marquardt_in_place(manifold, f, p, jacobian_f=None,
 def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
            beta, expect_zero_residual, retraction_method, stopping_criterion,
            callback, record, jacobian_tangent_basis, initial_residual_values,
-           initial_jacobian_f, batch_dims, name):
+           initial_jacobian_f, batch_dims, gradients, implicit_hessian, name):
   """Validates the arguments, runs the engine, returns (results, state)."""
+  gradients = _implicit.check_gradients(gradients)
+  implicit_hessian = _implicit.check_hessian(implicit_hessian)
   if isinstance(f, NonlinearLeastSquaresObjective):
     if jacobian_f is not None:
       raise ValueError("Pass 'jacobian_f' inside the "
@@ -269,7 +283,7 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
         jacobian_fn=user_jacobian)
     policy = damping_lib.GainRatioDamping(eta, damping_term_min, beta,
                                       expect_zero_residual)
-    state = _engine.minimize(
+    state = _implicit.solve_untaped(lambda: _engine.minimize(
         problem, point, policy, stopping_criterion.max_iterations,
         stopping=stopping_criterion, callback=callback,
         num_records=num_records, initial_residual=initial_residual,
@@ -277,9 +291,14 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
                           to_orthonormal(point, initial_jacobian_f)),
         invalid_start=invalid_start,
         initial_residual_evaluations=int(initial_residual_values is None and
-                                         jacobian_f is None))
-    return results_lib.from_state(state, num_records,
-                                  stopping_criterion), state
+                                         jacobian_f is None)), gradients)
+    results = results_lib.from_state(state, num_records, stopping_criterion)
+    if gradients == "implicit":
+      results = _implicit.attach_least_squares(
+          results, state.linearization[0], residual_fn, retract,
+          manifold.coordinates,
+          manifold.tangent_vector, implicit_hessian)
+    return results, state
 
 
 def _start_point(manifold, p, batch_dims):

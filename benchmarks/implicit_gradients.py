@@ -1,0 +1,314 @@
+"""Gradients through a solve: implicit vs unrolled, time and memory.
+
+Two problems, float64, CPU, inside `tf.function` (and under XLA):
+
+- curve fit: y = p0 exp(-p1 t) + p2 sin(3 p3 t), m = 10,000 samples, n = 4,
+  `tfg_optim.least_squares`; the loss is sum(position) and the gradient is
+  taken w.r.t. the data y (a captured tensor);
+- rotation fit: R = argmin over SO(3) of sum_i ||R x_i - y_i||^2, 10,000
+  point pairs, `tfg_optim.riemannian.levenberg_marquardt`; gradient w.r.t.
+  the target points y.
+
+Part 1 (one process, side by side): the time of the solve alone
+(gradients='none', forward), and of solve + gradient with
+gradients='implicit' and with gradients='unrolled', called in turn in each
+round; backward = the median over rounds of (solve + gradient) - solve,
+with the median absolute deviation of those differences as its noise, and
+its ratio to the forward time. Default tolerances (converged solves). The
+implicit "backward" includes what the implicit mode adds to the forward
+pass (one residual evaluation, one n x n Cholesky).
+
+Part 2 (one subprocess per row): the peak resident set size of solve +
+gradient with exactly k iterations (`StopAfterIteration(k)`, the trust
+region runs all of them on the curve fit), for both modes, minus the RSS
+after tracing (VmHWM - VmRSS from /proc/self/status; the tracing's own
+transient peak counts too, if it was higher): implicit stays flat in k,
+unrolled keeps every iteration's intermediates for the backward pass. On
+CPU `get_memory_info` is unavailable; RSS includes allocator slack, so
+differences of a few MiB mean nothing.
+
+Usage (from the repository root):
+
+    PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/implicit_gradients.py
+    ... --repeats 5 --iterations 10,100,400 --memory-m 50000 --skip-xla
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MIB = 1024.0 ** 2
+
+
+def _problems(tf, m):
+  """name -> (build(y, gradients, **options) -> (loss, iterations), y)."""
+  import tfg_optim  # pylint: disable=g-import-not-at-top
+  from tfg_optim import manifolds, riemannian  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  t = tf.constant(np.linspace(0.0, 4.0, m))
+  p = np.array([2.0, 1.3, 0.5, 0.7])
+  y_curve = (p[0] * np.exp(-p[1] * t.numpy()) +
+             p[2] * np.sin(3.0 * p[3] * t.numpy()) +
+             0.01 * rng.standard_normal(m))
+
+  def curve(y, gradients, **options):
+    def residual(q):
+      return q[0] * tf.exp(-q[1] * t) + q[2] * tf.sin(3.0 * q[3] * t) - y
+    result = tfg_optim.least_squares(
+        residual, tf.constant([1.0, 1.0, 0.3, 0.6], tf.float64),
+        gradients=gradients, **options)
+    return tf.reduce_sum(result.position), result.num_iterations
+
+  x_np = rng.standard_normal((m, 3))
+  angle = 0.8
+  rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0],
+                       [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+  y_rotation = x_np @ rotation.T + 0.05 * rng.standard_normal((m, 3))
+  x = tf.constant(x_np)
+
+  def rotation_fit(y, gradients, **options):
+    criterion = options.pop("stopping_criterion", None)
+    result = riemannian.levenberg_marquardt(
+        manifolds.SpecialOrthogonal(3),
+        lambda r: tf.matmul(x, r, transpose_b=True) - y,
+        tf.eye(3, dtype=tf.float64), gradients=gradients, return_state=True,
+        stopping_criterion=criterion, **options)
+    return tf.reduce_sum(result.position), result.num_iterations
+
+  return {"curve fit": (curve, tf.constant(y_curve)),
+          "rotation fit": (rotation_fit, tf.constant(y_rotation))}
+
+
+def _functions(tf, build, jit_compile, **options):
+  """(forward, implicit forward+backward, unrolled forward+backward)."""
+  def forward(y):
+    return build(y, "none", **options)
+
+  def with_gradient(gradients):
+    def run(y):
+      with tf.GradientTape() as tape:
+        tape.watch(y)
+        loss, iterations = build(y, gradients, **options)
+      return tape.gradient(loss, y), iterations
+    return run
+
+  make = lambda f: tf.function(f, jit_compile=jit_compile, autograph=False)
+  return (make(forward), make(with_gradient("implicit")),
+          make(with_gradient("unrolled")))
+
+
+def _timed(function, y):
+  begin = time.perf_counter()
+  out = function(y)
+  out[0].numpy()
+  return time.perf_counter() - begin, int(np.asarray(out[1]))
+
+
+def time_table(args):
+  """Medians over `repeats` rounds; each round calls the three functions in
+  turn, so a slow spell of a shared machine hits them alike."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rows = []
+  for name, (build, y) in _problems(tf, args.m).items():
+    for jit in ([False] if args.skip_xla else [False, True]):
+      functions = dict(zip(("forward", "implicit", "unrolled"),
+                           _functions(tf, build, jit)))
+      row = {"problem": name, "mode": "XLA" if jit else "tf.function"}
+      for label, function in list(functions.items()):
+        try:
+          row[label + "_first"], count = _timed(function, y)
+          if label == "forward":
+            row["iterations"] = count
+        except Exception as error:  # pylint: disable=broad-except
+          row[label + "_error"] = type(error).__name__
+          row[label + "_message"] = " ".join(str(error).split())[:300]
+          del functions[label]
+      samples = {label: [] for label in functions}
+      for _ in range(args.repeats):
+        for label, function in functions.items():
+          samples[label].append(_timed(function, y)[0])
+      row["forward"] = statistics.median(samples["forward"])
+      for label in ("implicit", "unrolled"):
+        if label not in samples:
+          row[label] = row[label + "_backward"] = None
+          continue
+        row[label] = statistics.median(samples[label])
+        # Backward: the median over rounds of (solve + gradient) - solve,
+        # each round's pair measured back to back; its noise: the median
+        # absolute deviation of those differences.
+        differences = [a - b for a, b in zip(samples[label],
+                                              samples["forward"])]
+        middle = statistics.median(differences)
+        row[label + "_backward"] = middle
+        row[label + "_noise"] = statistics.median(
+            abs(d - middle) for d in differences)
+      rows.append(row)
+      print(f"  {name}, {row['mode']}: done", flush=True)
+  return rows
+
+
+def _status_bytes(field):
+  """A /proc/self/status memory field (VmRSS, VmHWM) in bytes.
+
+  VmHWM, the peak RSS of this process image, is used rather than
+  getrusage's ru_maxrss, which Linux carries over from the parent at fork
+  and exec (it reported the parent's ~800 MiB for every child)."""
+  with open("/proc/self/status") as status:
+    for line in status:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+def child(problem, gradients, iterations, m):
+  """One solve + gradient with exactly `iterations` iterations; prints JSON."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tfg_optim import stopping  # pylint: disable=g-import-not-at-top
+  build, y = _problems(tf, m)[problem]
+
+  @tf.function(autograph=False)
+  def run(y):
+    with tf.GradientTape() as tape:
+      tape.watch(y)
+      loss, count = build(y, gradients, stopping_criterion=(
+          stopping.StopAfterIteration(iterations)))
+    return tape.gradient(loss, y), count
+
+  run.get_concrete_function(y)  # Trace first: the baseline has the graph.
+  baseline = _status_bytes("VmRSS")
+  begin = time.perf_counter()
+  gradient, count = run(y)
+  seconds = time.perf_counter() - begin
+  peak = _status_bytes("VmHWM")
+  print(json.dumps({"problem": problem, "gradients": gradients,
+                    "iterations": int(count), "requested": iterations,
+                    "extra": peak - baseline, "seconds": seconds,
+                    "finite": bool(np.all(np.isfinite(gradient.numpy())))}))
+
+
+def memory_table(args):
+  rows = []
+  env = dict(os.environ)
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  for problem in ("curve fit", "rotation fit"):
+    for gradients in ("implicit", "unrolled"):
+      for k in [int(v) for v in args.iterations.split(",")]:
+        process = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--child", problem,
+             gradients, str(k), "--memory-m", str(args.memory_m)],
+            capture_output=True, text=True, env=env, check=False)
+        if process.returncode:
+          tail = (process.stderr.strip().splitlines() or ["?"])[-1]
+          rows.append({"problem": problem, "gradients": gradients,
+                       "requested": k, "error": tail[:100]})
+        else:
+          rows.append(json.loads(process.stdout.strip().splitlines()[-1]))
+        print(f"  {problem}, {gradients}, k={k}: done", flush=True)
+  return rows
+
+
+def _format_time(seconds):
+  return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def print_tables(times, memory, args):
+  print(f"\nTime (ms; medians of {args.repeats} rounds), m = {args.m:,d}, "
+        f"float64, CPU ({os.cpu_count()} cores). backward = median over "
+        "rounds of (solve + gradient) - solve, +- its median absolute "
+        "deviation")
+  header = ("problem", "mode", "iters", "solve", "implicit backward",
+            "implicit bwd/fwd", "unrolled backward", "unrolled bwd/fwd",
+            "unrolled/implicit")
+  lines = [header]
+  for row in times:
+    cells = []
+    for label in ("implicit", "unrolled"):
+      back = row.get(label + "_backward")
+      if back is None:
+        cells += ["fails: " + row.get(label + "_error", "?"), "-"]
+        continue
+      cells += [f"{back * 1e3:.2f} +- {row[label + '_noise'] * 1e3:.2f}",
+                f"{back / row['forward']:.2f}"]
+    implicit, unrolled = row.get("implicit_backward"), row.get(
+        "unrolled_backward")
+    if implicit is None or unrolled is None:
+      ratio = "-"
+    elif implicit <= 2.0 * row["implicit_noise"]:
+      ratio = "implicit within noise"
+    else:
+      ratio = f"{unrolled / implicit:.0f}"
+    lines.append((row["problem"], row["mode"], str(row["iterations"]),
+                  _format_time(row["forward"])) + tuple(cells) + (ratio,))
+  _print_lines(lines)
+  for row in times:
+    for label in ("implicit", "unrolled"):
+      if row.get(label + "_message"):
+        print(f"  {row['problem']}, {row['mode']}, {label}: "
+              f"{row[label + '_message'][:160]}")
+  if memory:
+    print(f"\nPeak RSS of solve + gradient minus RSS after tracing (MiB), "
+          f"m = {args.memory_m:,d}, tf.function, k iterations (first call: "
+          "includes graph optimization)")
+    lines = [("problem", "gradients", "k requested", "iterations run",
+              "extra RSS [MiB]", "first call [s]", "gradient finite")]
+    for row in memory:
+      if "error" in row:
+        lines.append((row["problem"], row["gradients"], str(row["requested"]),
+                      "-", row["error"], "-", "-"))
+        continue
+      lines.append((row["problem"], row["gradients"], str(row["requested"]),
+                    str(row["iterations"]), f"{row['extra'] / MIB:.0f}",
+                    f"{row['seconds']:.2f}", str(row["finite"])))
+    _print_lines(lines)
+
+
+def _print_lines(lines):
+  widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+  for index, line in enumerate(lines):
+    print("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) +
+          " |")
+    if index == 0:
+      print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def main():
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+  parser.add_argument("--m", type=int, default=10_000,
+                      help="residual blocks of the timed problems")
+  parser.add_argument("--repeats", type=int, default=50)
+  parser.add_argument("--skip-xla", action="store_true")
+  parser.add_argument("--skip-memory", action="store_true")
+  parser.add_argument("--iterations", default="10,100,400",
+                      help="iteration counts of the memory rows")
+  parser.add_argument("--memory-m", type=int, default=50_000)
+  parser.add_argument("--json", help="also write the rows to this file")
+  args = parser.parse_args()
+  if args.child:
+    child(args.child[0], args.child[1], int(args.child[2]), args.memory_m)
+    return
+  print("Timing (one process) ...", flush=True)
+  times = time_table(args)
+  memory = []
+  if not args.skip_memory:
+    print("Memory (one subprocess per row) ...", flush=True)
+    memory = memory_table(args)
+  print_tables(times, memory, args)
+  if args.json:
+    with open(args.json, "w") as output:
+      json.dump({"times": times, "memory": memory}, output, indent=1)
+
+
+if __name__ == "__main__":
+  main()

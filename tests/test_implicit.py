@@ -1,0 +1,531 @@
+"""Tests of gradients through solves by implicit differentiation.
+
+Independent truth: closed-form derivatives of linear least squares
+(x = (A^T A)^-1 A^T b) and of a quadratic's minimizer (x = A^-1 b), central
+finite differences of scipy re-solves of a curve fit, and of the closed-form
+Kabsch (SVD) rotation. Every tolerance is far below the size of the errors
+the approximations the tests tell apart would make.
+"""
+
+import functools
+import tempfile
+
+import numpy as np
+import pytest
+import scipy.optimize
+import tensorflow as tf
+
+import tfg_optim
+from tests import modes
+from tfg_optim import lbfgs
+from tfg_optim import manifolds
+from tfg_optim import riemannian
+from tfg_optim import StopReason
+from tfg_optim import _implicit
+
+
+
+def _jacobian(tape, target, source):
+  """tape.jacobian without pfor (which traces the backward pass: seconds)."""
+  return tape.jacobian(target, source, experimental_use_pfor=False).numpy()
+
+
+# -- problems ------------------------------------------------------------------
+
+
+def _linear_problem(seed=0, m=6, n=3, zero_residual=False):
+  rng = np.random.default_rng(seed)
+  a = rng.standard_normal((m, n))
+  b = a @ rng.standard_normal(n) if zero_residual else rng.standard_normal(m)
+  return a, b
+
+
+def _linear_solve(a, b, start=None, **options):
+  residual = lambda x: tf.linalg.matvec(a, x) - b
+  if start is None:
+    start = tf.zeros(a.shape[:-2].as_list() + [a.shape[-1]], a.dtype)
+  return tfg_optim.least_squares(residual, start,
+                                 batch_dims=a.shape.rank - 2, **options)
+
+
+def _linear_expectations(a, b, u, cost_weight, hessian):
+  """Closed-form gradients of u . x + cost_weight * cost w.r.t. (a, b).
+
+  With v = (A^T A)^-1 u and r = A x - b: d(u . x)/db = A v and
+  d(u . x)/dA = -(r v^T + (A v) x^T) (the first term is what Gauss-Newton
+  drops); by the envelope theorem d cost/db = -r, d cost/dA = r x^T.
+  """
+  x = np.linalg.lstsq(a, b, rcond=None)[0]
+  r = a @ x - b
+  v = np.linalg.solve(a.T @ a, u)
+  grad_a = -np.outer(a @ v, x) + cost_weight * np.outer(r, x)
+  if hessian == "exact":
+    grad_a -= np.outer(r, v)
+  return grad_a, a @ v - cost_weight * r
+
+
+@pytest.mark.parametrize("hessian", ["gauss_newton", "exact"])
+def test_linear_least_squares_closed_form(hessian):
+  """dx/db = (A^T A)^-1 A^T; the A-gradient has the r v^T term only with
+  the exact Hessian (the residual is not zero); the cost by the envelope."""
+  a_np, b_np = _linear_problem()
+  a, b = tf.constant(a_np), tf.constant(b_np)
+  u = np.array([1.0, -2.0, 0.5])
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch([a, b])
+    result = _linear_solve(a, b, implicit_hessian=hessian)
+    loss = tf.reduce_sum(u * result.position) + 3.0 * result.cost
+  np.testing.assert_allclose(_jacobian(tape, result.position, b),
+                             np.linalg.pinv(a_np), atol=1e-12)
+  grad_a, grad_b = tape.gradient(loss, [a, b])
+  want_a, want_b = _linear_expectations(a_np, b_np, u, 3.0, hessian)
+  np.testing.assert_allclose(grad_b, want_b, atol=1e-10)
+  np.testing.assert_allclose(grad_a, want_a, atol=1e-10)
+  assert np.abs(np.outer(result.residual, np.linalg.solve(
+      a_np.T @ a_np, u))).max() > 1e-2  # the term that tells them apart
+
+
+def test_gauss_newton_is_exact_at_a_zero_residual():
+  a_np, b_np = _linear_problem(seed=1, zero_residual=True)
+  a, b = tf.constant(a_np), tf.constant(b_np)
+  u = np.array([0.3, 1.0, -1.0])
+  with tf.GradientTape() as tape:
+    tape.watch(a)
+    loss = tf.reduce_sum(u * _linear_solve(a, b).position)
+  np.testing.assert_allclose(tape.gradient(loss, a),
+                             _linear_expectations(a_np, b_np, u, 0.0,
+                                                  "exact")[0], atol=1e-10)
+
+
+def test_active_bound_holds_its_component_fixed():
+  """With x_0 held at its upper bound, x_0 does not move and the others are
+  the least-squares solution of the rest: dx_{1:}/db = pinv(A[:, 1:])."""
+  a_np, b_np = _linear_problem(seed=2)
+  upper = np.linalg.lstsq(a_np, b_np, rcond=None)[0][0] - 0.5
+  a, b = tf.constant(a_np), tf.constant(b_np)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(b)
+    result = _linear_solve(a, b, start=tf.constant([upper - 1.0, 0.0, 0.0],
+                                                   tf.float64),
+                           bounds=([-np.inf, -np.inf, -np.inf],
+                                   [upper, np.inf, np.inf]))
+  assert result.converged and float(result.position[0]) == upper
+  jacobian = _jacobian(tape, result.position, b)
+  np.testing.assert_array_equal(jacobian[0], 0.0)
+  np.testing.assert_allclose(jacobian[1:], np.linalg.pinv(a_np[:, 1:]),
+                             atol=1e-12)
+
+
+# -- a nonlinear curve fit against finite differences of scipy re-solves -------
+
+
+_T = np.linspace(0.0, 1.0, 8)
+_PARAMETERS = np.array([2.0, -1.3])
+
+
+def _curve_data(noise):
+  rng = np.random.default_rng(3)
+  y = _PARAMETERS[0] * np.exp(_PARAMETERS[1] * _T)
+  return y + noise * rng.standard_normal(_T.shape)
+
+
+def _scipy_fit(t, y):
+  """scipy's MINPACK fit (it stops ~1e-9 away), polished by Newton's method
+  with the exact Hessian to rounding level."""
+  e = lambda p: np.exp(p[1] * t)
+  jacobian = lambda p: np.stack([e(p), p[0] * t * e(p)], -1)
+  p = scipy.optimize.least_squares(
+      lambda p: p[0] * e(p) - y, [1.0, -1.0], jac=jacobian, method="lm",
+      xtol=1e-15, ftol=1e-15, gtol=1e-15).x
+  for _ in range(3):
+    r, j = p[0] * e(p) - y, jacobian(p)
+    cross = r @ (t * e(p))
+    hessian = j.T @ j + np.array([[0.0, cross],
+                                  [cross, r @ (p[0] * t * t * e(p))]])
+    p = p - np.linalg.solve(hessian, j.T @ r)
+  return p
+
+
+def _gauss_newton_derivative(y):
+  """dx/dy = (J^T J)^-1 J^T of the curve fit at its polished solution."""
+  p = _scipy_fit(_T, y)
+  jacobian = np.stack([np.exp(p[1] * _T), p[0] * _T * np.exp(p[1] * _T)],
+                      -1)
+  return np.linalg.solve(jacobian.T @ jacobian, jacobian.T)
+
+
+def _curve_residual(t, y):
+  return lambda p: p[..., :1] * tf.exp(p[..., 1:] * t) - y
+
+
+@pytest.mark.parametrize("noise, hessian", [(0.0, "gauss_newton"),
+                                            (0.05, "exact")])
+def test_curve_fit_matches_finite_differences_of_re_solves(noise, hessian):
+  """y = a exp(b t); data held in a tf.Variable (y) and a tensor (t). Zero
+  residual: Gauss-Newton; noisy data: the exact Hessian."""
+  y_np = _curve_data(noise)
+  y = tf.Variable(y_np)
+  t = tf.constant(_T)
+  u = np.array([0.7, -1.1])
+  with tf.GradientTape() as tape:
+    tape.watch(t)
+    result = tfg_optim.least_squares(_curve_residual(t, y),
+                                     tf.constant([1.0, -1.0], tf.float64),
+                                     implicit_hessian=hessian)
+    loss = tf.reduce_sum(u * result.position)
+  grad_t, grad_y = tape.gradient(loss, [t, y])
+  rng = np.random.default_rng(4)
+  for value, grad, which in ((y_np, grad_y, 1), (_T, grad_t, 0)):
+    direction = rng.standard_normal(value.shape)
+
+    solves = []
+    for sign in (1.0, -1.0):
+      moved = value + sign * 1e-5 * direction
+      solves.append(_scipy_fit(moved, y_np) if which == 0 else
+                    _scipy_fit(_T, moved))
+    finite_difference = u @ (solves[0] - solves[1]) / 2e-5
+    np.testing.assert_allclose(np.sum(grad.numpy() * direction),
+                               finite_difference, rtol=1e-6)
+    if which == 1 and noise:
+      # Gauss-Newton's dx/dy = (J^T J)^-1 J^T is off by percents here: the
+      # approximation docs/differentiation.md describes.
+      assert abs(u @ _gauss_newton_derivative(y_np) @ direction /
+                 finite_difference - 1.0) > 1e-3
+
+
+def test_not_converged_gradient_is_that_of_a_gauss_newton_step():
+  """After 1 iteration the gradient is d/dtheta of x - (J^T J)^-1 J^T r(x,
+  theta) at the returned (held) x, computed here from the explicit formula."""
+  y = tf.constant(_curve_data(0.05))
+  t = tf.constant(_T)
+  with tf.GradientTape() as tape:
+    tape.watch(y)
+    result = tfg_optim.least_squares(_curve_residual(t, y),
+                                     tf.constant([1.0, -0.5], tf.float64),
+                                     max_iterations=1)
+    loss = tf.reduce_sum(result.position)
+  assert not result.converged
+  got = tape.gradient(loss, y)
+  p = result.position.numpy()
+  jacobian = np.stack([np.exp(p[1] * _T), p[0] * _T * np.exp(p[1] * _T)], -1)
+  # d/dy of -(J^T J)^-1 J^T (model(p) - y) = (J^T J)^-1 J^T.
+  want = np.ones(2) @ np.linalg.solve(jacobian.T @ jacobian, jacobian.T)
+  np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+# -- Riemannian: the Kabsch rotation -------------------------------------------
+
+
+def _kabsch(x, y):
+  """argmin over rotations R of sum_i ||R x_i - y_i||^2 (rows x_i, y_i)."""
+  u, _, vt = np.linalg.svd(x.T @ y)
+  d = np.sign(np.linalg.det(vt.T @ u.T))
+  return vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+
+
+@pytest.mark.parametrize("noise, hessian", [(0.0, "gauss_newton"),
+                                            (0.1, "exact")])
+def test_kabsch_rotation_derivative_matches_svd_finite_differences(noise,
+                                                                   hessian):
+  rng = np.random.default_rng(5)
+  x_np = rng.standard_normal((6, 3))
+  rotation = scipy.spatial.transform.Rotation.from_rotvec(
+      [0.3, -0.2, 0.5]).as_matrix()
+  y_np = x_np @ rotation.T + noise * rng.standard_normal(x_np.shape)
+  x, y = tf.constant(x_np), tf.constant(y_np)
+  weights = rng.standard_normal((3, 3))
+  so3 = manifolds.SpecialOrthogonal(3)
+  with tf.GradientTape() as tape:
+    tape.watch([x, y])
+    solved = riemannian.levenberg_marquardt(
+        so3, lambda r: tf.matmul(x, r, transpose_b=True) - y,
+        tf.eye(3, dtype=tf.float64), implicit_hessian=hessian)
+    loss = tf.reduce_sum(weights * solved)
+  np.testing.assert_allclose(solved, _kabsch(x_np, y_np), atol=1e-10)
+  grads = tape.gradient(loss, [x, y])
+  h = 1e-6
+  for index, grad in enumerate(grads):
+    direction = rng.standard_normal(x_np.shape)
+    moved = [[x_np, y_np], [x_np, y_np]]
+    moved[0][index] = moved[0][index] + h * direction
+    moved[1][index] = moved[1][index] - h * direction
+    finite_difference = np.sum(weights * (_kabsch(*moved[0]) -
+                                          _kabsch(*moved[1]))) / (2.0 * h)
+    np.testing.assert_allclose(np.sum(grad.numpy() * direction),
+                               finite_difference, rtol=1e-6, atol=1e-9)
+
+
+# -- L-BFGS and BFGS -----------------------------------------------------------
+
+
+def _quadratic(a, b):
+  """1/2 x^T A x - b^T x (batched over leading axes)."""
+  return lambda x: (0.5 * tf.reduce_sum(x * tf.linalg.matvec(a, x), -1) -
+                    tf.reduce_sum(b * x, -1))
+
+
+@pytest.mark.parametrize("method", [lbfgs.minimize_lbfgs, lbfgs.minimize_bfgs])
+def test_quadratic_minimizer_derivative_is_inverse_matrix(method):
+  rng = np.random.default_rng(6)
+  m = rng.standard_normal((4, 4))
+  a_np = m @ m.T + 4.0 * np.eye(4)
+  a, b = tf.constant(a_np), tf.Variable(rng.standard_normal(4))
+  with tf.GradientTape(persistent=True) as tape:
+    _, _, position, value, _ = method(_quadratic(a, b), tf.zeros(4, tf.float64),
+                                      dtype="float64", max_iters=100)
+  np.testing.assert_allclose(_jacobian(tape, position, b), np.linalg.inv(a_np),
+                             atol=1e-12)
+  # The envelope theorem: d min f / db = -x*.
+  np.testing.assert_allclose(tape.gradient(value, b), -position, atol=1e-12)
+
+
+# -- batches -------------------------------------------------------------------
+
+
+def test_batched_gradient_equals_per_problem_gradients():
+  """Three curve fits solved as one batch: the Jacobian of the [3, 2]
+  solutions w.r.t. the [3, 8] data is block diagonal with each problem's
+  own dx/dy (its closed form at each problem's own solution). And a batch
+  of two quadratics in L-BFGS."""
+  y_np = np.stack([_curve_data(0.05) * scale for scale in (1.0, 0.5, 2.0)])
+  t = tf.constant(_T)
+  y = tf.constant(y_np)
+  start = tf.constant([[1.0, -1.0]] * 3, tf.float64)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(y)
+    batched = tfg_optim.least_squares(_curve_residual(t, y), start,
+                                      batch_dims=1).position
+  jacobian = _jacobian(tape, batched, y)
+  for i in range(3):
+    for j in range(3):
+      want = _gauss_newton_derivative(y_np[i]) if i == j else 0.0
+      np.testing.assert_allclose(jacobian[i, :, j], np.broadcast_to(
+          want, (2, 8)), rtol=1e-7, atol=1e-9)
+
+  rng = np.random.default_rng(7)
+  a_np = np.stack([np.diag([1.0, 2.0, 4.0]), np.diag([3.0, 1.0, 0.5])])
+  a, b = tf.constant(a_np), tf.constant(rng.standard_normal((2, 3)))
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(b)
+    position = lbfgs.minimize_lbfgs(_quadratic(a, b), tf.zeros([2, 3],
+                                                             tf.float64),
+                                    dtype="float64", batch_dims=1)[2]
+  np.testing.assert_allclose(_jacobian(tape, position, b),
+                             np.einsum("ij,ikl->ikjl", np.eye(2),
+                                       np.linalg.inv(a_np)), atol=1e-12)
+
+
+def test_failed_problem_of_a_batch_gets_zero_not_nan_gradients():
+  a_np, b_np = _linear_problem(seed=8)
+  b_np = np.stack([b_np, np.full_like(b_np, np.nan)])
+  a = tf.constant(np.stack([a_np, a_np]))
+  b = tf.constant(b_np)
+  with tf.GradientTape() as tape:
+    tape.watch(b)
+    result = _linear_solve(a, b)
+    loss = tf.reduce_sum(tf.where(tf.math.is_finite(result.position),
+                                  result.position, 0.0))
+  assert StopReason(int(result.stop_reason[1])) == StopReason.NOT_FINITE
+  grad = tape.gradient(loss, b).numpy()
+  np.testing.assert_allclose(grad[0], np.ones(3) @ np.linalg.pinv(a_np),
+                             atol=1e-12)
+  np.testing.assert_array_equal(grad[1], 0.0)
+
+
+# -- execution modes -----------------------------------------------------------
+
+
+# The smallest loop body (quickest to trace and compile); the gradient's
+# machinery does not depend on the damping.
+_SMALL_LOOP = {"damping": "nielsen", "geodesic_acceleration": None}
+
+
+def _mode_build(mode):
+  """(A, b) -> (d/dA, d/db) of u . x + 2 cost, through a tape (tf.gradients
+  in a TF1 graph), and the (position, cost, residual) of the implicit solve
+  and (but in a Session, to save its time) of a solve with gradients='none'
+  (which must be the same bits)."""
+  def build(a, b):
+    u = tf.constant([1.0, -2.0, 0.5], a.dtype)
+    fields = lambda r: (r.position, r.cost, r.residual)
+    if mode == "session":
+      result = _linear_solve(a, b, **_SMALL_LOOP)
+      loss = tf.reduce_sum(u * result.position) + 2.0 * result.cost
+      return tf.gradients(loss, [a, b]), fields(result), fields(result)
+    plain = fields(_linear_solve(a, b, gradients="none", **_SMALL_LOOP))
+    with tf.GradientTape() as tape:
+      tape.watch([a, b])
+      result = _linear_solve(a, b, **_SMALL_LOOP)
+      loss = tf.reduce_sum(u * result.position) + 2.0 * result.cost
+    return tape.gradient(loss, [a, b]), fields(result), plain
+  return build
+
+
+@functools.lru_cache(maxsize=None)
+def _function_mode():
+  """The tf.function of the 'function' mode, traced once for two tests."""
+  return tf.function(_mode_build("function"), autograph=False)
+
+
+@pytest.mark.parametrize("mode, dtype", [(mode, "float64")
+                                         for mode in modes.MODES] +
+                         [("eager", "float32")])
+def test_gradients_in_every_mode(mode, dtype):
+  """The gradients, and values bit for bit those of gradients='none'."""
+  a_np, b_np = _linear_problem(seed=9)
+  inputs = [a_np.astype(dtype), b_np.astype(dtype)]
+  if mode == "function":
+    outputs = tf.nest.map_structure(lambda t: t.numpy(),
+                                    _function_mode()(*inputs))
+  else:
+    outputs = modes.run(_mode_build(mode), inputs, mode)
+  (grad_a, grad_b), values, plain = outputs
+  want_a, want_b = _linear_expectations(a_np, b_np, [1.0, -2.0, 0.5], 2.0,
+                                        "gauss_newton")
+  tolerance = 1e-10 if dtype == "float64" else 1e-4
+  np.testing.assert_allclose(grad_a, want_a, atol=tolerance)
+  np.testing.assert_allclose(grad_b, want_b, atol=tolerance)
+  for value, reference in zip(values, plain):
+    np.testing.assert_array_equal(value, reference)
+
+
+def test_forward_mode():
+  """Forward mode (how the engine takes Jacobians, so a solve nested in a
+  residual differentiates) sees the implicit derivative: eagerly through a
+  solve, and in a graph through the attached outputs (here at the closed-form
+  solution: a graph's accumulator would also trace the loop's discarded
+  tangents, seconds). The exact Hessian and L-BFGS refuse forward mode."""
+  a_np, b_np = _linear_problem(seed=12)
+  a, b = tf.constant(a_np), tf.constant(b_np)
+  tangent = tf.constant(np.arange(6.0))
+  want = np.linalg.pinv(a_np) @ tangent.numpy()
+  with tf.autodiff.ForwardAccumulator(b, tangent) as accumulator:
+    position = _linear_solve(a, b, **_SMALL_LOOP).position
+  np.testing.assert_allclose(accumulator.jvp(position), want, atol=1e-12)
+
+  x = np.linalg.lstsq(a_np, b_np, rcond=None)[0]
+  r = a_np @ x - b_np
+  fields = dict.fromkeys(tfg_optim.LeastSquaresResults._fields)
+  fields.update(position=[tf.constant(x)], residual=tf.constant(r),
+                cost=tf.constant(0.5 * r @ r))
+
+  @tf.function(autograph=False)
+  def jvp(b):
+    with tf.autodiff.ForwardAccumulator(b, tangent) as accumulator:
+      attached = _implicit.attach_least_squares(
+          tfg_optim.LeastSquaresResults(**fields), a,
+          lambda p: tf.linalg.matvec(a, p[0]) - b, None,
+          None, lambda p, c: [c])
+    return [accumulator.jvp(t) for t in (attached.position[0],
+                                          attached.cost)]
+
+  position_tangent, cost_tangent = jvp(b)
+  np.testing.assert_allclose(position_tangent, want, atol=1e-12)
+  np.testing.assert_allclose(cost_tangent, -r @ tangent.numpy(), atol=1e-12)
+  with tf.autodiff.ForwardAccumulator(b, tangent):
+    with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
+      _linear_solve(a, b, implicit_hessian="exact", max_iterations=1)
+    with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
+      lbfgs.minimize_lbfgs(lambda x: tf.reduce_sum(tf.square(x - b)),
+                           tf.zeros(6, tf.float64), dtype="float64",
+                           max_iters=1)
+
+
+def test_loop_is_not_differentiated_in_a_graph():
+  """The gradient graph holds no accumulator of the loop's intermediates
+  (TensorList ops), only the implicit solve's factorization."""
+  a_np, b_np = _linear_problem(seed=9)
+  graph = _function_mode().get_concrete_function(
+      a_np, b_np).graph.as_graph_def()
+  op_types = {node.op for node in graph.node}
+  for library_function in graph.library.function:
+    op_types |= {node.op for node in library_function.node_def}
+  assert not {op for op in op_types if op.startswith("TensorList")}, op_types
+  assert "Cholesky" in op_types and "StatelessWhile" in op_types
+
+
+def test_saved_model_keeps_the_implicit_gradient():
+  a_np, b_np = _linear_problem(seed=10)
+  module = tf.Module()
+  module.solve = tf.function(
+      lambda b: _linear_solve(tf.constant(a_np), b, **_SMALL_LOOP).position,
+      input_signature=[tf.TensorSpec([6], tf.float64)])
+  with tempfile.TemporaryDirectory() as directory:
+    tf.saved_model.save(module, directory)
+    loaded = tf.saved_model.load(directory)
+    b = tf.constant(b_np)
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(b)
+      position = loaded.solve(b)
+    np.testing.assert_allclose(_jacobian(tape, position, b),
+                               np.linalg.pinv(a_np), atol=1e-12)
+
+
+# -- the three modes of `gradients=` -------------------------------------------
+
+
+def test_unrolled_and_none():
+  a_np, b_np = _linear_problem(seed=11, m=4, n=2)
+  a, b = tf.constant(a_np), tf.constant(b_np)
+  gradients = {}
+  # The unrolled iterates' derivative tends to the implicit one as the
+  # damping vanishes. (Eagerly, the trust region's unrolled position has no
+  # gradient; Nielsen's damping is used here.)
+  for option in ("unrolled", "none"):
+    with tf.GradientTape() as tape:
+      tape.watch(b)
+      result = _linear_solve(a, b, gradients=option, damping="nielsen",
+                             geodesic_acceleration=None)
+      loss = tf.reduce_sum(result.position) + result.cost
+    gradients[option] = tape.gradient(loss, b)
+  assert gradients["none"] is None
+  # d(sum(x) + cost)/db = 1^T pinv(A) - r: the implicit gradient (tested
+  # above), which the unrolled iterates' derivative approaches.
+  want = np.ones(2) @ np.linalg.pinv(a_np) - result.residual.numpy()
+  np.testing.assert_allclose(gradients["unrolled"], want, atol=1e-6)
+
+
+def test_none_in_riemannian_and_lbfgs():
+  b = tf.constant([1.0, 2.0], tf.float64)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(b)
+    point = riemannian.levenberg_marquardt(
+        manifolds.Euclidean(2), lambda x: x - b, tf.zeros(2, tf.float64),
+        gradients="none")
+    position = lbfgs.minimize_lbfgs(
+        lambda x: tf.reduce_sum(tf.square(x - b)), tf.zeros(2, tf.float64),
+        dtype="float64", gradients="none")[2]
+  assert tape.gradient(point, b) is None
+  assert tape.gradient(position, b) is None
+
+
+@pytest.mark.parametrize("call", [
+    lambda **k: tfg_optim.least_squares(lambda x: x, np.ones(2), **k),
+    lambda **k: riemannian.levenberg_marquardt(
+        manifolds.Euclidean(2), lambda x: x, np.ones(2), **k),
+    lambda **k: lbfgs.minimize_lbfgs(lambda x: tf.reduce_sum(x * x),
+                                     np.ones(2, np.float32), **k),
+    lambda **k: lbfgs.minimize_bfgs(lambda x: tf.reduce_sum(x * x),
+                                    np.ones(2, np.float32), **k)])
+def test_invalid_option_names_the_argument(call):
+  with pytest.raises(ValueError, match="'gradients'"):
+    call(gradients="implicitly")
+  if call.__code__.co_consts and "lbfgs" not in str(call.__code__.co_names):
+    with pytest.raises(ValueError, match="'implicit_hessian'"):
+      call(implicit_hessian="newton")
+
+
+# -- Keras ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_keras_model_learns_through_a_pose_fit(jit_compile):
+  keras = pytest.importorskip("keras")
+  from tfg_optim.examples import learned_pose  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(0)
+  features, poses = learned_pose.make_data(num_examples=128)
+  model = learned_pose.build_model(jit_compile, learning_rate=0.03,
+                                   max_iterations=10, **_SMALL_LOOP)
+  history = model.fit(features, poses, batch_size=64, epochs=3, verbose=0)
+  losses = history.history["loss"]
+  assert losses[-1] < 0.6 * losses[0], losses

@@ -1,0 +1,498 @@
+r"""Gradients of a solve by implicit differentiation.
+
+A solver returns x* = argmin_x f(x, theta), where theta is every tensor (or
+`tf.Variable`) that the residual or objective captures. At a stationary
+point g(x*, theta) = grad_x f(x*, theta) = 0, so by the implicit function
+theorem
+
+    dx*/dtheta = -H^-1 d^2 f / (dx dtheta),        H = d^2 f / dx^2,
+
+and for a loss L(x*) the vector-Jacobian product is
+
+    H w = dL/dx*,        dL/dtheta = -d/dtheta [g(x*, theta) . w]
+
+with x* and w held constant: one linear solve and one ordinary reverse pass
+through g. The `tf.while_loop` of the solver is never differentiated.
+
+Least squares, f = 1/2 ||r(x, theta)||^2, J = dr/dx:
+
+- Gauss-Newton (default): H = J^T J and d^2 f / (dx dtheta) = J^T dr/dtheta,
+  dropping the terms sum_i r_i d^2 r_i in both, so
+
+      dL/dtheta = -(dr/dtheta)^T (J w).
+
+  This is the derivative of the solution of the problem linearized at x*; it
+  is exact where the residual vanishes at the solution, and for residuals
+  linear in x whose Jacobian does not depend on theta (r = A x - b(theta)).
+  Otherwise its error is of the order of ||r(x*)|| times the curvature of r.
+- exact: H and the mixed derivative of f itself, by nested tapes (one
+  Hessian of f in the tangent coordinates, n reverse passes).
+
+The final cost c(theta) = f(x*(theta), theta) has, by the envelope theorem,
+dc/dtheta = df/dtheta at fixed x* (the term through x* is g . dx*/dtheta = 0):
+no solve. The final residual r(x*(theta), theta) has dr/dtheta + J dx*/dtheta.
+When several outputs are used, their cotangents are summed before the one
+solve: (x_bar, c_bar, r_bar) -> H w = P^T x_bar + J^T r_bar, and
+theta_bar = (dr/dtheta)^T (r_bar + c_bar r - J w) (Gauss-Newton).
+
+Manifolds. The solver's Jacobian is that of c -> r(R_{x*}(c)) in the
+orthonormal tangent coordinates c at x*; the same coordinates are used here,
+and P = dR_{x*}(c)/dc at c = 0 maps them to the point's ambient values, so a
+point's cotangent x_bar enters the solve as P^T x_bar (the projection onto
+the tangent space, in coordinates).
+
+Bounds and unidentified variables. A coordinate whose Jacobian column is
+exactly zero at x* (held fixed at an active bound by the solver, or without
+influence on the residual) gets a zero derivative: its rows and columns of H
+are replaced by those of the identity and its right-hand side by 0.
+
+The linear solve is a Cholesky factorization of H; a problem whose factor is
+not finite (H singular) is refactored as H + delta I with
+delta = sqrt(eps) max_j |H_jj| (a tiny regularization, only then); a problem
+whose residual, Jacobian or solution is still not finite contributes a zero
+gradient rather than NaN. Batches: the problems are independent, so H is
+block diagonal and each problem has its own [n, n] factorization.
+
+Mechanism. The solver runs with its outputs under `tf.stop_gradient` (and,
+eagerly under a tape, in a thread of its own, so that no tape of the caller
+records its iterations: memory does not grow with them). Then the residual
+(or objective) is evaluated once more at the stopped x*, in the caller's
+context, where every captured tensor and variable is visible to the
+caller's tapes, and the outputs are rebuilt from it:
+
+- Gauss-Newton: with the live residual r(theta) and the stopped J, the
+  Gauss-Newton step s(theta) = -(J^T J)^-1 J^T r(theta) has
+  ds/dtheta = dx*/dtheta, and the outputs are the solver's values plus terms
+  t - stop_gradient(t) (s, r, 1/2 ||r||^2 and their images), which are
+  exactly zero for finite t: the values are the solver's bit for bit, the
+  derivatives the implicit ones, in reverse and forward mode alike, with
+  plain ops (no custom gradient), at the price of one residual evaluation
+  and one n x n Cholesky per problem in the forward pass.
+- exact Hessian, L-BFGS: one `tf.custom_gradient` identity whose inputs are
+  the solver's outputs and the live evaluation (value and gradient of f);
+  its backward pass forms H with tapes and solves, and returns the
+  cotangent of the live evaluation; forward mode is refused.
+
+Either way ordinary automatic differentiation carries the result from the
+live evaluation to closures over tensors and `tf.Variable`s alike. The
+outputs are differentiated as one (Gauss-)Newton step x* - H^-1 g(x*, theta)
+from the held point: away from a stationary point (a solve stopped early)
+that is what the gradient means.
+"""
+
+import contextlib
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+GRADIENTS = ("implicit", "unrolled", "none")
+HESSIANS = ("gauss_newton", "exact")
+
+
+def check_gradients(gradients):
+  """`gradients` if it is one of GRADIENTS; ValueError naming it otherwise."""
+  if not isinstance(gradients, str) or gradients not in GRADIENTS:
+    raise ValueError(f"'gradients' must be one of {GRADIENTS}, got "
+                     f"{gradients!r}.")
+  return gradients
+
+
+def check_hessian(hessian):
+  """`implicit_hessian` if it is one of HESSIANS; ValueError otherwise."""
+  if not isinstance(hessian, str) or hessian not in HESSIANS:
+    raise ValueError(f"'implicit_hessian' must be one of {HESSIANS}, got "
+                     f"{hessian!r}.")
+  return hessian
+
+
+# -- running the solver out of the tapes' view ---------------------------------
+
+
+def _may_record():
+  """Whether a tape or forward accumulator is active on this thread."""
+  try:
+    from tensorflow.python.eager import record  # pylint: disable=g-import-not-at-top
+    return record.could_possibly_record()
+  except (ImportError, AttributeError):  # an unknown TensorFlow: assume so
+    return True
+
+
+def _current_device():
+  try:
+    from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+    return context.context().device_name
+  except (ImportError, AttributeError):
+    return None
+
+
+def _in_own_thread(function):
+  """function() in a new thread, with this thread's device scope.
+
+  Tapes are thread-local: no tape of the caller records what runs there,
+  while the tapes and accumulators the solver opens itself work as usual
+  (`tape.stop_recording()` needs the tape object, and TensorFlow's global
+  stop would silence the solver's own Jacobian tapes too).
+  """
+  device = _current_device()
+  box = {}
+
+  def target():
+    try:
+      with tf.device(device) if device else contextlib.nullcontext():
+        box["value"] = function()
+    except BaseException as error:  # pylint: disable=broad-except
+      box["error"] = error
+
+  thread = threading.Thread(target=target, name="tfg_optim_solve")
+  thread.start()
+  thread.join()
+  if "error" in box:
+    raise box["error"]
+  return box["value"]
+
+
+def _stop(value):
+  if isinstance(value, (tf.Tensor, tf.Variable)) and value.dtype.is_floating:
+    return tf.stop_gradient(value)
+  return value
+
+
+def solve_untaped(solve, gradients):
+  """Runs `solve()` (the solver's loop) as `gradients` asks; returns its
+  outputs.
+
+  'unrolled': as is (a tape sees the loop). 'implicit' and 'none': floating
+  outputs under `tf.stop_gradient`, so no gradient is ever built through the
+  loop (no accumulated intermediates in graphs, nothing for XLA to compile),
+  and eagerly under an active tape in a thread of its own (see
+  `_in_own_thread`), so no tape holds the iterations' tensors.
+  """
+  if gradients == "unrolled":
+    return solve()
+  if tf.executing_eagerly() and _may_record():
+    outputs = _in_own_thread(solve)
+  else:
+    outputs = solve()
+  return tf.nest.map_structure(_stop, outputs)
+
+
+def _needed():
+  """False only eagerly with no tape active: no gradient can be taken."""
+  return not tf.executing_eagerly() or _may_record()
+
+
+# -- the linear solve (Gauss-Newton: forward pass; exact, L-BFGS: backward) ---
+
+
+def _diagonal_finite(factor):
+  return tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(factor)),
+                       axis=-1)
+
+
+def _masked_solve(hessian, rhs, free):
+  """w with H_FF w_F = rhs_F and w = 0 off F (F = `free`), per problem;
+  returns (w, ok), ok [B...] False where no finite solution was found.
+
+  Cholesky of H; where its factor is not finite, of H + delta I with
+  delta = sqrt(eps) max_j |H_jj| (+ tiny).
+  """
+  dtype = hessian.dtype
+  free = tf.cast(free, dtype)
+  n = tf.shape(hessian)[-1]
+  identity = tf.eye(n, dtype=dtype)
+  finite = tf.reduce_all(tf.math.is_finite(hessian), axis=[-2, -1])
+  hessian = tf.where(finite[..., tf.newaxis, tf.newaxis], hessian,
+                     tf.zeros_like(hessian))
+  hessian = (hessian * free[..., :, tf.newaxis] * free[..., tf.newaxis, :] +
+             tf.linalg.diag(1.0 - free))
+  factor = tf.linalg.cholesky(hessian)
+  factored = _diagonal_finite(factor)
+
+  def regularized():
+    finfo = np.finfo(dtype.as_numpy_dtype)
+    delta = (np.sqrt(finfo.eps) * tf.reduce_max(
+        tf.abs(tf.linalg.diag_part(hessian)), axis=-1) + finfo.tiny)
+    shifted = tf.linalg.cholesky(
+        hessian + delta[..., tf.newaxis, tf.newaxis] * identity)
+    return tf.where(factored[..., tf.newaxis, tf.newaxis], factor, shifted)
+
+  factor = tf.cond(tf.reduce_all(factored), lambda: factor, regularized)
+  ok = finite & _diagonal_finite(factor)
+  factor = tf.where(ok[..., tf.newaxis, tf.newaxis], factor,
+                    tf.broadcast_to(identity, tf.shape(factor)))
+  rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
+  w = tf.linalg.cholesky_solve(factor, rhs[..., tf.newaxis])[..., 0] * free
+  ok &= tf.reduce_all(tf.math.is_finite(w), axis=-1)
+  return tf.where(ok[..., tf.newaxis], w, tf.zeros_like(w)), ok
+
+
+def _zeros_for_none(values, like):
+  return [tf.zeros_like(t) if v is None else tf.convert_to_tensor(v)
+          for v, t in zip(values, like)]
+
+
+def _per_problem(ok, tensor):
+  """`tensor` [B..., ...] where ok [B...], zero elsewhere."""
+  extra = tensor.shape.rank - ok.shape.rank
+  condition = tf.reshape(ok, tf.concat([tf.shape(ok), [1] * extra], 0))
+  return tf.where(condition, tensor, tf.zeros_like(tensor))
+
+
+def _batch_jacobian(function, flat, eager):
+  """d function(flat) / d flat per row: [B, k] -> [B, k, n] for `flat`
+  [B, n] whose rows are independent problems."""
+  with tf.GradientTape(watch_accessed_variables=False,
+                       persistent=eager) as tape:
+    tape.watch(flat)
+    value = function(flat)
+  return tape.batch_jacobian(
+      value, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO,
+      experimental_use_pfor=not eager)
+
+
+# -- least squares -------------------------------------------------------------
+
+
+def attach_least_squares(results, jacobian, residual_fn, retract,
+                         coordinates, tangent_vector, hessian="gauss_newton"):
+  """`results` (a `LeastSquaresResults` from a stopped solve) whose
+  position, cost and residual have implicit gradients.
+
+  Args:
+    results: the solve's results; `position` a structure of tensors
+      [B..., ...], `residual` [B..., m], `cost` [B...] (1/2 ||residual||^2).
+    jacobian: J [B..., m, n] at the position in the solver's tangent
+      coordinates; a zero column marks a coordinate held fixed.
+    residual_fn: point -> [B..., m], the problem's (robust) residuals; its
+      closures hold the tensors to differentiate.
+    retract: (point, coordinates [B..., n]) -> point, the solver's map from
+      tangent coordinates (x + c in a flat space).
+    coordinates: (point, ambient cotangent) -> [B..., n], P^T v for
+      P = d retract(point, c) / dc at c = 0: the manifold's `coordinates`
+      (an orthonormal basis for the Frobenius inner product), or the
+      flattening of a flat space.
+    tangent_vector: (point, [B..., n]) -> ambient P c (the manifold's
+      `tangent_vector`, or the split of a flat space's step).
+    hessian: 'gauss_newton' or 'exact'.
+
+  Returns:
+    `results` with `position`, `cost` and `residual` replaced by tensors of
+    bit for bit the same values.
+  """
+  if not _needed():
+    return results
+  flat_point = [tf.stop_gradient(t) for t in tf.nest.flatten(
+      results.position)]
+  point = tf.nest.pack_sequence_as(results.position, flat_point)
+  jacobian = tf.stop_gradient(jacobian)
+  residual = tf.stop_gradient(results.residual)
+  cost = tf.stop_gradient(results.cost)
+  if hessian == "exact":
+    return _attach_exact(results, point, jacobian, residual, cost,
+                         residual_fn, retract, coordinates)
+  return _attach_gauss_newton(results, point, jacobian, residual, cost,
+                              residual_fn, tangent_vector)
+
+
+def _zero_valued(tensor):
+  """tensor - stop_gradient(tensor): exactly 0 where `tensor` is finite,
+  with the derivative of `tensor` (in reverse and forward mode)."""
+  return tensor - tf.stop_gradient(tensor)
+
+
+def _attach_gauss_newton(results, point, jacobian, residual, cost,
+                         residual_fn, tangent_vector):
+  """Gauss-Newton: plain ops whose values are zero and whose derivative is
+  the implicit one, added to the solver's outputs.
+
+  With r = r(x*, theta) evaluated once more (x* held), the Gauss-Newton
+  step s(theta) = -(J^T J)^-1 J^T r is ~0 at a solution and
+  ds/dtheta = dx*/dtheta. The outputs are
+
+      x* + P (s - stop(s)),  r* + (r - stop(r)) + J (s - stop(s)),
+      c* + (1/2 ||r||^2 - stop(1/2 ||r||^2)),
+
+  each term after the solver's value exactly zero, so the values are the
+  solver's bit for bit, while every derivative (reverse or forward mode,
+  with respect to anything r captures) is that of the implicit function.
+  No custom gradient: it works wherever automatic differentiation does
+  (forward-mode accumulators included, so a solve nested in another
+  solver's residual differentiates). Costs, in the forward pass, one
+  residual evaluation and one n x n Cholesky per problem.
+  """
+  batch_rank = residual.shape.rank - 1
+  live = residual_fn(point)
+  free = tf.reduce_any(tf.not_equal(jacobian, 0), axis=-2)
+  step, ok = _masked_solve(
+      tf.matmul(jacobian, jacobian, adjoint_a=True),
+      -tf.linalg.matvec(jacobian, live, adjoint_a=True), free)
+  ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
+  ok &= tf.reduce_all(tf.math.is_finite(live), axis=-1)
+  ok &= tf.reduce_all(tf.math.is_finite(jacobian),
+                      axis=list(range(batch_rank, batch_rank + 2)))
+  delta = _per_problem(ok, _zero_valued(step))
+  moved = tf.nest.flatten(tangent_vector(point, delta))
+  position = [x + _per_problem(ok, v) for x, v in
+              zip(tf.nest.flatten(point), moved)]
+  residual_out = residual + _per_problem(
+      ok, _zero_valued(live) + tf.linalg.matvec(jacobian, delta))
+  cost_out = cost + tf.where(ok, _zero_valued(
+      0.5 * tf.reduce_sum(tf.square(live), axis=-1)), tf.zeros_like(cost))
+  return results._replace(
+      position=tf.nest.pack_sequence_as(results.position, position),
+      residual=residual_out, cost=cost_out)
+
+
+def _attach_exact(results, point, jacobian, residual, cost, residual_fn,
+                  retract, coordinates):
+  """The exact Hessian: a custom gradient (H is formed in the backward pass
+  only, by nested tapes)."""
+  flat_point = tf.nest.flatten(point)
+  eager = tf.executing_eagerly()
+  batch_shape = tf.shape(residual)[:-1]
+  n = jacobian.shape[-1] if jacobian.shape[-1] is not None else tf.shape(
+      jacobian)[-1]
+  coordinate_shape = tf.concat([batch_shape, [n]], 0)
+  zero = tf.zeros(coordinate_shape, residual.dtype)
+
+  def residual_at(coordinates_value):
+    return residual_fn(retract(point, coordinates_value))
+
+  # r(R(c)) and the gradient of f(R(c)) at c = 0, recorded by the caller's
+  # tapes (which then differentiate the gradient: second order).
+  with tf.GradientTape(watch_accessed_variables=False) as tape:
+    tape.watch(zero)
+    live_residual = residual_at(zero)
+    objective = 0.5 * tf.reduce_sum(tf.square(live_residual))
+  live = [live_residual, tape.gradient(
+      objective, zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
+  _refuse_forward_mode(live)
+  num_points = len(flat_point)
+
+  def backward(upstream):
+    _require_tapes()
+    point_bar = _zeros_for_none(upstream[:num_points], flat_point)
+    residual_bar, cost_bar = _zeros_for_none(upstream[num_points:],
+                                             [residual, cost])
+    tangent_bar = coordinates(
+        point, tf.nest.pack_sequence_as(results.position, point_bar))
+    tangent_bar += tf.linalg.matvec(jacobian, residual_bar, adjoint_a=True)
+    free = tf.reduce_any(tf.not_equal(jacobian, 0), axis=-2)
+
+    def gradient_of(flat):
+      with tf.GradientTape(watch_accessed_variables=False) as inner:
+        inner.watch(flat)
+        value = residual_at(tf.reshape(flat, coordinate_shape))
+        objective = 0.5 * tf.reduce_sum(tf.square(value))
+      return inner.gradient(
+          objective, flat, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    matrix = tf.reshape(
+        _batch_jacobian(gradient_of, tf.reshape(zero, tf.stack([-1, n])),
+                        eager),
+        tf.concat([coordinate_shape, [n]], 0))
+    w, ok = _masked_solve(matrix, tangent_bar, free)
+    batch_rank = residual.shape.rank - 1
+    ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
+    ok &= tf.reduce_all(tf.math.is_finite(jacobian),
+                        axis=list(range(batch_rank, batch_rank + 2)))
+    live_bar = residual_bar + residual * cost_bar[..., tf.newaxis]
+    return [None] * (num_points + 2) + [_per_problem(ok, live_bar),
+                                        _per_problem(ok, -w)]
+
+  outputs = _identity_with_gradient(flat_point + [residual, cost], live,
+                                    backward)
+  return results._replace(
+      position=tf.nest.pack_sequence_as(results.position,
+                                        outputs[:num_points]),
+      residual=outputs[num_points], cost=outputs[num_points + 1])
+
+
+_FORWARD_MODE_MESSAGE = (
+    "Forward-mode differentiation (tf.autodiff.ForwardAccumulator) of a "
+    "solve with implicit_hessian='exact' or of L-BFGS/BFGS is not "
+    "supported: their implicit derivative is a custom gradient (its Hessian "
+    "is formed with a tape in the backward pass), which forward mode cannot "
+    "use. Use gradients='unrolled', or the default Gauss-Newton least "
+    "squares.")
+
+
+def _refuse_forward_mode(tensors):
+  """Raises if a forward accumulator tracks any of `tensors` (eagerly or
+  while tracing): it would get no tangent, or silently a zero one in a
+  graph, through `tf.custom_gradient`."""
+  try:
+    from tensorflow.python import pywrap_tfe  # pylint: disable=g-import-not-at-top
+    _, tangents = pywrap_tfe.TFE_Py_PackJVPs(list(tensors))
+  except (ImportError, AttributeError, TypeError):  # unknown TensorFlow
+    return
+  if tangents:
+    raise NotImplementedError(_FORWARD_MODE_MESSAGE)
+
+
+def _require_tapes():
+  """Raises where the backward pass cannot use a tape: TensorFlow's forward
+  mode (`ForwardAccumulator`) runs backward functions with recording
+  stopped, and the exact Hessian would silently come out zero."""
+  probe = tf.constant(1.0)
+  with tf.GradientTape() as tape:
+    tape.watch(probe)
+    doubled = 2.0 * probe
+  if tape.gradient(doubled, probe) is None:
+    raise NotImplementedError(_FORWARD_MODE_MESSAGE)
+
+
+def _identity_with_gradient(outputs, live, backward):
+  """`outputs` unchanged (tf.identity), differentiated by `backward`.
+
+  `backward(upstream)` gets the cotangents of `outputs` (None where unused)
+  and returns one per input, `outputs + live`, in order.
+  """
+  count = len(outputs)
+
+  @tf.custom_gradient
+  def identity(*args):
+    def grad(*upstream):
+      return backward(list(upstream))
+    return [tf.identity(a) for a in args[:count]], grad
+
+  return identity(*(outputs + live))
+
+
+# -- minimization (L-BFGS, BFGS) ----------------------------------------------
+
+
+def attach_minimum(position, value, value_and_gradient):
+  """(position, value) of a stopped minimization, with implicit gradients.
+
+  Args:
+    position: x* [B, n] (rows are independent problems).
+    value: f(x*) [B].
+    value_and_gradient: x [B, n] -> (f [B], grad_x f [B, n]); its closures
+      hold the tensors to differentiate.
+
+  Returns:
+    (position, value), bit for bit the same values. H is the exact Hessian
+    of f (n reverse passes through the gradient, in the backward pass only).
+  """
+  if not _needed():
+    return position, value
+  position = tf.stop_gradient(position)
+  value = tf.stop_gradient(value)
+  eager = tf.executing_eagerly()
+  live = list(value_and_gradient(position))
+  _refuse_forward_mode(live)
+
+  def backward(upstream):
+    _require_tapes()
+    position_bar, value_bar = _zeros_for_none(upstream, [position, value])
+    matrix = _batch_jacobian(lambda x: value_and_gradient(x)[1], position,
+                             eager)
+    free = tf.ones_like(position, tf.bool)
+    w, ok = _masked_solve(matrix, position_bar, free)
+    ok &= tf.math.is_finite(live[0]) & tf.reduce_all(
+        tf.math.is_finite(live[1]), axis=-1)
+    return [None, None, _per_problem(ok, value_bar), _per_problem(ok, -w)]
+
+  return tuple(_identity_with_gradient([position, value], live, backward))
