@@ -227,8 +227,12 @@ def test_geodesic_acceleration_with_a_user_jacobian_takes_the_same_steps():
 # -- box bounds ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+# Every mode once, both dtypes; the conformance table runs active and
+# inactive bounds pairwise with every other option in every mode.
+@pytest.mark.parametrize("mode,dtype", [("eager", "float64"),
+                                        ("function", "float32"),
+                                        ("xla", "float32"),
+                                        ("session", "float64")])
 def test_bounds_rosenbrock_closed_form(dtype, mode):
   """With x0 <= 0.5 the minimum of (1 - x0)^2 + 100 (x1 - x0^2)^2 has
   x1 = x0^2 and x0 = 0.5 on the bound: (0.5, 0.25)."""
@@ -316,7 +320,7 @@ def _every_mode_solve(name, dtype, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name", ["Misra1a", "DanWood", "rosenbrock"])
+@pytest.mark.parametrize("name", ["Misra1a", "rosenbrock"])
 def test_every_mode_solves(name, dtype, mode):
   _, _, solution = _every_mode_problem(name, dtype)
   got = _every_mode_solve(name, dtype, mode)
@@ -353,8 +357,9 @@ def _outlier_problem():
   return t, y, model
 
 
-@pytest.mark.parametrize("loss", ["huber", "soft_l1", "cauchy", "arctan"])
-@pytest.mark.parametrize("scale", [0.1, 1.0])
+# Every loss once, each scale twice.
+@pytest.mark.parametrize("loss,scale", [("huber", 0.1), ("soft_l1", 1.0),
+                                        ("cauchy", 0.1), ("arctan", 1.0)])
 def test_robust_losses_match_scipy(loss, scale):
   _, y, model = _outlier_problem()
   start = np.array([1.0, 1.0, 0.0])
