@@ -21,8 +21,6 @@ from tfg_optim import stopping
 MODES = modes.MODES
 SO3 = manifolds.SpecialOrthogonal(3)
 TOL = {"float64": 1e-9, "float32": 2e-4}
-# (mode, dtype) pairs: every mode in float64, the compiled modes in float32
-# (XLA compiles are slow on small CPUs, so few XLA cases are run).
 
 # -- independent references ----------------------------------------------------
 
