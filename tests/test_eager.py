@@ -17,7 +17,13 @@ _T = np.linspace(0.0, 1.0, 20)
 
 
 class _Counter:
-  calls = 0
+  """Counts Python executions of a residual. Its slots are invisible to the
+  fingerprint (no `vars`), so counting does not make a new problem, as an
+  attribute in `__dict__` would."""
+  __slots__ = ("calls",)
+
+  def __init__(self):
+    self.calls = 0
 
 
 def _start():
@@ -82,6 +88,34 @@ def test_changed_captures_are_new_problems():
   np.testing.assert_allclose(solve(), [6.0, -1.3], rtol=1e-9)
   y = 3.0 * np.exp(-1.3 * _T)  # the closure's variable rebound
   np.testing.assert_allclose(solve(), [4.5, -1.3], rtol=1e-9)
+
+
+class _Fit:
+  """A residual as a method reading its data from attributes."""
+
+  def __init__(self, y):
+    self.y = y
+    self.settings = {"amplitude": 1.0}
+
+  def residual(self, a, b):
+    return a * tf.exp(b * _T) - self.settings["amplitude"] * self.y
+
+
+def test_changed_attributes_of_a_captured_object_are_new_problems():
+  fit = _Fit(tf.constant(2.0 * np.exp(-1.3 * _T)))
+
+  def solve():
+    return np.array(tfg_optim.least_squares(fit.residual, _start()).position)
+
+  np.testing.assert_allclose(solve(), [2.0, -1.3], rtol=1e-9)  # op by op
+  np.testing.assert_allclose(solve(), [2.0, -1.3], rtol=1e-9)  # compiled
+  assert len(_eager._CACHE) == 1
+  # Were these the same problem, the compiled solve would return (2, -1.3).
+  fit.y = tf.constant(3.0 * np.exp(-1.3 * _T))  # a new tensor
+  np.testing.assert_allclose(solve(), [3.0, -1.3], rtol=1e-9)
+  fit.settings["amplitude"] = 2.0  # data inside a dict attribute
+  np.testing.assert_allclose(solve(), [6.0, -1.3], rtol=1e-9)
+  assert len(_eager._CACHE) == 1
 
 
 def test_eager_compile_true_and_false():

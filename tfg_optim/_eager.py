@@ -18,10 +18,17 @@ the solver's options:
 - NumPy arrays by value (a hash of their bytes: an array changed in place
   is a new problem);
 - numbers, strings, None by value; lists, tuples and dicts element-wise;
-- functions by their code and captures; modules by name;
-- any other object by identity (a changed attribute of a captured object,
-  other than a variable, is not seen: pass `eager_compile=False`, or
-  create a new function).
+- functions by their code and captures; methods by their function and
+  their object;
+- modules by name, and the module attributes the code names that hold
+  data (tensors, arrays, numbers, strings, containers of them), by value as
+  above: `config.scale = 2.0` is seen;
+- any other object by identity and by its attributes (`vars(obj)`): data
+  as above, other attribute values by identity, so `self.target = y2` is a
+  new problem (objects without a `__dict__`, e.g. with `__slots__`, by
+  identity only). A change deeper inside an attribute object (an attribute
+  of an attribute) is not seen: pass `eager_compile=False`, or a new
+  function.
 
 The starting point is an argument of the compiled function, not part of
 the key: new starts of the same shape reuse the trace. The cache holds the
@@ -74,16 +81,47 @@ def _fingerprint(value, depth, kept):
         for k, v in value.items())))
   if isinstance(value, types.ModuleType):
     return ("module", value.__name__)
+  if isinstance(value, (types.BuiltinFunctionType, type, np.ufunc)):
+    return ("callable", id(value))
   if isinstance(value, types.FunctionType):
     kept.append(value)
     return ("function", id(value.__code__),
             _captures(value, depth + 1, kept))
   if isinstance(value, types.MethodType):
-    kept.append(value.__self__)
     return ("method", _fingerprint(value.__func__, depth + 1, kept),
-            id(value.__self__))
+            _fingerprint(value.__self__, depth + 1, kept))
   kept.append(value)
-  return ("object", type(value).__name__, id(value))
+  return ("object", type(value).__name__, id(value),
+          _attributes(value, depth + 1, kept))
+
+
+def _is_data(value):
+  """Whether `value` is data (compared by value or identity), not code."""
+  if isinstance(value, (list, tuple)):
+    return all(_is_data(v) for v in value)
+  if isinstance(value, dict):
+    return all(_is_data(v) for v in value.values())
+  return value is None or isinstance(value, (
+      tf.Tensor, tf.Variable, np.ndarray, np.generic, bool, int, float,
+      complex, str, bytes))
+
+
+def _attributes(value, depth, kept):
+  """An object's attributes: data by value (see `_fingerprint`), anything
+  else by identity."""
+  try:
+    attributes = vars(value)
+  except TypeError:  # No __dict__ (slots, builtins).
+    return ()
+  parts = []
+  for name in sorted(attributes):
+    item = attributes[name]
+    if _is_data(item):
+      parts.append((name, _fingerprint(item, depth, kept)))
+    else:
+      kept.append(item)
+      parts.append((name, "id", id(item)))
+  return tuple(parts)
 
 
 def _names(code):
@@ -107,9 +145,16 @@ def _captures(function, depth, kept):
       continue
     parts.append(_fingerprint(contents, depth, kept))
   namespace = function.__globals__
-  for name in sorted(_names(function.__code__)):
+  names = _names(function.__code__)
+  for name in sorted(names):
     if name in namespace and namespace[name] is not function:
-      parts.append((name, _fingerprint(namespace[name], depth, kept)))
+      value = namespace[name]
+      parts.append((name, _fingerprint(value, depth, kept)))
+      if isinstance(value, types.ModuleType):  # module.data the code names
+        for attribute in sorted(names):
+          item = getattr(value, attribute, None)
+          if item is not None and _is_data(item):
+            parts.append((name, attribute, _fingerprint(item, depth, kept)))
   parts.append(_fingerprint(function.__defaults__, depth, kept))
   parts.append(_fingerprint(function.__kwdefaults__, depth, kept))
   return tuple(parts)
