@@ -147,3 +147,32 @@ def test_a_callback_keeps_auto_op_by_op():
                             callback=lambda i, cost, x: seen.append(
                                 float(cost.numpy())))
   assert not _eager._CACHE and len(seen) >= 3
+
+
+def test_riemannian_front_end_reuses_its_compiled_solve():
+  counter = _Counter()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((6, 3))
+  rotation = np.linalg.qr(rng.standard_normal((3, 3)))[0]
+  rotation *= np.linalg.det(rotation)  # proper
+  y = x @ rotation.T
+  sphere = tfg_optim.manifolds.SpecialOrthogonal(3)
+
+  def residual(r):
+    counter.calls += 1
+    return tf.matmul(x, r, transpose_b=True) - y
+
+  start = tf.eye(3, dtype=tf.float64)
+  op_by_op = tfg_optim.riemannian.levenberg_marquardt(sphere, residual, start,
+                                                     eager_compile=False)
+  for _ in range(2):  # op by op, then traced
+    tfg_optim.riemannian.levenberg_marquardt(sphere, residual, start)
+  calls = counter.calls
+  compiled = tfg_optim.riemannian.levenberg_marquardt(sphere, residual, start)
+  assert counter.calls == calls
+  # tf.function's graph rewrites may round a product differently from the
+  # eager kernels (here: the last bit of some entries).
+  np.testing.assert_allclose(compiled, op_by_op, rtol=0, atol=1e-15)
+  np.testing.assert_allclose(compiled, rotation, atol=1e-9)
+  with pytest.raises(ValueError):  # off the manifold: still checked eagerly
+    tfg_optim.riemannian.levenberg_marquardt(sphere, residual, 2.0 * start)

@@ -24,8 +24,10 @@ composable criteria of `tfg_optim.stopping`.
 
 import numbers
 
+import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _eager
 from tfg_optim import _engine
 from tfg_optim import _implicit
 from tfg_optim import damping as damping_lib
@@ -59,7 +61,7 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
                         jacobian_tangent_basis=None,
                         initial_residual_values=None, initial_jacobian_f=None,
                         batch_dims=0, gradients="implicit",
-                        implicit_hessian="gauss_newton",
+                        implicit_hessian="gauss_newton", eager_compile="auto",
                         name="riemannian_levenberg_marquardt"):
   """Riemannian Levenberg-Marquardt: argmin over p in M of 1/2 ||f(p)||^2.
 
@@ -115,6 +117,13 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
       docs/differentiation.md.
     implicit_hessian: 'gauss_newton' (default; J^T J) or 'exact', the
       Hessian of the implicit gradients.
+    eager_compile: what an eager call does, as in
+      `tfg_optim.least_squares`: 'auto' (default) runs the first call with
+      a problem op by op and later calls with the same problem (the same
+      manifold, f with the same captured values, the same options) as one
+      cached `tf.function`; True compiles from the first call; False never.
+      With a `callback`, initial values or an initial Jacobian, 'auto' runs
+      op by op.
     name: name scope of the ops.
 
   Returns:
@@ -131,6 +140,24 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
     TypeError: for a non-callable f/jacobian_f/callback, a non-manifold, a
       non-float point, or f returning another dtype.
   """
+  if eager_compile not in ("auto", True, False):
+    raise ValueError("'eager_compile' must be 'auto', True or False, got "
+                     f"{eager_compile!r}.")
+  if (eager_compile and tf.executing_eagerly() and
+      initial_residual_values is None and initial_jacobian_f is None and
+      (callback is None or eager_compile is True)):
+    options = dict(
+        jacobian_f=jacobian_f, num_components=num_components, eta=eta,
+        damping_term_min=damping_term_min, beta=beta,
+        expect_zero_residual=expect_zero_residual,
+        retraction_method=retraction_method,
+        stopping_criterion=stopping_criterion, callback=callback,
+        return_state=return_state, record=record,
+        jacobian_tangent_basis=jacobian_tangent_basis, batch_dims=batch_dims,
+        gradients=gradients, implicit_hessian=implicit_hessian, name=name)
+    solve = _compiled_solve(manifold, f, p, options, eager_compile is True)
+    if solve is not None:
+      return solve()
   state, _ = _solve(manifold, f, p, jacobian_f, num_components, eta,
                     damping_term_min, beta, expect_zero_residual,
                     retraction_method, stopping_criterion, callback, record,
@@ -138,6 +165,38 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
                     initial_jacobian_f, batch_dims, gradients,
                     implicit_hessian, name)
   return state if return_state else state.position
+
+
+def _compiled_solve(manifold, f, p, options, compile_now):
+  """() -> the cached compiled solve's return value (`tfg_optim._eager`),
+  after the eager check of the start; or None to run op by op."""
+  leaves = tf.nest.flatten(p)
+  if not leaves or not all(
+      isinstance(leaf, (tf.Tensor, tf.Variable, np.ndarray))
+      for leaf in leaves):
+    return None
+  key, kept = _eager.fingerprint((
+      "riemannian", manifold, f, options,
+      tf.nest.map_structure(lambda _: None, p)))
+
+  def build():
+    def solve(*flat):
+      return levenberg_marquardt(
+          manifold, f, tf.nest.pack_sequence_as(p, flat),
+          eager_compile=False, **options)
+    return solve
+
+  function = _eager.compiled(key, kept, build, compile_now)
+  if function is None:
+    return None
+  tensors = [tf.convert_to_tensor(leaf) for leaf in leaves]
+  if not (hasattr(manifold, "check_point") and hasattr(manifold, "as_point")
+          and all(t.dtype.is_floating and np.all(np.isfinite(t.numpy()))
+                  for t in tensors)):
+    return None  # Op by op: it raises the right error.
+  manifold.check_point(manifold.as_point(tf.nest.pack_sequence_as(p,
+                                                                  tensors)))
+  return lambda: function(*tensors)
 
 
 # Not converted by AutoGraph inside a caller's tf.function: the solver is
