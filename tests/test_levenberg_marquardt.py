@@ -71,9 +71,12 @@ GENERATORS = {"linear": _linear, "curve": _curve, "rosenbrock": _rosenbrock,
 # 2 dtypes) take the four modes, rotated per generator, so every pair of
 # generator, seed, dtype and mode levels is covered (not all 80 triples;
 # every mode runs other differential and hand-computed tests below).
+# Every problem in both dtypes, the modes rotating so that each mode meets
+# several problems and both dtypes (one random instance per problem: the
+# arithmetic, not the instance, is what must match).
 CASES = [(name, seed, dtype,
           MODES[(2 * (seed - 1) + d + g) % len(MODES)])
-         for g, name in enumerate(GENERATORS) for seed in (1, 2)
+         for g, name in enumerate(GENERATORS) for seed in (1,)
          for d, dtype in enumerate(("float64", "float32"))]
 
 
