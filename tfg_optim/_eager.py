@@ -170,6 +170,18 @@ def fingerprint(value):
     return None, None
 
 
+def wanted(eager_compile, callback):
+  """Whether a front-end's call should try the cached compiled solve: a
+  valid `eager_compile` ('auto', True, False; else ValueError naming it),
+  eager execution, and for 'auto' no callback (a callback given eagerly
+  expects eager tensors)."""
+  if eager_compile not in ("auto", True, False):
+    raise ValueError("'eager_compile' must be 'auto', True or False, got "
+                     f"{eager_compile!r}.")
+  return bool(eager_compile and tf.executing_eagerly() and
+              (callback is None or eager_compile is True))
+
+
 def compiled(key, kept, build, compile_now):
   """The cached `tf.function` for `key`, or None to run op by op.
 

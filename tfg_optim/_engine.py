@@ -391,13 +391,18 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
 
     def relinearize():
       new = kind.at(trial_point, candidate_residual)
-      return _linearization.select(accepted, new, linearization).tensors
+      tensors = _linearization.select(accepted, new, linearization).tensors
+      gradient = kind.restore(tensors, trial_point).gradient(
+          candidate_residual)
+      return tensors, gradient
 
+    # The candidates' gradient only where one was accepted: a rejection
+    # costs no J^T F (a reverse pass for a matrix-free linearization).
     relinearized = accepted
-    new_linearization = kind.restore(
-        tf.cond(tf.reduce_any(accepted), relinearize,
-                lambda: linearization.tensors), trial_point)
-    candidate_gradient = new_linearization.gradient(candidate_residual)
+    tensors, candidate_gradient = tf.cond(
+        tf.reduce_any(accepted), relinearize,
+        lambda: (linearization.tensors, state.gradient))
+    new_linearization = kind.restore(tensors, trial_point)
     invalid = _invalid_steps(
         state, linearization, accepted, new_linearization, candidate_gradient,
         policy, vanishing_column_tolerance if policy.scaled else None,

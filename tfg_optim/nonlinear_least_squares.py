@@ -238,11 +238,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   Raises:
     ValueError / TypeError: for invalid arguments, naming the argument.
   """
-  if eager_compile not in ("auto", True, False):
-    raise ValueError("'eager_compile' must be 'auto', True or False, got "
-                     f"{eager_compile!r}.")
-  if (eager_compile and tf.executing_eagerly() and
-      (callback is None or eager_compile is True)):
+  if _eager.wanted(eager_compile, callback):
     options = dict(
         manifold=manifold, batch_dims=batch_dims, damping=damping,
         max_iterations=max_iterations, function_tolerance=function_tolerance,

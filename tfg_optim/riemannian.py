@@ -140,12 +140,8 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
     TypeError: for a non-callable f/jacobian_f/callback, a non-manifold, a
       non-float point, or f returning another dtype.
   """
-  if eager_compile not in ("auto", True, False):
-    raise ValueError("'eager_compile' must be 'auto', True or False, got "
-                     f"{eager_compile!r}.")
-  if (eager_compile and tf.executing_eagerly() and
-      initial_residual_values is None and initial_jacobian_f is None and
-      (callback is None or eager_compile is True)):
+  if (_eager.wanted(eager_compile, callback) and
+      initial_residual_values is None and initial_jacobian_f is None):
     options = dict(
         jacobian_f=jacobian_f, num_components=num_components, eta=eta,
         damping_term_min=damping_term_min, beta=beta,
