@@ -478,13 +478,7 @@ def attach_matrix_free(results, linearization_tensors, problem, coordinates):
         point, tf.nest.pack_sequence_as(results.position, point_bar))
     rhs += linearization.rmatvec(residual_bar)
     rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs))
-    # J^T J on the free coordinates, the identity on the others:
-    # (J^T J + lambda D) with lambda = 1, D = 1 - free.
-    solve = _linear_solvers.conjugate_gradient_solver(
-        linearization, tf.ones_like(cost), 1.0 - free,
-        max_iterations=CG_MAX_ITERATIONS, tolerance=CG_TOLERANCES[dtype])
-    w = -solve(None, rhs)  # solve(., g) = -(J^T J + lambda D)^-1 g.
-    ok = tf.reduce_all(tf.math.is_finite(w), axis=-1)
+    w, ok = _conjugate_gradient_solve(linearization, rhs, free)
     ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
     ok &= tf.reduce_all(tf.math.is_finite(live[0]), axis=-1)
     w = _per_problem(ok, w)
@@ -498,6 +492,49 @@ def attach_matrix_free(results, linearization_tensors, problem, coordinates):
       position=tf.nest.pack_sequence_as(results.position,
                                         outputs[:num_points]),
       residual=outputs[num_points], cost=outputs[num_points + 1])
+
+
+def _conjugate_gradient_solve(linearization, rhs, free):
+  """w with J^T J w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
+  w = 0 on the others, by Jacobi-preconditioned conjugate gradients
+  (`_linear_solvers.conjugate_gradient_solver` with lambda D = 1 - free);
+  returns (w, ok), ok [B...] False where w is not finite.
+
+  Where the solve does not reach its tolerance (checked with one more
+  product: ||J^T J w - rhs||_M^-1 > sqrt(tolerance) ||rhs||_M^-1, in the
+  preconditioner's norm), J^T J is singular (a rank-deficient J: its null
+  space makes conjugate gradients diverge) or too ill-conditioned: those
+  problems are solved again with J^T J + delta I on the free coordinates,
+  delta = sqrt(eps) max_j ||J_j||^2, the dense path's regularization.
+  """
+  dtype = rhs.dtype
+  tolerance = CG_TOLERANCES[dtype]
+  fixed = 1.0 - free
+  norms = linearization.column_norms()
+  diagonal = norms + fixed
+  diagonal = tf.where(diagonal > 0, diagonal, tf.ones_like(diagonal))
+
+  def solve(shift):  # (J^T J + shift) w = rhs on the free coordinates.
+    solver = _linear_solvers.conjugate_gradient_solver(
+        linearization, tf.ones_like(rhs[..., 0]), fixed + shift * free,
+        max_iterations=CG_MAX_ITERATIONS, tolerance=tolerance)
+    return -solver(None, rhs)  # solver(., g) = -(J^T J + lambda D)^-1 g.
+
+  def size(vector):
+    return tf.sqrt(tf.reduce_sum(tf.square(vector) / diagonal, axis=-1))
+
+  w = solve(tf.zeros_like(rhs[..., :1]))
+  error = (linearization.rmatvec(linearization.matvec(w)) + fixed * w -
+           rhs)
+  reached = size(error) <= np.sqrt(tolerance) * size(rhs)
+
+  def regularized():
+    delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
+        norms, axis=-1, keepdims=True)
+    return tf.where(reached[..., tf.newaxis], w, solve(delta))
+
+  w = tf.cond(tf.reduce_all(reached), lambda: w, regularized)
+  return w, tf.reduce_all(tf.math.is_finite(w), axis=-1)
 
 
 # -- chunked data ----------------------------------------------------------------
