@@ -575,7 +575,7 @@ def test_matrix_free_and_chunked_gradients_are_the_dense_ones():
   captured scale equal the closed form (d/db: A (A^T A)^-1 u, the dense
   implicit solve's, tested above), Gauss-Newton's d/dA without the r v^T
   term (O(1) here); the chunked ||F|| output differentiates as the cost /
-  ||F||; the exact Hessian is refused there."""
+  ||F||; the exact Hessian and forward mode are refused there."""
   a_np, b_np = _linear_problem(seed=13, m=20)
   u = np.array([1.0, -2.0, 0.5])
   want = _large_scale_expectations(a_np, b_np, u, 3.0, 1.5)
@@ -595,6 +595,9 @@ def test_matrix_free_and_chunked_gradients_are_the_dense_ones():
           rtol=1e-12)
     with pytest.raises(ValueError, match="implicit_hessian"):
       _large_scale_solve(variant, a, b, scale, implicit_hessian="exact")
+    with tf.autodiff.ForwardAccumulator(scale, tf.constant(1.0, tf.float64)):
+      with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
+        _large_scale_solve(variant, a, b, scale, max_iterations=1)
 
 
 def test_matrix_free_singular_system_matches_dense():

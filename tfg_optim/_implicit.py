@@ -72,6 +72,15 @@ caller's tapes, and the outputs are rebuilt from it:
   the solver's outputs and the live evaluation (value and gradient of f);
   its backward pass forms H with tapes and solves, and returns the
   cotangent of the live evaluation; forward mode is refused.
+- matrix-free least squares (linear_solver='cg', `attach_matrix_free`):
+  the same identity with the live residual as input; the backward pass
+  solves J^T J w = rhs by preconditioned conjugate gradients through the
+  products J v, J^T u at x* (no J, no n x n matrix).
+- chunked data (`attach_chunked`): J never exists, only the state's J^T J.
+  The identity's inputs are theta itself (the data tensors, and the tensors
+  and variables the chunk residual captures, found by tracing it once); the
+  backward pass Cholesky-solves J^T J and sums the reverse passes of one
+  more pass over the chunks.
 
 Either way ordinary automatic differentiation carries the result from the
 live evaluation to closures over tensors and `tf.Variable`s alike. The
@@ -715,11 +724,12 @@ def _map_chunks(data, chunk_size, function, sum_like, row_like):
 
 _FORWARD_MODE_MESSAGE = (
     "Forward-mode differentiation (tf.autodiff.ForwardAccumulator) of a "
-    "solve with implicit_hessian='exact' or of L-BFGS/BFGS is not "
-    "supported: their implicit derivative is a custom gradient (its Hessian "
-    "is formed with a tape in the backward pass), which forward mode cannot "
-    "use. Use gradients='unrolled', or the default Gauss-Newton least "
-    "squares.")
+    "solve with implicit_hessian='exact', linear_solver='cg' or "
+    "data_chunk_size, or of L-BFGS/BFGS, is not supported: their implicit "
+    "derivative is a custom gradient (its linear solve is made with tapes "
+    "in the backward pass), which forward mode cannot use. Use "
+    "gradients='unrolled', or the default Gauss-Newton least squares with "
+    "the dense solver.")
 
 
 def _refuse_forward_mode(tensors):

@@ -217,8 +217,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     implicit_hessian: 'gauss_newton' (default; H = J^T J, exact at
       zero-residual solutions) or 'exact' (second derivatives by nested
       tapes), the Hessian of the implicit gradients. With
-      linear_solver='cg' or `data_chunk_size` (no J to reuse), 'implicit'
-      means 'unrolled' for now.
+      linear_solver='cg' (J^T J w = rhs solved by conjugate gradients) or
+      `data_chunk_size` (the summed J^T J, and one more pass over the
+      chunks; theta: the data, and the tensors and variables the residuals
+      capture) only 'gauss_newton', reverse mode only.
     eager_compile: what an eager call does (no effect inside `tf.function`
       or a graph). 'auto' (default): the first call with a given problem
       runs op by op, and later calls with the same problem (the same
