@@ -27,6 +27,12 @@ unrolled keeps every iteration's intermediates for the backward pass. On
 CPU `get_memory_info` is unavailable; RSS includes allocator slack, so
 differences of a few MiB mean nothing.
 
+--large-scale: part 1 for the curve fit solved with linear_solver='cg' and
+with t, y as `data` in chunks (--chunk-size rows), whose implicit gradients
+are the matrix-free and chunked backward passes, and each implicit
+gradient's largest difference from the dense solver's, relative to its
+largest entry.
+
 Part 3 (--optimistix; --only-optimistix for it alone): the curve fit side by
 side with `optimistix.LevenbergMarquardt` and its implicit adjoint
 (`optimistix.ImplicitAdjoint`, which differentiates the gradient of
@@ -46,6 +52,7 @@ Usage (from the repository root):
     PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/implicit_gradients.py
     ... --repeats 5 --iterations 10,100,400 --memory-m 50000 --skip-xla
     ... --only-optimistix --repeats 50
+    ... --large-scale --repeats 20
 """
 
 import argparse
@@ -129,12 +136,46 @@ def _timed(function, y):
   return time.perf_counter() - begin, int(np.asarray(out[1]))
 
 
-def time_table(args):
+def _large_scale_problems(tf, m, chunk_size):
+  """The curve fit of `_problems` solved with linear_solver='cg', and with
+  t and y as `data` in chunks of `chunk_size` rows; and its dense
+  implicit gradient (the reference)."""
+  import tfg_optim  # pylint: disable=g-import-not-at-top
+  build, y = _problems(tf, m)["curve fit"]
+  t = tf.constant(np.linspace(0.0, 4.0, m))
+  start = tf.constant(CURVE_START, tf.float64)
+
+  def cg(y, gradients, **options):
+    return build(y, gradients, linear_solver="cg", **options)
+
+  def chunked(y, gradients, **options):
+    def residual(q, t_rows, y_rows):
+      return (q[0] * tf.exp(-q[1] * t_rows) +
+              q[2] * tf.sin(3.0 * q[3] * t_rows) - y_rows)
+    result = tfg_optim.least_squares(
+        residual, start, data=[t, y], data_chunk_size=chunk_size,
+        gradients=gradients, **options)
+    return tf.reduce_sum(result.position), result.num_iterations
+
+  reference = _functions(tf, build, False)[1](y)[0].numpy()
+  return {"curve fit, cg": (cg, y),
+          f"curve fit, chunks of {chunk_size:,d}": (chunked, y)}, reference
+
+
+def time_table(args, large_scale=False):
   """Medians over `repeats` rounds; each round calls the three functions in
-  turn, so a slow spell of a shared machine hits them alike."""
+  turn, so a slow spell of a shared machine hits them alike. `large_scale`:
+  the curve fit with linear_solver='cg' and data_chunk_size, and each
+  implicit gradient's largest difference from the dense one relative to
+  its largest entry."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rows = []
-  for name, (build, y) in _problems(tf, args.m).items():
+  reference = None
+  if large_scale:
+    problems, reference = _large_scale_problems(tf, args.m, args.chunk_size)
+  else:
+    problems = _problems(tf, args.m)
+  for name, (build, y) in problems.items():
     for jit in ([False] if args.skip_xla else [False, True]):
       functions = dict(zip(("forward", "implicit", "unrolled"),
                            _functions(tf, build, jit)))
@@ -167,6 +208,10 @@ def time_table(args):
         row[label + "_backward"] = middle
         row[label + "_noise"] = statistics.median(
             abs(d - middle) for d in differences)
+      if reference is not None and "implicit" in functions:
+        gradient = functions["implicit"](y)[0].numpy()
+        row["difference"] = float(np.max(np.abs(gradient - reference)) /
+                                  np.max(np.abs(reference)))
       rows.append(row)
       print(f"  {name}, {row['mode']}: done", flush=True)
   return rows
@@ -328,6 +373,9 @@ def print_tables(times, memory, args):
   header = ("problem", "mode", "iters", "solve", "implicit backward",
             "implicit bwd/fwd", "unrolled backward", "unrolled bwd/fwd",
             "unrolled/implicit")
+  compared = any("difference" in row for row in times)
+  if compared:
+    header += ("implicit vs dense",)
   lines = [header]
   for row in times:
     cells = []
@@ -346,8 +394,13 @@ def print_tables(times, memory, args):
       ratio = "implicit within noise"
     else:
       ratio = f"{unrolled / implicit:.0f}"
+    if compared:
+      ratio = (ratio, f"{row['difference']:.1e}" if "difference" in row
+               else "-")
+    else:
+      ratio = (ratio,)
     lines.append((row["problem"], row["mode"], str(row["iterations"]),
-                  _format_time(row["forward"])) + tuple(cells) + (ratio,))
+                  _format_time(row["forward"])) + tuple(cells) + ratio)
   _print_lines(lines)
   for row in times:
     for label in ("implicit", "unrolled"):
@@ -396,6 +449,10 @@ def main():
   parser.add_argument("--optimistix", action="store_true",
                       help="also part 3, optimistix side by side")
   parser.add_argument("--only-optimistix", action="store_true")
+  parser.add_argument("--large-scale", action="store_true",
+                      help="part 1 with linear_solver='cg' and "
+                      "data_chunk_size instead (no memory part)")
+  parser.add_argument("--chunk-size", type=int, default=1000)
   parser.add_argument("--jax-python", default=os.path.join(
       HERE, ".venv-jax", "bin", "python"))
   parser.add_argument("--json", help="also write the rows to this file")
@@ -410,6 +467,14 @@ def main():
     if args.json:
       with open(args.json, "w") as output:
         json.dump({"optimistix": rows}, output, indent=1)
+    return
+  if args.large_scale:
+    print("Timing, cg and chunked (one process) ...", flush=True)
+    times = time_table(args, large_scale=True)
+    print_tables(times, [], args)
+    if args.json:
+      with open(args.json, "w") as output:
+        json.dump({"times": times}, output, indent=1)
     return
   print("Timing (one process) ...", flush=True)
   times = time_table(args)
