@@ -596,7 +596,7 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
   augmented = tf.stop_gradient(augmented)
   dtype = cost.dtype
   n = augmented.shape[-1] - 1
-  captured, variables = _captures(chunk_residual, point, data)
+  captured, variables = _captures(chunk_residual, point, data, chunk_size)
   data_slots = [i for i, t in enumerate(data) if t.dtype.is_floating]
   live = (captured + [tf.convert_to_tensor(v) for v in variables] +
           [data[i] for i in data_slots])
@@ -648,13 +648,16 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
       residual=outputs[num_points], cost=outputs[num_points + 1])
 
 
-def _captures(chunk_residual, point, data):
+def _captures(chunk_residual, point, data, chunk_size):
   """(tensors, variables) that `chunk_residual` captures: the floating
   tensors from outside it (in this context's graph, or eager tensors) and
-  the `tf.Variable`s it reads, found by tracing it once."""
+  the `tf.Variable`s it reads, found by tracing it once on a chunk of the
+  first chunk's static shape."""
   flat_point = tf.nest.flatten(point)
   specs = [tf.TensorSpec(t.shape, t.dtype) for t in flat_point]
-  chunk_specs = [tf.TensorSpec([None] + t.shape[1:].as_list(), t.dtype)
+  rows = next((t.shape[0] for t in data if t.shape[0] is not None), None)
+  rows = chunk_size if rows is None else min(rows, chunk_size)
+  chunk_specs = [tf.TensorSpec([rows] + t.shape[1:].as_list(), t.dtype)
                  for t in data]
 
   def traced(*args):
