@@ -595,9 +595,11 @@ def test_matrix_free_and_chunked_gradients_are_the_dense_ones():
           rtol=1e-12)
     with pytest.raises(ValueError, match="implicit_hessian"):
       _large_scale_solve(variant, a, b, scale, implicit_hessian="exact")
-    with tf.autodiff.ForwardAccumulator(scale, tf.constant(1.0, tf.float64)):
-      with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
-        _large_scale_solve(variant, a, b, scale, max_iterations=1)
+  # Forward mode (chunked: theta, the captured scale, is the custom
+  # gradient's input; cg's is the live residual, as the exact Hessian's).
+  with tf.autodiff.ForwardAccumulator(scale, tf.constant(1.0, tf.float64)):
+    with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
+      _large_scale_solve("chunked", a, b, scale, max_iterations=1)
 
 
 def test_matrix_free_singular_system_matches_dense():
