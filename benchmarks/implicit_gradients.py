@@ -27,10 +27,32 @@ unrolled keeps every iteration's intermediates for the backward pass. On
 CPU `get_memory_info` is unavailable; RSS includes allocator slack, so
 differences of a few MiB mean nothing.
 
+--large-scale: part 1 for the curve fit solved with linear_solver='cg' and
+with t, y as `data` in chunks (--chunk-size rows), whose implicit gradients
+are the matrix-free and chunked backward passes, and each implicit
+gradient's largest difference from the dense solver's, relative to its
+largest entry.
+
+Part 3 (--optimistix; --only-optimistix for it alone): the curve fit side by
+side with `optimistix.LevenbergMarquardt` and its implicit adjoint
+(`optimistix.ImplicitAdjoint`, which differentiates the gradient of
+1/2 ||r||^2: the exact Hessian), on the same t, y and start, in a JAX
+virtual environment (benchmarks/_optimistix_implicit.py, run by subprocess
+after this process's rounds): forward and forward + backward (gradient of
+sum(solution) w.r.t. y) of each, tfg_optim with implicit_hessian=
+'gauss_newton' (default) and 'exact', backward = median over rounds of the
+difference, and the relative difference of each gradient from optimistix's,
+max |g - g_optimistix| / max |g_optimistix|.
+
+    python -m venv benchmarks/.venv-jax
+    benchmarks/.venv-jax/bin/pip install jax optimistix lineax
+
 Usage (from the repository root):
 
     PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/implicit_gradients.py
     ... --repeats 5 --iterations 10,100,400 --memory-m 50000 --skip-xla
+    ... --only-optimistix --repeats 50
+    ... --large-scale --repeats 20
 """
 
 import argparse
@@ -39,6 +61,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -46,6 +69,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MIB = 1024.0 ** 2
+CURVE_START = [1.0, 1.0, 0.3, 0.6]
 
 
 def _problems(tf, m):
@@ -63,7 +87,7 @@ def _problems(tf, m):
     def residual(q):
       return q[0] * tf.exp(-q[1] * t) + q[2] * tf.sin(3.0 * q[3] * t) - y
     result = tfg_optim.least_squares(
-        residual, tf.constant([1.0, 1.0, 0.3, 0.6], tf.float64),
+        residual, tf.constant(CURVE_START, tf.float64),
         gradients=gradients, **options)
     return tf.reduce_sum(result.position), result.num_iterations
 
@@ -112,12 +136,46 @@ def _timed(function, y):
   return time.perf_counter() - begin, int(np.asarray(out[1]))
 
 
-def time_table(args):
+def _large_scale_problems(tf, m, chunk_size):
+  """The curve fit of `_problems` solved with linear_solver='cg', and with
+  t and y as `data` in chunks of `chunk_size` rows; and its dense
+  implicit gradient (the reference)."""
+  import tfg_optim  # pylint: disable=g-import-not-at-top
+  build, y = _problems(tf, m)["curve fit"]
+  t = tf.constant(np.linspace(0.0, 4.0, m))
+  start = tf.constant(CURVE_START, tf.float64)
+
+  def cg(y, gradients, **options):
+    return build(y, gradients, linear_solver="cg", **options)
+
+  def chunked(y, gradients, **options):
+    def residual(q, t_rows, y_rows):
+      return (q[0] * tf.exp(-q[1] * t_rows) +
+              q[2] * tf.sin(3.0 * q[3] * t_rows) - y_rows)
+    result = tfg_optim.least_squares(
+        residual, start, data=[t, y], data_chunk_size=chunk_size,
+        gradients=gradients, **options)
+    return tf.reduce_sum(result.position), result.num_iterations
+
+  reference = _functions(tf, build, False)[1](y)[0].numpy()
+  return {"curve fit, cg": (cg, y),
+          f"curve fit, chunks of {chunk_size:,d}": (chunked, y)}, reference
+
+
+def time_table(args, large_scale=False):
   """Medians over `repeats` rounds; each round calls the three functions in
-  turn, so a slow spell of a shared machine hits them alike."""
+  turn, so a slow spell of a shared machine hits them alike. `large_scale`:
+  the curve fit with linear_solver='cg' and data_chunk_size, and each
+  implicit gradient's largest difference from the dense one relative to
+  its largest entry."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rows = []
-  for name, (build, y) in _problems(tf, args.m).items():
+  reference = None
+  if large_scale:
+    problems, reference = _large_scale_problems(tf, args.m, args.chunk_size)
+  else:
+    problems = _problems(tf, args.m)
+  for name, (build, y) in problems.items():
     for jit in ([False] if args.skip_xla else [False, True]):
       functions = dict(zip(("forward", "implicit", "unrolled"),
                            _functions(tf, build, jit)))
@@ -150,6 +208,10 @@ def time_table(args):
         row[label + "_backward"] = middle
         row[label + "_noise"] = statistics.median(
             abs(d - middle) for d in differences)
+      if reference is not None and "implicit" in functions:
+        gradient = functions["implicit"](y)[0].numpy()
+        row["difference"] = float(np.max(np.abs(gradient - reference)) /
+                                  np.max(np.abs(reference)))
       rows.append(row)
       print(f"  {name}, {row['mode']}: done", flush=True)
   return rows
@@ -216,6 +278,89 @@ def memory_table(args):
   return rows
 
 
+def optimistix_table(args):
+  """The curve fit: tfg_optim (tf.function, XLA; Gauss-Newton and exact
+  Hessian) and optimistix's implicit adjoint, on the same data."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  build, y = _problems(tf, args.m)["curve fit"]
+  rows = []
+  for jit in ([False] if args.skip_xla else [False, True]):
+    make = lambda f: tf.function(f, jit_compile=jit, autograph=False)  # pylint: disable=cell-var-from-loop
+
+    def with_gradient(hessian):
+      def run(y):
+        with tf.GradientTape() as tape:
+          tape.watch(y)
+          loss, iterations = build(y, "implicit", implicit_hessian=hessian)
+        return tape.gradient(loss, y), iterations
+      return make(run)
+
+    functions = {"forward": make(lambda y: build(y, "none")),
+                 "gauss_newton": with_gradient("gauss_newton"),
+                 "exact": with_gradient("exact")}
+    first = {label: _timed(function, y) for label, function in
+             functions.items()}
+    samples = {label: [] for label in functions}
+    for _ in range(args.repeats):
+      for label, function in functions.items():
+        samples[label].append(_timed(function, y)[0])
+    for hessian in ("gauss_newton", "exact"):
+      differences = [a - b for a, b in zip(samples[hessian],
+                                            samples["forward"])]
+      middle = statistics.median(differences)
+      rows.append({
+          "peer": f"tfg_optim ({hessian})",
+          "mode": "XLA" if jit else "tf.function",
+          "iterations": first["forward"][1],
+          "forward": statistics.median(samples["forward"]),
+          "implicit_backward": middle,
+          "implicit_noise": statistics.median(abs(d - middle)
+                                              for d in differences),
+          "gradient": functions[hessian](y)[0].numpy()})
+    print(f"  tfg_optim, {'XLA' if jit else 'tf.function'}: done", flush=True)
+  with tempfile.TemporaryDirectory() as directory:
+    data = os.path.join(directory, "curve.npz")
+    out = os.path.join(directory, "optimistix.npz")
+    np.savez(data, t=np.linspace(0.0, 4.0, args.m), y=y.numpy(),
+             start=np.array(CURVE_START))
+    process = subprocess.run(
+        [args.jax_python, os.path.join(HERE, "_optimistix_implicit.py"),
+         "--data", data, "--out", out, "--repeats", str(args.repeats)],
+        capture_output=True, text=True, check=False)
+    if process.returncode:
+      raise RuntimeError(process.stderr[-2000:])
+    peer = json.loads(process.stdout.strip().splitlines()[-1])
+    peer.update(peer="optimistix (ImplicitAdjoint)", mode="jax.jit",
+                gradient=np.load(out)["gradient"])
+  print(f"  optimistix {peer['optimistix_version']}, jax "
+        f"{peer['jax_version']}: done", flush=True)
+  reference = peer["gradient"]
+  for row in rows + [peer]:
+    row["gradient_difference"] = float(
+        np.max(np.abs(row["gradient"] - reference)) /
+        np.max(np.abs(reference)))
+    row["gradient"] = None
+  return rows + [peer]
+
+
+def print_optimistix(rows, args):
+  print(f"\nCurve fit side by side with optimistix (ms; medians of "
+        f"{args.repeats} rounds), m = {args.m:,d}, float64, CPU; gradient "
+        "of sum(solution) w.r.t. y; difference: max |g - g_optimistix| / "
+        "max |g_optimistix|")
+  lines = [("peer", "mode", "iters", "solve", "implicit backward",
+            "bwd/fwd", "gradient vs optimistix")]
+  for row in rows:
+    lines.append((
+        row["peer"], row["mode"], str(row["iterations"]),
+        _format_time(row["forward"]),
+        f"{row['implicit_backward'] * 1e3:.2f} +- "
+        f"{row['implicit_noise'] * 1e3:.2f}",
+        f"{row['implicit_backward'] / row['forward']:.2f}",
+        f"{row['gradient_difference']:.1e}"))
+  _print_lines(lines)
+
+
 def _format_time(seconds):
   return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
@@ -228,6 +373,9 @@ def print_tables(times, memory, args):
   header = ("problem", "mode", "iters", "solve", "implicit backward",
             "implicit bwd/fwd", "unrolled backward", "unrolled bwd/fwd",
             "unrolled/implicit")
+  compared = any("difference" in row for row in times)
+  if compared:
+    header += ("implicit vs dense",)
   lines = [header]
   for row in times:
     cells = []
@@ -246,8 +394,13 @@ def print_tables(times, memory, args):
       ratio = "implicit within noise"
     else:
       ratio = f"{unrolled / implicit:.0f}"
+    if compared:
+      ratio = (ratio, f"{row['difference']:.1e}" if "difference" in row
+               else "-")
+    else:
+      ratio = (ratio,)
     lines.append((row["problem"], row["mode"], str(row["iterations"]),
-                  _format_time(row["forward"])) + tuple(cells) + (ratio,))
+                  _format_time(row["forward"])) + tuple(cells) + ratio)
   _print_lines(lines)
   for row in times:
     for label in ("implicit", "unrolled"):
@@ -293,10 +446,35 @@ def main():
   parser.add_argument("--iterations", default="10,100,400",
                       help="iteration counts of the memory rows")
   parser.add_argument("--memory-m", type=int, default=50_000)
+  parser.add_argument("--optimistix", action="store_true",
+                      help="also part 3, optimistix side by side")
+  parser.add_argument("--only-optimistix", action="store_true")
+  parser.add_argument("--large-scale", action="store_true",
+                      help="part 1 with linear_solver='cg' and "
+                      "data_chunk_size instead (no memory part)")
+  parser.add_argument("--chunk-size", type=int, default=1000)
+  parser.add_argument("--jax-python", default=os.path.join(
+      HERE, ".venv-jax", "bin", "python"))
   parser.add_argument("--json", help="also write the rows to this file")
   args = parser.parse_args()
   if args.child:
     child(args.child[0], args.child[1], int(args.child[2]), args.memory_m)
+    return
+  if args.only_optimistix:
+    print("Side by side with optimistix ...", flush=True)
+    rows = optimistix_table(args)
+    print_optimistix(rows, args)
+    if args.json:
+      with open(args.json, "w") as output:
+        json.dump({"optimistix": rows}, output, indent=1)
+    return
+  if args.large_scale:
+    print("Timing, cg and chunked (one process) ...", flush=True)
+    times = time_table(args, large_scale=True)
+    print_tables(times, [], args)
+    if args.json:
+      with open(args.json, "w") as output:
+        json.dump({"times": times}, output, indent=1)
     return
   print("Timing (one process) ...", flush=True)
   times = time_table(args)
@@ -304,10 +482,17 @@ def main():
   if not args.skip_memory:
     print("Memory (one subprocess per row) ...", flush=True)
     memory = memory_table(args)
+  peers = []
+  if args.optimistix:
+    print("Side by side with optimistix ...", flush=True)
+    peers = optimistix_table(args)
   print_tables(times, memory, args)
+  if peers:
+    print_optimistix(peers, args)
   if args.json:
     with open(args.json, "w") as output:
-      json.dump({"times": times, "memory": memory}, output, indent=1)
+      json.dump({"times": times, "memory": memory, "optimistix": peers},
+                output, indent=1)
 
 
 if __name__ == "__main__":

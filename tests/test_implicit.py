@@ -529,3 +529,125 @@ def test_keras_model_learns_through_a_pose_fit(jit_compile):
   history = model.fit(features, poses, batch_size=64, epochs=3, verbose=0)
   losses = history.history["loss"]
   assert losses[-1] < 0.6 * losses[0], losses
+
+
+# -- matrix-free (linear_solver='cg') and chunked data (data_chunk_size) --------
+
+# Their backward passes solve J^T J w = rhs by conjugate gradients to a
+# relative (preconditioned) residual of 1e-10 (float64) and by Cholesky of
+# the summed J^T J: with cond(A^T A) ~ 2 here, w is good to ~1e-10, and the
+# solves themselves stop ~1e-10 from the least-squares solution (the
+# closed-form comparisons' error), far below the O(1) size of the
+# gradients and of the r v^T term that tells Gauss-Newton from exact.
+_LARGE_SCALE_TOLERANCE = 1e-8
+
+
+def _large_scale_solve(variant, a, b, scale, chunk_size=7, **options):
+  """argmin_x 1/2 ||scale (A x - b)||^2 with linear_solver='cg', or with A
+  and b as `data` in chunks (of 7 rows: for m = 20 two full chunks and a
+  remainder of 6). `scale` (captured) leaves x unchanged and scales the
+  cost by scale^2."""
+  options = dict(_SMALL_LOOP, **options)
+  start = tf.zeros([a.shape[-1]], a.dtype)
+  if variant == "chunked":
+    return tfg_optim.least_squares(
+        lambda x, a_rows, b_rows: scale * (tf.linalg.matvec(a_rows, x) -
+                                           b_rows),
+        start, data=[a, b], data_chunk_size=chunk_size, **options)
+  return tfg_optim.least_squares(
+      lambda x: scale * (tf.linalg.matvec(a, x) - b), start,
+      linear_solver=variant, **options)
+
+
+def _large_scale_expectations(a_np, b_np, u, cost_weight, scale):
+  """Closed-form gradients of u . x + cost_weight cost w.r.t. (A, b,
+  scale): those of `_linear_expectations` with the cost scaled by scale^2,
+  and d/dscale = cost_weight 2 scale (the unscaled cost)."""
+  x = np.linalg.lstsq(a_np, b_np, rcond=None)[0]
+  r = a_np @ x - b_np
+  grad_a, grad_b = _linear_expectations(a_np, b_np, u, cost_weight * scale**2,
+                                        "gauss_newton")
+  return grad_a, grad_b, cost_weight * scale * (r @ r)
+
+
+def test_matrix_free_and_chunked_gradients_match_the_closed_form():
+  """cg and chunked solves: gradients w.r.t. A, b (a tf.Variable) and a
+  captured scale equal the closed form (d/db: A (A^T A)^-1 u, the dense
+  implicit solve's, tested above), Gauss-Newton's d/dA without the r v^T
+  term (O(1) here); the chunked ||F|| output's derivative (by the envelope
+  theorem); the exact Hessian and forward mode are refused there."""
+  a_np, b_np = _linear_problem(seed=13, m=20)
+  u = np.array([1.0, -2.0, 0.5])
+  want = _large_scale_expectations(a_np, b_np, u, 3.0, 1.5)
+  a, b = tf.constant(a_np), tf.Variable(b_np)
+  scale = tf.constant(1.5, tf.float64)
+  for variant in ("cg", "chunked"):
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch([a, scale])
+      result = _large_scale_solve(variant, a, b, scale)
+      loss = tf.reduce_sum(u * result.position) + 3.0 * result.cost
+    for got, expected in zip(tape.gradient(loss, [a, b, scale]), want):
+      np.testing.assert_allclose(got, expected, atol=_LARGE_SCALE_TOLERANCE)
+    if variant == "chunked":  # residual = [||F||] = [scale ||A x - b||]
+      np.testing.assert_allclose(
+          tape.gradient(result.residual, scale), np.linalg.norm(
+              a_np @ np.linalg.lstsq(a_np, b_np, rcond=None)[0] - b_np),
+          atol=_LARGE_SCALE_TOLERANCE)
+    with pytest.raises(ValueError, match="implicit_hessian"):
+      _large_scale_solve(variant, a, b, scale, implicit_hessian="exact")
+  # Forward mode (chunked: theta, the captured scale, is the custom
+  # gradient's input; cg's is the live residual, as the exact Hessian's).
+  with tf.autodiff.ForwardAccumulator(scale, tf.constant(1.0, tf.float64)):
+    with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
+      _large_scale_solve("chunked", a, b, scale, max_iterations=1)
+
+
+def test_matrix_free_singular_system_gets_the_pinv_derivative():
+  """A rank-deficient J (two equal columns) has a singular J^T J: conjugate
+  gradients diverge on it (|gradient| ~ 1e16 without the retry), and are
+  retried regularized like the dense Cholesky: the minimum-norm derivative
+  u^T pinv(A) (the regularization's effect is O(sqrt(eps)) there)."""
+  a_np, b_np = _linear_problem(seed=14)
+  a_np[:, 2] = a_np[:, 1]
+  u = np.array([1.0, 2.0, -1.0])
+  a, b = tf.constant(a_np), tf.constant(b_np)
+  with tf.GradientTape() as tape:
+    tape.watch(b)
+    position = _linear_solve(a, b, linear_solver="cg", **_SMALL_LOOP).position
+    loss = tf.reduce_sum(u * position)
+  np.testing.assert_allclose(tape.gradient(loss, b), u @ np.linalg.pinv(a_np),
+                             atol=1e-6)
+
+
+def _large_scale_build(variant, mode):
+  """(A, b, scale) -> gradients of u . x + 3 cost (tf.gradients in a TF1
+  graph). Chunks of 10 rows: no remainder chunk to trace (the eager test
+  has one)."""
+  solve = functools.partial(_large_scale_solve, variant, chunk_size=10)
+
+  def build(a, b, scale):
+    u = tf.constant([1.0, -2.0, 0.5], a.dtype)
+    if mode == "session":
+      result = solve(a, b, scale)
+      return tf.gradients(tf.reduce_sum(u * result.position) +
+                          3.0 * result.cost, [a, b, scale])
+    with tf.GradientTape() as tape:
+      tape.watch([a, b, scale])
+      result = solve(a, b, scale)
+      loss = tf.reduce_sum(u * result.position) + 3.0 * result.cost
+    return tape.gradient(loss, [a, b, scale])
+  return build
+
+
+# Rotating cells: each mode once, each variant in two modes or more (eager:
+# both, above).
+@pytest.mark.parametrize("mode, variant", [("function", "cg"),
+                                           ("xla", "chunked"),
+                                           ("session", "chunked")])
+def test_matrix_free_and_chunked_gradients_in_every_mode(mode, variant):
+  a_np, b_np = _linear_problem(seed=13, m=20)
+  outputs = modes.run(_large_scale_build(variant, mode),
+                      [a_np, b_np, np.float64(1.5)], mode)
+  for got, expected in zip(outputs, _large_scale_expectations(
+      a_np, b_np, np.array([1.0, -2.0, 0.5]), 3.0, 1.5)):
+    np.testing.assert_allclose(got, expected, atol=_LARGE_SCALE_TOLERANCE)

@@ -72,6 +72,15 @@ caller's tapes, and the outputs are rebuilt from it:
   the solver's outputs and the live evaluation (value and gradient of f);
   its backward pass forms H with tapes and solves, and returns the
   cotangent of the live evaluation; forward mode is refused.
+- matrix-free least squares (linear_solver='cg', `attach_matrix_free`):
+  the same identity with the live residual as input; the backward pass
+  solves J^T J w = rhs by preconditioned conjugate gradients through the
+  products J v, J^T u at x* (no J, no n x n matrix).
+- chunked data (`attach_chunked`): J never exists, only the state's J^T J.
+  The identity's inputs are theta itself (the data tensors, and the tensors
+  and variables the chunk residual captures, found by tracing it once); the
+  backward pass Cholesky-solves J^T J and sums the reverse passes of one
+  more pass over the chunks.
 
 Either way ordinary automatic differentiation carries the result from the
 live evaluation to closures over tensors and `tf.Variable`s alike. The
@@ -85,6 +94,9 @@ import threading
 
 import numpy as np
 import tensorflow as tf
+
+from tfg_optim import _linear_solvers
+from tfg_optim import _linearization
 
 GRADIENTS = ("implicit", "unrolled", "none")
 HESSIANS = ("gauss_newton", "exact")
@@ -409,13 +421,318 @@ def _attach_exact(results, point, jacobian, residual, cost, residual_fn,
       residual=outputs[num_points], cost=outputs[num_points + 1])
 
 
+# -- matrix-free (conjugate gradients) -----------------------------------------
+
+
+# The backward pass's conjugate gradients stop when the Jacobi-preconditioned
+# residual of J^T J w = rhs has fallen by this factor (relative to rhs), or
+# after CG_MAX_ITERATIONS (1000) iterations. Tighter than the solver's own
+# steps (`_linear_solvers.CG_TOLERANCE`, 1e-6): a step only needs descent,
+# a gradient is used as it is. The gradient's relative error is about the
+# tolerance times the condition number of J^T J.
+CG_TOLERANCES = {tf.float64: 1e-10, tf.float32: 1e-5}
+CG_MAX_ITERATIONS = 1000
+
+
+def attach_matrix_free(results, linearization_tensors, problem, coordinates):
+  """`results` of a matrix-free (linear_solver='cg') solve whose position,
+  cost and residual have Gauss-Newton implicit gradients.
+
+  J is never formed: the backward pass solves J^T J w = P^T x_bar +
+  J^T r_bar by Jacobi-preconditioned conjugate gradients
+  (`_linear_solvers.conjugate_gradient_solver`, two products J v, J^T u per
+  iteration, by `_linearization.MatrixFreeKind` at x*), and returns the
+  live residual's cotangent r_bar + c_bar r - J w (one more J v); ordinary
+  automatic differentiation carries it to theta (one reverse pass of the
+  residual). The forward pass adds one residual evaluation. Coordinates
+  whose (held) Jacobian column is zero get a zero derivative, as in the
+  dense path: the solve is J^T J on the free coordinates and the identity
+  on the others.
+
+  Args:
+    results: the solve's results (see `attach_least_squares`).
+    linearization_tensors: the final state's `linearization` (a
+      `_linearization.MatrixFree`'s free mask and column norms at x*, with
+      the solver's fixed coordinates held).
+    problem: the solver's `_engine.Problem` (residual_fn, retract,
+      tangent_dim): J is that of c -> residual_fn(retract(x*, c)).
+    coordinates: (point, ambient cotangent) -> [B..., n], P^T v.
+
+  Returns:
+    `results` with `position`, `cost` and `residual` replaced by
+    `tf.identity`s of theirs (a custom gradient; forward mode is refused).
+  """
+  if not _needed():
+    return results
+  flat_point = [tf.stop_gradient(t) for t in tf.nest.flatten(
+      results.position)]
+  point = tf.nest.pack_sequence_as(results.position, flat_point)
+  residual = tf.stop_gradient(results.residual)
+  cost = tf.stop_gradient(results.cost)
+  kind = _linearization.MatrixFreeKind(problem._replace(forward_product=None))
+  linearization = kind.restore(
+      [tf.stop_gradient(t) for t in linearization_tensors], point)
+  live = [problem.residual_fn(point)]
+  _refuse_forward_mode(live)
+  num_points = len(flat_point)
+  dtype = residual.dtype
+
+  def backward(upstream):
+    _require_tapes()
+    point_bar = _zeros_for_none(upstream[:num_points], flat_point)
+    residual_bar, cost_bar = _zeros_for_none(upstream[num_points:],
+                                             [residual, cost])
+    free = tf.cast(linearization.column_norms() > 0, dtype)
+    rhs = free * coordinates(
+        point, tf.nest.pack_sequence_as(results.position, point_bar))
+    rhs += linearization.rmatvec(residual_bar)
+    rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs))
+    w, ok = _conjugate_gradient_solve(linearization, rhs, free)
+    ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
+    ok &= tf.reduce_all(tf.math.is_finite(live[0]), axis=-1)
+    w = _per_problem(ok, w)
+    live_bar = (residual_bar + residual * cost_bar[..., tf.newaxis] -
+                linearization.matvec(w))
+    return [None] * (num_points + 2) + [_per_problem(ok, live_bar)]
+
+  outputs = _identity_with_gradient(flat_point + [residual, cost], live,
+                                    backward)
+  return results._replace(
+      position=tf.nest.pack_sequence_as(results.position,
+                                        outputs[:num_points]),
+      residual=outputs[num_points], cost=outputs[num_points + 1])
+
+
+def _conjugate_gradient_solve(linearization, rhs, free):
+  """w with J^T J w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
+  w = 0 on the others, by Jacobi-preconditioned conjugate gradients
+  (`_linear_solvers.conjugate_gradient_solver` with lambda D = 1 - free);
+  returns (w, ok), ok [B...] False where w is not finite.
+
+  Where the solve does not reach its tolerance (checked with one more
+  product: ||J^T J w - rhs||_M^-1 > sqrt(tolerance) ||rhs||_M^-1, in the
+  preconditioner's norm), J^T J is singular (a rank-deficient J: its null
+  space makes conjugate gradients diverge) or too ill-conditioned: those
+  problems are solved again with J^T J + delta I on the free coordinates,
+  delta = sqrt(eps) max_j ||J_j||^2, the dense path's regularization.
+  """
+  dtype = rhs.dtype
+  tolerance = CG_TOLERANCES[dtype]
+  fixed = 1.0 - free
+  norms = linearization.column_norms()
+  diagonal = norms + fixed
+  diagonal = tf.where(diagonal > 0, diagonal, tf.ones_like(diagonal))
+
+  def solve(shift):  # (J^T J + shift) w = rhs on the free coordinates.
+    solver = _linear_solvers.conjugate_gradient_solver(
+        linearization, tf.ones_like(rhs[..., 0]), fixed + shift * free,
+        max_iterations=CG_MAX_ITERATIONS, tolerance=tolerance)
+    return -solver(None, rhs)  # solver(., g) = -(J^T J + lambda D)^-1 g.
+
+  def size(vector):
+    return tf.sqrt(tf.reduce_sum(tf.square(vector) / diagonal, axis=-1))
+
+  w = solve(tf.zeros_like(rhs[..., :1]))
+  error = (linearization.rmatvec(linearization.matvec(w)) + fixed * w -
+           rhs)
+  reached = size(error) <= np.sqrt(tolerance) * size(rhs)
+
+  def regularized():
+    delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
+        norms, axis=-1, keepdims=True)
+    return tf.where(reached[..., tf.newaxis], w, solve(delta))
+
+  w = tf.cond(tf.reduce_all(reached), lambda: w, regularized)
+  return w, tf.reduce_all(tf.math.is_finite(w), axis=-1)
+
+
+# -- chunked data ----------------------------------------------------------------
+
+
+def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
+                   data, chunk_size):
+  """`results` of a chunked-data solve (`data_chunk_size`) whose position,
+  cost and residual ||F|| have Gauss-Newton implicit gradients, with
+  respect to the `data` tensors and to the tensors and `tf.Variable`s that
+  the residual captures.
+
+  J (N x n) never exists; the solver's state holds J^T [J | F] at x*. The
+  backward pass Cholesky-solves J^T J w = P^T x_bar (`_masked_solve`, as the
+  dense path: zero columns held, a regularized retry where singular), and
+  one more pass over the chunks, per chunk c,
+
+      u_c = c_bar' F_c - J_c w            (J_c w: one forward-mode product)
+      theta_bar += (dF_c / dtheta)^T u_c  (one reverse pass of the chunk)
+      data_bar[c] = (dF_c / d data_c)^T u_c
+
+  with c_bar' = c_bar + rho_bar / rho (rho = ||F|| = sqrt(2 cost), whose
+  derivative is that of the cost over rho by the envelope theorem): memory
+  O(K n) plus the data's own gradient, not O(N) intermediates. The forward
+  pass adds nothing but one trace of the chunk residual, which names the
+  tensors and variables it captures (theta): they are the inputs of the
+  custom gradient, so its cotangents reach them (and, through ordinary
+  automatic differentiation, whatever they were computed from).
+
+  Args:
+    results: the solve's results; `residual` is the [1] vector ||F||.
+    augmented: J^T [J | F], [n, n + 1], at x* (fixed coordinates held: zero
+      rows and columns).
+    chunk_residual: (point, chunk) -> [K_c] residuals of the chunk's rows.
+    retract, coordinates: as in `attach_least_squares`.
+    data: the list of data tensors [N, ...].
+    chunk_size: K.
+
+  Returns:
+    `results` with `position`, `cost` and `residual` replaced by
+    `tf.identity`s of theirs (a custom gradient; forward mode is refused).
+  """
+  if not _needed():
+    return results
+  flat_point = [tf.stop_gradient(t) for t in tf.nest.flatten(
+      results.position)]
+  point = tf.nest.pack_sequence_as(results.position, flat_point)
+  residual = tf.stop_gradient(results.residual)
+  cost = tf.stop_gradient(results.cost)
+  augmented = tf.stop_gradient(augmented)
+  dtype = cost.dtype
+  n = augmented.shape[-1] - 1
+  captured, variables = _captures(chunk_residual, point, data, chunk_size)
+  data_slots = [i for i, t in enumerate(data) if t.dtype.is_floating]
+  live = (captured + [tf.convert_to_tensor(v) for v in variables] +
+          [data[i] for i in data_slots])
+  _refuse_forward_mode(live)
+  num_points = len(flat_point)
+
+  def backward(upstream):
+    _require_tapes()
+    point_bar = _zeros_for_none(upstream[:num_points], flat_point)
+    norm_bar, cost_bar = _zeros_for_none(upstream[num_points:],
+                                         [residual, cost])
+    norm = residual[0]
+    safe_norm = tf.where(norm > 0, norm, tf.ones_like(norm))
+    cost_bar += tf.where(norm > 0, norm_bar[0] / safe_norm,
+                         tf.zeros_like(norm))
+    gram = augmented[..., :-1]
+    free = tf.linalg.diag_part(gram) > 0
+    rhs = coordinates(point,
+                      tf.nest.pack_sequence_as(results.position, point_bar))
+    w, ok = _masked_solve(gram, rhs, free)
+    ok &= tf.math.is_finite(cost)
+    zero_step = tf.zeros([n], dtype)
+
+    def chunk_bars(chunk):
+      pieces = [chunk[i] for i in data_slots]
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(captured + pieces)
+        tape.watch(variables)
+        with tf.autodiff.ForwardAccumulator(zero_step, w) as accumulator:
+          value = chunk_residual(retract(point, zero_step), chunk)
+      product = accumulator.jvp(
+          value, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      cotangent = tf.stop_gradient(cost_bar * value - product)
+      return tape.gradient(value, captured + variables + pieces,
+                           output_gradients=cotangent,
+                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    sums, rows = _map_chunks(data, chunk_size, chunk_bars,
+                             captured + variables,
+                             [data[i] for i in data_slots])
+    bars = [tf.where(ok, bar, tf.zeros_like(bar)) for bar in sums + rows]
+    return [None] * (num_points + 2) + bars
+
+  outputs = _identity_with_gradient(flat_point + [residual, cost], live,
+                                    backward)
+  return results._replace(
+      position=tf.nest.pack_sequence_as(results.position,
+                                        outputs[:num_points]),
+      residual=outputs[num_points], cost=outputs[num_points + 1])
+
+
+def _captures(chunk_residual, point, data, chunk_size):
+  """(tensors, variables) that `chunk_residual` captures: the floating
+  tensors from outside it (in this context's graph, or eager tensors) and
+  the `tf.Variable`s it reads, found by tracing it once on a chunk of the
+  first chunk's static shape."""
+  flat_point = tf.nest.flatten(point)
+  specs = [tf.TensorSpec(t.shape, t.dtype) for t in flat_point]
+  rows = next((t.shape[0] for t in data if t.shape[0] is not None), None)
+  rows = chunk_size if rows is None else min(rows, chunk_size)
+  chunk_specs = [tf.TensorSpec([rows] + t.shape[1:].as_list(), t.dtype)
+                 for t in data]
+
+  def traced(*args):
+    return chunk_residual(
+        tf.nest.pack_sequence_as(point, list(args[:len(specs)])),
+        list(args[len(specs):]))
+
+  graph = tf.function(traced, autograph=False).get_concrete_function(
+      *(specs + chunk_specs)).graph
+  tensors = [t for t in graph.external_captures
+             if t.dtype.is_floating and not any(t is d for d in data)]
+  return tensors, list(graph.variables)
+
+
+def _map_chunks(data, chunk_size, function, sum_like, row_like):
+  """One pass over the chunks of `data`, as `_chunked.ChunkedData.fold`:
+  `function(chunk)` returns one tensor per `sum_like` tensor (summed over
+  chunks), then one [K_c, ...] tensor per `row_like` tensor [N, ...]
+  (concatenated over chunks, in a `tf.TensorArray` of static size where N
+  is static). Returns (sums, rows)."""
+  k = chunk_size
+  length = next((t.shape[0] for t in data if t.shape[0] is not None),
+                None)
+  if length is None:
+    length = tf.shape(data[0])[0]
+  num_sums = len(sum_like)
+
+  def rows(start, size):
+    chunk = []
+    for tensor in data:
+      rank = tensor.shape.rank
+      piece = tf.slice(tensor, tf.stack([start] + [0] * (rank - 1)),
+                       [size] + [-1] * (rank - 1))
+      if isinstance(size, int) and size >= 0:
+        piece.set_shape([size] + tensor.shape[1:].as_list())
+      chunk.append(piece)
+    return chunk
+
+  full = length // k
+  sums = [tf.zeros_like(t) for t in sum_like]
+  pieces = [[] for _ in row_like]
+  if not isinstance(full, int) or full > 0:
+    arrays = [tf.TensorArray(t.dtype, size=full, element_shape=[k] +
+                             t.shape[1:].as_list()) for t in row_like]
+
+    def body(i, sums, arrays):
+      values = function(rows(i * k, k))
+      return (i + 1, [a + b for a, b in zip(sums, values[:num_sums])],
+              [a.write(i, v) for a, v in zip(arrays, values[num_sums:])])
+
+    _, sums, arrays = tf.while_loop(
+        lambda i, sums, arrays: i < full, body,
+        (tf.constant(0), sums, arrays), maximum_iterations=full,
+        parallel_iterations=1)
+    for piece, array, like in zip(pieces, arrays, row_like):
+      piece.append(tf.reshape(array.stack(), tf.concat(
+          [[-1], tf.shape(like)[1:]], 0)))
+  size = length % k if isinstance(length, int) else -1
+  if size:  # The remainder chunk (dynamic N: possibly empty).
+    values = function(rows(full * k, size))
+    sums = [a + b for a, b in zip(sums, values[:num_sums])]
+    for piece, value in zip(pieces, values[num_sums:]):
+      piece.append(value)
+  return list(sums), [p[0] if len(p) == 1 else tf.concat(p, 0)
+                      for p in pieces]
+
+
 _FORWARD_MODE_MESSAGE = (
     "Forward-mode differentiation (tf.autodiff.ForwardAccumulator) of a "
-    "solve with implicit_hessian='exact' or of L-BFGS/BFGS is not "
-    "supported: their implicit derivative is a custom gradient (its Hessian "
-    "is formed with a tape in the backward pass), which forward mode cannot "
-    "use. Use gradients='unrolled', or the default Gauss-Newton least "
-    "squares.")
+    "solve with implicit_hessian='exact', linear_solver='cg' or "
+    "data_chunk_size, or of L-BFGS/BFGS, is not supported: their implicit "
+    "derivative is a custom gradient (its linear solve is made with tapes "
+    "in the backward pass), which forward mode cannot use. Use "
+    "gradients='unrolled', or the default Gauss-Newton least squares with "
+    "the dense solver.")
 
 
 def _refuse_forward_mode(tensors):

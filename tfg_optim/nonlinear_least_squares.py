@@ -217,8 +217,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     implicit_hessian: 'gauss_newton' (default; H = J^T J, exact at
       zero-residual solutions) or 'exact' (second derivatives by nested
       tapes), the Hessian of the implicit gradients. With
-      linear_solver='cg' or `data_chunk_size` (no J to reuse), 'implicit'
-      means 'unrolled' for now.
+      linear_solver='cg' (J^T J w = rhs solved by conjugate gradients) or
+      `data_chunk_size` (the summed J^T J, and one more pass over the
+      chunks; theta: the data, and the tensors and variables the residuals
+      capture) only 'gauss_newton', reverse mode only.
     eager_compile: what an eager call does (no effect inside `tf.function`
       or a graph). 'auto' (default): the first call with a given problem
       runs op by op, and later calls with the same problem (the same
@@ -381,8 +383,11 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                        "problem.")
     matrix_free = uses_matrix_free(linear_solver, jacobian is not None,
                                    tangent_dim)
-    if gradients == "implicit" and (matrix_free or chunked):
-      gradients = "unrolled"  # No dense J to solve with yet (documented).
+    if (gradients == "implicit" and implicit_hessian == "exact" and
+        (matrix_free or chunked)):
+      raise ValueError("implicit_hessian='exact' needs the dense Jacobian: "
+                       "not with linear_solver='cg' or 'data_chunk_size' "
+                       "(use 'gauss_newton', or gradients='unrolled').")
     initial_residual = None
     if jacobian is None:  # Residuals must depend on the variables.
       initial_residual = robust(tf.concat(_validation.connected_outputs(
@@ -422,14 +427,24 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     if chunked:
       # Static where the chunks' shapes are: no evaluation then.
       result = result._replace(num_residuals=kind.count(point))
-    if gradients == "implicit":  # coordinates: x + c, unclipped by bounds
+    flat_coordinates = lambda p, v: tf.concat(
+        [_vector_space.flatten_batched(t, batch_dims) for t in v], axis=-1)
+    if gradients == "implicit" and chunked:
+      result = _implicit.attach_chunked(
+          result, state.linearization[0], chunk_residual, retract,
+          manifold.coordinates if manifold is not None else flat_coordinates,
+          data, data_chunk_size)
+    elif gradients == "implicit" and matrix_free:
+      result = _implicit.attach_matrix_free(
+          result, state.linearization, problem,
+          manifold.coordinates if manifold is not None else flat_coordinates)
+    elif gradients == "implicit":  # coordinates: x + c, unclipped by bounds
       result = _implicit.attach_least_squares(
           result, state.linearization[0], problem.residual_fn,
           (manifold.retract if manifold is not None else
            lambda p, s: _vector_space.retract(p, s, batch_dims)),
           (manifold.coordinates if manifold is not None else
-           lambda p, v: tf.concat([_vector_space.flatten_batched(
-               t, batch_dims) for t in v], axis=-1)),
+           flat_coordinates),
           (manifold.tangent_vector if manifold is not None else
            lambda p, c: _vector_space.split_step(c, shapes)),
           implicit_hessian)
