@@ -176,3 +176,44 @@ def test_riemannian_front_end_reuses_its_compiled_solve():
   np.testing.assert_allclose(compiled, rotation, atol=1e-9)
   with pytest.raises(ValueError):  # off the manifold: still checked eagerly
     tfg_optim.riemannian.levenberg_marquardt(sphere, residual, 2.0 * start)
+
+
+def test_quasi_newton_front_ends_reuse_their_compiled_solve():
+  minimize = tfg_optim.lbfgs.minimize_lbfgs
+  counter = _Counter()
+  center = tf.Variable([1.0, -2.0], dtype=tf.float64)
+
+  def objective(x):  # Minimum at `center`, value 0.5.
+    counter.calls += 1
+    return tf.reduce_sum(tf.square(x - center) * [1.0, 3.0]) + 0.5
+
+  start = np.array([0.0, 0.0])
+  kwargs = dict(dtype="float64", return_results=True)
+  op_by_op = minimize(objective, start, eager_compile=False, **kwargs)
+  minimize(objective, start, **kwargs)  # first call: op by op
+  with tf.GradientTape() as tape:
+    traced = minimize(objective, start, **kwargs)  # traces
+  calls = counter.calls
+  compiled = minimize(objective, start, **kwargs)
+  assert counter.calls == calls  # the compiled function ran
+  for result in (traced, compiled):
+    np.testing.assert_array_equal(result.position, op_by_op.position)
+    assert int(result.num_func_calls) == int(op_by_op.num_func_calls)
+  # Implicit gradients through the compiled solve: dx*/dcenter = I.
+  np.testing.assert_allclose(
+      tape.gradient(traced.position, center), [1.0, 1.0], rtol=1e-6)
+  center.assign([3.0, 1.0])  # a variable is read when the solve runs
+  np.testing.assert_allclose(minimize(objective, start, **kwargs).position,
+                             [3.0, 1.0], rtol=1e-6)
+  assert counter.calls == calls and len(_eager._CACHE) == 1
+  with pytest.raises(ValueError, match="eager_compile"):
+    minimize(objective, start, eager_compile="yes", **kwargs)
+  # BFGS shares the mechanism: True compiles at the first call.
+  bfgs = tfg_optim.lbfgs.minimize_bfgs(objective, start, eager_compile=True,
+                                       **kwargs)
+  calls = counter.calls
+  again = tfg_optim.lbfgs.minimize_bfgs(objective, start, eager_compile=True,
+                                        **kwargs)
+  assert counter.calls == calls and len(_eager._CACHE) == 2
+  np.testing.assert_allclose(again.position, [3.0, 1.0], rtol=1e-6)
+  np.testing.assert_array_equal(again.position, bfgs.position)

@@ -101,6 +101,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _eager
 from tfg_optim import _implicit
 from tfg_optim import _line_search
 from tfg_optim import _validation
@@ -172,7 +173,8 @@ def minimize_lbfgs(objective_func,
                    scale_initial_hessian=False,
                    batch_dims=0,
                    return_results=False,
-                   gradients="implicit"):
+                   gradients="implicit",
+                   eager_compile="auto"):
   """Minimizes a differentiable function with L-BFGS.
 
   Args:
@@ -213,6 +215,12 @@ def minimize_lbfgs(objective_func,
       point with the exact Hessian, one linear solve, the loop is not
       taped), 'unrolled' (the tape sees every iteration) or 'none'. The
       other outputs are not differentiable. See docs/differentiation.md.
+    eager_compile: what an eager call does (no effect inside `tf.function`
+      or a TF1 graph): 'auto' (default) runs the first call with a given
+      problem op by op and later calls with the same problem (objective
+      and what it captures, options, position shape and dtype; see
+      `tfg_optim._eager`) as one cached compiled `tf.function`; True
+      compiles at the first call; False always runs op by op.
 
   Returns:
     `(is_converge, num_func_calls, position, objective_value,
@@ -238,6 +246,20 @@ def minimize_lbfgs(objective_func,
     NotImplementedError: `line_search_fn` is not 'strong_wolfe'.
   """
   history_size = _validation.positive_int(history_size, "history_size")
+  options = dict(
+      history_size=history_size, max_iters=max_iters,
+      tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+      initial_inverse_hessian_estimate=initial_inverse_hessian_estimate,
+      line_search_fn=line_search_fn,
+      max_line_search_iters=max_line_search_iters,
+      initial_step_length=initial_step_length, dtype=dtype, name=name,
+      value_and_gradient=value_and_gradient,
+      scale_initial_hessian=scale_initial_hessian, batch_dims=batch_dims,
+      return_results=return_results, gradients=gradients)
+  solve = _compiled_solve(minimize_lbfgs, objective_func, initial_position,
+                          options, eager_compile)
+  if solve is not None:
+    return solve()
   return _minimize(
       "minimize_lbfgs", _LbfgsPolicy(history_size, scale_initial_hessian),
       objective_func, initial_position, max_iters, tolerance_grad,
@@ -265,7 +287,8 @@ def minimize_bfgs(objective_func,
                   scale_initial_hessian=False,
                   batch_dims=0,
                   return_results=False,
-                  gradients="implicit"):
+                  gradients="implicit",
+                  eager_compile="auto"):
   """Minimizes a differentiable function with BFGS (dense inverse Hessian).
 
   Same arguments, results and errors as `minimize_lbfgs` without
@@ -274,12 +297,53 @@ def minimize_bfgs(objective_func,
   with batches). `scale_initial_hessian=True` multiplies H_0 by
   s_0^T y_0 / y_0^T y_0 once, before the first update (N&W eq. 6.20).
   """
+  options = dict(
+      max_iters=max_iters, tolerance_grad=tolerance_grad,
+      tolerance_change=tolerance_change,
+      initial_inverse_hessian_estimate=initial_inverse_hessian_estimate,
+      line_search_fn=line_search_fn,
+      max_line_search_iters=max_line_search_iters,
+      initial_step_length=initial_step_length, dtype=dtype, name=name,
+      value_and_gradient=value_and_gradient,
+      scale_initial_hessian=scale_initial_hessian, batch_dims=batch_dims,
+      return_results=return_results, gradients=gradients)
+  solve = _compiled_solve(minimize_bfgs, objective_func, initial_position,
+                          options, eager_compile)
+  if solve is not None:
+    return solve()
   return _minimize(
       "minimize_bfgs", _BfgsPolicy(scale_initial_hessian), objective_func,
       initial_position, max_iters, tolerance_grad, tolerance_change,
       initial_inverse_hessian_estimate, line_search_fn, max_line_search_iters,
       initial_step_length, dtype, name, value_and_gradient, batch_dims,
       return_results, gradients)
+
+
+def _compiled_solve(front_end, objective_func, initial_position, options,
+                    eager_compile):
+  """() -> the cached compiled solve's return value (`tfg_optim._eager`), or
+  None to run op by op (not eager, the problem's first call with 'auto', or
+  a start that is not a float tensor or array: the op-by-op path raises the
+  right error)."""
+  if not _eager.wanted(eager_compile, None) or not isinstance(
+      initial_position, (tf.Tensor, tf.Variable, np.ndarray)):
+    return None
+  start = tf.convert_to_tensor(initial_position)
+  if not start.dtype.is_floating:
+    return None
+  key, kept = _eager.fingerprint((front_end.__name__, objective_func,
+                                  options, start.dtype.name))
+
+  def build():
+    def solve(position):
+      return front_end(objective_func, position, eager_compile=False,
+                       **options)
+    return solve
+
+  function = _eager.compiled(key, kept, build, eager_compile is True)
+  if function is None:
+    return None
+  return lambda: function(start)
 
 
 # ---------------------------------------------------------------------------
