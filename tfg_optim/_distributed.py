@@ -41,6 +41,7 @@ import socket
 import tensorflow as tf
 
 from tfg_optim import _chunked
+from tfg_optim import _linear_solvers
 
 # The all-reduce completion timeout when the strategy sets none. It bounds
 # how long a worker waits for the others in one pass: it must exceed the
@@ -69,6 +70,10 @@ def check_strategy(strategy, batch_dims, gradients, eager_compile):
     raise ValueError("'strategy' does not support gradients='unrolled' "
                      "(no gradient through the all-reduces); pass "
                      "gradients='none'.")
+  if _linear_solvers.in_xla():
+    raise ValueError("'strategy' cannot run under XLA (jit_compile=True): "
+                     "strategy.run and the all-reduces stay outside XLA; "
+                     "call it in a plain tf.function.")
   if eager_compile is False and tf.executing_eagerly():
     raise ValueError("'strategy' needs a compiled solve: eager_compile=False "
                      "is not supported with it.")
