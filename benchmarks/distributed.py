@@ -105,7 +105,7 @@ def _child(config, n, chunk, repeats):
       position=[float(v) for v in result.position])), flush=True)
   if config == "worker":
     try:  # Exit together (see examples/distributed_fit.py).
-      from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+      from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top,line-too-long
       context.context().wait_at_barrier("benchmark_done", 60_000)
     except Exception:  # pylint: disable=broad-except
       time.sleep(1.0)

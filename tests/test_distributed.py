@@ -66,6 +66,23 @@ def _solve(strategy=None, data=None, **options):
               costs=[float(c) for c in costs[np.isfinite(costs)]])
 
 
+def _solve_batch(strategy=None):
+  """5 independent fits a_i exp(b_i t) - y_i (batch_dims=1, data [5, 40]):
+  per-problem results."""
+  rng = np.random.default_rng(7)
+  t = np.tile(np.linspace(-1.0, 1.0, 40), (5, 1))
+  a, b = rng.uniform(1.0, 2.0, 5), rng.uniform(-1.5, -0.5, 5)
+  y = a[:, None] * np.exp(b[:, None] * t) + 0.01 * rng.standard_normal(t.shape)
+  result = tfg_optim.least_squares(
+      lambda x, t, y: x[..., 0:1] * tf.exp(x[..., 1:2] * t) - y,
+      tf.constant(np.tile([1.0, 0.0], (5, 1))), batch_dims=1, data=(t, y),
+      strategy=strategy, geodesic_acceleration=None)  # (Traces faster.)
+  return dict(position=result.position.numpy().tolist(),
+              iterations=result.num_iterations.numpy().tolist(),
+              stop=result.stop_reason.numpy().tolist(),
+              truth=np.stack([a, b], 1).tolist())
+
+
 def _with_nan(row):
   t, y = _problem()
   y = y.copy()
@@ -89,6 +106,7 @@ def _mirrored_solves():
   out["four"] = _solve(four)
   out["four_nan"] = _solve(four, data=_with_nan(900))  # The last shard.
   out["replicas"] = [two.num_replicas_in_sync, four.num_replicas_in_sync]
+  out["batch"] = _solve_batch()
   return out
 
 
@@ -107,7 +125,8 @@ def _worker_child(index, ports, signal):
           timeout_seconds=_WORKER_TIMEOUT))
   out = {"workers": strategy.num_replicas_in_sync,
          "multi": _solve(strategy),
-         "multi_nan": _solve(strategy, data=_with_nan(700))}  # worker 1's
+         "multi_nan": _solve(strategy, data=_with_nan(700)),  # worker 1's
+         "multi_batch": _solve_batch(strategy)}
   if index == 1:  # Dies: worker 0's next solve must fail, naming it.
     # Not before worker 0 has the NaN solve's results (its last all-reduce
     # may still read from this worker): it touches `signal`.
@@ -142,7 +161,7 @@ def _main(argv):
   os._exit(0)  # pylint: disable=protected-access  # No teardown of servers.
 
 
-# --- the tests -----------------------------------------------------------------
+# --- the tests ---------------------------------------------------------------
 
 
 def _free_ports(count):
@@ -222,13 +241,24 @@ def _check_mirrored(out):
   assert out["four_nan"]["iterations"] == 0
 
 
-def _check_workers(zero, one, single):
+def _same_batch(result, single):
+  np.testing.assert_allclose(single["position"], single["truth"], atol=0.02)
+  assert result["stop"] == single["stop"]
+  assert result["iterations"] == single["iterations"]
+  np.testing.assert_allclose(result["position"], single["position"],
+                             rtol=1e-12)
+
+
+def _check_workers(zero, one, single, batch):
   assert zero["workers"] == one["workers"] == 2
   _same_solve(zero["multi"], single)
   # Every worker ends at the same point, bit for bit, with the same counts.
   assert zero["multi"] == one["multi"]
   for out in (zero, one):  # A NaN in worker 1's shard stops both.
     assert out["multi_nan"]["stop"] == _NOT_FINITE
+    # A batch split over the workers (2 + 3 problems), solved with no
+    # communication and gathered on both: the single-device results.
+    _same_batch(out["multi_batch"], batch)
 
 
 def _check_dead_worker(zero):
@@ -257,7 +287,9 @@ def test_strategies_equal_one_device_stop_on_nan_and_name_a_dead_worker(
     check("MirroredStrategy over 2 and 4 logical CPUs", _check_mirrored,
           "worker0")
     single = children["worker0"].result()["single"]
-    check("two workers", lambda zero, one: _check_workers(zero, one, single),
+    batch = children["worker0"].result()["batch"]
+    check("two workers", lambda zero, one: _check_workers(zero, one, single,
+                                                          batch),
           "worker0", "worker1")
     check("dead worker", _check_dead_worker, "worker0")
   finally:
@@ -287,7 +319,7 @@ def test_invalid_strategies_name_the_argument():
                                         strategy=strategy).cost)
   with pytest.raises(ValueError, match="strategy.*XLA"):
     under_xla(tf.ones([4], tf.float64))
-  with pytest.raises(ValueError, match="batch_dims"):
+  with pytest.raises(ValueError, match="batch dimension"):  # 2 vs 4 rows
     tfg_optim.least_squares(lambda x, t: x * t, tf.ones([2, 1], tf.float64),
                             batch_dims=1, data=data, strategy=strategy)
 

@@ -29,6 +29,10 @@ the summation (rounding: ~ R ulps of the sums), the only difference.
 
 A non-finite residual on one shard makes the summed cost non-finite, hence
 the usual engine rules: NOT_FINITE at the start, a rejected candidate later.
+A batch of independent problems (`batch_dims` > 0) is split instead
+(`split_batch`): each replica solves its part of the batch alone, and the
+results are gathered once at the end.
+
 A worker that dies leaves the others waiting in a collective; each
 all-reduce has a completion timeout (the strategy's own
 `CommunicationOptions(timeout_seconds=...)` if it has one, else
@@ -54,7 +58,7 @@ STRATEGIES = (tf.distribute.MirroredStrategy,
 _SUM = tf.distribute.ReduceOp.SUM
 
 
-def check_strategy(strategy, batch_dims, gradients, eager_compile):
+def check_strategy(strategy, gradients, eager_compile):
   """`strategy` if a solve can run over it; TypeError/ValueError naming the
   argument otherwise. Returns the `gradients` mode to use: 'none' (no
   gradient through the all-reduces yet; the outputs are stopped)."""
@@ -62,10 +66,6 @@ def check_strategy(strategy, batch_dims, gradients, eager_compile):
     raise TypeError("'strategy' must be a tf.distribute.MirroredStrategy or "
                     "MultiWorkerMirroredStrategy, got "
                     f"{type(strategy).__name__}.")
-  if batch_dims:
-    raise ValueError("'strategy' does not support 'batch_dims' > 0 yet: "
-                     "split independent problems over replicas with "
-                     "strategy.run yourself (they need no communication).")
   if gradients == "unrolled":
     raise ValueError("'strategy' does not support gradients='unrolled' "
                      "(no gradient through the all-reduces); pass "
@@ -80,12 +80,17 @@ def check_strategy(strategy, batch_dims, gradients, eager_compile):
   return "none"
 
 
-def communication_options(strategy):
-  """The all-reduce options: the strategy's timeout, or ours if it has
-  none."""
+def _own_timeout(strategy):
+  """The timeout of the strategy's `communication_options`, or None."""
   own = getattr(strategy.extended, "_communication_options", None)
-  if own is not None and getattr(own, "timeout_seconds", None):
-    return None  # The strategy's options apply.
+  return getattr(own, "timeout_seconds", None) or None
+
+
+def communication_options(strategy):
+  """The all-reduce options: None (the strategy's own apply) if the
+  strategy has a timeout, else ours with `DEFAULT_TIMEOUT_SECONDS`."""
+  if _own_timeout(strategy):
+    return None
   return tf.distribute.experimental.CommunicationOptions(
       timeout_seconds=DEFAULT_TIMEOUT_SECONDS)
 
@@ -99,17 +104,25 @@ def _replica_index():
           context.num_replicas_in_sync)
 
 
+def bounds(length, replica, num_replicas):
+  """[start, stop) = [floor(r N / R), floor((r + 1) N / R)): replica r's
+  rows of N (Python ints where N and r are)."""
+  return (replica * length // num_replicas,
+          (replica + 1) * length // num_replicas)
+
+
+def _length(data):
+  """N, the shared leading dimension: an int if any tensor knows it."""
+  for tensor in data:
+    if tensor.shape[0] is not None:
+      return tensor.shape[0]
+  return tf.shape(data[0])[0]
+
+
 def shard(data, replica, num_replicas):
   """Rows [floor(r N / R), floor((r + 1) N / R)) of each data tensor:
   static shapes where N and r are static."""
-  length = data[0].shape[0]
-  for tensor in data[1:]:
-    if length is None:
-      length = tensor.shape[0]
-  if length is None or not isinstance(replica, int):
-    length = tf.shape(data[0])[0] if length is None else length
-  start = replica * length // num_replicas
-  stop = (replica + 1) * length // num_replicas
+  start, stop = bounds(_length(data), replica, num_replicas)
   pieces = []
   for tensor in data:
     rank = tensor.shape.rank
@@ -250,10 +263,7 @@ def naming_workers(strategy, call, probe_timeout=2.0):
       raise
     dead = [f"{name} at {address}" for name, address in workers
             if not _answers(address, probe_timeout)]
-    timeout = communication_options(strategy)
-    timeout = (getattr(strategy.extended._communication_options,  # pylint: disable=protected-access
-                       "timeout_seconds", None)
-               if timeout is None else timeout.timeout_seconds)
+    timeout = _own_timeout(strategy) or DEFAULT_TIMEOUT_SECONDS
     if dead:
       message = ("least_squares(strategy=...): worker(s) "
                  f"{', '.join(dead)} stopped answering; the all-reduce "
@@ -265,3 +275,105 @@ def naming_workers(strategy, call, probe_timeout=2.0):
                  f"all-reduce timeout ({timeout} s) or stuck. Original "
                  f"error: {error.message}")
     raise type(error)(error.node_def, error.op, message) from error
+
+
+# --- batches of independent problems: split, no communication in the loop ---
+
+
+def split_batch(strategy, solve, variables, data):
+  """A batch of independent problems split over the replicas.
+
+  The leading batch dimension B of `variables` (and of every `data` tensor,
+  which must share it) is split into contiguous parts, one per replica;
+  each replica runs `solve(part_of_variables, part_of_data)` (a whole
+  `least_squares` solve of its problems, with their own damping, stops and
+  counters: nothing is communicated while they run) and the results are
+  gathered back along the batch axis: concatenated across the replicas of
+  one process; across workers, each places its problems' results at their
+  rows of zero tensors of the whole batch and one SUM all-reduce of all
+  fields (as float64: exact for int32, bool and float32 values) gathers
+  them, once, at the end. Every worker gets the whole batch's results. Eagerly, the solve runs compiled (traced
+  at each call: wrap repeated calls in a `tf.function`).
+  """
+  flat_variables = tf.nest.flatten(variables)
+  flat_data = [] if data is None else tf.nest.flatten(data)
+  count = len(flat_variables)
+  if tf.executing_eagerly():
+    tensors = [tf.convert_to_tensor(t) for t in flat_variables + flat_data]
+    function = tf.function(lambda *flat: split_batch(
+        strategy, solve, tf.nest.pack_sequence_as(variables, flat[:count]),
+        None if data is None else
+        tf.nest.pack_sequence_as(data, flat[count:])), autograph=False)
+    return naming_workers(strategy, lambda: function(*tensors))
+  tensors = [tf.convert_to_tensor(t) for t in flat_variables + flat_data]
+  sizes = {t.shape[0] for t in tensors if t.shape.rank}
+  if any(t.shape.rank == 0 for t in tensors) or len(sizes - {None}) > 1:
+    raise ValueError("'strategy' with 'batch_dims' splits the leading batch "
+                     "dimension of 'variables' and of every 'data' tensor: "
+                     "they must share it, got shapes "
+                     f"{[t.shape.as_list() for t in tensors]}.")
+  multi_worker = isinstance(strategy,
+                            tf.distribute.MultiWorkerMirroredStrategy)
+
+  def replica_solve():
+    replica, replicas = _replica_index()
+    with tf.device("/device:CPU:0"):
+      parts = shard(tensors, replica, replicas)
+    parts = [tf.identity(t) for t in parts]
+    result = solve(tf.nest.pack_sequence_as(variables, parts[:count]),
+                   None if data is None else
+                   tf.nest.pack_sequence_as(data, parts[count:]))
+    if multi_worker:  # The other workers' problems, in one all-reduce.
+      result = _sum_into_batch(result, *bounds(_length(tensors), replica,
+                                                replicas),
+                               _length(tensors),
+                               communication_options(strategy))
+    return result
+
+  results = strategy.run(replica_solve)
+  local = lambda value: strategy.experimental_local_results(value)
+  if multi_worker:
+    return tf.nest.map_structure(lambda value: local(value)[0], results)
+  return _map_batched(results, lambda value, axis: tf.concat(local(value),
+                                                             axis),
+                      lambda value: local(value)[0])
+
+
+def _map_batched(result, batched, other=lambda value: value):
+  """`LeastSquaresResults` with batched(value, axis) applied to the fields
+  with a batch axis (`records`: axis 1; the others: axis 0) and other(value)
+  to the rest (scalars the same on every replica)."""
+  unbatched = ("num_residuals", "num_parameters", "wall_time", "tolerances")
+  fields = {}
+  for name, value in result._asdict().items():
+    if name in unbatched:
+      fields[name] = tf.nest.map_structure(other, value)
+    else:
+      axis = 1 if name == "records" else 0
+      fields[name] = tf.nest.map_structure(lambda v: batched(v, axis), value)
+  return type(result)(**fields)
+
+
+def _sum_into_batch(result, start, stop, length, options):
+  """The whole batch's results on every replica: this replica's rows
+  [start, stop) of every batched field, zero elsewhere, summed over the
+  replicas in one all-reduce (x + 0 = x exactly)."""
+  placed, dtypes = [], []
+
+  def place(value, axis):
+    paddings = [[0, 0]] * value.shape.rank
+    paddings[axis] = [start, length - stop]
+    placed.append(tf.pad(tf.cast(value, tf.float64), paddings))
+    dtypes.append(value.dtype)
+    return len(placed) - 1
+
+  indices = _map_batched(result, place)
+  summed = tf.distribute.get_replica_context().all_reduce(
+      _SUM, tf.concat([tf.reshape(t, [-1]) for t in placed], 0),
+      options=options)
+  pieces = tf.split(summed, tf.stack([tf.size(t) for t in placed]))
+  values = [tf.cast(tf.reshape(piece, tf.shape(t)), dtype)
+            for piece, t, dtype in zip(pieces, placed, dtypes)]
+  for value, t in zip(values, placed):
+    value.set_shape(t.shape)
+  return _map_batched(indices, lambda index, axis: values[index])

@@ -210,7 +210,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       same steps (see docs/distributed.md). The same limits and `residual`
       as with `data_chunk_size`; no gradients through the solve (outputs
       are stopped; gradients='unrolled' is an error); an eager call runs
-      compiled. Every worker calls with the same arguments.
+      compiled. Every worker calls with the same arguments. With
+      `batch_dims` > 0, the independent problems are split over the
+      replicas instead (the leading batch dimension of `variables` and of
+      every `data` tensor), solved with no communication, and gathered.
     jacobian: optional callable `jacobian(*variables)` returning the
       [B..., m, n] Jacobian of the concatenated residuals w.r.t. the
       concatenated flattened variables (Euclidean only; with a robust loss it
@@ -249,8 +252,14 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     ValueError / TypeError: for invalid arguments, naming the argument.
   """
   if strategy is not None:  # Validated first: it decides how to run.
-    gradients = _distributed.check_strategy(strategy, batch_dims, gradients,
+    arguments = dict(locals())
+    gradients = _distributed.check_strategy(strategy, gradients,
                                             eager_compile)
+    if batch_dims:  # Independent problems: split over the replicas.
+      return _distributed.split_batch(strategy, lambda part, part_data: (
+          least_squares(**dict(arguments, variables=part, data=part_data,
+                               strategy=None, gradients=gradients,
+                               eager_compile=False))), variables, data)
   if _eager.wanted(eager_compile, callback) or (strategy is not None and
                                                 tf.executing_eagerly()):
     options = dict(
@@ -263,8 +272,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         geodesic_acceleration=geodesic_acceleration,
         vanishing_column_tolerance=vanishing_column_tolerance,
         linear_solver=linear_solver, data_chunk_size=data_chunk_size,
-        strategy=strategy, callback=callback, record=record, gradients=gradients,
-        implicit_hessian=implicit_hessian, name=name)
+        strategy=strategy, callback=callback, record=record,
+        gradients=gradients, implicit_hessian=implicit_hessian, name=name)
     solve = _compiled_solve(residuals, variables, data, options,
                             eager_compile is True or strategy is not None)
     if strategy is not None:

@@ -88,7 +88,7 @@ def _wait_for_all_workers():
   """A barrier before exiting: a worker that exits at once could still owe
   a peer the last message of the last all-reduce."""
   try:
-    from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+    from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top,line-too-long
     context.context().wait_at_barrier("tfg_optim_distributed_fit_done",
                                       _TIMEOUT_SECONDS * 1000)
   except Exception:  # pylint: disable=broad-except
