@@ -14,8 +14,8 @@ TensorFlow's start):
 - `2 workers`: `MultiWorkerMirroredStrategy`, two processes on 127.0.0.1
   (one CPU replica each; worker 0 reports).
 
-Each row: the first call (tracing and one solve), then the median of
-`repeats` solves; iterations, seconds per iteration, the Jacobian and cost
+Each row: the first call (tracing and one solve), two untimed solves, then
+the median of `repeats` solves; iterations, seconds per iteration, the Jacobian and cost
 passes of a solve, and the all-reduce volume of a solve,
 (n^2 + n + 1) per Jacobian pass + 1 per cost pass (+ 1 for the residual
 count), next to the data volume (N rows x 2 float64 columns).
@@ -87,6 +87,8 @@ def _child(config, n, chunk, repeats):
   begin = time.perf_counter()
   result = tfg_optim.least_squares(residual, start, **options)
   first = time.perf_counter() - begin
+  for _ in range(2):  # Warm-up: the first runs of a trace are slower.
+    float(tfg_optim.least_squares(residual, start, **options).cost)
   times = []
   for _ in range(repeats):
     begin = time.perf_counter()

@@ -10,8 +10,9 @@ and over 4 of them, while it waits for worker 1, which has exited, to time
 out (two processes, not three: TensorFlow's start is most of the cost).
 Each child prints one JSON line; the test holds the solves to the
 single-device solve (the summation order is the only difference), to the
-non-finite rule, and to a failure naming the dead worker within the
-all-reduce timeout.
+non-finite rule, a batch of independent problems split over the workers to
+the single-device batch, and a dead worker to a failure naming it within
+the all-reduce timeout.
 """
 
 import json
