@@ -320,6 +320,9 @@ def test_invalid_strategies_name_the_argument():
                                         strategy=strategy).cost)
   with pytest.raises(ValueError, match="strategy.*XLA"):
     under_xla(tf.ones([4], tf.float64))
+  with pytest.raises(ValueError, match="gradients"):
+    tfg_optim.least_squares(residual, start, data=data, strategy=strategy,
+                            gradients="backwards")
   with pytest.raises(ValueError, match="batch dimension"):  # 2 vs 4 rows
     tfg_optim.least_squares(lambda x, t: x * t, tf.ones([2, 1], tf.float64),
                             batch_dims=1, data=data, strategy=strategy)

@@ -45,6 +45,7 @@ import socket
 import tensorflow as tf
 
 from tfg_optim import _chunked
+from tfg_optim import _implicit
 from tfg_optim import _linear_solvers
 
 # The all-reduce completion timeout when the strategy sets none. It bounds
@@ -59,9 +60,14 @@ _SUM = tf.distribute.ReduceOp.SUM
 
 
 def check_strategy(strategy, gradients, eager_compile):
-  """`strategy` if a solve can run over it; TypeError/ValueError naming the
-  argument otherwise. Returns the `gradients` mode to use: 'none' (no
-  gradient through the all-reduces yet; the outputs are stopped)."""
+  """The `gradients` mode of a solve over `strategy`: 'none' (no gradient
+  through the all-reduces yet; the outputs are stopped).
+
+  Raises:
+    TypeError / ValueError naming 'strategy' (or 'gradients') for what a
+    distributed solve cannot do.
+  """
+  _implicit.check_gradients(gradients)
   if not isinstance(strategy, STRATEGIES):
     raise TypeError("'strategy' must be a tf.distribute.MirroredStrategy or "
                     "MultiWorkerMirroredStrategy, got "
@@ -185,7 +191,7 @@ class DistributedKind:
         return (tf.size(chunk_residual(point, chunk), tf.int64),)
       return fold(terms, (tf.constant(0, tf.int64),), rows)[0][tf.newaxis]
 
-    if not tf.executing_eagerly():  # Traced once per shard shape.
+    if not tf.executing_eagerly():  # One trace per replica (device), reused.
       cost_terms, jacobian_terms = (
           tf.function(f, autograph=False)
           for f in (cost_terms, jacobian_terms))
