@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _chunked
+from tfg_optim import _distributed
 from tfg_optim import _eager
 from tfg_optim import _engine
 from tfg_optim import _implicit
@@ -126,7 +127,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   jacobian=None, bounds=None,
                   geodesic_acceleration=_DEFAULT_ACCELERATION,
                   vanishing_column_tolerance=None, linear_solver="auto",
-                  data=None, data_chunk_size=None,
+                  data=None, data_chunk_size=None, strategy=None,
                   callback=None, record=False, gradients="implicit",
                   implicit_hessian="gauss_newton", eager_compile="auto",
                   name="least_squares"):
@@ -201,6 +202,18 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       default here). N may be unknown while tracing, not under XLA. The
       results' `residual` is then the [1] vector ||F|| = sqrt(2 cost), and
       `num_residuals` the number of residuals over all chunks.
+    strategy: optional `tf.distribute.MirroredStrategy` or
+      `MultiWorkerMirroredStrategy` (needs `data`): the data rows are split
+      into one contiguous shard per replica, each replica sums its shard's
+      J^T [J | F] and cost (over chunks of `data_chunk_size` rows, if given)
+      and the sums are all-reduced, so every replica and worker takes the
+      same steps (see docs/distributed.md). The same limits and `residual`
+      as with `data_chunk_size`; no gradients through the solve (outputs
+      are stopped; gradients='unrolled' is an error); an eager call runs
+      compiled. Every worker calls with the same arguments. With
+      `batch_dims` > 0, the independent problems are split over the
+      replicas instead (the leading batch dimension of `variables` and of
+      every `data` tensor), solved with no communication, and gathered.
     jacobian: optional callable `jacobian(*variables)` returning the
       [B..., m, n] Jacobian of the concatenated residuals w.r.t. the
       concatenated flattened variables (Euclidean only; with a robust loss it
@@ -240,7 +253,17 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   Raises:
     ValueError / TypeError: for invalid arguments, naming the argument.
   """
-  if _eager.wanted(eager_compile, callback):
+  if strategy is not None:  # Validated first: it decides how to run.
+    arguments = dict(locals())
+    gradients = _distributed.check_strategy(strategy, gradients,
+                                            eager_compile)
+    if batch_dims:  # Independent problems: split over the replicas.
+      return _distributed.split_batch(strategy, lambda part, part_data: (
+          least_squares(**dict(arguments, variables=part, data=part_data,
+                               strategy=None, gradients=gradients,
+                               eager_compile=False))), variables, data)
+  if _eager.wanted(eager_compile, callback) or (strategy is not None and
+                                                tf.executing_eagerly()):
     options = dict(
         manifold=manifold, batch_dims=batch_dims, damping=damping,
         max_iterations=max_iterations, function_tolerance=function_tolerance,
@@ -251,10 +274,12 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         geodesic_acceleration=geodesic_acceleration,
         vanishing_column_tolerance=vanishing_column_tolerance,
         linear_solver=linear_solver, data_chunk_size=data_chunk_size,
-        callback=callback, record=record, gradients=gradients,
-        implicit_hessian=implicit_hessian, name=name)
+        strategy=strategy, callback=callback, record=record,
+        gradients=gradients, implicit_hessian=implicit_hessian, name=name)
     solve = _compiled_solve(residuals, variables, data, options,
-                            eager_compile is True)
+                            eager_compile is True or strategy is not None)
+    if strategy is not None:
+      return _distributed.naming_workers(strategy, solve)
     if solve is not None:
       return solve()
   max_iterations = _validation.positive_int(max_iterations, "max_iterations")
@@ -262,22 +287,24 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   gradients = _implicit.check_gradients(gradients)
   implicit_hessian = _implicit.check_hessian(implicit_hessian)
   residuals = _validation.as_callable_list(residuals, "residuals")
-  data = _data(data, data_chunk_size)
-  chunked = data_chunk_size is not None
+  data = _data(data, data_chunk_size, strategy)
+  chunked = data_chunk_size is not None or strategy is not None
   if chunked:
-    data_chunk_size = _validation.positive_int(data_chunk_size,
-                                               "data_chunk_size")
+    if data_chunk_size is not None:
+      data_chunk_size = _validation.positive_int(data_chunk_size,
+                                                 "data_chunk_size")
+    by = "'strategy'" if data_chunk_size is None else "'data_chunk_size'"
     for value, default, arg in ((batch_dims, 0, "batch_dims"),
                                 (jacobian, None, "jacobian"),
                                 (linear_solver == "cg", False,
                                  "linear_solver='cg'")):
       if value != default:
-        raise ValueError(f"'data_chunk_size' does not support '{arg}': the "
+        raise ValueError(f"{by} does not support '{arg}': the "
                          "Jacobian is summed chunk by chunk into J^T J "
                          "(dense solvers, one problem).")
     if geodesic_acceleration is not None:
       if not isinstance(geodesic_acceleration, _DefaultAcceleration):
-        raise ValueError("'data_chunk_size' does not support "
+        raise ValueError(f"{by} does not support "
                          "'geodesic_acceleration' (F''[v, v] over all "
                          "chunks); pass geodesic_acceleration=None.")
       geodesic_acceleration = None
@@ -401,8 +428,13 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
             [_bind_data(residual, chunk) for residual in chunk_residuals],
             dtype, 0)
         return robust(chunk_stack(tf.nest.flatten(p)))
-      kind = _chunked.ChunkedKind(chunk_residual, retract, tangent_dim, data,
-                                  data_chunk_size, dtype)
+      if strategy is None:
+        kind = _chunked.ChunkedKind(chunk_residual, retract, tangent_dim,
+                                    data, data_chunk_size, dtype)
+      else:
+        kind = _distributed.DistributedKind(chunk_residual, retract,
+                                            tangent_dim, data,
+                                            data_chunk_size, dtype, strategy)
       initial_residual = kind.residual_norm(point)
       residual_fn = kind.residual_norm
     problem = _engine.Problem(
@@ -454,13 +486,15 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     return result._replace(position=position)
 
 
-def _data(data, data_chunk_size):
+def _data(data, data_chunk_size, strategy=None):
   """The list of data tensors (empty for None), checked: a shared leading
   dimension N (where known while tracing, else when the graph runs)."""
   if data is None:
-    if data_chunk_size is not None:
-      raise ValueError("'data_chunk_size' needs 'data' (the tensors to split "
-                       "into chunks).")
+    for value, arg in ((data_chunk_size, "data_chunk_size"),
+                       (strategy, "strategy")):
+      if value is not None:
+        raise ValueError(f"'{arg}' needs 'data' (the tensors to split "
+                         "into chunks or shards).")
     return []
   tensors = list(data) if isinstance(data, (list, tuple)) else [data]
   if not tensors:
@@ -479,10 +513,10 @@ def _data(data, data_chunk_size):
   if len(set(known)) > 1:
     raise ValueError("'data' tensors must share their leading dimension N, "
                      f"got {lengths}.")
-  if data_chunk_size is not None and any(t.shape.rank is None
-                                         for t in tensors):
+  if ((data_chunk_size is not None or strategy is not None) and
+      any(t.shape.rank is None for t in tensors)):
     raise ValueError("'data' tensors need a known rank with "
-                     "'data_chunk_size'.")
+                     "'data_chunk_size' or 'strategy'.")
   if len(tensors) > 1 and len(known) < len(tensors):
     checks = [tf.debugging.assert_equal(
         tf.shape(t)[0], tf.shape(tensors[0])[0],
@@ -516,9 +550,13 @@ def _compiled_solve(residuals, variables, data, options, compile_now):
   as arguments)."""
   leaves = tf.nest.flatten(variables)
   data_leaves = [] if data is None else tf.nest.flatten(data)
+  strategy = options.get("strategy")
   if not all(isinstance(leaf, (tf.Tensor, tf.Variable, np.ndarray))
              for leaf in leaves + data_leaves):
-    return None
+    if strategy is None:
+      return None
+    leaves = [tf.convert_to_tensor(leaf) for leaf in leaves]
+    data_leaves = [tf.convert_to_tensor(leaf) for leaf in data_leaves]
   key, kept = _eager.fingerprint((
       "least_squares", residuals, options, tf.nest.map_structure(
           lambda _: None, variables),
@@ -535,6 +573,8 @@ def _compiled_solve(residuals, variables, data, options, compile_now):
     return solve
 
   function = _eager.compiled(key, kept, build, compile_now)
+  if function is None and strategy is not None:  # Uncacheable: compile anyway.
+    function = tf.function(build(), autograph=False)
   if function is None:
     return None
   tensors = [tf.convert_to_tensor(leaf) for leaf in leaves + flat_data]

@@ -1,0 +1,332 @@
+"""least_squares(strategy=...): one problem over the replicas of a strategy.
+
+Logical CPU devices and a cluster must be set up before TensorFlow starts,
+so the solves run in two child processes of this file, started at once by
+one test and always killed at its end (`python tests/test_distributed.py
+INDEX PORTS SIGNAL_FILE`): the two workers of a MultiWorkerMirroredStrategy
+on 127.0.0.1 (free ports; ring all-reduces). Worker 0 has 4 logical CPU
+devices and also runs the single-device solve and MirroredStrategy over 2
+and over 4 of them, while it waits for worker 1, which has exited, to time
+out (two processes, not three: TensorFlow's start is most of the cost).
+Each child prints one JSON line; the test holds the solves to the
+single-device solve (the summation order is the only difference), to the
+non-finite rule, a batch of independent problems split over the workers to
+the single-device batch, and a dead worker to a failure naming it within
+the all-reduce timeout.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfg_optim
+from tfg_optim import _engine
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHILD_TIMEOUT = 90.0  # s: a child still running then is killed.
+_WORKER_TIMEOUT = 6.0  # s: the workers' all-reduce completion timeout.
+_NOT_FINITE = "NOT_FINITE"
+_N = 1001  # 4 shards of 250, 250, 250 and 251 rows.
+_BEGIN = time.monotonic()  # A child's start, after its imports.
+
+
+def _problem():
+  """(t, y): noisy 2 exp(-1.3 t) on [-1, 1]."""
+  rng = np.random.default_rng(5)
+  t = np.linspace(-1.0, 1.0, _N)
+  return t, 2.0 * np.exp(-1.3 * t) + 0.05 * rng.standard_normal(_N)
+
+
+# --- the children ------------------------------------------------------------
+
+
+def _solve(strategy=None, data=None, **options):
+  """least_squares of a * exp(b t) - y from (1, 0): a dict of results."""
+  result = tfg_optim.least_squares(
+      lambda a, b, t, y: a * tf.exp(b * t) - y,
+      [tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)],
+      data=_problem() if data is None else data, strategy=strategy,
+      geodesic_acceleration=None, record=True, **options)
+  costs = result.records["cost"].numpy()
+  reason = _engine.StopReason(int(result.stop_reason))
+  return dict(position=[float(v) for v in result.position],
+              cost=float(result.cost),
+              iterations=int(result.num_iterations),
+              accepted=int(result.num_accepted),
+              evaluations=int(result.num_residual_evaluations),
+              stop=reason.name, converged=reason.converged,
+              residuals=int(result.num_residuals),
+              costs=[float(c) for c in costs[np.isfinite(costs)]])
+
+
+def _solve_batch(strategy=None):
+  """5 independent fits a_i exp(b_i t) - y_i (batch_dims=1, data [5, 40]):
+  per-problem results."""
+  rng = np.random.default_rng(7)
+  t = np.tile(np.linspace(-1.0, 1.0, 40), (5, 1))
+  a, b = rng.uniform(1.0, 2.0, 5), rng.uniform(-1.5, -0.5, 5)
+  y = a[:, None] * np.exp(b[:, None] * t) + 0.01 * rng.standard_normal(t.shape)
+  result = tfg_optim.least_squares(
+      lambda x, t, y: x[..., 0:1] * tf.exp(x[..., 1:2] * t) - y,
+      tf.constant(np.tile([1.0, 0.0], (5, 1))), batch_dims=1, data=(t, y),
+      strategy=strategy, geodesic_acceleration=None)  # (Traces faster.)
+  return dict(position=result.position.numpy().tolist(),
+              iterations=result.num_iterations.numpy().tolist(),
+              stop=result.stop_reason.numpy().tolist(),
+              truth=np.stack([a, b], 1).tolist())
+
+
+def _with_nan(row):
+  t, y = _problem()
+  y = y.copy()
+  y[row] = np.nan
+  return t, y
+
+
+def _mirrored_solves():
+  """The single-device solve and MirroredStrategy over 2 and 4 of this
+  process's logical CPU devices."""
+  out = {"single": _solve()}
+  # One process's strategies must not use collective ops besides the
+  # worker's (their group keys would collide: a TensorFlow limit): these
+  # reduce through one device. The workers' solves use ring collectives.
+  two, four = (tf.distribute.MirroredStrategy(
+      [f"/cpu:{i}" for i in range(count)],
+      cross_device_ops=tf.distribute.ReductionToOneDevice())
+               for count in (2, 4))
+  # Shards of 500 and 501 rows: 5 chunks of 96, then 20 or 21 rows.
+  out["two_chunked"] = _solve(two, data_chunk_size=96)
+  out["four"] = _solve(four)
+  out["four_nan"] = _solve(four, data=_with_nan(900))  # The last shard.
+  out["replicas"] = [two.num_replicas_in_sync, four.num_replicas_in_sync]
+  out["batch"] = _solve_batch()
+  return out
+
+
+def _worker_child(index, ports, signal):
+  """Worker `index` of two; worker 0 also runs `_mirrored_solves` while it
+  waits for the dead worker."""
+  if index == 0:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
+  os.environ["TF_CONFIG"] = json.dumps({
+      "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+      "task": {"type": "worker", "index": index}})
+  strategy = tf.distribute.MultiWorkerMirroredStrategy(
+      communication_options=tf.distribute.experimental.CommunicationOptions(
+          timeout_seconds=_WORKER_TIMEOUT))
+  out = {"workers": strategy.num_replicas_in_sync,
+         "multi": _solve(strategy),
+         "multi_nan": _solve(strategy, data=_with_nan(700)),  # worker 1's
+         "multi_batch": _solve_batch(strategy)}
+  if index == 1:  # Dies: worker 0's next solve must fail, naming it.
+    # Not before worker 0 has the NaN solve's results (its last all-reduce
+    # may still read from this worker): it touches `signal`.
+    deadline = time.monotonic() + _CHILD_TIMEOUT
+    while not os.path.exists(signal) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    return out
+  with open(signal, "w"):
+    pass
+  dead = {}
+
+  def solve_without_worker_1():
+    start = time.monotonic()
+    try:
+      _solve(strategy)
+    except Exception as error:  # pylint: disable=broad-except
+      dead.update(type=type(error).__name__, message=str(error),
+                  seconds=time.monotonic() - start)
+
+  waiting = threading.Thread(target=solve_without_worker_1, daemon=True)
+  waiting.start()
+  out.update(_mirrored_solves())  # Meanwhile (the other thread waits).
+  waiting.join(_CHILD_TIMEOUT)
+  out["dead"] = dead or None
+  return out
+
+
+def _main(argv):
+  out = _worker_child(int(argv[0]), argv[1].split(","), argv[2])
+  out["seconds"] = time.monotonic() - _BEGIN
+  print(json.dumps(out), flush=True)
+  os._exit(0)  # pylint: disable=protected-access  # No teardown of servers.
+
+
+# --- the tests ---------------------------------------------------------------
+
+
+def _free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  try:
+    for s in sockets:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in sockets]
+  finally:
+    for s in sockets:
+      s.close()
+
+
+class _Child:
+  """A child process of this file; `result()` its JSON line (or the test
+  fails naming it); `kill()` ends it if it still runs."""
+
+  def __init__(self, *args):
+    env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2",
+               CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CONFIG", None)
+    self.args = args
+    self.process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=_ROOT)
+    self.deadline = time.monotonic() + _CHILD_TIMEOUT
+    self._result = None
+
+  def result(self):
+    if self._result is None:
+      try:
+        stdout, stderr = self.process.communicate(
+            timeout=max(1.0, self.deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        self.kill()
+        pytest.fail(f"child {self.args} ran past {_CHILD_TIMEOUT} s")
+      lines = [l for l in stdout.splitlines() if l.startswith("{")]
+      assert lines, (f"child {self.args} exited {self.process.returncode} "
+                     f"without results:\n{stderr[-3000:]}")
+      self._result = json.loads(lines[-1])
+    return self._result
+
+  def kill(self):
+    if self.process.poll() is None:
+      self.process.kill()
+    self.process.communicate()
+
+
+def _start_children(signal):
+  ports = ",".join(str(p) for p in _free_ports(2))
+  return dict(worker0=_Child("0", ports, signal),
+              worker1=_Child("1", ports, signal))
+
+
+def _same_solve(result, single):
+  """The single-device solve, but for the summation order's rounding."""
+  assert result["converged"] and result["stop"] == single["stop"]
+  for key in ("iterations", "accepted", "evaluations"):
+    assert result[key] == single[key], key
+  assert result["residuals"] == _N
+  np.testing.assert_allclose(result["position"], single["position"],
+                             rtol=1e-12)
+  np.testing.assert_allclose(result["cost"], single["cost"], rtol=1e-12)
+  np.testing.assert_allclose(result["costs"], single["costs"], rtol=1e-11)
+
+
+def _check_mirrored(out):
+  assert out["replicas"] == [2, 4]
+  single = out["single"]
+  # Independent of the engine: the generating parameters of the data.
+  np.testing.assert_allclose(single["position"], [2.0, -1.3], atol=0.02)
+  _same_solve(out["two_chunked"], single)
+  _same_solve(out["four"], single)
+  # A NaN in the last shard: the summed cost is NaN at the start.
+  assert out["four_nan"]["stop"] == _NOT_FINITE
+  assert out["four_nan"]["iterations"] == 0
+
+
+def _same_batch(result, single):
+  np.testing.assert_allclose(single["position"], single["truth"], atol=0.02)
+  assert result["stop"] == single["stop"]
+  assert result["iterations"] == single["iterations"]
+  np.testing.assert_allclose(result["position"], single["position"],
+                             rtol=1e-12)
+
+
+def _check_workers(zero, one, single, batch):
+  assert zero["workers"] == one["workers"] == 2
+  _same_solve(zero["multi"], single)
+  # Every worker ends at the same point, bit for bit, with the same counts.
+  assert zero["multi"] == one["multi"]
+  for out in (zero, one):  # A NaN in worker 1's shard stops both.
+    assert out["multi_nan"]["stop"] == _NOT_FINITE
+    # A batch split over the workers (2 + 3 problems), solved with no
+    # communication and gathered on both: the single-device results.
+    _same_batch(out["multi_batch"], batch)
+
+
+def _check_dead_worker(zero):
+  dead = zero["dead"]
+  assert dead is not None, "the solve went on without worker 1"
+  assert "/job:worker/replica:0/task:1" in dead["message"], dead
+  assert dead["type"] in ("DeadlineExceededError", "UnavailableError"), dead
+  assert dead["seconds"] < _WORKER_TIMEOUT + 15.0, dead
+
+
+def test_strategies_equal_one_device_stop_on_nan_and_name_a_dead_worker(
+    tmp_path):
+  """One test, so that its three processes run at once (a test runner
+  splitting tests over its own workers would start them twice); every
+  check runs and each failing one is reported."""
+  children = _start_children(str(tmp_path / "worker0_solved"))
+  failures = []
+
+  def check(name, function, *names):
+    try:
+      function(*[children[n].result() for n in names])
+    except (AssertionError, pytest.fail.Exception) as error:
+      failures.append(f"{name}: {error}")
+
+  try:
+    check("MirroredStrategy over 2 and 4 logical CPUs", _check_mirrored,
+          "worker0")
+    single = children["worker0"].result()["single"]
+    batch = children["worker0"].result()["batch"]
+    check("two workers", lambda zero, one: _check_workers(zero, one, single,
+                                                          batch),
+          "worker0", "worker1")
+    check("dead worker", _check_dead_worker, "worker0")
+  finally:
+    for child in children.values():
+      child.kill()
+  assert not failures, "\n".join(failures)
+
+
+def test_invalid_strategies_name_the_argument():
+  residual = lambda a, t: a * t
+  start = [tf.constant(1.0, tf.float64)]
+  data = (np.ones(4),)
+  with pytest.raises(TypeError, match="strategy"):
+    tfg_optim.least_squares(residual, start, data=data, strategy="mirrored")
+  strategy = tf.distribute.get_strategy()  # The default: not supported.
+  with pytest.raises(TypeError, match="strategy"):
+    tfg_optim.least_squares(residual, start, data=data, strategy=strategy)
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+  for options in (dict(data=None), dict(gradients="unrolled"),
+                  dict(eager_compile=False), dict(linear_solver="cg"),
+                  dict(geodesic_acceleration=2.0)):
+    with pytest.raises(ValueError, match="strategy"):
+      tfg_optim.least_squares(residual, start, **{"data": data, **options},
+                              strategy=strategy)
+  under_xla = tf.function(jit_compile=True)(
+      lambda t: tfg_optim.least_squares(residual, start, data=(t,),
+                                        strategy=strategy).cost)
+  with pytest.raises(ValueError, match="strategy.*XLA"):
+    under_xla(tf.ones([4], tf.float64))
+  with pytest.raises(ValueError, match="gradients"):
+    tfg_optim.least_squares(residual, start, data=data, strategy=strategy,
+                            gradients="backwards")
+  with pytest.raises(ValueError, match="batch dimension"):  # 2 vs 4 rows
+    tfg_optim.least_squares(lambda x, t: x * t, tf.ones([2, 1], tf.float64),
+                            batch_dims=1, data=data, strategy=strategy)
+
+
+if __name__ == "__main__":
+  _main(sys.argv[1:])
