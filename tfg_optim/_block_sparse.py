@@ -249,6 +249,12 @@ class BlockSparse:
   def gram(self):
     """J^T J, [n, n], scattered from the blocks (dense solvers only)."""
     n = self.layout.tangent_dim
+    indices, values = self._gram_entries()
+    return tf.scatter_nd(indices, values, [n, n])
+
+  def _gram_entries(self):
+    """(positions [E, 2], values [E]) of every block pair's J_a^T J_b
+    entries, repeated positions to be summed."""
     indices, values = [], []
     for slots in self._by_term():
       for t_a, index_a, block_a in slots:
@@ -262,7 +268,7 @@ class BlockSparse:
           indices.append(tf.reshape(tf.stack([row_grid, column_grid], -1),
                                     [-1, 2]))
           values.append(tf.reshape(product, [-1]))
-    return tf.scatter_nd(tf.concat(indices, 0), tf.concat(values, 0), [n, n])
+    return tf.concat(indices, 0), tf.concat(values, 0)
 
   def _coordinates(self, t, index):
     """[K, d]: the tangent coordinates of rows `index` of table t."""

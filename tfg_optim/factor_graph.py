@@ -42,7 +42,8 @@ from tfg_optim.manifolds import euclidean
 LINEAR_SOLVERS = ("auto", "cholesky", "cg")
 
 # linear_solver="auto": the dense Cholesky of the assembled J^T J up to this
-# many parameters, block-Jacobi conjugate gradients beyond (docs/sparse.md).
+# many tangent coordinates, block-Jacobi conjugate gradients beyond
+# (docs/sparse.md: TensorFlow's sparse Cholesky has no triangular solve).
 AUTO_CHOLESKY_LIMIT = 2048
 
 
@@ -278,14 +279,16 @@ def _width(function, term, data):
   return int(output.shape[-1])
 
 
-def uses_cholesky(linear_solver, tangent_dim):
-  """Whether `linear_solver` means the dense Cholesky of J^T J here."""
-  return linear_solver == "cholesky" or (
-      linear_solver == "auto" and tangent_dim <= AUTO_CHOLESKY_LIMIT)
+def picked_solver(linear_solver, tangent_dim):
+  """What `linear_solver` resolves to for n = tangent_dim coordinates:
+  'cholesky' or 'cg' (the 'auto' rule)."""
+  if linear_solver != "auto":
+    return linear_solver
+  return "cholesky" if tangent_dim <= AUTO_CHOLESKY_LIMIT else "cg"
 
 
 @tf.autograph.experimental.do_not_convert
-def least_squares(variables, terms, *, damping="trust_region",
+def least_squares(variables, terms, *, damping="nielsen",
                   max_iterations=100, function_tolerance=None,
                   gradient_tolerance=None, parameter_tolerance=None,
                   cost_tolerance=0.0, stopping_criterion=None,
@@ -298,7 +301,11 @@ def least_squares(variables, terms, *, damping="trust_region",
     variables: a `Variables` table or a list of them (the order of the
       returned tables and of the tangent coordinates).
     terms: a `Term` or a list of them.
-    damping, max_iterations, function_tolerance, gradient_tolerance,
+    damping: as in `tfg_optim.least_squares`, but 'nielsen' by default
+      (lambda damping with Marquardt's scaling, the kind of GTSAM's and
+      Ceres' Levenberg-Marquardt; 'trust_region' needs an eigendecomposition
+      of the dense J^T J, or Steihaug's truncated CG with 'cg').
+    max_iterations, function_tolerance, gradient_tolerance,
       parameter_tolerance, cost_tolerance, stopping_criterion,
       geodesic_acceleration, vanishing_column_tolerance, callback, record:
       as in `tfg_optim.least_squares` (geodesic acceleration is off by
@@ -306,9 +313,9 @@ def least_squares(variables, terms, *, damping="trust_region",
     linear_solver: 'cholesky' (J^T J assembled densely by scatter from the
       blocks and factored: n up to a few thousand), 'cg' (conjugate
       gradients with the block-Jacobi preconditioner, Steihaug's truncated
-      version in the block-Jacobi norm for the trust region; runs under
-      XLA), or 'auto' (default): 'cholesky' for n <= 2048 tangent
-      coordinates (held rows included), else 'cg'.
+      version in the block-Jacobi norm for the trust region; O(edges)
+      memory, runs under XLA), or 'auto' (default): 'cholesky' for
+      n <= 2048 tangent coordinates (held rows included), else 'cg'.
     name: name scope of the ops.
 
   Returns:
@@ -348,8 +355,9 @@ def least_squares(variables, terms, *, damping="trust_region",
     vanishing_tolerance = (
         float(np.sqrt(np.finfo(dtype.as_numpy_dtype).eps))
         if vanishing_column_tolerance is None else vanishing_column_tolerance)
-    dense = uses_cholesky(linear_solver, layout.tangent_dim)
-    kind = _block_sparse.BlockSparseKind(layout, dense)
+    kind = _block_sparse.BlockSparseKind(
+        layout, dense=picked_solver(linear_solver,
+                                    layout.tangent_dim) == "cholesky")
     problem = _engine.Problem(
         residual_fn=layout.residual, retract=layout.retract,
         tangent_dim=layout.tangent_dim, cost_fn=None, jacobian_fn=None)
