@@ -320,7 +320,8 @@ def least_squares(variables, terms, *, damping="nielsen",
 
   Returns:
     `tfg_optim.results.LeastSquaresResults` with `position` the list of
-    optimized tables (held rows unchanged); gradients flow through the
+    optimized tables (held rows unchanged; `num_parameters` counts their
+    coordinates too: n = sum_t N_t d_t); gradients flow through the
     unrolled loop (no implicit differentiation here).
 
   Raises:
