@@ -1,15 +1,18 @@
 """Pose-graph optimization on the shared g2o graphs: tfg_optim vs GTSAM.
 
 For each graph (2-D: intel, CSAIL, MIT; 3-D: parking-garage, smallGrid3D,
-tinyGrid3D), tfg_optim's `least_squares` (tfg_optim/examples/pose_graph.py:
-the first pose held fixed, the others on Power(SE2/SE3, N - 1), one
-`tf.function`) runs with each requested linear solver, and GTSAM's
-`LevenbergMarquardtOptimizer` runs in its own interpreter on the graph of
-`gtsam.readG2o(path, is3D)` plus a `PriorFactorPose2/3` on the first pose at
-its initial value (the variances of GTSAM's Pose2SLAMExample_g2o.py /
-Pose3SLAMExample_g2o.py), with default `LevenbergMarquardtParams` (as those
-examples) and with tight tolerances (relative and absolute error 1e-14, at
-most 200 iterations: how low GTSAM's LM gets).
+tinyGrid3D), tfg_optim (tfg_optim/examples/pose_graph.py: the first pose
+held fixed, one `tf.function`) runs with each requested linear solver:
+'cholesky' / 'cg' are the factor-graph model (`tfg_optim.factor_graph`,
+block-sparse linearization, Nielsen damping; 'auto' picks Cholesky up to
+n = 2048), 'dense' the former `least_squares` over Power(SE2/SE3, N - 1).
+GTSAM's `LevenbergMarquardtOptimizer` runs in its own interpreter on the
+graph of `gtsam.readG2o(path, is3D)` plus a `PriorFactorPose2/3` on the
+first pose at its initial value (the variances of GTSAM's
+Pose2SLAMExample_g2o.py / Pose3SLAMExample_g2o.py), with default
+`LevenbergMarquardtParams` (as those examples) and with tight tolerances
+(relative and absolute error 1e-14, at most 200 iterations: how low GTSAM's
+LM gets).
 
 Every final cost is evaluated one way: GTSAM's `graph.error` (the graph
 WITHOUT the prior) at the solver's output vertices; tfg_optim's output is
@@ -21,20 +24,23 @@ Times: `trace` is `get_concrete_function` (Python tracing of the whole
 solve); `solve` is the first call of the traced function (it includes
 TensorFlow's graph optimizations, or XLA compilation with --xla), or, with
 --repeat, a second call; GTSAM's is optimizer construction + `optimize()`.
-Ratios are tfg_optim / GTSAM-default.
+`to GTSAM cost` is the solve time (same rule) of a second program that
+stops as soon as the cost is at most GTSAM-default's final cost
+(`cost_tolerance`; '-' if it never gets there). Ratios are tfg_optim /
+GTSAM-default.
 
     PYTHONPATH=. python benchmarks/pose_graph.py \
         [--gtsam-python /work/venv-gtsam/bin/python] \
         [--data ../shared/data/posegraph] [--graphs intel tinyGrid3D ...] \
-        [--solvers auto dense cg] [--max-iterations 100] [--repeat] [--xla]
+        [--solvers auto cholesky cg dense] [--max-iterations 100] \
+        [--repeat] [--xla]
 
 A dense solve whose J^T J and J would need more than --dense-memory-gb
-(default 0.2) is skipped and listed as such. The real peak is far larger:
-the dense Jacobian is built by `tf.vectorized_map` over the n tangent
-directions, whose intermediates are [n, K, ...]; intel (n = 5181, J and
-J^T J 0.53 GB) grew past 10 GB of resident memory, so it is skipped at the
-default. The GTSAM helper is the same
-script with --gtsam-only JSON.
+(default 0.2) is skipped and listed as such (its real peak is far larger:
+`tf.vectorized_map` over the n tangent directions; intel grew past 10 GB),
+and so is a 'cholesky' solve above --cholesky-limit coordinates (default
+6000: J^T J is n^2 doubles and each factorization n^3 / 3 flops). The GTSAM
+helper is the same script with --gtsam-only JSON.
 """
 
 import argparse
@@ -59,6 +65,12 @@ def gtsam_run(request):
   import numpy as np  # pylint: disable=g-import-not-at-top
   output = {}
   for item in request["graphs"]:
+    if not item.get("optimize", True):
+      graph, _ = gtsam.readG2o(item["path"], item["name"] in THREE_D)
+      output[item["name"]] = {"evaluated": {
+          label: graph.error(gtsam.readG2o(path, item["name"] in THREE_D)[1])
+          for label, path in item["evaluate"].items()}}
+      continue
     is_3d = item["name"] in THREE_D
     graph, initial = gtsam.readG2o(item["path"], is_3d)
     first = int(item["first"])
@@ -94,6 +106,16 @@ def gtsam_run(request):
   return output
 
 
+def _gtsam(python, request):
+  """Runs `gtsam_run` in GTSAM's interpreter; its JSON answer."""
+  command = [python, __file__, "--gtsam-only", json.dumps(request)]
+  completed = subprocess.run(command, capture_output=True, text=True,
+                             check=False)
+  if completed.returncode:
+    raise RuntimeError(completed.stderr)
+  return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" /
@@ -101,10 +123,11 @@ def main():
   parser.add_argument("--gtsam-python", default=os.environ.get(
       "GTSAM_PYTHON", "/work/venv-gtsam/bin/python"))
   parser.add_argument("--graphs", nargs="+", default=list(GRAPHS))
-  parser.add_argument("--solvers", nargs="+", default=["auto", "dense"],
-                      choices=["auto", "dense", "cg"])
+  parser.add_argument("--solvers", nargs="+", default=["auto", "cg"],
+                      choices=["auto", "cholesky", "cg", "dense"])
   parser.add_argument("--max-iterations", type=int, default=100)
   parser.add_argument("--dense-memory-gb", type=float, default=0.2)
+  parser.add_argument("--cholesky-limit", type=int, default=6000)
   parser.add_argument("--repeat", action="store_true",
                       help="time a second call as the solve time")
   parser.add_argument("--xla", action="store_true")
@@ -122,14 +145,23 @@ def main():
   from tfg_optim.examples import pose_graph
   # pylint: enable=g-import-not-at-top
 
+  paths = {name: str(pathlib.Path(args.data) / f"{name}.g2o")
+           for name in args.graphs}
+  graphs = {name: io.read_g2o(path, missing_vertices="chain")
+            for name, path in paths.items()}
+  reference = _gtsam(args.gtsam_python, {"graphs": [
+      {"name": name, "path": paths[name],
+       "first": int(graphs[name].vertex_ids[0]), "evaluate": {}}
+      for name in args.graphs]})
+
   scratch = pathlib.Path(tempfile.mkdtemp(prefix="pose_graph_bench_"))
   rows, request = [], {"graphs": []}
   for name in args.graphs:
-    path = str(pathlib.Path(args.data) / f"{name}.g2o")
-    graph = io.read_g2o(path, missing_vertices="chain")
+    graph = graphs[name]
+    target = reference[name]["runs"]["gtsam-default"]["cost"]
     n = (len(graph.vertex_ids) - 1) * graph.tangent_size
     m = len(graph.edges) * graph.tangent_size
-    item = {"name": name, "path": path, "first": int(graph.vertex_ids[0]),
+    item = {"name": name, "path": paths[name], "optimize": False,
             "evaluate": {}}
     solvers = []
     for solver in args.solvers:
@@ -144,6 +176,9 @@ def main():
       if picked == "dense" and gigabytes > args.dense_memory_gb:
         row["skipped"] = (f"dense J and J^T J need {gigabytes:.1f} GB > "
                           f"{args.dense_memory_gb:g} GB")
+      if picked == "cholesky" and n > args.cholesky_limit:
+        row["skipped"] = f"n > --cholesky-limit {args.cholesky_limit}"
+      if "skipped" in row:
         rows.append(row)
         print(f"{name}: {label} skipped ({row['skipped']})", flush=True)
         continue
@@ -153,30 +188,35 @@ def main():
       output = scratch / f"{name}-{picked}.g2o"
       io.write_g2o(output, solution.graph)
       item["evaluate"][label] = str(output)
+      # The capped run repeats the full run's iterates: run it only if the
+      # full run got there.
+      reached = float(results.cost) <= target
+      to_target = solution
+      if reached:
+        to_target = pose_graph.optimize(graph, args.max_iterations, picked,
+                                        args.xla, repeat=args.repeat,
+                                        cost_tolerance=target)
       row.update(trace=solution.trace_time, solve=solution.solve_time,
+                 to_target=to_target.solve_time if reached else None,
                  iterations=int(results.num_iterations),
                  own_cost=float(results.cost),
                  reason=StopReason(int(results.stop_reason)).name.lower())
       rows.append(row)
       print(f"{name}: {label} trace {solution.trace_time:.2f} s, solve "
             f"{solution.solve_time:.2f} s, {row['iterations']} iterations, "
-            f"cost {row['own_cost']:.12g} ({row['reason']})", flush=True)
+            f"cost {row['own_cost']:.12g} ({row['reason']}); to GTSAM's "
+            f"cost: " + (f"{to_target.solve_time:.2f} s" if reached else
+                         "not reached"), flush=True)
     request["graphs"].append(item)
+  evaluated = _gtsam(args.gtsam_python, request)
 
-  command = [args.gtsam_python, __file__, "--gtsam-only", json.dumps(request)]
-  completed = subprocess.run(command, capture_output=True, text=True,
-                             check=False)
-  if completed.returncode:
-    print(completed.stderr)
-    return 1
-  reference = json.loads(completed.stdout.strip().splitlines()[-1])
-
-  header = (f"| graph | n | solver | trace s | solve s | iterations | "
-            f"final cost (GTSAM graph.error) | cost / GTSAM-default | "
-            f"cost / GTSAM-tight | time / GTSAM-default | stop |")
+  header = ("| graph | n | solver | trace s | solve s | to GTSAM cost s | "
+            "iterations | final cost (GTSAM graph.error) | "
+            "cost / GTSAM-default | cost / GTSAM-tight | "
+            "time to cost / GTSAM-default | stop |")
   print()
   print(header)
-  print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
+  print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
   for name in args.graphs:
     ours = [row for row in rows if row["graph"] == name]
     theirs = reference[name]
@@ -185,7 +225,7 @@ def main():
     n = ours[0]["n"]
     for label, run in (("GTSAM LM default", default),
                        ("GTSAM LM tight", tight)):
-      print(f"| {name} | {n} | {label} | - | {run['time']:.4f} | "
+      print(f"| {name} | {n} | {label} | - | {run['time']:.4f} | - | "
             f"{run['iterations']} | {run['cost']:.15g} | "
             f"{run['cost'] / default['cost']:.9f} | "
             f"{run['cost'] / tight['cost']:.9f} | "
@@ -193,13 +233,17 @@ def main():
     for row in ours:
       if "skipped" in row:
         print(f"| {name} | {n} | {row['solver']} | skipped: {row['skipped']}"
-              " | | | | | | | |")
+              " | | | | | | | | |")
         continue
-      cost = theirs["evaluated"][row["solver"]]
+      cost = evaluated[name]["evaluated"][row["solver"]]
+      to_target = ("-" if row["to_target"] is None else
+                   f"{row['to_target']:.2f}")
+      ratio = ("-" if row["to_target"] is None else
+               f"{row['to_target'] / default['time']:.1f}")
       print(f"| {name} | {n} | {row['solver']} | {row['trace']:.2f} | "
-            f"{row['solve']:.2f} | {row['iterations']} | {cost:.15g} | "
-            f"{cost / default['cost']:.9f} | {cost / tight['cost']:.9f} | "
-            f"{row['solve'] / default['time']:.0f} | {row['reason']} |")
+            f"{row['solve']:.2f} | {to_target} | {row['iterations']} | "
+            f"{cost:.15g} | {cost / default['cost']:.9f} | "
+            f"{cost / tight['cost']:.9f} | {ratio} | {row['reason']} |")
   print(f"\n(tfg_optim's output graphs: {scratch})")
   print("(initial costs: " + ", ".join(
       f"{name} {reference[name]['initial']:.6g}" for name in args.graphs) +

@@ -25,9 +25,15 @@ the loop treats as a rejection, in every mode.
 - `steihaug_solver`: the trust-region step by Steihaug-Toint truncated
   conjugate gradients in the scaled norm (matrix-free).
 
+A linearization with a `preconditioner(damping_diagonal)` method (the
+block-sparse one: block-Jacobi) supplies its own preconditioner to both
+(`_preconditioner`); Jacobi otherwise.
+
 `damped_solver` and `trust_region_solver` pick the matrix-free method for a
 matrix-free linearization.
 """
+
+import collections
 
 import numpy as np
 import tensorflow as tf
@@ -205,15 +211,17 @@ def _dot(a, b):
 
 
 def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
-             radius=None):
+             radius=None, metric=None):
   """Preconditioned conjugate gradients on operator(x) = rhs, [B..., n].
 
   Every problem of a batch has its own scalars and stops on its own, when
   ||r_k||_M^-1 <= tolerance ||rhs||_M^-1. With a `radius` [B...] (Steihaug
-  and Toint; `precondition` must then be the identity), an iterate that
-  would leave the ball ||x|| <= radius, or a direction of non-positive
-  curvature, ends at the boundary along the current direction.
-  Returns (x, iterations).
+  and Toint), an iterate that would leave the ball ||x||_M <= radius, or a
+  direction of non-positive curvature, ends at the boundary along the
+  current direction. The ball's metric M must be the preconditioner's
+  inverse (the norm in which the iterates grow monotonically): `metric`,
+  v -> M v, or None for the identity (then `precondition` must be the
+  identity too). Returns (x, iterations).
   """
   x = tf.zeros_like(rhs)
   r = rhs
@@ -222,9 +230,13 @@ def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
   rz = _dot(r, z)
   target = tf.square(tf.constant(tolerance, rhs.dtype)) * rz
   active = rz > target
+  if metric is None:
+    inner = _dot
+  else:
+    inner = lambda a, b: _dot(a, metric(b))
 
   def boundary(x, p):  # tau >= 0 with ||x + tau p|| = radius.
-    pp, xp, xx = _dot(p, p), _dot(x, p), _dot(x, x)
+    pp, xp, xx = inner(p, p), inner(x, p), inner(x, x)
     safe_pp = tf.where(pp > 0, pp, tf.ones_like(pp))
     root = tf.sqrt(tf.maximum(xp * xp + pp * (radius * radius - xx), 0.0))
     return (-xp + root) / safe_pp
@@ -240,7 +252,7 @@ def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
     next_x = x + alpha[..., tf.newaxis] * p
     if radius is not None:
       leaves = active & (tf.logical_not(positive) |
-                         (_dot(next_x, next_x) >= radius * radius))
+                         (inner(next_x, next_x) >= radius * radius))
       # (An unbounded solve stops where the curvature vanishes.)
       tau = tf.where(tf.math.is_finite(radius), boundary(x, p),
                      tf.zeros_like(radius))
@@ -265,6 +277,24 @@ def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
   return x, k
 
 
+def _preconditioner(linearization, damping_diagonal):
+  """M ~ J^T J + diag(damping_diagonal): the linearization's own
+  (`preconditioner(damping_diagonal)`, a (solve, multiply) pair), else
+  Jacobi, diag(J^T J) + damping_diagonal (1 where that is 0)."""
+  own = getattr(linearization, "preconditioner", None)
+  if own is not None:
+    return own(damping_diagonal)
+  diagonal = linearization.column_norms() + damping_diagonal
+  tiny = tf.constant(np.finfo(diagonal.dtype.as_numpy_dtype).tiny,
+                     diagonal.dtype)
+  diagonal = tf.where(diagonal > tiny, diagonal, tf.ones_like(diagonal))
+  return _Preconditioner(lambda r: r / diagonal, lambda v: diagonal * v)
+
+
+_Preconditioner = collections.namedtuple("_Preconditioner",
+                                         ["solve", "multiply"])
+
+
 def conjugate_gradient_solver(linearization, regularization, scaling=None,
                               max_iterations=CG_MAX_ITERATIONS,
                               tolerance=CG_TOLERANCE):
@@ -277,10 +307,7 @@ def conjugate_gradient_solver(linearization, regularization, scaling=None,
   """
   lam = regularization[..., tf.newaxis]
   damping_diagonal = lam if scaling is None else lam * scaling
-  diagonal = linearization.column_norms() + damping_diagonal
-  tiny = tf.constant(np.finfo(diagonal.dtype.as_numpy_dtype).tiny,
-                     diagonal.dtype)
-  diagonal = tf.where(diagonal > tiny, diagonal, tf.ones_like(diagonal))
+  precondition = _preconditioner(linearization, damping_diagonal).solve
 
   def operator(v):
     return linearization.rmatvec(linearization.matvec(v)) + (
@@ -288,7 +315,7 @@ def conjugate_gradient_solver(linearization, regularization, scaling=None,
 
   def solve(residual, gradient):
     del residual
-    step, _ = _cg_loop(operator, -gradient, lambda r: r / diagonal,
+    step, _ = _cg_loop(operator, -gradient, precondition,
                        max_iterations, tolerance)
     finite = _batch.all_finite(gradient, gradient.shape.rank - 1)
     return _batch.select(finite, step,
@@ -321,20 +348,37 @@ def steihaug_solver(linearization, gradient, scale, radius,
     return inverse_root * linearization.rmatvec(
         linearization.matvec(inverse_root * u))
 
+  precondition, metric = lambda r: r, None
+  if getattr(linearization, "preconditioner", None) is not None:
+    # Its blocks B in the scaled variables u = D^1/2 s: M = D^-1/2 B D^-1/2,
+    # and the region ||u||_M = ||s||_B <= Delta (B's diagonal is diag(J^T J),
+    # Marquardt's D where it has not grown).
+    blocks = linearization.preconditioner(tf.zeros_like(scale))
+    precondition = lambda r: blocks.solve(r / inverse_root) / inverse_root
+    metric = lambda u: inverse_root * blocks.multiply(inverse_root * u)
   relative = radius < 0
   infinite = tf.constant(np.inf, gradient.dtype)
   scaled_step, _ = _cg_loop(operator, -inverse_root * gradient,
-                            lambda r: r, max_iterations, tolerance,
-                            radius=tf.where(relative, infinite, radius))
-  length = tf.norm(scaled_step, axis=-1)
+                            precondition, max_iterations, tolerance,
+                            radius=tf.where(relative, infinite, radius),
+                            metric=metric)
+  if metric is None:
+    length = tf.norm(scaled_step, axis=-1)
+  else:
+    length = tf.sqrt(_dot(scaled_step, metric(scaled_step)))
   old_radius = radius
   radius = tf.where(relative, -radius * length, radius)
   step = inverse_root * scaled_step
   curvature = tf.reduce_sum(tf.square(linearization.matvec(step)), axis=-1)
   on_boundary = length >= (1.0 - 1e-6) * radius
   safe_length = tf.where(length > 0, length, tf.ones_like(length))
+  scaled_square = (tf.square(safe_length) if metric is None else  # s^T D s
+                   tf.maximum(_dot(scaled_step, scaled_step),
+                              tf.constant(np.finfo(
+                                  length.dtype.as_numpy_dtype).tiny,
+                                          length.dtype)))
   lam = tf.where(on_boundary & (length > 0), tf.maximum(
-      (-_dot(gradient, step) - curvature) / tf.square(safe_length), 0.0),
+      (-_dot(gradient, step) - curvature) / scaled_square, 0.0),
                  tf.zeros_like(length))
   finite = _batch.all_finite(step, step.shape.rank - 1)
   step = _batch.select(finite, step, tf.fill(tf.shape(step), tf.constant(

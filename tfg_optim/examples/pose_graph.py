@@ -1,9 +1,9 @@
-"""Optimizes a 2-D or 3-D g2o pose graph with `tfg_optim.least_squares`.
+"""Optimizes a 2-D or 3-D g2o pose graph with `tfg_optim.factor_graph`.
 
 Run:
 
     python -m tfg_optim.examples.pose_graph IN.g2o --output OUT.g2o \
-        [--max-iterations N] [--linear-solver auto|dense|cg] [--xla] \
+        [--max-iterations N] [--linear-solver auto|cholesky|cg|dense] [--xla] \
         [--plot OUT.png]
 
 It minimizes the g2o cost
@@ -12,13 +12,20 @@ It minimizes the g2o cost
 
 (`io.pose_graph_cost`, GTSAM's `graph.error`) over all poses but the first,
 which is held at its value in the file (the gauge: F is invariant under
-moving every pose by one rigid motion). The free poses are one point of
-`Power(SE2(), N - 1)` or `Power(SE3(), N - 1)` (retraction X Exp(c), body
-twists); the first pose enters the residuals as a captured constant. The
-solve runs inside one `tf.function`: tracing is timed apart from the run.
-Afterwards it prints one line per iteration (from `record=True`), a summary,
-and writes OUT.g2o: the input graph with the optimized poses, same vertex
-ids, every float at full precision (reading it back gives the same cost).
+moving every pose by one rigid motion). The poses are one table of a factor
+graph on SE(2) or SE(3) (retraction X Exp(c), body twists) with the first
+row held, and the edges one residual term, U_ij e_ij (U^T U = Omega_ij):
+the block-sparse linearization (docs/sparse.md) with Nielsen's lambda
+damping, solved by 'cholesky' (the dense Cholesky of the J^T J assembled
+from the blocks), 'cg' (block-Jacobi conjugate gradients) or 'auto'
+(Cholesky up to 2048 coordinates, CG beyond). 'dense' is the
+former program: `tfg_optim.least_squares` over `Power(SE2 or SE3, N - 1)`
+with a dense Jacobian (10-25 s of tracing, gigabytes on the larger
+graphs). The solve runs inside one `tf.function`: tracing is timed apart
+from the run. Afterwards it prints one line per iteration (from
+`record=True`), a summary, and writes OUT.g2o: the input graph with the
+optimized poses, same vertex ids, every float at full precision (reading it
+back gives the same cost).
 
 A malformed input file ends the program with a message naming the line and
 exit status 2. Files without VERTEX lines (CSAIL.g2o) are read with
@@ -32,9 +39,11 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import factor_graph
 from tfg_optim import io
 from tfg_optim import nonlinear_least_squares
 from tfg_optim._engine import StopReason
+from tfg_optim.manifolds import lie_groups
 from tfg_optim.manifolds import product
 
 
@@ -60,31 +69,70 @@ def residual_function(graph):
   return residuals
 
 
+LINEAR_SOLVERS = factor_graph.LINEAR_SOLVERS + ("dense",)
+
+
+def between_error(first, second, measurement, root):
+  """U (Log(Z^-1 X_i^-1 X_j)) for K edges: [K, d], vectorized."""
+  errors = lie_groups.log(lie_groups.between(
+      measurement, lie_groups.between(first, second)))
+  return tf.einsum("kab,kb->ka", root, errors)
+
+
+def factor_graph_problem(graph, poses):
+  """([poses table], [edge term]) of the graph at `poses` [N, 3 or 7] (the
+  first row held)."""
+  table = factor_graph.Variables(poses, manifold=graph.manifold, fixed=[0],
+                                 name="poses")
+  edges = np.asarray(graph.edges, np.int64).reshape(-1, 2)
+  term = factor_graph.Term(
+      between_error, [(table, edges[:, 0]), (table, edges[:, 1])],
+      data=[np.asarray(graph.measurements),
+            io.square_root_information(graph)], name="edges")
+  return [table], [term]
+
+
 def make_solver(graph, max_iterations=100, linear_solver="auto", xla=False,
                 **options):
-  """A `tf.function` free poses -> `LeastSquaresResults` (records on).
+  """A `tf.function` poses [N, 3 or 7] -> `LeastSquaresResults` (records
+  on; `position` the [N, ...] poses, the first unchanged).
 
-  `options` go to `tfg_optim.least_squares` (tolerances, damping, ...).
+  `options` go to `tfg_optim.factor_graph.least_squares` (or, for 'dense',
+  `tfg_optim.least_squares`: tolerances, damping, ...).
   """
-  manifold = free_manifold(graph)
-  residuals = residual_function(graph)
+  if linear_solver == "dense":
+    manifold = free_manifold(graph)
+    residuals = residual_function(graph)
+
+    @tf.function(jit_compile=xla, reduce_retracing=True)
+    def dense_solve(poses):
+      results = nonlinear_least_squares.least_squares(
+          residuals, poses[1:], manifold=manifold,
+          max_iterations=max_iterations, linear_solver="dense",
+          record=max_iterations, **options)
+      return results._replace(position=tf.concat(
+          [poses[:1], results.position], 0))
+
+    return dense_solve
 
   @tf.function(jit_compile=xla, reduce_retracing=True)
-  def solve(free):
-    return nonlinear_least_squares.least_squares(
-        residuals, free, manifold=manifold, max_iterations=max_iterations,
+  def solve(poses):
+    variables, terms = factor_graph_problem(graph, poses)
+    results = factor_graph.least_squares(
+        variables, terms, max_iterations=max_iterations,
         linear_solver=linear_solver, record=max_iterations, **options)
+    return results._replace(position=results.position[0])
 
   return solve
 
 
 def picked_solver(graph, linear_solver):
-  """What linear_solver='auto' resolves to for this graph: 'dense' or 'cg'."""
-  if linear_solver != "auto":
+  """What linear_solver='auto' resolves to for this graph: 'cholesky' or
+  'cg'."""
+  if linear_solver == "dense":
     return linear_solver
-  n = (len(graph.vertex_ids) - 1) * graph.tangent_size
-  return ("dense" if n <= nonlinear_least_squares.AUTO_DENSE_LIMIT
-          else "cg")
+  return factor_graph.picked_solver(
+      linear_solver, len(graph.vertex_ids) * graph.tangent_size)
 
 
 class Solution:
@@ -110,7 +158,7 @@ def optimize(graph, max_iterations=100, linear_solver="auto", xla=False,
   call's time is `solve_time`; else solve_time is the first call's.
   """
   solve = make_solver(graph, max_iterations, linear_solver, xla, **options)
-  start = tf.constant(graph.poses[1:])
+  start = tf.constant(graph.poses)
   begin = time.perf_counter()
   concrete = solve.get_concrete_function(
       tf.TensorSpec(start.shape, start.dtype))
@@ -125,8 +173,8 @@ def optimize(graph, max_iterations=100, linear_solver="auto", xla=False,
     begin = time.perf_counter()
     results = tf.nest.map_structure(lambda t: t.numpy(), solve(start))
     solve_time = time.perf_counter() - begin
-  poses = np.concatenate([graph.poses[:1], results.position], axis=0)
-  return Solution(graph._replace(poses=poses), results, trace_time, run_time,
+  return Solution(graph._replace(poses=results.position), results,
+                  trace_time, run_time,
                   solve_time)
 
 
@@ -148,7 +196,7 @@ def iteration_lines(results):
 def summary_lines(solution, linear_solver):
   results, graph = solution.results, solution.graph
   reason = StopReason(int(results.stop_reason))
-  n = int(results.num_parameters)
+  n = (len(graph.vertex_ids) - 1) * graph.tangent_size  # free coordinates
   return [
       f"poses {len(graph.vertex_ids)} (first held fixed), edges "
       f"{len(graph.edges)}, parameters n = {n}, residuals "
@@ -199,7 +247,7 @@ def main(argv=None, stdout=None):
   parser.add_argument("--output", required=True, help="the g2o file to write")
   parser.add_argument("--max-iterations", type=int, default=100)
   parser.add_argument("--linear-solver", default="auto",
-                      choices=nonlinear_least_squares.LINEAR_SOLVERS)
+                      choices=LINEAR_SOLVERS)
   parser.add_argument("--xla", action="store_true",
                       help="compile the solve with XLA (jit_compile=True)")
   parser.add_argument("--plot", metavar="OUT.png")

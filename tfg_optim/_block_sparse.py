@@ -1,0 +1,350 @@
+"""Block-sparse linearization of a factor graph (`tfg_optim.factor_graph`).
+
+Variables live in tables: table t holds N_t rows, each a point of a
+manifold of dimension d_t; the tangent vector of the whole problem is the
+concatenation of the tables' [N_t, d_t] coordinates, flattened row-major
+(n = sum_t N_t d_t). A residual term is a function over K edges,
+f(x_{i_1(k)}, x_{i_2(k)}, ..., data_k) -> [K, r]; slot s reads table t_s at
+rows i_s(k). The residual vector is the concatenation of the terms'
+flattened [K, r] outputs. J is zero except in the blocks
+
+    J_{term, s}[k] = d f_k / d c_s  at c = 0,  [K, r, d_{t_s}],
+
+(c_s: the local coordinates of the retraction R_x(c) of slot s's row), and
+the loop state carries only these blocks. The products:
+
+    (J v)_term[k]  = sum_s J_{term,s}[k] v_{t_s}[i_s(k)]           (gather)
+    (J^T u)_t[i]   = sum_{term, s: t_s = t} sum_{k: i_s(k) = i}
+                        J_{term,s}[k]^T u_term[k]                (segment sum)
+    diag(J^T J)_t[i] = sum_{term,s; i_s(k) = i} sum_r J_{term,s}[k]_{r,:}^2
+    B_t[i] = sum_{term,s; i_s(k) = i} J_{term,s}[k]^T J_{term,s}[k]
+                                    ([N_t, d_t, d_t]: block-Jacobi blocks)
+
+and J^T J itself (n x n, for the dense Cholesky path only) is the scatter-add
+of J_{term,a}[k]^T J_{term,b}[k] into the (i_a(k), i_b(k)) block for every
+pair of slots (a, b) of every term: no m x n matrix is ever formed.
+
+The blocks are computed by forward mode: the D = sum_s d_s basis
+directions of all slots of a term are one tangent of the edges tiled D
+times (row j K + k moves edge k along the j-th direction: e_j of its slot,
+zero in the others), so one Jacobian-vector product of f over D K edges
+gives every [K, r, d_s] block of the term, and f is traced once per term. Rows held fixed
+(the gauge) have their blocks' columns zeroed (`hold_fixed`), so the step
+and the gradient leave them alone.
+"""
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+
+
+Table = collections.namedtuple(
+    "Table", ["size", "dim", "manifold", "offset", "free"])
+Table.__doc__ = """One variable table as the linearization sees it.
+
+size: N (rows), a Python int. dim: d, the manifold's dimension.
+manifold: a `tfg_optim.manifolds` manifold of one row.
+offset: where its N d coordinates start in the tangent vector.
+free: None (every row free) or a float NumPy [N] mask, 0 for a held row.
+"""
+
+Term = collections.namedtuple(
+    "Term", ["function", "tables", "indices", "data", "size", "width"])
+Term.__doc__ = """One residual term as the linearization sees it.
+
+function: (*rows, *data) -> [K, r], the (robust) residuals of K edges.
+tables: per slot, the index of the table it reads.
+indices: per slot, the int32 [K] rows it reads.
+data: per-edge data tensors [K, ...].
+size: K (a Python int or a scalar tensor). width: r, a Python int.
+"""
+
+
+class Layout:
+  """The static structure: tables, terms, and the tangent/residual layout."""
+
+  def __init__(self, tables, terms):
+    self.tables = list(tables)
+    self.terms = list(terms)
+    self.tangent_dim = sum(t.size * t.dim for t in self.tables)
+
+  def split_tangent(self, vector):
+    """[n] -> per table [N_t, d_t]."""
+    return [tf.reshape(vector[t.offset:t.offset + t.size * t.dim],
+                       [t.size, t.dim]) for t in self.tables]
+
+  def join_tangent(self, parts):
+    """Per table [N_t, d_t] -> [n]."""
+    return tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
+
+  def split_residual(self, vector):
+    """[m] -> per term [K, r]."""
+    sizes = [term.size * term.width for term in self.terms]
+    if len(sizes) == 1:
+      pieces = [vector]
+    elif all(isinstance(size, int) for size in sizes):
+      pieces = tf.split(vector, sizes)
+    else:
+      pieces = tf.split(vector, tf.stack(sizes), num=len(sizes))
+    return [tf.reshape(piece, [-1, term.width])
+            for piece, term in zip(pieces, self.terms)]
+
+  def retract(self, point, step):
+    """R_X(step): every table's rows by their manifold's retraction."""
+    return tuple(
+        table.manifold.retract(values, coordinates)
+        for table, values, coordinates in zip(self.tables, point,
+                                              self.split_tangent(step)))
+
+  def term_residuals(self, point, term):
+    """[K, r]: one term's residuals at `point` (a tuple of tables)."""
+    rows = [tf.gather(point[t], index)
+            for t, index in zip(term.tables, term.indices)]
+    return term.function(*rows, *term.data)
+
+  def residual(self, point):
+    """F(point), [m]: the terms' residuals, flattened and concatenated."""
+    return tf.concat([tf.reshape(self.term_residuals(point, term), [-1])
+                      for term in self.terms], axis=0)
+
+  def term_blocks(self, point, term):
+    """J_{term, s} for every slot s: [K, r, d_s], by one forward-mode
+    product of f over the edges tiled D = sum_s d_s times (row j K + k
+    moves edge k along the j-th of all slots' basis directions; see the
+    module docstring). f is traced once per term."""
+    dims = [self.tables[t].dim for t in term.tables]
+    total = sum(dims)
+    dtype = point[0].dtype
+    tile = lambda x: tf.tile(x, [total] + [1] * (x.shape.rank - 1))
+    rows = [tf.gather(point[t], tf.tile(index, [total]))
+            for t, index in zip(term.tables, term.indices)]
+    data = [tile(x) for x in term.data]
+    size = tf.shape(term.indices[0])[0]
+    zeros, directions, start = [], [], 0
+    for d in dims:
+      # Slot s's tangent: e_j on the rows of its own directions, else 0.
+      basis = tf.constant(np.eye(total, d, -start),  # [D, d]
+                          dtype=dtype)
+      directions.append(tf.repeat(basis, size, axis=0))  # [D K, d]
+      zeros.append(tf.zeros([total * size, d], dtype))
+      start += d
+    with tf.autodiff.ForwardAccumulator(zeros, directions) as accumulator:
+      moved = [self.tables[t].manifold.retract(row, zero)
+               for t, row, zero in zip(term.tables, rows, zeros)]
+      residual = term.function(*moved, *data)
+    derivative = accumulator.jvp(
+        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    derivative = tf.reshape(derivative, [total, size, term.width])
+    blocks, start = [], 0
+    for d in dims:
+      blocks.append(tf.transpose(derivative[start:start + d], [1, 2, 0]))
+      start += d
+    return blocks
+
+  def blocks(self, point):
+    """Every (term, slot) block, in order, with held rows zeroed."""
+    blocks = []
+    for term in self.terms:
+      for slot, block in enumerate(self.term_blocks(point, term)):
+        free = self.tables[term.tables[slot]].free
+        if free is not None:
+          mask = tf.gather(tf.constant(free, block.dtype), term.indices[slot])
+          block *= mask[:, tf.newaxis, tf.newaxis]
+        blocks.append(block)
+    return tuple(blocks)
+
+  def slots(self):
+    """(term index, slot, table index, index tensor) per block, in order."""
+    for number, term in enumerate(self.terms):
+      for slot, (t, index) in enumerate(zip(term.tables, term.indices)):
+        yield number, slot, t, index
+
+
+Preconditioner = collections.namedtuple("Preconditioner",
+                                        ["solve", "multiply"])
+Preconditioner.__doc__ = """The block-Jacobi preconditioner M = B + diag(e).
+
+solve: r -> M^-1 r (blockwise Cholesky solves); multiply: v -> M v (the
+metric of a preconditioned trust region), both [n] -> [n].
+"""
+
+
+class BlockSparse:
+  """J as its [K, r, d] blocks; see the module docstring.
+
+  A subclass per problem binds `layout` and `dense` (`BlockSparseKind`), so
+  that a linearization is rebuilt from its tensors alone (`select`).
+  `dense` True sends the damped solvers to `gram()` (Cholesky of the
+  assembled J^T J), False to preconditioned conjugate gradients.
+  """
+
+  layout = None
+  dense = False
+
+  def __init__(self, *blocks):
+    self.blocks = tuple(blocks)
+
+  @property
+  def tensors(self):
+    return self.blocks
+
+  def _by_term(self):
+    """Per term, the list of (slot's table index, index, block)."""
+    grouped = [[] for _ in self.layout.terms]
+    for block, (number, _, t, index) in zip(self.blocks, self.layout.slots()):
+      grouped[number].append((t, index, block))
+    return grouped
+
+  def matvec(self, vector):
+    parts = self.layout.split_tangent(vector)
+    outputs = []
+    for slots in self._by_term():
+      value = tf.add_n([
+          tf.einsum("krd,kd->kr", block, tf.gather(parts[t], index))
+          for t, index, block in slots])
+      outputs.append(tf.reshape(value, [-1]))
+    return tf.concat(outputs, axis=0)
+
+  def rmatvec(self, vector):
+    tables = self.layout.tables
+    sums = [[] for _ in tables]
+    for slots, u in zip(self._by_term(), self.layout.split_residual(vector)):
+      for t, index, block in slots:
+        sums[t].append(tf.math.unsorted_segment_sum(
+            tf.einsum("krd,kr->kd", block, u), index, tables[t].size))
+    return self._join(sums, lambda t: [t.size, t.dim], vector.dtype)
+
+  def gradient(self, residual):
+    return self.rmatvec(residual)
+
+  def curvature(self, vector):
+    return tf.reduce_sum(tf.square(self.matvec(vector)), axis=-1)
+
+  def column_norms(self):
+    tables = self.layout.tables
+    sums = [[] for _ in tables]
+    for block, (_, _, t, index) in zip(self.blocks, self.layout.slots()):
+      sums[t].append(tf.math.unsorted_segment_sum(
+          tf.reduce_sum(tf.square(block), axis=1), index, tables[t].size))
+    return self._join(sums, lambda t: [t.size, t.dim], self.blocks[0].dtype)
+
+  def block_diagonal(self):
+    """B_t = the [N_t, d_t, d_t] diagonal blocks of J^T J, per table."""
+    tables = self.layout.tables
+    sums = [[] for _ in tables]
+    for block, (_, _, t, index) in zip(self.blocks, self.layout.slots()):
+      sums[t].append(tf.math.unsorted_segment_sum(
+          tf.einsum("kra,krb->kab", block, block), index, tables[t].size))
+    dtype = self.blocks[0].dtype
+    return [tf.add_n(parts) if parts else
+            tf.zeros([table.size, table.dim, table.dim], dtype)
+            for table, parts in zip(tables, sums)]
+
+  def _join(self, sums, shape, dtype):
+    return self.layout.join_tangent([
+        tf.add_n(parts) if parts else tf.zeros(shape(table), dtype)
+        for table, parts in zip(self.layout.tables, sums)])
+
+  def gram(self):
+    """J^T J, [n, n], scattered from the blocks (dense solvers only)."""
+    n = self.layout.tangent_dim
+    indices, values = self._gram_entries()
+    return tf.scatter_nd(indices, values, [n, n])
+
+  def _gram_entries(self):
+    """(positions [E, 2], values [E]) of every block pair's J_a^T J_b
+    entries, repeated positions to be summed."""
+    indices, values = [], []
+    for slots in self._by_term():
+      for t_a, index_a, block_a in slots:
+        rows = self._coordinates(t_a, index_a)  # [K, d_a]
+        for t_b, index_b, block_b in slots:
+          columns = self._coordinates(t_b, index_b)
+          product = tf.einsum("kra,krb->kab", block_a, block_b)
+          row_grid = tf.broadcast_to(rows[:, :, tf.newaxis], tf.shape(product))
+          column_grid = tf.broadcast_to(columns[:, tf.newaxis, :],
+                                        tf.shape(product))
+          indices.append(tf.reshape(tf.stack([row_grid, column_grid], -1),
+                                    [-1, 2]))
+          values.append(tf.reshape(product, [-1]))
+    return tf.concat(indices, 0), tf.concat(values, 0)
+
+  def _coordinates(self, t, index):
+    """[K, d]: the tangent coordinates of rows `index` of table t."""
+    table = self.layout.tables[t]
+    return (table.offset + index[:, tf.newaxis] * table.dim +
+            tf.range(table.dim, dtype=index.dtype)[tf.newaxis, :])
+
+  def preconditioner(self, damping_diagonal):
+    """The block-Jacobi `Preconditioner` of J^T J + diag(damping_diagonal)
+    (a [n] or broadcastable [1] tensor). A block whose diagonal entry is
+    zero (a held row) gets 1 there, and sqrt(eps) of each diagonal is added
+    (the blocks of rows seen by too few residuals are singular); it only
+    preconditions, so the solution is unchanged."""
+    dtype = self.blocks[0].dtype
+    eps = np.finfo(dtype.as_numpy_dtype).eps
+    damping = self.layout.split_tangent(tf.broadcast_to(
+        damping_diagonal, [self.layout.tangent_dim]))
+    factors, matrices = [], []
+    for block, extra in zip(self.block_diagonal(), damping):
+      diagonal = tf.linalg.diag_part(block)
+      diagonal = (tf.where(diagonal > 0, diagonal * (1.0 + np.sqrt(eps)),
+                           tf.ones_like(diagonal)) + extra)
+      matrix = tf.linalg.set_diag(block, diagonal)
+      matrices.append(matrix)
+      factors.append(tf.linalg.cholesky(matrix))
+
+    def solve(vector):
+      parts = self.layout.split_tangent(vector)
+      return self.layout.join_tangent([
+          tf.linalg.cholesky_solve(factor, part[..., tf.newaxis])[..., 0]
+          for factor, part in zip(factors, parts)])
+
+    def multiply(vector):
+      parts = self.layout.split_tangent(vector)
+      return self.layout.join_tangent([
+          tf.linalg.matvec(matrix, part)
+          for matrix, part in zip(matrices, parts)])
+
+    return Preconditioner(solve, multiply)
+
+  def is_zero(self):
+    return tf.reduce_all([tf.reduce_all(tf.equal(block, 0))
+                          for block in self.blocks])
+
+  def hold_fixed(self, free):
+    """J diag(free): the columns of coordinates where free is 0 zeroed."""
+    parts = self.layout.split_tangent(free)
+    return type(self)(*[
+        block * tf.gather(parts[t], index)[:, tf.newaxis, :]
+        for block, (_, _, t, index) in zip(self.blocks, self.layout.slots())])
+
+
+class BlockSparseKind:
+  """Builds `BlockSparse` linearizations of a `Layout`.
+
+  dense: True for the dense Cholesky (or eigendecomposition) of the
+  assembled J^T J, False for preconditioned conjugate gradients. In graphs
+  the blocks are one `tf.function`, traced once however often the loop
+  relinearizes.
+  """
+
+  def __init__(self, layout, dense):
+    self.layout = layout
+    self.dense = dense
+    self.linearization_class = type(
+        "BlockSparse", (BlockSparse,), {"layout": layout, "dense": dense})
+    if tf.executing_eagerly():
+      self._blocks = layout.blocks
+    else:
+      self._blocks = tf.function(layout.blocks, autograph=False)
+
+  def at(self, point, residual):
+    """The linearization at `point` (the residual there is not needed)."""
+    del residual
+    return self.linearization_class(*self._blocks(tuple(point)))
+
+  def restore(self, tensors, point):
+    del point
+    return self.linearization_class(*tensors)

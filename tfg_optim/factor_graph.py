@@ -1,0 +1,377 @@
+"""Structured least squares: variable tables and residual terms over edges.
+
+A factor graph here is
+
+- variable tables (`Variables`): N rows of one manifold each (Euclidean by
+  default; SE(2)/SE(3) poses, ...), some rows optionally held fixed (the
+  gauge: the first pose of a pose graph);
+- residual terms (`Term`): one vectorized function over K edges,
+  f(*rows, *data) -> [K, r], whose argument slots read rows of tables
+  through [K] index tensors, with per-edge data tensors [K, ...] and an
+  optional robust loss per edge.
+
+The cost is
+
+    cost(X) = 1/2 sum_terms sum_k C^2 rho(||f_k(X)||^2 / C^2)
+
+(rho(z) = z for a linear loss: 1/2 sum ||f_k||^2; a robust loss acts on each
+edge's squared norm, as Ceres' and GTSAM's robust factors do), minimized by
+the package's Levenberg-Marquardt engine on the block-sparse linearization
+of `tfg_optim._block_sparse`: per (term, slot) Jacobian blocks [K, r, d] by
+forward mode, no m x n or n x n matrix unless the dense Cholesky path asks
+for J^T J. See docs/sparse.md.
+
+    poses = factor_graph.Variables(start, manifold=SE3(), fixed=[0])
+    between = factor_graph.Term(
+        error, [(poses, edges[:, 0]), (poses, edges[:, 1])],
+        data=[measurements, square_root_information])
+    results = factor_graph.least_squares([poses], [between])
+    optimized_poses = results.position[0]
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tfg_optim import _block_sparse
+from tfg_optim import _engine
+from tfg_optim import _validation
+from tfg_optim import nonlinear_least_squares
+from tfg_optim import results as results_lib
+from tfg_optim.manifolds import euclidean
+
+LINEAR_SOLVERS = ("auto", "cholesky", "cg")
+
+# linear_solver="auto": the dense Cholesky of the assembled J^T J up to this
+# many tangent coordinates, block-Jacobi conjugate gradients beyond
+# (docs/sparse.md: TensorFlow's sparse Cholesky has no triangular solve).
+AUTO_CHOLESKY_LIMIT = 2048
+
+
+class Variables:
+  """A table of N variables (rows) of one manifold.
+
+  Args:
+    values: [N, ...] float tensor (NumPy arrays are converted), N known
+      while tracing; each row a point of `manifold`.
+    manifold: the manifold of one row (a `tfg_optim.manifolds` manifold),
+      or None for Euclidean rows of shape values.shape[1:].
+    fixed: optional rows held at their values: a list / array of row
+      indices, or a bool mask [N]. Static (NumPy or Python values).
+    name: for error messages.
+  """
+
+  def __init__(self, values, manifold=None, fixed=None, name="variables"):
+    self.name = name
+    (tensor,) = _validation.float_tensors([values], name, batch_dims=1)
+    if tensor.shape.rank < 1 or tensor.shape[0] is None:
+      raise ValueError(f"'{name}' must have a leading dimension N (rows) "
+                       f"known while tracing, got shape {tensor.shape}.")
+    self.values = tensor
+    self.size = int(tensor.shape[0])
+    row_shape = tuple(tensor.shape[1:].as_list())
+    if manifold is None:
+      if not row_shape:
+        raise ValueError(f"'{name}' must have rows of at least one entry: "
+                         f"shape [N, ...], got {tensor.shape}.")
+      manifold = euclidean.Euclidean(*row_shape)
+    elif tuple(manifold.point_shape) != row_shape:
+      raise ValueError(f"'{name}' has rows of shape {list(row_shape)}; its "
+                       f"manifold {manifold.name} has points of shape "
+                       f"{list(manifold.point_shape)}.")
+    self.manifold = manifold
+    self.free = _free_mask(fixed, self.size, name)
+
+
+def _free_mask(fixed, size, name):
+  """float [N] mask, 0 for held rows; None when every row is free."""
+  if fixed is None:
+    return None
+  fixed = np.asarray(fixed)
+  mask = np.ones([size])
+  if fixed.dtype == bool:
+    if fixed.shape != (size,):
+      raise ValueError(f"'{name}': a bool 'fixed' mask must have shape "
+                       f"[{size}], got {list(fixed.shape)}.")
+    mask[fixed] = 0.0
+  else:
+    if fixed.size and not np.issubdtype(fixed.dtype, np.integer):
+      raise TypeError(f"'{name}': 'fixed' must be row indices or a bool "
+                      f"mask, got dtype {fixed.dtype}.")
+    fixed = fixed.reshape(-1).astype(np.int64)
+    if fixed.size and (fixed.min() < -size or fixed.max() >= size):
+      raise ValueError(f"'{name}': 'fixed' row index out of range [0, "
+                       f"{size}): {fixed.tolist()}.")
+    mask[fixed] = 0.0
+  return mask
+
+
+class Term:
+  """A residual term over K edges.
+
+  Args:
+    function: f(*rows, *data) -> [K, r] residuals, vectorized over the
+      edges: rows[s] is [K, ...], the rows of slot s's table that the edges
+      read; data are the per-edge data tensors. r must be known while
+      tracing.
+    arguments: per slot, a pair (table, index): a `Variables` and an int
+      [K] tensor of row indices (checked against N where known while
+      tracing). All slots share K.
+    data: optional per-edge tensors [K, ...] (float data are cast to the
+      variables' dtype).
+    loss: a robust loss on each edge's squared norm, as in
+      `tfg_optim.least_squares` ('linear', 'huber', 'soft_l1', 'cauchy',
+      'arctan'), with scale `loss_scale`.
+    name: for error messages.
+  """
+
+  def __init__(self, function, arguments, data=(), loss="linear",
+               loss_scale=1.0, name="term"):
+    self.name = name
+    if not callable(function):
+      raise TypeError(f"'{name}': 'function' must be callable, got "
+                      f"{type(function).__name__}.")
+    self.function = function
+    if not isinstance(arguments, (list, tuple)) or not arguments:
+      raise ValueError(f"'{name}': 'arguments' must be a non-empty list of "
+                       "(Variables, index) pairs.")
+    self.tables, self.indices = [], []
+    size = None
+    for slot, argument in enumerate(arguments):
+      where = f"'{name}' argument {slot}"
+      if (not isinstance(argument, (list, tuple)) or len(argument) != 2 or
+          not isinstance(argument[0], Variables)):
+        raise TypeError(f"{where} must be a pair (Variables, index), got "
+                        f"{argument!r}.")
+      table, index = argument
+      index = tf.convert_to_tensor(index)
+      if not index.dtype.is_integer:
+        raise TypeError(f"{where}: the index must be integers, got "
+                        f"{index.dtype.name}.")
+      if index.shape.rank != 1:
+        raise ValueError(f"{where}: the index must have shape [K], got "
+                         f"{index.shape}.")
+      index = tf.cast(index, tf.int32)
+      static = tf.get_static_value(index)
+      if static is not None and static.size and (
+          static.min() < 0 or static.max() >= table.size):
+        bad = static[(static < 0) | (static >= table.size)][0]
+        raise ValueError(f"{where}: index {bad} out of range for "
+                         f"'{table.name}' with {table.size} rows.")
+      if size is None:
+        size = index.shape[0]
+      elif (index.shape[0] is not None and size is not None and
+            index.shape[0] != size):
+        raise ValueError(f"{where}: {index.shape[0]} edges, but argument 0 "
+                         f"has {size}; all slots share K.")
+      self.tables.append(table)
+      self.indices.append(index)
+    self.size = size
+    self.data = []
+    for number, value in enumerate(
+        data if isinstance(data, (list, tuple)) else [data]):
+      tensor = tf.convert_to_tensor(value)
+      if tensor.shape.rank is None or tensor.shape.rank < 1:
+        raise ValueError(f"'{name}' data[{number}] must have shape [K, ...], "
+                         f"got {tensor.shape}.")
+      if (size is not None and tensor.shape[0] is not None and
+          tensor.shape[0] != size):
+        raise ValueError(f"'{name}' data[{number}] has {tensor.shape[0]} rows "
+                         f"for {size} edges.")
+      self.data.append(tensor)
+    if loss not in nonlinear_least_squares.LOSSES:
+      raise ValueError(f"'{name}': 'loss' must be one of "
+                       f"{nonlinear_least_squares.LOSSES}, got {loss!r}.")
+    self.loss = loss
+    self.loss_scale = _validation.real_number(
+        loss_scale, f"{name}: loss_scale", lower=0.0, lower_inclusive=False)
+
+
+def _robust(term, dtype):
+  """(*rows, *data) -> [K, r]: the term's function with its loss applied per
+  edge: f_k sqrt(w(z_k)), z_k = ||f_k||^2 / C^2 (so 1/2 ||.||^2 of it is
+  1/2 C^2 rho(z_k))."""
+  data_count = len(term.data)
+  slots = len(term.tables)
+
+  def function(*arguments):
+    rows, data = arguments[:slots], arguments[slots:slots + data_count]
+    value = tf.convert_to_tensor(term.function(*rows, *data))
+    value = _validation.check_output_dtype(value, dtype, term.name)
+    if value.shape.rank != 2 or value.shape[-1] is None:
+      raise ValueError(f"'{term.name}' must return [K, r] residuals with r "
+                       f"known while tracing, got shape {value.shape}.")
+    if term.loss == "linear":
+      return value
+    scale = tf.constant(term.loss_scale, dtype)
+    z = tf.reduce_sum(tf.square(value / scale), axis=-1, keepdims=True)
+    return value * tf.sqrt(nonlinear_least_squares.loss_weight(term.loss, z))
+  return function
+
+
+def _layout(variables, terms):
+  """The `_block_sparse.Layout` of the problem (checks the tables' dtype and
+  that every term's tables are among `variables`)."""
+  if isinstance(variables, Variables):
+    variables = [variables]
+  if not isinstance(variables, (list, tuple)) or not variables or not all(
+      isinstance(v, Variables) for v in variables):
+    raise TypeError("'variables' must be a non-empty list of "
+                    "factor_graph.Variables.")
+  if isinstance(terms, Term):
+    terms = [terms]
+  if not isinstance(terms, (list, tuple)) or not terms or not all(
+      isinstance(t, Term) for t in terms):
+    raise TypeError("'terms' must be a non-empty list of factor_graph.Term.")
+  dtypes = {v.values.dtype for v in variables}
+  if len(dtypes) > 1:
+    raise TypeError("All 'variables' tables must share one dtype, got "
+                    f"{sorted(d.name for d in dtypes)}.")
+  dtype = variables[0].values.dtype
+  positions = {id(v): i for i, v in enumerate(variables)}
+  tables, offset = [], 0
+  for table in variables:
+    tables.append(_block_sparse.Table(table.size, table.manifold.dim,
+                                      table.manifold, offset, table.free))
+    offset += table.size * table.manifold.dim
+  layout_terms = []
+  for term in terms:
+    for table in term.tables:
+      if id(table) not in positions:
+        raise ValueError(f"'{term.name}' reads table '{table.name}', which "
+                         "is not in 'variables'.")
+    data = []
+    for number, tensor in enumerate(term.data):
+      if tensor.dtype.is_floating and tensor.dtype != dtype:
+        if isinstance(tensor, tf.Tensor) and tf.get_static_value(
+            tensor) is None:
+          raise TypeError(f"'{term.name}' data[{number}] is "
+                          f"{tensor.dtype.name}; the variables are "
+                          f"{dtype.name}.")
+        tensor = tf.cast(tensor, dtype)
+      data.append(tensor)
+    size = term.size
+    if size is None:
+      size = tf.shape(term.indices[0])[0]
+    function = _robust(_TermView(term, data), dtype)
+    width = _width(function, term, data)
+    layout_terms.append(_block_sparse.Term(
+        function, [positions[id(t)] for t in term.tables], term.indices,
+        data,
+        size, width))
+  return _block_sparse.Layout(tables, layout_terms), dtype
+
+
+class _TermView:
+  """A term with its data converted (what `_robust` reads)."""
+
+  def __init__(self, term, data):
+    self.function, self.tables, self.data = term.function, term.tables, data
+    self.loss, self.loss_scale, self.name = (term.loss, term.loss_scale,
+                                             term.name)
+
+
+def _width(function, term, data):
+  """r: the residuals per edge, from the function's output on the first edge
+  (its static shape in graphs; one edge's evaluation eagerly)."""
+  rows = [tf.gather(table.values, index[:1])
+          for table, index in zip(term.tables, term.indices)]
+  output = function(*rows, *[x[:1] for x in data])
+  return int(output.shape[-1])
+
+
+def picked_solver(linear_solver, tangent_dim):
+  """What `linear_solver` resolves to for n = tangent_dim coordinates:
+  'cholesky' or 'cg' (the 'auto' rule)."""
+  if linear_solver != "auto":
+    return linear_solver
+  return "cholesky" if tangent_dim <= AUTO_CHOLESKY_LIMIT else "cg"
+
+
+@tf.autograph.experimental.do_not_convert
+def least_squares(variables, terms, *, damping="nielsen",
+                  max_iterations=100, function_tolerance=None,
+                  gradient_tolerance=None, parameter_tolerance=None,
+                  cost_tolerance=0.0, stopping_criterion=None,
+                  linear_solver="auto", geodesic_acceleration=None,
+                  vanishing_column_tolerance=None, callback=None,
+                  record=False, name="factor_graph_least_squares"):
+  """Minimizes a factor graph's cost (module docstring); returns results.
+
+  Args:
+    variables: a `Variables` table or a list of them (the order of the
+      returned tables and of the tangent coordinates).
+    terms: a `Term` or a list of them.
+    damping: as in `tfg_optim.least_squares`, but 'nielsen' by default
+      (lambda damping with Marquardt's scaling, the kind of GTSAM's and
+      Ceres' Levenberg-Marquardt; 'trust_region' needs an eigendecomposition
+      of the dense J^T J, or Steihaug's truncated CG with 'cg').
+    max_iterations, function_tolerance, gradient_tolerance,
+      parameter_tolerance, cost_tolerance, stopping_criterion,
+      geodesic_acceleration, vanishing_column_tolerance, callback, record:
+      as in `tfg_optim.least_squares` (geodesic acceleration is off by
+      default here; the callback sees the list of tables).
+    linear_solver: 'cholesky' (J^T J assembled densely by scatter from the
+      blocks and factored: n up to a few thousand), 'cg' (conjugate
+      gradients with the block-Jacobi preconditioner, Steihaug's truncated
+      version in the block-Jacobi norm for the trust region; O(edges)
+      memory, runs under XLA), or 'auto' (default): 'cholesky' for
+      n <= 2048 tangent coordinates (held rows included), else 'cg'.
+    name: name scope of the ops.
+
+  Returns:
+    `tfg_optim.results.LeastSquaresResults` with `position` the list of
+    optimized tables (held rows unchanged; `num_parameters` counts their
+    coordinates too: n = sum_t N_t d_t); gradients flow through the
+    unrolled loop (no implicit differentiation here).
+
+  Raises:
+    ValueError / TypeError: for invalid arguments, naming the argument.
+  """
+  if linear_solver not in LINEAR_SOLVERS:
+    raise ValueError(f"'linear_solver' must be one of {LINEAR_SOLVERS}, got "
+                     f"{linear_solver!r}.")
+  max_iterations = _validation.positive_int(max_iterations, "max_iterations")
+  policy = nonlinear_least_squares.damping_policy(damping)
+  if vanishing_column_tolerance is not None:
+    vanishing_column_tolerance = _validation.real_number(
+        vanishing_column_tolerance, "vanishing_column_tolerance", lower=0.0)
+  if geodesic_acceleration is not None:
+    geodesic_acceleration = _validation.real_number(
+        geodesic_acceleration, "geodesic_acceleration", lower=0.0,
+        lower_inclusive=False)
+  if callback is not None and not callable(callback):
+    raise TypeError(f"'callback' must be callable, got "
+                    f"{type(callback).__name__}.")
+  with tf.name_scope(name):
+    layout, dtype = _layout(variables, terms)
+    tables = [variables] if isinstance(variables, Variables) else variables
+    point = tuple(_validation.check_finite([t.values for t in tables],
+                                           "variables"))
+    if tf.executing_eagerly():
+      for table, values in zip(tables, point):
+        table.manifold.check_point(values)
+    criterion = nonlinear_least_squares._criterion(  # pylint: disable=protected-access
+        dtype, max_iterations, function_tolerance, gradient_tolerance,
+        parameter_tolerance, cost_tolerance, stopping_criterion)
+    vanishing_tolerance = (
+        float(np.sqrt(np.finfo(dtype.as_numpy_dtype).eps))
+        if vanishing_column_tolerance is None else vanishing_column_tolerance)
+    kind = _block_sparse.BlockSparseKind(
+        layout, dense=picked_solver(linear_solver,
+                                    layout.tangent_dim) == "cholesky")
+    problem = _engine.Problem(
+        residual_fn=layout.residual, retract=layout.retract,
+        tangent_dim=layout.tangent_dim, cost_fn=None, jacobian_fn=None)
+    num_records = 0
+    if record:
+      num_records = max_iterations if isinstance(record, bool) else int(record)
+    engine_callback = None
+    if callback is not None:
+      engine_callback = lambda it, cost, p: callback(it, cost, list(p))
+    state = _engine.minimize(
+        problem, point, policy, max_iterations, stopping=criterion,
+        callback=engine_callback, num_records=num_records,
+        geodesic_acceleration=geodesic_acceleration,
+        vanishing_column_tolerance=vanishing_tolerance, kind=kind)
+    result = results_lib.from_state(state, num_records, criterion)
+    return result._replace(position=list(result.position))
