@@ -158,8 +158,15 @@ def test_gradient_through_default_options_eagerly():
     (lambda x: tf.round(x) - 1.0, "'residuals'"),
 ])
 def test_residuals_not_depending_on_the_variables_raise(residuals, name):
+  start = tf.constant([1.0, 3.0], tf.float64)
   with pytest.raises(ValueError, match=re.escape(name)):
-    tfg_optim.least_squares(residuals, tf.constant([1.0, 3.0], tf.float64))
+    tfg_optim.least_squares(residuals, start)
+  # In graphs the check rides on the forward-mode trace of the Jacobian.
+  for solver in ("dense", "cg"):
+    solve = tf.function(lambda x, solver=solver: tfg_optim.least_squares(
+        residuals, x, linear_solver=solver).position, autograph=False)
+    with pytest.raises(ValueError, match=re.escape(name)):
+      solve.get_concrete_function(start)
 
 
 @pytest.mark.parametrize("kwargs,message", [

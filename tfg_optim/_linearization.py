@@ -257,7 +257,7 @@ def jacobian(problem, point, batch_shape, num_residuals):
   return tf.transpose(columns, list(range(1, rank)) + [0])
 
 
-def traced_forward_product(problem):
+def traced_forward_product(problem, check=None):
   """(point, step, tangent) -> d/dt F(R_p(step + t tangent)) at t = 0, as one
   `tf.function`: F and its forward-mode derivative are traced once (per input
   signature) however often it is called, instead of once per Jacobian column,
@@ -265,10 +265,17 @@ def traced_forward_product(problem):
   `ForwardAccumulator` is most of the engine's trace time (each op's
   derivative is a function call built by TensorFlow); the calls are inlined
   before the graph runs (or is compiled), so the arithmetic is unchanged.
+
+  `check`, if given, is called with the accumulator and F when F is traced (once
+  per signature): a front-end's structural checks of the residual's
+  derivative (`_validation.require_connected`) then cost no trace of their
+  own.
   """
   def forward_product(point, step, tangent):
     with tf.autodiff.ForwardAccumulator(step, tangent) as accumulator:
       residual = problem.residual_fn(problem.retract(point, step))
+    if check is not None:
+      check(accumulator, residual)
     return accumulator.jvp(
         residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
   return tf.function(forward_product, autograph=False)

@@ -55,14 +55,20 @@ def connected_outputs(function, primals, names):
   with tf.autodiff.ForwardAccumulator(
       flat, [tf.ones_like(p) for p in flat]) as accumulator:
     outputs = function()
-  for output, name in zip(outputs, names):
-    if accumulator.jvp(output) is None:
+  require_connected([accumulator.jvp(output) for output in outputs], names)
+  return outputs
+
+
+def require_connected(tangents, names):
+  """Raises ValueError naming the first output whose forward-mode tangent
+  is None (see `connected_outputs`)."""
+  for tangent, name in zip(tangents, names):
+    if tangent is None:
       raise ValueError(
           f"'{name}' does not depend on the variables through "
           "differentiable TensorFlow ops (was it computed in NumPy, from "
           "constants, or only through ops without gradients such as round, "
           "floor or an int cast?); the solver cannot move it.")
-  return outputs
 
 
 def real_number(value, name, lower=None, lower_inclusive=True, upper=None,

@@ -53,6 +53,7 @@ class ResidualStack:
     self.dtype = dtype
     self.batch_dims = batch_dims
     self.sizes = []
+    self.last_pieces = []  # The pieces of the latest call (while tracing).
 
   def names(self):
     """The name of each residual in error messages."""
@@ -73,6 +74,7 @@ class ResidualStack:
     if not self.sizes:
       self.sizes.extend(p.shape[-1] if p.shape[-1] is not None else
                         tf.shape(p)[-1] for p in pieces)
+    self.last_pieces = pieces
     return pieces
 
   def __call__(self, variables):

@@ -40,6 +40,7 @@ from tfg_optim import _distributed
 from tfg_optim import _eager
 from tfg_optim import _engine
 from tfg_optim import _implicit
+from tfg_optim import _linearization
 from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
 from tfg_optim import _vector_space
@@ -416,10 +417,17 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                        "not with linear_solver='cg' or 'data_chunk_size' "
                        "(use 'gauss_newton', or gradients='unrolled').")
     initial_residual = None
-    if jacobian is None:  # Residuals must depend on the variables.
+    # Residuals must depend on the variables (forward-mode tangents that
+    # exist). In graphs the check rides on the one trace of F under the
+    # forward-mode accumulator that the Jacobian needs anyway (below).
+    check_in_forward_trace = (jacobian is None and not chunked and
+                              not tf.executing_eagerly())
+    if jacobian is None and not check_in_forward_trace:
       initial_residual = robust(tf.concat(_validation.connected_outputs(
           lambda: stack.pieces(tf.nest.flatten(point)), point, stack.names()),
                                           axis=-1))
+    elif check_in_forward_trace:
+      initial_residual = robust(evaluate(point))
     residual_fn = lambda p: robust(evaluate(p))
     kind = None
     if chunked:  # The first row checked the residuals; now the passes.
@@ -441,6 +449,18 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         residual_fn=residual_fn, retract=retract,
         tangent_dim=tangent_dim, cost_fn=None, jacobian_fn=jacobian_fn,
         fixed_fn=fixed_fn)
+    if check_in_forward_trace:
+      problem = problem._replace(
+          forward_product=_linearization.traced_forward_product(
+              problem, check=lambda accumulator, _: (
+                  _validation.require_connected(
+                      [accumulator.jvp(piece) for piece in stack.last_pieces],
+                      stack.names()))))
+      # Traces F under the accumulator now (the check raises here); the
+      # Jacobian's products reuse this trace, and nothing reads this call.
+      zero = tf.zeros(tf.concat([tf.shape(initial_residual)[:-1],
+                                 [tangent_dim]], 0), dtype)
+      problem.forward_product(point, zero, tf.ones_like(zero))
     num_records = 0
     if record:
       num_records = max_iterations if isinstance(record, bool) else int(record)

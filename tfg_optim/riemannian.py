@@ -30,6 +30,7 @@ import tensorflow as tf
 from tfg_optim import _eager
 from tfg_optim import _engine
 from tfg_optim import _implicit
+from tfg_optim import _linearization
 from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
 from tfg_optim import results as results_lib
@@ -324,7 +325,7 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
     if initial_residual_values is not None:
       initial_residual = _flat_initial(initial_residual_values, dtype,
                                        batch_dims)
-    elif jacobian_f is None:
+    elif jacobian_f is None and tf.executing_eagerly():
       # The engine's first evaluation, made here to check that F depends on
       # p: otherwise J = 0 and the start would pass for converged.
       initial_residual = _validation.connected_outputs(
@@ -336,6 +337,19 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
         tangent_dim=manifold.dim,
         cost_fn=None,
         jacobian_fn=user_jacobian)
+    if (jacobian_f is None and initial_residual_values is None and
+        not tf.executing_eagerly()):
+      # In graphs the same check rides on the one trace of F under the
+      # forward-mode accumulator that the Jacobian needs anyway.
+      problem = problem._replace(
+          forward_product=_linearization.traced_forward_product(
+              problem, check=lambda accumulator, residual: (
+                  _validation.require_connected(
+                      [accumulator.jvp(residual)], ["f"]))))
+      initial_residual = residual_fn(point)
+      zero = tf.zeros(tf.concat([tf.shape(initial_residual)[:-1],
+                                 [manifold.dim]], 0), dtype)
+      problem.forward_product(point, zero, tf.ones_like(zero))  # Checks.
     policy = damping_lib.GainRatioDamping(eta, damping_term_min, beta,
                                       expect_zero_residual)
     state = _implicit.solve_untaped(lambda: _engine.minimize(
