@@ -34,12 +34,13 @@ import tensorflow as tf
 
 from tfg_optim import _block_sparse
 from tfg_optim import _engine
+from tfg_optim import _schur
 from tfg_optim import _validation
 from tfg_optim import nonlinear_least_squares
 from tfg_optim import results as results_lib
 from tfg_optim.manifolds import euclidean
 
-LINEAR_SOLVERS = ("auto", "cholesky", "cg")
+LINEAR_SOLVERS = ("auto", "cholesky", "cg", "schur")  # schur: _schur.py
 
 # linear_solver="auto": the dense Cholesky of the assembled J^T J up to this
 # many tangent coordinates, block-Jacobi conjugate gradients beyond
@@ -359,6 +360,8 @@ def least_squares(variables, terms, *, damping="nielsen",
     kind = _block_sparse.BlockSparseKind(
         layout, dense=picked_solver(linear_solver,
                                     layout.tangent_dim) == "cholesky")
+    if linear_solver == "schur":  # bundle adjustment: eliminate the points
+      kind = _schur.SchurKind(layout)
     problem = _engine.Problem(
         residual_fn=layout.residual, retract=layout.retract,
         tangent_dim=layout.tangent_dim, cost_fn=None, jacobian_fn=None)
