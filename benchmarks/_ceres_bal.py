@@ -12,10 +12,12 @@ with R' = diag(1, -1, -1) R, t' = diag(1, -1, -1) t COLMAP's P' = R' X + t'
 = (P_x, -P_y, -P_z) projects to P'_xy / P'_z = (p_x, -p_y), so observing
 (x, -y) gives the same residuals up to the sign of y, and the same cost.
 Each BAL camera is one COLMAP camera (its own intrinsics) and one image.
-Ceres' solver is left as COLMAP configures it (sparse Schur for these
-sizes, Levenberg-Marquardt), with tolerances as tight as ours
-(function 1e-12 relative... see TOLERANCES), no loss function; the gauge is
-not fixed (UNSPECIFIED), as in Ceres' own BAL example.
+Ceres' solver is left as COLMAP configures it (Levenberg-Marquardt, sparse
+Schur or dense Schur by size, Ceres' initial trust-region radius 1e4), with
+function, gradient and parameter tolerances 1e-12 (tfg_optim's program:
+relative cost change 1e-12, relative step 1e-12), two threads, no loss
+function; the gauge is not fixed (UNSPECIFIED), as in Ceres' own BAL
+example. COLMAP refuses points seen once (track length 1).
 
 Prints one JSON line: initial and final cost (Ceres' summary), iterations,
 solve time (the BundleAdjuster's Solve, Python set-up apart), and writes
@@ -114,7 +116,6 @@ def main():
   options.refine_extra_params = True
   options.refine_principal_point = False
   options.print_summary = False
-  options.min_track_length = 0 if hasattr(options, "min_track_length") else 0
   solver = options.ceres.solver_options
   solver.max_num_iterations = args.max_iterations
   solver.function_tolerance = 1e-12

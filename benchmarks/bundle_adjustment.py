@@ -8,7 +8,9 @@ Euclidean tables, one reprojection term, Nielsen damping, nothing held
 fixed, one `tf.function`) with each requested linear solver, and Ceres runs
 in its own venv through COLMAP's bundle adjuster (benchmarks/_ceres_bal.py:
 BAL's camera as COLMAP's RADIAL camera in a flipped frame, sparse Schur,
-Levenberg-Marquardt, tolerances 1e-12, no gauge fixed).
+Levenberg-Marquardt, tolerances 1e-12, no gauge fixed). tfg_optim runs
+with the program's defaults, Ceres' LM defaults: lambda starts at 1e-4
+(Ceres' initial trust-region radius 1e4), relative cost change 1e-12.
 
 Every final cost is evaluated one way: `io.bal_cost` (the formula of
 ../shared/data/README.md) of each solver's output read back from its BAL
@@ -22,7 +24,10 @@ their ratios are of round-off, not of minima.
     PYTHONPATH=. python benchmarks/bundle_adjustment.py \
         [--ceres-python /work/venv-ceres/bin/python] \
         [--data ../shared/data/bal] [--synthetic 20,2000,10000 ...] \
-        [--solvers schur] [--max-iterations 100]
+        [--solvers schur schur+xla cg ...] [--max-iterations 100]
+
+('+xla': the solve compiled by XLA, jit_compile=True; `first` then includes
+the compilation.)
 """
 
 import argparse
@@ -58,8 +63,10 @@ def ceres(python, source, output, max_iterations):
 def ours(source, output, linear_solver, max_iterations):
   """tfg_optim's solution's numbers; its output's cost by `io.bal_cost`."""
   problem = io.read_bal(source)
+  linear_solver, _, xla = linear_solver.partition("+")
   solution = bundle_adjustment.optimize(problem, max_iterations,
-                                        linear_solver, repeat=True)
+                                        linear_solver, xla=xla == "xla",
+                                        repeat=True)
   io.write_bal(output, solution.problem)
   results = solution.results
   return {"initial_cost": float(results.initial_cost),
@@ -89,7 +96,7 @@ def main():
     path = scratch / f"synthetic-{c}-{p}-{k}.txt"
     io.write_bal(path, start)
     sources.append((f"synthetic {c}/{p}/{k}", path))
-  header = (f"{'problem':<26} {'solver':<14} {'initial cost':>14} "
+  header = (f"{'problem':<26} {'solver':<16} {'initial cost':>14} "
             f"{'final cost':>22} {'iters':>5} {'trace s':>8} {'first s':>8} "
             f"{'solve s':>8} {'cost ratio':>11} {'time ratio':>10}")
   print(header)
@@ -98,19 +105,19 @@ def main():
     peer = ceres(args.ceres_python, source, scratch / "ceres.txt",
                  args.max_iterations)
     if "error" in peer:
-      print(f"{name:<26} {'Ceres':<14} failed: {peer['error']}")
+      print(f"{name:<26} {'Ceres':<16} failed: {peer['error']}")
       peer = {"cost": float("nan"), "solve_time": float("nan")}
     else:
       iterations = (peer.get("num_successful_steps", 0) +
                     peer.get("num_unsuccessful_steps", 0))
-      print(f"{name:<26} {'Ceres':<14} {peer['initial_cost']:>14.6e} "
+      print(f"{name:<26} {'Ceres':<16} {peer['initial_cost']:>14.6e} "
             f"{peer['cost']:>22.15e} {iterations:>5} {'':>8} {'':>8} "
             f"{peer['solve_time']:>8.3f} {'1':>11} {'1':>10}", flush=True)
     for solver in args.solvers:
       mine = ours(source, scratch / "ours.txt", solver, args.max_iterations)
       ratio = (mine["cost"] / peer["cost"] if peer["cost"] > 0 else
                float("nan"))
-      print(f"{'':<26} {'tfg_optim ' + solver:<14} "
+      print(f"{'':<26} {'tfg_optim ' + solver:<16} "
             f"{mine['initial_cost']:>14.6e} {mine['cost']:>22.15e} "
             f"{mine['iterations']:>5} {mine['trace_time']:>8.3f} "
             f"{mine['run_time']:>8.3f} {mine['solve_time']:>8.3f} "
