@@ -73,7 +73,7 @@ def _schur_step(problem):
 _TINY, _ = io.synthetic_bal(3, 6, num_observations=14, seed=1)
 
 
-@pytest.mark.parametrize("mode", ["eager"])  # tf.function: the program test
+@pytest.mark.parametrize("mode", ["session"])  # eager: the next test
 def test_schur_step_equals_the_dense_solve(mode):
   """The eliminated-points step equals the solution of the dense damped
   normal equations (J^T J + lambda D) s = -J^T F, D = diag(J^T J) times
@@ -109,9 +109,10 @@ def test_schur_pairs_cover_every_shared_point():
   assert sorted(zip(first.tolist(), second.tolist())) == expected
 
 
-def test_noise_free_problem_reaches_zero_cost_in_a_session():
-  """A noise-free problem solved with 'schur' from a perturbed start (TF1
-  Session) reaches zero cost; the start was far from it."""
+@pytest.mark.parametrize("mode", ["eager"])  # tf.function: the program
+def test_noise_free_problem_reaches_zero_cost(mode):
+  """A noise-free problem solved with 'schur' from a perturbed start
+  reaches zero cost; the start was far from it."""
   start, truth = io.synthetic_bal(3, 8, observations_per_point=3,
                                   pixel_noise=0.0, start_perturbation=0.05,
                                   seed=4)
@@ -125,7 +126,7 @@ def test_noise_free_problem_reaches_zero_cost_in_a_session():
     return results.initial_cost, results.cost, results.converged
 
   initial, cost, converged = modes.run(build, [start.cameras, start.points],
-                                       "session")
+                                       mode)
   assert float(io.bal_cost(*truth)) < 1e-20
   assert initial > 1e2
   assert cost < 1e-16 * initial
