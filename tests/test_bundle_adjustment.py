@@ -178,3 +178,20 @@ def test_program_rejects_a_malformed_file(tmp_path):
   assert status == 2
   assert "line 4" in text and "expected a finite number" in text, text
   assert not (tmp_path / "out.txt").exists()
+
+
+def test_schur_names_what_it_cannot_solve():
+  """'schur' needs two tables, each term reading one row of each."""
+  start, _ = _tiny(seed=7)
+  cameras = factor_graph.Variables(start.cameras, name="cameras")
+  points = factor_graph.Variables(start.points, name="points")
+  data = [start.observations]
+  one_table = factor_graph.Term(
+      lambda a, b, o: a[:, :2] - b[:, :2] - o,
+      [(cameras, start.camera_index), (cameras, start.camera_index)],
+      data=data)
+  with pytest.raises(ValueError, match="exactly two variable tables"):
+    factor_graph.least_squares([cameras], [one_table], linear_solver="schur")
+  with pytest.raises(ValueError, match="one row of each of the two tables"):
+    factor_graph.least_squares([cameras, points], [one_table],
+                               linear_solver="schur")
