@@ -317,6 +317,9 @@ def least_squares(variables, terms, *, damping="nielsen",
       version in the block-Jacobi norm for the trust region; O(edges)
       memory, runs under XLA), or 'auto' (default): 'cholesky' for
       n <= 2048 tangent coordinates (held rows included), else 'cg'.
+      'schur': two tables, every term reading one row of each (bundle
+      adjustment): the larger table eliminated, the reduced system by
+      dense Cholesky (`_schur`, docs/bundle_adjustment.md).
     name: name scope of the ops.
 
   Returns:
