@@ -58,6 +58,9 @@ def damped_solver(linearization, regularization, scaling=None):
     regularization: lambda, [B...].
     scaling: D's diagonal, [B..., n], or None for the identity.
   """
+  # A linearization with its own solver (`_schur.SchurComplement`) uses it.
+  if getattr(linearization, "damped_solver", None) is not None:
+    return linearization.damped_solver(regularization, scaling)
   if not linearization.dense:
     return conjugate_gradient_solver(linearization, regularization, scaling)
   # A `_chunked.Gram` linearization has J^T J only: the normal form.

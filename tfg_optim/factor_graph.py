@@ -34,12 +34,13 @@ import tensorflow as tf
 
 from tfg_optim import _block_sparse
 from tfg_optim import _engine
+from tfg_optim import _schur
 from tfg_optim import _validation
 from tfg_optim import nonlinear_least_squares
 from tfg_optim import results as results_lib
 from tfg_optim.manifolds import euclidean
 
-LINEAR_SOLVERS = ("auto", "cholesky", "cg")
+LINEAR_SOLVERS = ("auto", "cholesky", "cg", "schur")  # schur: _schur.py
 
 # linear_solver="auto": the dense Cholesky of the assembled J^T J up to this
 # many tangent coordinates, block-Jacobi conjugate gradients beyond
@@ -316,6 +317,9 @@ def least_squares(variables, terms, *, damping="nielsen",
       version in the block-Jacobi norm for the trust region; O(edges)
       memory, runs under XLA), or 'auto' (default): 'cholesky' for
       n <= 2048 tangent coordinates (held rows included), else 'cg'.
+      'schur': two tables, every term reading one row of each (bundle
+      adjustment): the larger table eliminated, the reduced system by
+      dense Cholesky (`_schur`, docs/bundle_adjustment.md).
     name: name scope of the ops.
 
   Returns:
@@ -359,6 +363,8 @@ def least_squares(variables, terms, *, damping="nielsen",
     kind = _block_sparse.BlockSparseKind(
         layout, dense=picked_solver(linear_solver,
                                     layout.tangent_dim) == "cholesky")
+    if linear_solver == "schur":  # bundle adjustment: eliminate the points
+      kind = _schur.SchurKind(layout)
     problem = _engine.Problem(
         residual_fn=layout.residual, retract=layout.retract,
         tangent_dim=layout.tangent_dim, cost_fn=None, jacobian_fn=None)

@@ -1,0 +1,86 @@
+"""Where the time of a Schur bundle-adjustment solve goes.
+
+On `io.synthetic_bal(50, 20000, num_observations=100000, seed=0)`, in a
+graph (`tf.function`) and under XLA: the best of 3 calls of (1) the
+residuals, (2) the Jacobian blocks (`_block_sparse` forward mode), (3) one
+Schur solve from given blocks (U, V, W, S assembled and factored, the step
+back-substituted), each a `tf.function` of its own; then the whole solve
+(tfg_optim/examples/bundle_adjustment.py, second call) capped at 1 and at 5
+iterations, whose difference / 4 is the cost of one iteration inside the
+engine's loop.
+
+    PYTHONPATH=. python benchmarks/bundle_adjustment_profile.py [--xla]
+"""
+
+import argparse
+import time
+
+import tensorflow as tf
+
+from tfg_optim import _schur
+from tfg_optim import factor_graph
+from tfg_optim import io
+from tfg_optim.examples import bundle_adjustment
+
+
+def best_of(function, arguments, count=3):
+  function(*arguments)
+  times = []
+  for _ in range(count):
+    begin = time.perf_counter()
+    function(*arguments)
+    times.append(time.perf_counter() - begin)
+  return min(times)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--xla", action="store_true")
+  args = parser.parse_args()
+  start, _ = io.synthetic_bal(50, 20000, num_observations=100000, seed=0)
+  cameras, points = tf.constant(start.cameras), tf.constant(start.points)
+
+  def setup(c, p):
+    variables, terms = bundle_adjustment.factor_graph_problem(start, c, p)
+    layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
+    return layout, _schur.SchurKind(layout)
+
+  compile_ = lambda f: tf.function(f, jit_compile=args.xla)
+
+  @compile_
+  def residual(c, p):
+    return setup(c, p)[0].residual((c, p))
+
+  @compile_
+  def blocks(c, p):
+    return setup(c, p)[1].at((c, p), None).blocks
+
+  @compile_
+  def schur_step(c, p, *given):
+    layout, kind = setup(c, p)
+    linearization = kind.linearization_class(*given)
+    gradient = linearization.gradient(layout.residual((c, p)))
+    solve = linearization.damped_solver(tf.constant(1e-3, tf.float64),
+                                        linearization.column_norms())
+    return solve(None, gradient)
+
+  mode = "XLA" if args.xla else "graph"
+  given = blocks(cameras, points)
+  for name, function, arguments in (
+      ("residuals", residual, (cameras, points)),
+      ("Jacobian blocks", blocks, (cameras, points)),
+      ("Schur solve", schur_step, (cameras, points) + tuple(given))):
+    print(f"{mode:<6} {name:<28} {best_of(function, arguments):8.3f} s")
+  totals = {}
+  for iterations in (1, 5):
+    solution = bundle_adjustment.optimize(start, iterations, "schur",
+                                          xla=args.xla, repeat=True)
+    totals[iterations] = solution.solve_time
+    print(f"{mode:<6} {f'whole solve, {iterations} iteration(s)':<28} "
+          f"{solution.solve_time:8.3f} s")
+  print(f"{mode:<6} {'one iteration in the loop':<28} "
+        f"{(totals[5] - totals[1]) / 4:8.3f} s")
+
+
+if __name__ == "__main__":
+  main()
