@@ -103,11 +103,16 @@ def _cholesky(matrix):
 
 
 def trust_region_solver(linearization, gradient, scale, radius,
-                        newton_iterations):
+                        newton_iterations, method="eigh",
+                        previous_lambda=None):
   """The trust-region step: returns (`solve`, radius, lambda).
 
   s(lambda) = -(J^T J + lambda D)^-1 g with lambda >= 0 the smallest value
-  for which ||D^1/2 s|| <= radius. With the eigendecomposition
+  for which ||D^1/2 s|| <= radius. `method='cholesky'` finds lambda to
+  MINPACK's tolerance by Cholesky factorizations
+  (`cholesky_trust_region_solver`, which uses `previous_lambda`, [B...], as
+  its first guess); `method='eigh'` (below) to rounding, from one
+  eigendecomposition. With the eigendecomposition
   D^-1/2 J^T J D^-1/2 = V diag(sigma) V^T and c = V^T D^-1/2 g,
   ||D^1/2 s(lambda)|| = ||c / (sigma + lambda)||, and lambda is found by
   Newton's method on psi(lambda) = 1/radius - 1/||D^1/2 s(lambda)||
@@ -125,10 +130,19 @@ def trust_region_solver(linearization, gradient, scale, radius,
     gradient: g = J^T F, [B..., n].
     scale: D's diagonal, [B..., n], positive.
     radius: [B...].
-    newton_iterations: a Python int.
+    newton_iterations: a Python int, the most Newton steps on lambda.
+    method: 'cholesky' or 'eigh'.
+    previous_lambda: lambda of the previous iteration, [B...], or None
+      (for 'cholesky' only).
   """
   if not linearization.dense:
     return steihaug_solver(linearization, gradient, scale, radius)
+  if method == "cholesky":
+    return cholesky_trust_region_solver(linearization, gradient, scale,
+                                        radius, newton_iterations,
+                                        previous_lambda)
+  if method != "eigh":
+    raise ValueError(f"method must be 'cholesky' or 'eigh', not {method!r}")
   dtype = gradient.dtype
   inverse_root = tf.math.rsqrt(scale)
   gram = linearization.gram()
@@ -191,6 +205,151 @@ def trust_region_solver(linearization, gradient, scale, radius,
 
   radius = tf.where(finite & tf.math.is_finite(radius), radius, old_radius)
   return solve, radius, lam
+
+
+# MINPACK's choices (More 1978, `lmpar`): the step is accepted once its
+# scaled length is within this fraction of the radius, after at most this
+# many factorizations.
+SECULAR_TOLERANCE = 0.1
+SECULAR_MAX_FACTORIZATIONS = 10
+
+
+def cholesky_trust_region_solver(
+    linearization, gradient, scale, radius,
+    max_factorizations=SECULAR_MAX_FACTORIZATIONS, previous_lambda=None):
+  """The trust-region step by Cholesky factorizations (More 1978, the
+  semantics of MINPACK's `lmpar`): returns (`solve`, radius, lambda) like
+  `trust_region_solver`.
+
+  With A(lambda) = J^T J + lambda D = L L^T, s(lambda) = -A^-1 g and
+  phi(lambda) = ||D^1/2 s(lambda)|| - Delta:
+  1. The Gauss-Newton step s(0) first. If Cholesky fails there (J^T J
+     singular to working precision), the step at the shift
+     lambda_0 = n eps max_j (J^T J)_jj / D_j + tiny stands in for it (the
+     eigendecomposition path's eigenvalue floor, by one more
+     factorization, only when some problem needs it). A negative radius is
+     relative to this step's length. If phi(lambda_0) <= 0.1 Delta the step
+     is taken with lambda = lambda_0 (0 unless singular).
+  2. Otherwise lambda is bracketed by l = lambda_0 - phi/phi' (a Newton
+     step from lambda_0 on the concave psi = 1/Delta - 1/||D^1/2 s||, below
+     the root) and u = ||D^-1/2 g|| / Delta, and starts at
+     `previous_lambda` clamped to [l, u].
+  3. Each iteration factors A(lambda), stops if |phi| <= 0.1 Delta, else
+     narrows [l, u] by phi's sign and takes the safeguarded Newton step on
+     psi, lambda <- max(l, lambda + (phi / Delta) / ||L^-1 q||^2) with
+     q = D s / ||D^1/2 s|| (one triangular solve). At most
+     `max_factorizations` in all; the last one is used.
+  Each problem of a batch has its own lambda, bounds and iteration count in
+  one loop; a problem that has stopped keeps its values. `solve` reuses the
+  last factorization for another right-hand side. A non-finite J^T J,
+  gradient or scaling gives a NaN step (a rejection) and the radius back
+  unchanged, as the eigendecomposition path does; a factorization that
+  fails inside the loop raises lambda tenfold.
+
+  Args:
+    linearization: J (`_linearization.Dense`).
+    gradient: g = J^T F, [B..., n].
+    scale: D's diagonal, [B..., n], positive.
+    radius: Delta, [B...]; negative: relative, as above.
+    max_factorizations: a Python int.
+    previous_lambda: [B...], the first guess, or None (the lower bound).
+  """
+  dtype = gradient.dtype
+  step_gradient = gradient  # `solve` of this right-hand side: the step.
+  finfo = np.finfo(dtype.as_numpy_dtype)
+  tiny = tf.constant(finfo.tiny, dtype)
+  tolerance = tf.constant(SECULAR_TOLERANCE, dtype)
+  gram = linearization.gram()
+  batch_rank = gram.shape.rank - 2
+  valid = (_batch.all_finite(gram, batch_rank) &
+           _batch.all_finite(gradient, batch_rank) &
+           _batch.all_finite(scale, batch_rank))
+  identity = tf.eye(tf.shape(gram)[-1], dtype=dtype)
+  gram = _batch.select(valid, gram, tf.broadcast_to(identity, tf.shape(gram)))
+  ones = tf.ones_like(gradient)
+  scale = tf.where(valid[..., tf.newaxis], scale, ones)
+  gradient = tf.where(valid[..., tf.newaxis], gradient, ones)
+  gram_diagonal = tf.linalg.diag_part(gram)
+  root_scale = tf.sqrt(scale)
+
+  def factor(lam):  # (L, s(lambda), ||D^1/2 s(lambda)||)
+    chol = _cholesky(tf.linalg.set_diag(
+        gram, gram_diagonal + lam[..., tf.newaxis] * scale))
+    step = -tf.linalg.cholesky_solve(chol, gradient[..., tf.newaxis])[..., 0]
+    return chol, step, tf.norm(root_scale * step, axis=-1)
+
+  def newton_correction(chol, step, length):
+    # -psi/psi' = (phi / Delta) / ||L^-1 D s / ||D^1/2 s||||^2.
+    safe_length = tf.where(length > 0, length, tf.ones_like(length))
+    q = scale * step / safe_length[..., tf.newaxis]
+    y = tf.linalg.triangular_solve(chol, q[..., tf.newaxis], lower=True)
+    return ((length - radius) / radius) / tf.maximum(
+        tf.reduce_sum(tf.square(y[..., 0]), axis=-1), tiny)
+
+  zeros = tf.zeros_like(radius)
+  chol, step, length = factor(zeros)
+  singular = valid & tf.logical_not(tf.math.is_finite(length))
+  n = tf.cast(tf.shape(gram)[-1], dtype)
+  shift = tf.where(singular, n * finfo.eps * tf.reduce_max(
+      gram_diagonal / scale, axis=-1) + tiny, zeros)
+  chol, step, length = tf.cond(
+      tf.reduce_any(singular),
+      lambda: _batch.select_structure(singular, factor(shift),
+                                      (chol, step, length)),
+      lambda: (chol, step, length))
+  lam = shift
+  old_radius = radius
+  radius = tf.where(radius < 0, -radius * length, radius)
+  # Done at the Gauss-Newton step: inside (to MINPACK's tolerance), a radius
+  # of 0 (collapsed; as the eigendecomposition path, which keeps lambda),
+  # or nothing finite to iterate on.
+  active = (valid & (radius > 0) & tf.math.is_finite(length) &
+            (length - radius > tolerance * radius))
+  lower = lam + tf.where(active, newton_correction(chol, step, length), zeros)
+  lower = tf.where(tf.math.is_finite(lower), lower, lam)
+  upper = tf.norm(gradient / root_scale, axis=-1) / tf.where(
+      active, radius, tf.ones_like(radius))
+  upper = tf.where(upper > 0, upper, tiny / tf.minimum(
+      radius, tf.constant(0.1, dtype)))
+  guess = zeros if previous_lambda is None else previous_lambda
+  guess = tf.minimum(tf.maximum(guess, lower), upper)
+
+  def body(i, guess, lower, upper, active, lam, chol, step, length):
+    new_chol, new_step, new_length = factor(guess)
+    lam = tf.where(active, guess, lam)
+    chol, step, length = _batch.select_structure(
+        active, (new_chol, new_step, new_length), (chol, step, length))
+    phi = new_length - radius
+    failed = tf.logical_not(tf.math.is_finite(new_length))
+    lower = tf.where(active & ((phi > 0) | failed),
+                     tf.maximum(lower, guess), lower)
+    upper = tf.where(active & (phi < 0), tf.minimum(upper, guess), upper)
+    newton = tf.maximum(lower, guess + newton_correction(
+        new_chol, new_step, new_length))
+    next_guess = tf.where(failed, 10.0 * guess, newton)
+    active &= ((tf.abs(phi) > tolerance * radius) | failed) & (
+        tf.math.is_finite(next_guess))
+    return (i + 1, tf.where(active, next_guess, guess), lower, upper, active,
+            lam, chol, step, length)
+
+  loop = tf.while_loop(
+      lambda i, guess, lower, upper, active, *_: tf.reduce_any(active), body,
+      (tf.constant(0), guess, lower, upper, active, lam, chol, step, length),
+      maximum_iterations=max_factorizations)
+  lam, chol, step = loop[5], loop[6], loop[7]
+  nan = tf.constant(np.nan, dtype)
+  step = _batch.select(valid, step, tf.fill(tf.shape(step), nan))
+
+  def solve(residual, rhs_gradient):
+    del residual
+    if rhs_gradient is step_gradient:
+      return step
+    other = -tf.linalg.cholesky_solve(chol, rhs_gradient[..., tf.newaxis])
+    return _batch.select(valid, other[..., 0],
+                         tf.fill(tf.shape(rhs_gradient), nan))
+
+  radius = tf.where(valid & tf.math.is_finite(radius), radius, old_radius)
+  return solve, radius, tf.where(tf.math.is_finite(lam), lam, zeros)
 
 
 # Conjugate gradients stop when the preconditioned residual has fallen by
