@@ -276,8 +276,9 @@ def test_cholesky_trust_region_non_finite_member_is_rejected():
 def test_trust_region_method_eigh_is_selectable():
   """The policy passes its method, its iteration limit and its previous
   lambda to the solver."""
-  assert tfg_optim.TrustRegionDamping().method == "cholesky"
-  assert tfg_optim.TrustRegionDamping().newton_iterations == 10
+  default = tfg_optim.TrustRegionDamping()
+  assert default._method(tf.float64) == ("cholesky", 10)
+  assert default._method(tf.float32) == ("eigh", 30)
   with pytest.raises(ValueError, match="method"):
     tfg_optim.TrustRegionDamping(method="qr")
   jacobian, residual, scale, radius = _trust_region_batch()
@@ -285,10 +286,11 @@ def test_trust_region_method_eigh_is_selectable():
   state = tfg_optim.damping.TrustRegionState(
       tf.constant(radius), tf.fill([8], tf.constant(0.1, tf.float64)),
       tf.constant(scale))
-  want = _trust_region_run("eigh", "function", "float64")
-  policy = tfg_optim.TrustRegionDamping(method="eigh")
-  assert policy.newton_iterations == 30
-  solve, new_state = policy.solver(state, _Gram(tf.constant(jacobian)),
-                                   gradient, None, None)
-  np.testing.assert_allclose(solve(None, gradient), want[0], rtol=1e-9)
-  np.testing.assert_allclose(new_state.lam, want[2], rtol=1e-9)
+  for policy, method in ((default, "cholesky"),
+                         (tfg_optim.TrustRegionDamping(method="eigh"), "eigh")):
+    want = _trust_region_run(method, "function", "float64")
+    solve, new_state = policy.solver(state, _Gram(tf.constant(jacobian)),
+                                     gradient, None, None)
+    np.testing.assert_allclose(solve(None, gradient), want[0], rtol=1e-9)
+    np.testing.assert_allclose(new_state.lam, want[2], rtol=1e-9)
+    np.testing.assert_allclose(new_state.radius, want[1], rtol=1e-12)

@@ -244,7 +244,8 @@ def cholesky_trust_region_solver(
   last factorization for another right-hand side. A non-finite J^T J,
   gradient or scaling gives a NaN step (a rejection) and the radius back
   unchanged, as the eigendecomposition path does; a factorization that
-  fails inside the loop raises lambda tenfold.
+  fails (float32, or J^T J far from positive definite: also at the shift)
+  counts as a step too long: lambda rises tenfold (at least to 1e-3 u).
 
   Args:
     linearization: J (`_linearization.Dense`).
@@ -302,9 +303,11 @@ def cholesky_trust_region_solver(
   radius = tf.where(radius < 0, -radius * length, radius)
   # Done at the Gauss-Newton step: inside (to MINPACK's tolerance), a radius
   # of 0 (collapsed; as the eigendecomposition path, which keeps lambda),
-  # or nothing finite to iterate on.
-  active = (valid & (radius > 0) & tf.math.is_finite(length) &
-            (length - radius > tolerance * radius))
+  # or nothing finite to iterate on. A step that is still not finite at the
+  # shift (float32, J^T J far from positive definite) counts as too long.
+  active = valid & (radius > 0) & (
+      (length - radius > tolerance * radius) |
+      tf.logical_not(tf.math.is_finite(length)))
   lower = lam + tf.where(active, newton_correction(chol, step, length), zeros)
   lower = tf.where(tf.math.is_finite(lower), lower, lam)
   upper = tf.norm(gradient / root_scale, axis=-1) / tf.where(
@@ -326,7 +329,8 @@ def cholesky_trust_region_solver(
     upper = tf.where(active & (phi < 0), tf.minimum(upper, guess), upper)
     newton = tf.maximum(lower, guess + newton_correction(
         new_chol, new_step, new_length))
-    next_guess = tf.where(failed, 10.0 * guess, newton)
+    next_guess = tf.where(failed, tf.maximum(10.0 * guess, 1e-3 * upper),
+                          newton)
     active &= ((tf.abs(phi) > tolerance * radius) | failed) & (
         tf.math.is_finite(next_guess))
     return (i + 1, tf.where(active, next_guess, guess), lower, upper, active,
