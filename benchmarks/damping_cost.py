@@ -2,33 +2,33 @@
 
 The trust region (the default) finds lambda of each step either by a few
 Cholesky factorizations (`TrustRegionDamping(method='cholesky')`, the
-default: Moré's secular-equation solve, MINPACK's `lmpar`) or from one n x n
+float64 default: Moré's secular-equation solve, MINPACK's `lmpar`) or from one n x n
 eigendecomposition (`method='eigh'`); Nielsen's damping factors once by
 Cholesky. Problem: r(x) = A tanh(x) - b with A a fixed random [2n, n] matrix
-(seed 0), from x = 0, float64, exactly ITERATIONS iterations (all
+(seed 0), from x = 0, float64, exactly 20 iterations (all
 tolerances 0), geodesic acceleration off so that only the damping differs.
 The three policies are timed side by side in one run, in tf.function and
-with jit_compile=True: steady time per iteration (median of the repeats
-after a warm-up call) and the first call (trace, graph optimization or XLA
-compilation, and one solve). Run from the repository root:
+with jit_compile=True: steady time per iteration (median over --repeats
+interleaved rounds after a warm-up call; each round calls every policy once)
+and the first call (trace, graph optimization or XLA compilation, and one
+solve). Run from the repository root:
 
     PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/damping_cost.py \
         [--sizes 3 10 50 200 1000]
 
 n > 200 runs 5 iterations instead of 20. The eigendecomposition under
 jit_compile at n = 1000 prints "-" (not run: XLA's CPU eigendecomposition
-took 0.65 s per iteration at n = 400). A first call over --limit / 4
-seconds is followed by one timed call instead of 3.
+took 0.65 s per iteration at n = 400); n = 1000 runs 2 rounds.
 """
 
 import argparse
+import statistics
 import time
 
 import numpy as np
 import tensorflow as tf
 
 import tfg_optim
-from benchmarks import tfg_curve_fit
 
 POLICIES = {
     "trust_region cholesky": lambda: tfg_optim.TrustRegionDamping(),
@@ -63,7 +63,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", type=int, nargs="*",
                       default=[3, 10, 50, 200, 1000])
-  parser.add_argument("--limit", type=float, default=60.0)
+  parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
   names = list(POLICIES)
   print("| n | mode | " + " | ".join(f"{name} ms/iteration" for name in names)
@@ -72,19 +72,25 @@ def main():
   print("|---|---|" + "---|" * (len(names) + 3))
   for n in args.sizes:
     for jit in (False, True):
-      per_iteration, first_call = {}, {}
+      solvers, per_iteration, first_call, times = {}, {}, {}, {}
       for name in names:
+        per_iteration[name] = first_call[name] = None
         if jit and name.endswith("eigh") and n >= 1000:
-          per_iteration[name] = first_call[name] = None  # over the limit
-          continue
-        solve = _solver(n, POLICIES[name](), jit)
+          continue  # not run, see above
+        solvers[name] = _solver(n, POLICIES[name](), jit)
         begin = time.perf_counter()
-        iterations = solve()
-        first = time.perf_counter() - begin
-        repeats = 3 if first < args.limit / 4 else 1
-        median, _, _, iterations = tfg_curve_fit.time_solve(solve, repeats)
-        per_iteration[name] = median / iterations * 1e3
-        first_call[name] = first
+        solvers[name]()
+        first_call[name] = time.perf_counter() - begin
+        times[name] = []
+      # Interleaved: each round calls every policy once, so that a change
+      # of the machine's load falls on all of them alike.
+      for _ in range(args.repeats if n <= 200 else 2):
+        for name, solve in solvers.items():
+          begin = time.perf_counter()
+          iterations = solve()
+          times[name].append((time.perf_counter() - begin) / iterations)
+      for name in solvers:
+        per_iteration[name] = statistics.median(times[name]) * 1e3
 
       def show(value, digits=2):
         return "-" if value is None else f"{value:.{digits}f}"

@@ -308,39 +308,47 @@ def cholesky_trust_region_solver(
   active = valid & (radius > 0) & (
       (length - radius > tolerance * radius) |
       tf.logical_not(tf.math.is_finite(length)))
-  lower = lam + tf.where(active, newton_correction(chol, step, length), zeros)
-  lower = tf.where(tf.math.is_finite(lower), lower, lam)
-  upper = tf.norm(gradient / root_scale, axis=-1) / tf.where(
-      active, radius, tf.ones_like(radius))
-  upper = tf.where(upper > 0, upper, tiny / tf.minimum(
-      radius, tf.constant(0.1, dtype)))
-  guess = zeros if previous_lambda is None else previous_lambda
-  guess = tf.minimum(tf.maximum(guess, lower), upper)
 
-  def body(i, guess, lower, upper, active, lam, chol, step, length):
-    new_chol, new_step, new_length = factor(guess)
-    lam = tf.where(active, guess, lam)
-    chol, step, length = _batch.select_structure(
-        active, (new_chol, new_step, new_length), (chol, step, length))
-    phi = new_length - radius
-    failed = tf.logical_not(tf.math.is_finite(new_length))
-    lower = tf.where(active & ((phi > 0) | failed),
-                     tf.maximum(lower, guess), lower)
-    upper = tf.where(active & (phi < 0), tf.minimum(upper, guess), upper)
-    newton = tf.maximum(lower, guess + newton_correction(
-        new_chol, new_step, new_length))
-    next_guess = tf.where(failed, tf.maximum(10.0 * guess, 1e-3 * upper),
-                          newton)
-    active &= ((tf.abs(phi) > tolerance * radius) | failed) & (
-        tf.math.is_finite(next_guess))
-    return (i + 1, tf.where(active, next_guess, guess), lower, upper, active,
-            lam, chol, step, length)
+  def secular(lam, chol, step, length):
+    """Steps 2 and 3 for the active problems: (lambda, L, s)."""
+    lower = lam + tf.where(active, newton_correction(chol, step, length), zeros)
+    lower = tf.where(tf.math.is_finite(lower), lower, lam)
+    upper = tf.norm(gradient / root_scale, axis=-1) / tf.where(
+        active, radius, tf.ones_like(radius))
+    upper = tf.where(upper > 0, upper, tiny / tf.minimum(
+        radius, tf.constant(0.1, dtype)))
+    guess = zeros if previous_lambda is None else previous_lambda
+    guess = tf.minimum(tf.maximum(guess, lower), upper)
 
-  loop = tf.while_loop(
-      lambda i, guess, lower, upper, active, *_: tf.reduce_any(active), body,
-      (tf.constant(0), guess, lower, upper, active, lam, chol, step, length),
-      maximum_iterations=max_factorizations)
-  lam, chol, step = loop[5], loop[6], loop[7]
+    def body(i, guess, lower, upper, active, lam, chol, step, length):
+      new_chol, new_step, new_length = factor(guess)
+      lam = tf.where(active, guess, lam)
+      chol, step, length = _batch.select_structure(
+          active, (new_chol, new_step, new_length), (chol, step, length))
+      phi = new_length - radius
+      failed = tf.logical_not(tf.math.is_finite(new_length))
+      lower = tf.where(active & ((phi > 0) | failed),
+                       tf.maximum(lower, guess), lower)
+      upper = tf.where(active & (phi < 0), tf.minimum(upper, guess), upper)
+      newton = tf.maximum(lower, guess + newton_correction(
+          new_chol, new_step, new_length))
+      next_guess = tf.where(failed, tf.maximum(10.0 * guess, 1e-3 * upper),
+                            newton)
+      active &= ((tf.abs(phi) > tolerance * radius) | failed) & (
+          tf.math.is_finite(next_guess))
+      return (i + 1, tf.where(active, next_guess, guess), lower, upper, active,
+              lam, chol, step, length)
+
+    loop = tf.while_loop(
+        lambda i, guess, lower, upper, active, *_: tf.reduce_any(active), body,
+        (tf.constant(0), guess, lower, upper, active, lam, chol, step, length),
+        maximum_iterations=max_factorizations)
+    return loop[5], loop[6], loop[7]
+
+  # (Skipped when every step is decided already: the Gauss-Newton step.)
+  lam, chol, step = tf.cond(
+      tf.reduce_any(active), lambda: secular(lam, chol, step, length),
+      lambda: (lam, chol, step))
   nan = tf.constant(np.nan, dtype)
   step = _batch.select(valid, step, tf.fill(tf.shape(step), nan))
 
