@@ -226,8 +226,8 @@ def cholesky_trust_region_solver(
   1. The Gauss-Newton step s(0) first. If Cholesky fails there (J^T J
      singular to working precision), the step at the shift
      lambda_0 = n eps max_j (J^T J)_jj / D_j + tiny stands in for it (the
-     eigendecomposition path's eigenvalue floor, by one more
-     factorization, only when some problem needs it). A negative radius is
+     eigendecomposition path's eigenvalue floor, at the cost of one more
+     factorization for that problem). A negative radius is
      relative to this step's length. If phi(lambda_0) <= 0.1 Delta the step
      is taken with lambda = lambda_0 (0 unless singular).
   2. Otherwise lambda is bracketed by l = lambda_0 - phi/phi' (a Newton
@@ -239,8 +239,10 @@ def cholesky_trust_region_solver(
      psi, lambda <- max(l, lambda + (phi / Delta) / ||L^-1 q||^2) with
      q = D s / ||D^1/2 s|| (one triangular solve). At most
      `max_factorizations` in all; the last one is used.
-  Each problem of a batch has its own lambda, bounds and iteration count in
-  one loop; a problem that has stopped keeps its values. `solve` reuses the
+  All of it is one `tf.while_loop` with one factorization per iteration
+  (each problem in its own phase: Gauss-Newton, then secular), so the graph
+  holds a single factorization. Each problem of a batch has its own lambda,
+  bounds and iteration count; a problem that has stopped keeps its values. `solve` reuses the
   last factorization for another right-hand side. A non-finite J^T J,
   gradient or scaling gives a NaN step (a rejection) and the radius back
   unchanged, as the eigendecomposition path does; a factorization that
@@ -279,7 +281,7 @@ def cholesky_trust_region_solver(
     step = -tf.linalg.cholesky_solve(chol, gradient[..., tf.newaxis])[..., 0]
     return chol, step, tf.norm(root_scale * step, axis=-1)
 
-  def newton_correction(chol, step, length):
+  def newton_correction(chol, step, length, radius):
     # -psi/psi' = (phi / Delta) / ||L^-1 D s / ||D^1/2 s||||^2.
     safe_length = tf.where(length > 0, length, tf.ones_like(length))
     q = scale * step / safe_length[..., tf.newaxis]
@@ -288,67 +290,75 @@ def cholesky_trust_region_solver(
         tf.reduce_sum(tf.square(y[..., 0]), axis=-1), tiny)
 
   zeros = tf.zeros_like(radius)
-  chol, step, length = factor(zeros)
-  singular = valid & tf.logical_not(tf.math.is_finite(length))
   n = tf.cast(tf.shape(gram)[-1], dtype)
-  shift = tf.where(singular, n * finfo.eps * tf.reduce_max(
-      gram_diagonal / scale, axis=-1) + tiny, zeros)
-  chol, step, length = tf.cond(
-      tf.reduce_any(singular),
-      lambda: _batch.select_structure(singular, factor(shift),
-                                      (chol, step, length)),
-      lambda: (chol, step, length))
-  lam = shift
+  shift = n * finfo.eps * tf.reduce_max(gram_diagonal / scale, axis=-1) + tiny
+  gradient_length = tf.norm(gradient / root_scale, axis=-1)
+  first_guess = zeros if previous_lambda is None else previous_lambda
+  # The phase of each problem (compared by tf.equal: `==` on tensors is
+  # Python's identity in a TF1 graph).
+  gauss_newton, secular, done = 0, 1, 2
+
+  # One loop, one factorization per iteration and problem (a single
+  # factorization in the graph): each problem starts in the Gauss-Newton
+  # phase (lambda = 0, or the shift once Cholesky failed at 0), then
+  # iterates on lambda until its own stop.
+  def body(i, guess, lower, upper, radius, phase, lam, chol, step, length):
+    new_chol, new_step, new_length = factor(guess)
+    active = tf.not_equal(phase, done)
+    lam = tf.where(active, guess, lam)
+    chol = tf.where(active[..., tf.newaxis, tf.newaxis], new_chol, chol)
+    step = tf.where(active[..., tf.newaxis], new_step, step)
+    length = tf.where(active, new_length, length)
+    failed = tf.logical_not(tf.math.is_finite(new_length))
+    at_gauss_newton = tf.equal(phase, gauss_newton)
+    retry = at_gauss_newton & failed & tf.equal(guess, 0.0)
+    first = at_gauss_newton & tf.logical_not(retry)
+    # A negative radius is relative to the Gauss-Newton step's length.
+    radius = tf.where(first & (radius < 0), -radius * new_length, radius)
+    phi = new_length - radius
+    band = tolerance * radius
+    correction = newton_correction(new_chol, new_step, new_length, radius)
+    # The Gauss-Newton phase: done if inside (to MINPACK's tolerance), at a
+    # radius of 0 (collapsed; as the eigendecomposition path, which keeps
+    # lambda) or without a finite radius; a step still not finite at the
+    # shift counts as too long. Otherwise bracket lambda and start at the
+    # previous lambda.
+    first_done = first & (tf.logical_not(radius > 0) | (
+        tf.logical_not(failed) & (phi <= band)))
+    first_lower = guess + correction
+    first_lower = tf.where(tf.math.is_finite(first_lower), first_lower,
+                           guess)
+    # (g = 0 gives a zero step, inside; radius <= 0 ends: no other bound.)
+    first_upper = gradient_length / radius
+    # The secular phase: narrow [lower, upper] by phi's sign, Newton's step.
+    iterating = tf.equal(phase, secular)
+    lower = tf.where(first, first_lower, tf.where(
+        iterating & ((phi > 0) | failed), tf.maximum(lower, guess), lower))
+    upper = tf.where(first, first_upper, tf.where(
+        iterating & (phi < 0), tf.minimum(upper, guess), upper))
+    newton = tf.where(failed, tf.maximum(10.0 * guess, 1e-3 * upper),
+                      tf.maximum(lower, guess + correction))
+    next_guess = tf.where(
+        retry, shift, tf.where(
+            first, tf.minimum(tf.maximum(first_guess, lower), upper), newton))
+    stop = tf.where(first, first_done, iterating & (
+        tf.logical_not(tf.math.is_finite(next_guess)) | (
+            tf.logical_not(failed) & (tf.abs(phi) <= band))))
+    phase = tf.where(retry, phase, tf.where(
+        active & tf.logical_not(stop), secular, done))
+    return (i + 1, tf.where(tf.not_equal(phase, done), next_guess, guess),
+            lower, upper, radius, phase, lam, chol, step, length)
+
+  phase = tf.where(valid, tf.fill(tf.shape(radius), gauss_newton),
+                   tf.fill(tf.shape(radius), done))
+  loop = tf.while_loop(
+      lambda i, guess, lower, upper, radius, phase, *_: tf.reduce_any(
+          tf.not_equal(phase, done)), body,
+      (tf.constant(0), zeros, zeros, zeros, radius, phase, zeros,
+       tf.zeros_like(gram), tf.zeros_like(gradient), zeros),
+      maximum_iterations=max_factorizations + 2)
   old_radius = radius
-  radius = tf.where(radius < 0, -radius * length, radius)
-  # Done at the Gauss-Newton step: inside (to MINPACK's tolerance), a radius
-  # of 0 (collapsed; as the eigendecomposition path, which keeps lambda),
-  # or nothing finite to iterate on. A step that is still not finite at the
-  # shift (float32, J^T J far from positive definite) counts as too long.
-  active = valid & (radius > 0) & (
-      (length - radius > tolerance * radius) |
-      tf.logical_not(tf.math.is_finite(length)))
-
-  def secular(lam, chol, step, length):
-    """Steps 2 and 3 for the active problems: (lambda, L, s)."""
-    lower = lam + tf.where(active, newton_correction(chol, step, length), zeros)
-    lower = tf.where(tf.math.is_finite(lower), lower, lam)
-    upper = tf.norm(gradient / root_scale, axis=-1) / tf.where(
-        active, radius, tf.ones_like(radius))
-    upper = tf.where(upper > 0, upper, tiny / tf.minimum(
-        radius, tf.constant(0.1, dtype)))
-    guess = zeros if previous_lambda is None else previous_lambda
-    guess = tf.minimum(tf.maximum(guess, lower), upper)
-
-    def body(i, guess, lower, upper, active, lam, chol, step, length):
-      new_chol, new_step, new_length = factor(guess)
-      lam = tf.where(active, guess, lam)
-      chol, step, length = _batch.select_structure(
-          active, (new_chol, new_step, new_length), (chol, step, length))
-      phi = new_length - radius
-      failed = tf.logical_not(tf.math.is_finite(new_length))
-      lower = tf.where(active & ((phi > 0) | failed),
-                       tf.maximum(lower, guess), lower)
-      upper = tf.where(active & (phi < 0), tf.minimum(upper, guess), upper)
-      newton = tf.maximum(lower, guess + newton_correction(
-          new_chol, new_step, new_length))
-      next_guess = tf.where(failed, tf.maximum(10.0 * guess, 1e-3 * upper),
-                            newton)
-      active &= ((tf.abs(phi) > tolerance * radius) | failed) & (
-          tf.math.is_finite(next_guess))
-      return (i + 1, tf.where(active, next_guess, guess), lower, upper, active,
-              lam, chol, step, length)
-
-    loop = tf.while_loop(
-        lambda i, guess, lower, upper, active, *_: tf.reduce_any(active), body,
-        (tf.constant(0), guess, lower, upper, active, lam, chol, step, length),
-        maximum_iterations=max_factorizations)
-    return loop[5], loop[6], loop[7]
-
-  # (Skipped when every step is decided already: the Gauss-Newton step.)
-  lam, chol, step = tf.cond(
-      tf.reduce_any(active), lambda: secular(lam, chol, step, length),
-      lambda: (lam, chol, step))
+  radius, lam, chol, step = loop[4], loop[6], loop[7], loop[8]
   nan = tf.constant(np.nan, dtype)
   step = _batch.select(valid, step, tf.fill(tf.shape(step), nan))
 
