@@ -17,7 +17,9 @@ the loop treats as a rejection, in every mode.
   fast=True)`.
 - `trust_region_solver`: the step of a trust region in the scaled norm
   ||D^1/2 s|| <= Delta, lambda found from an eigendecomposition of
-  D^-1/2 J^T J D^-1/2 by Newton's method on the secular equation.
+  D^-1/2 J^T J D^-1/2 by Newton's method on the secular equation, or
+  (`cholesky_trust_region_solver`, More 1978 / MINPACK's `lmpar`) by a few
+  Cholesky factorizations of J^T J + lambda D, to within 0.1 Delta.
 - `conjugate_gradient_solver`: the damped normal equations by conjugate
   gradients with the Jacobi preconditioner diag(J^T J) + lambda D, two
   products (J v, J^T u) per iteration and O(n) memory: for matrix-free
