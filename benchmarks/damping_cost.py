@@ -1,23 +1,44 @@
 """Time per iteration of least_squares' damping policies as n grows.
 
-The trust region (the default) solves each step through an n x n
-eigendecomposition; Nielsen's damping through a Cholesky factorization.
-Problem: r(x) = A tanh(x) - b with A a fixed random [2n, n] matrix (seed 0),
-from x = 0, float64, exactly 20 iterations (all tolerances 0), geodesic
-acceleration off so that only the damping differs; both policies are timed
-side by side in one run, in tf.function and with jit_compile=True (median of
-3 solves after a warm-up). Run from the repository root:
+The trust region (the default) finds lambda of each step either by a few
+Cholesky factorizations (`TrustRegionDamping(method='cholesky')`, the
+float64 default: Moré's secular-equation solve, MINPACK's `lmpar`) or from one n x n
+eigendecomposition (`method='eigh'`); Nielsen's damping factors once by
+Cholesky. Problem: r(x) = A tanh(x) - b with A a fixed random [2n, n] matrix
+(seed 0), from x = 0, float64, exactly 20 iterations (all
+tolerances 0), geodesic acceleration off so that only the damping differs.
+The three policies are timed side by side in one run, in tf.function and
+with jit_compile=True: steady time per iteration (median over --repeats
+interleaved rounds after a warm-up call; each round calls every policy once)
+and the first call (trace, graph optimization or XLA compilation, and one
+solve). Run from the repository root:
 
-    PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/damping_cost.py
+    PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/damping_cost.py \
+        [--sizes 3 10 50 200 1000]
+
+n > 200 runs 5 iterations instead of 20. The eigendecomposition under
+jit_compile at n = 1000 prints "-" (not run: XLA's CPU eigendecomposition
+took 0.65 s per iteration at n = 400); n = 1000 runs 2 rounds.
 """
+
+import argparse
+import statistics
+import time
 
 import numpy as np
 import tensorflow as tf
 
 import tfg_optim
-from benchmarks import tfg_curve_fit
 
-ITERATIONS = 20
+POLICIES = {
+    "trust_region cholesky": lambda: tfg_optim.TrustRegionDamping(),
+    "trust_region eigh": lambda: tfg_optim.TrustRegionDamping(method="eigh"),
+    "nielsen": lambda: "nielsen",
+}
+
+
+def _iterations(n):
+  return 20 if n <= 200 else 5
 
 
 def _solver(n, damping, jit):
@@ -29,7 +50,7 @@ def _solver(n, damping, jit):
   @tf.function(jit_compile=jit)
   def run(x0):
     result = tfg_optim.least_squares(
-        residual, x0, damping=damping, max_iterations=ITERATIONS,
+        residual, x0, damping=damping, max_iterations=_iterations(n),
         function_tolerance=0.0, gradient_tolerance=0.0,
         parameter_tolerance=0.0, geodesic_acceleration=None)
     return result.num_iterations
@@ -39,20 +60,49 @@ def _solver(n, damping, jit):
 
 
 def main():
-  print("| n | mode | trust_region ms/iteration | nielsen ms/iteration | "
-        "ratio |")
-  print("|---|---|---|---|---|")
-  for n in (10, 100, 400):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", type=int, nargs="*",
+                      default=[3, 10, 50, 200, 1000])
+  parser.add_argument("--repeats", type=int, default=7)
+  args = parser.parse_args()
+  names = list(POLICIES)
+  print("| n | mode | " + " | ".join(f"{name} ms/iteration" for name in names)
+        + " | eigh / cholesky | cholesky / nielsen | first call s: "
+        + ", ".join(names) + " |")
+  print("|---|---|" + "---|" * (len(names) + 3))
+  for n in args.sizes:
     for jit in (False, True):
-      per_iteration = {}
-      for damping in ("trust_region", "nielsen"):
-        median, _, _, iterations = tfg_curve_fit.time_solve(
-            _solver(n, damping, jit), 3)
-        per_iteration[damping] = median / iterations * 1e3
+      solvers, per_iteration, first_call, times = {}, {}, {}, {}
+      for name in names:
+        per_iteration[name] = first_call[name] = None
+        if jit and name.endswith("eigh") and n >= 1000:
+          continue  # not run, see above
+        solvers[name] = _solver(n, POLICIES[name](), jit)
+        begin = time.perf_counter()
+        solvers[name]()
+        first_call[name] = time.perf_counter() - begin
+        times[name] = []
+      # Interleaved: each round calls every policy once, so that a change
+      # of the machine's load falls on all of them alike.
+      for _ in range(args.repeats if n <= 200 else 2):
+        for name, solve in solvers.items():
+          begin = time.perf_counter()
+          iterations = solve()
+          times[name].append((time.perf_counter() - begin) / iterations)
+      for name in solvers:
+        per_iteration[name] = statistics.median(times[name]) * 1e3
+
+      def show(value, digits=2):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+      def ratio(a, b):
+        a, b = per_iteration[a], per_iteration[b]
+        return None if a is None or b is None else a / b
       print(f"| {n} | {'jit_compile' if jit else 'tf.function'} | "
-            f"{per_iteration['trust_region']:.2f} | "
-            f"{per_iteration['nielsen']:.2f} | "
-            f"{per_iteration['trust_region'] / per_iteration['nielsen']:.2f} |",
+            + " | ".join(show(per_iteration[name]) for name in names)
+            + f" | {show(ratio(names[1], names[0]))} | "
+            f"{show(ratio(names[0], names[2]))} | "
+            + ", ".join(show(first_call[name], 1) for name in names) + " |",
             flush=True)
 
 

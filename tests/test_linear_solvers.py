@@ -7,11 +7,14 @@ step against the trust-region's defining properties; `least_squares` with
 conformance table (`tests/conformance.py`, factor `linear_solver`).
 """
 
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tfg_optim
+from tests import modes
 from tfg_optim import _engine
 from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
@@ -146,3 +149,148 @@ def test_cg_with_a_user_jacobian_is_an_error():
                             jacobian=lambda x: tf.eye(2))
   with pytest.raises(ValueError, match="linear_solver"):
     tfg_optim.least_squares(lambda x: x, tf.ones([2]), linear_solver="lu")
+
+
+class _Gram:
+  """A dense linearization with J^T J only (all the trust region needs)."""
+  dense = True
+
+  def __init__(self, jacobian):
+    self._jacobian = jacobian
+
+  def gram(self):
+    return tf.matmul(self._jacobian, self._jacobian, adjoint_a=True)
+
+
+def _trust_region_batch():
+  """A batch of 8 problems n = 5, mixed: (J, F, D, radius) per problem.
+
+  0-1: well-conditioned, on the boundary (radius 1e-3, 0.3); 2: columns
+  scaled over 7 decades (D^-1/2 J^T J D^-1/2 is well conditioned: Marquardt
+  scaling at work), boundary; 3: ill-conditioned after scaling (two nearly
+  parallel columns), boundary; 4: a column that is twice another (J^T J
+  singular), boundary; 5: a zero column (singular; D = 1 there), boundary;
+  6: Gauss-Newton step inside (radius 1e3); 7: relative radius -0.5 (half
+  the Gauss-Newton step's scaled length: boundary).
+  """
+  rng = np.random.default_rng(11)
+  jacobian = rng.standard_normal((8, 9, 5))
+  jacobian[2] *= np.logspace(0, -7, 5)
+  jacobian[3][:, 4] = jacobian[3][:, 0] + 1e-6 * rng.standard_normal(9)
+  jacobian[4][:, 3] = 2.0 * jacobian[4][:, 1]
+  jacobian[5][:, 2] = 0.0
+  residual = rng.standard_normal((8, 9))
+  scale = np.einsum("bmn,bmn->bn", jacobian, jacobian)
+  scale = np.where(scale > 0, scale, 1.0) * rng.uniform(1.0, 2.0, (8, 5))
+  radius = np.array([1e-3, 0.3, 0.3, 0.3, 0.3, 0.3, 1e3, -0.5])
+  return jacobian, residual, scale, radius
+
+
+def _trust_region_build(method):
+  def build(jacobian, residual, scale, radius, previous_lambda, other):
+    gradient = tf.linalg.matvec(jacobian, residual, adjoint_a=True)
+    solve, new_radius, lam = _linear_solvers.trust_region_solver(
+        _Gram(jacobian), gradient, scale, radius,
+        10 if method == "cholesky" else 30, method,
+        previous_lambda=previous_lambda)
+    return (solve(residual, gradient), new_radius, lam,
+            solve(None, tf.linalg.matvec(jacobian, other, adjoint_a=True)))
+  return build
+
+
+@functools.lru_cache(maxsize=None)  # Shared by the tests below.
+def _trust_region_run(method, mode, dtype, poison=False):
+  jacobian, residual, scale, radius = _trust_region_batch()
+  if poison:  # problem 1: a NaN in J.
+    jacobian = jacobian.copy()
+    jacobian[1, 0, 0] = np.nan
+  other = np.random.default_rng(5).standard_normal((8, 9))
+  inputs = [x.astype(dtype) for x in (jacobian, residual, scale, radius,
+                                      np.full(8, 0.1), other)]
+  signature = [[None, None, None], [None, None], [None, None], [None],
+               [None], [None, None]]
+  return modes.run(_trust_region_build(method), inputs, mode,
+                   signature if mode != "eager" else None)
+
+
+@pytest.mark.parametrize("mode,dtype", [
+    ("eager", "float64"), ("function", "float64"), ("session", "float32"),
+    ("xla", "float64")])
+def test_cholesky_trust_region_step_satisfies_the_kkt_conditions(mode, dtype):
+  """(J^T J + lambda D) s = -g with lambda >= 0, ||D^1/2 s|| <= 1.1 Delta
+  and lambda (||D^1/2 s|| - Delta) ~ 0 (MINPACK's 0.1 Delta), against dense
+  NumPy linear algebra; lambda on the same side of the eigendecomposition's
+  exact root as the step's length says; `solve` of another right-hand side
+  with the same factorization."""
+  jacobian, residual, scale, radius = _trust_region_batch()
+  step, new_radius, lam, other_step = _trust_region_run("cholesky", mode,
+                                                        dtype)
+  float32 = dtype == "float32"
+  gram = np.einsum("bmn,bmk->bnk", jacobian, jacobian)
+  gradient = np.einsum("bmn,bm->bn", jacobian, residual)
+  matrix = gram + lam.astype(np.float64)[:, None, None] * np.stack(
+      [np.diag(d) for d in scale])
+  gauss_newton_length = np.linalg.norm(np.sqrt(scale[7]) * np.linalg.solve(
+      gram[7], gradient[7]))
+  want_radius = np.where(radius < 0, 0.5 * gauss_newton_length, radius)
+  np.testing.assert_allclose(new_radius, want_radius, rtol=1e-5)
+  length = np.linalg.norm(np.sqrt(scale) * step, axis=-1)
+  ratio = length / want_radius
+  assert np.all(lam >= 0)
+  boundary = [0, 1, 2, 3, 4, 5, 7]
+  assert lam[6] == 0 and ratio[6] < 1.0  # The Gauss-Newton step.
+  assert np.all(lam[boundary] > 0)
+  assert np.all(np.abs(ratio[boundary] - 1.0) <= 0.1 + (
+      1e-4 if float32 else 0))
+  other_gradient = np.einsum(
+      "bmn,bm->bn", jacobian, np.random.default_rng(5).standard_normal((8, 9)))
+  for got, rhs in ((step, gradient), (other_step, other_gradient)):
+    want = -np.linalg.solve(matrix, rhs[..., None])[..., 0]
+    # The singular and ill-conditioned members by their residual.
+    error = np.einsum("bnk,bk->bn", matrix, got) + rhs
+    assert np.all(np.linalg.norm(error, axis=-1) <= (3e-4 if float32 else 1e-9)
+                  * np.linalg.norm(rhs, axis=-1)), mode
+    np.testing.assert_allclose(got[[0, 1, 2, 6, 7]], want[[0, 1, 2, 6, 7]],
+                               rtol=1e-3 if float32 else 1e-8,
+                               atol=1e-5 if float32 else 1e-12)
+  if mode == "function":  # The eigendecomposition's lambda is the root.
+    _, _, exact_lam, _ = _trust_region_run("eigh", mode, dtype)
+    side = np.sign(exact_lam[boundary] - lam[boundary])
+    np.testing.assert_array_equal(side, np.sign(ratio[boundary] - 1.0))
+    np.testing.assert_allclose(lam, exact_lam, rtol=0.5)
+
+
+def test_cholesky_trust_region_non_finite_member_is_rejected():
+  """A NaN in one problem's J: its step is NaN (a rejection), its radius
+  comes back unchanged, and the other problems' answers do not change."""
+  clean = _trust_region_run("cholesky", "function", "float64")
+  step, radius, lam, other = _trust_region_run("cholesky", "function",
+                                               "float64", poison=True)
+  assert np.all(np.isnan(step[1])) and np.all(np.isnan(other[1]))
+  assert radius[1] == 0.3 and np.isfinite(lam[1])
+  keep = [0, 2, 3, 4, 5, 6, 7]
+  for got, want in zip((step, radius, lam, other), clean):
+    np.testing.assert_array_equal(got[keep], want[keep])
+
+
+def test_trust_region_method_eigh_is_selectable():
+  """The policy passes its method, its iteration limit and its previous
+  lambda to the solver."""
+  default = tfg_optim.TrustRegionDamping()
+  assert default._method(tf.float64) == ("cholesky", 10)
+  assert default._method(tf.float32) == ("eigh", 30)
+  with pytest.raises(ValueError, match="method"):
+    tfg_optim.TrustRegionDamping(method="qr")
+  jacobian, residual, scale, radius = _trust_region_batch()
+  gradient = tf.constant(np.einsum("bmn,bm->bn", jacobian, residual))
+  state = tfg_optim.damping.TrustRegionState(
+      tf.constant(radius), tf.fill([8], tf.constant(0.1, tf.float64)),
+      tf.constant(scale))
+  for policy, method in ((default, "cholesky"),
+                         (tfg_optim.TrustRegionDamping(method="eigh"), "eigh")):
+    want = _trust_region_run(method, "function", "float64")
+    solve, new_state = policy.solver(state, _Gram(tf.constant(jacobian)),
+                                     gradient, None, None)
+    np.testing.assert_allclose(solve(None, gradient), want[0], rtol=1e-9)
+    np.testing.assert_allclose(new_state.lam, want[2], rtol=1e-9)
+    np.testing.assert_allclose(new_state.radius, want[1], rtol=1e-12)

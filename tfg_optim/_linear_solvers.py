@@ -17,7 +17,9 @@ the loop treats as a rejection, in every mode.
   fast=True)`.
 - `trust_region_solver`: the step of a trust region in the scaled norm
   ||D^1/2 s|| <= Delta, lambda found from an eigendecomposition of
-  D^-1/2 J^T J D^-1/2 by Newton's method on the secular equation.
+  D^-1/2 J^T J D^-1/2 by Newton's method on the secular equation, or
+  (`cholesky_trust_region_solver`, More 1978 / MINPACK's `lmpar`) by a few
+  Cholesky factorizations of J^T J + lambda D, to within 0.1 Delta.
 - `conjugate_gradient_solver`: the damped normal equations by conjugate
   gradients with the Jacobi preconditioner diag(J^T J) + lambda D, two
   products (J v, J^T u) per iteration and O(n) memory: for matrix-free
@@ -112,11 +114,16 @@ def _cholesky(matrix):
 
 
 def trust_region_solver(linearization, gradient, scale, radius,
-                        newton_iterations):
+                        newton_iterations, method="eigh",
+                        previous_lambda=None):
   """The trust-region step: returns (`solve`, radius, lambda).
 
   s(lambda) = -(J^T J + lambda D)^-1 g with lambda >= 0 the smallest value
-  for which ||D^1/2 s|| <= radius. With the eigendecomposition
+  for which ||D^1/2 s|| <= radius. `method='cholesky'` finds lambda to
+  MINPACK's tolerance by Cholesky factorizations
+  (`cholesky_trust_region_solver`, which uses `previous_lambda`, [B...], as
+  its first guess); `method='eigh'` (below) to rounding, from one
+  eigendecomposition. With the eigendecomposition
   D^-1/2 J^T J D^-1/2 = V diag(sigma) V^T and c = V^T D^-1/2 g,
   ||D^1/2 s(lambda)|| = ||c / (sigma + lambda)||, and lambda is found by
   Newton's method on psi(lambda) = 1/radius - 1/||D^1/2 s(lambda)||
@@ -134,10 +141,19 @@ def trust_region_solver(linearization, gradient, scale, radius,
     gradient: g = J^T F, [B..., n].
     scale: D's diagonal, [B..., n], positive.
     radius: [B...].
-    newton_iterations: a Python int.
+    newton_iterations: a Python int, the most Newton steps on lambda.
+    method: 'cholesky' or 'eigh'.
+    previous_lambda: lambda of the previous iteration, [B...], or None
+      (for 'cholesky' only).
   """
   if not linearization.dense:
     return steihaug_solver(linearization, gradient, scale, radius)
+  if method == "cholesky":
+    return cholesky_trust_region_solver(linearization, gradient, scale,
+                                        radius, newton_iterations,
+                                        previous_lambda)
+  if method != "eigh":
+    raise ValueError(f"method must be 'cholesky' or 'eigh', not {method!r}")
   dtype = gradient.dtype
   inverse_root = tf.math.rsqrt(scale)
   gram = linearization.gram()
@@ -200,6 +216,173 @@ def trust_region_solver(linearization, gradient, scale, radius,
 
   radius = tf.where(finite & tf.math.is_finite(radius), radius, old_radius)
   return solve, radius, lam
+
+
+# MINPACK's choices (More 1978, `lmpar`): the step is accepted once its
+# scaled length is within this fraction of the radius, after at most this
+# many factorizations.
+SECULAR_TOLERANCE = 0.1
+SECULAR_MAX_FACTORIZATIONS = 10
+
+
+def cholesky_trust_region_solver(
+    linearization, gradient, scale, radius,
+    max_factorizations=SECULAR_MAX_FACTORIZATIONS, previous_lambda=None):
+  """The trust-region step by Cholesky factorizations (More 1978, the
+  semantics of MINPACK's `lmpar`): returns (`solve`, radius, lambda) like
+  `trust_region_solver`.
+
+  With A(lambda) = J^T J + lambda D = L L^T, s(lambda) = -A^-1 g and
+  phi(lambda) = ||D^1/2 s(lambda)|| - Delta:
+  1. The Gauss-Newton step s(0) first. If Cholesky fails there (J^T J
+     singular to working precision), the step at the shift
+     lambda_0 = n eps max_j (J^T J)_jj / D_j + tiny stands in for it (the
+     eigendecomposition path's eigenvalue floor, at the cost of one more
+     factorization for that problem). A negative radius is
+     relative to this step's length. If phi(lambda_0) <= 0.1 Delta the step
+     is taken with lambda = lambda_0 (0 unless singular).
+  2. Otherwise lambda is bracketed by l = lambda_0 - phi/phi' (a Newton
+     step from lambda_0 on the concave psi = 1/Delta - 1/||D^1/2 s||, below
+     the root) and u = ||D^-1/2 g|| / Delta, and starts at
+     `previous_lambda` clamped to [l, u].
+  3. Each iteration factors A(lambda), stops if |phi| <= 0.1 Delta, else
+     narrows [l, u] by phi's sign and takes the safeguarded Newton step on
+     psi, lambda <- max(l, lambda + (phi / Delta) / ||L^-1 q||^2) with
+     q = D s / ||D^1/2 s|| (one triangular solve). At most
+     `max_factorizations` in all; the last one is used.
+  All of it is one `tf.while_loop` with one factorization per iteration
+  (each problem in its own phase: Gauss-Newton, then secular), so the graph
+  holds a single factorization. Each problem of a batch has its own lambda,
+  bounds and iteration count; a problem that has stopped keeps its values. `solve` reuses the
+  last factorization for another right-hand side. A non-finite J^T J,
+  gradient or scaling gives a NaN step (a rejection) and the radius back
+  unchanged, as the eigendecomposition path does; a factorization that
+  fails (float32, or J^T J far from positive definite: also at the shift)
+  counts as a step too long: lambda rises tenfold (at least to 1e-3 u).
+
+  Args:
+    linearization: J (`_linearization.Dense`).
+    gradient: g = J^T F, [B..., n].
+    scale: D's diagonal, [B..., n], positive.
+    radius: Delta, [B...]; negative: relative, as above.
+    max_factorizations: a Python int.
+    previous_lambda: [B...], the first guess, or None (the lower bound).
+  """
+  dtype = gradient.dtype
+  step_gradient = gradient  # `solve` of this right-hand side: the step.
+  finfo = np.finfo(dtype.as_numpy_dtype)
+  tiny = tf.constant(finfo.tiny, dtype)
+  tolerance = tf.constant(SECULAR_TOLERANCE, dtype)
+  gram = linearization.gram()
+  batch_rank = gram.shape.rank - 2
+  valid = (_batch.all_finite(gram, batch_rank) &
+           _batch.all_finite(gradient, batch_rank) &
+           _batch.all_finite(scale, batch_rank))
+  identity = tf.eye(tf.shape(gram)[-1], dtype=dtype)
+  gram = _batch.select(valid, gram, tf.broadcast_to(identity, tf.shape(gram)))
+  ones = tf.ones_like(gradient)
+  scale = tf.where(valid[..., tf.newaxis], scale, ones)
+  gradient = tf.where(valid[..., tf.newaxis], gradient, ones)
+  gram_diagonal = tf.linalg.diag_part(gram)
+  root_scale = tf.sqrt(scale)
+
+  def factor(lam):  # (L, s(lambda), ||D^1/2 s(lambda)||)
+    chol = _cholesky(tf.linalg.set_diag(
+        gram, gram_diagonal + lam[..., tf.newaxis] * scale))
+    step = -tf.linalg.cholesky_solve(chol, gradient[..., tf.newaxis])[..., 0]
+    return chol, step, tf.norm(root_scale * step, axis=-1)
+
+  def newton_correction(chol, step, length, radius):
+    # -psi/psi' = (phi / Delta) / ||L^-1 D s / ||D^1/2 s||||^2.
+    safe_length = tf.where(length > 0, length, tf.ones_like(length))
+    q = scale * step / safe_length[..., tf.newaxis]
+    y = tf.linalg.triangular_solve(chol, q[..., tf.newaxis], lower=True)
+    return ((length - radius) / radius) / tf.maximum(
+        tf.reduce_sum(tf.square(y[..., 0]), axis=-1), tiny)
+
+  zeros = tf.zeros_like(radius)
+  n = tf.cast(tf.shape(gram)[-1], dtype)
+  shift = n * finfo.eps * tf.reduce_max(gram_diagonal / scale, axis=-1) + tiny
+  gradient_length = tf.norm(gradient / root_scale, axis=-1)
+  first_guess = zeros if previous_lambda is None else previous_lambda
+  # The phase of each problem (compared by tf.equal: `==` on tensors is
+  # Python's identity in a TF1 graph).
+  gauss_newton, secular, done = 0, 1, 2
+
+  # One loop, one factorization per iteration and problem (a single
+  # factorization in the graph): each problem starts in the Gauss-Newton
+  # phase (lambda = 0, or the shift once Cholesky failed at 0), then
+  # iterates on lambda until its own stop.
+  def body(i, guess, lower, upper, radius, phase, lam, chol, step, length):
+    new_chol, new_step, new_length = factor(guess)
+    active = tf.not_equal(phase, done)
+    lam = tf.where(active, guess, lam)
+    chol = tf.where(active[..., tf.newaxis, tf.newaxis], new_chol, chol)
+    step = tf.where(active[..., tf.newaxis], new_step, step)
+    length = tf.where(active, new_length, length)
+    failed = tf.logical_not(tf.math.is_finite(new_length))
+    at_gauss_newton = tf.equal(phase, gauss_newton)
+    retry = at_gauss_newton & failed & tf.equal(guess, 0.0)
+    first = at_gauss_newton & tf.logical_not(retry)
+    # A negative radius is relative to the Gauss-Newton step's length.
+    radius = tf.where(first & (radius < 0), -radius * new_length, radius)
+    phi = new_length - radius
+    band = tolerance * radius
+    correction = newton_correction(new_chol, new_step, new_length, radius)
+    # The Gauss-Newton phase: done if inside (to MINPACK's tolerance), at a
+    # radius of 0 (collapsed; as the eigendecomposition path, which keeps
+    # lambda) or without a finite radius; a step still not finite at the
+    # shift counts as too long. Otherwise bracket lambda and start at the
+    # previous lambda.
+    first_done = first & (tf.logical_not(radius > 0) | (
+        tf.logical_not(failed) & (phi <= band)))
+    first_lower = guess + correction
+    first_lower = tf.where(tf.math.is_finite(first_lower), first_lower,
+                           guess)
+    # (g = 0 gives a zero step, inside; radius <= 0 ends: no other bound.)
+    first_upper = gradient_length / radius
+    # The secular phase: narrow [lower, upper] by phi's sign, Newton's step.
+    iterating = tf.equal(phase, secular)
+    lower = tf.where(first, first_lower, tf.where(
+        iterating & ((phi > 0) | failed), tf.maximum(lower, guess), lower))
+    upper = tf.where(first, first_upper, tf.where(
+        iterating & (phi < 0), tf.minimum(upper, guess), upper))
+    newton = tf.where(failed, tf.maximum(10.0 * guess, 1e-3 * upper),
+                      tf.maximum(lower, guess + correction))
+    next_guess = tf.where(
+        retry, shift, tf.where(
+            first, tf.minimum(tf.maximum(first_guess, lower), upper), newton))
+    stop = tf.where(first, first_done, iterating & (
+        tf.logical_not(tf.math.is_finite(next_guess)) | (
+            tf.logical_not(failed) & (tf.abs(phi) <= band))))
+    phase = tf.where(retry, phase, tf.where(
+        active & tf.logical_not(stop), secular, done))
+    return (i + 1, tf.where(tf.not_equal(phase, done), next_guess, guess),
+            lower, upper, radius, phase, lam, chol, step, length)
+
+  phase = tf.where(valid, tf.fill(tf.shape(radius), gauss_newton),
+                   tf.fill(tf.shape(radius), done))
+  loop = tf.while_loop(
+      lambda i, guess, lower, upper, radius, phase, *_: tf.reduce_any(
+          tf.not_equal(phase, done)), body,
+      (tf.constant(0), zeros, zeros, zeros, radius, phase, zeros,
+       tf.zeros_like(gram), tf.zeros_like(gradient), zeros),
+      maximum_iterations=max_factorizations + 2)
+  old_radius = radius
+  radius, lam, chol, step = loop[4], loop[6], loop[7], loop[8]
+  nan = tf.constant(np.nan, dtype)
+  step = _batch.select(valid, step, tf.fill(tf.shape(step), nan))
+
+  def solve(residual, rhs_gradient):
+    del residual
+    if rhs_gradient is step_gradient:
+      return step
+    other = -tf.linalg.cholesky_solve(chol, rhs_gradient[..., tf.newaxis])
+    return _batch.select(valid, other[..., 0],
+                         tf.fill(tf.shape(rhs_gradient), nan))
+
+  radius = tf.where(valid & tf.math.is_finite(radius), radius, old_radius)
+  return solve, radius, tf.where(tf.math.is_finite(lam), lam, zeros)
 
 
 # Conjugate gradients stop when the preconditioned residual has fallen by

@@ -260,25 +260,44 @@ class TrustRegionDamping(_MarquardtScaled):
   """A trust region in Marquardt's scaled norm (More 1978, as in MINPACK).
 
   The step minimizes the Gauss-Newton model subject to ||D^1/2 s|| <= Delta
-  (`_linear_solvers.trust_region_solver`: an eigendecomposition and Newton's
-  method on the secular equation). The first radius is `initial_radius`
-  (default 100, as MINPACK's `factor`) times the scaled norm of the
-  Gauss-Newton step, so the first trial step is the Gauss-Newton step. With
+  (`_linear_solvers.trust_region_solver`): lambda solves the secular
+  equation ||D^1/2 s(lambda)|| = Delta by Newton's method, with
+  `method='cholesky'` as MINPACK's `lmpar` does, to within 0.1 Delta by a
+  few Cholesky factorizations of J^T J + lambda D (at most
+  `newton_iterations`, default 10; the previous iteration's lambda is the
+  first guess), or with `method='eigh'` to rounding from one
+  eigendecomposition of D^-1/2 J^T J D^-1/2 (at most `newton_iterations`,
+  default 30, O(n) steps). `method=None` (default): 'cholesky' in float64,
+  'eigh' in float32 (in float32 the Cholesky path walks NIST's MGH10 start
+  1 to where ||J^T F|| overflows as reported; docs/solvers.md). The first
+  radius is `initial_radius` (default 100, as MINPACK's `factor`) times the
+  scaled norm of the Gauss-Newton step, so the first trial step is the Gauss-Newton step. With
   the gain ratio rho = (cost(p) - cost(q)) / (-g^T s - 1/2 ||J s||^2):
   accept iff rho > 1e-4; rho < 1/4 or rejected:
   Delta = min(Delta, ||D^1/2 s||) / 4 (from the step tried: while the
   Gauss-Newton step is inside the radius, shrinking only the radius would
   retry the same step); rho > 3/4: Delta = max(Delta, 3 ||D^1/2 s||). The
-  reported damping is lambda. Each iteration costs an n x n
-  eigendecomposition instead of a Cholesky factorization, and
-  `newton_iterations` O(n) root-finding steps.
+  reported damping is lambda.
   """
 
   scaled = True
 
-  def __init__(self, initial_radius=100.0, newton_iterations=30):
+  def __init__(self, initial_radius=100.0, newton_iterations=None,
+               method=None):
+    if method not in (None, "cholesky", "eigh"):
+      raise ValueError(
+          f"'method' must be 'cholesky', 'eigh' or None, not {method!r}")
     self.initial_radius = initial_radius
+    self.method = method
     self.newton_iterations = newton_iterations
+
+  def _method(self, dtype):
+    """The secular-equation solve used for `dtype`: (method, iterations)."""
+    method = self.method or ("eigh" if dtype == tf.float32 else "cholesky")
+    iterations = self.newton_iterations or (
+        _linear_solvers.SECULAR_MAX_FACTORIZATIONS if method == "cholesky"
+        else 30)
+    return method, iterations
 
   def initial(self, dtype, batch_shape, linearization):
     # A negative radius is relative to the Gauss-Newton step (the first).
@@ -291,9 +310,10 @@ class TrustRegionDamping(_MarquardtScaled):
 
   def solver(self, state, linearization, gradient, regularization,
              scaling):
+    method, iterations = self._method(gradient.dtype)
     solve, radius, lam = _linear_solvers.trust_region_solver(
-        linearization, gradient, state.scale, state.radius,
-        self.newton_iterations)
+        linearization, gradient, state.scale, state.radius, iterations,
+        method, previous_lambda=state.lam)
     return solve, state._replace(radius=radius, lam=lam)
 
   def _shrunk(self, state, step):
