@@ -494,9 +494,9 @@ def test_graph_has_no_block_diagonal_jacobian(m, n):
   offending = [s for s in shapes if flat_sizes & {d for d in s if d}]
   assert not offending, offending
   assert (batch, m, n) in shapes  # the batched Jacobian
-  assert "Cholesky" in types  # the default trust region's solve (float64)
+  assert "SelfAdjointEigV2" in types  # the default trust region's solve
   # Per-problem factorization; the default (Marquardt-scaled) policy always
-  # factors the [B, n, n] damped normal equations.
+  # decomposes the [B, n, n] scaled normal equations.
   assert (batch, n, n) in shapes
   if m >= n:  # forward mode: n products, each over the whole batch
     assert (n, batch, m) in shapes

@@ -277,8 +277,11 @@ def test_trust_region_method_eigh_is_selectable():
   """The policy passes its method, its iteration limit and its previous
   lambda to the solver."""
   default = tfg_optim.TrustRegionDamping()
-  assert default._method(tf.float64) == ("cholesky", 10)
-  assert default._method(tf.float32) == ("eigh", 30)
+  assert default._method(tf.float64, 200) == ("cholesky", 10)
+  assert default._method(tf.float64, 199) == ("eigh", 30)
+  assert default._method(tf.float64, None) == ("eigh", 30)
+  assert default._method(tf.float32, 1000) == ("eigh", 30)
+  default = tfg_optim.TrustRegionDamping(method="cholesky")
   with pytest.raises(ValueError, match="method"):
     tfg_optim.TrustRegionDamping(method="qr")
   jacobian, residual, scale, radius = _trust_region_batch()

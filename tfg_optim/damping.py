@@ -256,6 +256,12 @@ class NielsenDamping(_MarquardtScaled):
         nu=tf.where(accepted, tf.constant(2.0, dtype), rejected.nu))
 
 
+# TrustRegionDamping(method=None) uses Cholesky factorizations (MINPACK's
+# lmpar) from this many parameters per problem in float64, the
+# eigendecomposition below (see its docstring).
+CHOLESKY_TRUST_REGION_MIN_N = 200
+
+
 class TrustRegionDamping(_MarquardtScaled):
   """A trust region in Marquardt's scaled norm (More 1978, as in MINPACK).
 
@@ -267,9 +273,13 @@ class TrustRegionDamping(_MarquardtScaled):
   `newton_iterations`, default 10; the previous iteration's lambda is the
   first guess), or with `method='eigh'` to rounding from one
   eigendecomposition of D^-1/2 J^T J D^-1/2 (at most `newton_iterations`,
-  default 30, O(n) steps). `method=None` (default): 'cholesky' in float64,
-  'eigh' in float32 (in float32 the Cholesky path walks NIST's MGH10 start
-  1 to where ||J^T F|| overflows as reported; docs/solvers.md). The first
+  default 30, O(n) steps). `method=None` (default): 'cholesky' in float64
+  from n = `CHOLESKY_TRUST_REGION_MIN_N` (200) parameters per problem, where
+  it was measured 1.6-1.8x faster per iteration in `tf.function`
+  (benchmarks/damping_cost.py; below, per-op overhead makes it 0.6-0.9x as
+  fast, and its graph is larger to trace); 'eigh' otherwise, and always in
+  float32 (there the Cholesky path walks NIST's MGH10 start 1 to where
+  ||J^T F|| overflows as reported; docs/solvers.md). The first
   radius is `initial_radius` (default 100, as MINPACK's `factor`) times the
   scaled norm of the Gauss-Newton step, so the first trial step is the Gauss-Newton step. With
   the gain ratio rho = (cost(p) - cost(q)) / (-g^T s - 1/2 ||J s||^2):
@@ -291,9 +301,12 @@ class TrustRegionDamping(_MarquardtScaled):
     self.method = method
     self.newton_iterations = newton_iterations
 
-  def _method(self, dtype):
-    """The secular-equation solve used for `dtype`: (method, iterations)."""
-    method = self.method or ("eigh" if dtype == tf.float32 else "cholesky")
+  def _method(self, dtype, num_parameters):
+    """The secular-equation solve for `dtype` and n (static, or None):
+    (method, iterations)."""
+    method = self.method or (
+        "cholesky" if dtype == tf.float64 and num_parameters is not None and
+        num_parameters >= CHOLESKY_TRUST_REGION_MIN_N else "eigh")
     iterations = self.newton_iterations or (
         _linear_solvers.SECULAR_MAX_FACTORIZATIONS if method == "cholesky"
         else 30)
@@ -310,7 +323,7 @@ class TrustRegionDamping(_MarquardtScaled):
 
   def solver(self, state, linearization, gradient, regularization,
              scaling):
-    method, iterations = self._method(gradient.dtype)
+    method, iterations = self._method(gradient.dtype, gradient.shape[-1])
     solve, radius, lam = _linear_solvers.trust_region_solver(
         linearization, gradient, state.scale, state.radius, iterations,
         method, previous_lambda=state.lam)
