@@ -218,3 +218,14 @@ def test_zero_jacobian_is_not_convergence(mode):
   assert not converged and iterations == 0
   assert StopReason(int(reason)) == StopReason.STALLED
   assert solved[0] and StopReason(int(solved[1])).converged
+
+
+def test_reported_gradient_norm_does_not_overflow_for_a_finite_gradient():
+  # `gradient_norm` (results and records) is `_batch.norm`: a finite float32
+  # gradient of norm 5e19 (> sqrt of float32's largest value) is reported
+  # as 5e19, not inf; non-finite entries still give inf / NaN.
+  from tfg_optim import _batch  # pylint: disable=g-import-not-at-top
+  norms = _batch.norm(tf.constant([[3e19, 4e19], [3.0, 4.0], [0.0, 0.0],
+                                   [np.inf, 1.0], [np.nan, 1.0]], tf.float32))
+  np.testing.assert_array_equal(norms, np.array([5e19, 5.0, 0.0, np.inf,
+                                                 np.nan], np.float32))

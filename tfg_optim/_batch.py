@@ -25,3 +25,16 @@ def all_finite(tensor, batch_rank):
   """[B...]: whether every entry of each problem's part is finite."""
   finite = tf.math.is_finite(tensor)
   return tf.reduce_all(finite, axis=list(range(batch_rank, tensor.shape.rank)))
+
+
+def norm(vector):
+  """||v|| over the last axis, [B...], without overflow: where the plain
+  norm overflows for finite entries (float32 past ~1.8e19), it is computed
+  as max|v_i| ||v / max|v_i|||; elsewhere (non-finite entries included) it
+  is the plain norm, bit for bit."""
+  plain = tf.norm(vector, axis=-1)
+  largest = tf.reduce_max(tf.abs(vector), axis=-1)
+  divisor = tf.where(largest > 0, largest, tf.ones_like(largest))
+  scaled = largest * tf.norm(vector / divisor[..., tf.newaxis], axis=-1)
+  return tf.where(tf.math.is_finite(plain) | ~tf.math.is_finite(largest),
+                  plain, scaled)

@@ -453,7 +453,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     if num_records:
       new_state = new_state._replace(
           records=_record(state.records, state.iteration, num_records, active,
-                          (new_cost, tf.norm(gradient, axis=-1), step_norm,
+                          (new_cost, _batch.norm(gradient), step_norm,
                            policy.damping_value(damping))))
     zero_step = tf.reduce_all(tf.equal(trial.step, 0), axis=-1)
     new_state = check(new_state, active,

@@ -15,6 +15,8 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _batch
+
 from tfg_optim._engine import StopReason
 
 _FIELDS = (
@@ -170,7 +172,7 @@ def from_state(state, num_records, criterion=None):
       num_rejected=state.num_rejected,
       num_residual_evaluations=state.num_residual_evaluations,
       num_jacobian_evaluations=state.num_jacobian_evaluations,
-      gradient_norm=tf.norm(state.gradient, axis=-1),
+      gradient_norm=_batch.norm(state.gradient),
       damping=state.damping,
       step_size=state.step_norm,
       residual=state.residual,
