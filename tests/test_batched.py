@@ -173,8 +173,9 @@ def test_batch_equals_each_problem_alone(mode, dtype):
 
 
 # Eager batches: the conformance table's eager cells with batch_dims=1 and
-# tests/test_honest_endings.py's poisoned batch.
-@pytest.mark.parametrize("mode", ["function", "xla", "session"])
+# tests/test_honest_endings.py's poisoned batch; XLA batches: the table's
+# XLA cells with batch_dims=1 and the tests below.
+@pytest.mark.parametrize("mode", ["function", "session"])
 def test_batch_dims_0_1_2(mode):
   """batch_dims=0 is a single problem; [2, 3] equals the flat [6] batch."""
   singles = _single_solutions("float64")
@@ -296,9 +297,11 @@ def _poison_alone(front_end, single_mode):
                       for row in range(1, len(POISON_C))], single_mode)
 
 
-# Every front-end in two modes, every mode for two front-ends.
+# Every front-end in two modes, every mode but XLA for two front-ends (XLA:
+# the Riemannian one here, least_squares in test_batch_equals_each_problem_alone
+# and test_default_options_batch_reaches_each_solution).
 @pytest.mark.parametrize("mode,front_end", [
-    ("eager", "least_squares"), ("xla", "least_squares"),
+    ("eager", "least_squares"),
     ("function", "tfg"), ("session", "tfg"),
     ("xla", "riemannian"), ("session", "riemannian"),
     ("eager", "riemannian"), ("function", "least_squares")])
@@ -338,7 +341,7 @@ def test_tfg_minimize_batched(mode, dtype):
       return (lambda a, b: family(point(a, b), c)[..., :2],
               lambda a, b: family(point(a, b), c)[..., 2:])
     cost, variables = levenberg_marquardt.minimize(
-        list(residuals()), [x, y], 40, batch_dims=batch_dims)
+        list(residuals()), [x, y], 20, batch_dims=batch_dims)
     return cost, variables[0], variables[1]
 
   c = coefficients.reshape(2, 2, 6)
@@ -376,13 +379,12 @@ def _rotation_fits(batch, points, dtype, seed=3):
   return source.astype(dtype), target.astype(dtype), kabsch
 
 
-# float64 in every mode; float32 under XLA, whose kernels round a batch and a
-# single problem most differently (the conformance table runs float32
-# rotation batches against the closed form in the other modes).
-# tf.function runs eager's kernels with Session's graph rewrites, and eager
-# Riemannian batches run in test_riemannian's many-rotation fit.
-@pytest.mark.parametrize("mode,dtype", [("session", "float64"),
-                                        ("xla", "float32")])
+# A Session batch against each problem alone and Kabsch. Other modes and
+# float32: the conformance table's rotation batches against the closed
+# form, test_singular_problem_does_not_poison_the_batch (Riemannian batch
+# against each problem alone under XLA) and test_riemannian's many-rotation
+# fits (eager and tf.function batches).
+@pytest.mark.parametrize("mode,dtype", [("session", "float64")])
 def test_riemannian_rotation_batch_vs_kabsch(mode, dtype):
   source, target, kabsch = _rotation_fits(5, 8, dtype)
   starts = np.broadcast_to(np.eye(3, dtype=dtype), (5, 3, 3)).copy()
