@@ -45,10 +45,11 @@ LINEAR_SOLVERS = ("auto", "cholesky", "cg")
 # linear_solver="auto": the dense Cholesky of the assembled J^T J up to this
 # many tangent coordinates, block-Jacobi conjugate gradients beyond
 # (docs/sparse.md: TensorFlow's sparse Cholesky has no triangular solve).
-# 6000: a factorization takes 1.6 s at n = 5,181 on 2 shared cores (8.3 s
-# at 9,960) and reaches GTSAM's cost on CSAIL, MIT and intel, where
-# block-Jacobi CG stalls above it (docs/sparse.md).
-AUTO_CHOLESKY_LIMIT = 6000
+# 10000: J^T J is then at most 0.8 GB (parking-garage, n = 9,966: about
+# 9 s per iteration on 2 shared cores); it reaches GTSAM's cost on CSAIL,
+# MIT, intel and parking-garage, where block-Jacobi CG stalls above it
+# (docs/sparse.md).
+AUTO_CHOLESKY_LIMIT = 10000
 
 # damping=None: Nielsen's lambda with D the current diag(J^T J) clamped to
 # [1e-6, 1e32] (GTSAM's diagonal damping) and a small first lambda, 1e-6
@@ -334,7 +335,7 @@ def least_squares(variables, terms, *, damping=None,
       gradients with the block-Jacobi preconditioner, Steihaug's truncated
       version in the block-Jacobi norm for the trust region; O(edges)
       memory, runs under XLA), or 'auto' (default): 'cholesky' for
-      n <= 6000 tangent coordinates (`AUTO_CHOLESKY_LIMIT`, held rows
+      n <= 10000 tangent coordinates (`AUTO_CHOLESKY_LIMIT`, held rows
       included), else 'cg'.
     name: name scope of the ops.
 
