@@ -4,8 +4,9 @@ For each graph (2-D: intel, CSAIL, MIT; 3-D: parking-garage, smallGrid3D,
 tinyGrid3D), tfg_optim (tfg_optim/examples/pose_graph.py: the first pose
 held fixed, one `tf.function`) runs with each requested linear solver:
 'cholesky' / 'cg' are the factor-graph model (`tfg_optim.factor_graph`,
-block-sparse linearization, Nielsen damping; 'auto' picks Cholesky up to
-n = 2048), 'dense' the former `least_squares` over Power(SE2/SE3, N - 1).
+block-sparse linearization, its default damping: Nielsen's with the
+current clamped diagonal; 'auto' picks Cholesky up to n = 10000), 'dense'
+the former `least_squares` over Power(SE2/SE3, N - 1).
 GTSAM's `LevenbergMarquardtOptimizer` runs in its own interpreter on the
 graph of `gtsam.readG2o(path, is3D)` plus a `PriorFactorPose2/3` on the
 first pose at its initial value (the variances of GTSAM's
@@ -39,7 +40,8 @@ A dense solve whose J^T J and J would need more than --dense-memory-gb
 (default 0.2) is skipped and listed as such (its real peak is far larger:
 `tf.vectorized_map` over the n tangent directions; intel grew past 10 GB),
 and so is a 'cholesky' solve above --cholesky-limit coordinates (default
-6000: J^T J is n^2 doubles and each factorization n^3 / 3 flops). The GTSAM
+10000, `factor_graph.AUTO_CHOLESKY_LIMIT`: J^T J is n^2 doubles and each
+factorization n^3 / 3 flops). The GTSAM
 helper is the same script with --gtsam-only JSON.
 """
 
@@ -127,7 +129,7 @@ def main():
                       choices=["auto", "cholesky", "cg", "dense"])
   parser.add_argument("--max-iterations", type=int, default=100)
   parser.add_argument("--dense-memory-gb", type=float, default=0.2)
-  parser.add_argument("--cholesky-limit", type=int, default=6000)
+  parser.add_argument("--cholesky-limit", type=int, default=10000)
   parser.add_argument("--repeat", action="store_true",
                       help="time a second call as the solve time")
   parser.add_argument("--xla", action="store_true")

@@ -248,6 +248,34 @@ def test_noisy_pose_loop_reaches_the_reference_minimum():
                           reference.x.reshape(-1, 3)) < 1e-6
 
 
+class _Columns:
+  """A linearization seen only through its squared column norms."""
+
+  def __init__(self, norms):
+    self.norms = tf.constant(norms, tf.float64)
+
+  def column_norms(self):
+    return self.norms
+
+
+def test_default_damping_scales_by_the_current_clamped_diagonal():
+  """D is diag(J^T J) of the latest linearization clamped to [1e-6, 1e32]
+  (it falls when the curvature does, unlike Marquardt's running maximum,
+  which 'nielsen' keeps), and lambda starts at 1e-6."""
+  policy = factor_graph.default_damping()
+  state = policy.initial(tf.float64, [], _Columns([0.0, 4.0, 1e40]))
+  np.testing.assert_array_equal(state.scale, [1e-6, 4.0, 1e32])
+  assert float(state.lam) == 1e-6
+  state = policy.observe_linearization(state, _Columns([2.0, 1e-9, 3.0]))
+  np.testing.assert_array_equal(state.scale, [2.0, 1e-6, 3.0])
+  running = factor_graph.nonlinear_least_squares.damping_policy("nielsen")
+  state = running.initial(tf.float64, [], _Columns([0.0, 4.0, 5.0]))
+  state = running.observe_linearization(state, _Columns([2.0, 1e-9, 3.0]))
+  np.testing.assert_array_equal(state.scale, [2.0, 4.0, 5.0])
+  with pytest.raises(ValueError, match="'scaling' must be one of"):
+    factor_graph.damping_lib.NielsenDamping(scaling="maximum")
+
+
 # -- errors ----------------------------------------------------------------------
 
 

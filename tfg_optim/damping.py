@@ -214,16 +214,47 @@ class NielsenDamping(_MarquardtScaled):
   Accept iff rho > `acceptance`; then lambda *= max(1/3, 1 - (2 rho - 1)^3)
   (at least eps) and nu = 2; else lambda *= nu and nu *= 2 (lambda at most
   1e300, 1e37 in float32).
+
+  `scaling` chooses D when scaled: 'running_max' (default), Marquardt's
+  running maximum of diag(J^T J) (MINPACK); 'current', diag(J^T J) at the
+  current point clamped to [1e-6, 1e32] (GTSAM's `diagonalDamping` with its
+  `minDiagonal` / `maxDiagonal`, Ceres' bounds): D follows the curvature
+  down after the start, which the running maximum never does (a pose
+  graph started far from the solution, such as MIT's at cost 3.5e9, keeps
+  the start's huge diagonal otherwise and crawls).
   """
 
-  def __init__(self, initial=1e-3, acceptance=0.0, scaled=True):
+  SCALINGS = ("running_max", "current")
+  CURRENT_SCALE_BOUNDS = (1e-6, 1e32)
+
+  def __init__(self, initial=1e-3, acceptance=0.0, scaled=True,
+               scaling="running_max"):
+    if scaling not in self.SCALINGS:
+      raise ValueError(f"'scaling' must be one of {self.SCALINGS}, got "
+                       f"{scaling!r}.")
     self.initial_lambda = initial
     self.acceptance = acceptance
     self.scaled = scaled
+    self.scaling_kind = scaling
+
+  def _current_scale(self, linearization):
+    """diag(J^T J) [B..., n] clamped to CURRENT_SCALE_BOUNDS."""
+    column_norms = linearization.column_norms()
+    low, high = self.CURRENT_SCALE_BOUNDS
+    return tf.clip_by_value(column_norms,
+                            tf.constant(low, column_norms.dtype),
+                            tf.constant(high, column_norms.dtype))
+
+  def observe_linearization(self, state, linearization):
+    if self.scaling_kind == "current":
+      return state._replace(scale=self._current_scale(linearization))
+    return super().observe_linearization(state, linearization)
 
   def initial(self, dtype, batch_shape, linearization):
     lam = tf.fill(batch_shape, tf.constant(self.initial_lambda, dtype))
     scale = _marquardt_scale(linearization)
+    if self.scaled and self.scaling_kind == "current":
+      scale = self._current_scale(linearization)
     if not self.scaled:  # lambda relative to the largest diagonal entry.
       lam *= tf.maximum(tf.reduce_max(scale, axis=-1),
                         tf.constant(1e-30, dtype))

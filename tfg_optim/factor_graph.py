@@ -36,6 +36,7 @@ from tfg_optim import _block_sparse
 from tfg_optim import _engine
 from tfg_optim import _schur
 from tfg_optim import _validation
+from tfg_optim import damping as damping_lib
 from tfg_optim import nonlinear_least_squares
 from tfg_optim import results as results_lib
 from tfg_optim.manifolds import euclidean
@@ -45,7 +46,23 @@ LINEAR_SOLVERS = ("auto", "cholesky", "cg", "schur")  # schur: _schur.py
 # linear_solver="auto": the dense Cholesky of the assembled J^T J up to this
 # many tangent coordinates, block-Jacobi conjugate gradients beyond
 # (docs/sparse.md: TensorFlow's sparse Cholesky has no triangular solve).
-AUTO_CHOLESKY_LIMIT = 2048
+# 10000: J^T J is then at most 0.8 GB (parking-garage, n = 9,966: about
+# 9 s per iteration on 2 shared cores); it reaches GTSAM's cost on CSAIL,
+# MIT, intel and parking-garage, where block-Jacobi CG stalls above it
+# (docs/sparse.md).
+AUTO_CHOLESKY_LIMIT = 10000
+
+# damping=None: Nielsen's lambda with D the current diag(J^T J) clamped to
+# [1e-6, 1e32] (GTSAM's diagonal damping) and a small first lambda, 1e-6
+# (GTSAM starts at 1e-5 with D = I): near Gauss-Newton from the first step,
+# which pose graphs started far from the solution (MIT) need.
+DEFAULT_INITIAL_LAMBDA = 1e-6
+
+
+def default_damping():
+  """The factor graph's default policy (damping=None)."""
+  return damping_lib.NielsenDamping(initial=DEFAULT_INITIAL_LAMBDA,
+                                    scaling="current")
 
 
 class Variables:
@@ -289,7 +306,7 @@ def picked_solver(linear_solver, tangent_dim):
 
 
 @tf.autograph.experimental.do_not_convert
-def least_squares(variables, terms, *, damping="nielsen",
+def least_squares(variables, terms, *, damping=None,
                   max_iterations=100, function_tolerance=None,
                   gradient_tolerance=None, parameter_tolerance=None,
                   cost_tolerance=0.0, stopping_criterion=None,
@@ -302,10 +319,13 @@ def least_squares(variables, terms, *, damping="nielsen",
     variables: a `Variables` table or a list of them (the order of the
       returned tables and of the tangent coordinates).
     terms: a `Term` or a list of them.
-    damping: as in `tfg_optim.least_squares`, but 'nielsen' by default
-      (lambda damping with Marquardt's scaling, the kind of GTSAM's and
-      Ceres' Levenberg-Marquardt; 'trust_region' needs an eigendecomposition
-      of the dense J^T J, or Steihaug's truncated CG with 'cg').
+    damping: as in `tfg_optim.least_squares`, or None (default):
+      `default_damping()`, Nielsen's lambda damping (the kind of GTSAM's and
+      Ceres' Levenberg-Marquardt) with D the current diag(J^T J) clamped to
+      [1e-6, 1e32] and a first lambda of 1e-6 ('nielsen' is the package's
+      Nielsen policy: Marquardt's running maximum, lambda from 1e-3;
+      'trust_region' needs an eigendecomposition of the dense J^T J, or
+      Steihaug's truncated CG with 'cg').
     max_iterations, function_tolerance, gradient_tolerance,
       parameter_tolerance, cost_tolerance, stopping_criterion,
       geodesic_acceleration, vanishing_column_tolerance, callback, record:
@@ -316,7 +336,8 @@ def least_squares(variables, terms, *, damping="nielsen",
       gradients with the block-Jacobi preconditioner, Steihaug's truncated
       version in the block-Jacobi norm for the trust region; O(edges)
       memory, runs under XLA), or 'auto' (default): 'cholesky' for
-      n <= 2048 tangent coordinates (held rows included), else 'cg'.
+      n <= 10000 tangent coordinates (`AUTO_CHOLESKY_LIMIT`, held rows
+      included), else 'cg'.
       'schur': two tables, every term reading one row of each (bundle
       adjustment): the larger table eliminated, the reduced system by
       dense Cholesky (`_schur`, docs/bundle_adjustment.md).
@@ -335,7 +356,8 @@ def least_squares(variables, terms, *, damping="nielsen",
     raise ValueError(f"'linear_solver' must be one of {LINEAR_SOLVERS}, got "
                      f"{linear_solver!r}.")
   max_iterations = _validation.positive_int(max_iterations, "max_iterations")
-  policy = nonlinear_least_squares.damping_policy(damping)
+  policy = (default_damping() if damping is None else
+            nonlinear_least_squares.damping_policy(damping))
   if vanishing_column_tolerance is not None:
     vanishing_column_tolerance = _validation.real_number(
         vanishing_column_tolerance, "vanishing_column_tolerance", lower=0.0)

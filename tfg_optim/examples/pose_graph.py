@@ -18,7 +18,7 @@ row held, and the edges one residual term, U_ij e_ij (U^T U = Omega_ij):
 the block-sparse linearization (docs/sparse.md) with Nielsen's lambda
 damping, solved by 'cholesky' (the dense Cholesky of the J^T J assembled
 from the blocks), 'cg' (block-Jacobi conjugate gradients) or 'auto'
-(Cholesky up to 2048 coordinates, CG beyond). 'dense' is the
+(Cholesky up to factor_graph.AUTO_CHOLESKY_LIMIT (10000) coordinates, CG beyond). 'dense' is the
 former program: `tfg_optim.least_squares` over `Power(SE2 or SE3, N - 1)`
 with a dense Jacobian (10-25 s of tracing, gigabytes on the larger
 graphs). The solve runs inside one `tf.function`: tracing is timed apart
