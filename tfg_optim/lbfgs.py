@@ -245,19 +245,8 @@ def minimize_lbfgs(objective_func,
       non-descent direction the run ends not converged (STALLED).
     NotImplementedError: `line_search_fn` is not 'strong_wolfe'.
   """
+  solve = _compiled_solve(minimize_lbfgs, dict(locals()))
   history_size = _validation.positive_int(history_size, "history_size")
-  options = dict(
-      history_size=history_size, max_iters=max_iters,
-      tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
-      initial_inverse_hessian_estimate=initial_inverse_hessian_estimate,
-      line_search_fn=line_search_fn,
-      max_line_search_iters=max_line_search_iters,
-      initial_step_length=initial_step_length, dtype=dtype, name=name,
-      value_and_gradient=value_and_gradient,
-      scale_initial_hessian=scale_initial_hessian, batch_dims=batch_dims,
-      return_results=return_results, gradients=gradients)
-  solve = _compiled_solve(minimize_lbfgs, objective_func, initial_position,
-                          options, eager_compile)
   if solve is not None:
     return solve()
   return _minimize(
@@ -297,18 +286,7 @@ def minimize_bfgs(objective_func,
   with batches). `scale_initial_hessian=True` multiplies H_0 by
   s_0^T y_0 / y_0^T y_0 once, before the first update (N&W eq. 6.20).
   """
-  options = dict(
-      max_iters=max_iters, tolerance_grad=tolerance_grad,
-      tolerance_change=tolerance_change,
-      initial_inverse_hessian_estimate=initial_inverse_hessian_estimate,
-      line_search_fn=line_search_fn,
-      max_line_search_iters=max_line_search_iters,
-      initial_step_length=initial_step_length, dtype=dtype, name=name,
-      value_and_gradient=value_and_gradient,
-      scale_initial_hessian=scale_initial_hessian, batch_dims=batch_dims,
-      return_results=return_results, gradients=gradients)
-  solve = _compiled_solve(minimize_bfgs, objective_func, initial_position,
-                          options, eager_compile)
+  solve = _compiled_solve(minimize_bfgs, dict(locals()))
   if solve is not None:
     return solve()
   return _minimize(
@@ -319,12 +297,16 @@ def minimize_bfgs(objective_func,
       return_results, gradients)
 
 
-def _compiled_solve(front_end, objective_func, initial_position, options,
-                    eager_compile):
+def _compiled_solve(front_end, arguments):
   """() -> the cached compiled solve's return value (`tfg_optim._eager`), or
   None to run op by op (not eager, the problem's first call with 'auto', or
   a start that is not a float tensor or array: the op-by-op path raises the
-  right error)."""
+  right error). `arguments`: the front-end's arguments by name (its
+  `locals()` on entry)."""
+  options = dict(arguments)
+  objective_func = options.pop("objective_func")
+  initial_position = options.pop("initial_position")
+  eager_compile = options.pop("eager_compile")
   if not _eager.wanted(eager_compile, None) or not isinstance(
       initial_position, (tf.Tensor, tf.Variable, np.ndarray)):
     return None
