@@ -229,3 +229,54 @@ def test_reported_gradient_norm_does_not_overflow_for_a_finite_gradient():
                                    [np.inf, 1.0], [np.nan, 1.0]], tf.float32))
   np.testing.assert_array_equal(norms, np.array([5e19, 5.0, 0.0, np.inf,
                                                  np.nan], np.float32))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_overflowing_normal_equations_stall_early(mode):
+  """float32 F = 1e20 (x - 1) at x = 1 + 2^-23: F, J and g = J^T F are
+  finite, J^T J = 1e40 is not, so every linear solve gives a NaN step, at
+  any damping. STALLED after `MAX_CONSECUTIVE_INVALID_STEPS` such steps
+  (before, the trust region shrank for ~800 iterations until the limit),
+  and not the gradient-cosine test firing on ||J_j|| = Inf at the start;
+  the start is returned, and a healthy member is unaffected."""
+  from tfg_optim import _engine  # pylint: disable=g-import-not-at-top
+
+  def build(x):
+    return [_outcome(tfg_optim.least_squares(
+        lambda v: scale * (v - 1.0), x, batch_dims=1, damping=damping))
+            for damping in ("trust_region", "nielsen")]
+
+  scale = np.array([[1e20], [1.0]], np.float32)  # member 1: 3 - 1 = 2
+  start = np.array([[1.0 + 2.0 ** -23], [3.0]], np.float32)
+  for position, converged, reason, iterations, cost in modes.run(
+      build, [start], mode):
+    assert list(converged) == [False, True]
+    if mode == "xla" and _reasons(reason)[0] == StopReason.NOT_FINITE:
+      # XLA evaluates 1/2 (1e20 (x - 1))^2 as 1e40 (x - 1)^2 / 2 = Inf:
+      # honestly not finite at the start.
+      assert iterations[0] == 0 and not np.isfinite(cost[0])
+    else:
+      assert _reasons(reason)[0] == StopReason.STALLED
+      assert iterations[0] == _engine.MAX_CONSECUTIVE_INVALID_STEPS
+      assert np.isfinite(cost[0])
+    np.testing.assert_array_equal(position[0], start[0])
+    np.testing.assert_allclose(position[1], [1.0])
+
+
+@pytest.mark.parametrize("method", ["eigh", "cholesky"])
+def test_collapsed_trust_region_gives_a_zero_step(method):
+  """A radius of 0 admits only s = 0 (then rejected: STALLED), not the
+  Gauss-Newton step that the secular equation falls back to."""
+  from tfg_optim import damping as damping_lib  # pylint: disable=g-import-not-at-top
+  jacobian = tf.constant([[[2.0, 0.0], [1.0, 3.0]]] * 2, tf.float64)
+  linearization = _linearization.Dense(jacobian)
+  residual = tf.constant([[1.0, -2.0]] * 2, tf.float64)
+  gradient = tf.linalg.matvec(jacobian, residual, adjoint_a=True)
+  policy = damping_lib.TrustRegionDamping(method=method)
+  state = policy.initial(tf.float64, [2], linearization)._replace(
+      radius=tf.constant([0.0, 0.5], tf.float64))
+  solve, _ = policy.solver(state, linearization, gradient, None, state.scale)
+  step = solve(residual, gradient).numpy()
+  np.testing.assert_array_equal(step[0], [0.0, 0.0])
+  scaled = np.sqrt(np.sum(state.scale.numpy()[1] * step[1] ** 2))
+  np.testing.assert_allclose(scaled, 0.5, rtol=0.11)  # on the boundary

@@ -63,8 +63,11 @@ class StopReason(enum.IntEnum):
   NOT_FINITE: the cost or the gradient at the current point is NaN or Inf
     (at the start, or after an accepted step). The point is returned as it
     is; nothing after it was tried.
-  STALLED: no acceptable step can be found: a rejected step is zero or the
-    damping is exhausted (Inf, or at its cap), the gradient test fired only
+  STALLED: no acceptable step can be found: a rejected step is zero, the
+    damping is exhausted (Inf, or at its cap), the linear solve gave no
+    finite step `MAX_CONSECUTIVE_INVALID_STEPS` times in a row at a finite
+    point (Ceres' invalid steps: e.g. J^T J overflows while J and the
+    gradient do not), the gradient test fired only
     because the whole Jacobian is zero while the cost is not, or a step
     test fired on a step that the damping, not the problem, made small while
     the Gauss-Newton model still promised a real decrease (a trust region
@@ -111,8 +114,9 @@ _STOP_MESSAGES = {
     StopReason.NOT_FINITE: "failed: the cost or gradient at the current "
                            "point is NaN or Inf",
     StopReason.STALLED: "failed: no acceptable step could be found (the "
-                        "damping, not a solution, made the steps vanish, or "
-                        "the Jacobian is zero where the cost is not)",
+                        "damping, not a solution, made the steps vanish, the "
+                        "linear solve gave no finite step, or the Jacobian "
+                        "is zero where the cost is not)",
     StopReason.INVALID_INPUT: "failed: the starting point is invalid (off "
                               "the manifold, outside the bounds or not "
                               "finite)",
@@ -143,17 +147,28 @@ forward_product: optional (point, step, tangent) -> d/dt F(R_p(step + t
   acceleration all call (see `_linearization.traced_forward_product`).
 """
 
+# A problem whose linear solve gives a non-finite step this many iterations in
+# a row, at a point whose cost and gradient are finite, is STALLED. A failed
+# factorization at a small damping is repaired by the damping that each
+# rejection raises (Nielsen: by 2^55 after ten; a trust region's radius by
+# 4^-10); a J^T J that overflows is not, and would otherwise take the
+# damping hundreds of iterations to exhaust. (Ceres' default is 5.)
+MAX_CONSECUTIVE_INVALID_STEPS = 10
+
 LoopState = collections.namedtuple(
     "LoopState",
     ["iteration", "point", "residual", "linearization", "gradient", "cost",
      "initial_cost", "damping", "step_norm", "cost_change", "num_iterations", "num_accepted",
      "num_rejected", "num_residual_evaluations", "num_jacobian_evaluations",
-     "stop_reason", "records", "wall_time"])
+     "invalid_streak", "stop_reason", "records", "wall_time"])
 LoopState.__doc__ = """The loop's state, one entry per problem of a batch.
 
 `linearization` holds the tensors of J at `point` (`_linearization`: the
 matrix, or what a matrix-free linearization keeps); the stopping criteria
 see the bound linearization itself (`column_norms()`, `matvec`, ...).
+
+`invalid_streak` counts the consecutive iterations, up to the current one,
+whose trial step was not finite (see `MAX_CONSECUTIVE_INVALID_STEPS`).
 
 `wall_time` is the start's `tf.timestamp()` while the loop runs and the
 seconds the solve took, measured in the graph, once it returns (NaN under
@@ -362,6 +377,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       num_rejected=zeros_int,
       num_residual_evaluations=zeros_int + residual_evaluations,
       num_jacobian_evaluations=zeros_int + jacobian_evaluations,
+      invalid_streak=zeros_int,
       stop_reason=zeros_int,
       records=records,
       wall_time=(tf.constant(np.nan, tf.float64) if start_time is None
@@ -429,6 +445,10 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
                                     state.cost_change))
     active_int = tf.cast(active, tf.int32)
     accepted_int = tf.cast(accepted, tf.int32)
+    invalid_streak = tf.where(
+        active & tf.logical_not(_batch.all_finite(trial.step, batch_rank)),
+        state.invalid_streak + 1,
+        tf.where(active, tf.zeros_like(active_int), state.invalid_streak))
     new_state = LoopState(
         iteration=state.iteration + 1,
         point=point,
@@ -447,6 +467,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
                                   active_int * (1 + extra_evaluations)),
         num_jacobian_evaluations=(state.num_jacobian_evaluations +
                                   tf.cast(relinearized, tf.int32)),
+        invalid_streak=invalid_streak,
         stop_reason=state.stop_reason,
         records=state.records,
         wall_time=state.wall_time)
@@ -459,7 +480,8 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     new_state = check(new_state, active,
                       stuck=active & tf.logical_not(accepted) & (
                           zero_step | _exhausted(
-                              policy.damping_value(damping))),
+                              policy.damping_value(damping)) |
+                          (invalid_streak >= MAX_CONSECUTIVE_INVALID_STEPS)),
                       damping_limited=_damping_limited(judged))
 
     if callback is not None:
@@ -639,8 +661,9 @@ class _StopCheck:
     is not (without bounds, whose held coordinates have zeroed columns): the
     Gauss-Newton model is flat, and the point may as well be a maximum
     (x^2 - 1 at x = 0): STALLED, not converged.
-  - `stuck`: a rejected step that is exactly zero, or an exhausted
-    damping: STALLED, since no later iteration can differ. (A rejected
+  - `stuck`: a rejected step that is exactly zero, an exhausted damping,
+    or `MAX_CONSECUTIVE_INVALID_STEPS` non-finite steps in a row: STALLED,
+    since no later iteration can differ (or be finite). (A rejected
     step too small to change the point in floating point is not enough:
     the damping keeps growing until a step test fires or the damping is
     exhausted, which bounds every loop, with or without an iteration

@@ -104,13 +104,21 @@ def damped_solver(linearization, regularization, scaling=None):
 
 
 def _cholesky(matrix):
-  """Cholesky factor; NaN where it fails (older eager kernels raise)."""
+  """Cholesky factor; NaN where it fails (older eager kernels raise) and
+  where the matrix is not finite: the kernel factors a float32 J^T J that
+  overflowed to Inf into a factor whose solves give zero steps, which step
+  tests would take for convergence."""
+  nan = lambda: tf.fill(tf.shape(matrix), tf.constant(float("nan"),
+                                                        matrix.dtype))
   if not tf.executing_eagerly():
-    return tf.linalg.cholesky(matrix)
-  try:
-    return tf.linalg.cholesky(matrix)
-  except tf.errors.InvalidArgumentError:
-    return tf.fill(tf.shape(matrix), tf.constant(float("nan"), matrix.dtype))
+    factor = tf.linalg.cholesky(matrix)
+  else:
+    try:
+      factor = tf.linalg.cholesky(matrix)
+    except tf.errors.InvalidArgumentError:
+      return nan()
+  return _batch.select(_batch.all_finite(matrix, matrix.shape.rank - 2),
+                       factor, nan())
 
 
 def trust_region_solver(linearization, gradient, scale, radius,

@@ -27,6 +27,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _batch
 from tfg_optim import _linear_solvers
 
 __all__ = ["Step", "DampingPolicy", "MultiplicativeDamping",
@@ -358,7 +359,17 @@ class TrustRegionDamping(_MarquardtScaled):
     solve, radius, lam = _linear_solvers.trust_region_solver(
         linearization, gradient, state.scale, state.radius, iterations,
         method, previous_lambda=state.lam)
-    return solve, state._replace(radius=radius, lam=lam)
+    # A radius shrunk to 0 (underflow, or a zero step's norm) allows only the
+    # zero step, which the engine reports as STALLED when it is rejected;
+    # the solvers' secular equations have no root there and would return
+    # the Gauss-Newton step.
+    collapsed = tf.equal(radius, 0)
+
+    def within_radius(residual, rhs_gradient):
+      step = solve(residual, rhs_gradient)
+      return _batch.select(collapsed, tf.zeros_like(step), step)
+
+    return within_radius, state._replace(radius=radius, lam=lam)
 
   def _shrunk(self, state, step):
     tried = tf.where(tf.math.is_finite(step.scaled_norm),

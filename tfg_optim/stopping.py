@@ -14,8 +14,10 @@ the last finite step computed, accepted or not (as in Manopt); it is +inf until
 one is, so step tests never fire on a solve whose every trial step overflowed.
 """
 
+import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _batch
 from tfg_optim._engine import StopReason
 
 
@@ -227,11 +229,16 @@ class StopWhenGradientCosineLess(_Threshold):
   key = "gradient_cosine"
 
   def _check(self, state):
-    residual_norm = tf.norm(state.residual, axis=-1)
+    residual_norm = _batch.norm(state.residual)
     column_norms = tf.sqrt(state.linearization.column_norms())
     denominator = residual_norm[..., tf.newaxis] * column_norms
     # A zero column (or F = 0) has a zero gradient entry: cosine 0. NaN
-    # stays NaN, and NaN <= tolerance is False: no test fires on NaN.
+    # stays NaN, and NaN <= tolerance is False: no test fires on NaN. Nor
+    # on an overflowed ||J_j||^2 (float32 ||J_j|| > 1.8e19): a finite
+    # gradient over an infinite norm is not a zero cosine.
+    denominator = tf.where(tf.math.is_finite(denominator), denominator,
+                           tf.fill(tf.shape(denominator), tf.constant(
+                               np.nan, denominator.dtype)))
     zero = tf.equal(denominator, 0)
     cosine = tf.where(zero, tf.zeros_like(denominator),
                       tf.abs(state.gradient) / tf.where(
