@@ -340,6 +340,30 @@ def test_random_rotations_are_proper_and_seeded():
   np.testing.assert_array_equal(rotations, so3.random_point(1000, seed=17))
 
 
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_determinant_beyond_cofactors_matches_numpy(mode):
+  """n > 6: Gaussian elimination with partial pivoting (tf.linalg.det has no
+  XLA kernel on CPU), against numpy.linalg.det; a zero column gives 0, and
+  SO(7)'s contains compiles under XLA and rejects a reflection."""
+  from tfg_optim.manifolds import stiefel  # pylint: disable=g-import-not-at-top
+  matrices = np.random.default_rng(0).standard_normal((2, 3, 7, 7))
+  matrices[0, 1, :, 2] = 0.0
+  so7 = M.SpecialOrthogonal(7)
+  rotations = np.array(as_numpy(so7.random_point((2,), tf.float64, seed=1)))
+  rotations[1, :, 0] *= -1.0  # a reflection: det -1
+
+  def build(a, r):
+    return stiefel.determinant(a), so7.contains(r)
+
+  det, inside = (build(tf.constant(matrices), tf.constant(rotations))
+                 if mode == "eager" else
+                 tf.function(build, jit_compile=True)(matrices, rotations))
+  np.testing.assert_allclose(det, np.linalg.det(matrices), rtol=1e-12,
+                             atol=1e-12)
+  assert det[0, 1] == 0.0
+  np.testing.assert_array_equal(inside, [True, False])
+
+
 # -- check_point ---------------------------------------------------------------
 
 

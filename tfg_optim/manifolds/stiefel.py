@@ -90,16 +90,44 @@ def polar_orthonormalize(x):
 
 
 def determinant(matrix):
-  """det of [B..., n, n] matrices.
-
-  By cofactor expansion along the first row for n <= 6 (plain slicing and
-  products: tf.linalg.det has no XLA kernel on CPU), by tf.linalg.det beyond.
+  """det of [B..., n, n] matrices, in plain slicing, gathers and products
+  (tf.linalg.det, slogdet and lu have no XLA kernel on CPU), so the same
+  numbers in every mode: by cofactor expansion along the first row for
+  n <= 6, by Gaussian elimination with partial pivoting beyond (n unrolled
+  steps: det = prod of the pivots times the sign of the row swaps).
   """
   a = tf.convert_to_tensor(matrix)
   n = a.shape[-1]
   if n > 6:
-    return tf.linalg.det(a)
+    return _elimination_determinant(a)
   return _cofactor_determinant(a, list(range(n)), 0)
+
+
+def _elimination_determinant(a):
+  """det by Gaussian elimination with partial pivoting: at step k the
+  trailing [n - k, n - k] block's row of largest |first entry| is swapped
+  to the top (a sign flip unless it is already there), its first entry
+  multiplies the determinant, and its Schur complement is the next block.
+  A zero pivot column gives det 0."""
+  batch_rank = a.shape.rank - 2
+  result = tf.ones(tf.shape(a)[:-2], a.dtype)
+  block = a
+  for size in range(a.shape[-1], 0, -1):
+    pivot_row = tf.argmax(tf.abs(block[..., :, 0]), axis=-1,
+                          output_type=tf.int32)  # [B...]
+    rows = tf.range(size)
+    pivot = pivot_row[..., tf.newaxis]
+    order = tf.where(tf.equal(rows, 0), pivot,
+                     tf.where(tf.equal(rows, pivot), 0, rows))  # swap 0, p
+    block = tf.gather(block, order, axis=-2, batch_dims=batch_rank)
+    head = block[..., 0, 0]
+    result *= tf.where(tf.equal(pivot_row, 0), head, -head)
+    if size > 1:
+      safe = tf.where(tf.equal(head, 0), tf.ones_like(head), head)
+      multipliers = block[..., 1:, 0] / safe[..., tf.newaxis]
+      block = block[..., 1:, 1:] - (multipliers[..., :, tf.newaxis] *
+                                    block[..., 0:1, 1:])
+  return result
 
 
 def _cofactor_determinant(a, columns, row):
