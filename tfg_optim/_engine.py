@@ -125,8 +125,9 @@ _STOP_MESSAGES = {
 
 Problem = collections.namedtuple(
     "Problem", ["residual_fn", "retract", "tangent_dim", "cost_fn",
-                "jacobian_fn", "fixed_fn", "forward_product"],
-    defaults=(None, None))
+                "jacobian_fn", "fixed_fn", "forward_product",
+                "tangent_product"],
+    defaults=(None, None, None))
 Problem.__doc__ = """A least-squares problem as the engine sees it.
 
 residual_fn: point -> F(point), a [B..., m] tensor.
@@ -145,6 +146,11 @@ forward_product: optional (point, step, tangent) -> d/dt F(R_p(step + t
   around F at every use. `minimize` sets it, in graphs, to one traced
   function that the Jacobian's columns, its relinearization and geodesic
   acceleration all call (see `_linearization.traced_forward_product`).
+tangent_product: optional (point, tangent) -> J tangent = d/dt F(R_p(t
+  tangent)) at t = 0, [B..., m], preferred to `forward_product` for the
+  Jacobian and its products at the point (see
+  `_linearization.traced_tangent_product`: F's derivative along the ambient
+  tangent vector, without the retraction).
 """
 
 # A problem whose linear solve gives a non-finite step this many iterations in

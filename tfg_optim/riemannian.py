@@ -341,15 +341,19 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
         not tf.executing_eagerly()):
       # In graphs the same check rides on the one trace of F under the
       # forward-mode accumulator that the Jacobian needs anyway.
+      # (No geodesic acceleration here: every product is at the point, so
+      # F's derivative along the ambient tangent vectors, without the
+      # retraction under the accumulator.)
       problem = problem._replace(
-          forward_product=_linearization.traced_forward_product(
-              problem, check=lambda accumulator, residual: (
+          tangent_product=_linearization.traced_tangent_product(
+              problem, manifold.tangent_vector,
+              check=lambda accumulator, residual: (
                   _validation.require_connected(
                       [accumulator.jvp(residual)], ["f"]))))
       initial_residual = residual_fn(point)
       zero = tf.zeros(tf.concat([tf.shape(initial_residual)[:-1],
                                  [manifold.dim]], 0), dtype)
-      problem.forward_product(point, zero, tf.ones_like(zero))  # Checks.
+      problem.tangent_product(point, tf.ones_like(zero))  # Checks.
     policy = damping_lib.GainRatioDamping(eta, damping_term_min, beta,
                                       expect_zero_residual)
     state = _implicit.solve_untaped(lambda: _engine.minimize(
