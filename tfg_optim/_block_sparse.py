@@ -28,7 +28,10 @@ The blocks are computed by forward mode: the D = sum_s d_s basis
 directions of all slots of a term are one tangent of the edges tiled D
 times (row j K + k moves edge k along the j-th direction: e_j of its slot,
 zero in the others), so one Jacobian-vector product of f over D K edges
-gives every [K, r, d_s] block of the term, and f is traced once per term. Rows held fixed
+gives every [K, r, d_s] block of the term, and f is traced once per term.
+The direction e_j enters as its ambient tangent vector at the row
+(`manifold.tangent_vector`; the chain rule, since DR_x(0) = id), so the
+retraction takes no part in it. Rows held fixed
 (the gauge) have their blocks' columns zeroed (`hold_fixed`), so the step
 and the gradient leave them alone.
 """
@@ -121,18 +124,20 @@ class Layout:
             for t, index in zip(term.tables, term.indices)]
     data = [tile(x) for x in term.data]
     size = tf.shape(term.indices[0])[0]
-    zeros, directions, start = [], [], 0
+    directions, start = [], 0
     for d in dims:
       # Slot s's tangent: e_j on the rows of its own directions, else 0.
       basis = tf.constant(np.eye(total, d, -start),  # [D, d]
                           dtype=dtype)
       directions.append(tf.repeat(basis, size, axis=0))  # [D K, d]
-      zeros.append(tf.zeros([total * size, d], dtype))
       start += d
-    with tf.autodiff.ForwardAccumulator(zeros, directions) as accumulator:
-      moved = [self.tables[t].manifold.retract(row, zero)
-               for t, row, zero in zip(term.tables, rows, zeros)]
-      residual = term.function(*moved, *data)
+    # d/dt f(R_x(t e_j)) = Df(x)[tangent_vector(x, e_j)] (every retraction
+    # has DR_x(0) = id): the retraction is neither traced under the
+    # accumulator nor run on the D K tiled rows.
+    tangents = [self.tables[t].manifold.tangent_vector(row, direction)
+                for t, row, direction in zip(term.tables, rows, directions)]
+    with tf.autodiff.ForwardAccumulator(rows, tangents) as accumulator:
+      residual = term.function(*rows, *data)
     derivative = accumulator.jvp(
         residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     derivative = tf.reshape(derivative, [total, size, term.width])
