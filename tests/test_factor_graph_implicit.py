@@ -56,26 +56,25 @@ def _outputs(position, cost):
   return tf.concat([tf.reshape(position, [-1]), cost[tf.newaxis]], 0)
 
 
-def _parameters():
-  return [tf.TensorSpec([len(_EDGES), 3], tf.float64),
-          tf.TensorSpec([], tf.float64), tf.TensorSpec([3], tf.float64)]
-
-
-def _jacobian_function():
-  """(m, scale, anchor) -> (outputs [19], their Jacobians w.r.t. each), by
-  'cholesky' in tf.function; reused for the re-solves (outputs only)."""
-  if "jacobian" not in _SOLVES:
-    @tf.function(autograph=False, input_signature=_parameters())
-    def solve(measurements, scale, anchor):
+def _loop_function():
+  """(m, scale, anchor, u [19]) -> (outputs [19], the gradients of
+  u . outputs w.r.t. m, scale, anchor), by 'cholesky' in tf.function,
+  traced once: its Jacobian row by row (u = e_i) and the re-solves."""
+  if "loop" not in _SOLVES:
+    @tf.function(autograph=False, input_signature=[
+        tf.TensorSpec([len(_EDGES), 3], tf.float64),
+        tf.TensorSpec([], tf.float64), tf.TensorSpec([3], tf.float64),
+        tf.TensorSpec([19], tf.float64)])
+    def solve(measurements, scale, anchor, weights):
       parameters = [measurements, scale, anchor]
       with tf.GradientTape() as tape:
         tape.watch(parameters)
         outputs = _outputs(*_loop_solve(measurements, scale, anchor,
                                         "cholesky", "implicit"))
-      return outputs, tape.jacobian(outputs, parameters,
-                                    experimental_use_pfor=False)
-    _SOLVES["jacobian"] = solve
-  return _SOLVES["jacobian"]
+        loss = tf.reduce_sum(weights * outputs)
+      return outputs, tape.gradient(loss, parameters)
+    _SOLVES["loop"] = solve
+  return _SOLVES["loop"]
 
 
 def _flat(parameters):
@@ -84,86 +83,65 @@ def _flat(parameters):
 
 def _split(vector):
   m = len(_EDGES) * 3
-  return [vector[:m].reshape(-1, 3), vector[m], vector[m + 1:]]
+  return [tf.constant(vector[:m].reshape(-1, 3)), tf.constant(vector[m]),
+          tf.constant(vector[m + 1:])]
 
 
-def _directional_differences(solve, point, directions, step=1e-6):
-  """Central differences of solve's outputs along each direction."""
-  columns = []
+def _jacobian(point):
+  """(outputs [19], d outputs / d (m, scale, anchor) [19, 28]) at `point`
+  (flat parameters), one reverse pass per row."""
+  solve, rows = _loop_function(), []
+  for row in np.eye(19):
+    outputs, gradients = solve(*_split(point), tf.constant(row))
+    rows.append(_flat([g.numpy() for g in gradients]))
+  return outputs.numpy(), np.stack(rows)
+
+
+def _differences(point, directions, step=1e-6):
+  """Central differences of the re-solved outputs along each direction."""
+  solve, zero, columns = _loop_function(), tf.zeros([19], tf.float64), []
   for direction in directions:
-    plus = solve(*[tf.constant(p) for p in _split(point + step * direction)])
-    minus = solve(*[tf.constant(p) for p in _split(point - step * direction)])
-    columns.append((plus[0].numpy() - minus[0].numpy()) / (2 * step))
+    plus = solve(*_split(point + step * direction), zero)[0].numpy()
+    minus = solve(*_split(point - step * direction), zero)[0].numpy()
+    columns.append((plus - minus) / (2 * step))
   return np.stack(columns, -1)
 
 
-def _jacobian_matrix(jacobians):
-  return np.concatenate([np.reshape(j.numpy(), [19, -1]) for j in jacobians],
-                        axis=-1)
+def _directions(size, seed):
+  """Two random directions of all parameters, then the scale's and the
+  held pose's axes."""
+  random = np.random.default_rng(seed).normal(size=(2, size))
+  return list(random) + list(np.eye(size)[-4:])
 
 
 def test_loop_solution_derivatives_match_re_solves():
   """Noise-free: d(solution)/d(measurements, captured scale, held pose)
-  along random directions of all parameters at once, and along the held
-  pose's and the scale's own axes; the held pose's output is the anchor."""
-  solve = _jacobian_function()
+  along random directions of all parameters and the scale's and held
+  pose's axes; the held pose's output is the anchor (identity)."""
   point = _flat([_EXACT, 1.0, _START[0]])
-  outputs, jacobians = solve(tf.constant(_EXACT), tf.constant(1.0, tf.float64),
-                             tf.constant(_START[0]))
-  np.testing.assert_allclose(outputs[:18].numpy().reshape(6, 3), _TRUTH,
-                             atol=1e-12)
-  jacobian = _jacobian_matrix(jacobians)
-  rng = np.random.default_rng(0)
-  directions = list(rng.normal(size=(2, point.size)))
-  directions += list(np.eye(point.size)[-4:])  # the scale, the anchor
-  differences = _directional_differences(solve, point, directions)
+  outputs, jacobian = _jacobian(point)
+  np.testing.assert_allclose(outputs[:18].reshape(6, 3), _TRUTH, atol=1e-12)
+  directions = _directions(point.size, seed=0)
   implicit = jacobian @ np.stack(directions, -1)
+  differences = _differences(point, directions)
   assert np.max(np.abs(implicit[:18])) > 1.0  # the solution moves
   np.testing.assert_allclose(implicit[:18], differences[:18], atol=2e-7)
-  # The held pose is the anchor: identity, and nothing from the data.
-  np.testing.assert_array_equal(jacobians[2].numpy()[:3], np.eye(3))
-  np.testing.assert_array_equal(jacobians[0].numpy()[:3], 0.0)
+  np.testing.assert_array_equal(jacobian[:3, -3:], np.eye(3))  # held pose
+  np.testing.assert_array_equal(jacobian[:3, :-3], 0.0)
 
 
 def test_final_cost_gradient_matches_re_solves():
-  """Noisy: d(final cost)/d(measurements, scale, held pose)."""
-  solve = _jacobian_function()
+  """Noisy: d(final cost)/d(measurements, scale, held pose) (one reverse
+  pass, no solve: the envelope theorem)."""
   point = _flat([_NOISY, 1.0, _START[0]])
-  outputs, jacobians = solve(tf.constant(_NOISY), tf.constant(1.0, tf.float64),
-                             tf.constant(_START[0]))
+  outputs, gradients = _loop_function()(*_split(point),
+                                        tf.constant(np.eye(19)[-1]))
   assert outputs[-1] > 1e-4
-  gradient = _jacobian_matrix(jacobians)[-1]
-  rng = np.random.default_rng(1)
-  directions = list(rng.normal(size=(2, point.size)))
-  directions += list(np.eye(point.size)[-4:])
-  differences = _directional_differences(solve, point, directions)[-1]
-  np.testing.assert_allclose(gradient @ np.stack(directions, -1),
-                             differences, rtol=1e-6, atol=1e-10)
-
-
-def test_conjugate_gradients_under_xla_agree_with_cholesky():
-  """'cg' (block-Jacobi PCG forward and backward) under XLA: the gradient
-  of a weighted sum of the noisy solution and its cost equals the
-  'cholesky' one."""
-  weights = np.random.default_rng(2).normal(size=19)
-  if "xla" not in _SOLVES:
-    @tf.function(autograph=False, jit_compile=True,
-                 input_signature=_parameters())
-    def solve(measurements, scale, anchor):
-      parameters = [measurements, scale, anchor]
-      with tf.GradientTape() as tape:
-        tape.watch(parameters)
-        loss = tf.reduce_sum(weights * _outputs(*_loop_solve(
-            measurements, scale, anchor, "cg", "implicit")))
-      return tape.gradient(loss, parameters)
-    _SOLVES["xla"] = solve
-  arguments = [tf.constant(_NOISY), tf.constant(1.0, tf.float64),
-               tf.constant(_START[0])]
-  _, jacobians = _jacobian_function()(*arguments)
-  reference = weights @ _jacobian_matrix(jacobians)
-  gradient = _flat([g.numpy() for g in _SOLVES["xla"](*arguments)])
-  np.testing.assert_allclose(gradient, reference, rtol=1e-7,
-                             atol=1e-9 * np.max(np.abs(reference)))
+  directions = _directions(point.size, seed=1)
+  differences = _differences(point, directions)[-1]
+  np.testing.assert_allclose(
+      _flat([g.numpy() for g in gradients]) @ np.stack(directions, -1),
+      differences, rtol=1e-6, atol=1e-10)
 
 
 # -- a linear factor graph -------------------------------------------------------
@@ -189,7 +167,8 @@ def _linear_closed_form():
   return solution, -solution @ held
 
 
-def _linear_solve(y, anchor, linear_solver, gradients="implicit"):
+def _linear_solve(y, anchor, linear_solver, gradients="implicit",
+                  max_iterations=100):
   a = factor_graph.Variables(
       tf.concat([anchor[tf.newaxis], tf.zeros([2, 2], tf.float64)], 0),
       fixed=[0], name="a")
@@ -200,11 +179,17 @@ def _linear_solve(y, anchor, linear_solver, gradients="implicit"):
       [(a, _PAIRS[:, 0]), (b, _PAIRS[:, 1])], data=[y])
   results = factor_graph.least_squares([a, b], [term],
                                        linear_solver=linear_solver,
-                                       gradients=gradients)
+                                       gradients=gradients,
+                                       max_iterations=max_iterations)
   return results.position
 
 
+def _flat_tables(tables):
+  return tf.concat([tf.reshape(t, [-1]) for t in tables], 0)
+
+
 def _check_linear(jacobian_y, jacobian_a0, atol):
+  """[14, 16] and [14, 2] Jacobians of (a, b) against the closed form."""
   expected_y, expected_a0 = _linear_closed_form()
   np.testing.assert_allclose(jacobian_y[2:], expected_y, atol=atol)
   np.testing.assert_allclose(jacobian_a0[2:], expected_a0, atol=atol)
@@ -212,33 +197,57 @@ def _check_linear(jacobian_y, jacobian_a0, atol):
   np.testing.assert_array_equal(jacobian_a0[:2], np.eye(2))
 
 
+def _rows(vector_jacobian_product):
+  """The Jacobian [14, 16], [14, 2] from u -> (u^T dx/dy, u^T dx/da_0)."""
+  rows = [vector_jacobian_product(u) for u in np.eye(14)]
+  return (np.stack([np.reshape(r[0], [-1]) for r in rows]),
+          np.stack([r[1] for r in rows]))
+
+
+def test_linear_graph_closed_form_with_cg_under_xla():
+  """'cg': block-Jacobi conjugate gradients forward and backward, XLA."""
+  @tf.function(autograph=False, jit_compile=True)
+  def product(y, anchor, u):
+    with tf.GradientTape() as tape:
+      tape.watch([y, anchor])
+      flat = _flat_tables(_linear_solve(y, anchor, "cg"))
+    return tape.gradient(flat, [y, anchor], output_gradients=u)
+
+  y, anchor = tf.constant(_Y), tf.constant(_A0)
+  _check_linear(*_rows(lambda u: [g.numpy() for g in product(
+      y, anchor, tf.constant(u))]), atol=1e-9)
+
+
 def test_linear_graph_closed_form_in_a_session():
-  """'cholesky', TF1 graph, tf.gradients per output coordinate."""
+  """'cholesky' (the Cholesky of the scattered J^T J), TF1 graph,
+  tf.gradients."""
   graph = tf.Graph()
   with graph.as_default():
     y = tf.compat.v1.placeholder(tf.float64, [len(_PAIRS), 2])
     anchor = tf.compat.v1.placeholder(tf.float64, [2])
-    a, b = _linear_solve(y, anchor, "cholesky")
-    flat = tf.concat([tf.reshape(a, [-1]), tf.reshape(b, [-1])], 0)
-    rows = [tf.gradients(flat[i], [y, anchor]) for i in range(14)]
+    u = tf.compat.v1.placeholder(tf.float64, [14])
+    flat = _flat_tables(_linear_solve(y, anchor, "cholesky"))
+    product = tf.gradients(flat, [y, anchor], grad_ys=u)
     with tf.compat.v1.Session(graph=graph) as session:
-      values = session.run(rows, {y: _Y, anchor: _A0})
-  _check_linear(np.stack([v[0].reshape(-1) for v in values]),
-                np.stack([v[1] for v in values]), atol=1e-12)
+      _check_linear(*_rows(lambda value: session.run(
+          product, {y: _Y, anchor: _A0, u: value})), atol=1e-12)
 
 
 def test_linear_graph_schur_eagerly_and_none():
-  """'schur' eagerly (the Schur complement's backward solve), and
-  gradients='none': no gradient at all."""
+  """'schur' eagerly (the Schur complement's backward solve): u^T dx/dy and
+  u^T dx/da_0 for random u; gradients='none': no gradient at all."""
   y, anchor = tf.constant(_Y), tf.constant(_A0)
   with tf.GradientTape(persistent=True) as tape:
     tape.watch([y, anchor])
-    a, b = _linear_solve(y, anchor, "schur")
-    flat = tf.concat([tf.reshape(a, [-1]), tf.reshape(b, [-1])], 0)
-    stopped = _linear_solve(y, anchor, "schur", gradients="none")
-  jacobian_y, jacobian_a0 = tape.jacobian(flat, [y, anchor],
-                                          experimental_use_pfor=False)
-  _check_linear(jacobian_y.numpy().reshape(14, -1), jacobian_a0.numpy(),
-                atol=1e-12)
-  np.testing.assert_array_equal(stopped[1], b)
+    flat = _flat_tables(_linear_solve(y, anchor, "schur"))
+    stopped = _linear_solve(y, anchor, "schur", gradients="none",
+                            max_iterations=1)
+  expected_y, expected_a0 = _linear_closed_form()
+  for u in np.random.default_rng(4).normal(size=(2, 14)):
+    gradient_y, gradient_a0 = tape.gradient(flat, [y, anchor],
+                                            output_gradients=tf.constant(u))
+    np.testing.assert_allclose(np.reshape(gradient_y, [-1]),
+                               u[2:] @ expected_y, atol=1e-12)
+    np.testing.assert_allclose(gradient_a0, u[:2] + u[2:] @ expected_a0,
+                               atol=1e-12)
   assert tape.gradient(stopped, [y, anchor]) == [None, None]
