@@ -76,6 +76,13 @@ caller's tapes, and the outputs are rebuilt from it:
   the same identity with the live residual as input; the backward pass
   solves J^T J w = rhs by preconditioned conjugate gradients through the
   products J v, J^T u at x* (no J, no n x n matrix).
+- a linearization through its products (`attach_linearization`; the
+  matrix-free one above, and the block-sparse J of
+  `tfg_optim.factor_graph`): the same identity; the backward pass solves
+  by the forward solve's linear solver (`backward_solve`: the
+  linearization's own damped solver, e.g. the Schur complement; the
+  Cholesky of its J^T J where it is dense; else preconditioned conjugate
+  gradients, block-Jacobi for block-sparse J).
 - chunked data (`attach_chunked`): J never exists, only the state's J^T J.
   The identity's inputs are theta itself (the data tensors, and the tensors
   and variables the chunk residual captures, found by tracing it once); the
@@ -811,7 +818,8 @@ def _map_chunks(data, chunk_size, function, sum_like, row_like):
 _FORWARD_MODE_MESSAGE = (
     "Forward-mode differentiation (tf.autodiff.ForwardAccumulator) of a "
     "solve with implicit_hessian='exact', linear_solver='cg' or "
-    "data_chunk_size, or of L-BFGS/BFGS, is not supported: their implicit "
+    "data_chunk_size, of L-BFGS/BFGS, or of factor_graph.least_squares, "
+    "is not supported: their implicit "
     "derivative is a custom gradient (its linear solve is made with tapes "
     "in the backward pass), which forward mode cannot use. Use "
     "gradients='unrolled', or the default Gauss-Newton least squares with "

@@ -21,6 +21,13 @@ of `tfg_optim._block_sparse`: per (term, slot) Jacobian blocks [K, r, d] by
 forward mode, no m x n or n x n matrix unless the dense Cholesky path asks
 for J^T J. See docs/sparse.md.
 
+The returned tables and cost are differentiable (gradients='implicit', the
+default): dX*/dtheta = -(J^T J)^-1 J^T dF/dtheta at the solution, in each
+table's tangent coordinates, for every tensor the terms' functions capture,
+their data, and the held rows' values (`_implicit_gradients`), by one
+backward solve with the forward solve's linear solver. See
+docs/differentiation.md, "Factor graphs".
+
     poses = factor_graph.Variables(start, manifold=SE3(), fixed=[0])
     between = factor_graph.Term(
         error, [(poses, edges[:, 0]), (poses, edges[:, 1])],
