@@ -415,7 +415,9 @@ def _format_time(seconds):
 
 
 def print_tables(times, memory, args):
-  print(f"\nTime (ms; medians of {args.repeats} rounds), m = {args.m:,d}, "
+  size = (args.graph if getattr(args, "factor_graph", False) else
+          f"m = {args.m:,d}")
+  print(f"\nTime (ms; medians of {args.repeats} rounds), {size}, "
         f"float64, CPU ({os.cpu_count()} cores). backward = median over "
         "rounds of (solve + gradient) - solve, +- its median absolute "
         "deviation")

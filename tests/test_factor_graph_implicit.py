@@ -6,17 +6,20 @@ derivatives with respect to the measurements, a tensor captured by the term
 function (a scale of the measured translations) and the held pose, on
 noise-free measurements (a zero-residual solution, where the Gauss-Newton
 derivative is the exact one); the final cost's on noisy ones (the envelope
-theorem: exact at any residual). A linear factor graph against the closed
-form (A_F^T A_F)^-1 A_F^T of its free coordinates, for the dense Cholesky,
-the Schur complement and conjugate gradients.
+theorem: exact at any residual). A linear factor graph (two Euclidean
+tables, one row held) against the closed form (A_F^T A_F)^-1 A_F^T of its
+free coordinates and -(A_F^T A_F)^-1 A_F^T A_H of the held row, for each
+backward solver: the dense Cholesky, conjugate gradients and the Schur
+complement (all three agreeing with one truth).
 
-Modes: tf.function (the pose loop, 'cholesky'), XLA ('cg' on the pose loop,
-against the 'cholesky' gradient), a TF1 Session (tf.gradients, the linear
-graph, 'cholesky') and eager (the linear graph, 'schur', and 'none').
+Modes: tf.function (the pose loop, 'cholesky'), XLA (the linear graph,
+'cg'), a TF1 Session (the linear graph, 'cholesky', tf.gradients) and eager
+(the linear graph, 'schur'; and 'none'). Each cell traces one solve; the
+pose loop's Jacobian comes row by row from one traced function whose
+cotangent is an input.
 """
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from tests import test_factor_graph
@@ -29,7 +32,7 @@ _TRUTH, _START, _EDGES, _EXACT = test_factor_graph._loop(count=6, seed=3)  # pyl
 _NOISY = test_factor_graph._loop(count=6, noise=0.05, seed=3)[3]  # pylint: disable=protected-access
 _TIGHT = dict(function_tolerance=0.0, gradient_tolerance=1e-15,
               parameter_tolerance=1e-15, max_iterations=50)
-_SOLVES = {}  # (linear_solver, output) -> a traced function, shared by cells
+_SOLVES = {}  # the pose loop's traced function, shared by its cells
 
 
 def _loop_solve(measurements, scale, anchor, linear_solver, gradients):
