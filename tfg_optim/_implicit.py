@@ -595,8 +595,10 @@ def _own_solve(linearization, rhs, free):
 
 def _conjugate_gradient_solve(linearization, rhs, free):
   """w with J^T J w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
-  w = 0 on the others, by Jacobi-preconditioned conjugate gradients
-  (`_linear_solvers.conjugate_gradient_solver` with lambda D = 1 - free);
+  w = 0 on the others, by preconditioned conjugate gradients
+  (`_linear_solvers.conjugate_gradient_solver` with lambda D = 1 - free;
+  the linearization's own preconditioner where it has one, block-Jacobi
+  for block-sparse J, else Jacobi);
   returns (w, ok), ok [B...] False where w is not finite.
 
   Where the solve does not reach its tolerance (checked with one more
