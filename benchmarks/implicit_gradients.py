@@ -33,6 +33,14 @@ are the matrix-free and chunked backward passes, and each implicit
 gradient's largest difference from the dense solver's, relative to its
 largest entry.
 
+--factor-graph: part 1 for a pose graph of ../shared/data/posegraph
+(--graph, default smallGrid3D: 125 SE(3) poses, n = 750, the first held),
+`tfg_optim.factor_graph.least_squares` with linear_solver='cholesky' and
+'cg' (block-Jacobi conjugate gradients, forward and backward), the loss
+sum(W * poses) for a fixed random W, gradient w.r.t. the measurements (a
+term's `data`); "implicit vs dense" is each implicit gradient's largest
+difference from the 'cholesky' one, relative to its largest entry.
+
 Part 3 (--optimistix; --only-optimistix for it alone): the curve fit side by
 side with `optimistix.LevenbergMarquardt` and its implicit adjoint
 (`optimistix.ImplicitAdjoint`, which differentiates the gradient of
@@ -53,6 +61,7 @@ Usage (from the repository root):
     ... --repeats 5 --iterations 10,100,400 --memory-m 50000 --skip-xla
     ... --only-optimistix --repeats 50
     ... --large-scale --repeats 20
+    ... --factor-graph --graph smallGrid3D --repeats 10
 """
 
 import argparse
@@ -162,7 +171,44 @@ def _large_scale_problems(tf, m, chunk_size):
           f"curve fit, chunks of {chunk_size:,d}": (chunked, y)}, reference
 
 
-def time_table(args, large_scale=False):
+def _factor_graph_problems(tf, path):
+  """The pose graph at `path` solved by `factor_graph.least_squares` with
+  'cholesky' and 'cg' (measurements -> (sum(W * poses), iterations)); and
+  the 'cholesky' implicit gradient (the reference)."""
+  from tfg_optim import io  # pylint: disable=g-import-not-at-top
+  from tfg_optim.examples import pose_graph  # pylint: disable=g-import-not-at-top
+  from tfg_optim import factor_graph  # pylint: disable=g-import-not-at-top
+  graph = io.read_g2o(path, missing_vertices="chain")
+  start = tf.constant(graph.poses)
+  weights = tf.constant(np.random.default_rng(0).normal(
+      size=np.shape(graph.poses)))
+  edges = np.asarray(graph.edges, np.int64).reshape(-1, 2)
+  root = tf.constant(io.square_root_information(graph))
+
+  def build(linear_solver):
+    def solve(measurements, gradients, **options):
+      poses = factor_graph.Variables(start, manifold=graph.manifold,
+                                     fixed=[0], name="poses")
+      term = factor_graph.Term(
+          pose_graph.between_error,
+          [(poses, edges[:, 0]), (poses, edges[:, 1])],
+          data=[measurements, root], name="edges")
+      results = factor_graph.least_squares(
+          [poses], [term], linear_solver=linear_solver, gradients=gradients,
+          **options)
+      return (tf.reduce_sum(weights * results.position[0]),
+              results.num_iterations)
+    return solve
+
+  name = os.path.splitext(os.path.basename(path))[0]
+  measurements = tf.constant(np.asarray(graph.measurements))
+  reference = _functions(tf, build("cholesky"), False)[1](
+      measurements)[0].numpy()
+  return {f"{name}, {solver}": (build(solver), measurements)
+          for solver in ("cholesky", "cg")}, reference
+
+
+def time_table(args, large_scale=False, factor_graph=False):
   """Medians over `repeats` rounds; each round calls the three functions in
   turn, so a slow spell of a shared machine hits them alike. `large_scale`:
   the curve fit with linear_solver='cg' and data_chunk_size, and each
@@ -173,6 +219,9 @@ def time_table(args, large_scale=False):
   reference = None
   if large_scale:
     problems, reference = _large_scale_problems(tf, args.m, args.chunk_size)
+  elif factor_graph:
+    problems, reference = _factor_graph_problems(
+        tf, os.path.join(args.data, args.graph + ".g2o"))
   else:
     problems = _problems(tf, args.m)
   for name, (build, y) in problems.items():
@@ -366,7 +415,9 @@ def _format_time(seconds):
 
 
 def print_tables(times, memory, args):
-  print(f"\nTime (ms; medians of {args.repeats} rounds), m = {args.m:,d}, "
+  size = (args.graph if getattr(args, "factor_graph", False) else
+          f"m = {args.m:,d}")
+  print(f"\nTime (ms; medians of {args.repeats} rounds), {size}, "
         f"float64, CPU ({os.cpu_count()} cores). backward = median over "
         "rounds of (solve + gradient) - solve, +- its median absolute "
         "deviation")
@@ -453,6 +504,12 @@ def main():
                       help="part 1 with linear_solver='cg' and "
                       "data_chunk_size instead (no memory part)")
   parser.add_argument("--chunk-size", type=int, default=1000)
+  parser.add_argument("--factor-graph", action="store_true",
+                      help="part 1 for a pose graph (factor_graph, "
+                      "'cholesky' and 'cg') instead (no memory part)")
+  parser.add_argument("--graph", default="smallGrid3D")
+  parser.add_argument("--data", default=os.path.join(
+      ROOT, "..", "shared", "data", "posegraph"))
   parser.add_argument("--jax-python", default=os.path.join(
       HERE, ".venv-jax", "bin", "python"))
   parser.add_argument("--json", help="also write the rows to this file")
@@ -468,9 +525,11 @@ def main():
       with open(args.json, "w") as output:
         json.dump({"optimistix": rows}, output, indent=1)
     return
-  if args.large_scale:
-    print("Timing, cg and chunked (one process) ...", flush=True)
-    times = time_table(args, large_scale=True)
+  if args.large_scale or args.factor_graph:
+    print("Timing, " + ("a factor graph" if args.factor_graph else
+                        "cg and chunked") + " (one process) ...", flush=True)
+    times = time_table(args, large_scale=args.large_scale,
+                       factor_graph=args.factor_graph)
     print_tables(times, [], args)
     if args.json:
       with open(args.json, "w") as output:

@@ -81,6 +81,14 @@ class Layout:
     """Per table [N_t, d_t] -> [n]."""
     return tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
 
+  def coordinates(self, point, ambient):
+    """P^T v: per table, the manifold's coordinates of the ambient
+    cotangents `ambient` (one [N_t, ...] per table) at `point`, joined
+    into [n] (the tangent coordinates of `retract`)."""
+    return self.join_tangent([
+        table.manifold.coordinates(values, vector)
+        for table, values, vector in zip(self.tables, point, ambient)])
+
   def split_residual(self, vector):
     """[m] -> per term [K, r]."""
     sizes = [term.size * term.width for term in self.terms]

@@ -76,6 +76,13 @@ caller's tapes, and the outputs are rebuilt from it:
   the same identity with the live residual as input; the backward pass
   solves J^T J w = rhs by preconditioned conjugate gradients through the
   products J v, J^T u at x* (no J, no n x n matrix).
+- a linearization through its products (`attach_linearization`; the
+  matrix-free one above, and the block-sparse J of
+  `tfg_optim.factor_graph`): the same identity; the backward pass solves
+  by the forward solve's linear solver (`backward_solve`: the
+  linearization's own damped solver, e.g. the Schur complement; the
+  Cholesky of its J^T J where it is dense; else preconditioned conjugate
+  gradients, block-Jacobi for block-sparse J).
 - chunked data (`attach_chunked`): J never exists, only the state's J^T J.
   The identity's inputs are theta itself (the data tensors, and the tensors
   and variables the chunk residual captures, found by tracing it once); the
@@ -464,15 +471,50 @@ def attach_matrix_free(results, linearization_tensors, problem, coordinates):
   """
   if not _needed():
     return results
+  kind = _linearization.MatrixFreeKind(problem._replace(forward_product=None))
+  return attach_linearization(
+      results, linearization_tensors, kind, problem.residual_fn, coordinates)
+
+
+def attach_linearization(results, linearization_tensors, kind, residual_fn,
+                         coordinates):
+  """`results` whose position, cost and residual have Gauss-Newton implicit
+  gradients, J known through a linearization at x* (its products).
+
+  The forward pass adds one evaluation of the live residual r(x*, theta)
+  (x* held); the backward pass solves J^T J w = P^T x_bar + J^T r_bar by
+  `backward_solve` (the solver the forward solve used: the
+  linearization's own damped solver, the dense Cholesky of its J^T J, or
+  preconditioned conjugate gradients) and returns the live residual's
+  cotangent r_bar + c_bar r - J w, which ordinary automatic
+  differentiation carries to theta (one reverse pass of the residual).
+  Coordinates whose Jacobian column is exactly zero (held) get a zero
+  derivative.
+
+  Args:
+    results: the solve's results (see `attach_least_squares`).
+    linearization_tensors: the final state's `linearization` tensors at x*.
+    kind: the linearization kind that restores them (`restore(tensors,
+      point)`): a `_linearization.MatrixFreeKind`, a
+      `_block_sparse.BlockSparseKind`, ...
+    residual_fn: point -> [B..., m], the problem's (robust) residuals; its
+      closures hold the tensors to differentiate.
+    coordinates: (point, ambient cotangent) -> [B..., n], P^T v.
+
+  Returns:
+    `results` with `position`, `cost` and `residual` replaced by
+    `tf.identity`s of theirs (a custom gradient; forward mode is refused).
+  """
+  if not _needed():
+    return results
   flat_point = [tf.stop_gradient(t) for t in tf.nest.flatten(
       results.position)]
   point = tf.nest.pack_sequence_as(results.position, flat_point)
   residual = tf.stop_gradient(results.residual)
   cost = tf.stop_gradient(results.cost)
-  kind = _linearization.MatrixFreeKind(problem._replace(forward_product=None))
   linearization = kind.restore(
       [tf.stop_gradient(t) for t in linearization_tensors], point)
-  live = [problem.residual_fn(point)]
+  live = [residual_fn(point)]
   _refuse_forward_mode(live)
   num_points = len(flat_point)
   dtype = residual.dtype
@@ -487,7 +529,7 @@ def attach_matrix_free(results, linearization_tensors, problem, coordinates):
         point, tf.nest.pack_sequence_as(results.position, point_bar))
     rhs += linearization.rmatvec(residual_bar)
     rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs))
-    w, ok = _conjugate_gradient_solve(linearization, rhs, free)
+    w, ok = backward_solve(linearization, rhs, free)
     ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
     ok &= tf.reduce_all(tf.math.is_finite(live[0]), axis=-1)
     w = _per_problem(ok, w)
@@ -503,10 +545,60 @@ def attach_matrix_free(results, linearization_tensors, problem, coordinates):
       residual=outputs[num_points], cost=outputs[num_points + 1])
 
 
+def backward_solve(linearization, rhs, free):
+  """w with J^T J w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
+  w = 0 on the others, by the linear solver the forward solve used (the
+  dispatch of `_linear_solvers.damped_solver`); returns (w, ok), ok [B...]
+  False where no finite w was found.
+
+  - a linearization with its own `damped_solver` (`_schur`'s Schur
+    complement): that solver with lambda = 0 (`_own_solve`);
+  - a dense one (`gram()`): the Cholesky of J^T J (`_masked_solve`);
+  - otherwise preconditioned conjugate gradients
+    (`_conjugate_gradient_solve`; the linearization's own preconditioner,
+    block-Jacobi for block-sparse J, else Jacobi).
+
+  Each regularizes a singular J^T J as the dense path does: a retry with
+  J^T J + delta I, delta = sqrt(eps) max_j ||J_j||^2, only where the
+  unregularized solve failed.
+  """
+  if getattr(linearization, "damped_solver", None) is not None:
+    return _own_solve(linearization, rhs, free)
+  if linearization.dense:
+    return _masked_solve(linearization.gram(), rhs, free)
+  return _conjugate_gradient_solve(linearization, rhs, free)
+
+
+def _own_solve(linearization, rhs, free):
+  """`backward_solve` by the linearization's `damped_solver(lambda, D)`
+  (one unbatched problem: the Schur complement of a factor graph), whose
+  zero diagonal entries (held coordinates) are set to 1: w = 0 there for
+  rhs = 0 there. Where its factorization fails (a NaN w: J^T J singular),
+  it is solved again with lambda = delta = sqrt(eps) max_j ||J_j||^2."""
+  dtype = rhs.dtype
+  rhs = rhs * free
+
+  def solve(shift):  # solver(., g) = -(J^T J + shift I)^-1 g
+    return -linearization.damped_solver(shift)(None, rhs) * free
+
+  w = solve(tf.zeros([], dtype))
+  factored = tf.reduce_all(tf.math.is_finite(w))
+
+  def regularized():
+    delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
+        linearization.column_norms())
+    return solve(delta)
+
+  w = tf.cond(factored, lambda: w, regularized)
+  return w, tf.reduce_all(tf.math.is_finite(w), axis=-1)
+
+
 def _conjugate_gradient_solve(linearization, rhs, free):
   """w with J^T J w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
-  w = 0 on the others, by Jacobi-preconditioned conjugate gradients
-  (`_linear_solvers.conjugate_gradient_solver` with lambda D = 1 - free);
+  w = 0 on the others, by preconditioned conjugate gradients
+  (`_linear_solvers.conjugate_gradient_solver` with lambda D = 1 - free;
+  the linearization's own preconditioner where it has one, block-Jacobi
+  for block-sparse J, else Jacobi);
   returns (w, ok), ok [B...] False where w is not finite.
 
   Where the solve does not reach its tolerance (checked with one more
@@ -728,7 +820,8 @@ def _map_chunks(data, chunk_size, function, sum_like, row_like):
 _FORWARD_MODE_MESSAGE = (
     "Forward-mode differentiation (tf.autodiff.ForwardAccumulator) of a "
     "solve with implicit_hessian='exact', linear_solver='cg' or "
-    "data_chunk_size, or of L-BFGS/BFGS, is not supported: their implicit "
+    "data_chunk_size, of L-BFGS/BFGS, or of factor_graph.least_squares, "
+    "is not supported: their implicit "
     "derivative is a custom gradient (its linear solve is made with tapes "
     "in the backward pass), which forward mode cannot use. Use "
     "gradients='unrolled', or the default Gauss-Newton least squares with "

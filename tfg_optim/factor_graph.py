@@ -21,6 +21,13 @@ of `tfg_optim._block_sparse`: per (term, slot) Jacobian blocks [K, r, d] by
 forward mode, no m x n or n x n matrix unless the dense Cholesky path asks
 for J^T J. See docs/sparse.md.
 
+The returned tables and cost are differentiable (gradients='implicit', the
+default): dX*/dtheta = -(J^T J)^-1 J^T dF/dtheta at the solution, in each
+table's tangent coordinates, for every tensor the terms' functions capture,
+their data, and the held rows' values (`_implicit_gradients`), by one
+backward solve with the forward solve's linear solver. See
+docs/differentiation.md, "Factor graphs".
+
     poses = factor_graph.Variables(start, manifold=SE3(), fixed=[0])
     between = factor_graph.Term(
         error, [(poses, edges[:, 0]), (poses, edges[:, 1])],
@@ -34,6 +41,7 @@ import tensorflow as tf
 
 from tfg_optim import _block_sparse
 from tfg_optim import _engine
+from tfg_optim import _implicit
 from tfg_optim import _schur
 from tfg_optim import _validation
 from tfg_optim import damping as damping_lib
@@ -312,7 +320,8 @@ def least_squares(variables, terms, *, damping=None,
                   cost_tolerance=0.0, stopping_criterion=None,
                   linear_solver="auto", geodesic_acceleration=None,
                   vanishing_column_tolerance=None, callback=None,
-                  record=False, name="factor_graph_least_squares"):
+                  record=False, gradients="implicit",
+                  name="factor_graph_least_squares"):
   """Minimizes a factor graph's cost (module docstring); returns results.
 
   Args:
@@ -341,17 +350,24 @@ def least_squares(variables, terms, *, damping=None,
       'schur': two tables, every term reading one row of each (bundle
       adjustment): the larger table eliminated, the reduced system by
       dense Cholesky (`_schur`, docs/bundle_adjustment.md).
+    gradients: how `position` and `cost` (and `residual`) are
+      differentiated: 'implicit' (default; `_implicit_gradients`: the
+      Gauss-Newton implicit derivative at the solution, one linear solve in
+      the backward pass by the solver the forward solve used, no tape of
+      the loop), 'unrolled' (through the `tf.while_loop`: memory grows with
+      the iterations, no XLA) or 'none' (no gradients). See
+      docs/differentiation.md.
     name: name scope of the ops.
 
   Returns:
     `tfg_optim.results.LeastSquaresResults` with `position` the list of
     optimized tables (held rows unchanged; `num_parameters` counts their
-    coordinates too: n = sum_t N_t d_t); gradients flow through the
-    unrolled loop (no implicit differentiation here).
+    coordinates too: n = sum_t N_t d_t).
 
   Raises:
     ValueError / TypeError: for invalid arguments, naming the argument.
   """
+  gradients = _implicit.check_gradients(gradients)
   if linear_solver not in LINEAR_SOLVERS:
     raise ValueError(f"'linear_solver' must be one of {LINEAR_SOLVERS}, got "
                      f"{linear_solver!r}.")
@@ -396,10 +412,62 @@ def least_squares(variables, terms, *, damping=None,
     engine_callback = None
     if callback is not None:
       engine_callback = lambda it, cost, p: callback(it, cost, list(p))
-    state = _engine.minimize(
+    state = _implicit.solve_untaped(lambda: _engine.minimize(
         problem, point, policy, max_iterations, stopping=criterion,
         callback=engine_callback, num_records=num_records,
         geodesic_acceleration=geodesic_acceleration,
-        vanishing_column_tolerance=vanishing_tolerance, kind=kind)
+        vanishing_column_tolerance=vanishing_tolerance, kind=kind),
+                                    gradients)
     result = results_lib.from_state(state, num_records, criterion)
+    if gradients == "implicit":
+      result = _implicit_gradients(result, state.linearization, kind, layout,
+                                   tables)
     return result._replace(position=list(result.position))
+
+
+def _implicit_gradients(result, linearization_tensors, kind, layout, tables):
+  r"""`result` whose position, cost and residual have the Gauss-Newton
+  implicit derivative (`_implicit.attach_linearization`).
+
+  At the solution X* (a tuple of tables) the gradient of the cost in the
+  tangent coordinates of the free rows vanishes, so for every tensor theta
+  the terms read (captured by their functions, or their `data`)
+
+      dX*/dtheta = -H^-1 J^T dF/dtheta,      H = J^T J,
+
+  in the tangent coordinates of each table's manifold, H and J those of the
+  final linearization (held rows: zero columns, so zero derivative, and
+  the identity's rows and columns in H). The backward pass solves H w =
+  P^T X_bar + J^T F_bar with the forward solve's linear solver
+  (`_implicit.backward_solve`: the Cholesky of the scattered J^T J for
+  'cholesky', block-Jacobi conjugate gradients for 'cg', the Schur
+  complement for 'schur'), and theta_bar = (dF/dtheta)^T (F_bar +
+  c_bar F - J w). The final cost has dc/dtheta = (dF/dtheta)^T F (the
+  envelope theorem: no solve).
+
+  Initial values: the free rows' starting values have derivative zero (the
+  solution does not depend on where the solve started: implicit function
+  theorem); the held rows' values are parameters of the problem, so they
+  get their derivative: the returned held rows are theirs (identity), and
+  the residual evaluated for the backward pass reads them live, so that
+  dX*_free/dX_held = -H^-1 J^T dF/dX_held reaches them.
+  """
+  def held(table):  # bool [N, 1, ...]: True on held rows.
+    mask = tf.constant(table.free == 0)
+    return tf.reshape(mask, [-1] + [1] * (table.values.shape.rank - 1))
+
+  def with_held_rows(point):
+    return tuple(
+        values if table.free is None else
+        tf.where(held(table), table.values, values)
+        for table, values in zip(tables, point))
+
+  result = _implicit.attach_linearization(
+      result, linearization_tensors, kind,
+      lambda point: layout.residual(with_held_rows(point)),
+      layout.coordinates)
+  return result._replace(position=tuple(
+      values if table.free is None else values + tf.where(
+          held(table), table.values - tf.stop_gradient(table.values),
+          tf.zeros_like(values))
+      for table, values in zip(tables, result.position)))

@@ -1,0 +1,260 @@
+"""Implicit gradients of `factor_graph.least_squares` (gradients='implicit').
+
+Truth: central finite differences of re-solves (tight tolerances) on an
+SE(2) pose loop with two loop closures and a held first pose: the solution's
+derivatives with respect to the measurements, a tensor captured by the term
+function (a scale of the measured translations) and the held pose, on
+noise-free measurements (a zero-residual solution, where the Gauss-Newton
+derivative is the exact one); the final cost's on noisy ones (the envelope
+theorem: exact at any residual). A linear factor graph (two Euclidean
+tables, one row held) against the closed form (A_F^T A_F)^-1 A_F^T of its
+free coordinates and -(A_F^T A_F)^-1 A_F^T A_H of the held row, for each
+backward solver: the dense Cholesky, conjugate gradients and the Schur
+complement (all three agreeing with one truth).
+
+Modes: tf.function (the pose loop, 'cholesky'), XLA (the linear graph,
+'cg'), a TF1 Session (the linear graph, 'cholesky', tf.gradients) and eager
+(the linear graph, 'schur'; and 'none'). Each cell traces one solve; the
+pose loop's Jacobian comes row by row from one traced function whose
+cotangent is an input.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tests import test_factor_graph
+from tfg_optim import factor_graph
+from tfg_optim.manifolds import lie_groups
+
+# -- the SE(2) pose loop ---------------------------------------------------------
+
+_TRUTH, _START, _EDGES, _EXACT = test_factor_graph._loop(count=6, seed=3)  # pylint: disable=protected-access
+_NOISY = test_factor_graph._loop(count=6, noise=0.05, seed=3)[3]  # pylint: disable=protected-access
+_TIGHT = dict(function_tolerance=0.0, gradient_tolerance=1e-15,
+              parameter_tolerance=1e-15, max_iterations=50)
+_SOLVES = {}  # the pose loop's traced function, shared by its cells
+
+
+def _rotate(angle, vector):
+  """R(angle) vector, [K] and [K, 2]."""
+  c, s = tf.cos(angle), tf.sin(angle)
+  return tf.stack([c * vector[:, 0] - s * vector[:, 1],
+                   s * vector[:, 0] + c * vector[:, 1]], -1)
+
+
+def _loop_solve(measurements, scale, anchor, linear_solver, gradients):
+  """The loop's solution [6, 3] and final cost; pose 0 held at `anchor`, the
+  measured translations multiplied by the captured `scale`."""
+  poses = factor_graph.Variables(
+      tf.concat([anchor[tf.newaxis], _START[1:]], 0),
+      manifold=lie_groups.SE2(), fixed=[0], name="poses")
+
+  def error(first, second, measurement):
+    """g2o's SE(2) error: R_m^T (R_i^T (t_j - t_i) - s t_m), and the angle
+    theta_j - theta_i - theta_m wrapped (cheaper to trace than Log)."""
+    translation = _rotate(-first[:, 2], second[:, :2] - first[:, :2])
+    angle = second[:, 2] - first[:, 2] - measurement[:, 2]
+    return tf.concat([
+        _rotate(-measurement[:, 2], translation - scale * measurement[:, :2]),
+        tf.atan2(tf.sin(angle), tf.cos(angle))[:, tf.newaxis]], -1)
+
+  term = factor_graph.Term(error, [(poses, _EDGES[:, 0]),
+                                   (poses, _EDGES[:, 1])], data=[measurements])
+  results = factor_graph.least_squares(
+      [poses], [term], linear_solver=linear_solver, gradients=gradients,
+      **_TIGHT)
+  return results.position[0], results.cost
+
+
+def _outputs(position, cost):
+  """[19]: the solution's entries and the final cost."""
+  return tf.concat([tf.reshape(position, [-1]), cost[tf.newaxis]], 0)
+
+
+def _loop_function():
+  """(m, scale, anchor, u [19]) -> (outputs [19], the gradients of
+  u . outputs w.r.t. m, scale, anchor), by 'cholesky' in tf.function,
+  traced once: its Jacobian row by row (u = e_i) and the re-solves."""
+  if "loop" not in _SOLVES:
+    @tf.function(autograph=False, input_signature=[
+        tf.TensorSpec([len(_EDGES), 3], tf.float64),
+        tf.TensorSpec([], tf.float64), tf.TensorSpec([3], tf.float64),
+        tf.TensorSpec([19], tf.float64)])
+    def solve(measurements, scale, anchor, weights):
+      parameters = [measurements, scale, anchor]
+      with tf.GradientTape() as tape:
+        tape.watch(parameters)
+        outputs = _outputs(*_loop_solve(measurements, scale, anchor,
+                                        "cholesky", "implicit"))
+        loss = tf.reduce_sum(weights * outputs)
+      return outputs, tape.gradient(loss, parameters)
+    _SOLVES["loop"] = solve
+  return _SOLVES["loop"]
+
+
+def _flat(parameters):
+  return np.concatenate([np.reshape(p, [-1]) for p in parameters])
+
+
+def _split(vector):
+  m = len(_EDGES) * 3
+  return [tf.constant(vector[:m].reshape(-1, 3)), tf.constant(vector[m]),
+          tf.constant(vector[m + 1:])]
+
+
+def _jacobian(point):
+  """(outputs [19], d outputs / d (m, scale, anchor) [19, 28]) at `point`
+  (flat parameters), one reverse pass per row."""
+  solve, rows = _loop_function(), []
+  for row in np.eye(19):
+    outputs, gradients = solve(*_split(point), tf.constant(row))
+    rows.append(_flat([g.numpy() for g in gradients]))
+  return outputs.numpy(), np.stack(rows)
+
+
+def _differences(point, directions, step=1e-6):
+  """Central differences of the re-solved outputs along each direction."""
+  solve, zero, columns = _loop_function(), tf.zeros([19], tf.float64), []
+  for direction in directions:
+    plus = solve(*_split(point + step * direction), zero)[0].numpy()
+    minus = solve(*_split(point - step * direction), zero)[0].numpy()
+    columns.append((plus - minus) / (2 * step))
+  return np.stack(columns, -1)
+
+
+def _directions(size, seed):
+  """Two random directions of all parameters, then the scale's and the
+  held pose's axes."""
+  random = np.random.default_rng(seed).normal(size=(2, size))
+  return list(random) + list(np.eye(size)[-4:])
+
+
+def test_loop_solution_derivatives_match_re_solves():
+  """Noise-free: d(solution)/d(measurements, captured scale, held pose)
+  along random directions of all parameters and the scale's and held
+  pose's axes; the held pose's output is the anchor (identity)."""
+  point = _flat([_EXACT, 1.0, _START[0]])
+  outputs, jacobian = _jacobian(point)
+  np.testing.assert_allclose(outputs[:18].reshape(6, 3), _TRUTH, atol=1e-12)
+  directions = _directions(point.size, seed=0)
+  implicit = jacobian @ np.stack(directions, -1)
+  differences = _differences(point, directions)
+  assert np.max(np.abs(implicit[:18])) > 1.0  # the solution moves
+  np.testing.assert_allclose(implicit[:18], differences[:18], atol=2e-7)
+  np.testing.assert_array_equal(jacobian[:3, -3:], np.eye(3))  # held pose
+  np.testing.assert_array_equal(jacobian[:3, :-3], 0.0)
+
+
+def test_final_cost_gradient_matches_re_solves():
+  """Noisy: d(final cost)/d(measurements, scale, held pose) (one reverse
+  pass, no solve: the envelope theorem)."""
+  point = _flat([_NOISY, 1.0, _START[0]])
+  outputs, gradients = _loop_function()(*_split(point),
+                                        tf.constant(np.eye(19)[-1]))
+  assert outputs[-1] > 1e-4
+  directions = _directions(point.size, seed=1)
+  differences = _differences(point, directions)[-1]
+  np.testing.assert_allclose(
+      _flat([g.numpy() for g in gradients]) @ np.stack(directions, -1),
+      differences, rtol=1e-6, atol=1e-10)
+
+
+# -- a linear factor graph -------------------------------------------------------
+
+# Tables a [3, 2] (row 0 held) and b [4, 2]; one term over pairs (a_i, b_j):
+# f_k = L (a_i - b_j) - y_k, L captured. x_F = argmin ||A_F x_F + A_H a_0 -
+# y||^2, so dx_F/dy = (A_F^T A_F)^-1 A_F^T, dx_F/da_0 = -that A_H.
+_PAIRS = np.array([(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (0, 3),
+                   (1, 0)])
+_L = np.array([[2.0, 0.5], [-0.3, 1.0]])
+_Y = np.random.default_rng(3).normal(size=(len(_PAIRS), 2))
+_A0 = np.array([0.5, -1.0])
+
+
+def _linear_closed_form():
+  """(dx_F/dy [12, 16], dx_F/da_0 [12, 2]) with x_F = (a_1, a_2, b)."""
+  design = np.zeros([2 * len(_PAIRS), 2 * 7])
+  for k, (i, j) in enumerate(_PAIRS):
+    design[2 * k:2 * k + 2, 2 * i:2 * i + 2] = _L
+    design[2 * k:2 * k + 2, 6 + 2 * j:6 + 2 * j + 2] = -_L
+  free, held = design[:, 2:], design[:, :2]
+  solution = np.linalg.solve(free.T @ free, free.T)
+  return solution, -solution @ held
+
+
+def _linear_solve(y, anchor, linear_solver, gradients="implicit",
+                  max_iterations=100):
+  a = factor_graph.Variables(
+      tf.concat([anchor[tf.newaxis], tf.zeros([2, 2], tf.float64)], 0),
+      fixed=[0], name="a")
+  b = factor_graph.Variables(tf.zeros([4, 2], tf.float64), name="b")
+  matrix = tf.constant(_L)
+  term = factor_graph.Term(
+      lambda x, z, data: tf.linalg.matvec(matrix, x - z) - data,
+      [(a, _PAIRS[:, 0]), (b, _PAIRS[:, 1])], data=[y])
+  results = factor_graph.least_squares([a, b], [term],
+                                       linear_solver=linear_solver,
+                                       gradients=gradients,
+                                       max_iterations=max_iterations)
+  return results.position
+
+
+def _flat_tables(tables):
+  return tf.concat([tf.reshape(t, [-1]) for t in tables], 0)
+
+
+def _check_linear(vector_jacobian_product, atol, seed):
+  """u -> (u^T dx/dy [8, 2], u^T dx/da_0 [2]) for x = (a, b) flattened [14],
+  against the closed form, for random u: the held row a_0 passes u[:2]
+  through and takes nothing from y."""
+  expected_y, expected_a0 = _linear_closed_form()
+  for u in np.random.default_rng(seed).normal(size=(2, 14)):
+    gradient_y, gradient_a0 = vector_jacobian_product(u)
+    np.testing.assert_allclose(np.reshape(gradient_y, [-1]),
+                               u[2:] @ expected_y, atol=atol)
+    np.testing.assert_allclose(gradient_a0, u[:2] + u[2:] @ expected_a0,
+                               atol=atol)
+
+
+def test_linear_graph_closed_form_with_cg_under_xla():
+  """'cg': block-Jacobi conjugate gradients forward and backward, XLA."""
+  @tf.function(autograph=False, jit_compile=True)
+  def product(y, anchor, u):
+    with tf.GradientTape() as tape:
+      tape.watch([y, anchor])
+      flat = _flat_tables(_linear_solve(y, anchor, "cg"))
+    return tape.gradient(flat, [y, anchor], output_gradients=u)
+
+  y, anchor = tf.constant(_Y), tf.constant(_A0)
+  _check_linear(lambda u: [g.numpy() for g in product(
+      y, anchor, tf.constant(u))], atol=1e-9, seed=5)
+
+
+def test_linear_graph_closed_form_in_a_session():
+  """'cholesky' (the Cholesky of the scattered J^T J), TF1 graph,
+  tf.gradients."""
+  graph = tf.Graph()
+  with graph.as_default():
+    y = tf.compat.v1.placeholder(tf.float64, [len(_PAIRS), 2])
+    anchor = tf.compat.v1.placeholder(tf.float64, [2])
+    u = tf.compat.v1.placeholder(tf.float64, [14])
+    flat = _flat_tables(_linear_solve(y, anchor, "cholesky"))
+    product = tf.gradients(flat, [y, anchor], grad_ys=u)
+    with tf.compat.v1.Session(graph=graph) as session:
+      _check_linear(lambda value: session.run(
+          product, {y: _Y, anchor: _A0, u: value}), atol=1e-12, seed=6)
+
+
+def test_linear_graph_schur_eagerly_and_none():
+  """'schur' eagerly (the Schur complement's backward solve): u^T dx/dy and
+  u^T dx/da_0 for random u; gradients='none': no gradient at all."""
+  y, anchor = tf.constant(_Y), tf.constant(_A0)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch([y, anchor])
+    flat = _flat_tables(_linear_solve(y, anchor, "schur"))
+    stopped = _linear_solve(y, anchor, "schur", gradients="none",
+                            max_iterations=1)
+  _check_linear(lambda u: tape.gradient(flat, [y, anchor],
+                                        output_gradients=tf.constant(u)),
+                atol=1e-12, seed=4)
+  assert tape.gradient(stopped, [y, anchor]) == [None, None]
