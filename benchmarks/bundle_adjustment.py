@@ -38,7 +38,9 @@ the SCHUR_JACOBI preconditioner.) Each solve runs in a process of its own
 (this script with --one), so that `peak MB`, the process' peak resident
 memory (ru_maxrss; TensorFlow's own ~0.5 GB included), is that solve's.
 `--skip-schur-above C`: no dense 'schur' run on problems of more than C
-cameras (S alone would be (9 C)^2 doubles).
+cameras (S alone would be (9 C)^2 doubles). `--once`: no second call
+(for large problems): `solve` is then the first call, graph optimizations
+(and XLA compilation) included.
 """
 
 import argparse
@@ -74,12 +76,13 @@ def ceres(python, source, output, max_iterations, linear_solver="auto"):
   return report
 
 
-def ours(source, output, linear_solver, max_iterations):
+def ours(source, output, linear_solver, max_iterations, once=False):
   """tfg_optim's solution's numbers (in a process of its own: this script
   with --one); its output's cost by `io.bal_cost`."""
   completed = subprocess.run(
       [sys.executable, __file__, "--one", linear_solver, str(source),
-       str(output), "--max-iterations", str(max_iterations)],
+       str(output), "--max-iterations", str(max_iterations)] +
+      (["--once"] if once else []),
       capture_output=True, text=True, check=False)
   if completed.returncode:
     return {"error": (completed.stderr.strip().splitlines() or ["?"])[-1]}
@@ -88,7 +91,7 @@ def ours(source, output, linear_solver, max_iterations):
   return report
 
 
-def one(source, output, linear_solver, max_iterations):
+def one(source, output, linear_solver, max_iterations, once=False):
   """--one: solves in this process; prints its numbers as one JSON line."""
   problem = io.read_bal(source)
   linear_solver, _, tolerance = linear_solver.partition("@")
@@ -97,7 +100,7 @@ def one(source, output, linear_solver, max_iterations):
   linear_solver, _, xla = linear_solver.partition("+")
   solution = bundle_adjustment.optimize(problem, max_iterations,
                                         linear_solver, xla=xla == "xla",
-                                        repeat=True)
+                                        repeat=not once)
   io.write_bal(output, solution.problem)
   results = solution.results
   print(json.dumps({
@@ -120,11 +123,14 @@ def main():
   parser.add_argument("--max-iterations", type=int, default=100)
   parser.add_argument("--no-files", action="store_true")
   parser.add_argument("--skip-schur-above", type=int, default=None)
+  parser.add_argument("--once", action="store_true",
+                      help="no second call: `solve` is the first call")
   parser.add_argument("--one", nargs=3, metavar=("SOLVER", "IN", "OUT"),
                       help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
-    one(args.one[1], args.one[2], args.one[0], args.max_iterations)
+    one(args.one[1], args.one[2], args.one[0], args.max_iterations,
+        args.once)
     return 0
   scratch = pathlib.Path(tempfile.mkdtemp(prefix="bal-bench-"))
   sources = [] if args.no_files else [(name, pathlib.Path(args.data) / name)
@@ -135,7 +141,7 @@ def main():
     path = scratch / f"synthetic-{c}-{p}-{k}.txt"
     io.write_bal(path, start)
     sources.append((f"synthetic {c}/{p}/{k}", path))
-  header = (f"{'problem':<28} {'solver':<28} {'initial cost':>14} "
+  header = (f"{'problem':<28} {'solver':<32} {'initial cost':>14} "
             f"{'final cost':>22} {'iters':>5} {'trace s':>8} {'first s':>8} "
             f"{'solve s':>8} {'peak MB':>8} {'cost ratio':>11} "
             f"{'time ratio':>10}")
@@ -148,12 +154,12 @@ def main():
                    args.max_iterations, linear_solver)
       label = "Ceres " + linear_solver
       if "error" in peer:
-        print(f"{name:<28} {label:<28} failed: {peer['error']}")
+        print(f"{name:<28} {label:<32} failed: {peer['error']}")
         continue
       anchor = anchor or peer
       iterations = (peer.get("num_successful_steps", 0) +
                     peer.get("num_unsuccessful_steps", 0))
-      print(f"{name:<28} {label:<28} {peer['initial_cost']:>14.6e} "
+      print(f"{name:<28} {label:<32} {peer['initial_cost']:>14.6e} "
             f"{peer['cost']:>22.15e} {iterations:>5} {'':>8} {'':>8} "
             f"{peer['solve_time']:>8.3f} {peer.get('peak_mb', 0):>8.0f} "
             f"{_ratio(peer['cost'], anchor['cost']):>11.6g} "
@@ -165,14 +171,15 @@ def main():
       if (solver.partition("+")[0] == "schur" and
           args.skip_schur_above is not None and
           cameras > args.skip_schur_above):
-        print(f"{'':<28} {label:<28} skipped: S would be "
+        print(f"{'':<28} {label:<32} skipped: S would be "
               f"{(9 * cameras) ** 2 * 8 / 2 ** 20:.0f} MB")
         continue
-      mine = ours(source, scratch / "ours.txt", solver, args.max_iterations)
+      mine = ours(source, scratch / "ours.txt", solver, args.max_iterations,
+                  args.once)
       if "error" in mine:
-        print(f"{'':<28} {label:<28} failed: {mine['error']}")
+        print(f"{'':<28} {label:<32} failed: {mine['error']}")
         continue
-      print(f"{'':<28} {label:<28} "
+      print(f"{'':<28} {label:<32} "
             f"{mine['initial_cost']:>14.6e} {mine['cost']:>22.15e} "
             f"{mine['iterations']:>5} {mine['trace_time']:>8.3f} "
             f"{mine['run_time']:>8.3f} {mine['solve_time']:>8.3f} "
