@@ -153,6 +153,9 @@ def main():
       peer = ceres(args.ceres_python, source, scratch / "ceres.txt",
                    args.max_iterations, linear_solver)
       label = "Ceres " + linear_solver
+      used = str(peer.get("linear_solver_type_used", "")).rpartition(".")[2]
+      if linear_solver == "auto" and used:
+        label += " (" + used + ")"
       if "error" in peer:
         print(f"{name:<28} {label:<32} failed: {peer['error']}")
         continue

@@ -7,9 +7,16 @@ Schur solve from given blocks (U, V, W, S assembled and factored, the step
 back-substituted), each a `tf.function` of its own; then the whole solve
 (tfg_optim/examples/bundle_adjustment.py, second call) capped at 1 and at 5
 iterations, whose difference / 4 is the cost of one iteration inside the
-engine's loop.
+engine's loop. (4) 'other loop work': what else an iteration of the loop
+computes from the blocks (the residual at the candidate, J^T r, ||J v||^2
+for the model decrease, three column norms: the vanishing-column refusal's
+two and the policy's scaling).
 
-    PYTHONPATH=. python benchmarks/bundle_adjustment_profile.py [--xla]
+    PYTHONPATH=. python benchmarks/bundle_adjustment_profile.py [--xla] \
+        [--intra-op-threads N]
+
+`--intra-op-threads N`: TensorFlow's (and XLA:CPU's) intra-op thread pool
+of N threads (default: TensorFlow's choice, one per core).
 """
 
 import argparse
@@ -36,7 +43,11 @@ def best_of(function, arguments, count=3):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--xla", action="store_true")
+  parser.add_argument("--intra-op-threads", type=int, default=None)
   args = parser.parse_args()
+  if args.intra_op_threads:
+    tf.config.threading.set_intra_op_parallelism_threads(
+        args.intra_op_threads)
   start, _ = io.synthetic_bal(50, 20000, num_observations=100000, seed=0)
   cameras, points = tf.constant(start.cameras), tf.constant(start.points)
 
@@ -64,12 +75,23 @@ def main():
                                         linearization.column_norms())
     return solve(None, gradient)
 
+  @compile_
+  def other_loop_work(c, p, *given):
+    layout, kind = setup(c, p)
+    linearization = kind.linearization_class(*given)
+    residual = layout.residual((c, p))
+    gradient = linearization.gradient(residual)
+    return (residual, gradient, linearization.curvature(gradient),
+            [linearization.column_norms() for _ in range(3)])
+
   mode = "XLA" if args.xla else "graph"
   given = blocks(cameras, points)
   for name, function, arguments in (
       ("residuals", residual, (cameras, points)),
       ("Jacobian blocks", blocks, (cameras, points)),
-      ("Schur solve", schur_step, (cameras, points) + tuple(given))):
+      ("Schur solve", schur_step, (cameras, points) + tuple(given)),
+      ("other loop work", other_loop_work,
+       (cameras, points) + tuple(given))):
     print(f"{mode:<6} {name:<28} {best_of(function, arguments):8.3f} s")
   totals = {}
   for iterations in (1, 5):
