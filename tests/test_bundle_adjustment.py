@@ -126,9 +126,11 @@ _TWICE = _seen_twice(2)
 def _reference(problem, seed):
   """The dense damped system of `problem` at lambda = 1e-2, D =
   diag(J^T J) times random factors in [0.5, 2] (NumPy): (lambda, D's
-  diagonal, the gradient, the step -(J^T J + lambda D)^-1 g, the reduced
-  camera matrix S, M^1/2 for M the block diagonal of S, and kappa, the
-  condition number of M^-1/2 S M^-1/2). The cameras are kept."""
+  diagonal, the gradient, the step -(J^T J + lambda D)^-1 g, M^1/2 for M
+  the block diagonal of the reduced camera matrix S, and kappa, the
+  condition number of M^-1/2 S M^-1/2: 73 for `_TWICE`, where the
+  iterative camera step's error is 0.1 to 0.2 of its bound kappa eta for
+  eta from 1e-1 to 1e-3). The cameras are kept."""
   jacobian, residuals = _dense_system(problem)
   gram = jacobian.T @ jacobian
   scaling = np.diag(gram) * np.random.default_rng(seed).uniform(
@@ -146,8 +148,8 @@ def _reference(problem, seed):
         vectors.T)
   inverse_root = np.linalg.inv(root)
   kappa = np.linalg.cond(inverse_root @ schur @ inverse_root)
-  return (lam, scaling, gradient, -np.linalg.solve(damped, gradient), schur,
-          root, kappa)
+  return (lam, scaling, gradient, -np.linalg.solve(damped, gradient), root,
+          kappa)
 
 
 def _iterative_step_errors(step, expected, root, kappa, tolerance):
@@ -168,7 +170,7 @@ def test_iterative_schur_step_is_within_its_tolerance():
   M^-1/2 S M^-1/2: ||x - x*||_M <= kappa eta ||x*||_M, and is inexact
   (the solve stopped early). S, M and the exact step come from the dense
   damped normal equations (NumPy). The next test: eta = 1e-12 under XLA."""
-  lam, scaling, _, expected, _, root, kappa = _reference(_TWICE, 2)
+  lam, scaling, _, expected, root, kappa = _reference(_TWICE, 2)
   step = _schur_step(_TWICE, iterative=True, tolerance=1e-2)(
       tf.constant(_TWICE.cameras), tf.constant(_TWICE.points),
       tf.constant(lam, tf.float64), tf.constant(scaling)).numpy()
@@ -182,7 +184,7 @@ def test_iterative_schur_solve_compiles_under_xla():
   (jit_compile=True), at tolerance eta = 1e-12: the camera step within
   kappa eta (previous test) and the whole step (points back-substituted)
   the dense step to 1e-9."""
-  lam, scaling, gradient, expected, _, root, kappa = _reference(_TWICE, 2)
+  lam, scaling, gradient, expected, root, kappa = _reference(_TWICE, 2)
   linearization, _ = _linearization(
       _TWICE, tf.constant(_TWICE.cameras), tf.constant(_TWICE.points),
       iterative=True, tolerance=1e-12)

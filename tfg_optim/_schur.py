@@ -114,8 +114,9 @@ class Structure:
   """
 
   def __init__(self, layout, eliminate=None, dense=True):
+    solver = "'schur'" if dense else "'iterative_schur'"
     if len(layout.tables) != 2:
-      raise ValueError("linear_solver='schur' needs exactly two variable "
+      raise ValueError(f"linear_solver={solver} needs exactly two variable "
                        f"tables (cameras and points), got "
                        f"{len(layout.tables)}.")
     if eliminate is None:  # the larger table: the smaller reduced system
@@ -126,7 +127,7 @@ class Structure:
     for number, term in enumerate(layout.terms):
       if sorted(term.tables) != [0, 1]:
         raise ValueError(
-            f"linear_solver='schur': term {number} must read one row of "
+            f"linear_solver={solver}: term {number} must read one row of "
             "each of the two tables (a camera and a point), it reads tables "
             f"{list(term.tables)}.")
       slot_r = term.tables.index(self.reduced)
@@ -136,7 +137,8 @@ class Structure:
         value = tf.get_static_value(term.indices[slot])
         if value is None:
           raise ValueError(
-              "linear_solver='schur' needs index tensors known while tracing "
+              f"linear_solver={solver} needs index tensors known while "
+              "tracing "
               f"(NumPy arrays or constants); term {number} slot {slot} is "
               "not.")
         out.append(np.asarray(value, np.int64).reshape(-1))
