@@ -432,6 +432,12 @@ def least_squares(variables, terms, *, damping=None,
                                     gradients)
     result = results_lib.from_state(state, num_records, criterion)
     if gradients == "implicit":
+      if linear_solver == "iterative_schur":
+        # The backward solve at lambda = 0 (J^T J singular under a gauge)
+        # by the dense Schur complement, whose failed factorization gets
+        # `_implicit`'s regularized retry; CG to the forward's tolerance
+        # would not (docs/bundle_adjustment.md).
+        kind = _schur.SchurKind(layout)
       result = _implicit_gradients(result, state.linearization, kind, layout,
                                    tables)
     return result._replace(position=list(result.position))
