@@ -3,7 +3,8 @@ of benchmarks/bundle_adjustment.py, run in its own venv (pyceres, pycolmap,
 numpy, scipy; no TensorFlow):
 
     /work/venv-ceres/bin/python benchmarks/_ceres_bal.py IN.txt OUT.txt \
-        [--max-iterations N]
+        [--max-iterations N] [--linear-solver auto|DENSE_SCHUR|SPARSE_SCHUR|
+                              ITERATIVE_SCHUR]
 
 BAL's camera is COLMAP's RADIAL camera (f, cx, cy, k1, k2) with the
 principal point held at 0 and a frame turned by 180 degrees about x: BAL
@@ -13,25 +14,32 @@ with R' = diag(1, -1, -1) R, t' = diag(1, -1, -1) t COLMAP's P' = R' X + t'
 (x, -y) gives the same residuals up to the sign of y, and the same cost.
 Each BAL camera is one COLMAP camera (its own intrinsics) and one image.
 Ceres' solver is left as COLMAP configures it (Levenberg-Marquardt, sparse
-Schur or dense Schur by size, Ceres' initial trust-region radius 1e4), with
+Schur or dense Schur by size, Ceres' initial trust-region radius 1e4;
+`--linear-solver` other than 'auto' turns COLMAP's choice by size off and
+names Ceres' linear solver, ITERATIVE_SCHUR with the SCHUR_JACOBI
+preconditioner and COLMAP's other linear-solver settings: at most 200 CG
+iterations, Ceres' forcing sequence eta = 0.1), with
 function, gradient and parameter tolerances 1e-12 (tfg_optim's program:
 relative cost change 1e-12, relative step 1e-12), two threads, no loss
 function; the gauge is not fixed (UNSPECIFIED), as in Ceres' own BAL
 example. COLMAP refuses points seen once (track length 1).
 
 Prints one JSON line: initial and final cost (Ceres' summary), iterations,
-solve time (the BundleAdjuster's Solve, Python set-up apart), and writes
+solve time (the BundleAdjuster's Solve, Python set-up apart), the process'
+peak resident memory (MB), and writes
 OUT.txt (the optimized problem in BAL form, floats by repr) so that the
 benchmark evaluates every solver's cost one way.
 """
 
 import argparse
 import json
+import resource
 import sys
 import time
 
 import numpy as np
 import pycolmap
+import pyceres
 from scipy.spatial.transform import Rotation
 
 FLIP = np.diag([1.0, -1.0, -1.0])
@@ -103,6 +111,9 @@ def main():
   parser.add_argument("input")
   parser.add_argument("output")
   parser.add_argument("--max-iterations", type=int, default=100)
+  parser.add_argument("--linear-solver", default="auto",
+                      choices=["auto", "DENSE_SCHUR", "SPARSE_SCHUR",
+                               "ITERATIVE_SCHUR"])
   args = parser.parse_args()
   cameras, points, camera_index, point_index, observed = read_bal(args.input)
   begin = time.perf_counter()
@@ -122,6 +133,12 @@ def main():
   solver.gradient_tolerance = 1e-12
   solver.parameter_tolerance = 1e-12
   solver.num_threads = 2
+  if args.linear_solver != "auto":
+    options.ceres.auto_select_solver_type = False
+    solver.linear_solver_type = getattr(pyceres.LinearSolverType,
+                                        args.linear_solver)
+    if args.linear_solver == "ITERATIVE_SCHUR":
+      solver.preconditioner_type = pyceres.PreconditionerType.SCHUR_JACOBI
   options.ceres.solver_options = solver
   setup = time.perf_counter() - begin
   adjuster = pycolmap.create_default_bundle_adjuster(options, config, scene)
@@ -130,9 +147,13 @@ def main():
   solve_time = time.perf_counter() - begin
   optimized = back_to_bal(scene, point_ids, len(cameras))
   write_bal(args.output, *optimized, camera_index, point_index, observed)
-  report = {"setup_time": setup, "solve_time": solve_time}
+  report = {"setup_time": setup, "solve_time": solve_time,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss /
+                       1024}
   for name in ("initial_cost", "final_cost", "num_successful_steps",
-               "num_unsuccessful_steps", "termination_type", "message"):
+               "num_unsuccessful_steps", "termination_type", "message",
+               "linear_solver_type_used", "preconditioner_type_used",
+               "num_linear_solves"):
     for source in (summary, getattr(summary, "ceres_summary", None)):
       if source is not None and hasattr(source, name):
         value = getattr(source, name)

@@ -49,7 +49,8 @@ from tfg_optim import nonlinear_least_squares
 from tfg_optim import results as results_lib
 from tfg_optim.manifolds import euclidean
 
-LINEAR_SOLVERS = ("auto", "cholesky", "cg", "schur")  # schur: _schur.py
+LINEAR_SOLVERS = ("auto", "cholesky", "cg", "schur",
+                  "iterative_schur")  # schur, iterative_schur: _schur.py
 
 # linear_solver="auto": the dense Cholesky of the assembled J^T J up to this
 # many tangent coordinates, block-Jacobi conjugate gradients beyond
@@ -350,6 +351,10 @@ def least_squares(variables, terms, *, damping=None,
       'schur': two tables, every term reading one row of each (bundle
       adjustment): the larger table eliminated, the reduced system by
       dense Cholesky (`_schur`, docs/bundle_adjustment.md).
+      'iterative_schur': as 'schur', the reduced system by conjugate
+      gradients on the implicit S with the SCHUR_JACOBI preconditioner
+      (Ceres' ITERATIVE_SCHUR: no N_c^2 matrix); not with the
+      'trust_region' damping.
     gradients: how `position` and `cost` (and `residual`) are
       differentiated: 'implicit' (default; `_implicit_gradients`: the
       Gauss-Newton implicit derivative at the solution, one linear solve in
@@ -374,6 +379,12 @@ def least_squares(variables, terms, *, damping=None,
   max_iterations = _validation.positive_int(max_iterations, "max_iterations")
   policy = (default_damping() if damping is None else
             nonlinear_least_squares.damping_policy(damping))
+  if (linear_solver == "iterative_schur" and
+      isinstance(policy, damping_lib.TrustRegionDamping)):
+    raise ValueError(
+        "linear_solver='iterative_schur' solves the lambda-damped system; "
+        "the 'trust_region' damping needs a step bounded by its radius: use "
+        "linear_solver='cg' (Steihaug's truncated CG) or a lambda damping.")
   if vanishing_column_tolerance is not None:
     vanishing_column_tolerance = _validation.real_number(
         vanishing_column_tolerance, "vanishing_column_tolerance", lower=0.0)
@@ -401,8 +412,9 @@ def least_squares(variables, terms, *, damping=None,
     kind = _block_sparse.BlockSparseKind(
         layout, dense=picked_solver(linear_solver,
                                     layout.tangent_dim) == "cholesky")
-    if linear_solver == "schur":  # bundle adjustment: eliminate the points
-      kind = _schur.SchurKind(layout)
+    if linear_solver in ("schur", "iterative_schur"):  # bundle adjustment
+      kind = _schur.SchurKind(layout,
+                              iterative=linear_solver == "iterative_schur")
     problem = _engine.Problem(
         residual_fn=layout.residual, retract=layout.retract,
         tangent_dim=layout.tangent_dim, cost_fn=None, jacobian_fn=None)
@@ -420,6 +432,12 @@ def least_squares(variables, terms, *, damping=None,
                                     gradients)
     result = results_lib.from_state(state, num_records, criterion)
     if gradients == "implicit":
+      if linear_solver == "iterative_schur":
+        # The backward solve at lambda = 0 (J^T J singular under a gauge)
+        # by the dense Schur complement, whose failed factorization gets
+        # `_implicit`'s regularized retry; CG to the forward's tolerance
+        # would not (docs/bundle_adjustment.md).
+        kind = _schur.SchurKind(layout)
       result = _implicit_gradients(result, state.linearization, kind, layout,
                                    tables)
     return result._replace(position=list(result.position))

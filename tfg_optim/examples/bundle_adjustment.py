@@ -3,7 +3,8 @@
 Run:
 
     python -m tfg_optim.examples.bundle_adjustment IN.txt --output OUT.txt \
-        [--max-iterations N] [--linear-solver schur|cholesky|cg|auto] \
+        [--max-iterations N] \
+        [--linear-solver schur|iterative_schur|cholesky|cg|auto] \
         [--xla] [--plot OUT.png]
 
 It minimizes the BAL cost (`io.bal_cost`, the formula of
@@ -20,7 +21,10 @@ leaves F unchanged) is held as Ceres' BAL example holds it: nothing is
 fixed, and Levenberg-Marquardt's damping (Nielsen's lambda with Marquardt's
 scaling) makes the damped normal equations regular. The default solver is
 'schur' (`tfg_optim._schur`: the points eliminated in closed form, the
-reduced camera system by dense Cholesky); 'cholesky' factors the whole
+reduced camera system by dense Cholesky); 'iterative_schur' solves the
+reduced system by conjugate gradients on the implicit Schur complement
+with the SCHUR_JACOBI preconditioner (Ceres' ITERATIVE_SCHUR: memory
+linear in the observations, for many cameras); 'cholesky' factors the whole
 assembled J^T J, 'cg' is block-Jacobi conjugate gradients.
 
 The solve runs inside one `tf.function` (tracing is timed apart from the
@@ -45,7 +49,7 @@ from tfg_optim import io
 from tfg_optim._engine import StopReason
 from tfg_optim.io import bal
 
-LINEAR_SOLVERS = ("schur", "cholesky", "cg", "auto")
+LINEAR_SOLVERS = ("schur", "iterative_schur", "cholesky", "cg", "auto")
 
 
 def reprojection_error(camera, point, observed):
