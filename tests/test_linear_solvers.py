@@ -299,3 +299,18 @@ def test_trust_region_method_eigh_is_selectable():
     np.testing.assert_allclose(solve(None, gradient), want[0], rtol=1e-9)
     np.testing.assert_allclose(new_state.lam, want[2], rtol=1e-9)
     np.testing.assert_allclose(new_state.radius, want[1], rtol=1e-12)
+
+
+def test_conjugate_gradients_with_a_failed_preconditioner_give_nan_not_zero():
+  """A preconditioner that failed (NaN, e.g. a block's Cholesky) used to
+  leave the loop at once with x = 0, a zero step that step tests could take
+  for convergence; it is a NaN step (a rejection), for that member only."""
+  matrix = tf.constant([[[4.0, 1.0], [1.0, 3.0]]] * 2, tf.float64)
+  rhs = tf.constant([[1.0, 2.0]] * 2, tf.float64)
+  poisoned = tf.constant([[1.0], [np.nan]], tf.float64)
+  x, _ = _linear_solvers._cg_loop(  # pylint: disable=protected-access
+      lambda v: tf.linalg.matvec(matrix, v), rhs, lambda r: r * poisoned,
+      max_iterations=10, tolerance=1e-12)
+  np.testing.assert_allclose(x[0], np.linalg.solve(matrix[0], rhs[0]),
+                             rtol=1e-10)
+  assert np.all(np.isnan(x[1]))

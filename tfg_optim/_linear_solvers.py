@@ -468,7 +468,11 @@ def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
       lambda k, x, r, p, rz, active: tf.reduce_any(active), body,
       (tf.constant(0), x, r, p, rz, active),
       maximum_iterations=max_iterations)
-  return x, k
+  # A non-finite right-hand side or preconditioner (a failed factorization)
+  # leaves the loop at once with x = 0: a NaN step (a rejection) instead,
+  # never a zero step that step tests could take for convergence.
+  return _batch.select(tf.math.is_finite(rz), x, tf.fill(
+      tf.shape(x), tf.constant(np.nan, x.dtype))), k
 
 
 def _preconditioner(linearization, damping_diagonal):
