@@ -43,13 +43,15 @@ from tfg_optim import _block_sparse
 from tfg_optim import _engine
 from tfg_optim import _implicit
 from tfg_optim import _schur
+from tfg_optim import _sparse_cholesky
 from tfg_optim import _validation
 from tfg_optim import damping as damping_lib
 from tfg_optim import nonlinear_least_squares
 from tfg_optim import results as results_lib
 from tfg_optim.manifolds import euclidean
 
-LINEAR_SOLVERS = ("auto", "cholesky", "cg", "schur")  # schur: _schur.py
+LINEAR_SOLVERS = ("auto", "cholesky", "cg", "schur",  # schur: _schur.py
+                  "sparse_cholesky")  # _sparse_cholesky.py
 
 # linear_solver="auto": the dense Cholesky of the assembled J^T J up to this
 # many tangent coordinates, block-Jacobi conjugate gradients beyond
@@ -350,6 +352,12 @@ def least_squares(variables, terms, *, damping=None,
       'schur': two tables, every term reading one row of each (bundle
       adjustment): the larger table eliminated, the reduced system by
       dense Cholesky (`_schur`, docs/bundle_adjustment.md).
+      'sparse_cholesky': block sparse Cholesky of J^T J + lambda D
+      (nested-dissection ordering, factored level by level of the
+      elimination tree; `_sparse_cholesky`, docs/sparse.md); index tensors
+      must be known while tracing; it is also the implicit gradients'
+      backward solve (lambda = 0). With damping='trust_region' the step is
+      Steihaug's truncated CG, as for 'cg'.
     gradients: how `position` and `cost` (and `residual`) are
       differentiated: 'implicit' (default; `_implicit_gradients`: the
       Gauss-Newton implicit derivative at the solution, one linear solve in
@@ -403,6 +411,8 @@ def least_squares(variables, terms, *, damping=None,
                                     layout.tangent_dim) == "cholesky")
     if linear_solver == "schur":  # bundle adjustment: eliminate the points
       kind = _schur.SchurKind(layout)
+    if linear_solver == "sparse_cholesky":
+      kind = _sparse_cholesky.SparseCholeskyKind(layout)
     problem = _engine.Problem(
         residual_fn=layout.residual, retract=layout.retract,
         tangent_dim=layout.tangent_dim, cost_fn=None, jacobian_fn=None)

@@ -1,0 +1,260 @@
+"""The block sparse Cholesky solver (`tfg_optim._sparse_cholesky`,
+`factor_graph.least_squares(linear_solver='sparse_cholesky')`).
+
+The factor and the step are checked against NumPy's dense Cholesky and
+`np.linalg.solve` of the same damped J^T J + lambda D, assembled densely
+from the blocks (`gram()`, the 'cholesky' path's scatter), on an SE(2) pose
+graph with loop closures, a held first pose and a second table of 2-D
+landmarks (block size 3, the landmarks padded); the full solve against
+linear_solver='cholesky'; the ordering's elimination tree against the
+logarithmic height nested dissection gives a chain.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import modes
+from tfg_optim import _block_sparse
+from tfg_optim import _sparse_cholesky
+from tfg_optim import factor_graph
+from tfg_optim.manifolds import lie_groups
+
+
+def _between_error(first, second, measurement):
+  return lie_groups.log(lie_groups.between(
+      measurement, lie_groups.between(first, second)))
+
+
+def _seen(pose, landmark, measurement):
+  """A landmark in a pose's frame minus its measurement, [K, 2]."""
+  return lie_groups.transform(lie_groups.inverse(pose), landmark) - measurement
+
+
+def _graph(count=24, landmarks=4, noise=0.05, seed=0):
+  """A noisy 2-D loop of `count` SE(2) poses (odometry and four loop
+  closures; the first pose held) and `landmarks` 2-D points seen from
+  every fourth pose: (poses, landmarks, edges, measurements, sightings,
+  observations) as NumPy arrays."""
+  rng = np.random.default_rng(seed)
+  angle = np.linspace(0.0, 2.0 * np.pi, count, endpoint=False)
+  truth = np.stack([5.0 * np.cos(angle), 5.0 * np.sin(angle),
+                    np.asarray(lie_groups.wrap_angle(angle + np.pi / 2))], -1)
+  edges = np.array([(i, (i + 1) % count) for i in range(count)] +
+                   [(0, count // 2), (3, 3 + count // 2), (5, count - 2),
+                    (count // 4, 3 * count // 4)])
+  measurements = np.asarray(lie_groups.SE2().retract(
+      lie_groups.between(truth[edges[:, 0]], truth[edges[:, 1]]),
+      noise * rng.normal(size=(len(edges), 3))))
+  poses = np.array(lie_groups.SE2().retract(
+      truth, 0.1 * rng.normal(size=truth.shape)))
+  poses[0] = truth[0]
+  points = rng.uniform(-4.0, 4.0, size=(landmarks, 2))
+  seen_by = np.arange(0, count, 4)
+  sightings = np.array([(pose, (k + shift) % landmarks)
+                        for k, pose in enumerate(range(0, count, 4))
+                        for shift in (0, 1)])
+  observations = np.asarray(lie_groups.transform(
+      lie_groups.inverse(truth[sightings[:, 0]]),
+      points[sightings[:, 1]])) + noise * rng.normal(size=(len(sightings), 2))
+  start_points = points + 0.2 * rng.normal(size=points.shape)
+  return poses, start_points, edges, measurements, sightings, observations
+
+
+_GRAPH = _graph()
+
+
+def _problem(poses, points, graph=_GRAPH):
+  """([poses, landmarks], [between, seen]) of `graph` at (poses, points)."""
+  _, _, edges, measurements, sightings, observations = graph
+  pose_table = factor_graph.Variables(poses, manifold=lie_groups.SE2(),
+                                      fixed=[0], name="poses")
+  landmark_table = factor_graph.Variables(points, name="landmarks")
+  between = factor_graph.Term(
+      _between_error, [(pose_table, edges[:, 0]), (pose_table, edges[:, 1])],
+      data=[measurements], name="between")
+  seen = factor_graph.Term(
+      _seen, [(pose_table, sightings[:, 0]),
+              (landmark_table, sightings[:, 1])],
+      data=[observations], name="seen")
+  return [pose_table, landmark_table], [between, seen]
+
+
+def _step(poses, points, lam, scaling):
+  """(sparse step, gradient, J^T J): the sparse Cholesky step of
+  (J^T J + lambda diag(scaling)) s = -g, with the dense J^T J (scattered
+  from the same blocks) for the reference."""
+  variables, terms = _problem(poses, points)
+  layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
+  kind = _sparse_cholesky.SparseCholeskyKind(layout)
+  point = (poses, points)
+  linearization = kind.at(point, None)
+  gradient = linearization.gradient(layout.residual(point))
+  solve = linearization.damped_solver(lam, scaling)
+  return solve(None, gradient), gradient, linearization.gram()
+
+
+def _reference_step(gradient, gram, lam, scaling):
+  """-(A)^-1 g over the free coordinates (the held pose's 3 are 0)."""
+  matrix = gram + lam * np.diag(scaling)
+  step = np.zeros_like(gradient)
+  step[3:] = -np.linalg.solve(matrix[3:, 3:], gradient[3:])
+  return step
+
+
+def _inputs(seed):
+  rng = np.random.default_rng(seed)
+  poses, points = _GRAPH[:2]
+  lam = rng.uniform(1e-3, 1.0)
+  scaling = rng.uniform(0.5, 2.0, size=3 * len(poses) + 2 * len(points))
+  return [poses, points, np.float64(lam), scaling]
+
+
+@pytest.mark.parametrize("mode", ["eager", "session", "xla"])
+def test_step_equals_the_dense_solve(mode):
+  """Random lambda and D: the step equals np.linalg.solve of the dense
+  damped J^T J to 1e-10 (relative), the held pose's step is exactly 0."""
+  inputs = _inputs(seed=modes.MODES.index(mode))
+  step, gradient, gram = modes.run(_step, inputs, mode)
+  reference = _reference_step(gradient, gram, inputs[2], inputs[3])
+  np.testing.assert_array_equal(step[:3], 0.0)
+  assert np.linalg.norm(reference) > 1e-3
+  assert (np.linalg.norm(step - reference) <
+          1e-10 * np.linalg.norm(reference))
+
+
+def test_factor_equals_the_dense_cholesky():
+  """The level-by-level blocks of L, put in a dense matrix, equal NumPy's
+  Cholesky factor of P (J^T J + lambda D + E) P^T (E: 1 on the held and
+  padded coordinates), block by block."""
+  poses, points, lam, scaling = _inputs(seed=7)
+  variables, terms = _problem(tf.constant(poses), tf.constant(points))
+  layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
+  kind = _sparse_cholesky.SparseCholeskyKind(layout)
+  structure = kind.structure
+  linearization = kind.at((variables[0].values, variables[1].values), None)
+  storage, extra = linearization.assemble(lam, scaling)
+  factors = _sparse_cholesky.factor(
+      structure, _sparse_cholesky._add_to_diagonals(structure, storage,  # pylint: disable=protected-access
+                                                    extra))
+  d, rows = structure.block, structure.rows
+  dense = np.zeros([rows * d, rows * d])
+  positions = []
+  for level, (diagonal, off) in zip(structure.levels, factors):
+    columns = level.start + np.arange(level.columns)
+    for j, block in zip(columns, diagonal.numpy()):
+      dense[j * d:(j + 1) * d, j * d:(j + 1) * d] = block
+    if off is not None:
+      end = level.start + level.columns
+      for i, j, block in zip(level.rows + end, columns[level.block_column],
+                             off.numpy()):
+        dense[i * d:(i + 1) * d, j * d:(j + 1) * d] = block
+        positions.append((i, j))
+  # The damped J^T J in padded rows (3 coordinates per row), renumbered.
+  n = layout.tangent_dim
+  matrix = linearization.gram().numpy() + lam * np.diag(scaling)
+  coordinates = np.concatenate([np.arange(3 * len(poses)).reshape(-1, 3),
+                                np.pad(3 * len(poses) + np.arange(
+                                    2 * len(points)).reshape(-1, 2),
+                                       [[0, 0], [0, 1]], constant_values=n)])
+  padded = np.zeros([n + 1, n + 1])
+  padded[:n, :n] = matrix
+  order = coordinates[structure.order].reshape(-1)
+  permuted = padded[order][:, order]
+  permuted[order == n] = 0.0
+  permuted[:, order == n] = 0.0
+  held = np.asarray(structure.held).reshape(-1, d)[structure.order].reshape(-1)
+  permuted[held > 0] = 0.0
+  permuted[:, held > 0] = 0.0
+  permuted += np.diag(held)
+  expected = np.linalg.cholesky(permuted)
+  np.testing.assert_allclose(dense, expected, atol=1e-12 * np.abs(
+      expected).max())
+  # Every structurally nonzero block of L is in the schedule, no block twice.
+  nonzero = {(i, j) for i in range(rows) for j in range(i)
+             if np.abs(expected[i * d:(i + 1) * d,
+                                j * d:(j + 1) * d]).max() > 0}
+  assert nonzero <= set(positions)
+  assert len(positions) == len(set(positions)) == structure.nnz_blocks
+
+
+_SOLVES = {}
+
+
+def _full_solve(linear_solver):
+  """build(poses, points) -> (poses, points, cost), one `tf.function` per
+  linear solver (module cache)."""
+  if linear_solver not in _SOLVES:
+    def solve(poses, points):
+      variables, terms = _problem(poses, points)
+      results = factor_graph.least_squares(
+          variables, terms, linear_solver=linear_solver, max_iterations=50)
+      return (*results.position, results.cost, results.converged)
+    _SOLVES[linear_solver] = tf.function(solve, autograph=False)
+  return _SOLVES[linear_solver]
+
+
+def test_solve_equals_the_dense_cholesky_solve():
+  """In a `tf.function`: the same minimum as linear_solver='cholesky', to
+  1e-10 relative, converged, at a cost above zero (noisy)."""
+  poses, points = _GRAPH[:2]
+  sparse = [np.asarray(x) for x in _full_solve("sparse_cholesky")(
+      tf.constant(poses), tf.constant(points))]
+  dense = [np.asarray(x) for x in _full_solve("cholesky")(
+      tf.constant(poses), tf.constant(points))]
+  assert sparse[3] and dense[3]
+  assert dense[2] > 1e-4
+  np.testing.assert_array_equal(sparse[0][0], poses[0])  # held
+  for ours, theirs in zip(sparse[:3], dense[:3]):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10,
+                               atol=1e-10 * np.abs(theirs).max())
+
+
+def test_float32_step_in_a_session():
+  """float32 in a TF1 Session: the step to float32's accuracy."""
+  poses, points, lam, scaling = _inputs(seed=3)
+  inputs = [poses.astype(np.float32), points.astype(np.float32),
+            np.float32(lam), scaling.astype(np.float32)]
+  step, gradient, gram = modes.run(_step, inputs, "session")
+  assert step.dtype == np.float32
+  reference = _reference_step(gradient.astype(np.float64),
+                              gram.astype(np.float64), lam, scaling)
+  assert (np.linalg.norm(step - reference) <
+          1e-4 * np.linalg.norm(reference))
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_indefinite_system_gives_a_nan_step(mode):
+  """lambda = -10 makes J^T J + lambda D indefinite: the step is all NaN
+  (a rejected step), not an exception."""
+  poses, points, _, scaling = _inputs(seed=1)
+  step, _, _ = modes.run(_step, [poses, points, np.float64(-10.0), scaling],
+                         mode)
+  assert np.isnan(step).all()
+
+
+def test_dissection_of_a_chain_is_shallow():
+  """A chain of 1000 rows: nested dissection's elimination tree has
+  logarithmic height (about log2(1000 / leaf) + leaf levels; the chain's
+  natural order would have 1000) and at most two blocks per column (each
+  separator meets the nearest separator on either side)."""
+  count = 1000
+  chain = np.arange(count - 1)
+  table = _block_sparse.Table(count, 1, None, 0, None)
+  term = _block_sparse.Term(None, [0, 0], [tf.constant(chain),
+                                           tf.constant(chain + 1)], [],
+                            count - 1, 1)
+  structure = _sparse_cholesky.Structure(
+      _block_sparse.Layout([table], [term]))
+  assert count - 1 <= structure.nnz_blocks <= 2 * (count - 1)
+  assert structure.height <= 2 * int(np.log2(count)) + 2
+
+
+def test_indices_must_be_known_while_tracing():
+  @tf.function(autograph=False)
+  def build(index):
+    table = _block_sparse.Table(4, 1, None, 0, None)
+    term = _block_sparse.Term(None, [0, 0], [index, index], [], 3, 1)
+    _sparse_cholesky.Structure(_block_sparse.Layout([table], [term]))
+  with pytest.raises(ValueError, match="known while tracing"):
+    build.get_concrete_function(tf.TensorSpec([3], tf.int32))
