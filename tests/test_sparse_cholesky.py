@@ -42,7 +42,7 @@ def _graph(count=24, landmarks=4, noise=0.05, seed=0):
                     np.asarray(lie_groups.wrap_angle(angle + np.pi / 2))], -1)
   edges = np.array([(i, (i + 1) % count) for i in range(count)] +
                    [(0, count // 2), (3, 3 + count // 2), (5, count - 2),
-                    (count // 4, 3 * count // 4)])
+                    (count // 4, 3 * count // 4)]) % count
   measurements = np.asarray(lie_groups.SE2().retract(
       lie_groups.between(truth[edges[:, 0]], truth[edges[:, 1]]),
       noise * rng.normal(size=(len(edges), 3))))
@@ -80,11 +80,29 @@ def _problem(poses, points, graph=_GRAPH):
   return [pose_table, landmark_table], [between, seen]
 
 
-def _step(poses, points, lam, scaling):
+def _euclidean_problem(values, points, graph=_GRAPH):
+  """The same graph's structure with Euclidean rows (3 and 2 coordinates)
+  and residuals cheap to trace (the graph-mode cells): x_j - x_i - z_ij,
+  and ranges ||x_i[:2] - y_k|| - r_k (nonlinear)."""
+  _, _, edges, measurements, sightings, observations = graph
+  table = factor_graph.Variables(values, fixed=[0], name="values")
+  landmark_table = factor_graph.Variables(points, name="landmarks")
+  difference = factor_graph.Term(
+      lambda a, b, z: b - a - z, [(table, edges[:, 0]), (table, edges[:, 1])],
+      data=[measurements], name="difference")
+  ranges = np.linalg.norm(observations, axis=-1, keepdims=True)
+  seen = factor_graph.Term(
+      lambda a, b, r: tf.norm(a[:, :2] - b, axis=-1, keepdims=True) - r,
+      [(table, sightings[:, 0]), (landmark_table, sightings[:, 1])],
+      data=[ranges], name="seen")
+  return [table, landmark_table], [difference, seen]
+
+
+def _step(poses, points, lam, scaling, problem=_problem):
   """(sparse step, gradient, J^T J): the sparse Cholesky step of
   (J^T J + lambda diag(scaling)) s = -g, with the dense J^T J (scattered
   from the same blocks) for the reference."""
-  variables, terms = _problem(poses, points)
+  variables, terms = problem(poses, points)
   layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
   kind = _sparse_cholesky.SparseCholeskyKind(layout)
   point = (poses, points)
@@ -95,38 +113,109 @@ def _step(poses, points, lam, scaling):
 
 
 def _reference_step(gradient, gram, lam, scaling):
-  """-(A)^-1 g over the free coordinates (the held pose's 3 are 0)."""
+  """-(A)^-1 g over the free coordinates (the held row's 3 are 0)."""
   matrix = gram + lam * np.diag(scaling)
   step = np.zeros_like(gradient)
   step[3:] = -np.linalg.solve(matrix[3:, 3:], gradient[3:])
   return step
 
 
-def _inputs(seed):
+def _inputs(seed, graph=_GRAPH, dtype=np.float64):
+  """[poses, points, lambda, scaling]: lambda in [1e-3, 1], D's diagonal
+  in [0.5, 2]."""
   rng = np.random.default_rng(seed)
-  poses, points = _GRAPH[:2]
+  poses, points = graph[:2]
   lam = rng.uniform(1e-3, 1.0)
   scaling = rng.uniform(0.5, 2.0, size=3 * len(poses) + 2 * len(points))
-  return [poses, points, np.float64(lam), scaling]
+  return [poses.astype(dtype), points.astype(dtype), dtype(lam),
+          scaling.astype(dtype)]
 
 
-@pytest.mark.parametrize("mode", ["eager", "session", "xla"])
-def test_step_equals_the_dense_solve(mode):
-  """Random lambda and D: the step equals np.linalg.solve of the dense
-  damped J^T J to 1e-10 (relative), the held pose's step is exactly 0."""
-  inputs = _inputs(seed=modes.MODES.index(mode))
-  step, gradient, gram = modes.run(_step, inputs, mode)
-  reference = _reference_step(gradient, gram, inputs[2], inputs[3])
-  np.testing.assert_array_equal(step[:3], 0.0)
+def _check_step(step, gradient, gram, lam, scaling, tolerance):
+  reference = _reference_step(gradient.astype(np.float64),
+                              gram.astype(np.float64), np.float64(lam),
+                              scaling.astype(np.float64))
+  np.testing.assert_array_equal(step[:3], 0.0)  # the held row
   assert np.linalg.norm(reference) > 1e-3
   assert (np.linalg.norm(step - reference) <
-          1e-10 * np.linalg.norm(reference))
+          tolerance * np.linalg.norm(reference))
+
+
+def test_pose_graph_step_equals_the_dense_solve():
+  """SE(2) poses (the first held, loop closures) and 2-D landmarks (padded
+  to 3), random lambda and D: the step equals np.linalg.solve of the dense
+  damped J^T J to 1e-10 (relative); the held pose's step is exactly 0."""
+  inputs = _inputs(seed=0)
+  step, gradient, gram = modes.run(_step, inputs, "eager")
+  _check_step(step, gradient, gram, *inputs[2:], tolerance=1e-10)
+
+
+_SMALL = _graph(count=4, landmarks=1, seed=1)
+_LINEARIZATIONS = {}
+
+
+def _linearization(graph, dtype):
+  """(kind, blocks, gradient, J^T J) of `_euclidean_problem` on `graph`,
+  computed eagerly once (module cache): the graph-mode cells run only the
+  solver on them."""
+  key = (id(graph), dtype)
+  if key not in _LINEARIZATIONS:
+    variables, terms = _euclidean_problem(
+        tf.constant(graph[0], dtype), tf.constant(graph[1], dtype), graph)
+    layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
+    kind = _sparse_cholesky.SparseCholeskyKind(layout)
+    point = tuple(v.values for v in variables)
+    linearization = kind.at(point, None)
+    _LINEARIZATIONS[key] = (
+        kind, [b.numpy() for b in linearization.blocks],
+        linearization.gradient(layout.residual(point)).numpy(),
+        linearization.gram().numpy())
+  return _LINEARIZATIONS[key]
+
+
+def _solver_step(kind):
+  """build(lam, scaling, gradient, *blocks) -> the step."""
+  def build(lam, scaling, gradient, *blocks):
+    linearization = kind.linearization_class(*blocks)
+    return linearization.damped_solver(lam, scaling)(None, gradient)
+  return build
+
+
+def test_xla_step_equals_the_dense_solve():
+  """Under XLA (`jit_compile=True`; the solver alone, on the Euclidean
+  tables of a smaller graph: compile time) to 1e-10."""
+  kind, blocks, gradient, gram = _linearization(_SMALL, np.float64)
+  _, _, lam, scaling = _inputs(seed=2, graph=_SMALL)
+  step = modes.run(_solver_step(kind), [lam, scaling, gradient, *blocks],
+                   "xla")
+  _check_step(step, gradient, gram, lam, scaling, tolerance=1e-10)
+
+
+def test_float32_session_step():
+  """In a TF1 Session, float32, the whole problem built in the graph: the
+  step to 1e-4; and lambda = -10, which makes J^T J + lambda D indefinite:
+  an all-NaN step (a rejected step), not an exception."""
+  poses, points, lam, scaling = _inputs(seed=1, dtype=np.float32)
+
+  def build(poses, points, lam, scaling):
+    step, gradient, gram = _step(poses, points, lam, scaling,
+                                 problem=_euclidean_problem)
+    indefinite, _, _ = _step(poses, points, -10.0 + 0.0 * lam, scaling,
+                             problem=_euclidean_problem)
+    return step, gradient, gram, indefinite
+
+  step, gradient, gram, indefinite = modes.run(
+      build, [poses, points, lam, scaling], "session")
+  assert step.dtype == np.float32
+  _check_step(step, gradient, gram, lam, scaling, tolerance=1e-4)
+  assert np.isnan(indefinite).all()
 
 
 def test_factor_equals_the_dense_cholesky():
   """The level-by-level blocks of L, put in a dense matrix, equal NumPy's
   Cholesky factor of P (J^T J + lambda D + E) P^T (E: 1 on the held and
-  padded coordinates), block by block."""
+  padded coordinates), block by block; every nonzero block of L is in the
+  schedule once."""
   poses, points, lam, scaling = _inputs(seed=7)
   variables, terms = _problem(tf.constant(poses), tf.constant(points))
   layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
@@ -140,9 +229,9 @@ def test_factor_equals_the_dense_cholesky():
   d, rows = structure.block, structure.rows
   dense = np.zeros([rows * d, rows * d])
   positions = []
-  for level, (diagonal, off) in zip(structure.levels, factors):
+  for level, (inverse, off) in zip(structure.levels, factors):
     columns = level.start + np.arange(level.columns)
-    for j, block in zip(columns, diagonal.numpy()):
+    for j, block in zip(columns, np.linalg.inv(inverse.numpy())):
       dense[j * d:(j + 1) * d, j * d:(j + 1) * d] = block
     if off is not None:
       end = level.start + level.columns
@@ -161,8 +250,6 @@ def test_factor_equals_the_dense_cholesky():
   padded[:n, :n] = matrix
   order = coordinates[structure.order].reshape(-1)
   permuted = padded[order][:, order]
-  permuted[order == n] = 0.0
-  permuted[:, order == n] = 0.0
   held = np.asarray(structure.held).reshape(-1, d)[structure.order].reshape(-1)
   permuted[held > 0] = 0.0
   permuted[:, held > 0] = 0.0
@@ -170,7 +257,6 @@ def test_factor_equals_the_dense_cholesky():
   expected = np.linalg.cholesky(permuted)
   np.testing.assert_allclose(dense, expected, atol=1e-12 * np.abs(
       expected).max())
-  # Every structurally nonzero block of L is in the schedule, no block twice.
   nonzero = {(i, j) for i in range(rows) for j in range(i)
              if np.abs(expected[i * d:(i + 1) * d,
                                 j * d:(j + 1) * d]).max() > 0}
@@ -178,58 +264,63 @@ def test_factor_equals_the_dense_cholesky():
   assert len(positions) == len(set(positions)) == structure.nnz_blocks
 
 
-_SOLVES = {}
+def _numpy_residuals(graph):
+  """The residuals of `_euclidean_problem` in NumPy, of the free
+  coordinates (row 0 of the values held at its start)."""
+  values, points, edges, measurements, sightings, observations = graph
+  ranges = np.linalg.norm(observations, axis=-1)
+  count = len(values)
+
+  def residuals(free):
+    table = np.concatenate([values[:1], free[:3 * (count - 1)].reshape(-1, 3)])
+    landmarks = free[3 * (count - 1):].reshape(-1, 2)
+    difference = table[edges[:, 1]] - table[edges[:, 0]] - measurements
+    seen = np.linalg.norm(table[sightings[:, 0], :2] -
+                          landmarks[sightings[:, 1]], axis=-1) - ranges
+    return np.concatenate([difference.ravel(), seen])
+  return residuals
 
 
-def _full_solve(linear_solver):
-  """build(poses, points) -> (poses, points, cost), one `tf.function` per
-  linear solver (module cache)."""
-  if linear_solver not in _SOLVES:
-    def solve(poses, points):
-      variables, terms = _problem(poses, points)
-      results = factor_graph.least_squares(
-          variables, terms, linear_solver=linear_solver, max_iterations=50)
-      return (*results.position, results.cost, results.converged)
-    _SOLVES[linear_solver] = tf.function(solve, autograph=False)
-  return _SOLVES[linear_solver]
+def test_solve_reaches_minpacks_minimum():
+  """In a `tf.function`: linear_solver='sparse_cholesky' ends where scipy's
+  MINPACK LM (NumPy residuals, finite differences) does on a nonlinear
+  problem with a held row, two tables and loop closures: the cost to
+  1e-10, the tables to 1e-7, at a cost well above zero."""
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  values, points = _GRAPH[:2]
+  reference = optimize.least_squares(
+      _numpy_residuals(_GRAPH), np.concatenate([values[1:].ravel(),
+                                                points.ravel()]),
+      method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15)
+  reference_cost = 0.5 * np.sum(reference.fun ** 2)
+  assert reference_cost > 1e-2
+
+  @tf.function(autograph=False)
+  def solve(values, points):
+    variables, terms = _euclidean_problem(values, points)
+    results = factor_graph.least_squares(
+        variables, terms, linear_solver="sparse_cholesky",
+        max_iterations=100, function_tolerance=1e-15,
+        gradient_tolerance=1e-15, parameter_tolerance=1e-15)
+    return results.position, results.cost, results.converged
+
+  (table, landmarks), cost, converged = solve(tf.constant(values),
+                                              tf.constant(points))
+  assert converged
+  np.testing.assert_array_equal(table[0], values[0])  # held
+  np.testing.assert_allclose(cost, reference_cost, rtol=1e-10)
+  np.testing.assert_allclose(
+      np.concatenate([np.ravel(table[1:]), np.ravel(landmarks)]),
+      reference.x, atol=1e-7)
 
 
-def test_solve_equals_the_dense_cholesky_solve():
-  """In a `tf.function`: the same minimum as linear_solver='cholesky', to
-  1e-10 relative, converged, at a cost above zero (noisy)."""
-  poses, points = _GRAPH[:2]
-  sparse = [np.asarray(x) for x in _full_solve("sparse_cholesky")(
-      tf.constant(poses), tf.constant(points))]
-  dense = [np.asarray(x) for x in _full_solve("cholesky")(
-      tf.constant(poses), tf.constant(points))]
-  assert sparse[3] and dense[3]
-  assert dense[2] > 1e-4
-  np.testing.assert_array_equal(sparse[0][0], poses[0])  # held
-  for ours, theirs in zip(sparse[:3], dense[:3]):
-    np.testing.assert_allclose(ours, theirs, rtol=1e-10,
-                               atol=1e-10 * np.abs(theirs).max())
-
-
-def test_float32_step_in_a_session():
-  """float32 in a TF1 Session: the step to float32's accuracy."""
-  poses, points, lam, scaling = _inputs(seed=3)
-  inputs = [poses.astype(np.float32), points.astype(np.float32),
-            np.float32(lam), scaling.astype(np.float32)]
-  step, gradient, gram = modes.run(_step, inputs, "session")
-  assert step.dtype == np.float32
-  reference = _reference_step(gradient.astype(np.float64),
-                              gram.astype(np.float64), lam, scaling)
-  assert (np.linalg.norm(step - reference) <
-          1e-4 * np.linalg.norm(reference))
-
-
-@pytest.mark.parametrize("mode", ["eager", "function"])
-def test_indefinite_system_gives_a_nan_step(mode):
-  """lambda = -10 makes J^T J + lambda D indefinite: the step is all NaN
-  (a rejected step), not an exception."""
-  poses, points, _, scaling = _inputs(seed=1)
-  step, _, _ = modes.run(_step, [poses, points, np.float64(-10.0), scaling],
-                         mode)
+def test_indefinite_system_gives_a_nan_step():
+  """Eagerly (where older Cholesky kernels raise): lambda = -10, an
+  all-NaN step."""
+  kind, blocks, gradient, _ = _linearization(_GRAPH, np.float64)
+  _, _, _, scaling = _inputs(seed=1)
+  step = modes.run(_solver_step(kind),
+                   [np.float64(-10.0), scaling, gradient, *blocks], "eager")
   assert np.isnan(step).all()
 
 
