@@ -341,6 +341,23 @@ def test_dissection_of_a_chain_is_shallow():
   assert structure.height <= 2 * int(np.log2(count)) + 2
 
 
+def test_many_components_are_ordered_without_deep_recursion():
+  """5000 rows of which only 10 are linked (a chain): the 4990 unseen rows
+  are components of their own; the ordering does not recurse per
+  component (Python's recursion limit is 1000), and the tree stays that of
+  the chain."""
+  count = 5000
+  chain = np.arange(9)
+  table = _block_sparse.Table(count, 2, None, 0, None)
+  term = _block_sparse.Term(None, [0, 0], [tf.constant(chain),
+                                           tf.constant(chain + 1)], [], 9, 1)
+  structure = _sparse_cholesky.Structure(
+      _block_sparse.Layout([table], [term]))
+  assert structure.rows == count
+  assert 9 <= structure.nnz_blocks <= 18
+  assert structure.height <= 6
+
+
 def test_indices_must_be_known_while_tracing():
   @tf.function(autograph=False)
   def build(index):

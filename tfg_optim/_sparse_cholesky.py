@@ -151,17 +151,43 @@ def _minimum_degree(indptr, neighbours):
   return np.asarray(order, np.int64)
 
 
+def _components(indptr, neighbours):
+  """label [p]: the smallest node of each node's connected component (min
+  propagation over the edges with pointer jumping, vectorized)."""
+  count = len(indptr) - 1
+  label = np.arange(count)
+  owner = np.repeat(np.arange(count), np.diff(indptr))
+  while True:
+    lowest = label.copy()
+    np.minimum.at(lowest, owner, label[neighbours])
+    lowest = lowest[lowest]
+    if np.array_equal(lowest, label):
+      return label
+    label = lowest
+
+
 def _dissect(indptr, neighbours, leaf_size):
   """A nested-dissection elimination order of a graph (local labels)."""
   count = len(indptr) - 1
   if count <= leaf_size:
     return _minimum_degree(indptr, neighbours)
+  label = _components(indptr, neighbours)
+  if label.max() > 0:  # several components: each on its own
+    nodes = np.argsort(label, kind="stable")
+    sizes = np.bincount(label)[np.unique(label)]
+    ends = np.cumsum(sizes)
+    # Relabelled so that each component is a contiguous range.
+    indptr, neighbours = _subgraph(indptr, neighbours, nodes)
+    order = []
+    for start, end in zip(ends - sizes, ends):
+      if end - start == 1:
+        order.append(nodes[start:end])
+        continue
+      part_indptr = indptr[start:end + 1] - indptr[start]
+      part = neighbours[indptr[start]:indptr[end]] - start
+      order.append(nodes[start + _dissect(part_indptr, part, leaf_size)])
+    return np.concatenate(order)
   level = _bfs_levels(indptr, neighbours, 0)
-  if (level < 0).any():  # several components: each on its own
-    parts = [np.flatnonzero(level >= 0), np.flatnonzero(level < 0)]
-    return np.concatenate([
-        part[_dissect(*_subgraph(indptr, neighbours, part), leaf_size)]
-        for part in parts])
   # A pseudo-peripheral start: the farthest row, until the depth stops
   # growing.
   start, depth = 0, level.max()
