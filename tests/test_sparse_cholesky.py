@@ -63,6 +63,15 @@ def _graph(count=24, landmarks=4, noise=0.05, seed=0):
 
 _GRAPH = _graph()
 
+# The test graphs are small enough to be one dense root (the default 256
+# coordinates): at most 4 rows of 3 here, so the level-by-level path runs.
+_ROOT = 12
+
+
+@pytest.fixture(autouse=True)
+def _small_dense_root(monkeypatch):
+  monkeypatch.setattr(_sparse_cholesky, "DENSE_ROOT_SIZE", _ROOT)
+
 
 def _problem(poses, points, graph=_GRAPH):
   """([poses, landmarks], [between, seen]) of `graph` at (poses, points)."""
@@ -141,10 +150,13 @@ def _check_step(step, gradient, gram, lam, scaling, tolerance):
           tolerance * np.linalg.norm(reference))
 
 
-def test_pose_graph_step_equals_the_dense_solve():
+@pytest.mark.parametrize("root", [_ROOT, 0, 256])
+def test_pose_graph_step_equals_the_dense_solve(root, monkeypatch):
   """SE(2) poses (the first held, loop closures) and 2-D landmarks (padded
   to 3), random lambda and D: the step equals np.linalg.solve of the dense
-  damped J^T J to 1e-10 (relative); the held pose's step is exactly 0."""
+  damped J^T J to 1e-10 (relative); the held pose's step is exactly 0.
+  With a dense root of 12 coordinates, none, and 256 (the whole problem)."""
+  monkeypatch.setattr(_sparse_cholesky, "DENSE_ROOT_SIZE", root)
   inputs = _inputs(seed=0)
   step, gradient, gram = modes.run(_step, inputs, "eager")
   _check_step(step, gradient, gram, *inputs[2:], tolerance=1e-10)
@@ -212,15 +224,17 @@ def test_float32_session_step():
 
 
 def test_factor_equals_the_dense_cholesky():
-  """The level-by-level blocks of L, put in a dense matrix, equal NumPy's
-  Cholesky factor of P (J^T J + lambda D + E) P^T (E: 1 on the held and
-  padded coordinates), block by block; every nonzero block of L is in the
-  schedule once."""
+  """The level-by-level blocks of L and the dense root's factor (the top
+  levels, at most 12 coordinates here), put in a dense matrix, equal
+  NumPy's Cholesky factor of P (J^T J + lambda D + E) P^T (E: 1 on the held
+  and padded coordinates), block by block; every nonzero block of L is in
+  the schedule once."""
   poses, points, lam, scaling = _inputs(seed=7)
   variables, terms = _problem(tf.constant(poses), tf.constant(points))
   layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
   kind = _sparse_cholesky.SparseCholeskyKind(layout)
   structure = kind.structure
+  assert structure.root is not None and len(structure.levels) > 3
   linearization = kind.at((variables[0].values, variables[1].values), None)
   storage, extra = linearization.assemble(lam, scaling)
   factors = _sparse_cholesky.factor(
@@ -229,6 +243,12 @@ def test_factor_equals_the_dense_cholesky():
   d, rows = structure.block, structure.rows
   dense = np.zeros([rows * d, rows * d])
   positions = []
+  factors, root = factors
+  if root is not None:  # the top levels' dense factor
+    start = structure.root.start
+    dense[start * d:, start * d:] = np.linalg.inv(root.numpy())
+    positions += [(i + start, j + start)
+                  for i, j in structure.root.off_position]
   for level, (inverse, off) in zip(structure.levels, factors):
     columns = level.start + np.arange(level.columns)
     for j, block in zip(columns, np.linalg.inv(inverse.numpy())):
@@ -339,6 +359,9 @@ def test_dissection_of_a_chain_is_shallow():
       _block_sparse.Layout([table], [term]))
   assert count - 1 <= structure.nnz_blocks <= 2 * (count - 1)
   assert structure.height <= 2 * int(np.log2(count)) + 2
+  # The top levels (at most 12 columns of 1 coordinate here) are one step.
+  assert structure.root.columns <= _ROOT
+  assert structure.steps == len(structure.levels) + 1 < structure.height
 
 
 def test_many_components_are_ordered_without_deep_recursion():

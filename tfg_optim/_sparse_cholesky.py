@@ -32,7 +32,9 @@ Symbolic phase (NumPy, once per problem, from the static index tensors):
 4. The schedule: L's blocks (diagonal and below) stored level by level, a
    level's diagonal blocks then its off-diagonal blocks; per level the
    right-looking update pairs (i, k), i >= k in S_j, of each column j with
-   the storage position of the block (i, k) they update.
+   the storage position of the block (i, k) they update. The top levels
+   (the root separator: a chain of one column per level), as many as fit
+   in `DENSE_ROOT_SIZE` coordinates, are one dense step instead.
 
 Numeric phase (TensorFlow ops, per iteration): the blocks
 J_{term,a}[k]^T J_{term,b}[k] are scattered (`unsorted_segment_sum`, one
@@ -45,6 +47,8 @@ loop over the static schedule: each level has its own static shapes)
     A_ik -= L_ij L_kj^T,   i >= k in S_j          batched products,
                                                   `tensor_scatter_nd_sub`
 
+and then the dense root: its blocks, which are then the trailing Schur
+complement, gathered into one dense matrix and factored by one Cholesky;
 with E_j lambda D on the diagonal (1 where J^T J + lambda D has a zero
 diagonal entry: padded and unseen coordinates, and on held rows, as
 `_schur` does). L_jj^-1 comes from one batched triangular solve per
@@ -78,6 +82,11 @@ from tfg_optim import _linear_solvers
 # Connected parts of the block graph of at most this many rows are ordered
 # by minimum degree; larger ones are split by nested dissection.
 DISSECTION_LEAF_SIZE = 8
+
+# The top levels of the elimination tree (the root separator: a chain of
+# one column per level) are factored as one dense matrix of at most this
+# many coordinates: one step instead of one per level.
+DENSE_ROOT_SIZE = 256
 
 
 def _adjacency(count, first, second):
@@ -259,6 +268,20 @@ rows: int32 [blocks], each block's row i counted from the level's end
 """
 
 
+Root = collections.namedtuple(
+    "Root", ["start", "columns", "diagonal", "diagonal_position", "off",
+             "off_position"])
+Root.__doc__ = """The dense root: the top levels' columns factored as one
+dense matrix (the trailing Schur complement, whatever its sparsity).
+
+start: its first column; columns: R, how many (the last ones).
+diagonal, off: int32 [R], [B]: the stored blocks (counted from the root's
+  first stored block) of its diagonal and off-diagonal blocks;
+diagonal_position, off_position: int32 [R, 2], [B, 2]: their (row, column)
+  among the R columns.
+"""
+
+
 class Structure:
   """The static structure of the sparse Cholesky of a layout's J^T J.
 
@@ -267,20 +290,29 @@ class Structure:
     rows: the number of block rows (all tables' rows, held included).
     position: int64 [rows], each row's column in the renumbered
       elimination order; order: its inverse.
-    levels: the `Level` schedule, leaves first.
+    levels: the `Level` schedule, leaves first, without the dense root.
+    root: the `Root` (the top levels, dense), or None.
     stored: the number of stored blocks (diagonal and below).
     nnz_blocks: off-diagonal blocks of L (below the diagonal).
-    height: the number of etree levels (sequential steps).
+    height: the number of etree levels.
+    steps: the sequential steps of a factorization: the levels below the
+      root, and one for the root.
+    diagonal: int64 [rows], the stored index of each column's diagonal
+      block; stored_block(rows, columns): that of blocks (i, j), i >= j.
     targets: per (term, slot pair (a, b), a <= b) in `pairs`, int32 [K]:
       where its blocks land in the storage (`stored`: dropped).
     pairs: the (term, a, b) of `targets`; transposed: per pair, the
-      float [K] masks: 1 where the block lands transposed (row of b below
-      row of a), and, for edges reading one row in both slots, both.
+      float [K] coefficients (plain, transposed) of J_a^T J_b and of its
+      transpose in the stored block (the transpose where the row of b is
+      below the row of a; both for edges reading one row in both slots).
     held: float [rows * d], 1 on coordinates whose diagonal is set to 1
       (held rows and padding).
   """
 
-  def __init__(self, layout, leaf_size=DISSECTION_LEAF_SIZE):
+  def __init__(self, layout, leaf_size=DISSECTION_LEAF_SIZE,
+               dense_root_size=None):
+    if dense_root_size is None:
+      dense_root_size = DENSE_ROOT_SIZE
     tables = layout.tables
     self.block = max(table.dim for table in tables)
     row_offsets = np.cumsum([0] + [table.size for table in tables])
@@ -325,11 +357,11 @@ class Structure:
     self.position = np.empty(self.rows, np.int64)
     self.position[self.order] = np.arange(self.rows)
     self.height = int(levels.max()) + 1 if self.rows else 0
-    self._schedule(structures, levels)
+    self._schedule(structures, levels, dense_root_size)
     self._assembly(layout, slot_rows, free)
 
-  def _schedule(self, structures, levels):
-    """The storage layout and the per-level `Level`s."""
+  def _schedule(self, structures, levels, dense_root_size):
+    """The storage layout, the per-level `Level`s and the `Root`."""
     count = self.rows
     lengths = np.array([len(s) for s in structures], np.int64)
     column_of_block = np.repeat(np.arange(count), lengths)
@@ -368,8 +400,33 @@ class Structure:
 
     self.diagonal = diagonal
     self.stored_block = stored_block
+    # The dense root: as many top levels as fit in dense_root_size
+    # coordinates (at least two, else nothing is gained).
+    root_levels, total = 0, 0
+    for l in reversed(range(self.height)):
+      if (total + level_columns[l]) * self.block > dense_root_size:
+        break
+      total += level_columns[l]
+      root_levels += 1
+    if root_levels < 2:
+      root_levels = 0
+    self.root = None
+    if root_levels:
+      first_level = self.height - root_levels
+      start, base = int(level_start[first_level]), int(
+          storage_start[first_level])
+      columns = np.arange(start, count)
+      blocks = column_of_block >= start
+      self.root = Root(
+          start, count - start,
+          (diagonal[columns] - base).astype(np.int32),
+          np.stack([columns - start] * 2, -1).astype(np.int32),
+          (off[blocks] - base).astype(np.int32),
+          np.stack([row_of_block[blocks] - start,
+                    column_of_block[blocks] - start], -1).astype(np.int32))
+    self.steps = self.height - root_levels + (1 if root_levels else 0)
     self.levels = []
-    for l in range(self.height):
+    for l in range(self.height - root_levels):
       start, columns = int(level_start[l]), int(level_columns[l])
       blocks = slice(int(first_block_of_level[l]),
                      int(first_block_of_level[l] + level_blocks[l]))
@@ -423,8 +480,9 @@ class Structure:
 
 def factor(structure, storage):
   """L from the assembled, damped storage [stored, d, d] (diagonal blocks
-  already damped): per level (L_jj^-1 [columns, d, d], the off-diagonal
-  L_ij [blocks, d, d]). The diagonal blocks are kept inverted (one batched
+  already damped): (per level below the root (L_jj^-1 [columns, d, d],
+  the off-diagonal L_ij [blocks, d, d]), the dense root's L^-1
+  [R d, R d] or None). The diagonal blocks are kept inverted (one batched
   triangular solve per level; every other solve is then a batched
   product, which XLA compiles far faster than triangular solves)."""
   factors = []
@@ -449,12 +507,26 @@ def factor(structure, storage):
       rest = tf.tensor_scatter_nd_sub(rest, level.target[:, np.newaxis],
                                       products)
     factors.append((inverse, off))
-  return factors
+  root = structure.root
+  if root is None:
+    return factors, None
+  # What is left is the trailing Schur complement of the root's columns.
+  shape = [root.columns, root.columns, d, d]
+  lower = tf.scatter_nd(root.off_position, tf.gather(rest, root.off), shape)
+  blocks = (tf.scatter_nd(root.diagonal_position,
+                          tf.gather(rest, root.diagonal), shape) +
+            lower + tf.transpose(lower, [1, 0, 3, 2]))
+  size = root.columns * d
+  matrix = tf.reshape(tf.transpose(blocks, [0, 2, 1, 3]), [size, size])
+  dense = _linear_solvers._cholesky(matrix)  # pylint: disable=protected-access
+  return factors, tf.linalg.triangular_solve(
+      dense, tf.eye(size, dtype=storage.dtype), lower=True)
 
 
 def substitute(structure, factors, rhs):
   """x = P^T L^-T L^-1 P rhs for rhs [rows, d] in the renumbered order
   (the caller permutes): forward then backward by the level schedule."""
+  factors, root = factors
   solved, rest = [], rhs
   for level, (inverse, off) in zip(structure.levels, factors):
     current, rest = rest[:level.columns], rest[level.columns:]
@@ -465,6 +537,10 @@ def substitute(structure, factors, rhs):
           tf.einsum("pab,pb->pa", off, tf.gather(y, level.block_column)))
     solved.append(y)
   above = None
+  if root is not None:  # rest: the root's columns
+    y = tf.linalg.matvec(root, tf.reshape(rest, [-1]))
+    above = tf.reshape(tf.linalg.matvec(root, y, adjoint_a=True),
+                       [-1, structure.block])
   for level, (inverse, off), y in reversed(list(zip(
       structure.levels, factors, solved))):
     if off is not None:
@@ -573,10 +649,13 @@ class SparseCholeskyKind(_block_sparse.BlockSparseKind):
     layout: a `_block_sparse.Layout` with index tensors known while tracing.
     leaf_size: parts of at most this many rows are ordered by minimum
       degree (`DISSECTION_LEAF_SIZE`).
+    dense_root_size: the top levels are factored as one dense matrix of at
+      most this many coordinates (None: `DENSE_ROOT_SIZE`; 0: none).
   """
 
-  def __init__(self, layout, leaf_size=DISSECTION_LEAF_SIZE):
-    structure = Structure(layout, leaf_size)
+  def __init__(self, layout, leaf_size=DISSECTION_LEAF_SIZE,
+               dense_root_size=None):
+    structure = Structure(layout, leaf_size, dense_root_size)
     super().__init__(layout, dense=False)
     self.structure = structure
     self.linearization_class = type(
