@@ -5,9 +5,11 @@ one SE(2)/SE(3) table, the first pose held) prints, per ordering: the
 off-diagonal blocks of L (nnz(L), fill), the elimination tree's height (the
 number of sequential level steps of each factorization and of each
 substitution), the update pairs (the batched d x d products per
-factorization), the top chain (the levels of one column each at the top
-of the tree: the root separator) and the time of the symbolic analysis
-(NumPy). Orderings:
+factorization, without the dense root), the top chain (the levels of one
+column each at the top of the tree: the root separator), the sequential
+steps of a factorization (the levels below the dense root of
+`DENSE_ROOT_SIZE` coordinates, and one for it) and the time of the symbolic
+analysis (NumPy). Orderings:
 nested dissection with parts of at most `leaf` rows ordered by minimum
 degree (`_sparse_cholesky.Structure`, leaf = 4, 8, 16, 64), and the file's
 own vertex order (no reordering) for comparison. With --ops it also traces
@@ -71,8 +73,8 @@ def main():
   # pylint: enable=g-import-not-at-top
 
   print("| graph | rows | edges | ordering | nnz(L) blocks | etree height | "
-        "top chain | update pairs | symbolic s | solver ops |")
-  print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+        "top chain | steps | update pairs | symbolic s | solver ops |")
+  print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
   for name in args.graphs:
     graph = io.read_g2o(str(pathlib.Path(args.data) / f"{name}.g2o"),
                         missing_vertices="chain")
@@ -84,9 +86,11 @@ def main():
       begin = time.perf_counter()
       structure = _sparse_cholesky.Structure(layout, leaf)
       seconds = time.perf_counter() - begin
-      pairs = sum(level.first.size for level in structure.levels)
-      columns = [level.columns for level in structure.levels]
-      chain = len(columns) - np.flatnonzero(np.array(columns) > 1)[-1] - 1
+      plain = _sparse_cholesky.Structure(layout, leaf, dense_root_size=0)
+      columns = [level.columns for level in plain.levels]
+      wide = np.flatnonzero(np.array(columns) > 1)
+      chain = len(columns) - (wide[-1] + 1 if wide.size else 0)
+      pairs = sum(level.first.size for level in plain.levels)
       ops = "-"
       if args.ops and leaf == _sparse_cholesky.DISSECTION_LEAF_SIZE:
         kind = _sparse_cholesky.SparseCholeskyKind(layout, leaf)
@@ -100,12 +104,13 @@ def main():
             linearization.column_norms(), linearization.column_norms())
         ops = str(len(concrete.graph.get_operations()))
       print(f"| {name} | {rows} | {edges} | nested dissection, leaf {leaf} | "
-            f"{structure.nnz_blocks} | {structure.height} | {chain} | {pairs} | "
+            f"{structure.nnz_blocks} | {structure.height} | {chain} | "
+            f"{structure.steps} | {pairs} | "
             f"{seconds:.2f} | {ops} |", flush=True)
     begin = time.perf_counter()
     nnz, height = natural_order(layout)
     print(f"| {name} | {rows} | {edges} | file order | {nnz} | {height} | "
-          f"- | - | {time.perf_counter() - begin:.2f} | - |", flush=True)
+          f"- | - | - | {time.perf_counter() - begin:.2f} | - |", flush=True)
   return 0
 
 
