@@ -558,7 +558,7 @@ class SparseCholesky(_block_sparse.BlockSparse):
 
   structure = None
 
-  def _padded(self, parts, dtype):
+  def _padded(self, parts):
     """Per table [N_t, d_t] -> [rows, d] (zero padding)."""
     d = self.structure.block
     return tf.concat([
@@ -601,8 +601,8 @@ class SparseCholesky(_block_sparse.BlockSparse):
     lam = tf.convert_to_tensor(regularization, dtype)
     damping = lam * (tf.ones([layout.tangent_dim], dtype) if scaling is None
                      else tf.broadcast_to(scaling, [layout.tangent_dim]))
-    diagonal = self._padded(layout.split_tangent(damping), dtype)
-    norms = self._padded(layout.split_tangent(self.column_norms()), dtype)
+    diagonal = self._padded(layout.split_tangent(damping))
+    norms = self._padded(layout.split_tangent(self.column_norms()))
     held = tf.reshape(tf.constant(structure.held, dtype), [-1, d])
     # 1 on held and padded coordinates and where J^T J's column is zero and
     # lambda D does not make the diagonal positive (as `_schur`). A negative
@@ -624,7 +624,7 @@ class SparseCholesky(_block_sparse.BlockSparse):
 
     def solve(residual, gradient):
       del residual
-      rhs = self._padded(self.layout.split_tangent(gradient), dtype)
+      rhs = self._padded(self.layout.split_tangent(gradient))
       x = substitute(structure, factors, tf.gather(rhs, structure.order))
       step = -self._unpadded(tf.gather(x, structure.position))
       finite = _batch.all_finite(step, 0)
