@@ -25,6 +25,10 @@ Times: `trace` is `get_concrete_function` (Python tracing of the whole
 solve); `solve` is the first call of the traced function (it includes
 TensorFlow's graph optimizations, or XLA compilation with --xla), or, with
 --repeat, a second call; GTSAM's is optimizer construction + `optimize()`.
+`first call` is always the first call's time (graph optimization or XLA
+compilation included). For 'sparse_cholesky' the table adds nnz(L)
+(off-diagonal blocks of the factor) and the elimination tree's height (the
+sequential level steps of each factorization; `_sparse_cholesky`).
 `to GTSAM cost` is the solve time (same rule) of a second program that
 stops as soon as the cost is at most GTSAM-default's final cost
 (`cost_tolerance`; '-' if it never gets there). Ratios are tfg_optim /
@@ -33,7 +37,8 @@ GTSAM-default.
     PYTHONPATH=. python benchmarks/pose_graph.py \
         [--gtsam-python /work/venv-gtsam/bin/python] \
         [--data ../shared/data/posegraph] [--graphs intel tinyGrid3D ...] \
-        [--solvers auto cholesky cg dense] [--max-iterations 100] \
+        [--solvers auto cholesky cg dense sparse_cholesky] \
+        [--max-iterations 100] \
         [--repeat] [--xla]
 
 A dense solve whose J^T J and J would need more than --dense-memory-gb
@@ -108,6 +113,21 @@ def gtsam_run(request):
   return output
 
 
+def _structure(graph):
+  """The `_sparse_cholesky.Structure` of the graph's problem (nnz(L),
+  etree height)."""
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from tfg_optim import _sparse_cholesky
+  from tfg_optim import factor_graph
+  from tfg_optim.examples import pose_graph
+  # pylint: enable=g-import-not-at-top
+  variables, terms = pose_graph.factor_graph_problem(
+      graph, tf.constant(graph.poses))
+  layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
+  return _sparse_cholesky.Structure(layout)
+
+
 def _gtsam(python, request):
   """Runs `gtsam_run` in GTSAM's interpreter; its JSON answer."""
   command = [python, __file__, "--gtsam-only", json.dumps(request)]
@@ -126,7 +146,8 @@ def main():
       "GTSAM_PYTHON", "/work/venv-gtsam/bin/python"))
   parser.add_argument("--graphs", nargs="+", default=list(GRAPHS))
   parser.add_argument("--solvers", nargs="+", default=["auto", "cg"],
-                      choices=["auto", "cholesky", "cg", "dense"])
+                      choices=["auto", "cholesky", "cg", "dense",
+                               "sparse_cholesky"])
   parser.add_argument("--max-iterations", type=int, default=100)
   parser.add_argument("--dense-memory-gb", type=float, default=0.2)
   parser.add_argument("--cholesky-limit", type=int, default=10000)
@@ -198,6 +219,8 @@ def main():
         to_target = pose_graph.optimize(graph, args.max_iterations, picked,
                                         args.xla, repeat=args.repeat,
                                         cost_tolerance=target)
+      row.update(structure=_structure(graph) if picked == "sparse_cholesky"
+                 else None, first_call=solution.run_time)
       row.update(trace=solution.trace_time, solve=solution.solve_time,
                  to_target=to_target.solve_time if reached else None,
                  iterations=int(results.num_iterations),
@@ -212,13 +235,15 @@ def main():
     request["graphs"].append(item)
   evaluated = _gtsam(args.gtsam_python, request)
 
-  header = ("| graph | n | solver | trace s | solve s | to GTSAM cost s | "
-            "iterations | final cost (GTSAM graph.error) | "
+  header = ("| graph | n | solver | trace s | first call s | solve s | "
+            "to GTSAM cost s | iterations | final cost (GTSAM graph.error) | "
             "cost / GTSAM-default | cost / GTSAM-tight | "
-            "time to cost / GTSAM-default | stop |")
+            "time to cost / GTSAM-default | stop | nnz(L) blocks | "
+            "etree height |")
   print()
   print(header)
-  print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+  print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "---:|---:|")
   for name in args.graphs:
     ours = [row for row in rows if row["graph"] == name]
     theirs = reference[name]
@@ -227,25 +252,30 @@ def main():
     n = ours[0]["n"]
     for label, run in (("GTSAM LM default", default),
                        ("GTSAM LM tight", tight)):
-      print(f"| {name} | {n} | {label} | - | {run['time']:.4f} | - | "
+      print(f"| {name} | {n} | {label} | - | - | {run['time']:.4f} | - | "
             f"{run['iterations']} | {run['cost']:.15g} | "
             f"{run['cost'] / default['cost']:.9f} | "
             f"{run['cost'] / tight['cost']:.9f} | "
-            f"{run['time'] / default['time']:.1f} | |")
+            f"{run['time'] / default['time']:.1f} | | | |")
     for row in ours:
       if "skipped" in row:
         print(f"| {name} | {n} | {row['solver']} | skipped: {row['skipped']}"
-              " | | | | | | | | |")
+              " | | | | | | | | | | | |")
         continue
       cost = evaluated[name]["evaluated"][row["solver"]]
       to_target = ("-" if row["to_target"] is None else
                    f"{row['to_target']:.2f}")
       ratio = ("-" if row["to_target"] is None else
                f"{row['to_target'] / default['time']:.1f}")
+      structure = row["structure"]
+      sparse = ("- | -" if structure is None else
+                f"{structure.nnz_blocks} | {structure.height}")
       print(f"| {name} | {n} | {row['solver']} | {row['trace']:.2f} | "
+            f"{row['first_call']:.2f} | "
             f"{row['solve']:.2f} | {to_target} | {row['iterations']} | "
             f"{cost:.15g} | {cost / default['cost']:.9f} | "
-            f"{cost / tight['cost']:.9f} | {ratio} | {row['reason']} |")
+            f"{cost / tight['cost']:.9f} | {ratio} | {row['reason']} | "
+            f"{sparse} |")
   print(f"\n(tfg_optim's output graphs: {scratch})")
   print("(initial costs: " + ", ".join(
       f"{name} {reference[name]['initial']:.6g}" for name in args.graphs) +

@@ -43,14 +43,15 @@ from tfg_optim import _block_sparse
 from tfg_optim import _engine
 from tfg_optim import _implicit
 from tfg_optim import _schur
+from tfg_optim import _sparse_cholesky
 from tfg_optim import _validation
 from tfg_optim import damping as damping_lib
 from tfg_optim import nonlinear_least_squares
 from tfg_optim import results as results_lib
 from tfg_optim.manifolds import euclidean
 
-LINEAR_SOLVERS = ("auto", "cholesky", "cg", "schur",
-                  "iterative_schur")  # schur, iterative_schur: _schur.py
+LINEAR_SOLVERS = ("auto", "cholesky", "cg", "schur", "iterative_schur",
+                  "sparse_cholesky")  # _schur.py, _sparse_cholesky.py
 
 # linear_solver="auto": the dense Cholesky of the assembled J^T J up to this
 # many tangent coordinates, block-Jacobi conjugate gradients beyond
@@ -355,6 +356,12 @@ def least_squares(variables, terms, *, damping=None,
       gradients on the implicit S with the SCHUR_JACOBI preconditioner
       (Ceres' ITERATIVE_SCHUR: no N_c^2 matrix); not with the
       'trust_region' damping.
+      'sparse_cholesky': block sparse Cholesky of J^T J + lambda D
+      (nested-dissection ordering, factored level by level of the
+      elimination tree; `_sparse_cholesky`, docs/sparse.md); index tensors
+      must be known while tracing; it is also the implicit gradients'
+      backward solve (lambda = 0). With damping='trust_region' the step is
+      Steihaug's truncated CG, as for 'cg'.
     gradients: how `position` and `cost` (and `residual`) are
       differentiated: 'implicit' (default; `_implicit_gradients`: the
       Gauss-Newton implicit derivative at the solution, one linear solve in
@@ -415,6 +422,8 @@ def least_squares(variables, terms, *, damping=None,
     if linear_solver in ("schur", "iterative_schur"):  # bundle adjustment
       kind = _schur.SchurKind(layout,
                               iterative=linear_solver == "iterative_schur")
+    if linear_solver == "sparse_cholesky":
+      kind = _sparse_cholesky.SparseCholeskyKind(layout)
     problem = _engine.Problem(
         residual_fn=layout.residual, retract=layout.retract,
         tangent_dim=layout.tangent_dim, cost_fn=None, jacobian_fn=None)

@@ -3,8 +3,8 @@
 Run:
 
     python -m tfg_optim.examples.pose_graph IN.g2o --output OUT.g2o \
-        [--max-iterations N] [--linear-solver auto|cholesky|cg|dense] [--xla] \
-        [--plot OUT.png]
+        [--max-iterations N] [--xla] [--plot OUT.png] \
+        [--linear-solver auto|cholesky|cg|sparse_cholesky|dense]
 
 It minimizes the g2o cost
 

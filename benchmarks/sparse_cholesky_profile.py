@@ -1,0 +1,108 @@
+"""Where one iteration of a factor-graph solve with the sparse Cholesky
+spends its time, on the shared g2o graphs.
+
+For each graph (the problem of tfg_optim/examples/pose_graph.py, at its
+start) times, each as its own `tf.function` (autograph off): the Jacobian
+blocks (`_block_sparse.Layout.blocks`: forward mode over the edges), and the
+solver (`SparseCholesky.damped_solver`: assembly, factorization and one
+solve) with the blocks as inputs: its graph's op count, tracing time, first
+call (TensorFlow's graph optimization) and the mean of 5 later calls; with
+--xla also the solver under `jit_compile=True` (first call: compilation),
+checked against the graph's step.
+
+    PYTHONPATH=. python benchmarks/sparse_cholesky_profile.py \
+        [--data ../shared/data/posegraph] [--graphs MIT parking-garage] \
+        [--xla]
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _timed(function, *args):
+  """(seconds of the first call, mean seconds of 5 more, output)."""
+  begin = time.perf_counter()
+  output = function(*args)
+  first = time.perf_counter() - begin
+  begin = time.perf_counter()
+  for _ in range(5):
+    output = function(*args)
+  _ = [np.asarray(x) for x in (output if isinstance(output, (list, tuple))
+                               else [output])]
+  return first, (time.perf_counter() - begin) / 5, output
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" /
+                                            "posegraph"))
+  parser.add_argument("--graphs", nargs="+", default=["MIT",
+                                                      "parking-garage"])
+  parser.add_argument("--xla", action="store_true")
+  args = parser.parse_args()
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  sys.path.insert(0, str(ROOT))
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from tfg_optim import _sparse_cholesky
+  from tfg_optim import factor_graph
+  from tfg_optim import io
+  from tfg_optim.examples import pose_graph
+  # pylint: enable=g-import-not-at-top
+
+  print("| graph | rows | etree height | part | ops | trace s | first call s "
+        "| per call s |")
+  print("|---|---:|---:|---|---:|---:|---:|---:|")
+  for name in args.graphs:
+    graph = io.read_g2o(str(pathlib.Path(args.data) / f"{name}.g2o"),
+                        missing_vertices="chain")
+    start = tf.constant(graph.poses)
+    variables, terms = pose_graph.factor_graph_problem(graph, start)
+    layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
+    kind = _sparse_cholesky.SparseCholeskyKind(layout)
+    prefix = f"| {name} | {len(graph.vertex_ids)} | {kind.structure.height}"
+
+    blocks = tf.function(lambda poses: layout.blocks((poses,)),  # pylint: disable=cell-var-from-loop
+                         autograph=False)
+    linearization = kind.at((start,), None)
+    inputs = (linearization.blocks, tf.constant(1e-3, tf.float64),
+              linearization.column_norms(),
+              linearization.gradient(layout.residual((start,))))
+
+    def solver(blocks, lam, scaling, gradient):
+      return kind.linearization_class(*blocks).damped_solver(  # pylint: disable=cell-var-from-loop
+          lam, scaling)(None, gradient)
+
+    reference = None
+    runs = [("Jacobian blocks", blocks, (start,)),
+            ("solver", tf.function(solver, autograph=False), inputs)]
+    if args.xla:
+      runs.append(("solver, XLA", tf.function(solver, autograph=False,
+                                               jit_compile=True), inputs))
+    for part, function, arguments in runs:
+      begin = time.perf_counter()
+      concrete = function.get_concrete_function(*arguments)
+      trace = time.perf_counter() - begin
+      ops = len(concrete.graph.get_operations())
+      first, per_call, output = _timed(function, *arguments)
+      if part.startswith("solver"):
+        if reference is None:
+          reference = np.asarray(output)
+        else:
+          error = (np.linalg.norm(np.asarray(output) - reference) /
+                   np.linalg.norm(reference))
+          part += f" (vs graph: {error:.1e})"
+      print(f"{prefix} | {part} | {ops} | {trace:.2f} | {first:.2f} | "
+            f"{per_call:.4f} |", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
