@@ -69,11 +69,9 @@ def _fields(results, *names):
 # -- closed forms --------------------------------------------------------------
 
 
-# Every mode, float32 under XLA; the conformance table runs rotations
+# Eagerly, and float32 under XLA; the conformance table runs rotations
 # pairwise with the other options in every mode and dtype.
 @pytest.mark.parametrize("mode,dtype", [("eager", "float64"),
-                                        ("function", "float64"),
-                                        ("session", "float64"),
                                         ("xla", "float32")])
 def test_rotation_fit_matches_kabsch(mode, dtype):
   x, y = _rotation_problem(np.random.default_rng(1))
@@ -91,7 +89,8 @@ def test_rotation_fit_matches_kabsch(mode, dtype):
   assert converged and 0 < iterations < 200
 
 
-@pytest.mark.parametrize("mode", ["eager", "function", "session"])
+# A TF1 Session (eager calls run the same compiled solve as tf.function).
+@pytest.mark.parametrize("mode", ["session"])
 def test_stiefel_orthogonal_procrustes(mode):
   rng = np.random.default_rng(2)
   # x has orthonormal columns, so ||x w - y||^2 = const - 2 tr(w^T x^T y) and
@@ -190,8 +189,7 @@ def test_many_rotation_fits_match_kabsch(mode, form):
     assert iterations.shape == ()
 
 
-@pytest.mark.parametrize("mode", ["eager", "session"])
-@pytest.mark.parametrize("seed", [5, 6])
+@pytest.mark.parametrize("mode,seed", [("eager", 5), ("session", 6)])
 def test_euclidean_curve_fit_agrees_with_scipy(mode, seed):
   rng = np.random.default_rng(seed)
   t = np.linspace(0.0, 4.0, 40)
@@ -283,8 +281,7 @@ HAND_CASES = {"euclidean": _euclidean_case, "sphere": _sphere_case}
 
 @pytest.mark.parametrize("mode,case,expect_zero_residual", [
     ("eager", "euclidean", False), ("eager", "euclidean", True),
-    ("eager", "sphere", False), ("eager", "sphere", True),
-    ("session", "euclidean", False), ("function", "sphere", True),
+    ("eager", "sphere", True), ("session", "euclidean", False),
     ("xla", "sphere", False)])
 def test_iterates_match_hand_computed_algorithm_1(mode, case,
                                                   expect_zero_residual):
@@ -501,7 +498,7 @@ def test_in_place_needs_variables():
 # -- recording -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["eager", "session"])
+@pytest.mark.parametrize("mode", ["eager"])
 def test_records(mode):
   x, y = _rotation_problem(np.random.default_rng(13), noise=0.2)
 
