@@ -17,8 +17,10 @@ graph on SE(2) or SE(3) (retraction X Exp(c), body twists) with the first
 row held, and the edges one residual term, U_ij e_ij (U^T U = Omega_ij):
 the block-sparse linearization (docs/sparse.md) with Nielsen's lambda
 damping, solved by 'cholesky' (the dense Cholesky of the J^T J assembled
-from the blocks), 'cg' (block-Jacobi conjugate gradients) or 'auto'
-(Cholesky up to factor_graph.AUTO_CHOLESKY_LIMIT (10000) coordinates, CG beyond). 'dense' is the
+from the blocks), 'sparse_cholesky' (block sparse Cholesky), 'cg'
+(block-Jacobi conjugate gradients) or 'auto' (factor_graph.picked_solver:
+the dense Cholesky up to factor_graph.AUTO_SPARSE_MIN (1000) coordinates,
+the sparse one beyond). 'dense' is the
 former program: `tfg_optim.least_squares` over `Power(SE2 or SE3, N - 1)`
 with a dense Jacobian (10-25 s of tracing, gigabytes on the larger
 graphs). The solve runs inside one `tf.function`: tracing is timed apart
@@ -127,8 +129,8 @@ def make_solver(graph, max_iterations=100, linear_solver="auto", xla=False,
 
 
 def picked_solver(graph, linear_solver):
-  """What linear_solver='auto' resolves to for this graph: 'cholesky' or
-  'cg'."""
+  """What linear_solver='auto' resolves to for this graph
+  (`factor_graph.picked_solver`)."""
   if linear_solver == "dense":
     return linear_solver
   return factor_graph.picked_solver(
