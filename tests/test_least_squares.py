@@ -73,6 +73,14 @@ def test_nist_float32_never_returns_nan(name):
     assert np.all(np.isfinite(value)), name
   assert np.all(result.cost <= result.initial_cost)
   assert result.position.dtype == np.float32
+  if name == "MGH10":
+    # Start 1 is not solvable in float32 (LRE 0): its trust radius shrinks
+    # to 0 and a step test fires on the zero step; that is STALLED, never
+    # converged (docs/nist.md).
+    dataset = nist.load(name)
+    assert nist.lre(result.position[0], dataset.certified).min() < 1
+    assert not result.converged[0]
+    assert StopReason(int(result.stop_reason[0])) == StopReason.STALLED
 
 
 # -- Rosenbrock ----------------------------------------------------------------
@@ -317,13 +325,14 @@ def _every_mode_solve(name, dtype, mode):
   return modes.run(build, [start], mode)
 
 
-# Misra1a in float64 in every mode and in float32 under XLA (whose kernels
-# round differently from the others); Rosenbrock eagerly in float32 and in
+# Misra1a in float64 eagerly, in tf.function and in a Session, and in
+# float32 under XLA (whose kernels round differently from the others; the
+# conformance table runs least_squares in float64 under XLA); Rosenbrock eagerly in float32 and in
 # tf.function (the conformance table runs it pairwise with every option in
 # every mode).
 @pytest.mark.parametrize(
     "name,mode,dtype",
-    [("Misra1a", mode, "float64") for mode in MODES] +
+    [("Misra1a", mode, "float64") for mode in MODES if mode != "xla"] +
     [("Misra1a", "xla", "float32"), ("rosenbrock", "eager", "float32"),
      ("rosenbrock", "function", "float64")])
 def test_every_mode_solves(name, dtype, mode):

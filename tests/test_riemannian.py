@@ -110,8 +110,8 @@ def test_stiefel_orthogonal_procrustes(mode):
   np.testing.assert_allclose(got.T @ got, np.eye(3), atol=1e-12)
 
 
-@pytest.mark.parametrize("mode,dtype", [("eager", "float64"),
-                                        ("xla", "float32")])
+# (The sphere in float32 under XLA: the conformance table.)
+@pytest.mark.parametrize("mode,dtype", [("eager", "float64")])
 def test_nearest_point_on_sphere(mode, dtype):
   target = np.array([3.0, -1.0, 2.0, 0.5], dtype)
   start = np.array([0.0, 1.0, 0.0, 0.0], dtype)

@@ -662,14 +662,18 @@ class _StopCheck:
     barely damped; a large residual's promise falls with the gradient; a
     zero residual's promise is at most its cost, which is then tiny next to
     the initial cost; and a loose user tolerance stops while the promise is
-    a small fraction of the cost.
+    a small fraction of the cost. A step test that fires where the promise
+    is not finite (the model cannot be evaluated: J^T J overflows) is
+    STALLED too.
   - A gradient test that fires where the whole Jacobian is zero and the cost
     is not (without bounds, whose held coordinates have zeroed columns): the
     Gauss-Newton model is flat, and the point may as well be a maximum
     (x^2 - 1 at x = 0): STALLED, not converged.
   - `stuck`: a rejected step that is exactly zero, an exhausted damping,
     or `MAX_CONSECUTIVE_INVALID_STEPS` non-finite steps in a row: STALLED,
-    since no later iteration can differ (or be finite). (A rejected
+    since no later iteration can differ (or be finite); also when a step
+    test fired on that iteration (a zero step is "small relative to the
+    point" whatever the gradient). (A rejected
     step too small to change the point in floating point is not enough:
     the damping keeps growing until a step test fires or the damping is
     exhausted, which bounds every loop, with or without an iteration
@@ -709,15 +713,25 @@ class _StopCheck:
         dtype = state.cost.dtype
         floor = tf.constant(np.sqrt(np.finfo(dtype.as_numpy_dtype).eps),
                             dtype) * state.initial_cost
-        reason = tf.where(step_test & damping_limited &
-                          (promise > 0.1 * state.cost) & (promise > floor),
-                          stalled, reason)
+        # A promise that cannot be evaluated (J^T J overflowing, float32)
+        # certifies nothing either.
+        reason = tf.where(step_test & (
+            tf.logical_not(tf.math.is_finite(promise)) |
+            (damping_limited & (promise > 0.1 * state.cost) &
+             (promise > floor))), stalled, reason)
       if not self.bounded:
         flat = linearization.is_zero() & (state.cost > 0)
         reason = tf.where(flat & tf.equal(reason, int(StopReason.GRADIENT_NORM)),
                           stalled, reason)
       if stuck is not None:
-        reason = tf.where(stop, reason, stalled)
+        # A step or cost-change test that fires on a stuck iteration (a
+        # rejected zero step: the trust radius underflowed to 0) measured
+        # the damping, not the problem: STALLED too.
+        step_fired = tf.zeros_like(stop)
+        for member in _STEP_TESTS:
+          step_fired |= tf.equal(reason, int(member))
+        reason = tf.where(stop & tf.logical_not(stuck & step_fired), reason,
+                          stalled)
         stop |= stuck
       not_finite = tf.logical_not(tf.math.is_finite(state.cost) & _batch.all_finite(
           state.gradient, self.batch_rank))
