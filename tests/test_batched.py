@@ -507,10 +507,10 @@ def test_graph_has_no_block_diagonal_jacobian(m, n):
     assert (m, batch, n) in shapes or (None, batch, n) in shapes
 
 
-# tf.function and XLA (whose kernels round differently): the point is the
-# default options with a batch, not the mode; tests/test_conformance.py runs
-# the trust region and acceleration with batches in every mode.
-@pytest.mark.parametrize("mode", ("function", "xla"))
+# tf.function: the point is the default options with a batch, not the mode;
+# tests/test_conformance.py runs the trust region and acceleration with
+# batches in every mode (under XLA too).
+@pytest.mark.parametrize("mode", ("function",))
 def test_default_options_batch_reaches_each_solution(mode):
   """With least_squares' defaults (trust region, geodesic acceleration)
   every problem of the batch still stops for its own reason at its own

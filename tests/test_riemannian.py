@@ -282,7 +282,7 @@ HAND_CASES = {"euclidean": _euclidean_case, "sphere": _sphere_case}
 @pytest.mark.parametrize("mode,case,expect_zero_residual", [
     ("eager", "euclidean", False), ("eager", "euclidean", True),
     ("eager", "sphere", True), ("session", "euclidean", False),
-    ("xla", "sphere", False)])
+    ("function", "sphere", False)])
 def test_iterates_match_hand_computed_algorithm_1(mode, case,
                                                   expect_zero_residual):
   manifold, residual, jacobian, retract, start = HAND_CASES[case]()
