@@ -703,10 +703,10 @@ class _StopCheck:
       reason = tf.zeros_like(state.stop_reason)
     if self.safeguards:
       stalled = tf.constant(int(StopReason.STALLED), tf.int32)
+      step_test = tf.zeros_like(stop)  # a step or cost-change test fired
+      for member in _STEP_TESTS:
+        step_test |= tf.equal(reason, int(member))
       if damping_limited is not None:  # after a step
-        step_test = tf.zeros_like(stop)
-        for member in _STEP_TESTS:
-          step_test |= tf.equal(reason, int(member))
         scaling = (self.policy.scaling(state.damping) if self.policy.scaled
                    else None)
         promise = cauchy_decrease(linearization, state.gradient, scaling)
@@ -727,10 +727,7 @@ class _StopCheck:
         # A step or cost-change test that fires on a stuck iteration (a
         # rejected zero step: the trust radius underflowed to 0) measured
         # the damping, not the problem: STALLED too.
-        step_fired = tf.zeros_like(stop)
-        for member in _STEP_TESTS:
-          step_fired |= tf.equal(reason, int(member))
-        reason = tf.where(stop & tf.logical_not(stuck & step_fired), reason,
+        reason = tf.where(stop & tf.logical_not(stuck & step_test), reason,
                           stalled)
         stop |= stuck
       not_finite = tf.logical_not(tf.math.is_finite(state.cost) & _batch.all_finite(
