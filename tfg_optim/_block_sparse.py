@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _linear_solvers
+from tfg_optim import _linearization
 
 
 Table = collections.namedtuple(
@@ -353,7 +354,7 @@ class BlockSparseKind:
     if tf.executing_eagerly():
       self._blocks = layout.blocks
     else:
-      self._blocks = tf.function(layout.blocks, autograph=False)
+      self._blocks = _linearization.trace_once(layout.blocks)
 
   def at(self, point, residual):
     """The linearization at `point` (the residual there is not needed)."""

@@ -176,9 +176,9 @@ class ChunkedKind:
       self.cost_pass, self.jacobian_pass = cost_pass, jacobian_pass
       self.count = count
     else:
-      self.cost_pass = tf.function(cost_pass, autograph=False)
-      self.jacobian_pass = tf.function(jacobian_pass, autograph=False)
-      self.count = tf.function(count, autograph=False)
+      self.cost_pass = _linearization.trace_once(cost_pass)
+      self.jacobian_pass = _linearization.trace_once(jacobian_pass)
+      self.count = _linearization.trace_once(count)
 
   def residual_norm(self, point):
     """[1]: ||F(point)|| = sqrt(2 cost), from one cost pass."""

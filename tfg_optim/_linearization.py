@@ -182,8 +182,8 @@ class MatrixFreeKind:
     if tf.executing_eagerly():
       self.forward, self.reverse = forward, reverse
     else:
-      self.forward = tf.function(forward, autograph=False)
-      self.reverse = tf.function(reverse, autograph=False)
+      self.forward = trace_once(forward)
+      self.reverse = trace_once(reverse)
 
   def at(self, point, residual):
     """The linearization at `point`, where F is `residual`."""
@@ -261,6 +261,28 @@ def jacobian(problem, point, batch_shape, num_residuals):
   return tf.transpose(columns, list(range(1, rank)) + [0])
 
 
+# Set to None to inline them again (benchmarks/first_call.py --inline).
+NOINLINE = {"_noinline": True}
+
+
+def trace_once(function):
+  """`function` as one `tf.function` (traced once per input signature) that
+  graphs call rather than inline.
+
+  A call of a plain `tf.function` inside a graph is inlined before the graph
+  runs, so a function called at k places (the Jacobian's products: at the
+  start, in the loop's relinearization, in a geodesic correction, in every
+  conjugate-gradient iteration) is optimized by Grappler k times, and the
+  forward-mode derivatives TensorFlow builds are large: the sphere fit of
+  the conformance table by conjugate gradients reached 26,000 nodes
+  inlined. Not inlined, each function body is optimized once; the first call
+  of such a solve costs about half (docs/benchmarks.md). XLA compiles the
+  calls as calls; gradients and forward-mode products pass through them.
+  """
+  return tf.function(function, autograph=False,
+                     experimental_attributes=NOINLINE)
+
+
 def traced_forward_product(problem, check=None):
   """(point, step, tangent) -> d/dt F(R_p(step + t tangent)) at t = 0, as one
   `tf.function`: F and its forward-mode derivative are traced once (per input
@@ -282,7 +304,7 @@ def traced_forward_product(problem, check=None):
       check(accumulator, residual)
     return accumulator.jvp(
         residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  return tf.function(forward_product, autograph=False)
+  return trace_once(forward_product)
 
 
 def traced_tangent_product(problem, tangent_vector, check=None):
@@ -304,7 +326,7 @@ def traced_tangent_product(problem, tangent_vector, check=None):
       check(accumulator, residual)
     return accumulator.jvp(
         residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  return tf.function(tangent_product, autograph=False)
+  return trace_once(tangent_product)
 
 
 def _reverse_jacobian(residual_of_step, zero_step, eager):
