@@ -654,14 +654,17 @@ class _StopCheck:
   - A step or cost-change test that fires on a step shaped more by the
     damping than by the curvature (`_damping_limited`) while the
     Gauss-Newton model still promises to remove more than a tenth of the
-    cost, and more than sqrt(eps) times the initial cost (by
-    `cauchy_decrease`, a lower bound of the model's promise), is STALLED:
+    cost, and more than eps times the initial cost (by `cauchy_decrease`,
+    a lower bound of the model's promise), is STALLED:
     the damping, not the problem, made the step small (e.g. a trust region
     collapsed against the edge of the residual's domain). Converged points
     fail at least one condition: near a solution Gauss-Newton steps are
     barely damped; a large residual's promise falls with the gradient; a
-    zero residual's promise is at most its cost, which is then tiny next to
-    the initial cost; and a loose user tolerance stops while the promise is
+    zero residual's promise is at most its cost, which is then at the
+    rounding level of the initial cost (a floor of sqrt(eps) was too
+    coarse in float32: MGH10 start 1 "converged" by RELATIVE_STEP at 1e-4
+    of its initial cost and 1e9 times its optimal cost); and a loose user
+    tolerance stops while the promise is
     a small fraction of the cost. A step test that fires where the promise
     is not finite (the model cannot be evaluated: J^T J overflows) is
     STALLED too.
@@ -711,7 +714,7 @@ class _StopCheck:
                    else None)
         promise = cauchy_decrease(linearization, state.gradient, scaling)
         dtype = state.cost.dtype
-        floor = tf.constant(np.sqrt(np.finfo(dtype.as_numpy_dtype).eps),
+        floor = tf.constant(np.finfo(dtype.as_numpy_dtype).eps,
                             dtype) * state.initial_cost
         # A promise that cannot be evaluated (J^T J overflowing, float32)
         # certifies nothing either.
