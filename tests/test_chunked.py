@@ -174,3 +174,108 @@ def test_batch_dims_is_refused_with_chunks():
         lambda x, t, y: x[..., 0] + x[..., 1] * t - y,
         tf.zeros([2, 2], tf.float64), batch_dims=1, data=(_T, _Y),
         data_chunk_size=8)
+
+
+# --- data as a tf.data.Dataset of batches ------------------------------------
+
+
+def _batches(size, t=_T, y=_Y):
+  return tf.data.Dataset.from_tensor_slices((t, y)).batch(size)
+
+
+def _lstsq():
+  design = np.stack([np.ones_like(_T), _T, _T * _T], axis=1)
+  return np.linalg.lstsq(design, _Y, rcond=None)[0]
+
+
+def _dataset_fit(dataset, **options):
+  result = tfg_optim.least_squares(_quadratic, _zeros(3), data=dataset,
+                                   **options)
+  return (tf.stack(result.position), result.cost, result.num_residuals,
+          result.stop_reason)
+
+
+# One trace, shared by the tf.function cells below (a dataset argument of
+# the same element spec reuses it).
+_DATASET_FIT = tf.function(_dataset_fit, autograph=False)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "session"])
+def test_a_dataset_of_batches_equals_lstsq(mode):
+  # 1000 rows in batches of 300: 3 x 300 + 100 (XLA: refused, below). The
+  # tensor chunks' iterates: the next test.
+  if mode == "eager":  # Op by op: the passes are Python loops.
+    outputs = _dataset_fit(_batches(300), eager_compile=False)
+    outputs = [value.numpy() for value in outputs]
+  elif mode == "function":
+    outputs = [value.numpy() for value in _DATASET_FIT(_batches(300))]
+  else:  # A TF1 graph: the dataset is built from placeholders.
+    outputs = modes.run(lambda t, y: _dataset_fit(
+        tf.data.Dataset.from_tensor_slices((t, y)).batch(300)), [_T, _Y],
+                        mode, [[None], [None]])
+  position, cost, count, reason = outputs
+  solution = _lstsq()
+  np.testing.assert_allclose(position, solution, rtol=0, atol=1e-10)
+  residual = _quadratic(*solution, _T, _Y)
+  np.testing.assert_allclose(cost, 0.5 * np.sum(residual ** 2), rtol=1e-12)
+  assert int(count) == 1000
+  assert _engine.StopReason(int(reason)).converged
+
+
+def test_a_dataset_takes_the_iterates_of_the_tensor_chunks():
+  t, y = _T[::2], _Y_EXP[::2]  # 500 rows: 2 x 192 + 116.
+  start = lambda: [tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)]
+  options = dict(record=True, eager_compile=True)
+  batches = tfg_optim.least_squares(_exponential, start(),
+                                    data=_batches(192, t, y), **options)
+  chunks = tfg_optim.least_squares(_exponential, start(), data=(t, y),
+                                   data_chunk_size=192, **options)
+  assert bool(batches.converged)
+  for name in ("num_iterations", "num_accepted", "num_residual_evaluations",
+               "stop_reason"):
+    assert int(getattr(batches, name)) == int(getattr(chunks, name)), name
+  np.testing.assert_allclose(batches.records["cost"].numpy(),
+                             chunks.records["cost"].numpy(), rtol=1e-13)
+  np.testing.assert_allclose(np.array(batches.position),
+                             np.array(chunks.position), rtol=1e-13)
+  np.testing.assert_allclose(np.array(batches.position), [2.0, -1.3],
+                             atol=0.02)  # The data's generating values.
+
+
+def test_an_infinite_or_empty_dataset_fails_naming_data_in_a_graph():
+  # Eagerly their cardinality is known (ValueError, below); in a graph
+  # each pass checks it, and counts the rows it saw.
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"data\W+ is an infinite dataset"):
+    _DATASET_FIT(_batches(300).repeat())
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"data\W+: the dataset gave no rows"):
+    _DATASET_FIT(_batches(300).filter(lambda t, y: False))
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(data=_batches(300).repeat()), "'data' is an infinite dataset"),
+    (dict(data=_batches(300).take(0)), "'data' is an empty dataset"),
+    (dict(data=_batches(300), data_chunk_size=300), "data_chunk_size"),
+    (dict(data=_batches(300), gradients="unrolled"), "gradients"),
+    (dict(data=_batches(300), linear_solver="cg"), "linear_solver"),
+    (dict(data=_batches(300), geodesic_acceleration=2.0),
+     "geodesic_acceleration"),
+    (dict(data=tf.data.Dataset.from_tensor_slices(
+        {"t": _T, "y": _Y}).batch(4)), "data"),
+    (dict(data=tf.data.Dataset.from_tensor_slices((_T, _Y))), "data"),
+])
+def test_invalid_datasets_name_the_argument(kwargs, argument):
+  with pytest.raises((ValueError, TypeError), match=argument):
+    tfg_optim.least_squares(_quadratic, _zeros(3), **kwargs)
+
+
+def test_a_dataset_is_refused_under_xla_and_with_batch_dims():
+  under_xla = tf.function(jit_compile=True, autograph=False)(
+      lambda: _dataset_fit(_batches(300))[1])
+  with pytest.raises(ValueError, match="'data'.*XLA"):
+    under_xla()
+  with pytest.raises(ValueError, match="batch_dims"):
+    tfg_optim.least_squares(
+        lambda x, t, y: x[..., 0] + x[..., 1] * t - y,
+        tf.zeros([2, 2], tf.float64), batch_dims=1, data=_batches(300))

@@ -84,6 +84,11 @@ def _solve_batch(strategy=None):
               truth=np.stack([a, b], 1).tolist())
 
 
+def _batches(size):
+  """The rows of `_problem` as a dataset of batches of `size` rows."""
+  return tf.data.Dataset.from_tensor_slices(_problem()).batch(size)
+
+
 def _with_nan(row):
   t, y = _problem()
   y = y.copy()
@@ -106,6 +111,13 @@ def _mirrored_solves():
   out["two_chunked"] = _solve(two, data_chunk_size=96)
   out["four"] = _solve(four)
   out["four_nan"] = _solve(four, data=_with_nan(900))  # The last shard.
+  # A dataset: global batches of 200 rows (100 per replica), the last of 1
+  # row (one replica gets an empty batch); and 11 batches of 100 rows
+  # sharded by replica in its own pipeline: 6 and 5 elements.
+  out["two_dataset"] = _solve(two, data=_batches(200))
+  out["two_uneven"] = _solve(two, data=two.distribute_datasets_from_function(
+      lambda context: _batches(100).shard(context.num_input_pipelines,
+                                          context.input_pipeline_id)))
   out["replicas"] = [two.num_replicas_in_sync, four.num_replicas_in_sync]
   out["batch"] = _solve_batch()
   return out
@@ -126,6 +138,9 @@ def _worker_child(index, ports, signal):
           timeout_seconds=_WORKER_TIMEOUT))
   out = {"workers": strategy.num_replicas_in_sync,
          "multi": _solve(strategy),
+         # Auto-sharded over the workers (by element: batches 0, 2, ... and
+         # 1, 3, ...; worker 0 has one more, the last of 1 row).
+         "multi_dataset": _solve(strategy, data=_batches(200)),
          "multi_nan": _solve(strategy, data=_with_nan(700)),  # worker 1's
          "multi_batch": _solve_batch(strategy)}
   if index == 1:  # Dies: worker 0's next solve must fail, naming it.
@@ -237,6 +252,8 @@ def _check_mirrored(out):
   np.testing.assert_allclose(single["position"], [2.0, -1.3], atol=0.02)
   _same_solve(out["two_chunked"], single)
   _same_solve(out["four"], single)
+  _same_solve(out["two_dataset"], single)
+  _same_solve(out["two_uneven"], single)
   # A NaN in the last shard: the summed cost is NaN at the start.
   assert out["four_nan"]["stop"] == _NOT_FINITE
   assert out["four_nan"]["iterations"] == 0
@@ -255,6 +272,8 @@ def _check_workers(zero, one, single, batch):
   _same_solve(zero["multi"], single)
   # Every worker ends at the same point, bit for bit, with the same counts.
   assert zero["multi"] == one["multi"]
+  _same_solve(zero["multi_dataset"], single)
+  assert zero["multi_dataset"] == one["multi_dataset"]
   for out in (zero, one):  # A NaN in worker 1's shard stops both.
     assert out["multi_nan"]["stop"] == _NOT_FINITE
     # A batch split over the workers (2 + 3 problems), solved with no
