@@ -3,8 +3,9 @@
 Logical CPU devices and a cluster must be set up before TensorFlow starts,
 so the solves run in two child processes of this file, started at once by
 one test and always killed at its end (`python tests/test_distributed.py
-INDEX PORTS SIGNAL_FILE`): the two workers of a MultiWorkerMirroredStrategy
-on 127.0.0.1 (free ports; ring all-reduces). Worker 0 has 4 logical CPU
+INDEX SIGNAL_FILE`, with the worker's `TF_CONFIG` from
+`tfg_optim.examples.local_cluster`): the two workers of a
+MultiWorkerMirroredStrategy on 127.0.0.1 (free ports; ring all-reduces). Worker 0 has 4 logical CPU
 devices and also runs the single-device solve and MirroredStrategy over 2
 and over 4 of them, while it waits for worker 1, which has exited, to time
 out (two processes, not three: TensorFlow's start is most of the cost).
@@ -17,7 +18,6 @@ the all-reduce timeout.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +29,7 @@ import tensorflow as tf
 
 import tfg_optim
 from tfg_optim import _engine
+from tfg_optim.examples import local_cluster
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHILD_TIMEOUT = 90.0  # s: a child still running then is killed.
@@ -123,16 +124,13 @@ def _mirrored_solves():
   return out
 
 
-def _worker_child(index, ports, signal):
-  """Worker `index` of two; worker 0 also runs `_mirrored_solves` while it
-  waits for the dead worker."""
+def _worker_child(index, signal):
+  """Worker `index` of two (its `TF_CONFIG` in the environment); worker 0
+  also runs `_mirrored_solves` while it waits for the dead worker."""
   if index == 0:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
-  os.environ["TF_CONFIG"] = json.dumps({
-      "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
-      "task": {"type": "worker", "index": index}})
   strategy = tf.distribute.MultiWorkerMirroredStrategy(
       communication_options=tf.distribute.experimental.CommunicationOptions(
           timeout_seconds=_WORKER_TIMEOUT))
@@ -171,7 +169,7 @@ def _worker_child(index, ports, signal):
 
 
 def _main(argv):
-  out = _worker_child(int(argv[0]), argv[1].split(","), argv[2])
+  out = _worker_child(int(argv[0]), argv[1])
   out["seconds"] = time.monotonic() - _BEGIN
   print(json.dumps(out), flush=True)
   os._exit(0)  # pylint: disable=protected-access  # No teardown of servers.
@@ -180,25 +178,11 @@ def _main(argv):
 # --- the tests ---------------------------------------------------------------
 
 
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  try:
-    for s in sockets:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in sockets]
-  finally:
-    for s in sockets:
-      s.close()
-
-
 class _Child:
-  """A child process of this file; `result()` its JSON line (or the test
-  fails naming it); `kill()` ends it if it still runs."""
+  """A child process of this file in environment `env`; `result()` its JSON
+  line (or the test fails naming it); `kill()` ends it if it still runs."""
 
-  def __init__(self, *args):
-    env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2",
-               CUDA_VISIBLE_DEVICES="")
-    env.pop("TF_CONFIG", None)
+  def __init__(self, env, *args):
     self.args = args
     self.process = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), *args],
@@ -228,9 +212,10 @@ class _Child:
 
 
 def _start_children(signal):
-  ports = ",".join(str(p) for p in _free_ports(2))
-  return dict(worker0=_Child("0", ports, signal),
-              worker1=_Child("1", ports, signal))
+  environments = local_cluster.worker_environments(
+      2, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  return {f"worker{index}": _Child(env, str(index), signal)
+          for index, env in enumerate(environments)}
 
 
 def _same_solve(result, single):
