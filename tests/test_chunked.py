@@ -6,6 +6,8 @@ unchunked solve iterate by iterate, to the finiteness rules, and run it in
 every execution mode.
 """
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -279,3 +281,19 @@ def test_a_dataset_is_refused_under_xla_and_with_batch_dims():
     tfg_optim.least_squares(
         lambda x, t, y: x[..., 0] + x[..., 1] * t - y,
         tf.zeros([2, 2], tf.float64), batch_dims=1, data=_batches(300))
+
+
+def test_the_dataset_snippet_of_the_guide_runs():
+  # docs/distributed.md, Data as a `tf.data.Dataset`: its Python block as is.
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "docs", "distributed.md")
+  with open(path) as guide:
+    text = guide.read()
+  section = text[text.index("## Data as a `tf.data.Dataset`"):]
+  code = section[section.index("```python\n") + 10:section.index("```\n")]
+  namespace = {}
+  exec(compile(code, path, "exec"), namespace)  # pylint: disable=exec-used
+  result = namespace["result"]
+  np.testing.assert_allclose(np.array(result.position), [2.0, 1.3],
+                             atol=0.01)  # The data's generating values.
+  assert int(result.num_residuals) == 2000

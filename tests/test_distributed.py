@@ -90,6 +90,15 @@ def _batches(size):
   return tf.data.Dataset.from_tensor_slices(_problem()).batch(size)
 
 
+def _per_replica_batches(strategy):
+  """11 batches of 100 rows (the last 1), sharded over the input pipelines
+  (one per worker; a worker's replicas take its batches in turn): 6 and 5
+  batches for 2 replicas."""
+  return strategy.distribute_datasets_from_function(
+      lambda context: _batches(100).shard(context.num_input_pipelines,
+                                          context.input_pipeline_id))
+
+
 def _with_nan(row):
   t, y = _problem()
   y = y.copy()
@@ -113,12 +122,9 @@ def _mirrored_solves():
   out["four"] = _solve(four)
   out["four_nan"] = _solve(four, data=_with_nan(900))  # The last shard.
   # A dataset: global batches of 200 rows (100 per replica), the last of 1
-  # row (one replica gets an empty batch); and 11 batches of 100 rows
-  # sharded by replica in its own pipeline: 6 and 5 elements.
+  # row (one replica gets an empty batch); and 6 and 5 batches per replica.
   out["two_dataset"] = _solve(two, data=_batches(200))
-  out["two_uneven"] = _solve(two, data=two.distribute_datasets_from_function(
-      lambda context: _batches(100).shard(context.num_input_pipelines,
-                                          context.input_pipeline_id)))
+  out["two_uneven"] = _solve(two, data=_per_replica_batches(two))
   out["replicas"] = [two.num_replicas_in_sync, four.num_replicas_in_sync]
   out["batch"] = _solve_batch()
   return out
@@ -136,9 +142,11 @@ def _worker_child(index, signal):
           timeout_seconds=_WORKER_TIMEOUT))
   out = {"workers": strategy.num_replicas_in_sync,
          "multi": _solve(strategy),
-         # Auto-sharded over the workers (by element: batches 0, 2, ... and
-         # 1, 3, ...; worker 0 has one more, the last of 1 row).
+         # Each global batch split 100 + 100 over the workers, the last
+         # (1 row) 1 + 0; then one pipeline per worker: 6 and 5 batches.
          "multi_dataset": _solve(strategy, data=_batches(200)),
+         "multi_uneven": _solve(strategy, data=_per_replica_batches(
+             strategy)),
          "multi_nan": _solve(strategy, data=_with_nan(700)),  # worker 1's
          "multi_batch": _solve_batch(strategy)}
   if index == 1:  # Dies: worker 0's next solve must fail, naming it.
@@ -257,8 +265,9 @@ def _check_workers(zero, one, single, batch):
   _same_solve(zero["multi"], single)
   # Every worker ends at the same point, bit for bit, with the same counts.
   assert zero["multi"] == one["multi"]
-  _same_solve(zero["multi_dataset"], single)
-  assert zero["multi_dataset"] == one["multi_dataset"]
+  for name in ("multi_dataset", "multi_uneven"):
+    _same_solve(zero[name], single)
+    assert zero[name] == one[name]
   for out in (zero, one):  # A NaN in worker 1's shard stops both.
     assert out["multi_nan"]["stop"] == _NOT_FINITE
     # A batch split over the workers (2 + 3 problems), solved with no
