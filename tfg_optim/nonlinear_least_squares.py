@@ -192,7 +192,15 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     data: optional tensor or list/tuple of tensors (the data of a fit) with
       a shared leading dimension N, passed to every residual after the
       variables. Without `data_chunk_size`, the residuals are called once
-      with all of them (the same solve as closing over them).
+      with all of them (the same solve as closing over them). Or a finite
+      `tf.data.Dataset` of batches (elements: a tensor or a tuple of
+      tensors with a leading batch dimension; with `strategy`, also a
+      `tf.distribute.DistributedDataset` it made): each batch is a chunk,
+      summed as with `data_chunk_size` (which must then be None: the
+      batching is the chunking), each pass iterating the dataset once. An
+      infinite or empty dataset raises naming 'data' (eagerly; in graphs
+      when a pass runs); not under XLA, not with `batch_dims`, no
+      gradients (see docs/distributed.md, Data as a `tf.data.Dataset`).
     data_chunk_size: optional int K >= 1 (needs `data`): the residuals are
       called on chunks of K rows of the data (the last chunk has N mod K
       rows) and must return the residuals of those rows. J is built one
