@@ -5,8 +5,8 @@ so the solves run in two child processes of this file, started at once by
 one test and always killed at its end (`python tests/test_distributed.py
 INDEX SIGNAL_FILE`, with the worker's `TF_CONFIG` from
 `tfg_optim.examples.local_cluster`): the two workers of a
-MultiWorkerMirroredStrategy on 127.0.0.1 (free ports; ring all-reduces). Worker 0 has 4 logical CPU
-devices and also runs the single-device solve and MirroredStrategy over 2
+MultiWorkerMirroredStrategy on 127.0.0.1 (free ports; ring all-reduces).
+Worker 0 has 4 logical CPU devices and also runs the single-device solve and MirroredStrategy over 2
 and over 4 of them, while it waits for worker 1, which has exited, to time
 out (two processes, not three: TensorFlow's start is most of the cost).
 Each child prints one JSON line; the test holds the solves to the

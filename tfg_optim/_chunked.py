@@ -29,9 +29,9 @@ leading dimension) is one chunk, and each pass iterates the dataset once
 (an iterator's `get_next_as_optional` in a `tf.while_loop` in graphs, the
 data read on the host and the chunk's terms computed on the pass's device;
 a Python loop eagerly). The sums are those of the same rows given as
-tensors with `data_chunk_size` equal to the batch size, up to the order of
-the additions (chunk after chunk in both: the same order, hence the same
-bits, when the batches are those chunks).
+tensors with `data_chunk_size` equal to the batch size, added chunk after
+chunk in both (the same additions in the same order when the batches are
+those chunks: the tests find the same iterates).
 """
 
 import tensorflow as tf
@@ -275,8 +275,9 @@ class ChunkedKind:
 
   chunk_residual: (point, chunk) -> the [K_c] residuals of the chunk's rows.
   data: the list of data tensors [N, ...], read in chunks of `chunk_size`
-  rows, or a `DatasetChunks` (then `chunk_size` is None). In graphs each pass is one `tf.function` (the residual is traced once per
-  pass and chunk shape, however often the loop calls it).
+  rows, or a `DatasetChunks` (then `chunk_size` is None). In graphs each
+  pass is one `tf.function` (the residual is traced once per pass and chunk
+  shape, however often the loop calls it).
   """
 
   dense = True

@@ -446,9 +446,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     # forward-mode accumulator that the Jacobian needs anyway (below).
     check_in_forward_trace = (jacobian is None and not chunked and
                               not tf.executing_eagerly())
-    if dataset is not None:
-      pass  # Checked above; the residual is the cost pass's, below.
-    elif jacobian is None and not check_in_forward_trace:
+    if (jacobian is None and not check_in_forward_trace and
+        dataset is None):  # (A dataset's residuals: checked above.)
       initial_residual = robust(tf.concat(_validation.connected_outputs(
           lambda: stack.pieces(tf.nest.flatten(point)), point, stack.names()),
                                           axis=-1))
