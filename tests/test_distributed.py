@@ -342,6 +342,13 @@ def test_invalid_strategies_name_the_argument():
   with pytest.raises(ValueError, match="gradients"):
     tfg_optim.least_squares(residual, start, data=data, strategy=strategy,
                             gradients="backwards")
+  distributed = strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensor_slices(data).batch(2))
+  with pytest.raises(ValueError, match="'data' is a distributed dataset"):
+    tfg_optim.least_squares(residual, start, data=distributed)
+  with pytest.raises(ValueError, match="batch_dims"):  # Before the split.
+    tfg_optim.least_squares(lambda x, t: x * t, tf.ones([2, 1], tf.float64),
+                            batch_dims=1, data=distributed, strategy=strategy)
   with pytest.raises(ValueError, match="batch dimension"):  # 2 vs 4 rows
     tfg_optim.least_squares(lambda x, t: x * t, tf.ones([2, 1], tf.float64),
                             batch_dims=1, data=data, strategy=strategy)
