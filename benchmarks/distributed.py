@@ -29,8 +29,6 @@ parameters against the one-device row's.
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -114,37 +112,15 @@ def _child(config, n, chunk, repeats):
   os._exit(0)  # pylint: disable=protected-access
 
 
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  try:
-    for s in sockets:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in sockets]
-  finally:
-    for s in sockets:
-      s.close()
-
-
 def _run(config, args, workers=1):
-  ports = _free_ports(workers)
-  processes = []
-  for index in range(workers):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    if workers > 1:
-      env["TF_CONFIG"] = json.dumps({
-          "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-          "task": {"type": "worker", "index": index}})
-    processes.append(subprocess.Popen(
-        [sys.executable, __file__, "--child", config, str(args.points),
-         str(args.chunk), str(args.repeats)], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=env))
-  try:
-    outputs = [p.communicate(timeout=1800) for p in processes]
-  finally:
-    for p in processes:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
+  from tfg_optim.examples import local_cluster  # pylint: disable=g-import-not-at-top
+  environments = [dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")]
+  if workers > 1:
+    environments = local_cluster.worker_environments(
+        workers, TF_CPP_MIN_LOG_LEVEL="2")
+  outputs = local_cluster.run_workers(
+      [sys.executable, __file__, "--child", config, str(args.points),
+       str(args.chunk), str(args.repeats)], environments, timeout=1800)
   stdout, stderr = outputs[0]
   lines = [l for l in stdout.splitlines() if l.startswith("{")]
   if not lines:

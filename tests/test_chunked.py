@@ -6,6 +6,9 @@ unchunked solve iterate by iterate, to the finiteness rules, and run it in
 every execution mode.
 """
 
+import functools
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -32,11 +35,18 @@ def _zeros(count):
   return [tf.constant(0.0, tf.float64) for _ in range(count)]
 
 
+@functools.lru_cache(maxsize=None)
+def _chunked_quadratic():
+  """The quadratic fit in chunks of 300 rows (3 x 300 + 100), eagerly; its
+  results are shared by two tests."""
+  return tfg_optim.least_squares(_quadratic, _zeros(3), data=(_T, _Y),
+                                 data_chunk_size=300)
+
+
 def test_linear_fit_equals_lstsq_and_the_unchunked_solves():
   design = np.stack([np.ones_like(_T), _T, _T * _T], axis=1)
   expected = np.linalg.lstsq(design, _Y, rcond=None)[0]
-  chunked = tfg_optim.least_squares(_quadratic, _zeros(3), data=(_T, _Y),
-                                    data_chunk_size=300)  # 3 x 300 + 100.
+  chunked = _chunked_quadratic()
   # (With geodesic acceleration, on by default without chunks, the dense
   # solve stops on the relative step test 1e-9 away from lstsq.)
   unchunked = tfg_optim.least_squares(_quadratic, _zeros(3), data=(_T, _Y),
@@ -174,3 +184,104 @@ def test_batch_dims_is_refused_with_chunks():
         lambda x, t, y: x[..., 0] + x[..., 1] * t - y,
         tf.zeros([2, 2], tf.float64), batch_dims=1, data=(_T, _Y),
         data_chunk_size=8)
+
+
+# --- data as a tf.data.Dataset of batches ------------------------------------
+
+
+def _batches(size, t=_T, y=_Y):
+  return tf.data.Dataset.from_tensor_slices((t, y)).batch(size)
+
+
+def _lstsq():
+  design = np.stack([np.ones_like(_T), _T, _T * _T], axis=1)
+  return np.linalg.lstsq(design, _Y, rcond=None)[0]
+
+
+def _dataset_fit(dataset, **options):
+  result = tfg_optim.least_squares(_quadratic, _zeros(3), data=dataset,
+                                   **options)
+  return (tf.stack(result.position), result.cost, result.num_residuals,
+          result.stop_reason, result.num_iterations,
+          result.num_residual_evaluations)
+
+
+# One trace, shared by the tf.function cells below (a dataset argument of
+# the same element spec reuses it).
+_DATASET_FIT = tf.function(_dataset_fit, autograph=False)
+
+
+def test_a_dataset_of_batches_equals_lstsq_and_the_tensor_chunks():
+  # 1000 rows in batches of 300: 3 x 300 + 100, the chunks of
+  # data_chunk_size=300 in their order. In a tf.function; eagerly (op by
+  # op, the passes Python loops): the guide's snippet below; XLA: refused,
+  # below; a TF1 graph builds what tf.function builds.
+  outputs = [value.numpy() for value in _DATASET_FIT(_batches(300))]
+  position, cost, count, reason, iterations, evaluations = outputs
+  solution = _lstsq()
+  np.testing.assert_allclose(position, solution, rtol=0, atol=1e-10)
+  residual = _quadratic(*solution, _T, _Y)
+  np.testing.assert_allclose(cost, 0.5 * np.sum(residual ** 2), rtol=1e-12)
+  assert int(count) == 1000
+  assert _engine.StopReason(int(reason)).converged
+  chunks = _chunked_quadratic()  # The same sums in the same order.
+  assert int(iterations) == int(chunks.num_iterations)
+  assert int(evaluations) == int(chunks.num_residual_evaluations)
+  assert int(reason) == int(chunks.stop_reason)
+  np.testing.assert_allclose(position, np.array(chunks.position), rtol=1e-13)
+  np.testing.assert_allclose(cost, float(chunks.cost), rtol=1e-13)
+
+
+def test_an_infinite_or_empty_dataset_fails_naming_data_in_a_graph():
+  # Eagerly their cardinality is known (ValueError, below); in a graph
+  # each pass checks it, and counts the rows it saw.
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"data\W+ is an infinite dataset"):
+    _DATASET_FIT(_batches(300).repeat())
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"data\W+: the dataset gave no rows"):
+    _DATASET_FIT(_batches(300).filter(lambda t, y: False))
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(data=_batches(300).repeat()), "'data' is an infinite dataset"),
+    (dict(data=_batches(300).take(0)), "'data' is an empty dataset"),
+    (dict(data=_batches(300), data_chunk_size=300), "data_chunk_size"),
+    (dict(data=_batches(300), gradients="unrolled"), "gradients"),
+    (dict(data=_batches(300), linear_solver="cg"), "linear_solver"),
+    (dict(data=_batches(300), geodesic_acceleration=2.0),
+     "geodesic_acceleration"),
+    (dict(data=tf.data.Dataset.from_tensor_slices(
+        {"t": _T, "y": _Y}).batch(4)), "data"),
+    (dict(data=tf.data.Dataset.from_tensor_slices((_T, _Y))), "data"),
+])
+def test_invalid_datasets_name_the_argument(kwargs, argument):
+  with pytest.raises((ValueError, TypeError), match=argument):
+    tfg_optim.least_squares(_quadratic, _zeros(3), **kwargs)
+
+
+def test_a_dataset_is_refused_under_xla_and_with_batch_dims():
+  under_xla = tf.function(jit_compile=True, autograph=False)(
+      lambda: _dataset_fit(_batches(300))[1])
+  with pytest.raises(ValueError, match="'data'.*XLA"):
+    under_xla()
+  with pytest.raises(ValueError, match="batch_dims"):
+    tfg_optim.least_squares(
+        lambda x, t, y: x[..., 0] + x[..., 1] * t - y,
+        tf.zeros([2, 2], tf.float64), batch_dims=1, data=_batches(300))
+
+
+def test_the_dataset_snippet_of_the_guide_runs():
+  # docs/distributed.md, Data as a `tf.data.Dataset`: its Python block as is.
+  path = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "docs", "distributed.md")
+  with open(path) as guide:
+    text = guide.read()
+  section = text[text.index("## Data as a `tf.data.Dataset`"):]
+  code = section[section.index("```python\n") + 10:section.index("```\n")]
+  namespace = {}
+  exec(compile(code, path, "exec"), namespace)  # pylint: disable=exec-used
+  result = namespace["result"]
+  np.testing.assert_allclose(np.array(result.position), [2.0, 1.3],
+                             atol=0.01)  # The data's generating values.
+  assert int(result.num_residuals) == 1000

@@ -3,9 +3,10 @@
 Logical CPU devices and a cluster must be set up before TensorFlow starts,
 so the solves run in two child processes of this file, started at once by
 one test and always killed at its end (`python tests/test_distributed.py
-INDEX PORTS SIGNAL_FILE`): the two workers of a MultiWorkerMirroredStrategy
-on 127.0.0.1 (free ports; ring all-reduces). Worker 0 has 4 logical CPU
-devices and also runs the single-device solve and MirroredStrategy over 2
+INDEX SIGNAL_FILE`, with the worker's `TF_CONFIG` from
+`tfg_optim.examples.local_cluster`): the two workers of a
+MultiWorkerMirroredStrategy on 127.0.0.1 (free ports; ring all-reduces).
+Worker 0 has 4 logical CPU devices and also runs the single-device solve and MirroredStrategy over 2
 and over 4 of them, while it waits for worker 1, which has exited, to time
 out (two processes, not three: TensorFlow's start is most of the cost).
 Each child prints one JSON line; the test holds the solves to the
@@ -17,7 +18,6 @@ the all-reduce timeout.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +29,7 @@ import tensorflow as tf
 
 import tfg_optim
 from tfg_optim import _engine
+from tfg_optim.examples import local_cluster
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHILD_TIMEOUT = 90.0  # s: a child still running then is killed.
@@ -36,6 +37,10 @@ _WORKER_TIMEOUT = 6.0  # s: the workers' all-reduce completion timeout.
 _NOT_FINITE = "NOT_FINITE"
 _N = 1001  # 4 shards of 250, 250, 250 and 251 rows.
 _BEGIN = time.monotonic()  # A child's start, after its imports.
+# Dataset solves past the suite's time budget (about 5 s each on 2 loaded
+# cores), run when this is set: a per-replica pipeline on 2 devices, and
+# datasets over the two workers (docs/distributed.md).
+_MORE_DATASETS = os.environ.get("TFG_OPTIM_MORE_DATASET_TESTS") == "1"
 
 
 def _problem():
@@ -84,6 +89,20 @@ def _solve_batch(strategy=None):
               truth=np.stack([a, b], 1).tolist())
 
 
+def _batches(size):
+  """The rows of `_problem` as a dataset of batches of `size` rows."""
+  return tf.data.Dataset.from_tensor_slices(_problem()).batch(size)
+
+
+def _per_replica_batches(strategy):
+  """11 batches of 100 rows (the last 1), sharded over the input pipelines
+  (one per worker; a worker's replicas take its batches in turn): 6 and 5
+  batches for 2 replicas."""
+  return strategy.distribute_datasets_from_function(
+      lambda context: _batches(100).shard(context.num_input_pipelines,
+                                          context.input_pipeline_id))
+
+
 def _with_nan(row):
   t, y = _problem()
   y = y.copy()
@@ -106,28 +125,35 @@ def _mirrored_solves():
   out["two_chunked"] = _solve(two, data_chunk_size=96)
   out["four"] = _solve(four)
   out["four_nan"] = _solve(four, data=_with_nan(900))  # The last shard.
+  # A dataset: global batches of 200 rows split 100 + 100 over the
+  # replicas, the last (1 row) 1 + 0: one replica gets an empty batch.
+  out["two_dataset"] = _solve(two, data=_batches(200))
+  if _MORE_DATASETS:  # 6 and 5 batches per replica.
+    out["two_uneven"] = _solve(two, data=_per_replica_batches(two))
   out["replicas"] = [two.num_replicas_in_sync, four.num_replicas_in_sync]
   out["batch"] = _solve_batch()
   return out
 
 
-def _worker_child(index, ports, signal):
-  """Worker `index` of two; worker 0 also runs `_mirrored_solves` while it
-  waits for the dead worker."""
+def _worker_child(index, signal):
+  """Worker `index` of two (its `TF_CONFIG` in the environment); worker 0
+  also runs `_mirrored_solves` while it waits for the dead worker."""
   if index == 0:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
-  os.environ["TF_CONFIG"] = json.dumps({
-      "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
-      "task": {"type": "worker", "index": index}})
   strategy = tf.distribute.MultiWorkerMirroredStrategy(
       communication_options=tf.distribute.experimental.CommunicationOptions(
           timeout_seconds=_WORKER_TIMEOUT))
   out = {"workers": strategy.num_replicas_in_sync,
-         "multi": _solve(strategy),
-         "multi_nan": _solve(strategy, data=_with_nan(700)),  # worker 1's
-         "multi_batch": _solve_batch(strategy)}
+         "multi": _solve(strategy)}
+  if _MORE_DATASETS:  # Global batches split over the workers as over
+    # replicas above; one pipeline per worker: 6 and 5 batches.
+    out["multi_dataset"] = _solve(strategy, data=_batches(200))
+    out["multi_uneven"] = _solve(strategy,
+                                 data=_per_replica_batches(strategy))
+  out.update(multi_nan=_solve(strategy, data=_with_nan(700)),  # worker 1's
+             multi_batch=_solve_batch(strategy))
   if index == 1:  # Dies: worker 0's next solve must fail, naming it.
     # Not before worker 0 has the NaN solve's results (its last all-reduce
     # may still read from this worker): it touches `signal`.
@@ -156,7 +182,7 @@ def _worker_child(index, ports, signal):
 
 
 def _main(argv):
-  out = _worker_child(int(argv[0]), argv[1].split(","), argv[2])
+  out = _worker_child(int(argv[0]), argv[1])
   out["seconds"] = time.monotonic() - _BEGIN
   print(json.dumps(out), flush=True)
   os._exit(0)  # pylint: disable=protected-access  # No teardown of servers.
@@ -165,25 +191,11 @@ def _main(argv):
 # --- the tests ---------------------------------------------------------------
 
 
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  try:
-    for s in sockets:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in sockets]
-  finally:
-    for s in sockets:
-      s.close()
-
-
 class _Child:
-  """A child process of this file; `result()` its JSON line (or the test
-  fails naming it); `kill()` ends it if it still runs."""
+  """A child process of this file in environment `env`; `result()` its JSON
+  line (or the test fails naming it); `kill()` ends it if it still runs."""
 
-  def __init__(self, *args):
-    env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2",
-               CUDA_VISIBLE_DEVICES="")
-    env.pop("TF_CONFIG", None)
+  def __init__(self, env, *args):
     self.args = args
     self.process = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), *args],
@@ -213,9 +225,10 @@ class _Child:
 
 
 def _start_children(signal):
-  ports = ",".join(str(p) for p in _free_ports(2))
-  return dict(worker0=_Child("0", ports, signal),
-              worker1=_Child("1", ports, signal))
+  environments = local_cluster.worker_environments(
+      2, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  return {f"worker{index}": _Child(env, str(index), signal)
+          for index, env in enumerate(environments)}
 
 
 def _same_solve(result, single):
@@ -237,6 +250,9 @@ def _check_mirrored(out):
   np.testing.assert_allclose(single["position"], [2.0, -1.3], atol=0.02)
   _same_solve(out["two_chunked"], single)
   _same_solve(out["four"], single)
+  _same_solve(out["two_dataset"], single)
+  if _MORE_DATASETS:
+    _same_solve(out["two_uneven"], single)
   # A NaN in the last shard: the summed cost is NaN at the start.
   assert out["four_nan"]["stop"] == _NOT_FINITE
   assert out["four_nan"]["iterations"] == 0
@@ -255,6 +271,9 @@ def _check_workers(zero, one, single, batch):
   _same_solve(zero["multi"], single)
   # Every worker ends at the same point, bit for bit, with the same counts.
   assert zero["multi"] == one["multi"]
+  for name in ("multi_dataset", "multi_uneven") if _MORE_DATASETS else ():
+    _same_solve(zero[name], single)
+    assert zero[name] == one[name]
   for out in (zero, one):  # A NaN in worker 1's shard stops both.
     assert out["multi_nan"]["stop"] == _NOT_FINITE
     # A batch split over the workers (2 + 3 problems), solved with no
@@ -323,6 +342,13 @@ def test_invalid_strategies_name_the_argument():
   with pytest.raises(ValueError, match="gradients"):
     tfg_optim.least_squares(residual, start, data=data, strategy=strategy,
                             gradients="backwards")
+  distributed = strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensor_slices(data).batch(2))
+  with pytest.raises(ValueError, match="'data' is a distributed dataset"):
+    tfg_optim.least_squares(residual, start, data=distributed)
+  with pytest.raises(ValueError, match="batch_dims"):  # Before the split.
+    tfg_optim.least_squares(lambda x, t: x * t, tf.ones([2, 1], tf.float64),
+                            batch_dims=1, data=distributed, strategy=strategy)
   with pytest.raises(ValueError, match="batch dimension"):  # 2 vs 4 rows
     tfg_optim.least_squares(lambda x, t: x * t, tf.ones([2, 1], tf.float64),
                             batch_dims=1, data=data, strategy=strategy)

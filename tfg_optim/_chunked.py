@@ -22,6 +22,16 @@ J^T F (`gradient`), ||J v||^2 = v^T J^T J v (`curvature`), diag(J^T J)
 and J^T J; nothing needs J itself, except geodesic acceleration
 (F''[v, v] over all residuals) and the matrix-free solvers, which are not
 offered with chunks.
+
+The chunks may also be the elements of a `tf.data.Dataset` of batches
+(`DatasetChunks`): each element (a tensor, or a tuple of tensors sharing a
+leading dimension) is one chunk, and each pass iterates the dataset once
+(an iterator's `get_next_as_optional` in a `tf.while_loop` in graphs, the
+data read on the host and the chunk's terms computed on the pass's device;
+a Python loop eagerly). The sums are those of the same rows given as
+tensors with `data_chunk_size` equal to the batch size, added chunk after
+chunk in both (the same additions in the same order when the batches are
+those chunks: the tests find the same iterates).
 """
 
 import tensorflow as tf
@@ -138,20 +148,144 @@ class ChunkedData:
     return total
 
 
+DATASETS = (tf.data.Dataset, tf.distribute.DistributedDataset)
+
+
+def dataset_chunk(element):
+  """A dataset element as a chunk: the list of its data tensors."""
+  return list(element) if isinstance(element, (tuple, list)) else [element]
+
+
+def row_specs(element_spec):
+  """The `tf.TensorSpec`s of a chunk from a dataset's element spec (a
+  distributed dataset's: the first replica's)."""
+  specs = dataset_chunk(element_spec)
+  return [getattr(spec, "_value_specs", (spec,))[0] for spec in specs]
+
+
+def check_dataset(dataset, argument="data"):
+  """Raises naming `argument` for a dataset that cannot be a solve's data:
+  elements that are not a tensor or a flat tuple of tensors of rank >= 1,
+  and, where its cardinality is known now (eagerly), an infinite or empty
+  dataset (else `DatasetChunks` checks it when a pass runs)."""
+  for index, spec in enumerate(row_specs(dataset.element_spec)):
+    if not isinstance(spec, tf.TensorSpec):
+      raise TypeError(f"'{argument}': a dataset's elements must be a tensor "
+                      "or a tuple of tensors (the rows of a batch), got "
+                      f"{dataset.element_spec}.")
+    if spec.shape.rank == 0 or spec.shape.rank is None:
+      raise ValueError(f"'{argument}': element {index} of the dataset must "
+                       "have a known rank >= 1 (a leading batch dimension), "
+                       f"got shape {spec.shape}.")
+  cardinality = known_cardinality(dataset)
+  if cardinality == tf.data.INFINITE_CARDINALITY:
+    raise ValueError(f"'{argument}' is an infinite dataset (cardinality "
+                     "INFINITE, e.g. .repeat() without a count): each pass "
+                     "iterates it once; pass a finite dataset.")
+  if cardinality == 0:
+    raise ValueError(f"'{argument}' is an empty dataset: no rows to fit.")
+
+
+def known_cardinality(dataset):
+  """The number of elements if known now (eagerly), INFINITE, or None."""
+  if isinstance(dataset, tf.distribute.DistributedDataset):
+    value = getattr(dataset, "_cardinality", None)  # Computed eagerly by TF.
+  elif tf.executing_eagerly():
+    value = int(dataset.cardinality())
+  else:
+    value = tf.get_static_value(dataset.cardinality())
+  if value is None or value == tf.data.UNKNOWN_CARDINALITY:
+    return None
+  return int(value)
+
+
+def require_rows(rows, totals, argument="data"):
+  """totals, after a check that a pass saw rows > 0 (eagerly a ValueError,
+  in graphs an assertion: an empty dataset ends the solve with an error
+  naming `argument`)."""
+  message = (f"'{argument}': the dataset gave no rows (an empty dataset, or "
+             "elements of 0 rows only)")
+  if tf.executing_eagerly():
+    if int(rows) <= 0:
+      raise ValueError(message + ".")
+    return totals
+  with tf.control_dependencies([tf.debugging.assert_positive(
+      rows, message=message)]):
+    return tf.nest.map_structure(tf.identity, totals)
+
+
+def finite_cardinality_check(dataset, argument="data"):
+  """[an op asserting, when it runs, that `dataset` is not infinite] in
+  graphs (its cardinality is known only then); [] eagerly (checked by
+  `check_dataset`)."""
+  if tf.executing_eagerly():
+    return []
+  return [tf.debugging.assert_none_equal(
+      dataset.cardinality(), tf.constant(tf.data.INFINITE_CARDINALITY,
+                                         tf.int64),
+      message=(f"'{argument}' is an infinite dataset (cardinality INFINITE,"
+               " e.g. .repeat() without a count): each pass iterates it "
+               "once; pass a finite dataset"))]
+
+
+class DatasetChunks:
+  """The elements of a finite `tf.data.Dataset` of batches as chunks.
+
+  Each element, a tensor or a tuple of tensors with a shared leading
+  dimension (the batch's rows), is one chunk, in the dataset's order; a
+  pass (`fold`) iterates the dataset once. The batching is the chunking:
+  batches may differ in size (a last partial batch), and the rows' number
+  N need not be known.
+  """
+
+  def __init__(self, dataset):
+    self.dataset = dataset
+
+  def fold(self, function, zeros):
+    """The sum over the elements of `function(chunk)` (a tuple of tensors
+    shaped like `zeros`); raises (eagerly) or fails (in graphs) naming
+    'data' if the dataset is infinite or gives no rows."""
+    add = lambda a, b: tuple(x + y for x, y in zip(a, b))
+    rows = lambda chunk: tf.shape(chunk[0], out_type=tf.int64)[0]
+    if tf.executing_eagerly():
+      total, count = zeros, 0
+      for element in self.dataset:
+        chunk = dataset_chunk(element)
+        total = add(total, function(chunk))
+        count += int(rows(chunk))
+      return require_rows(count, total)
+    with tf.control_dependencies(finite_cardinality_check(self.dataset)):
+      iterator = iter(self.dataset)
+      first = iterator.get_next_as_optional()
+
+    def body(optional, count, total):
+      chunk = dataset_chunk(optional.get_value())
+      return (iterator.get_next_as_optional(), count + rows(chunk),
+              add(total, function(chunk)))
+
+    _, count, total = tf.while_loop(
+        lambda optional, count, total: optional.has_value(), body,
+        (first, tf.constant(0, tf.int64), zeros), parallel_iterations=1)
+    return require_rows(count, total)
+
+
 class ChunkedKind:
   """Builds `Gram` linearizations by a Jacobian pass over the chunks, and
   evaluates ||F|| by a cost pass (`residual_norm`, the engine's residual).
 
   chunk_residual: (point, chunk) -> the [K_c] residuals of the chunk's rows.
-  In graphs each pass is one `tf.function` (the residual is traced once per
-  pass and chunk shape, however often the loop calls it).
+  data: the list of data tensors [N, ...], read in chunks of `chunk_size`
+  rows, or a `DatasetChunks` (then `chunk_size` is None). In graphs each
+  pass is one `tf.function` (the residual is traced once per pass and chunk
+  shape, however often the loop calls it).
   """
 
   dense = True
 
   def __init__(self, chunk_residual, retract, tangent_dim, data, chunk_size,
                dtype):
-    self.data = ChunkedData(data, chunk_size)
+    self.data = (data if isinstance(data, DatasetChunks) else
+                 ChunkedData(data, chunk_size))
     n = tangent_dim
     zero = lambda *shape: tf.zeros(shape, dtype)
 

@@ -27,6 +27,19 @@ collectives match up) and ends at the same point with the same stop reason
 and counters. The result equals the single-device solve up to the order of
 the summation (rounding: ~ R ulps of the sums), the only difference.
 
+The data may instead be a finite `tf.data.Dataset` of batches (or a
+`tf.distribute.DistributedDataset` made from one by
+`strategy.experimental_distribute_dataset` or
+`distribute_datasets_from_function`): a pass then iterates the distributed
+dataset once in the cross-replica context (`get_next_as_optional` in a
+`tf.while_loop`), each replica adding its elements' (J^T [J | F], cost) to
+its own running sum (each element is one chunk), and ends with the same one
+SUM all-reduce. The distributed iterator synchronizes the end of the data
+(`has_value` is true while any replica, on any worker, still has an
+element; a replica without one gets an empty batch of 0 rows, whose terms
+are zero), so every replica and worker runs the same number of loop steps
+and of all-reduces however unevenly the elements split.
+
 A non-finite residual on one shard makes the summed cost non-finite, hence
 the usual engine rules: NOT_FINITE at the start, a rejected candidate later.
 A batch of independent problems (`batch_dims` > 0) is split instead
@@ -40,7 +53,9 @@ all-reduce has a completion timeout (the strategy's own
 names the workers that no longer answer (`naming_workers`).
 """
 
+import contextlib
 import socket
+import warnings
 
 import tensorflow as tf
 
@@ -146,9 +161,11 @@ class DistributedKind:
   of `chunk_size` rows or whole), evaluates ||F|| by a cost pass; each pass
   ends in one SUM all-reduce.
 
-  Made in the cross-replica context, in a graph. The shards are taken once
-  (each replica slices its rows on its host's CPU and keeps them on its
-  device), not per pass.
+  Made in the cross-replica context, in a graph. Data tensors: the shards
+  are taken once (each replica slices its rows on its host's CPU and keeps
+  them on its device), not per pass. A dataset (`_chunked.DATASETS`; then
+  `chunk_size` is None): distributed once (`distribute_dataset`), iterated
+  once per pass, each element one chunk.
   """
 
   dense = True
@@ -159,14 +176,17 @@ class DistributedKind:
     self.options = communication_options(strategy)
     n = tangent_dim
     zero = lambda *shape: tf.zeros(shape, dtype)
+    self.dataset = self.plain_dataset = None
+    if isinstance(data, _chunked.DATASETS):
+      self.dataset, self.plain_dataset = distribute_dataset(strategy, data)
+    else:
+      def take_shard():
+        replica, count = _replica_index()
+        with tf.device("/device:CPU:0"):
+          rows = shard(data, replica, count)
+        return [tf.identity(t) for t in rows]
 
-    def take_shard():
-      replica, count = _replica_index()
-      with tf.device("/device:CPU:0"):
-        rows = shard(data, replica, count)
-      return [tf.identity(t) for t in rows]
-
-    self.shards = strategy.run(take_shard)
+      self.shards = strategy.run(take_shard)
 
     def fold(function, zeros, rows):
       if chunk_size is None:
@@ -195,19 +215,55 @@ class DistributedKind:
       cost_terms, jacobian_terms = (
           tf.function(f, autograph=False)
           for f in (cost_terms, jacobian_terms))
-    self.cost_pass = lambda point: self._sum(cost_terms, point)[0]
+    self.cost_pass = lambda point: self._sum(cost_terms, point, zero(1))[0]
     self.jacobian_pass = lambda point: tf.reshape(
-        self._sum(jacobian_terms, point)[:n * (n + 1)], [n, n + 1])
-    self.count = lambda point: tf.cast(self._sum(count_terms, point)[0],
-                                       tf.int32)
+        self._sum(jacobian_terms, point, zero(n * (n + 1) + 1))[
+            :n * (n + 1)], [n, n + 1])
+    self.count = lambda point: tf.cast(self._sum(
+        count_terms, point, tf.zeros([1], tf.int64))[0], tf.int32)
 
-  def _sum(self, terms, point):
-    """sum over replicas of terms(point, shard), all-reduced: a vector."""
+  def _sum(self, terms, point, zeros):
+    """sum over replicas of terms(point, shard), all-reduced: a vector
+    shaped like `zeros`."""
+    if self.dataset is not None:
+      return self._dataset_sum(terms, point, zeros)
     def replica_sum(point, rows):
       return tf.distribute.get_replica_context().all_reduce(
           _SUM, terms(point, rows), options=self.options)
     summed = self.strategy.run(replica_sum, args=(point, self.shards))
     return self.strategy.experimental_local_results(summed)[0]
+
+  def _dataset_sum(self, terms, point, zeros):
+    """sum over the distributed dataset's elements of terms(point, chunk):
+    each replica sums its elements, then one all-reduce of the sums and of
+    the number of rows (which must be positive: an empty dataset fails
+    naming 'data')."""
+    strategy = self.strategy
+    checks = []
+    if self.plain_dataset is not None:
+      checks = _chunked.finite_cardinality_check(self.plain_dataset)
+    with tf.control_dependencies(checks), _quiet_options_warning():
+      iterator = iter(self.dataset)
+      first = iterator.get_next_as_optional()
+
+    def add(point, total, element):
+      chunk = _chunked.dataset_chunk(element)
+      value = terms(point, chunk)
+      rows = tf.cast(tf.shape(chunk[0])[0], value.dtype)
+      return total + tf.concat([value, rows[tf.newaxis]], 0)
+
+    def body(optional, totals):
+      totals = strategy.run(add, args=(point, totals, optional.get_value()))
+      return iterator.get_next_as_optional(), totals
+
+    totals = strategy.run(lambda: tf.concat([zeros, zeros[:1]], 0))
+    _, totals = tf.while_loop(lambda optional, _: optional.has_value(), body,
+                              (first, totals), parallel_iterations=1)
+    summed = strategy.run(  # (identity: a tensor placed on the replica.)
+        lambda total: tf.distribute.get_replica_context().all_reduce(
+            _SUM, tf.identity(total), options=self.options), args=(totals,))
+    summed = strategy.experimental_local_results(summed)[0]
+    return _chunked.require_rows(summed[-1], summed[:-1])
 
   def residual_norm(self, point):
     """[1]: ||F(point)|| = sqrt(2 cost), from one cost pass."""
@@ -221,6 +277,28 @@ class DistributedKind:
   def restore(self, tensors, point):
     del point
     return _chunked.Gram(*tensors)
+
+
+def distribute_dataset(strategy, dataset):
+  """(the distributed dataset, the plain dataset or None): a
+  `tf.data.Dataset` distributed by `strategy.experimental_distribute_dataset`
+  (each global batch split over the replicas; over workers, sharded by the
+  dataset's `auto_shard_policy`), or a `DistributedDataset` as given."""
+  if isinstance(dataset, tf.distribute.DistributedDataset):
+    return dataset, None
+  with _quiet_options_warning():
+    return strategy.experimental_distribute_dataset(dataset), dataset
+
+
+@contextlib.contextmanager
+def _quiet_options_warning():
+  """Silences TF's UserWarning that a dataset's options are read in a graph
+  (distributing or iterating a dataset there reads them; the solve sets
+  none)."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "To make it possible to preserve "
+                            "tf.data options", UserWarning)
+    yield
 
 
 def _workers(strategy):

@@ -40,6 +40,7 @@ from tfg_optim import _distributed
 from tfg_optim import _eager
 from tfg_optim import _engine
 from tfg_optim import _implicit
+from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
 from tfg_optim import damping as damping_lib
 from tfg_optim import _validation
@@ -191,7 +192,15 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     data: optional tensor or list/tuple of tensors (the data of a fit) with
       a shared leading dimension N, passed to every residual after the
       variables. Without `data_chunk_size`, the residuals are called once
-      with all of them (the same solve as closing over them).
+      with all of them (the same solve as closing over them). Or a finite
+      `tf.data.Dataset` of batches (elements: a tensor or a tuple of
+      tensors with a leading batch dimension; with `strategy`, also a
+      `tf.distribute.DistributedDataset` it made): each batch is a chunk,
+      summed as with `data_chunk_size` (which must then be None: the
+      batching is the chunking), each pass iterating the dataset once. An
+      infinite or empty dataset raises naming 'data' (eagerly; in graphs
+      when a pass runs); not under XLA, not with `batch_dims`, no
+      gradients (see docs/distributed.md, Data as a `tf.data.Dataset`).
     data_chunk_size: optional int K >= 1 (needs `data`): the residuals are
       called on chunks of K rows of the data (the last chunk has N mod K
       rows) and must return the residuals of those rows. J is built one
@@ -254,6 +263,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   Raises:
     ValueError / TypeError: for invalid arguments, naming the argument.
   """
+  if isinstance(data, _chunked.DATASETS):
+    gradients = _check_dataset(data, data_chunk_size, strategy, batch_dims,
+                               gradients)
   if strategy is not None:  # Validated first: it decides how to run.
     arguments = dict(locals())
     gradients = _distributed.check_strategy(strategy, gradients,
@@ -277,6 +289,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         linear_solver=linear_solver, data_chunk_size=data_chunk_size,
         strategy=strategy, callback=callback, record=record,
         gradients=gradients, implicit_hessian=implicit_hessian, name=name)
+    if strategy is not None and isinstance(data, tf.data.Dataset):
+      # Distributed here, eagerly (where TF knows its options and
+      # cardinality), and passed to the compiled solve as an argument.
+      data, _ = _distributed.distribute_dataset(strategy, data)
     solve = _compiled_solve(residuals, variables, data, options,
                             eager_compile is True or strategy is not None)
     if strategy is not None:
@@ -288,13 +304,17 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   gradients = _implicit.check_gradients(gradients)
   implicit_hessian = _implicit.check_hessian(implicit_hessian)
   residuals = _validation.as_callable_list(residuals, "residuals")
-  data = _data(data, data_chunk_size, strategy)
-  chunked = data_chunk_size is not None or strategy is not None
+  dataset = data if isinstance(data, _chunked.DATASETS) else None
+  data = [] if dataset is not None else _data(data, data_chunk_size,
+                                              strategy)
+  chunked = (data_chunk_size is not None or strategy is not None or
+             dataset is not None)
   if chunked:
     if data_chunk_size is not None:
       data_chunk_size = _validation.positive_int(data_chunk_size,
                                                  "data_chunk_size")
-    by = "'strategy'" if data_chunk_size is None else "'data_chunk_size'"
+    by = ("'data' as a dataset" if dataset is not None else
+          "'strategy'" if data_chunk_size is None else "'data_chunk_size'")
     for value, default, arg in ((batch_dims, 0, "batch_dims"),
                                 (jacobian, None, "jacobian"),
                                 (linear_solver == "cg", False,
@@ -371,9 +391,13 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
 
     if chunked:
       # Called with a chunk: the residuals take it as trailing arguments.
-      chunk_residuals = [residual.unbound for residual in residuals]
-      residuals = [_bind_data(residual, [tf.gather(t, [0]) for t in data])
-                   for residual in chunk_residuals]  # For the checks.
+      chunk_residuals = ([residual.unbound for residual in residuals]
+                         if dataset is None else residuals)
+      if dataset is None:  # The first row, for the checks.
+        residuals = [_bind_data(residual, [tf.gather(t, [0]) for t in data])
+                     for residual in chunk_residuals]
+      else:  # Checked on a traced (never run) batch of the dataset's spec.
+        _check_dataset_residuals(chunk_residuals, point, dataset, dtype)
     stack = _vector_space.ResidualStack(residuals, dtype, batch_dims)
     evaluate = lambda p: stack(tf.nest.flatten(p))
     scale = tf.constant(loss_scale, dtype)
@@ -422,7 +446,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     # forward-mode accumulator that the Jacobian needs anyway (below).
     check_in_forward_trace = (jacobian is None and not chunked and
                               not tf.executing_eagerly())
-    if jacobian is None and not check_in_forward_trace:
+    if (jacobian is None and not check_in_forward_trace and
+        dataset is None):  # (A dataset's residuals: checked above.)
       initial_residual = robust(tf.concat(_validation.connected_outputs(
           lambda: stack.pieces(tf.nest.flatten(point)), point, stack.names()),
                                           axis=-1))
@@ -437,12 +462,15 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
             dtype, 0)
         return robust(chunk_stack(tf.nest.flatten(p)))
       if strategy is None:
-        kind = _chunked.ChunkedKind(chunk_residual, retract, tangent_dim,
-                                    data, data_chunk_size, dtype)
+        kind = _chunked.ChunkedKind(
+            chunk_residual, retract, tangent_dim,
+            data if dataset is None else _chunked.DatasetChunks(dataset),
+            data_chunk_size, dtype)
       else:
-        kind = _distributed.DistributedKind(chunk_residual, retract,
-                                            tangent_dim, data,
-                                            data_chunk_size, dtype, strategy)
+        kind = _distributed.DistributedKind(
+            chunk_residual, retract, tangent_dim,
+            data if dataset is None else dataset, data_chunk_size, dtype,
+            strategy)
       initial_residual = kind.residual_norm(point)
       residual_fn = kind.residual_norm
     problem = _engine.Problem(
@@ -547,6 +575,65 @@ def _data(data, data_chunk_size, strategy=None):
   return tensors
 
 
+def _check_dataset(dataset, data_chunk_size, strategy, batch_dims,
+                   gradients):
+  """The `gradients` mode of a solve whose `data` is a dataset ('none':
+  'implicit' is not offered, the outputs are stopped), after the checks.
+
+  Raises:
+    TypeError / ValueError naming the argument: `data_chunk_size` given (the
+    dataset's batches are the chunks), `batch_dims`, a distributed dataset
+    without `strategy`, XLA, gradients='unrolled', elements that are not
+    a tensor or a tuple of tensors with a leading dimension, and (where known
+    now) an infinite or empty dataset.
+  """
+  if data_chunk_size is not None:
+    raise ValueError("'data_chunk_size' must be None when 'data' is a "
+                     "tf.data.Dataset: its batches are the chunks (re-batch "
+                     "it, e.g. dataset.rebatch(K) or unbatch().batch(K), for "
+                     "another chunk size).")
+  if batch_dims:
+    raise ValueError("'data' as a tf.data.Dataset does not support "
+                     "'batch_dims' (one problem over all batches).")
+  if (isinstance(dataset, tf.distribute.DistributedDataset) and
+      strategy is None):
+    raise ValueError("'data' is a distributed dataset: pass the 'strategy' "
+                     "that made it.")
+  if _linear_solvers.in_xla():
+    raise ValueError("'data' as a tf.data.Dataset cannot be iterated under "
+                     "XLA (jit_compile=True): call the solve in a plain "
+                     "tf.function, or pass the data as tensors with "
+                     "'data_chunk_size'.")
+  gradients = _implicit.check_gradients(gradients)
+  if gradients == "unrolled":
+    raise ValueError("'data' as a tf.data.Dataset does not support "
+                     "gradients='unrolled'; pass gradients='none' (no "
+                     "gradients flow through a dataset solve).")
+  _chunked.check_dataset(dataset)
+  return "none"
+
+
+def _check_dataset_residuals(residuals, point, dataset, dtype):
+  """The residuals' checks (dtype, shapes, dependence on the variables, as
+  for a first row of data tensors) on a batch of the dataset's element spec,
+  in a scratch trace that never runs: no element is read (an empty dataset
+  fails later, in the pass that finds it empty)."""
+  flat = tf.nest.flatten(point)
+  specs = ([tf.TensorSpec(t.shape, t.dtype) for t in flat] +
+           _chunked.row_specs(dataset.element_spec))
+
+  def check(*args):
+    variables = tf.nest.pack_sequence_as(point, list(args[:len(flat)]))
+    stack = _vector_space.ResidualStack(
+        [_bind_data(residual, args[len(flat):]) for residual in residuals],
+        dtype, 0)
+    return _validation.connected_outputs(
+        lambda: stack.pieces(tf.nest.flatten(variables)), variables,
+        stack.names())
+
+  tf.function(check, autograph=False).get_concrete_function(*specs)
+
+
 def _bind_data(function, data):
   """function(*variables) -> function(*variables, *data)."""
   def bound(*variables):
@@ -571,12 +658,13 @@ def _compiled_solve(residuals, variables, data, options, compile_now):
   leaves = tf.nest.flatten(variables)
   data_leaves = [] if data is None else tf.nest.flatten(data)
   strategy = options.get("strategy")
-  if not all(isinstance(leaf, (tf.Tensor, tf.Variable, np.ndarray))
+  if not all(isinstance(leaf, (tf.Tensor, tf.Variable, np.ndarray) +
+                        _chunked.DATASETS)
              for leaf in leaves + data_leaves):
     if strategy is None:
       return None
     leaves = [tf.convert_to_tensor(leaf) for leaf in leaves]
-    data_leaves = [tf.convert_to_tensor(leaf) for leaf in data_leaves]
+    data_leaves = [_argument(leaf) for leaf in data_leaves]
   key, kept = _eager.fingerprint((
       "least_squares", residuals, options, tf.nest.map_structure(
           lambda _: None, variables),
@@ -597,9 +685,17 @@ def _compiled_solve(residuals, variables, data, options, compile_now):
     function = tf.function(build(), autograph=False)
   if function is None:
     return None
-  tensors = [tf.convert_to_tensor(leaf) for leaf in leaves + flat_data]
+  tensors = [_argument(leaf) for leaf in leaves + flat_data]
   _check_start(tensors[:flat_variables], variables, options)
   return lambda: function(*tensors)
+
+
+def _argument(value):
+  """An argument of a compiled solve: a dataset as itself (its spec is
+  part of the trace's signature), anything else as a tensor."""
+  if isinstance(value, _chunked.DATASETS):
+    return value
+  return tf.convert_to_tensor(value)
 
 
 def _check_start(tensors, variables, options):

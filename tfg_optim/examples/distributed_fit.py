@@ -25,10 +25,10 @@ all-reduce timeout (here 60 s), naming it.
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
+
+from tfg_optim.examples import local_cluster
 
 _TRUE = (2.0, 1.3, 0.5, 0.7)
 _START = (1.0, 1.0, 0.3, 0.6)
@@ -95,37 +95,13 @@ def _wait_for_all_workers():
     time.sleep(1.0)  # No coordination service: a grace period.
 
 
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  try:
-    for s in sockets:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in sockets]
-  finally:
-    for s in sockets:
-      s.close()
-
-
 def launch(num_points, num_workers):
   """Runs `num_workers` workers of this program on 127.0.0.1."""
-  ports = _free_ports(num_workers)
-  cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-  processes = []
-  try:
-    for index in range(num_workers):
-      env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
-          {"cluster": cluster, "task": {"type": "worker", "index": index}}))
-      processes.append(subprocess.Popen(
-          [sys.executable, "-m", "tfg_optim.examples.distributed_fit",
-           "--points", str(num_points)],
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    outputs = [p.communicate(timeout=10 * _TIMEOUT_SECONDS)
-               for p in processes]
-  finally:
-    for p in processes:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
+  outputs = local_cluster.run_workers(
+      [sys.executable, "-m", "tfg_optim.examples.distributed_fit",
+       "--points", str(num_points)],
+      local_cluster.worker_environments(num_workers, TF_CPP_MIN_LOG_LEVEL="2"),
+      timeout=10 * _TIMEOUT_SECONDS)
   reports = []
   for index, (stdout, stderr) in enumerate(outputs):
     lines = [l for l in stdout.splitlines() if l.startswith("REPORT ")]
