@@ -118,8 +118,8 @@ def record(policy, num_records, state, new_state, active):
   keep = iteration < num_records
   updated = []
   for buffer, value in zip(new_state.records, values):
-    row = tf.where(active, value, tf.fill(tf.shape(value),
-                                          tf.constant(float("nan"), value.dtype)))
+    row = tf.where(active, value, tf.fill(
+        tf.shape(value), tf.constant(float("nan"), value.dtype)))
     new_buffer = tf.tensor_scatter_nd_update(buffer, [[index]], row[tf.newaxis])
     updated.append(tf.where(keep, new_buffer, buffer))
   return new_state._replace(records=tuple(updated))

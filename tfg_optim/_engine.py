@@ -92,9 +92,10 @@ tangent_product: optional (point, tangent) -> J tangent = d/dt F(R_p(t
 LoopState = collections.namedtuple(
     "LoopState",
     ["iteration", "point", "residual", "linearization", "gradient", "cost",
-     "initial_cost", "damping", "step_norm", "cost_change", "num_iterations", "num_accepted",
-     "num_rejected", "num_residual_evaluations", "num_jacobian_evaluations",
-     "invalid_streak", "stop_reason", "records", "wall_time"])
+     "initial_cost", "damping", "step_norm", "cost_change", "num_iterations",
+     "num_accepted", "num_rejected", "num_residual_evaluations",
+     "num_jacobian_evaluations", "invalid_streak", "stop_reason", "records",
+     "wall_time"])
 LoopState.__doc__ = """The loop's state, one entry per problem of a batch.
 
 `linearization` holds the tensors of J at `point` (`_linearization`: the
@@ -102,7 +103,8 @@ matrix, or what a matrix-free linearization keeps); the stopping criteria
 see the bound linearization itself (`column_norms()`, `matvec`, ...).
 
 `invalid_streak` counts the consecutive iterations, up to the current one,
-whose trial step was not finite (see `_stop_check.MAX_CONSECUTIVE_INVALID_STEPS`).
+whose trial step was not finite (see
+`_stop_check.MAX_CONSECUTIVE_INVALID_STEPS`).
 
 `wall_time` is the start's `tf.timestamp()` while the loop runs and the
 seconds the solve took, measured in the graph, once it returns (NaN under
@@ -138,6 +140,7 @@ def _call_back(callback, state):
     return state
   with tf.control_dependencies(ops):
     return tf.nest.map_structure(tf.identity, state)
+
 
 def minimize(problem, initial_point, policy, max_iterations, stopping=None,
              callback=None, num_records=0, initial_residual=None,
@@ -188,8 +191,8 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       refused like an invalid one, STALLED when the step no longer moves
       the point or the damping is exhausted, and step tests that fire while
       the model still promises a decrease are STALLED, not converged (see
-      `_stop_check.StopCheck`). False keeps TensorFlow Graphics' contract: every iteration
-      runs, nothing else is checked.
+      `_stop_check.StopCheck`). False keeps TensorFlow Graphics' contract:
+      every iteration runs, nothing else is checked.
     matrix_free: False for a dense Jacobian (`_linearization.DenseKind`);
       True for a matrix-free one (`MatrixFreeKind`: J through its products,
       solved by conjugate gradients).

@@ -231,8 +231,9 @@ class StopCheck:
              (promise > floor))), stalled, reason)
       if not self.bounded:
         flat = linearization.is_zero() & (state.cost > 0)
-        reason = tf.where(flat & tf.equal(reason, int(StopReason.GRADIENT_NORM)),
-                          stalled, reason)
+        reason = tf.where(
+            flat & tf.equal(reason, int(StopReason.GRADIENT_NORM)), stalled,
+            reason)
       if stuck is not None:
         # A step or cost-change test that fires on a stuck iteration (a
         # rejected zero step: the trust radius underflowed to 0) measured
@@ -240,8 +241,9 @@ class StopCheck:
         reason = tf.where(stop & tf.logical_not(stuck & step_test), reason,
                           stalled)
         stop |= stuck
-      not_finite = tf.logical_not(tf.math.is_finite(state.cost) & _batch.all_finite(
-          state.gradient, self.batch_rank))
+      not_finite = tf.logical_not(
+          tf.math.is_finite(state.cost) &
+          _batch.all_finite(state.gradient, self.batch_rank))
       reason = tf.where(not_finite, tf.constant(int(StopReason.NOT_FINITE),
                                                 tf.int32), reason)
       stop |= not_finite
