@@ -29,6 +29,10 @@ an earlier row), `--repeats` times; the table shows medians. In a row:
   ops         operations in the traced graph (while-loop bodies included);
   nodes       nodes of its GraphDef plus those of every function in its
               library (the same count from the serialized graph);
+  retrace     with --retraces K, the fastest of K more traces of fresh
+              tf.functions in the same process (Python tracing once the
+              process is warm: less noisy than the cold trace on a loaded
+              machine);
   ratio       first call / the reference's trace time.
 
 Usage (from the repository root):
@@ -39,6 +43,7 @@ Usage (from the repository root):
     ... --json results.json         # also write every timing as JSON
     ... --trees /old/tree,/new/tree # each row once per tree (PYTHONPATH),
                                     # interleaved: a refactor's before/after
+    ... --retraces 10               # also the warm retrace time
 """
 
 import argparse
@@ -144,7 +149,7 @@ def _count_nodes(graph):
       len(function.node_def) for function in definition.library.function)
 
 
-def child(row, jit):
+def child(row, jit, retraces=0):
   """Measures one row in this (fresh) process; prints one JSON line."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   solve, argument = _solver(row)
@@ -171,12 +176,19 @@ def child(row, jit):
     out = tf.nest.map_structure(lambda x: x.numpy(), fresh(argument))
     seconds.append(time.perf_counter() - begin)
   cost = float(tf.nest.flatten(out)[0])
+  retrace = []
+  for _ in range(retraces):
+    again = tf.function(solve, jit_compile=jit, autograph=False)
+    begin = time.perf_counter()
+    again.get_concrete_function(argument)
+    retrace.append(time.perf_counter() - begin)
   print(json.dumps(dict(row=row, jit=jit, trace=trace, first=first,
+                        retrace=min(retrace) if retrace else None,
                         second=statistics.median(seconds), ops=ops, nodes=nodes,
                         cost=cost)))
 
 
-def run_child(row, jit, tree=None):
+def run_child(row, jit, tree=None, retraces=0):
   """Runs `child` in a fresh process with `tree` (default: this script's
   repository) first on PYTHONPATH."""
   env = dict(os.environ)
@@ -186,6 +198,8 @@ def run_child(row, jit, tree=None):
   command = [sys.executable, os.path.abspath(__file__), "--child", row]
   if jit:
     command.append("--jit")
+  if retraces:
+    command.extend(["--retraces", str(retraces)])
   output = subprocess.run(command, env=env, check=True, capture_output=True,
                           text=True).stdout
   return json.loads(output.strip().splitlines()[-1])
@@ -203,11 +217,13 @@ def main():
   parser.add_argument("--json", help="also write every timing to this file")
   parser.add_argument("--trees", help="comma-separated source trees: every "
                       "row but the reference runs once per tree")
+  parser.add_argument("--retraces", type=int, default=0,
+                      help="also time this many warm retraces per process")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--jit", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    child(args.child, args.jit)
+    child(args.child, args.jit, args.retraces)
     return
 
   trees = args.trees.split(",") if args.trees else [None]
@@ -221,7 +237,7 @@ def main():
   # Round-robin, so a load spike on the shared machine spreads over rows.
   for repeat in range(args.repeats):
     for key in plan:
-      result = run_child(*key)
+      result = run_child(*key, retraces=args.retraces)
       runs[key].append(result)
       print(f"  [{repeat + 1}/{args.repeats}] {key[0]:18s} "
             f"{'xla' if key[1] else 'function':8s} trace {result['trace']:.3f} "
@@ -231,15 +247,19 @@ def main():
   median = lambda key, field: statistics.median(r[field] for r in runs[key])
   reference = median(plan[0], "trace")
   header = ["front-end", "mode"] + (["tree"] if args.trees else []) + [
-      "trace [s]", "first call [s]",
-            "second call [s]", "ops", "nodes", "cost", "first call / tfg trace"]
+      "trace [s]"] + (["retrace [s]"] if args.retraces else []) + [
+          "first call [s]", "second call [s]", "ops", "nodes", "cost",
+          "first call / tfg trace"]
   table = [header]
   for key in plan:
     row, jit, tree = key
     table.append([
         row, "jit_compile" if jit else "function"] + (
             [tree if row != "tfg" else ""] if args.trees else []) + [
-        f"{median(key, 'trace'):.3f}", f"{median(key, 'first'):.3f}",
+        f"{median(key, 'trace'):.3f}"] + (
+            [f"{min(r['retrace'] for r in runs[key]):.3f}"]
+            if args.retraces else []) + [
+        f"{median(key, 'first'):.3f}",
         f"{median(key, 'second'):.4f}", str(runs[key][0]["ops"]),
         str(runs[key][0]["nodes"]),
         f"{runs[key][0]['cost']:.6g}",
@@ -251,6 +271,9 @@ def main():
     if index == 0:
       print("| " + " | ".join("-" * w for w in widths) + " |")
   print()
+  if args.retraces:
+    print(f"retrace: the fastest of {args.retraces} warm traces in each of "
+          f"the {args.repeats} subprocesses per row.")
   print(f"Medians over {args.repeats} fresh subprocesses per row; m = "
         f"{NUM_POINTS}, n = 3, float64; ratio = first call / tfg trace "
         f"({reference:.3f} s).")

@@ -8,7 +8,10 @@ coordinates in a tangent basis. The objective is
 
 The loop keeps J = d/ds F(R_p(s)) at s = 0, an m x n linearization
 (`_linearization`), and the gradient g = J^T F(p) in its state, and each
-iteration runs these stages, each a function of its own module:
+iteration runs these stages, each a function in the module of its concept
+(`_step`: the step tried; `_acceptance`: whether it is taken; `_advance`:
+the new state; `_stop_check`: why a problem stops), and the loop body in
+`minimize` is one call a stage:
 
     propose    `_step.propose`: the policy's solver gives the damped step
                (J^T J + lambda D) v = -J^T F(p)            (m >= n)
@@ -33,7 +36,7 @@ iteration runs these stages, each a function of its own module:
     record     `_advance.record`: per-iteration histories (optional)
     stop       `_stop_check.StopCheck`: the criterion, then the honest
                endings (`StopReason`)
-    callback   the caller's callback
+    callback   `_call_back`: the caller's callback
 
 Everything carries optional leading batch dimensions: F(p) is [B..., m], J is
 [B..., m, n], and every problem of the batch has its own damping, acceptance,
