@@ -32,7 +32,11 @@ an earlier row), `--repeats` times; the table shows medians. In a row:
   retrace     with --retraces K, the fastest of K more traces of fresh
               tf.functions in the same process (Python tracing once the
               process is warm: less noisy than the cold trace on a loaded
-              machine);
+              machine), in wall-clock seconds and in the process's CPU
+              seconds (`time.process_time`, which other processes' load
+              does not inflate);
+  calls       with --retraces, the Python function calls of one more warm
+              trace (`cProfile`): a count that no load can blur;
   ratio       first call / the reference's trace time.
 
 Usage (from the repository root):
@@ -176,14 +180,27 @@ def child(row, jit, retraces=0):
     out = tf.nest.map_structure(lambda x: x.numpy(), fresh(argument))
     seconds.append(time.perf_counter() - begin)
   cost = float(tf.nest.flatten(out)[0])
-  retrace = []
+  retrace, retrace_cpu = [], []
   for _ in range(retraces):
     again = tf.function(solve, jit_compile=jit, autograph=False)
-    begin = time.perf_counter()
+    begin, begin_cpu = time.perf_counter(), time.process_time()
     again.get_concrete_function(argument)
     retrace.append(time.perf_counter() - begin)
+    retrace_cpu.append(time.process_time() - begin_cpu)
+  calls = None
+  if retraces:
+    import cProfile  # pylint: disable=g-import-not-at-top
+    import pstats  # pylint: disable=g-import-not-at-top
+    again = tf.function(solve, jit_compile=jit, autograph=False)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    again.get_concrete_function(argument)
+    profiler.disable()
+    calls = pstats.Stats(profiler).total_calls
   print(json.dumps(dict(row=row, jit=jit, trace=trace, first=first,
                         retrace=min(retrace) if retrace else None,
+                        retrace_cpu=min(retrace_cpu) if retrace else None,
+                        calls=calls,
                         second=statistics.median(seconds), ops=ops, nodes=nodes,
                         cost=cost)))
 
@@ -247,7 +264,8 @@ def main():
   median = lambda key, field: statistics.median(r[field] for r in runs[key])
   reference = median(plan[0], "trace")
   header = ["front-end", "mode"] + (["tree"] if args.trees else []) + [
-      "trace [s]"] + (["retrace [s]"] if args.retraces else []) + [
+      "trace [s]"] + (["retrace [s]", "retrace CPU [s]", "calls"]
+                      if args.retraces else []) + [
           "first call [s]", "second call [s]", "ops", "nodes", "cost",
           "first call / tfg trace"]
   table = [header]
@@ -257,7 +275,9 @@ def main():
         row, "jit_compile" if jit else "function"] + (
             [tree if row != "tfg" else ""] if args.trees else []) + [
         f"{median(key, 'trace'):.3f}"] + (
-            [f"{min(r['retrace'] for r in runs[key]):.3f}"]
+            [f"{min(r['retrace'] for r in runs[key]):.3f}",
+             f"{min(r['retrace_cpu'] for r in runs[key]):.3f}",
+             str(runs[key][0]["calls"])]
             if args.retraces else []) + [
         f"{median(key, 'first'):.3f}",
         f"{median(key, 'second'):.4f}", str(runs[key][0]["ops"]),
@@ -273,7 +293,8 @@ def main():
   print()
   if args.retraces:
     print(f"retrace: the fastest of {args.retraces} warm traces in each of "
-          f"the {args.repeats} subprocesses per row.")
+          f"the {args.repeats} subprocesses per row (wall clock, and the "
+          f"process's CPU time).")
   print(f"Medians over {args.repeats} fresh subprocesses per row; m = "
         f"{NUM_POINTS}, n = 3, float64; ratio = first call / tfg trace "
         f"({reference:.3f} s).")
