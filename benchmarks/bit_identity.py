@@ -5,12 +5,18 @@ for bit unchanged.
     PYTHONPATH=<new tree> python benchmarks/bit_identity.py > new.txt
     diff old.txt new.txt && echo IDENTICAL
 
-42 solves: curve fit and Rosenbrock under every damping with and without
+58 solves: curve fit and Rosenbrock under every damping with and without
 geodesic acceleration, bounds, a Cauchy loss, a batch, an underdetermined
-problem (m < n), eagerly and in `tf.function`, plus a Riemannian rotation
-fit and TensorFlow Graphics' `minimize`. Each line is a case and the first
-10 hex digits of the SHA-1 of its outputs' bytes. (The engine's
-linearization refactor and the chunked-data change were checked with it.)
+problem (m < n), NIST BoxBOD from start 1 without acceleration (a step is
+refused for a vanishing Jacobian column), per-iteration records with a
+callback, the matrix-free solver (linear_solver='cg') and chunked data,
+eagerly and in `tf.function`; the curve fit and Rosenbrock under XLA; plus
+a Riemannian rotation fit and TensorFlow Graphics' `minimize` (with a
+callback). Each line is a case, the first 10 hex digits of the SHA-1 of its
+outputs' bytes (position, cost, iterations, stop reason; records where
+kept) and those of its counters (accepted, rejected, residual and Jacobian
+evaluations). (The engine's linearization refactor, the chunked-data change
+and the loop's split into stage modules were checked with it.)
 """
 
 import hashlib
@@ -38,6 +44,24 @@ def wide(x):  # m = 2 < n = 3
   return tf.stack([tf.reduce_sum(x ** 2) - 1.0, x[0] - x[2]])
 
 
+# NIST BoxBOD (tests/data), model b1 (1 - exp(-b2 x)), start 1: (1, 1).
+_BOXBOD_X = np.array([1.0, 2.0, 3.0, 5.0, 7.0, 10.0])
+_BOXBOD_Y = np.array([109.0, 149.0, 149.0, 191.0, 213.0, 224.0])
+
+
+def boxbod(b):
+  return b[0] * (1.0 - tf.exp(-b[1] * _BOXBOD_X)) - _BOXBOD_Y
+
+
+def chunked_curve(a, b, t, y):
+  return a * tf.exp(b * t) - y
+
+
+def finite_cost(iteration, cost, position):  # a callback that returns an op
+  del iteration, position
+  return tf.debugging.assert_all_finite(cost, "cost")
+
+
 def _f64(*values):
   return [tf.constant(v, tf.float64) for v in values]
 
@@ -51,6 +75,21 @@ def cases():
   yield "rosen", "nielsen", 2.0, {"loss": "cauchy"}
   yield "batch", "trust_region", 2.0, {"batch_dims": 1}
   yield "wide", "nielsen", None, {}
+  # Records (every iteration's cost, gradient norm, step and damping) tell
+  # apart solves that end on the same floating-point fixed point.
+  yield "boxbod", "trust_region", None, {"record": True}
+  yield "curve", "nielsen", 2.0, {"record": True, "callback": finite_cost}
+  yield "curve", "trust_region", 2.0, {"linear_solver": "cg", "record": True}
+  yield "curve", "nielsen", 2.0, {"linear_solver": "cg", "record": True}
+  yield "rosen", "trust_region", 2.0, {"record": 5, "bounds": (-1.5, 1.8)}
+  yield "chunked", "trust_region", None, {"data_chunk_size": 17,
+                                          "record": True}
+  yield "chunked", "nielsen", None, {"data_chunk_size": 17}
+
+
+def xla_cases():
+  yield "curve", "trust_region", 2.0, {"record": True}
+  yield "rosen", "nielsen", 2.0, {"record": True}
 
 
 def solve(name, damping, acceleration, options):
@@ -61,6 +100,12 @@ def solve(name, damping, acceleration, options):
   elif name == "rosen":
     result = tfg_optim.least_squares(
         rosenbrock, tf.constant([-1.2, 1.0], tf.float64), **options)
+  elif name == "boxbod":
+    result = tfg_optim.least_squares(
+        boxbod, tf.constant([1.0, 1.0], tf.float64), **options)
+  elif name == "chunked":
+    result = tfg_optim.least_squares(
+        chunked_curve, _f64(1.0, 0.0), data=_f64(_T, _Y), **options)
   elif name == "batch":
     result = tfg_optim.least_squares(
         rosenbrock, tf.constant([[-1.2, 1.0], [2.0, 2.0], [0.5, -1.0]],
@@ -68,8 +113,13 @@ def solve(name, damping, acceleration, options):
   else:
     result = tfg_optim.least_squares(
         wide, tf.constant([1.0, 2.0, 3.0], tf.float64), **options)
-  return tf.nest.flatten(result.position) + [
-      result.cost, result.num_iterations, result.stop_reason]
+  values = tf.nest.flatten(result.position) + [
+      result.cost, result.num_iterations, result.stop_reason] + [
+          result.records[key] for key in sorted(result.records)]
+  counters = [result.num_accepted, result.num_rejected,
+              result.num_residual_evaluations,
+              result.num_jacobian_evaluations]
+  return values, counters
 
 
 def digest(values):
@@ -79,12 +129,17 @@ def digest(values):
 
 def main():
   lines = []
-  for mode in ("eager", "function"):
-    for name, damping, acceleration, options in cases():
+  for mode in ("eager", "function", "xla"):
+    for name, damping, acceleration, options in (
+        xla_cases() if mode == "xla" else cases()):
       run = lambda: solve(name, damping, acceleration, options)
-      values = run() if mode == "eager" else tf.function(run)()
-      lines.append(f"{mode} {name} {damping} {acceleration} {options} "
-                   f"{digest(values)}")
+      if mode != "eager":
+        run = tf.function(run, jit_compile=mode == "xla")
+      values, counters = run()
+      described = {key: getattr(value, "__name__", value)
+                   for key, value in options.items()}
+      lines.append(f"{mode} {name} {damping} {acceleration} {described} "
+                   f"{digest(values)} {digest(counters)}")
   points = tf.constant(np.eye(3) * [1.0, 2.0, 3.0])
   target = tf.constant(np.diag([1.0, 2.0, 3.0])[::-1].copy())
   rotation = tfg_optim.riemannian.levenberg_marquardt(
@@ -92,7 +147,8 @@ def main():
       lambda r: tf.reshape(tf.matmul(r, points) - target, [-1]),
       tf.eye(3, dtype=tf.float64))
   lines.append(f"riemannian {digest([rotation])}")
-  reference = levenberg_marquardt.minimize(curve, _f64(1.0, 0.0), 20)
+  reference = levenberg_marquardt.minimize(curve, _f64(1.0, 0.0), 20,
+                                          callback=finite_cost)
   lines.append(f"tfg {digest(tf.nest.flatten(reference))}")
   print("\n".join(lines))
 

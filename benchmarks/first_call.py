@@ -27,6 +27,16 @@ an earlier row), `--repeats` times; the table shows medians. In a row:
               optimization or XLA compilation, and one solve;
   second call median of 3 further calls (the solve alone);
   ops         operations in the traced graph (while-loop bodies included);
+  nodes       nodes of its GraphDef plus those of every function in its
+              library (the same count from the serialized graph);
+  retrace     with --retraces K, the fastest of K more traces of fresh
+              tf.functions in the same process (Python tracing once the
+              process is warm: less noisy than the cold trace on a loaded
+              machine), in wall-clock seconds and in the process's CPU
+              seconds (`time.process_time`, which other processes' load
+              does not inflate);
+  calls       with --retraces, the Python function calls of one more warm
+              trace (`cProfile`): a count that no load can blur;
   ratio       first call / the reference's trace time.
 
 Usage (from the repository root):
@@ -35,6 +45,9 @@ Usage (from the repository root):
     ... --repeats 5                 # more subprocesses per row
     ... --rows lm,least_squares     # a subset (the reference always runs)
     ... --json results.json         # also write every timing as JSON
+    ... --trees /old/tree,/new/tree # each row once per tree (PYTHONPATH),
+                                    # interleaved: a refactor's before/after
+    ... --retraces 10               # also the warm retrace time
 """
 
 import argparse
@@ -133,7 +146,14 @@ def _count_ops(graph):
   return total
 
 
-def child(row, jit):
+def _count_nodes(graph):
+  """Nodes of a graph's GraphDef and of the functions in its library."""
+  definition = graph.as_graph_def()
+  return len(definition.node) + sum(
+      len(function.node_def) for function in definition.library.function)
+
+
+def child(row, jit, retraces=0):
   """Measures one row in this (fresh) process; prints one JSON line."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   solve, argument = _solver(row)
@@ -153,25 +173,50 @@ def child(row, jit):
   tf.nest.map_structure(lambda x: x.numpy(), fresh(argument))
   first = time.perf_counter() - begin
   ops = _count_ops(concrete.graph)
+  nodes = _count_nodes(concrete.graph)
   seconds = []
   for _ in range(3):
     begin = time.perf_counter()
     out = tf.nest.map_structure(lambda x: x.numpy(), fresh(argument))
     seconds.append(time.perf_counter() - begin)
   cost = float(tf.nest.flatten(out)[0])
+  retrace, retrace_cpu = [], []
+  for _ in range(retraces):
+    again = tf.function(solve, jit_compile=jit, autograph=False)
+    begin, begin_cpu = time.perf_counter(), time.process_time()
+    again.get_concrete_function(argument)
+    retrace.append(time.perf_counter() - begin)
+    retrace_cpu.append(time.process_time() - begin_cpu)
+  calls = None
+  if retraces:
+    import cProfile  # pylint: disable=g-import-not-at-top
+    import pstats  # pylint: disable=g-import-not-at-top
+    again = tf.function(solve, jit_compile=jit, autograph=False)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    again.get_concrete_function(argument)
+    profiler.disable()
+    calls = pstats.Stats(profiler).total_calls
   print(json.dumps(dict(row=row, jit=jit, trace=trace, first=first,
-                        second=statistics.median(seconds), ops=ops,
+                        retrace=min(retrace) if retrace else None,
+                        retrace_cpu=min(retrace_cpu) if retrace else None,
+                        calls=calls,
+                        second=statistics.median(seconds), ops=ops, nodes=nodes,
                         cost=cost)))
 
 
-def run_child(row, jit):
+def run_child(row, jit, tree=None, retraces=0):
+  """Runs `child` in a fresh process with `tree` (default: this script's
+  repository) first on PYTHONPATH."""
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  here = tree or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
   command = [sys.executable, os.path.abspath(__file__), "--child", row]
   if jit:
     command.append("--jit")
+  if retraces:
+    command.extend(["--retraces", str(retraces)])
   output = subprocess.run(command, env=env, check=True, capture_output=True,
                           text=True).stdout
   return json.loads(output.strip().splitlines()[-1])
@@ -187,41 +232,56 @@ def main():
   parser.add_argument("--skip-xla", action="store_true",
                       help="only tf.function rows")
   parser.add_argument("--json", help="also write every timing to this file")
+  parser.add_argument("--trees", help="comma-separated source trees: every "
+                      "row but the reference runs once per tree")
+  parser.add_argument("--retraces", type=int, default=0,
+                      help="also time this many warm retraces per process")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--jit", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    child(args.child, args.jit)
+    child(args.child, args.jit, args.retraces)
     return
 
-  plan = [("tfg", False)]
+  trees = args.trees.split(",") if args.trees else [None]
+  plan = [("tfg", False, trees[0])]
   for row in args.rows.split(","):
     if row not in ROWS[1:]:
       parser.error(f"unknown row {row!r}; rows: {', '.join(ROWS[1:])}")
-    plan.append((row, False))
-    if not args.skip_xla:
-      plan.append((row, True))
+    for jit in (False,) if args.skip_xla else (False, True):
+      plan.extend((row, jit, tree) for tree in trees)
   runs = {key: [] for key in plan}
   # Round-robin, so a load spike on the shared machine spreads over rows.
   for repeat in range(args.repeats):
     for key in plan:
-      result = run_child(*key)
+      result = run_child(*key, retraces=args.retraces)
       runs[key].append(result)
       print(f"  [{repeat + 1}/{args.repeats}] {key[0]:18s} "
             f"{'xla' if key[1] else 'function':8s} trace {result['trace']:.3f} "
-            f"s, first call {result['first']:.3f} s", flush=True)
+            f"s, first call {result['first']:.3f} s"
+            f"{'' if key[2] is None else ', ' + key[2]}", flush=True)
 
   median = lambda key, field: statistics.median(r[field] for r in runs[key])
-  reference = median(("tfg", False), "trace")
-  header = ["front-end", "mode", "trace [s]", "first call [s]",
-            "second call [s]", "ops", "cost", "first call / tfg trace"]
+  reference = median(plan[0], "trace")
+  header = ["front-end", "mode"] + (["tree"] if args.trees else []) + [
+      "trace [s]"] + (["retrace [s]", "retrace CPU [s]", "calls"]
+                      if args.retraces else []) + [
+          "first call [s]", "second call [s]", "ops", "nodes", "cost",
+          "first call / tfg trace"]
   table = [header]
   for key in plan:
-    row, jit = key
+    row, jit, tree = key
     table.append([
-        row, "jit_compile" if jit else "function",
-        f"{median(key, 'trace'):.3f}", f"{median(key, 'first'):.3f}",
+        row, "jit_compile" if jit else "function"] + (
+            [tree if row != "tfg" else ""] if args.trees else []) + [
+        f"{median(key, 'trace'):.3f}"] + (
+            [f"{min(r['retrace'] for r in runs[key]):.3f}",
+             f"{min(r['retrace_cpu'] for r in runs[key]):.3f}",
+             str(runs[key][0]["calls"])]
+            if args.retraces else []) + [
+        f"{median(key, 'first'):.3f}",
         f"{median(key, 'second'):.4f}", str(runs[key][0]["ops"]),
+        str(runs[key][0]["nodes"]),
         f"{runs[key][0]['cost']:.6g}",
         f"{median(key, 'first') / reference:.2f}"])
   widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -231,12 +291,17 @@ def main():
     if index == 0:
       print("| " + " | ".join("-" * w for w in widths) + " |")
   print()
+  if args.retraces:
+    print(f"retrace: the fastest of {args.retraces} warm traces in each of "
+          f"the {args.repeats} subprocesses per row (wall clock, and the "
+          f"process's CPU time).")
   print(f"Medians over {args.repeats} fresh subprocesses per row; m = "
         f"{NUM_POINTS}, n = 3, float64; ratio = first call / tfg trace "
         f"({reference:.3f} s).")
   if args.json:
     with open(args.json, "w") as out:
-      json.dump([dict(row=k[0], jit=k[1], runs=v) for k, v in runs.items()],
+      json.dump([dict(row=k[0], jit=k[1], tree=k[2], runs=v)
+                 for k, v in runs.items()],
                 out, indent=1)
 
 

@@ -239,7 +239,7 @@ def test_overflowing_normal_equations_stall_early(mode):
   (before, the trust region shrank for ~800 iterations until the limit),
   and not the gradient-cosine test firing on ||J_j|| = Inf at the start;
   the start is returned, and a healthy member is unaffected."""
-  from tfg_optim import _engine  # pylint: disable=g-import-not-at-top
+  from tfg_optim import _stop_check  # pylint: disable=g-import-not-at-top
 
   def build(x):
     return [_outcome(tfg_optim.least_squares(
@@ -257,7 +257,7 @@ def test_overflowing_normal_equations_stall_early(mode):
       assert iterations[0] == 0 and not np.isfinite(cost[0])
     else:
       assert _reasons(reason)[0] == StopReason.STALLED
-      assert iterations[0] == _engine.MAX_CONSECUTIVE_INVALID_STEPS
+      assert iterations[0] == _stop_check.MAX_CONSECUTIVE_INVALID_STEPS
       assert np.isfinite(cost[0])
     np.testing.assert_array_equal(position[0], start[0])
     np.testing.assert_allclose(position[1], [1.0])

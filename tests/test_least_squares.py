@@ -18,6 +18,7 @@ from tests import nist
 from tfg_optim import StopReason
 from tfg_optim import _engine
 from tfg_optim import _linearization
+from tfg_optim import _step
 from tfg_optim import damping as damping_lib
 
 MODES = modes.MODES
@@ -166,7 +167,7 @@ def test_second_directional_derivative_closed_form(user_jacobian):
   residual = _curved(point)
   linearization = _linearization.Dense(_linearization.jacobian(
       problem, point, tf.shape(point)[:-1], 3))
-  got, evaluations = _engine.second_directional_derivative(
+  got, evaluations = _step.second_directional_derivative(
       problem, point, direction, residual, linearization)
   if user_jacobian:
     # A forward difference, h = 0.1: F''[d, d] + (h / 3) F'''[d, d, d] + ...,
