@@ -191,8 +191,10 @@ def _compiled_solve(manifold, f, p, options, compile_now):
           and all(t.dtype.is_floating and np.all(np.isfinite(t.numpy()))
                   for t in tensors)):
     return None  # Op by op: it raises the right error.
-  manifold.check_point(manifold.as_point(tf.nest.pack_sequence_as(p,
-                                                                  tensors)))
+  # The op-by-op call's checks, with the same messages naming 'p' (a
+  # problem seen before must not change which error a bad start gets).
+  _check_start(manifold, tf.nest.pack_sequence_as(p, tensors),
+               options["batch_dims"])
   return lambda: function(*tensors)
 
 
@@ -278,10 +280,7 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
     batch_shape = tf.nest.flatten(point)[0].shape[:batch_dims]
     invalid_start = None
     if tf.executing_eagerly():
-      try:
-        manifold.check_point(point)
-      except ValueError as error:
-        raise ValueError(f"'p': {error}") from None
+      _check_start(manifold, point, batch_dims)
     else:
       # A graph cannot raise on values: a problem whose start is off the
       # manifold (or not finite) stops at once with INVALID_INPUT.
@@ -372,6 +371,16 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
           manifold.coordinates,
           manifold.tangent_vector, implicit_hessian)
     return results, state
+
+
+def _check_start(manifold, p, batch_dims):
+  """Raises ValueError naming 'p' for an eager start of the wrong shape,
+  empty, or off the manifold."""
+  point = _start_point(manifold, p, batch_dims)
+  try:
+    manifold.check_point(point)
+  except ValueError as error:
+    raise ValueError(f"'p': {error}") from None
 
 
 def _start_point(manifold, p, batch_dims):
