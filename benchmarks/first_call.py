@@ -15,6 +15,8 @@ also with `jit_compile=True`):
                       geodesic acceleration)
   least_squares/nls   `least_squares(damping='nielsen',
                       geodesic_acceleration=None)`
+  least_squares/cg    `least_squares(linear_solver='cg')` (matrix-free:
+                      J v and J^T u in every CG iteration)
   riemannian          `tfg_optim.riemannian.levenberg_marquardt` on SO(3)
   lbfgs               `tfg_optim.lbfgs.minimize_lbfgs` on 1/2 ||r||^2
 
@@ -48,6 +50,10 @@ Usage (from the repository root):
     ... --trees /old/tree,/new/tree # each row once per tree (PYTHONPATH),
                                     # interleaved: a refactor's before/after
     ... --retraces 10               # also the warm retrace time
+    ... --inline                    # each row also with the traced products
+                                    # inlined (`_linearization.NOINLINE =
+                                    # None`), interleaved: what calling
+                                    # them instead saves
 """
 
 import argparse
@@ -58,8 +64,9 @@ import subprocess
 import sys
 import time
 
-ROWS = ("tfg", "lm", "least_squares", "least_squares/nls", "riemannian",
-        "lbfgs")
+ROWS = ("tfg", "lm", "least_squares", "least_squares/nls", "least_squares/cg",
+        "riemannian", "lbfgs")
+INLINE = "inline"  # A pseudo-tree: this tree, traced products inlined.
 NUM_POINTS = 200
 MAX_ITERATIONS = 10
 
@@ -114,11 +121,13 @@ def _solver(row):
 
     def solve(p):
       return levenberg_marquardt.minimize(residual, p, MAX_ITERATIONS)
-  elif row in ("least_squares", "least_squares/nls"):
+  elif row.startswith("least_squares"):
     import tfg_optim  # pylint: disable=g-import-not-at-top
     options = {}
     if row == "least_squares/nls":
       options = dict(damping="nielsen", geodesic_acceleration=None)
+    if row == "least_squares/cg":
+      options = dict(linear_solver="cg")
 
     def solve(p):
       result = tfg_optim.least_squares(residual, p, **options)
@@ -156,6 +165,9 @@ def _count_nodes(graph):
 def child(row, jit, retraces=0):
   """Measures one row in this (fresh) process; prints one JSON line."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if os.environ.get("FIRST_CALL_INLINE"):
+    from tfg_optim import _linearization  # pylint: disable=g-import-not-at-top
+    _linearization.NOINLINE = None
   solve, argument = _solver(row)
   # Warm up TensorFlow itself (kernels, the first tf.function, XLA's
   # initialization) on an unrelated function, so the row pays only for
@@ -210,6 +222,9 @@ def run_child(row, jit, tree=None, retraces=0):
   repository) first on PYTHONPATH."""
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if tree == INLINE:
+    env["FIRST_CALL_INLINE"] = "1"
+    tree = None
   here = tree or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
   command = [sys.executable, os.path.abspath(__file__), "--child", row]
@@ -234,6 +249,9 @@ def main():
   parser.add_argument("--json", help="also write every timing to this file")
   parser.add_argument("--trees", help="comma-separated source trees: every "
                       "row but the reference runs once per tree")
+  parser.add_argument("--inline", action="store_true",
+                      help="every row but the reference also with the "
+                      "traced products inlined")
   parser.add_argument("--retraces", type=int, default=0,
                       help="also time this many warm retraces per process")
   parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -244,6 +262,10 @@ def main():
     return
 
   trees = args.trees.split(",") if args.trees else [None]
+  if args.inline:
+    if args.trees:
+      parser.error("--inline compares this tree with itself: not with --trees")
+    trees = [None, INLINE]
   plan = [("tfg", False, trees[0])]
   for row in args.rows.split(","):
     if row not in ROWS[1:]:
@@ -263,7 +285,8 @@ def main():
 
   median = lambda key, field: statistics.median(r[field] for r in runs[key])
   reference = median(plan[0], "trace")
-  header = ["front-end", "mode"] + (["tree"] if args.trees else []) + [
+  compared = args.trees or args.inline
+  header = ["front-end", "mode"] + (["tree"] if compared else []) + [
       "trace [s]"] + (["retrace [s]", "retrace CPU [s]", "calls"]
                       if args.retraces else []) + [
           "first call [s]", "second call [s]", "ops", "nodes", "cost",
@@ -273,7 +296,8 @@ def main():
     row, jit, tree = key
     table.append([
         row, "jit_compile" if jit else "function"] + (
-            [tree if row != "tfg" else ""] if args.trees else []) + [
+            [(tree or "called") if row != "tfg" else ""] if compared
+            else []) + [
         f"{median(key, 'trace'):.3f}"] + (
             [f"{min(r['retrace'] for r in runs[key]):.3f}",
              f"{min(r['retrace_cpu'] for r in runs[key]):.3f}",

@@ -158,9 +158,9 @@ class StopCheck:
     rounding level of the initial cost (a floor of sqrt(eps) was too coarse
     in float32: MGH10 start 1 "converged" by RELATIVE_STEP at 1e-4 of its
     initial cost and 1e9 times its optimal cost); and a loose user
-    tolerance stops while the promise is a small fraction of the cost. A step test that fires where the promise
-    is not finite (the model cannot be evaluated: J^T J overflows) is
-    STALLED too.
+    tolerance stops while the promise is a small fraction of the cost. A
+    step test that fires where the promise is not finite (the model cannot
+    be evaluated: J^T J overflows) is STALLED too.
   - A gradient test that fires where the whole Jacobian is zero and the cost
     is not (without bounds, whose held coordinates have zeroed columns): the
     Gauss-Newton model is flat, and the point may as well be a maximum
