@@ -17,6 +17,10 @@ also with `jit_compile=True`):
                       geodesic_acceleration=None)`
   least_squares/cg    `least_squares(linear_solver='cg')` (matrix-free:
                       J v and J^T u in every CG iteration)
+  sphere/cg           `least_squares(manifold=Sphere(3), linear_solver='cg',
+                      batch_dims=1)`: the nearest unit vector p to
+                      B p = B q (B 5 x 3, seed 7), two starts in a batch
+                      (a cell of tests/conformance.py)
   riemannian          `tfg_optim.riemannian.levenberg_marquardt` on SO(3)
   lbfgs               `tfg_optim.lbfgs.minimize_lbfgs` on 1/2 ||r||^2
 
@@ -65,7 +69,7 @@ import sys
 import time
 
 ROWS = ("tfg", "lm", "least_squares", "least_squares/nls", "least_squares/cg",
-        "riemannian", "lbfgs")
+        "sphere/cg", "riemannian", "lbfgs")
 INLINE = "inline"  # A pseudo-tree: this tree, traced products inlined.
 NUM_POINTS = 200
 MAX_ITERATIONS = 10
@@ -104,6 +108,21 @@ def _solver(row):
           return_state=True)
       return result.cost, result.position
     return solve, tf.constant(start)
+
+  if row == "sphere/cg":
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import tfg_optim  # pylint: disable=g-import-not-at-top
+    from tfg_optim import manifolds  # pylint: disable=g-import-not-at-top
+    b = np.random.default_rng(7).standard_normal((5, 3))
+    target = tf.constant(b @ np.array([0.48, -0.6, 0.64]))
+    b = tf.constant(b)
+
+    def solve(p):
+      result = tfg_optim.least_squares(
+          lambda p: tf.linalg.matvec(b, p) - target, p,
+          manifold=manifolds.Sphere(3), linear_solver="cg", batch_dims=1)
+      return tf.reduce_sum(result.cost), result.position
+    return solve, tf.constant([[0.0, 0.0, 1.0], [0.6, 0.0, 0.8]], tf.float64)
 
   t, y, start = _curve_data()
   t, y = tf.constant(t), tf.constant(y)
