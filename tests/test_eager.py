@@ -118,6 +118,23 @@ def test_changed_attributes_of_a_captured_object_are_new_problems():
   assert len(_eager._CACHE) == 1
 
 
+def test_data_and_no_data_are_different_problems():
+  """A residual that reads data when given, else its own: a single data
+  tensor once shared the cache key of data=None, and the compiled solve of
+  the latter ran without the data (a wrong answer, reported converged)."""
+  own, given = tf.constant([1.0, 1.0], tf.float64), tf.constant(
+      [5.0, 7.0], tf.float64)
+
+  def residual(a, *data):
+    return a - (data[0] if data else own)
+
+  start = [tf.constant([0.0], tf.float64)]
+  for data, mean in ((None, 1.0), (given, 6.0)):
+    for _ in range(2):  # op by op, then compiled
+      result = tfg_optim.least_squares(residual, start, data=data)
+      np.testing.assert_allclose(result.position[0], [mean], rtol=1e-12)
+
+
 def test_eager_compile_true_and_false():
   counter = _Counter()
 

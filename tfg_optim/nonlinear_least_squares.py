@@ -665,10 +665,14 @@ def _compiled_solve(residuals, variables, data, options, compile_now):
       return None
     leaves = [tf.convert_to_tensor(leaf) for leaf in leaves]
     data_leaves = [_argument(leaf) for leaf in data_leaves]
+  # The structures with their leaves marked ("data" and not None: a single
+  # data tensor must not share the key of data=None, whose compiled solve
+  # would call the residual without it).
   key, kept = _eager.fingerprint((
       "least_squares", residuals, options, tf.nest.map_structure(
-          lambda _: None, variables),
-      None if data is None else tf.nest.map_structure(lambda _: None, data)))
+          lambda _: "variable", variables),
+      None if data is None else tf.nest.map_structure(lambda _: "data",
+                                                      data)))
   flat_variables, flat_data = len(leaves), data_leaves
 
   def build():
