@@ -147,6 +147,17 @@ def _curved(v):  # F''(v)[d, d] = [2 d0^2 v1 + 4 v0 d0 d1, -sin(v0) d0^2, 0]
                    3.0 * v[..., 1]], -1)
 
 
+def test_engine_refuses_a_dense_initial_jacobian_for_another_kind():
+  problem = _engine.Problem(residual_fn=lambda x: x - 1.0,
+                            retract=lambda x, s: x + s, tangent_dim=2,
+                            cost_fn=None, jacobian_fn=None)
+  x = tf.zeros([2], tf.float64)
+  with pytest.raises(ValueError, match="'initial_jacobian'.*MatrixFreeKind"):
+    _engine.minimize(problem, x, damping_lib.NielsenDamping(), 5,
+                     initial_jacobian=tf.eye(2, dtype=tf.float64),
+                     matrix_free=True)
+
+
 @pytest.mark.parametrize("user_jacobian", [False, True])
 def test_second_directional_derivative_closed_form(user_jacobian):
   point = tf.constant([[0.7, -1.3], [2.0, 0.5]], tf.float64)

@@ -234,6 +234,11 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
   if initial_jacobian is None:
     linearization = kind.at(initial_point, residual)
     jacobian_evaluations = 1
+  elif not isinstance(kind, _linearization.DenseKind):
+    # A dense J cannot seed another kind's loop state (whose `restore`
+    # reads other tensors).
+    raise ValueError("'initial_jacobian' needs the dense linearization, "
+                     f"not {type(kind).__name__}.")
   else:
     linearization = _linearization.Dense(
         tf.convert_to_tensor(initial_jacobian, dtype))
