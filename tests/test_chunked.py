@@ -215,7 +215,7 @@ def test_a_dataset_of_batches_equals_lstsq_and_the_tensor_chunks():
   # 1000 rows in batches of 300: 3 x 300 + 100, the chunks of
   # data_chunk_size=300 in their order. In a tf.function; eagerly (op by
   # op, the passes Python loops): the guide's snippet below; XLA: refused,
-  # below; a TF1 graph builds what tf.function builds.
+  # below; a TF1 Session: below.
   outputs = [value.numpy() for value in _DATASET_FIT(_batches(300))]
   position, cost, count, reason, iterations, evaluations = outputs
   solution = _lstsq()
@@ -230,6 +230,13 @@ def test_a_dataset_of_batches_equals_lstsq_and_the_tensor_chunks():
   assert int(reason) == int(chunks.stop_reason)
   np.testing.assert_allclose(position, np.array(chunks.position), rtol=1e-13)
   np.testing.assert_allclose(cost, float(chunks.cost), rtol=1e-13)
+
+
+def test_a_dataset_fit_in_a_tf1_session():
+  # The dataset is made in the Session's graph; its batches have an unknown
+  # leading dimension (300, 300, 300, 100).
+  position = modes.run(lambda: _dataset_fit(_batches(300))[0], [], "session")
+  np.testing.assert_allclose(position, _lstsq(), rtol=0, atol=1e-10)
 
 
 def test_an_infinite_or_empty_dataset_fails_naming_data_in_a_graph():
