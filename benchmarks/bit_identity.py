@@ -5,14 +5,16 @@ for bit unchanged.
     PYTHONPATH=<new tree> python benchmarks/bit_identity.py > new.txt
     diff old.txt new.txt && echo IDENTICAL
 
-58 solves: curve fit and Rosenbrock under every damping with and without
+70 solves: curve fit and Rosenbrock under every damping with and without
 geodesic acceleration, bounds, a Cauchy loss, a batch, an underdetermined
 problem (m < n), NIST BoxBOD from start 1 without acceleration (a step is
 refused for a vanishing Jacobian column), per-iteration records with a
 callback, the matrix-free solver (linear_solver='cg') and chunked data,
-eagerly and in `tf.function`; the curve fit and Rosenbrock under XLA; plus
-a Riemannian rotation fit and TensorFlow Graphics' `minimize` (with a
-callback). Each line is a case, the first 10 hex digits of the SHA-1 of its
+eagerly and in `tf.function`; the curve fit and Rosenbrock under XLA; a
+small factor graph with every linear solver of
+`factor_graph.least_squares` (Nielsen's damping; 'cg' also with the trust
+region: Steihaug), eagerly and in `tf.function`; plus a Riemannian
+rotation fit and TensorFlow Graphics' `minimize` (with a callback). Each line is a case, the first 10 hex digits of the SHA-1 of its
 outputs' bytes (position, cost, iterations, stop reason; records where
 kept) and those of its counters (accepted, rejected, residual and Jacobian
 evaluations). (The engine's linearization refactor, the chunked-data change
@@ -25,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfg_optim
+from tfg_optim import factor_graph
 from tfg_optim import levenberg_marquardt
 from tfg_optim import manifolds
 
@@ -115,7 +118,46 @@ def solve(name, damping, acceleration, options):
         wide, tf.constant([1.0, 2.0, 3.0], tf.float64), **options)
   values = tf.nest.flatten(result.position) + [
       result.cost, result.num_iterations, result.stop_reason] + [
-          result.records[key] for key in sorted(result.records)]
+          result.records[key] for key in _RECORDS if key in result.records]
+  counters = [result.num_accepted, result.num_rejected,
+              result.num_residual_evaluations,
+              result.num_jacobian_evaluations]
+  return values, counters
+
+
+# The records hashed: those every tree has (newer trees record more).
+_RECORDS = ("cost", "damping", "gradient_norm", "step_size")
+
+
+# A small factor graph (two tables, each term reading one row of each, row
+# 0 of `a` held): f_k = exp(0.3 (a_i - b_j)) - y_k, for every linear solver
+# of `factor_graph.least_squares`.
+_PAIRS = np.array([(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (0, 3),
+                   (1, 0), (2, 1)])
+_GRAPH_Y = np.random.default_rng(3).normal(size=(len(_PAIRS), 2)) * 0.2 + 1.0
+
+
+def graph_cases():
+  for solver in ("cholesky", "cg", "sparse_cholesky", "schur",
+                 "iterative_schur"):
+    yield solver, "nielsen"
+  yield "cg", "trust_region"
+
+
+def graph_solve(solver, damping):
+  a = factor_graph.Variables(tf.zeros([3, 2], tf.float64),
+                                       fixed=[0], name="a")
+  b = factor_graph.Variables(
+      tf.constant(np.linspace(-0.5, 0.5, 8).reshape(4, 2)), name="b")
+  term = factor_graph.Term(
+      lambda x, z, y: tf.exp(0.3 * (x - z)) - y,
+      [(a, _PAIRS[:, 0]), (b, _PAIRS[:, 1])], data=[tf.constant(_GRAPH_Y)])
+  result = factor_graph.least_squares(
+      [a, b], [term], linear_solver=solver, damping=damping, record=True,
+      gradients="none")
+  values = tf.nest.flatten(result.position) + [
+      result.cost, result.num_iterations, result.stop_reason] + [
+          result.records[key] for key in _RECORDS]
   counters = [result.num_accepted, result.num_rejected,
               result.num_residual_evaluations,
               result.num_jacobian_evaluations]
@@ -140,6 +182,14 @@ def main():
                    for key, value in options.items()}
       lines.append(f"{mode} {name} {damping} {acceleration} {described} "
                    f"{digest(values)} {digest(counters)}")
+  for mode in ("eager", "function"):
+    for solver, damping in graph_cases():
+      run = lambda: graph_solve(solver, damping)
+      if mode != "eager":
+        run = tf.function(run)
+      values, counters = run()
+      lines.append(f"{mode} graph {solver} {damping} {digest(values)} "
+                   f"{digest(counters)}")
   points = tf.constant(np.eye(3) * [1.0, 2.0, 3.0])
   target = tf.constant(np.diag([1.0, 2.0, 3.0])[::-1].copy())
   rotation = tfg_optim.riemannian.levenberg_marquardt(

@@ -76,7 +76,7 @@ def main():
     gradient = linearization.gradient(layout.residual((c, p)))
     solve = linearization.damped_solver(tf.constant(1e-3, tf.float64),
                                         linearization.column_norms())
-    return solve(None, gradient)
+    return solve(None, gradient).solution
 
   @compile_
   def other_loop_work(c, p, *given):

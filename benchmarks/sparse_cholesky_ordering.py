@@ -97,7 +97,7 @@ def main():
         linearization = kind.at((tf.constant(graph.poses),), None)
         solve = tf.function(
             lambda blocks, lam, scaling, gradient: kind.linearization_class(  # pylint: disable=cell-var-from-loop
-                *blocks).damped_solver(lam, scaling)(None, gradient),
+                *blocks).damped_solver(lam, scaling)(None, gradient).solution,
             autograph=False)
         concrete = solve.get_concrete_function(
             linearization.blocks, tf.constant(1.0, tf.float64),

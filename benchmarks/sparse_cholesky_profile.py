@@ -78,7 +78,7 @@ def main():
 
     def solver(blocks, lam, scaling, gradient):
       return kind.linearization_class(*blocks).damped_solver(  # pylint: disable=cell-var-from-loop
-          lam, scaling)(None, gradient)
+          lam, scaling)(None, gradient).solution
 
     reference = None
     runs = [("Jacobian blocks", blocks, (start,)),

@@ -75,7 +75,7 @@ def _schur_step(problem, **kind_options):
     linearization, gradient = _linearization(problem, cameras, points,
                                              **kind_options)
     solve = linearization.damped_solver(lam, scaling)
-    return solve(None, gradient)
+    return solve(None, gradient).solution
   return build
 
 
@@ -192,7 +192,8 @@ def test_iterative_schur_solve_compiles_under_xla():
 
   @tf.function(jit_compile=True, autograph=False)
   def solve(lam, scaling, gradient, *blocks):
-    return rebuild(*blocks).damped_solver(lam, scaling)(None, gradient)
+    return rebuild(*blocks).damped_solver(lam, scaling)(
+        None, gradient).solution
 
   step = solve(tf.constant(lam, tf.float64), tf.constant(scaling),
                tf.constant(gradient), *linearization.blocks).numpy()

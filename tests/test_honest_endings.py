@@ -276,7 +276,7 @@ def test_collapsed_trust_region_gives_a_zero_step(method):
   state = policy.initial(tf.float64, [2], linearization)._replace(
       radius=tf.constant([0.0, 0.5], tf.float64))
   solve, _ = policy.solver(state, linearization, gradient, None, state.scale)
-  step = solve(residual, gradient).numpy()
+  step = solve(residual, gradient).solution.numpy()
   np.testing.assert_array_equal(step[0], [0.0, 0.0])
   scaled = np.sqrt(np.sum(state.scale.numpy()[1] * step[1] ** 2))
   np.testing.assert_allclose(scaled, 0.5, rtol=0.11)  # on the boundary

@@ -118,7 +118,7 @@ def _step(poses, points, lam, scaling, problem=_problem):
   linearization = kind.at(point, None)
   gradient = linearization.gradient(layout.residual(point))
   solve = linearization.damped_solver(lam, scaling)
-  return solve(None, gradient), gradient, linearization.gram()
+  return solve(None, gradient).solution, gradient, linearization.gram()
 
 
 def _reference_step(gradient, gram, lam, scaling):
@@ -189,7 +189,8 @@ def _solver_step(kind):
   """build(lam, scaling, gradient, *blocks) -> the step."""
   def build(lam, scaling, gradient, *blocks):
     linearization = kind.linearization_class(*blocks)
-    return linearization.damped_solver(lam, scaling)(None, gradient)
+    return linearization.damped_solver(lam, scaling)(
+        None, gradient).solution
   return build
 
 

@@ -7,7 +7,8 @@
              `_acceptance.Decision` took the step, the old values elsewhere;
              the damping, step norm, cost change, counters and the
              invalid-step streak of the running problems
-    record   the iteration's row of the per-iteration histories (optional)
+    record   the iteration's row of the per-iteration histories (optional,
+             `RECORD_NAMES`)
 
 These stages are the ones that write the loop state, so they are the only
 ones that know its fields besides the stop stage; what came before them
@@ -21,6 +22,11 @@ import tensorflow as tf
 
 from tfg_optim import _batch
 from tfg_optim import _linearization
+
+# The per-iteration histories `record` keeps, in the order of the loop
+# state's `records` buffers (`results.LeastSquaresResults.records`).
+RECORD_NAMES = ("cost", "gradient_norm", "step_size", "damping",
+                "linear_solver_iterations")
 
 Advanced = collections.namedtuple(
     "Advanced", ["linearization", "gradient", "relinearized"])
@@ -101,18 +107,25 @@ def commit(problem, policy, kind, state, active, linearization, trial,
                                 (1 + trial.residual_evaluations)),
       num_jacobian_evaluations=(state.num_jacobian_evaluations +
                                 tf.cast(advanced.relinearized, tf.int32)),
+      num_linear_solver_iterations=(state.num_linear_solver_iterations +
+                                    active_int *
+                                    trial.linear_solver_iterations),
       invalid_streak=invalid_streak)
 
 
 def record(policy, num_records, state, new_state, active):
-  """The record stage: `new_state` with its cost, gradient norm, step norm
-  and damping written into row `state.iteration` of the record buffers
-  (NaN for a stopped problem; later iterations are dropped); `new_state`
-  unchanged when `num_records` is 0."""
+  """The record stage: `new_state` with its cost, gradient norm, step norm,
+  damping and the iteration's linear-solver iterations (`RECORD_NAMES`)
+  written into row `state.iteration` of the record buffers (NaN for a
+  stopped problem; later iterations are dropped); `new_state` unchanged
+  when `num_records` is 0."""
   if not num_records:
     return new_state
+  dtype = new_state.cost.dtype
   values = (new_state.cost, _batch.norm(new_state.gradient),
-            new_state.step_norm, policy.damping_value(new_state.damping))
+            new_state.step_norm, policy.damping_value(new_state.damping),
+            tf.cast(new_state.num_linear_solver_iterations -
+                    state.num_linear_solver_iterations, dtype))
   iteration = state.iteration
   index = tf.minimum(iteration, num_records - 1)
   keep = iteration < num_records

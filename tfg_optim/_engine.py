@@ -98,12 +98,16 @@ LoopState = collections.namedtuple(
      "initial_cost", "damping", "step_norm", "cost_change", "num_iterations",
      "num_accepted", "num_rejected", "num_residual_evaluations",
      "num_jacobian_evaluations", "invalid_streak", "stop_reason", "records",
-     "wall_time"])
+     "wall_time", "num_linear_solver_iterations"])
 LoopState.__doc__ = """The loop's state, one entry per problem of a batch.
 
 `linearization` holds the tensors of J at `point` (`_linearization`: the
 matrix, or what a matrix-free linearization keeps); the stopping criteria
 see the bound linearization itself (`column_norms()`, `matvec`, ...).
+
+`num_linear_solver_iterations` sums the conjugate-gradient iterations of
+every trial's solves (`_step.Trial.linear_solver_iterations`; 0 for direct
+solvers).
 
 `invalid_streak` counts the consecutive iterations, up to the current one,
 whose trial step was not finite (see
@@ -252,7 +256,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
   records = ()
   if num_records:
     records = tuple(tf.zeros(tf.concat([[num_records], batch_shape], 0), dtype)
-                    for _ in range(4))
+                    for _ in _advance.RECORD_NAMES)
 
   state = LoopState(
       iteration=tf.constant(0, tf.int32),
@@ -275,7 +279,8 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       stop_reason=zeros_int,
       records=records,
       wall_time=(tf.constant(np.nan, tf.float64) if start_time is None
-                 else start_time))
+                 else start_time),
+      num_linear_solver_iterations=zeros_int)
   check = _stop_check.StopCheck(stopping, safeguards, policy, batch_rank,
                                 kind, bounded=problem.fixed_fn is not None)
   if matrix_free or not policy.scaled:

@@ -4,10 +4,14 @@ Each takes a linearization (`_linearization`: J through its products, and
 J^T J where it is dense) and what its method needs, and returns
 `solve(residual, gradient)`, a function that solves the system for a
 right-hand side: F (used by the dual form) and g = J^T F (used by the normal
-form). The factorization is made once, so the same `solve` serves the step
-and geodesic acceleration's second solve (and will serve the backward pass
-of implicit differentiation). A failed factorization gives NaN steps, which
-the loop treats as a rejection, in every mode.
+form), and returns a `SolveOutcome`: the solution and what the solve did
+(its conjugate-gradient iterations, whether it reached its tolerance,
+whether it broke down; a direct solve: no iterations, converged where
+finite). The factorization is made once, so the same `solve` serves the
+step, geodesic acceleration's second solve and the backward pass of
+implicit differentiation (`_implicit.backward_solve`). A failed
+factorization gives NaN steps, which the loop treats as a rejection, in
+every mode.
 
 - `damped_solver`: Cholesky of the damped normal equations
       (J^T J + lambda D) s = -J^T F                    (m >= n, or D given)
@@ -43,6 +47,33 @@ import tensorflow as tf
 from tfg_optim import _batch
 
 
+SolveOutcome = collections.namedtuple(
+    "SolveOutcome", ["solution", "iterations", "converged", "breakdown"])
+SolveOutcome.__doc__ = """What one `solve(residual, gradient)` returns.
+
+solution: the solution, [B..., n] (NaN where the solve failed outright: a
+  failed factorization, a non-finite right-hand side).
+iterations: int32 [B...], the conjugate-gradient iterations this problem
+  ran (0 for a direct solve).
+converged: bool [B...], the solve ended as its method intends: conjugate
+  gradients at their tolerance, ||r_k||_M^-1 <= tolerance ||rhs||_M^-1
+  (Steihaug-Toint also on the trust region's boundary); a direct solve
+  where its solution is finite. False where the iteration cap ended it or
+  it broke down.
+breakdown: bool [B...], conjugate gradients met a non-positive curvature
+  p^T A p <= 0 on a system that should be positive definite (not for
+  Steihaug-Toint, which then ends on the boundary), or a non-finite value.
+"""
+
+
+def direct_outcome(solution):
+  """The `SolveOutcome` of a direct solve: no iterations, converged where
+  `solution` ([B..., n]) is finite."""
+  finite = _batch.all_finite(solution, solution.shape.rank - 1)
+  return SolveOutcome(solution, tf.zeros_like(finite, tf.int32), finite,
+                      tf.logical_not(finite))
+
+
 def in_xla():
   """Whether the ops being built will be compiled by XLA."""
   from tensorflow.python.ops import control_flow_util  # pylint: disable=g-import-not-at-top
@@ -76,8 +107,8 @@ def damped_solver(linearization, regularization, scaling=None):
     else:
       gram += lam * tf.linalg.diag(scaling)
     factor = _cholesky(gram)
-    return lambda residual, gradient: -tf.linalg.cholesky_solve(
-        factor, gradient[..., tf.newaxis])[..., 0]
+    return lambda residual, gradient: direct_outcome(
+        -tf.linalg.cholesky_solve(factor, gradient[..., tf.newaxis])[..., 0])
 
   def underdetermined():
     gram = tf.matmul(jacobian_matrix, jacobian_matrix, adjoint_b=True)
@@ -87,7 +118,8 @@ def damped_solver(linearization, regularization, scaling=None):
     def solve(residual, gradient):
       del gradient
       multiplier = tf.linalg.cholesky_solve(factor, residual[..., tf.newaxis])
-      return -tf.matmul(jacobian_matrix, multiplier, adjoint_a=True)[..., 0]
+      return direct_outcome(
+          -tf.matmul(jacobian_matrix, multiplier, adjoint_a=True)[..., 0])
     return solve
 
   if jacobian_matrix is None:
@@ -98,9 +130,9 @@ def damped_solver(linearization, regularization, scaling=None):
   if m is not None:
     return underdetermined()
   wide = tf.shape(jacobian_matrix)[-2] < n  # m unknown while tracing.
-  return lambda residual, gradient: tf.cond(
-      wide, lambda: underdetermined()(residual, gradient),
-      lambda: overdetermined()(residual, gradient))
+  return lambda residual, gradient: direct_outcome(tf.cond(
+      wide, lambda: underdetermined()(residual, gradient).solution,
+      lambda: overdetermined()(residual, gradient).solution))
 
 
 def _cholesky(matrix):
@@ -219,8 +251,8 @@ def trust_region_solver(linearization, gradient, scale, radius,
     del residual
     c = tf.linalg.matvec(vectors, inverse_root * rhs_gradient, adjoint_a=True)
     step = -inverse_root * tf.linalg.matvec(vectors, c / final_shift)
-    return _batch.select(finite, step,
-                         tf.fill(tf.shape(step), tf.constant(np.nan, dtype)))
+    return direct_outcome(_batch.select(
+        finite, step, tf.fill(tf.shape(step), tf.constant(np.nan, dtype))))
 
   radius = tf.where(finite & tf.math.is_finite(radius), radius, old_radius)
   return solve, radius, lam
@@ -384,10 +416,10 @@ def cholesky_trust_region_solver(
   def solve(residual, rhs_gradient):
     del residual
     if rhs_gradient is step_gradient:
-      return step
+      return direct_outcome(step)
     other = -tf.linalg.cholesky_solve(chol, rhs_gradient[..., tf.newaxis])
-    return _batch.select(valid, other[..., 0],
-                         tf.fill(tf.shape(rhs_gradient), nan))
+    return direct_outcome(_batch.select(valid, other[..., 0],
+                                        tf.fill(tf.shape(rhs_gradient), nan)))
 
   radius = tf.where(valid & tf.math.is_finite(radius), radius, old_radius)
   return solve, radius, tf.where(tf.math.is_finite(lam), lam, zeros)
@@ -415,7 +447,11 @@ def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
   current direction. The ball's metric M must be the preconditioner's
   inverse (the norm in which the iterates grow monotonically): `metric`,
   v -> M v, or None for the identity (then `precondition` must be the
-  identity too). Returns (x, iterations).
+  identity too). Returns a `SolveOutcome`: x, each problem's iterations
+  (those it was active in), whether it ended at its tolerance (or, with a
+  radius, on the boundary) rather than at `max_iterations` or by a
+  breakdown (without a radius: a curvature p^T A p <= 0; always: a
+  non-finite x).
   """
   x = tf.zeros_like(rhs)
   r = rhs
@@ -435,7 +471,8 @@ def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
     root = tf.sqrt(tf.maximum(xp * xp + pp * (radius * radius - xx), 0.0))
     return (-xp + root) / safe_pp
 
-  def body(k, x, r, p, rz, active):
+  def body(k, x, r, p, rz, active, iterations, broke):
+    iterations += tf.cast(active, tf.int32)
     q = operator(p)
     curvature = _dot(p, q)
     positive = curvature > 0
@@ -454,6 +491,7 @@ def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
                         x + tau[..., tf.newaxis] * p, next_x)
       active &= tf.logical_not(leaves)
     else:
+      broke |= active & tf.logical_not(positive)
       active &= positive
     r = r - alpha[..., tf.newaxis] * q
     z = precondition(r)
@@ -462,17 +500,23 @@ def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
                     tf.zeros_like(rz))
     p = tf.where(active[..., tf.newaxis], z + beta[..., tf.newaxis] * p, p)
     active &= next_rz > target
-    return k + 1, next_x, r, p, tf.where(active, next_rz, rz), active
+    return (k + 1, next_x, r, p, tf.where(active, next_rz, rz), active,
+            iterations, broke)
 
-  k, x, _, _, _, _ = tf.while_loop(
-      lambda k, x, r, p, rz, active: tf.reduce_any(active), body,
-      (tf.constant(0), x, r, p, rz, active),
+  zeros = tf.zeros_like(active)
+  _, x, _, _, rz, active, iterations, broke = tf.while_loop(
+      lambda k, x, r, p, rz, active, *_: tf.reduce_any(active), body,
+      (tf.constant(0), x, r, p, rz, active, tf.zeros_like(zeros, tf.int32),
+       zeros),
       maximum_iterations=max_iterations)
   # A non-finite right-hand side or preconditioner (a failed factorization)
   # leaves the loop at once with x = 0: a NaN step (a rejection) instead,
   # never a zero step that step tests could take for convergence.
-  return _batch.select(tf.math.is_finite(rz), x, tf.fill(
-      tf.shape(x), tf.constant(np.nan, x.dtype))), k
+  x = _batch.select(tf.math.is_finite(rz), x, tf.fill(
+      tf.shape(x), tf.constant(np.nan, x.dtype)))
+  broke |= tf.logical_not(_batch.all_finite(x, x.shape.rank - 1))
+  return SolveOutcome(x, iterations,
+                      tf.logical_not(active | broke), broke)
 
 
 def _preconditioner(linearization, damping_diagonal):
@@ -513,12 +557,15 @@ def conjugate_gradient_solver(linearization, regularization, scaling=None,
 
   def solve(residual, gradient):
     del residual
-    step, _ = _cg_loop(operator, -gradient, precondition,
-                       max_iterations, tolerance)
+    outcome = _cg_loop(operator, -gradient, precondition, max_iterations,
+                       tolerance)
+    step = outcome.solution
     finite = _batch.all_finite(gradient, gradient.shape.rank - 1)
-    return _batch.select(finite, step,
-                         tf.fill(tf.shape(step),
-                                 tf.constant(np.nan, step.dtype)))
+    return outcome._replace(
+        solution=_batch.select(finite, step, tf.fill(
+            tf.shape(step), tf.constant(np.nan, step.dtype))),
+        converged=outcome.converged & finite,
+        breakdown=outcome.breakdown | tf.logical_not(finite))
   return solve
 
 
@@ -556,10 +603,11 @@ def steihaug_solver(linearization, gradient, scale, radius,
     metric = lambda u: inverse_root * blocks.multiply(inverse_root * u)
   relative = radius < 0
   infinite = tf.constant(np.inf, gradient.dtype)
-  scaled_step, _ = _cg_loop(operator, -inverse_root * gradient,
-                            precondition, max_iterations, tolerance,
-                            radius=tf.where(relative, infinite, radius),
-                            metric=metric)
+  outcome = _cg_loop(operator, -inverse_root * gradient, precondition,
+                     max_iterations, tolerance,
+                     radius=tf.where(relative, infinite, radius),
+                     metric=metric)
+  scaled_step = outcome.solution
   if metric is None:
     length = tf.norm(scaled_step, axis=-1)
   else:
@@ -581,12 +629,15 @@ def steihaug_solver(linearization, gradient, scale, radius,
   finite = _batch.all_finite(step, step.shape.rank - 1)
   step = _batch.select(finite, step, tf.fill(tf.shape(step), tf.constant(
       np.nan, step.dtype)))
+  step_outcome = SolveOutcome(step, outcome.iterations,
+                              outcome.converged & finite,
+                              outcome.breakdown | tf.logical_not(finite))
   cg_solve = conjugate_gradient_solver(linearization, lam, scale,
                                        max_iterations, tolerance)
 
   def solve(residual, rhs_gradient):
     if rhs_gradient is gradient:  # The step itself.
-      return step
+      return step_outcome
     return cg_solve(residual, rhs_gradient)
 
   radius = tf.where(finite & tf.math.is_finite(radius), radius, old_radius)

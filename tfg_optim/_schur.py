@@ -217,8 +217,8 @@ class SchurComplement(_block_sparse.BlockSparse):
       reduced_solve = self._conjugate_gradients(elimination)
     else:
       factor = _linear_solvers._cholesky(self.reduced_matrix(elimination))  # pylint: disable=protected-access
-      reduced_solve = lambda rhs: tf.linalg.cholesky_solve(
-          factor, rhs[:, tf.newaxis])[:, 0]
+      reduced_solve = lambda rhs: _linear_solvers.direct_outcome(
+          tf.linalg.cholesky_solve(factor, rhs[:, tf.newaxis])[:, 0])
     return self._solver(elimination, reduced_solve)
 
   def eliminate(self, regularization, scaling=None):
@@ -315,9 +315,11 @@ class SchurComplement(_block_sparse.BlockSparse):
         self.layout.tables[self.structure.eliminated].size)
 
   def _solver(self, elimination, reduced_solve):
-    """solve(residual, gradient): the reduced right-hand side, the reduced
-    system by `reduced_solve` ([N_c d_c] -> [N_c d_c]), the points by
-    back-substitution."""
+    """solve(residual, gradient) -> `_linear_solvers.SolveOutcome`: the
+    reduced right-hand side, the reduced system by `reduced_solve` ([N_c d_c]
+    -> the `SolveOutcome` of [N_c d_c]), the points by back-substitution
+    (converged where the reduced solve converged and the step is
+    finite)."""
     structure, layout = self.structure, self.layout
     reduced = layout.tables[structure.reduced]
     v_inverse = elimination.v_inverse
@@ -328,19 +330,24 @@ class SchurComplement(_block_sparse.BlockSparse):
       g_r, g_e = parts[structure.reduced], parts[structure.eliminated]
       rhs = -g_r + self._to_reduced(
           elimination, tf.einsum("pab,pb->pa", v_inverse, g_e))
-      step_r = tf.reshape(reduced_solve(tf.reshape(rhs, [-1])),
-                          [reduced.size, reduced.dim])
+      outcome = reduced_solve(tf.reshape(rhs, [-1]))
+      step_r = tf.reshape(outcome.solution, [reduced.size, reduced.dim])
       back = self._to_eliminated(elimination, step_r)
       step_e = tf.einsum("pab,pb->pa", v_inverse, -g_e - back)
       steps = [None, None]
       steps[structure.reduced], steps[structure.eliminated] = step_r, step_e
-      return layout.join_tangent(steps)
+      step = layout.join_tangent(steps)
+      finite = _batch.all_finite(step, 0)
+      return outcome._replace(
+          solution=step, converged=outcome.converged & finite,
+          breakdown=outcome.breakdown | tf.logical_not(finite))
 
     return solve
 
   def _conjugate_gradients(self, elimination):
-    """rhs -> S^-1 rhs by SCHUR_JACOBI-preconditioned conjugate gradients
-    on the implicit S ([N_c d_c] vectors); NaN for a non-finite rhs or
+    """rhs -> the `_linear_solvers.SolveOutcome` of S^-1 rhs by
+    SCHUR_JACOBI-preconditioned conjugate gradients on the implicit S
+    ([N_c d_c] vectors); NaN (a breakdown) for a non-finite rhs or
     preconditioner."""
     reduced = self.layout.tables[self.structure.reduced]
     shape = [reduced.size, reduced.dim]
@@ -360,10 +367,14 @@ class SchurComplement(_block_sparse.BlockSparse):
           factor, tf.reshape(r, shape + [1])), [-1])
 
     def reduced_solve(rhs):
-      step, _ = _linear_solvers._cg_loop(  # pylint: disable=protected-access
+      outcome = _linear_solvers._cg_loop(  # pylint: disable=protected-access
           operator, rhs, precondition, self.max_iterations, self.tolerance)
       finite = _batch.all_finite(rhs, 0) & factor_finite
-      return tf.where(finite, step, tf.constant(np.nan, step.dtype))
+      return outcome._replace(
+          solution=tf.where(finite, outcome.solution,
+                            tf.constant(np.nan, rhs.dtype)),
+          converged=outcome.converged & finite,
+          breakdown=outcome.breakdown | tf.logical_not(finite))
 
     return reduced_solve
 

@@ -614,8 +614,9 @@ class SparseCholesky(_block_sparse.BlockSparse):
   def damped_solver(self, regularization, scaling=None):
     """Factors P (J^T J + lambda D) P^T = L L^T for lambda =
     regularization ([]) and D = diag(scaling) ([n], or None for I); returns
-    solve(residual, gradient) -> -(J^T J + lambda D)^-1 gradient, [n]
-    (NaN if the factorization failed or the gradient is not finite)."""
+    solve(residual, gradient) -> the `_linear_solvers.SolveOutcome` of
+    -(J^T J + lambda D)^-1 gradient, [n] (NaN if the factorization failed
+    or the gradient is not finite)."""
     structure = self.structure
     storage, extra = self.assemble(regularization, scaling)
     damped = _add_to_diagonals(structure, storage, extra)
@@ -628,8 +629,8 @@ class SparseCholesky(_block_sparse.BlockSparse):
       x = substitute(structure, factors, tf.gather(rhs, structure.order))
       step = -self._unpadded(tf.gather(x, structure.position))
       finite = _batch.all_finite(step, 0)
-      return tf.where(finite, step, tf.fill(tf.shape(step),
-                                             tf.constant(np.nan, dtype)))
+      return _linear_solvers.direct_outcome(tf.where(
+          finite, step, tf.fill(tf.shape(step), tf.constant(np.nan, dtype))))
 
     return solve
 

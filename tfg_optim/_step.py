@@ -27,7 +27,7 @@ from tfg_optim import _batch
 
 Trial = collections.namedtuple(
     "Trial", ["velocity", "step", "regularization", "scaling", "damping",
-              "solve", "residual_evaluations"])
+              "solve", "residual_evaluations", "linear_solver_iterations"])
 Trial.__doc__ = """A proposed step.
 
 velocity: the damped Gauss-Newton step v; step: the step tried (v, or v plus
@@ -35,9 +35,12 @@ half the geodesic acceleration); regularization: lambda, [B...]; scaling: D's
 diagonal [B..., n] or None for the identity; damping: the policy's state for
 `update` (a trust-region policy sets its lambda while solving); solve: this
 iteration's `solve(residual, gradient)` (its factorization, reused by
-`correct`); residual_evaluations: the residual evaluations the step itself
-cost (a Python int: 1 for the finite-difference F'' of `correct` with a
-user Jacobian, else 0), besides the candidate's one.
+`correct`; it returns a `_linear_solvers.SolveOutcome`);
+residual_evaluations: the residual evaluations the step itself cost (a
+Python int: 1 for the finite-difference F'' of `correct` with a user
+Jacobian, else 0), besides the candidate's one; linear_solver_iterations:
+int32 [B...], the conjugate-gradient iterations of the solves of this
+trial (the step's, and the acceleration's; 0 for direct solvers).
 """
 
 Candidate = collections.namedtuple(
@@ -58,10 +61,12 @@ def propose(policy, state, linearization):
   scaling = policy.scaling(state.damping) if policy.scaled else None
   solve, trial_damping = policy.solver(state.damping, linearization,
                                        state.gradient, lam, scaling)
-  velocity = solve(state.residual, state.gradient)
+  outcome = solve(state.residual, state.gradient)
+  velocity = outcome.solution
   # A policy that owns its solve (the trust region) chose lambda in it.
   lam = policy.regularization(trial_damping, state.cost)
-  return Trial(velocity, velocity, lam, scaling, trial_damping, solve, 0)
+  return Trial(velocity, velocity, lam, scaling, trial_damping, solve, 0,
+               outcome.iterations)
 
 
 def correct(problem, state, linearization, trial, alpha):
@@ -74,14 +79,18 @@ def correct(problem, state, linearization, trial, alpha):
   velocity = trial.velocity
   curvature, evaluations = second_directional_derivative(
       problem, state.point, velocity, state.residual, linearization)
-  acceleration = trial.solve(curvature, linearization.rmatvec(curvature))
+  outcome = trial.solve(curvature, linearization.rmatvec(curvature))
+  acceleration = outcome.solution
   weight = 1.0 if trial.scaling is None else trial.scaling
   ratio = 2.0 * tf.sqrt(
       tf.reduce_sum(weight * tf.square(acceleration), axis=-1) /
       tf.reduce_sum(weight * tf.square(velocity), axis=-1))
   admissible = ratio <= tf.constant(alpha, velocity.dtype)  # False for NaN
   step = _batch.select(admissible, velocity + 0.5 * acceleration, velocity)
-  return trial._replace(step=step, residual_evaluations=evaluations)
+  return trial._replace(
+      step=step, residual_evaluations=evaluations,
+      linear_solver_iterations=(trial.linear_solver_iterations +
+                                outcome.iterations))
 
 
 def evaluate(problem, cost_fn, state, trial, batch_rank):

@@ -89,9 +89,10 @@ class DampingPolicy:
 
   def solver(self, state, linearization, gradient, regularization,
              scaling):
-    """(`solve(residual, gradient)` for this iteration, the state that
-    `update` is given); by default the dense Cholesky solver (conjugate
-    gradients for a matrix-free linearization)."""
+    """(`solve(residual, gradient)` for this iteration, returning a
+    `_linear_solvers.SolveOutcome`, and the state that `update` is given);
+    by default the dense Cholesky solver (conjugate gradients for a
+    matrix-free linearization)."""
     del gradient
     return (_linear_solvers.damped_solver(linearization, regularization,
                                           scaling), state)
@@ -366,8 +367,10 @@ class TrustRegionDamping(_MarquardtScaled):
     collapsed = tf.equal(radius, 0)
 
     def within_radius(residual, rhs_gradient):
-      step = solve(residual, rhs_gradient)
-      return _batch.select(collapsed, tf.zeros_like(step), step)
+      outcome = solve(residual, rhs_gradient)
+      step = outcome.solution
+      return outcome._replace(
+          solution=_batch.select(collapsed, tf.zeros_like(step), step))
 
     return within_radius, state._replace(radius=radius, lam=lam)
 

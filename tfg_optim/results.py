@@ -15,6 +15,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _advance
 from tfg_optim import _batch
 
 from tfg_optim._engine import StopReason
@@ -24,9 +25,10 @@ _FIELDS = (
     "num_iterations", "num_accepted", "num_rejected",
     "num_residual_evaluations", "num_jacobian_evaluations", "gradient_norm",
     "damping", "step_size", "residual", "records", "num_residuals",
-    "num_parameters", "wall_time", "tolerances")
+    "num_parameters", "wall_time", "tolerances",
+    "num_linear_solver_iterations")
 
-RECORD_NAMES = ("cost", "gradient_norm", "step_size", "damping")
+RECORD_NAMES = _advance.RECORD_NAMES
 
 
 class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
@@ -42,12 +44,18 @@ class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
     stop_reason: int32 [B...], a `tfg_optim.StopReason` value.
     num_iterations, num_accepted, num_rejected: int32 [B...].
     num_residual_evaluations, num_jacobian_evaluations: int32 [B...].
+    num_linear_solver_iterations: int32 [B...], the conjugate-gradient
+      iterations of all linear solves of the solve, rejected steps' and
+      geodesic acceleration's included (Ceres' linear-solver iterations,
+      summed): 0 for direct solvers (Cholesky, the eigendecomposition,
+      sparse Cholesky, the dense Schur complement).
     gradient_norm: ||J^T F|| at `position`, [B...].
     damping: the final damping term (mu or lambda, by policy), [B...].
     step_size: the norm of the last finite step computed (accepted or not);
       +inf if no finite step was ever computed, [B...].
     residual: F at `position`, [B..., m].
-    records: dict name -> [num_records, B...] histories (see RECORD_NAMES).
+    records: dict name -> [num_records, B...] histories (see RECORD_NAMES;
+      'linear_solver_iterations' is the iteration's count, as a float).
     num_residuals, num_parameters: int32 scalars, m and n of each problem.
     wall_time: float64 scalar, seconds the solve took, measured in the graph
       with `tf.timestamp` (NaN under XLA, which cannot compile timestamps;
@@ -94,7 +102,10 @@ class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
                    f"({get('num_accepted')} accepted, "
                    f"{get('num_rejected')} rejected); evaluations: residual "
                    f"{get('num_residual_evaluations')}, Jacobian "
-                   f"{get('num_jacobian_evaluations')}")
+                   f"{get('num_jacobian_evaluations')}" + (
+                       f"; linear solver iterations "
+                       f"{get('num_linear_solver_iterations')}"
+                       if get("num_linear_solver_iterations") else ""))
       lines.append(f"  last step size {get('step_size'):.3e}, damping "
                    f"{get('damping'):.3e}")
       return "\n".join(lines)
@@ -180,5 +191,6 @@ def from_state(state, num_records, criterion=None):
       num_residuals=tf.shape(state.residual)[-1],
       num_parameters=tf.shape(state.gradient)[-1],
       wall_time=state.wall_time,
+      num_linear_solver_iterations=state.num_linear_solver_iterations,
       tolerances={name: tf.constant(value, tf.float64) for name, value in
                   (criterion.thresholds() if criterion else {}).items()})
