@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 from tests import test_factor_graph
+from tfg_optim import _implicit
+from tfg_optim import _schur
 from tfg_optim import factor_graph
 from tfg_optim.manifolds import lie_groups
 
@@ -258,3 +260,75 @@ def test_linear_graph_schur_eagerly_and_none():
                                         output_gradients=tf.constant(u)),
                 atol=1e-12, seed=4)
   assert tape.gradient(stopped, [y, anchor]) == [None, None]
+
+
+# -- a gauge: nothing held -------------------------------------------------------
+
+# The linear graph with no row held: moving every row of a and b by the same
+# vector leaves f unchanged, so H = A^T A is singular (a 2-dimensional null
+# space) and a cotangent u of the absolute positions has a component there:
+# J^T J w = u has no solution. The derivative is still defined: y_bar =
+# A w for any w with (A^T A) w = u on H's range, i.e. pinv(A)^T u (A kills
+# the null space), which is the closed form below.
+
+
+def _gauge_graph(y):
+  a = factor_graph.Variables(tf.zeros([3, 2], tf.float64), name="a")
+  b = factor_graph.Variables(tf.zeros([4, 2], tf.float64), name="b")
+  matrix = tf.constant(_L)
+  term = factor_graph.Term(
+      lambda x, z, data: tf.linalg.matvec(matrix, x - z) - data,
+      [(a, _PAIRS[:, 0]), (b, _PAIRS[:, 1])], data=[y])
+  return [a, b], [term]
+
+
+def _gauge_design():
+  """A [16, 14], f = A (a, b) - y, nothing held."""
+  design = np.zeros([2 * len(_PAIRS), 2 * 7])
+  for k, (i, j) in enumerate(_PAIRS):
+    design[2 * k:2 * k + 2, 2 * i:2 * i + 2] = _L
+    design[2 * k:2 * k + 2, 6 + 2 * j:6 + 2 * j + 2] = -_L
+  return design
+
+
+def test_gauge_cg_backward_is_right_or_nan():
+  """Nothing held, 'cg' forward and backward (block-Jacobi CG, eagerly):
+  for random cotangents u of the absolute positions (not in H's range),
+  the unregularized CG cannot reach its tolerance (its own signal, and the
+  residual check), the regularized retry does: the derivative is RIGHT,
+  u^T dx/dy = pinv(A)^T u. Then `_implicit.backward_solve` with the
+  iterative Schur complement (`_own_solve`, CG on the singular S): at a
+  cap of 60 iterations the unregularized solve stops at its cap and the
+  regularized retry converges: A w is RIGHT; at a cap of 2 iterations
+  neither converges: w is NaN (never a finite wrong value)."""
+  design = _gauge_design()
+  y = tf.constant(_Y)
+  us = np.random.default_rng(8).normal(size=(2, 14))
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(y)
+    variables, terms = _gauge_graph(y)
+    results = factor_graph.least_squares(variables, terms, linear_solver="cg")
+    flat = _flat_tables(results.position)
+  assert bool(results.converged)
+  for u in us:
+    gradient = tape.gradient(flat, y, output_gradients=tf.constant(u))
+    np.testing.assert_allclose(np.reshape(gradient, [-1]),
+                               np.linalg.pinv(design).T @ u, atol=1e-7)
+  del tape
+
+  # The iterative Schur complement's own solve at x*.
+  layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
+  point = tuple(tf.constant(np.reshape(t, [-1, 2])) for t in np.split(
+      np.linalg.pinv(design) @ _Y.reshape(-1), [6]))
+  rhs = tf.constant(us[0])
+  for cap, right in ((60, True), (2, False)):
+    kind = _schur.SchurKind(layout, iterative=True, tolerance=1e-10,
+                            max_iterations=cap)
+    w, ok = _implicit.backward_solve(kind.at(point, None), rhs,
+                                     tf.ones([14], tf.float64))
+    assert bool(ok)
+    if right:
+      np.testing.assert_allclose(design @ w.numpy(),
+                                 np.linalg.pinv(design).T @ us[0], atol=1e-7)
+    else:
+      assert np.all(np.isnan(w.numpy()))

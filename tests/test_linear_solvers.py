@@ -20,6 +20,7 @@ from tests import modes
 from tfg_optim import _engine
 from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
+from tfg_optim import factor_graph
 
 _RNG = np.random.default_rng(3)
 _A = _RNG.standard_normal((2, 7, 4))  # a batch of two 7 x 4 linear maps.
@@ -71,8 +72,10 @@ def test_conjugate_gradients_equal_the_cholesky_solve(scaled):
   gradient = dense.rmatvec(residual)
   lam = tf.constant([1e-3, 0.5], tf.float64)
   scaling = dense.column_norms() if scaled else None
-  want = _linear_solvers.damped_solver(dense, lam, scaling)(residual, gradient)
-  got = _linear_solvers.damped_solver(free, lam, scaling)(residual, gradient)
+  want = _linear_solvers.damped_solver(dense, lam, scaling)(
+      residual, gradient).solution
+  got = _linear_solvers.damped_solver(free, lam, scaling)(
+      residual, gradient).solution
   np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
@@ -83,7 +86,8 @@ def test_conjugate_gradients_give_nan_for_a_non_finite_gradient():
   gradient = tf.constant([[np.nan, 0, 0, 0], [1.0, 2.0, 3.0, 4.0]])
   gradient = tf.cast(gradient, tf.float64)
   step = _linear_solvers.damped_solver(
-      free, tf.constant([1.0, 1.0], tf.float64))(residual, gradient).numpy()
+      free, tf.constant([1.0, 1.0], tf.float64))(
+          residual, gradient).solution.numpy()
   assert np.all(np.isnan(step[0])) and np.all(np.isfinite(step[1]))
 
 
@@ -98,7 +102,7 @@ def test_steihaug_step_inside_and_on_the_boundary(radius):
   radii = tf.constant([radius, radius], tf.float64)
   solve, _, lam = _linear_solvers.steihaug_solver(free, gradient, scale,
                                                   radii)
-  step = solve(residual, gradient).numpy()
+  step = solve(residual, gradient).solution.numpy()
   scaled_length = np.sqrt(np.sum(scale.numpy() * step ** 2, axis=-1))
   jacobian = dense.matrix.numpy()
   g = gradient.numpy()
@@ -195,8 +199,9 @@ def _trust_region_build(method):
         _Gram(jacobian), gradient, scale, radius,
         10 if method == "cholesky" else 30, method,
         previous_lambda=previous_lambda)
-    return (solve(residual, gradient), new_radius, lam,
-            solve(None, tf.linalg.matvec(jacobian, other, adjoint_a=True)))
+    return (solve(residual, gradient).solution, new_radius, lam,
+            solve(None, tf.linalg.matvec(jacobian, other,
+                                         adjoint_a=True)).solution)
   return build
 
 
@@ -296,7 +301,8 @@ def test_trust_region_method_eigh_is_selectable():
     want = _trust_region_run(method, "function", "float64")
     solve, new_state = policy.solver(state, _Gram(tf.constant(jacobian)),
                                      gradient, None, None)
-    np.testing.assert_allclose(solve(None, gradient), want[0], rtol=1e-9)
+    np.testing.assert_allclose(solve(None, gradient).solution, want[0],
+                               rtol=1e-9)
     np.testing.assert_allclose(new_state.lam, want[2], rtol=1e-9)
     np.testing.assert_allclose(new_state.radius, want[1], rtol=1e-12)
 
@@ -308,9 +314,113 @@ def test_conjugate_gradients_with_a_failed_preconditioner_give_nan_not_zero():
   matrix = tf.constant([[[4.0, 1.0], [1.0, 3.0]]] * 2, tf.float64)
   rhs = tf.constant([[1.0, 2.0]] * 2, tf.float64)
   poisoned = tf.constant([[1.0], [np.nan]], tf.float64)
-  x, _ = _linear_solvers._cg_loop(  # pylint: disable=protected-access
+  x = _linear_solvers._cg_loop(  # pylint: disable=protected-access
       lambda v: tf.linalg.matvec(matrix, v), rhs, lambda r: r * poisoned,
-      max_iterations=10, tolerance=1e-12)
+      max_iterations=10, tolerance=1e-12).solution
   np.testing.assert_allclose(x[0], np.linalg.solve(matrix[0], rhs[0]),
                              rtol=1e-10)
   assert np.all(np.isnan(x[1]))
+
+
+# -- what a conjugate-gradient solve reports (`SolveOutcome`) -----------------
+
+# Conjugate gradients on an SPD system with k distinct eigenvalues (and a
+# right-hand side with a component on each eigenspace) end in exactly k
+# iterations in exact arithmetic (the Krylov space has dimension k). A batch
+# of 6 x 6 systems Q diag(lambda) Q^T with k = 1, 2, 3, 6 distinct
+# eigenvalues, and an indefinite one, diag(1, -1, 1, 1, 1, 1), whose first
+# direction e_1 + e_2 has zero curvature: a breakdown.
+_EIGENVALUES = np.array([[2.0] * 6,
+                         [1.0, 1.0, 1.0, 5.0, 5.0, 5.0],
+                         [1.0, 1.0, 4.0, 4.0, 9.0, 9.0],
+                         [1.0, 2.0, 3.0, 5.0, 8.0, 13.0]])
+_DISTINCT = [1, 2, 3, 6]
+_SYSTEMS = {}  # mode -> the traced outcome function, shared by the cells
+
+
+def _outcome_inputs():
+  basis = np.linalg.qr(np.random.default_rng(7).standard_normal((6, 6)))[0]
+  matrices = np.einsum("ij,bj,kj->bik", basis, _EIGENVALUES, basis)
+  indefinite = np.diag([1.0, -1.0, 1.0, 1.0, 1.0, 1.0])
+  matrices = np.concatenate([matrices, indefinite[np.newaxis]])
+  rhs = np.concatenate([
+      np.ones((4, 6)) @ basis.T,  # every eigencomponent 1
+      [[1.0, 1.0, 0.0, 0.0, 0.0, 0.0]]])
+  return matrices, rhs
+
+
+def _outcome(mode, cap):
+  """(x, iterations, converged, breakdown) of `_cg_loop` on the batch, at
+  most `cap` iterations; one trace per graph mode (cap is an input)."""
+  if mode not in _SYSTEMS:
+    def build(matrices, rhs, cap):
+      outcome = _linear_solvers._cg_loop(  # pylint: disable=protected-access
+          lambda v: tf.linalg.matvec(matrices, v), rhs, lambda r: r, cap,
+          1e-10)
+      return tuple(outcome)
+    _SYSTEMS[mode] = build if mode == "eager" else tf.function(
+        build, autograph=False, jit_compile=mode == "xla")
+  matrices, rhs = _outcome_inputs()
+  return [value.numpy() for value in _SYSTEMS[mode](
+      tf.constant(matrices), tf.constant(rhs), tf.constant(cap))]
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_conjugate_gradients_report_iterations_convergence_and_breakdown(
+    mode):
+  """k distinct eigenvalues: converged in k iterations, to the solution;
+  the indefinite system: a breakdown after one iteration, not converged. At
+  a cap of 2 iterations: the k > 2 systems are not converged (2 iterations
+  each), the others as before."""
+  matrices, rhs = _outcome_inputs()
+  x, iterations, converged, breakdown = _outcome(mode, 50)
+  np.testing.assert_array_equal(iterations, _DISTINCT + [1])
+  np.testing.assert_array_equal(converged, [True] * 4 + [False])
+  np.testing.assert_array_equal(breakdown, [False] * 4 + [True])
+  np.testing.assert_allclose(x[:4], np.linalg.solve(matrices[:4],
+                                                    rhs[:4, :, None])[..., 0],
+                             rtol=1e-9)
+  if mode == "xla":
+    return  # (the cap's cell: eagerly and in tf.function)
+  x, iterations, converged, breakdown = _outcome(mode, 2)
+  np.testing.assert_array_equal(iterations, [1, 2, 2, 2, 1])
+  np.testing.assert_array_equal(converged, [True, True, False, False, False])
+  np.testing.assert_array_equal(breakdown, [False] * 4 + [True])
+
+
+def test_a_solve_reports_its_conjugate_gradient_iterations():
+  """F(x) = J x - b with J = U diag(sigma) V^T, V a normalized Hadamard
+  matrix, so that diag(J^T J) is constant, and sigma^2 in {1, 4}. As a
+  factor graph of four one-dimensional rows ('cg': the block-Jacobi
+  preconditioner is then Jacobi, exact, a multiple of I, as is Nielsen's
+  D), every damped system J^T J + lambda D has two distinct eigenvalues:
+  each CG solve takes exactly 2 iterations, so
+  `num_linear_solver_iterations` = 2 per iteration and the records say 2
+  for each. `least_squares` with 'cg' (estimated column norms: counts
+  between 1 and n = 4): the total is the sum of the records."""
+  hadamard = np.array([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1],
+                       [1, -1, -1, 1]], np.float64) / 2.0
+  left = np.linalg.qr(np.random.default_rng(2).standard_normal((6, 4)))[0]
+  jacobian = tf.constant(left @ np.diag([1.0, 1.0, 2.0, 2.0]) @ hadamard.T)
+  target = tf.constant(np.random.default_rng(4).standard_normal(6))
+  start = np.array([1.0, -2.0, 0.5, 3.0])
+  options = dict(damping="nielsen", record=True)
+  table = factor_graph.Variables(tf.constant(start[:, np.newaxis]), name="x")
+  term = factor_graph.Term(
+      lambda *rows: tf.matmul(tf.concat(rows, -1), jacobian,
+                              transpose_b=True) - target,
+      [(table, [row]) for row in range(4)])
+  graph = factor_graph.least_squares([table], [term], linear_solver="cg",
+                                     gradients="none", **options)
+  iterations = int(graph.num_iterations)
+  assert bool(graph.converged) and iterations >= 3
+  assert int(graph.num_linear_solver_iterations) == 2 * iterations
+  np.testing.assert_array_equal(
+      graph.records["linear_solver_iterations"][:iterations], 2.0)
+  free = tfg_optim.least_squares(
+      lambda x: tf.linalg.matvec(jacobian, x) - target, tf.constant(start),
+      linear_solver="cg", geodesic_acceleration=None, **options)
+  counts = free.records["linear_solver_iterations"][
+      :int(free.num_iterations)].numpy()
+  assert np.all((counts >= 1) & (counts <= 4))
+  assert int(free.num_linear_solver_iterations) == counts.sum()

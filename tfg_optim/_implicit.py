@@ -102,6 +102,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _batch
 from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
 
@@ -549,10 +550,12 @@ def backward_solve(linearization, rhs, free):
   """w with J^T J w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
   w = 0 on the others, by the linear solver the forward solve used (the
   dispatch of `_linear_solvers.damped_solver`); returns (w, ok), ok [B...]
-  False where no finite w was found.
+  False where the problem's linearization is not finite (its gradient is
+  then zero, as for every failed problem).
 
   - a linearization with its own `damped_solver` (`_schur`'s Schur
-    complement): that solver with lambda = 0 (`_own_solve`);
+    complement, dense or iterative; the sparse Cholesky): that solver with
+    lambda = 0 (`_own_solve`);
   - a dense one (`gram()`): the Cholesky of J^T J (`_masked_solve`);
   - otherwise preconditioned conjugate gradients
     (`_conjugate_gradient_solve`; the linearization's own preconditioner,
@@ -560,7 +563,12 @@ def backward_solve(linearization, rhs, free):
 
   Each regularizes a singular J^T J as the dense path does: a retry with
   J^T J + delta I, delta = sqrt(eps) max_j ||J_j||^2, only where the
-  unregularized solve failed.
+  unregularized solve failed: by the solver's own signal
+  (`_linear_solvers.SolveOutcome`: a failed factorization, conjugate
+  gradients that stopped at their iteration cap or broke down, a
+  non-finite w). Where the retry fails too, the own and conjugate-gradient
+  solves give w = NaN with ok True: a NaN derivative, never a wrong
+  finite one.
   """
   if getattr(linearization, "damped_solver", None) is not None:
     return _own_solve(linearization, rhs, free)
@@ -571,26 +579,33 @@ def backward_solve(linearization, rhs, free):
 
 def _own_solve(linearization, rhs, free):
   """`backward_solve` by the linearization's `damped_solver(lambda, D)`
-  (one unbatched problem: the Schur complement of a factor graph), whose
-  zero diagonal entries (held coordinates) are set to 1: w = 0 there for
-  rhs = 0 there. Where its factorization fails (a NaN w: J^T J singular),
-  it is solved again with lambda = delta = sqrt(eps) max_j ||J_j||^2."""
+  (one unbatched problem: the Schur complement of a factor graph, dense or
+  by conjugate gradients, or the sparse Cholesky), whose zero diagonal
+  entries (held coordinates) are set to 1: w = 0 there for rhs = 0 there.
+  Where it fails (its `SolveOutcome` not converged: a failed factorization,
+  conjugate gradients at their cap or broken down, e.g. on the singular
+  J^T J of a gauge), it is solved again with
+  lambda = delta = sqrt(eps) max_j ||J_j||^2; where that fails too, w is
+  NaN (ok stays True where J is finite)."""
   dtype = rhs.dtype
   rhs = rhs * free
+  norms = linearization.column_norms()
 
   def solve(shift):  # solver(., g) = -(J^T J + shift I)^-1 g
-    return -linearization.damped_solver(shift)(None, rhs) * free
+    outcome = linearization.damped_solver(shift)(None, rhs)
+    w = -outcome.solution * free
+    return w, outcome.converged & tf.reduce_all(tf.math.is_finite(w))
 
-  w = solve(tf.zeros([], dtype))
-  factored = tf.reduce_all(tf.math.is_finite(w))
+  w, solved = solve(tf.zeros([], dtype))
 
   def regularized():
     delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
-        linearization.column_norms())
+        norms)
     return solve(delta)
 
-  w = tf.cond(factored, lambda: w, regularized)
-  return w, tf.reduce_all(tf.math.is_finite(w), axis=-1)
+  w, solved = tf.cond(solved, lambda: (w, solved), regularized)
+  w = tf.where(solved, w, tf.constant(np.nan, dtype))
+  return w, _batch.all_finite(norms, 0)
 
 
 def _conjugate_gradient_solve(linearization, rhs, free):
@@ -599,14 +614,17 @@ def _conjugate_gradient_solve(linearization, rhs, free):
   (`_linear_solvers.conjugate_gradient_solver` with lambda D = 1 - free;
   the linearization's own preconditioner where it has one, block-Jacobi
   for block-sparse J, else Jacobi);
-  returns (w, ok), ok [B...] False where w is not finite.
+  returns (w, ok), ok [B...] False where J is not finite.
 
-  Where the solve does not reach its tolerance (checked with one more
-  product: ||J^T J w - rhs||_M^-1 > sqrt(tolerance) ||rhs||_M^-1, in the
-  preconditioner's norm), J^T J is singular (a rank-deficient J: its null
-  space makes conjugate gradients diverge) or too ill-conditioned: those
-  problems are solved again with J^T J + delta I on the free coordinates,
-  delta = sqrt(eps) max_j ||J_j||^2, the dense path's regularization.
+  Where the solve does not reach its tolerance (by its own signal: the
+  `SolveOutcome` not converged, i.e. at the iteration cap or broken down;
+  and checked with one more product: ||J^T J w - rhs||_M^-1 >
+  sqrt(tolerance) ||rhs||_M^-1, in the preconditioner's norm), J^T J is
+  singular (a rank-deficient J: its null space makes conjugate gradients
+  diverge) or too ill-conditioned: those problems are solved again with
+  J^T J + delta I on the free coordinates, delta = sqrt(eps) max_j
+  ||J_j||^2, the dense path's regularization. Where that solve does not
+  converge either, w is NaN (a NaN derivative, not a wrong one).
   """
   dtype = rhs.dtype
   tolerance = CG_TOLERANCES[dtype]
@@ -619,23 +637,28 @@ def _conjugate_gradient_solve(linearization, rhs, free):
     solver = _linear_solvers.conjugate_gradient_solver(
         linearization, tf.ones_like(rhs[..., 0]), fixed + shift * free,
         max_iterations=CG_MAX_ITERATIONS, tolerance=tolerance)
-    return -solver(None, rhs)  # solver(., g) = -(J^T J + lambda D)^-1 g.
+    outcome = solver(None, rhs)  # solver(., g) = -(J^T J + lambda D)^-1 g.
+    return -outcome.solution, outcome.converged
 
   def size(vector):
     return tf.sqrt(tf.reduce_sum(tf.square(vector) / diagonal, axis=-1))
 
-  w = solve(tf.zeros_like(rhs[..., :1]))
+  w, converged = solve(tf.zeros_like(rhs[..., :1]))
   error = (linearization.rmatvec(linearization.matvec(w)) + fixed * w -
            rhs)
-  reached = size(error) <= np.sqrt(tolerance) * size(rhs)
+  reached = converged & (size(error) <= np.sqrt(tolerance) * size(rhs))
 
   def regularized():
     delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
         norms, axis=-1, keepdims=True)
-    return tf.where(reached[..., tf.newaxis], w, solve(delta))
+    retried, retry_converged = solve(delta)
+    return (tf.where(reached[..., tf.newaxis], w, retried),
+            reached | retry_converged)
 
-  w = tf.cond(tf.reduce_all(reached), lambda: w, regularized)
-  return w, tf.reduce_all(tf.math.is_finite(w), axis=-1)
+  w, solved = tf.cond(tf.reduce_all(reached), lambda: (w, reached),
+                      regularized)
+  w = tf.where(solved[..., tf.newaxis], w, tf.constant(np.nan, dtype))
+  return w, _batch.all_finite(norms, norms.shape.rank - 1)
 
 
 # -- chunked data ----------------------------------------------------------------
