@@ -20,6 +20,7 @@ from tfg_optim import _engine
 from tfg_optim import _linearization
 from tfg_optim import _step
 from tfg_optim import damping as damping_lib
+from tfg_optim import factor_graph
 
 MODES = modes.MODES
 
@@ -536,3 +537,69 @@ def test_invalid_variables_name_the_argument():
     tfg_optim.least_squares(_rosenbrock, tf.constant([1, 2]))
   with pytest.raises((ValueError, TypeError), match="residuals"):
     tfg_optim.least_squares(3, tf.constant([1.0, 2.0]))
+
+
+# BoxBOD start 1, five iterations of the trust region without acceleration:
+# the first step tried is rejected, the second (to b2 ~ 91, where
+# exp(-b2 x) = 0 for all data and dF/db2 = 0) is refused for the vanishing
+# column; without the refusal it is taken and the next one lands on the
+# plateau b1 = mean(y) = 172.5.
+_BOXBOD = dict(damping="trust_region", geodesic_acceleration=None,
+               max_iterations=5, record=True)
+
+
+@functools.lru_cache(maxsize=None)  # shared by the two cells below
+def _boxbod_dense(tolerance):
+  dataset = nist.load("BoxBOD")
+  result = tfg_optim.least_squares(
+      nist.residual_fn(dataset), tf.constant(dataset.starts[0]),
+      vanishing_column_tolerance=tolerance, **_BOXBOD)
+  return result.position.numpy(), result
+
+
+def _boxbod_chunked(tolerance):
+  """Chunked data (`_chunked.Gram`), eagerly."""
+  dataset = nist.load("BoxBOD")
+  result = tfg_optim.least_squares(
+      lambda b1, b2, x, y: y - b1 * (1.0 - tf.exp(-b2 * x)),
+      [tf.constant(value) for value in dataset.starts[0]],
+      data=[tf.constant(dataset.x), tf.constant(dataset.y)],
+      data_chunk_size=4, vanishing_column_tolerance=tolerance, **_BOXBOD)
+  return np.array([float(value) for value in result.position]), result
+
+
+def _boxbod_factor_graph(tolerance):
+  """A factor graph (one row (b1, b2), one term over the data rows;
+  block-sparse J, dense Cholesky), eagerly."""
+  dataset = nist.load("BoxBOD")
+  table = factor_graph.Variables(tf.constant(dataset.starts[0][np.newaxis]),
+                                 name="b")
+  term = factor_graph.Term(
+      lambda b, x, y: (y - b[:, 0] * (1.0 - tf.exp(-b[:, 1] * x)))[:, None],
+      [(table, np.zeros(len(dataset.y), np.int32))],
+      data=[tf.constant(dataset.x), tf.constant(dataset.y)])
+  result = factor_graph.least_squares(
+      [table], [term], linear_solver="cholesky", gradients="none",
+      vanishing_column_tolerance=tolerance, **_BOXBOD)
+  return result.position[0].numpy()[0], result
+
+
+@pytest.mark.parametrize("solve", [_boxbod_chunked, _boxbod_factor_graph])
+def test_vanishing_column_refusal_with_chunked_data_and_factor_graphs(solve):
+  """The refusal is decided by the linearization (exact column norms), not
+  the front-end: with chunked data and a factor graph's block-sparse J the
+  second step is refused (the cost after iteration 2 is the start's) and
+  the iterates are the dense path's (whose refusal solves BoxBOD, tests
+  above); with the refusal off the solve lands on the plateau. Both report
+  no linear-solver iterations (direct solves)."""
+  _, dense = _boxbod_dense(None)
+  position, result = solve(None)
+  assert float(result.records["cost"][1]) == float(result.initial_cost)
+  np.testing.assert_allclose(position, dense.position.numpy(), rtol=1e-9)
+  np.testing.assert_allclose(result.records["cost"], dense.records["cost"],
+                             rtol=1e-9)
+  assert int(result.num_linear_solver_iterations) == 0
+  plateau, off = solve(0.0)
+  assert float(off.records["cost"][1]) < float(off.initial_cost)
+  np.testing.assert_allclose(plateau[0], np.mean(nist.load("BoxBOD").y),
+                             rtol=1e-12)

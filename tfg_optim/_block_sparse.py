@@ -192,11 +192,13 @@ class BlockSparse:
   A subclass per problem binds `layout` and `dense` (`BlockSparseKind`), so
   that a linearization is rebuilt from its tensors alone (`select`).
   `dense` True sends the damped solvers to `gram()` (Cholesky of the
-  assembled J^T J), False to preconditioned conjugate gradients.
+  assembled J^T J), False to preconditioned conjugate gradients. Its column
+  norms (sums of squares of the exact blocks) are exact.
   """
 
   layout = None
   dense = False
+  exact_column_norms = True
 
   def __init__(self, *blocks):
     self.blocks = tuple(blocks)

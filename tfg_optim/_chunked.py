@@ -44,9 +44,10 @@ class Gram:
   point, in one tensor (the one a multi-device solve sums; the loop state
   also carries it as one tensor: with two, TensorFlow's graph optimizer
   (constant folding with dependency optimization) left the loop's outputs
-  without values)."""
+  without values). Its column norms, diag(J^T J), are exact."""
 
   dense = True
+  exact_column_norms = True
 
   def __init__(self, augmented):
     self.augmented = augmented

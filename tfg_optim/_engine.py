@@ -181,7 +181,9 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       curvature of the path the step follows: where it is large the
       quadratic correction means nothing, and the plain step is still the
       damped Gauss-Newton step.
-    vanishing_column_tolerance: None/0, or tau > 0 (scaled policies only):
+    vanishing_column_tolerance: None/0, or tau > 0 (scaled policies and
+      linearizations whose column norms are exact, `exact_column_norms`:
+      dense, chunked, block-sparse; not matrix-free, whose are estimates):
       refuse an otherwise accepted step after which a column of J that was
       nonzero has ||J_j|| < tau max_k ||J_j(p_k)|| (the running maximum).
       Such a step has made a variable lose all influence, e.g. exp(-b x)
@@ -283,8 +285,9 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       num_linear_solver_iterations=zeros_int)
   check = _stop_check.StopCheck(stopping, safeguards, policy, batch_rank,
                                 kind, bounded=problem.fixed_fn is not None)
-  if matrix_free or not policy.scaled:
-    # Column norms are estimates, or no running maximum to compare them with.
+  if not linearization.exact_column_norms or not policy.scaled:
+    # Column norms are estimates (the linearization says so), or no running
+    # maximum to compare them with.
     vanishing_column_tolerance = None
 
   def body(state):

@@ -7,12 +7,19 @@ residual map s -> F(R_p(s)) at s = 0 (J, m x n, per problem of a batch) for
     rmatvec(u)       J^T u,          [B..., m] -> [B..., n]
     column_norms()   diag(J^T J),    [B..., n] (Marquardt's scaling,
                                      the Jacobi preconditioner, the
-                                     gradient cosine test)
+                                     gradient cosine test; the
+                                     vanishing-column refusal where
+                                     `exact_column_norms`)
     gram()           J^T J,          [B..., n, n] (dense solvers only)
     gradient(F)      J^T F,          [B..., n] (the gradient at the point,
                                      where F is the residual there)
     curvature(v)     ||J v||^2,      [B...] (the model's curvature along v)
     hold_fixed(free) J diag(free):   coordinates held at a bound
+
+and says whether its column norms are exact (`exact_column_norms`, a
+class attribute: True where they are sums of squares of J's exact entries
+or blocks, False for an estimate); the engine's vanishing-column refusal
+compares column norms between points, and runs only where they are exact.
 
 `matvec` and `rmatvec` are optional: a linearization that keeps only J^T J
 and J^T F (`tfg_optim._chunked.Gram`, for data summed chunk by chunk) has
@@ -51,6 +58,7 @@ class Dense:
   """J as a [B..., m, n] tensor."""
 
   dense = True
+  exact_column_norms = True
 
   def __init__(self, matrix):
     self.matrix = matrix
@@ -85,9 +93,12 @@ class Dense:
 
 
 class MatrixFree:
-  """J at a point through its products; see the module docstring."""
+  """J at a point through its products; see the module docstring. Its
+  column norms are an estimate (`exact_column_norms` False): the
+  vanishing-column refusal is off for it."""
 
   dense = False
+  exact_column_norms = False
 
   def __init__(self, kind, point, free, column_norms):
     self.kind = kind
