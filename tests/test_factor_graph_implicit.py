@@ -10,13 +10,16 @@ theorem: exact at any residual). A linear factor graph (two Euclidean
 tables, one row held) against the closed form (A_F^T A_F)^-1 A_F^T of its
 free coordinates and -(A_F^T A_F)^-1 A_F^T A_H of the held row, for each
 backward solver: the dense Cholesky, conjugate gradients and the Schur
-complement (all three agreeing with one truth).
+complement (all three agreeing with one truth). The same graph with
+nothing held (a gauge: H singular), against pinv(A)^T u: the 'cg' backward
+and the iterative Schur complement's backward solve are right, or NaN
+where the regularized retry cannot converge either.
 
 Modes: tf.function (the pose loop, 'cholesky'), XLA (the linear graph,
 'cg'), a TF1 Session (the linear graph, 'cholesky', tf.gradients) and eager
-(the linear graph, 'schur'; and 'none'). Each cell traces one solve; the
-pose loop's Jacobian comes row by row from one traced function whose
-cotangent is an input.
+(the linear graph, 'schur'; and 'none'; the gauge). Each cell traces one
+solve; the pose loop's Jacobian comes row by row from one traced function
+whose cotangent is an input.
 """
 
 import numpy as np

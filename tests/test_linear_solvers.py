@@ -3,7 +3,10 @@
 The matrix-free linearization's products against the dense Jacobian; the
 conjugate-gradient solve against the Cholesky solve; Steihaug's truncated
 step against the trust-region's defining properties; `least_squares` with
-`linear_solver='cg'` against closed forms. The graph modes run in the
+`linear_solver='cg'` against closed forms; what a CG solve reports
+(`SolveOutcome`: iterations, converged, breakdown) against the closed form
+of k distinct eigenvalues, eagerly, in `tf.function` and under XLA, and
+the iterations a solve reports in its results. The graph modes run in the
 conformance table (`tests/conformance.py`, factor `linear_solver`); eager
 CG solves here (`test_tikhonov_denoising_closed_form`) and in
 tests/test_implicit.py.
