@@ -31,6 +31,9 @@ an earlier row), `--repeats` times; the table shows medians. In a row:
               TensorFlow's own start-up is not counted;
   first call  the trace plus the first call of that function: graph
               optimization or XLA compilation, and one solve;
+  first call CPU  the same in the process's CPU seconds
+              (`time.process_time`, all its threads): what a loaded
+              machine inflates least;
   second call median of 3 further calls (the solve alone);
   ops         operations in the traced graph (while-loop bodies included);
   nodes       nodes of its GraphDef plus those of every function in its
@@ -198,11 +201,12 @@ def child(row, jit, retraces=0):
   # A fresh tf.function: trace it (cold), then its first call (graph
   # optimization or XLA compilation, and one solve).
   fresh = tf.function(solve, jit_compile=jit, autograph=False)
-  begin = time.perf_counter()
+  begin, begin_cpu = time.perf_counter(), time.process_time()
   concrete = fresh.get_concrete_function(argument)
   trace = time.perf_counter() - begin
   tf.nest.map_structure(lambda x: x.numpy(), fresh(argument))
   first = time.perf_counter() - begin
+  first_cpu = time.process_time() - begin_cpu
   ops = _count_ops(concrete.graph)
   nodes = _count_nodes(concrete.graph)
   seconds = []
@@ -229,6 +233,7 @@ def child(row, jit, retraces=0):
     profiler.disable()
     calls = pstats.Stats(profiler).total_calls
   print(json.dumps(dict(row=row, jit=jit, trace=trace, first=first,
+                        first_cpu=first_cpu,
                         retrace=min(retrace) if retrace else None,
                         retrace_cpu=min(retrace_cpu) if retrace else None,
                         calls=calls,
@@ -308,7 +313,7 @@ def main():
   header = ["front-end", "mode"] + (["tree"] if compared else []) + [
       "trace [s]"] + (["retrace [s]", "retrace CPU [s]", "calls"]
                       if args.retraces else []) + [
-          "first call [s]", "second call [s]", "ops", "nodes", "cost",
+          "first call [s]", "first call CPU [s]", "second call [s]", "ops", "nodes", "cost",
           "first call / tfg trace"]
   table = [header]
   for key in plan:
@@ -322,7 +327,7 @@ def main():
              f"{min(r['retrace_cpu'] for r in runs[key]):.3f}",
              str(runs[key][0]["calls"])]
             if args.retraces else []) + [
-        f"{median(key, 'first'):.3f}",
+        f"{median(key, 'first'):.3f}", f"{median(key, 'first_cpu'):.3f}",
         f"{median(key, 'second'):.4f}", str(runs[key][0]["ops"]),
         str(runs[key][0]["nodes"]),
         f"{runs[key][0]['cost']:.6g}",

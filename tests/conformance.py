@@ -56,12 +56,13 @@ def cells():
   def pairs(cell):
     return {(a, cell[a], b, cell[b]) for a, b in itertools.combinations(names, 2)}
 
-  uncovered = set().union(*(pairs(c) for c in combos))
+  covers = [pairs(c) for c in combos]
+  uncovered = set().union(*covers)
   chosen = []
   while uncovered:
-    best = max(combos, key=lambda c: len(pairs(c) & uncovered))
-    chosen.append(best)
-    uncovered -= pairs(best)
+    best = max(range(len(combos)), key=lambda i: len(covers[i] & uncovered))
+    chosen.append(combos[best])
+    uncovered -= covers[best]
   return chosen
 
 

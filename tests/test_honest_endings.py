@@ -37,7 +37,9 @@ def test_non_finite_start_fails_at_once(mode, dtype):
   """sqrt of a negative start (NaN cost), an Inf residual, a NaN user
   Jacobian, and a batch with one poisoned member, in one trace."""
 
-  # Under XLA (slow to compile) the cases whose checks XLA could change.
+  # Under XLA (slow to compile) the cases whose checks XLA could change: it
+  # drops the start's check_numerics, so the NaN cost itself must end the
+  # solve with NOT_FINITE, not with a result that passes for a solution.
   every_case = mode != "xla"
 
   def build(x, batch):
@@ -188,21 +190,8 @@ def test_unknown_parameter_count_is_a_clear_error():
     function(tf.constant([1.0, 2.0], tf.float64))
 
 
-def test_nan_start_under_xla_is_not_finite():
-  """XLA drops the start's check_numerics; the NaN cost then ends the solve
-  with NOT_FINITE, not with a result that passes for a solution."""
-  solve = tf.function(lambda x: (lambda r: (r.converged, r.stop_reason,
-                                            r.num_iterations))(
-                                                tfg_optim.least_squares(
-                                                    lambda v: v - 1.0, x)),
-                      jit_compile=True)
-  converged, reason, iterations = solve(tf.constant([np.nan, 1.0]))
-  assert not converged
-  assert StopReason(int(reason)) == StopReason.NOT_FINITE
-  assert int(iterations) == 0
-
-
-@pytest.mark.parametrize("mode", ["eager", "xla"])
+# Eagerly: nothing here depends on the mode (x = 0 makes J exactly 0).
+@pytest.mark.parametrize("mode", ["eager"])
 def test_zero_jacobian_is_not_convergence(mode):
   """x^2 - 1 at x = 0: gradient 0 because J = 0, at a maximum of the cost.
   A flat model is not a solution: STALLED. (x - 1 at x = 1 still converges

@@ -239,10 +239,11 @@ def test_geodesic_acceleration_with_a_user_jacobian_takes_the_same_steps():
 # -- box bounds ----------------------------------------------------------------
 
 
-# Eagerly and under XLA, both dtypes; the conformance table runs active and
-# inactive bounds pairwise with every other option in every mode.
+# Eagerly and in a tf.function, both dtypes; the conformance table runs
+# active and inactive bounds pairwise with every other option in every mode
+# (XLA included).
 @pytest.mark.parametrize("mode,dtype", [("eager", "float64"),
-                                        ("xla", "float32")])
+                                        ("function", "float32")])
 def test_bounds_rosenbrock_closed_form(dtype, mode):
   """With x0 <= 0.5 the minimum of (1 - x0)^2 + 100 (x1 - x0^2)^2 has
   x1 = x0^2 and x0 = 0.5 on the bound: (0.5, 0.25)."""

@@ -272,27 +272,29 @@ def jacobian(problem, point, batch_shape, num_residuals):
   return tf.transpose(columns, list(range(1, rank)) + [0])
 
 
-# Set to None to inline them again (benchmarks/first_call.py --inline).
+# Set to None to inline the called functions too (benchmarks/first_call.py
+# --inline).
 NOINLINE = {"_noinline": True}
 
 
-def trace_once(function):
-  """`function` as one `tf.function` (traced once per input signature) that
-  graphs call rather than inline.
+def trace_once(function, called=True):
+  """`function` as one `tf.function` (traced once per input signature).
 
-  A call of a plain `tf.function` inside a graph is inlined before the graph
-  runs, so a function called at k places (the Jacobian's products: at the
-  start, in the loop's relinearization, in a geodesic correction, in every
-  conjugate-gradient iteration) is optimized by Grappler k times, and the
-  forward-mode derivatives TensorFlow builds are large (a batch of sphere
-  fits by conjugate gradients reached 26,000 nodes inlined). Not inlined,
-  each function body is optimized once: that fit's first call is 1.6x
-  faster, small dense fits are unchanged (docs/benchmarks.md). XLA compiles
-  the calls as calls; gradients and forward-mode products pass through
-  them.
+  `called=True`: graphs call it rather than inline it. A call of a plain
+  `tf.function` inside a graph is inlined before the graph runs, so a
+  function called at k places is optimized by Grappler k times; for the big
+  bodies called at many places (the matrix-free J v and J^T u in every
+  conjugate-gradient iteration, the chunked passes, the block-sparse
+  blocks) that dominated the first call (a batch of sphere fits by
+  conjugate gradients reached 26,000 nodes inlined; called, its first call
+  is 1.6x faster). `called=False`: inlined, for the small dense products
+  (the Jacobian's columns, the geodesic correction): calling them costs a
+  function instantiation each, about a third of a small fit's first run
+  (docs/benchmarks.md). Either way XLA compiles the calls, and gradients
+  and forward-mode products pass through them.
   """
   return tf.function(function, autograph=False,
-                     experimental_attributes=NOINLINE)
+                     experimental_attributes=NOINLINE if called else None)
 
 
 def traced_forward_product(problem, check=None):
@@ -301,8 +303,9 @@ def traced_forward_product(problem, check=None):
   signature) however often it is called, instead of once per Jacobian column,
   per relinearization and per geodesic correction. Tracing F under a
   `ForwardAccumulator` is most of the engine's trace time (each op's
-  derivative is a function call built by TensorFlow); the calls are inlined
-  before the graph runs (or is compiled), so the arithmetic is unchanged.
+  derivative is a function call built by TensorFlow). The calls are inlined
+  before the graph runs (`trace_once(..., called=False)`); a matrix-free
+  linearization calls it inside its own called J v.
 
   `check`, if given, is called with the accumulator and F when F is traced (once
   per signature): a front-end's structural checks of the residual's
@@ -316,7 +319,7 @@ def traced_forward_product(problem, check=None):
       check(accumulator, residual)
     return accumulator.jvp(
         residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  return trace_once(forward_product)
+  return trace_once(forward_product, called=False)
 
 
 def traced_tangent_product(problem, tangent_vector, check=None):
@@ -338,7 +341,7 @@ def traced_tangent_product(problem, tangent_vector, check=None):
       check(accumulator, residual)
     return accumulator.jvp(
         residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  return trace_once(tangent_product)
+  return trace_once(tangent_product, called=False)
 
 
 def _reverse_jacobian(residual_of_step, zero_step, eager):
