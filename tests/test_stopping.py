@@ -19,16 +19,17 @@ from tfg_optim._engine import StopReason
 MODES = modes.MODES
 FakeState = collections.namedtuple(
     "FakeState", ["num_iterations", "gradient", "step_norm", "cost",
-                  "cost_change"])
+                  "cost_change", "model_decrease"])
 
 
 def _state(num_iterations=3, gradient_norm=1.0, step_norm=1.0, cost=1.0,
-           cost_change=0.0):
+           cost_change=0.0, model_decrease=np.inf):
   return FakeState(tf.constant([num_iterations], tf.int32),
                    tf.constant([[gradient_norm, 0.0]], tf.float64),
                    tf.constant([step_norm], tf.float64),
                    tf.constant([cost], tf.float64),
-                   tf.constant([cost_change], tf.float64))
+                   tf.constant([cost_change], tf.float64),
+                   tf.constant([model_decrease], tf.float64))
 
 
 def _decide(criterion, **state):
@@ -92,6 +93,28 @@ def test_relative_cost_change():
       True, StopReason.RELATIVE_COST_CHANGE)
   assert not _decide(criterion, cost=1.0, cost_change=1e-2)[0]
   assert not _decide(criterion, cost=1.0, cost_change=0.0)[0]  # rejected step
+
+
+def test_model_decrease():
+  """Fires on the model's promise for the last step tried, taken or not,
+  unless that step was taken and decreased the cost by more (the model was
+  wrong); never before a finite step was tried (+inf)."""
+  criterion = stopping.StopWhenModelDecreaseLess(1e-3)
+  assert criterion.thresholds() == {"model_decrease": 1e-3}
+  fired = (True, StopReason.MODEL_DECREASE)
+  # rejected (cost_change 0), promised 5e-4 of the cost
+  assert _decide(criterion, cost=2.0, model_decrease=1e-3) == fired
+  # taken, and the cost fell by less than the tolerance too
+  assert _decide(criterion, cost=2.0, cost_change=1e-3,
+                 model_decrease=1e-3) == fired
+  # taken, and the cost fell by 1e-2 relative: not converged
+  assert not _decide(criterion, cost=2.0, cost_change=2.02e-2,
+                     model_decrease=1e-3)[0]
+  assert not _decide(criterion, cost=2.0, model_decrease=4e-3)[0]
+  assert not _decide(criterion, cost=2.0, model_decrease=np.nan)[0]
+  assert not _decide(criterion, cost=2.0)[0]  # no finite step yet
+  assert not _decide(criterion, num_iterations=0, model_decrease=0.0)[0]
+  assert StopReason.MODEL_DECREASE.converged
 
 
 def test_criterion_arguments():
