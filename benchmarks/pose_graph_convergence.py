@@ -19,60 +19,49 @@ Configurations:
        gradient cosine 1e-14, relative step 1e-12).
   new: `factor_graph.least_squares`' defaults (lambda from
        `factor_graph.DEFAULT_INITIAL_LAMBDA`, `factor_graph.default_criterion`).
+  new, lambda L (--other-lambdas L ...): 'new' with lambda from L.
 
     PYTHONPATH=. python benchmarks/pose_graph_convergence.py \\
         [--graphs tinyGrid3D smallGrid3D MIT CSAIL intel parking-garage] \\
-        [--trajectory parking-garage] [--gtsam-python PYTHON]
+        [--trajectory parking-garage] [--other-lambdas 1e-8 1e-12] \\
+        [--gtsam-python PYTHON]
 
 Prints one summary table (iterations to GTSAM-default's cost and to
-GTSAM-tight's cost x (1 + 1e-12), total trials, rejected, stop reason,
-final cost over GTSAM-tight's; costs are each solver's own, ours `results.cost`),
-and, for each --trajectory graph, the trials side by side.
+GTSAM-tight's cost x (1 + 1e-12), total trials (GTSAM: `iterations()`),
+rejected, stop reason, final cost over GTSAM-tight's; costs are each
+solver's own, ours `results.cost` with the first pose held, GTSAM's
+`graph.error` after optimizing with a prior on it), and, for each
+--trajectory graph, the trials side by side (GTSAM's per `iterate()`
+call).
 """
 
 import argparse
-import json
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import pose_graph  # benchmarks/pose_graph.py: GTSAM's problem, the options
+
 GRAPHS = ("tinyGrid3D", "smallGrid3D", "MIT", "CSAIL", "intel",
           "parking-garage")
-THREE_D = {"tinyGrid3D", "smallGrid3D", "parking-garage"}
 TIGHT_MARGIN = 1e-12
 
 
 def gtsam_run(request):
-  """In the GTSAM interpreter: {name: {label: [[error, lambda], ...]}},
-  the error (graph without the prior) and lambda before the first and after
-  every outer iteration, default and tight parameters."""
+  """In the GTSAM interpreter: {name: {label: {"history": [[error,
+  lambda], ...], "iterations": n}}}, the error (graph without the prior)
+  and lambda before the first and after every `iterate()` call, and
+  GTSAM's own count of iterations (`iterations()`: the last call, which
+  stops on a change below the tolerance without taking a step, is not
+  counted), default and tight parameters."""
   import gtsam  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   output = {}
   for name, path in request.items():
-    is_3d = name in THREE_D
-    graph, initial = gtsam.readG2o(path, is_3d)
-    first = min(initial.keys())
-    if is_3d:
-      prior = gtsam.PriorFactorPose3(
-          first, initial.atPose3(first), gtsam.noiseModel.Diagonal.Variances(
-              np.array([1e-6, 1e-6, 1e-6, 1e-4, 1e-4, 1e-4])))
-    else:
-      prior = gtsam.PriorFactorPose2(
-          first, initial.atPose2(first), gtsam.noiseModel.Diagonal.Variances(
-              np.array([1e-6, 1e-6, 1e-8])))
-    with_prior = gtsam.NonlinearFactorGraph(graph)
-    with_prior.add(prior)
+    graph, initial, with_prior = pose_graph.gtsam_problem(gtsam, name, path)
     output[name] = {}
     for label, tight in (("default", False), ("tight", True)):
-      params = gtsam.LevenbergMarquardtParams()
-      if tight:
-        params.setRelativeErrorTol(1e-14)
-        params.setAbsoluteErrorTol(1e-14)
-        params.setMaxIterations(200)
+      params = pose_graph.gtsam_parameters(gtsam, tight)
       optimizer = gtsam.LevenbergMarquardtOptimizer(with_prior, initial,
                                                     params)
       history = [[graph.error(initial), optimizer.lambda_()]]
@@ -87,21 +76,15 @@ def gtsam_run(request):
             decrease <= params.getAbsoluteErrorTol() or
             not np.isfinite(after)):
           break
-      output[name][label] = history
+      output[name][label] = {"history": history,
+                             "iterations": optimizer.iterations()}
   return output
 
 
-def _gtsam(python, request):
-  command = [python, __file__, "--gtsam-only", json.dumps(request)]
-  completed = subprocess.run(command, capture_output=True, text=True,
-                             check=False)
-  if completed.returncode:
-    raise RuntimeError(completed.stderr)
-  return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def _configurations():
-  """{label: options of `factor_graph.least_squares`} (see the docstring)."""
+def _configurations(other_lambdas=()):
+  """{label: options of `factor_graph.least_squares`} (see the docstring;
+  plus 'new, lambda L' for each L of `other_lambdas`: the new criterion with
+  lambda from L)."""
   # pylint: disable=g-import-not-at-top
   from tfg_optim import factor_graph
   from tfg_optim import stopping
@@ -109,11 +92,15 @@ def _configurations():
   old_criterion = (stopping.StopWhenRelativeCostChangeLess(1e-16) |
                    stopping.StopWhenGradientCosineLess(1e-14) |
                    stopping.StopWhenRelativeStepLess(1e-12))
-  return {
+  configurations = {
       "old": dict(initial=1e-6, stopping_criterion=old_criterion),
       "new": dict(initial=factor_graph.DEFAULT_INITIAL_LAMBDA,
                   stopping_criterion=None),
   }
+  for value in other_lambdas:
+    configurations[f"new, lambda {value:g}"] = dict(initial=value,
+                                                    stopping_criterion=None)
+  return configurations
 
 
 def _logged_solve(graph, solver, initial, stopping_criterion, log_path,
@@ -147,40 +134,31 @@ def _logged_solve(graph, solver, initial, stopping_criterion, log_path,
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" /
-                                            "posegraph"))
-  parser.add_argument("--gtsam-python", default=os.environ.get(
-      "GTSAM_PYTHON", "/work/venv-gtsam/bin/python"))
+  pose_graph.add_common_arguments(parser)
   parser.add_argument("--graphs", nargs="+", default=list(GRAPHS))
   parser.add_argument("--solver", default="sparse_cholesky")
-  parser.add_argument("--max-iterations", type=int, default=100)
   parser.add_argument("--trajectory", nargs="*", default=[])
-  parser.add_argument("--gtsam-only", metavar="JSON")
-  args = parser.parse_args()
-  if args.gtsam_only:
-    print(json.dumps(gtsam_run(json.loads(args.gtsam_only))))
+  parser.add_argument("--other-lambdas", nargs="*", type=float, default=[],
+                      help="also the new criterion with these first lambdas")
+  args, paths = pose_graph.parse_arguments(parser, gtsam_run)
+  if args is None:
     return 0
-
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  sys.path.insert(0, str(ROOT))
   # pylint: disable=g-import-not-at-top
   import numpy as np
   from tfg_optim import io
   from tfg_optim._engine import StopReason
   # pylint: enable=g-import-not-at-top
 
-  paths = {name: str(pathlib.Path(args.data) / f"{name}.g2o")
-           for name in args.graphs}
-  reference = _gtsam(args.gtsam_python, paths)
+  reference = pose_graph.run_in_gtsam(args.gtsam_python, paths, __file__)
   scratch = pathlib.Path(tempfile.mkdtemp(prefix="pose_graph_convergence_"))
   rows, logs = [], {}
   for name in args.graphs:
     graph = io.read_g2o(paths[name], missing_vertices="chain")
-    default_cost = reference[name]["default"][-1][0]
-    tight_cost = reference[name]["tight"][-1][0]
+    default_cost = reference[name]["default"]["history"][-1][0]
+    tight_cost = reference[name]["tight"]["history"][-1][0]
     for label, (initial, criterion) in (
         (k, (v["initial"], v["stopping_criterion"]))
-        for k, v in _configurations().items()):
+        for k, v in _configurations(args.other_lambdas).items()):
       log_path = str(scratch / f"{name}-{label}.txt")
       results, trials = _logged_solve(graph, args.solver, initial,
                                       criterion, log_path,
@@ -201,12 +179,13 @@ def main():
           f"{float(results.cost) / tight_cost - 1:.1e} |")
       print(rows[-1], flush=True)
     for label in ("default", "tight"):
-      history = np.array(reference[name][label])
+      history = np.array(reference[name][label]["history"])
       errors = history[1:, 0]
       rows.append(
           f"| {name} | GTSAM {label} | {first(errors <= default_cost)} | "
           f"{first(errors <= tight_cost * (1 + TIGHT_MARGIN))} | "
-          f"{len(errors)} | 0 | | {errors[-1] / tight_cost - 1:.1e} |")
+          f"{reference[name][label]['iterations']} | 0 | | "
+          f"{errors[-1] / tight_cost - 1:.1e} |")
   print()
   print("| graph | solver | iterations to GTSAM-default's cost | to "
         f"GTSAM-tight's x (1 + {TIGHT_MARGIN:g}) | iterations | rejected | "
@@ -216,7 +195,7 @@ def main():
     print(row)
 
   for name in args.trajectory:
-    tight_cost = reference[name]["tight"][-1][0]
+    tight_cost = reference[name]["tight"]["history"][-1][0]
     print(f"\n{name}: per trial, cost after it / GTSAM-tight's - 1 "
           "(rel. dec.: actual and model decrease / cost; lambda before "
           "the trial, tfg's relative to diag(J^T J), GTSAM's to I)")
@@ -236,7 +215,7 @@ def main():
                      f"{lam:.1e} | {'yes' if taken else 'no'}")
       columns.append(cells)
     for label in ("default", "tight"):
-      history = reference[name][label]
+      history = reference[name][label]["history"]
       cells = []
       for (_, lam), (error, _) in zip(history[:-1], history[1:]):
         cells.append(f"{error / tight_cost - 1:.1e}" +
