@@ -78,8 +78,8 @@ AUTO_SPARSE_MIN = 1000
 # of poses are tiny, and Nielsen's update divides lambda by at most 3 per
 # step (by little when the gain ratio is middling, as on MIT), so from 1e-6
 # the soft modes stayed damped for many iterations: 10 (parking-garage),
-# 13 (CSAIL) and 59 (MIT) accepted steps to GTSAM-default's cost, against
-# GTSAM's 6, 4 and 17; from 1e-10, 4, 4 and 17 (docs/sparse.md,
+# 13 (CSAIL) and 59 (MIT) to GTSAM-default's cost, against GTSAM's 6, 4
+# and 17; from 1e-10, 4, 4 and 17 (docs/sparse.md,
 # benchmarks/pose_graph_convergence.py).
 DEFAULT_INITIAL_LAMBDA = 1e-10
 
