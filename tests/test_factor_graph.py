@@ -224,13 +224,13 @@ def test_every_mode_recovers_noise_free_ranges(mode, dtype):
   assert cost < (1e-20 if dtype == np.float64 else 1e-9)
 
 
-def test_noisy_pose_loop_reaches_the_reference_minimum():
-  """SE(2) poses, the first held, noisy measurements: the Cholesky of the
-  block-assembled J^T J (eagerly) ends where scipy's MINPACK LM does on the
-  same cost in (x, y, theta) coordinates (NumPy residuals, finite-difference
-  Jacobian), at a cost well above zero."""
+@functools.lru_cache(maxsize=None)
+def _noisy_loop_minimum(count, noise, seed):
+  """(start, edges, measurements, minimum cost, minimizer [count - 1, 3]) of
+  a noisy `_loop` by scipy's MINPACK LM on the same cost in (x, y, theta)
+  coordinates (NumPy residuals, finite-difference Jacobian)."""
   from scipy import optimize  # pylint: disable=g-import-not-at-top
-  _, start, edges, measurements = _loop(count=6, noise=0.05, seed=3)
+  _, start, edges, measurements = _loop(count=count, noise=noise, seed=seed)
 
   def residuals(free):
     poses = np.concatenate([start[:1], free.reshape(-1, 3)])
@@ -240,14 +240,23 @@ def test_noisy_pose_loop_reaches_the_reference_minimum():
   reference = optimize.least_squares(residuals, start[1:].ravel(),
                                      method="lm", xtol=1e-15, ftol=1e-15,
                                      gtol=1e-15)
-  reference_cost = 0.5 * np.sum(reference.fun ** 2)
+  return (start, edges, measurements, 0.5 * np.sum(reference.fun ** 2),
+          reference.x.reshape(-1, 3))
+
+
+def test_noisy_pose_loop_reaches_the_reference_minimum():
+  """SE(2) poses, the first held, noisy measurements: the Cholesky of the
+  block-assembled J^T J (eagerly) ends where scipy's MINPACK LM does on the
+  same cost in (x, y, theta) coordinates (NumPy residuals, finite-difference
+  Jacobian), at a cost well above zero."""
+  start, edges, measurements, reference_cost, reference = (
+      _noisy_loop_minimum(count=6, noise=0.05, seed=3))
   assert reference_cost > 1e-4
   sparse = _solve_loop(tf.constant(start), edges, measurements, "cholesky")
   assert sparse.converged
   np.testing.assert_array_equal(sparse.position[0][0], start[0])  # held
   np.testing.assert_allclose(sparse.cost, reference_cost, rtol=1e-10)
-  assert _pose_difference(sparse.position[0][1:],
-                          reference.x.reshape(-1, 3)) < 1e-6
+  assert _pose_difference(sparse.position[0][1:], reference) < 1e-6
 
 
 class _Columns:
@@ -278,24 +287,6 @@ def test_default_damping_scales_by_the_current_clamped_diagonal():
     factor_graph.damping_lib.NielsenDamping(scaling="maximum")
 
 
-@functools.lru_cache(maxsize=None)
-def _noisy_loop_minimum(count, noise, seed):
-  """(start, edges, measurements, the minimum cost by scipy's MINPACK LM on
-  NumPy residuals with a finite-difference Jacobian)."""
-  from scipy import optimize  # pylint: disable=g-import-not-at-top
-  _, start, edges, measurements = _loop(count=count, noise=noise, seed=seed)
-
-  def residuals(free):
-    poses = np.concatenate([start[:1], free.reshape(-1, 3)])
-    return _se2_error(poses[edges[:, 0]], poses[edges[:, 1]],
-                      measurements).ravel()
-
-  reference = optimize.least_squares(residuals, start[1:].ravel(),
-                                     method="lm", xtol=1e-15, ftol=1e-15,
-                                     gtol=1e-15)
-  return start, edges, measurements, 0.5 * np.sum(reference.fun ** 2)
-
-
 _CONVERGENCE_LOOP = (12, 0.05, 3)  # count, noise, seed
 
 
@@ -307,7 +298,7 @@ def test_default_stops_at_the_minimum_without_rounding_level_rejections():
   the same cost and then rejected rounding-level steps, lambda growing,
   until the relative step test fired (here: 8 rejected of 15 iterations,
   against 0 of 6; checked once, not run each time: 2 s)."""
-  start, edges, measurements, minimum = _noisy_loop_minimum(
+  start, edges, measurements, minimum, _ = _noisy_loop_minimum(
       *_CONVERGENCE_LOOP)
   results = _solve_loop(tf.constant(start), edges, measurements, "cholesky")
   reason = _engine.StopReason(int(results.stop_reason))
@@ -320,7 +311,7 @@ def test_default_stops_at_the_minimum_without_rounding_level_rejections():
 def test_too_few_iterations_still_say_max_iterations():
   """The honest ending: a loop stopped before it converged reports the
   iteration limit, not a cost test."""
-  start, edges, measurements, minimum = _noisy_loop_minimum(
+  start, edges, measurements, minimum, _ = _noisy_loop_minimum(
       *_CONVERGENCE_LOOP)
   results = _solve_loop(tf.constant(start), edges, measurements, "cholesky",
                         max_iterations=2)
