@@ -11,6 +11,8 @@ import pytest
 import tensorflow as tf
 
 from tests import modes
+import tfg_optim
+from tfg_optim import damping
 from tfg_optim import manifolds
 from tfg_optim import riemannian
 from tfg_optim import stopping
@@ -238,6 +240,33 @@ def test_relative_cost_change_in_the_solver(mode):
   holds = (decrease > 0) & (decrease <= tolerance * history[:-1])
   # it stops at the first accepted step with a small relative decrease
   assert holds[-1] and not np.any(holds[:-1])
+
+
+@pytest.mark.parametrize("mode", ["function"])
+def test_model_decrease_in_the_solver(mode):
+  """A linear least-squares problem with a nonzero residual: the first
+  step (lambda 1e-10, nearly Gauss-Newton) solves it but for a 1e-10
+  relative part, the model promises the next step about 1e-20 of the cost,
+  taken or not: MODEL_DECREASE on the second iteration, at the
+  least-squares solution (NumPy's lstsq)."""
+  rng = np.random.default_rng(7)
+  matrix, target = rng.normal(size=(12, 4)), rng.normal(size=12)
+  solution = np.linalg.lstsq(matrix, target, rcond=None)[0]
+
+  def build(x):
+    results = tfg_optim.least_squares(
+        lambda x: tf.linalg.matvec(tf.constant(matrix), x) - target, x,
+        damping=damping.NielsenDamping(initial=1e-10, scaling="current"),
+        geodesic_acceleration=None,
+        stopping_criterion=stopping.StopWhenModelDecreaseLess(1e-12))
+    return results.position, results.num_iterations, results.stop_reason
+
+  position, iterations, reason = modes.run(build, [np.zeros(4)], mode)
+  assert StopReason(int(reason)) == StopReason.MODEL_DECREASE
+  assert iterations == 2
+  # The second step, promising 1e-20 of the cost, is lost in rounding (here
+  # rejected): the first step's 1e-10 relative damping stays in x.
+  np.testing.assert_allclose(position, solution, rtol=1e-9)
 
 
 # One mode (traced; eagerly this batch is slow): per-problem stops in every
