@@ -65,11 +65,39 @@ GRAPHS = ("intel", "CSAIL", "MIT", "parking-garage", "smallGrid3D",
 THREE_D = {"tinyGrid3D", "smallGrid3D", "parking-garage"}
 
 
+def gtsam_problem(gtsam, name, path, first=None):
+  """(graph, initial values, the graph with a prior on pose `first`, the
+  smallest id by default, at its initial value: what GTSAM optimizes)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  is_3d = name in THREE_D
+  graph, initial = gtsam.readG2o(path, is_3d)
+  first = min(initial.keys()) if first is None else first
+  if is_3d:
+    model = gtsam.noiseModel.Diagonal.Variances(
+        np.array([1e-6, 1e-6, 1e-6, 1e-4, 1e-4, 1e-4]))
+    prior = gtsam.PriorFactorPose3(first, initial.atPose3(first), model)
+  else:
+    model = gtsam.noiseModel.Diagonal.Variances(np.array([1e-6, 1e-6, 1e-8]))
+    prior = gtsam.PriorFactorPose2(first, initial.atPose2(first), model)
+  with_prior = gtsam.NonlinearFactorGraph(graph)
+  with_prior.add(prior)
+  return graph, initial, with_prior
+
+
+def gtsam_parameters(gtsam, tight):
+  """GTSAM's default `LevenbergMarquardtParams`, or the tight ones."""
+  params = gtsam.LevenbergMarquardtParams()
+  if tight:
+    params.setRelativeErrorTol(1e-14)
+    params.setAbsoluteErrorTol(1e-14)
+    params.setMaxIterations(200)
+  return params
+
+
 def gtsam_run(request):
   """Runs in the GTSAM interpreter; request: {"graphs": [{name, path,
   first, evaluate: {label: path}}]}. Returns JSON-able results."""
   import gtsam  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   output = {}
   for item in request["graphs"]:
     if not item.get("optimize", True):
@@ -79,24 +107,12 @@ def gtsam_run(request):
           for label, path in item["evaluate"].items()}}
       continue
     is_3d = item["name"] in THREE_D
-    graph, initial = gtsam.readG2o(item["path"], is_3d)
-    first = int(item["first"])
-    if is_3d:
-      model = gtsam.noiseModel.Diagonal.Variances(
-          np.array([1e-6, 1e-6, 1e-6, 1e-4, 1e-4, 1e-4]))
-      prior = gtsam.PriorFactorPose3(first, initial.atPose3(first), model)
-    else:
-      model = gtsam.noiseModel.Diagonal.Variances(np.array([1e-6, 1e-6, 1e-8]))
-      prior = gtsam.PriorFactorPose2(first, initial.atPose2(first), model)
-    with_prior = gtsam.NonlinearFactorGraph(graph)
-    with_prior.add(prior)
+    graph, initial, with_prior = gtsam_problem(gtsam, item["name"],
+                                               item["path"],
+                                               int(item["first"]))
     runs = {}
     for label, tight in (("gtsam-default", False), ("gtsam-tight", True)):
-      params = gtsam.LevenbergMarquardtParams()
-      if tight:
-        params.setRelativeErrorTol(1e-14)
-        params.setAbsoluteErrorTol(1e-14)
-        params.setMaxIterations(200)
+      params = gtsam_parameters(gtsam, tight)
       begin = time.perf_counter()
       optimizer = gtsam.LevenbergMarquardtOptimizer(with_prior, initial,
                                                     params)
@@ -128,9 +144,10 @@ def _structure(graph):
   return _sparse_cholesky.Structure(layout)
 
 
-def _gtsam(python, request):
-  """Runs `gtsam_run` in GTSAM's interpreter; its JSON answer."""
-  command = [python, __file__, "--gtsam-only", json.dumps(request)]
+def run_in_gtsam(python, request, script=__file__):
+  """Runs `script --gtsam-only REQUEST` (its `gtsam_run`) in GTSAM's
+  interpreter; its JSON answer."""
+  command = [python, script, "--gtsam-only", json.dumps(request)]
   completed = subprocess.run(command, capture_output=True, text=True,
                              check=False)
   if completed.returncode:
@@ -138,41 +155,56 @@ def _gtsam(python, request):
   return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_common_arguments(parser):
+  """--data, --gtsam-python, --max-iterations and --gtsam-only (the GTSAM
+  helper's request) of this script and pose_graph_convergence.py."""
   parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" /
                                             "posegraph"))
   parser.add_argument("--gtsam-python", default=os.environ.get(
       "GTSAM_PYTHON", "/work/venv-gtsam/bin/python"))
+  parser.add_argument("--max-iterations", type=int, default=100)
+  parser.add_argument("--gtsam-only", metavar="JSON")
+
+
+def parse_arguments(parser, answer):
+  """(args, {graph: path of its .g2o file}) of the command line, ready
+  for TensorFlow (quiet logs, the repository on sys.path); or (None, None)
+  after answering a --gtsam-only request (in GTSAM's interpreter) with
+  `answer(request)`'s JSON."""
+  args = parser.parse_args()
+  if args.gtsam_only:
+    print(json.dumps(answer(json.loads(args.gtsam_only))))
+    return None, None
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  sys.path.insert(0, str(ROOT))
+  return args, {name: str(pathlib.Path(args.data) / f"{name}.g2o")
+                for name in args.graphs}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  add_common_arguments(parser)
   parser.add_argument("--graphs", nargs="+", default=list(GRAPHS))
   parser.add_argument("--solvers", nargs="+", default=["auto", "cg"],
                       choices=["auto", "cholesky", "cg", "dense",
                                "sparse_cholesky"])
-  parser.add_argument("--max-iterations", type=int, default=100)
   parser.add_argument("--dense-memory-gb", type=float, default=0.2)
   parser.add_argument("--cholesky-limit", type=int, default=10000)
   parser.add_argument("--repeat", action="store_true",
                       help="time a second call as the solve time")
   parser.add_argument("--xla", action="store_true")
-  parser.add_argument("--gtsam-only", metavar="JSON")
-  args = parser.parse_args()
-  if args.gtsam_only:
-    print(json.dumps(gtsam_run(json.loads(args.gtsam_only))))
+  args, paths = parse_arguments(parser, gtsam_run)
+  if args is None:
     return 0
-
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  sys.path.insert(0, str(ROOT))
   # pylint: disable=g-import-not-at-top
   from tfg_optim import io
   from tfg_optim._engine import StopReason
   from tfg_optim.examples import pose_graph
   # pylint: enable=g-import-not-at-top
 
-  paths = {name: str(pathlib.Path(args.data) / f"{name}.g2o")
-           for name in args.graphs}
   graphs = {name: io.read_g2o(path, missing_vertices="chain")
             for name, path in paths.items()}
-  reference = _gtsam(args.gtsam_python, {"graphs": [
+  reference = run_in_gtsam(args.gtsam_python, {"graphs": [
       {"name": name, "path": paths[name],
        "first": int(graphs[name].vertex_ids[0]), "evaluate": {}}
       for name in args.graphs]})
@@ -233,7 +265,7 @@ def main():
             f"cost: " + (f"{to_target.solve_time:.2f} s" if reached else
                          "not reached"), flush=True)
     request["graphs"].append(item)
-  evaluated = _gtsam(args.gtsam_python, request)
+  evaluated = run_in_gtsam(args.gtsam_python, request)
 
   header = ("| graph | n | solver | trace s | first call s | solve s | "
             "to GTSAM cost s | iterations | final cost (GTSAM graph.error) | "

@@ -11,6 +11,8 @@ import pytest
 import tensorflow as tf
 
 from tests import modes
+import tfg_optim
+from tfg_optim import damping
 from tfg_optim import manifolds
 from tfg_optim import riemannian
 from tfg_optim import stopping
@@ -19,16 +21,17 @@ from tfg_optim._engine import StopReason
 MODES = modes.MODES
 FakeState = collections.namedtuple(
     "FakeState", ["num_iterations", "gradient", "step_norm", "cost",
-                  "cost_change"])
+                  "cost_change", "model_decrease"])
 
 
 def _state(num_iterations=3, gradient_norm=1.0, step_norm=1.0, cost=1.0,
-           cost_change=0.0):
+           cost_change=0.0, model_decrease=np.inf):
   return FakeState(tf.constant([num_iterations], tf.int32),
                    tf.constant([[gradient_norm, 0.0]], tf.float64),
                    tf.constant([step_norm], tf.float64),
                    tf.constant([cost], tf.float64),
-                   tf.constant([cost_change], tf.float64))
+                   tf.constant([cost_change], tf.float64),
+                   tf.constant([model_decrease], tf.float64))
 
 
 def _decide(criterion, **state):
@@ -92,6 +95,28 @@ def test_relative_cost_change():
       True, StopReason.RELATIVE_COST_CHANGE)
   assert not _decide(criterion, cost=1.0, cost_change=1e-2)[0]
   assert not _decide(criterion, cost=1.0, cost_change=0.0)[0]  # rejected step
+
+
+def test_model_decrease():
+  """Fires on the model's promise for the last step tried, taken or not,
+  unless that step was taken and decreased the cost by more (the model was
+  wrong); never before a finite step was tried (+inf)."""
+  criterion = stopping.StopWhenModelDecreaseLess(1e-3)
+  assert criterion.thresholds() == {"model_decrease": 1e-3}
+  fired = (True, StopReason.MODEL_DECREASE)
+  # rejected (cost_change 0), promised 5e-4 of the cost
+  assert _decide(criterion, cost=2.0, model_decrease=1e-3) == fired
+  # taken, and the cost fell by less than the tolerance too
+  assert _decide(criterion, cost=2.0, cost_change=1e-3,
+                 model_decrease=1e-3) == fired
+  # taken, and the cost fell by 1e-2 relative: not converged
+  assert not _decide(criterion, cost=2.0, cost_change=2.02e-2,
+                     model_decrease=1e-3)[0]
+  assert not _decide(criterion, cost=2.0, model_decrease=4e-3)[0]
+  assert not _decide(criterion, cost=2.0, model_decrease=np.nan)[0]
+  assert not _decide(criterion, cost=2.0)[0]  # no finite step yet
+  assert not _decide(criterion, num_iterations=0, model_decrease=0.0)[0]
+  assert StopReason.MODEL_DECREASE.converged
 
 
 def test_criterion_arguments():
@@ -215,6 +240,33 @@ def test_relative_cost_change_in_the_solver(mode):
   holds = (decrease > 0) & (decrease <= tolerance * history[:-1])
   # it stops at the first accepted step with a small relative decrease
   assert holds[-1] and not np.any(holds[:-1])
+
+
+@pytest.mark.parametrize("mode", ["function"])
+def test_model_decrease_in_the_solver(mode):
+  """A linear least-squares problem with a nonzero residual: the first
+  step (lambda 1e-10, nearly Gauss-Newton) solves it but for a 1e-10
+  relative part, the model promises the next step about 1e-20 of the cost,
+  taken or not: MODEL_DECREASE on the second iteration, at the
+  least-squares solution (NumPy's lstsq)."""
+  rng = np.random.default_rng(7)
+  matrix, target = rng.normal(size=(12, 4)), rng.normal(size=12)
+  solution = np.linalg.lstsq(matrix, target, rcond=None)[0]
+
+  def build(x):
+    results = tfg_optim.least_squares(
+        lambda x: tf.linalg.matvec(tf.constant(matrix), x) - target, x,
+        damping=damping.NielsenDamping(initial=1e-10, scaling="current"),
+        geodesic_acceleration=None,
+        stopping_criterion=stopping.StopWhenModelDecreaseLess(1e-12))
+    return results.position, results.num_iterations, results.stop_reason
+
+  position, iterations, reason = modes.run(build, [np.zeros(4)], mode)
+  assert StopReason(int(reason)) == StopReason.MODEL_DECREASE
+  assert iterations == 2
+  # The second step, promising 1e-20 of the cost, is lost in rounding (here
+  # rejected): the first step's 1e-10 relative damping stays in x.
+  np.testing.assert_allclose(position, solution, rtol=1e-9)
 
 
 # One mode (traced; eagerly this batch is slow): per-problem stops in every

@@ -81,6 +81,9 @@ def commit(problem, policy, kind, state, active, linearization, trial,
       problem, point, new_linearization, gradient)
   step_norm = tf.where(active & decision.judged.finite,
                        tf.norm(trial.step, axis=-1), state.step_norm)
+  model_decrease = tf.where(active & decision.judged.finite,
+                            decision.judged.model_decrease,
+                            state.model_decrease)
   cost_change = tf.where(accepted, state.cost - new_cost,
                          tf.where(active, tf.zeros_like(new_cost),
                                   state.cost_change))
@@ -100,6 +103,7 @@ def commit(problem, policy, kind, state, active, linearization, trial,
       damping=damping,
       step_norm=step_norm,
       cost_change=cost_change,
+      model_decrease=model_decrease,
       num_iterations=state.num_iterations + active_int,
       num_accepted=state.num_accepted + accepted_int,
       num_rejected=state.num_rejected + active_int - accepted_int,

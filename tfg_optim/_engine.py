@@ -95,10 +95,10 @@ tangent_product: optional (point, tangent) -> J tangent = d/dt F(R_p(t
 LoopState = collections.namedtuple(
     "LoopState",
     ["iteration", "point", "residual", "linearization", "gradient", "cost",
-     "initial_cost", "damping", "step_norm", "cost_change", "num_iterations",
-     "num_accepted", "num_rejected", "num_residual_evaluations",
-     "num_jacobian_evaluations", "invalid_streak", "stop_reason", "records",
-     "wall_time", "num_linear_solver_iterations"])
+     "initial_cost", "damping", "step_norm", "cost_change", "model_decrease",
+     "num_iterations", "num_accepted", "num_rejected",
+     "num_residual_evaluations", "num_jacobian_evaluations", "invalid_streak",
+     "stop_reason", "records", "wall_time", "num_linear_solver_iterations"])
 LoopState.__doc__ = """The loop's state, one entry per problem of a batch.
 
 `linearization` holds the tensors of J at `point` (`_linearization`: the
@@ -108,6 +108,11 @@ see the bound linearization itself (`column_norms()`, `matvec`, ...).
 `num_linear_solver_iterations` sums the conjugate-gradient iterations of
 every trial's solves (`_step.Trial.linear_solver_iterations`; 0 for direct
 solvers).
+
+`model_decrease` is the Gauss-Newton model's decrease
+-g^T v - 1/2 ||J v||^2 for the last finite step v tried, accepted or not
+(+inf until one is, so no test fires on it before; read by
+`stopping.StopWhenModelDecreaseLess`).
 
 `invalid_streak` counts the consecutive iterations, up to the current one,
 whose trial step was not finite (see
@@ -272,6 +277,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
       # +inf until a finite step is computed, so step tests cannot fire on it.
       step_norm=tf.fill(batch_shape, tf.constant(float("inf"), dtype)),
       cost_change=tf.zeros(batch_shape, dtype),
+      model_decrease=tf.fill(batch_shape, tf.constant(float("inf"), dtype)),
       num_iterations=zeros_int,
       num_accepted=zeros_int,
       num_rejected=zeros_int,

@@ -47,6 +47,10 @@ class StopReason(enum.IntEnum):
   INVALID_INPUT: the start was invalid (off the manifold, outside the
     bounds, not finite) where only a graph run can tell; the start is
     returned unchanged.
+  MODEL_DECREASE: converged: the last step tried, accepted or not, was
+    promised a relative decrease below the tolerance by the Gauss-Newton
+    model (`stopping.StopWhenModelDecreaseLess`; the factor graphs'
+    default, where rounding-level steps are rejected as often as taken).
   """
   RUNNING = 0
   MAX_ITERATIONS = 1
@@ -58,12 +62,13 @@ class StopReason(enum.IntEnum):
   NOT_FINITE = 7
   STALLED = 8
   INVALID_INPUT = 9
+  MODEL_DECREASE = 10
 
   @property
   def converged(self):
     return self in (StopReason.GRADIENT_NORM, StopReason.STEP_SIZE,
                     StopReason.COST, StopReason.RELATIVE_COST_CHANGE,
-                    StopReason.RELATIVE_STEP)
+                    StopReason.RELATIVE_STEP, StopReason.MODEL_DECREASE)
 
   @property
   def message(self):
@@ -91,6 +96,9 @@ _STOP_MESSAGES = {
     StopReason.INVALID_INPUT: "failed: the starting point is invalid (off "
                               "the manifold, outside the bounds or not "
                               "finite)",
+    StopReason.MODEL_DECREASE: "converged: the Gauss-Newton model promised "
+                               "the last step a relative decrease below its "
+                               "tolerance",
 }
 
 # A problem whose linear solve gives a non-finite step this many iterations in
@@ -138,7 +146,7 @@ def cauchy_decrease(linearization, gradient, scaling=None):
 
 
 _STEP_TESTS = (StopReason.STEP_SIZE, StopReason.RELATIVE_STEP,
-               StopReason.RELATIVE_COST_CHANGE)
+               StopReason.RELATIVE_COST_CHANGE, StopReason.MODEL_DECREASE)
 
 
 class StopCheck:

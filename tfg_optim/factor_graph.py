@@ -48,6 +48,7 @@ from tfg_optim import _validation
 from tfg_optim import damping as damping_lib
 from tfg_optim import nonlinear_least_squares
 from tfg_optim import results as results_lib
+from tfg_optim import stopping as stopping_lib
 from tfg_optim.manifolds import euclidean
 
 LINEAR_SOLVERS = ("auto", "cholesky", "cg", "schur", "iterative_schur",
@@ -70,16 +71,52 @@ AUTO_CHOLESKY_LIMIT = 10000
 AUTO_SPARSE_MIN = 1000
 
 # damping=None: Nielsen's lambda with D the current diag(J^T J) clamped to
-# [1e-6, 1e32] (GTSAM's diagonal damping) and a small first lambda, 1e-6
-# (GTSAM starts at 1e-5 with D = I): near Gauss-Newton from the first step,
-# which pose graphs started far from the solution (MIT) need.
-DEFAULT_INITIAL_LAMBDA = 1e-6
+# [1e-6, 1e32] (GTSAM's diagonal damping) and a first lambda of 1e-10
+# (GTSAM starts at 1e-5 with D = I and divides it by 10 after every
+# accepted step). The damping must be small against the smallest
+# eigenvalues of D^-1/2 J^T J D^-1/2, not against 1: those of a long chain
+# of poses are tiny, and Nielsen's update divides lambda by at most 3 per
+# step (by little when the gain ratio is middling, as on MIT), so from 1e-6
+# the soft modes stayed damped for many iterations: 10 (parking-garage),
+# 13 (CSAIL) and 59 (MIT) to GTSAM-default's cost, against GTSAM's 6, 4
+# and 17; from 1e-10, 4, 4 and 17 (docs/sparse.md,
+# benchmarks/pose_graph_convergence.py).
+DEFAULT_INITIAL_LAMBDA = 1e-10
+
+# function_tolerance=None: the relative decrease, accepted or promised by
+# the Gauss-Newton model (`stopping.StopWhenModelDecreaseLess`), at which a
+# factor graph's solve has converged, by dtype. 1e-12 in float64: the
+# converged pose graphs then stop within 1e-12 of GTSAM-tight's cost
+# (MIT, whose Gauss-Newton iterates converge linearly, included) instead of
+# taking rounding-level steps or rejecting them until the relative step
+# test fires (docs/sparse.md). float32: `tfg_optim.least_squares`' 1e-7.
+DEFAULT_FUNCTION_TOLERANCES = {tf.float64: 1e-12, tf.float32: 1e-7}
 
 
 def default_damping():
   """The factor graph's default policy (damping=None)."""
   return damping_lib.NielsenDamping(initial=DEFAULT_INITIAL_LAMBDA,
                                     scaling="current")
+
+
+def default_criterion(dtype, max_iterations, function_tolerance=None,
+                      gradient_tolerance=None, parameter_tolerance=None,
+                      cost_tolerance=0.0, stopping_criterion=None):
+  """The stopping criterion of `least_squares`: `tfg_optim.least_squares`'
+  (`stopping_criterion`, or its tests: relative cost change, gradient
+  cosine, relative step, cost), with the function tolerance (default
+  `DEFAULT_FUNCTION_TOLERANCES`) also bounding the decrease the
+  Gauss-Newton model promised the last step tried
+  (`stopping.StopWhenModelDecreaseLess`)."""
+  if function_tolerance is None and stopping_criterion is None:
+    function_tolerance = DEFAULT_FUNCTION_TOLERANCES[dtype]
+  criterion = nonlinear_least_squares._criterion(  # pylint: disable=protected-access
+      dtype, max_iterations, function_tolerance, gradient_tolerance,
+      parameter_tolerance, cost_tolerance, stopping_criterion)
+  if stopping_criterion is not None:
+    return criterion
+  return criterion | stopping_lib.StopWhenModelDecreaseLess(
+      function_tolerance)
 
 
 class Variables:
@@ -353,15 +390,21 @@ def least_squares(variables, terms, *, damping=None,
     damping: as in `tfg_optim.least_squares`, or None (default):
       `default_damping()`, Nielsen's lambda damping (the kind of GTSAM's and
       Ceres' Levenberg-Marquardt) with D the current diag(J^T J) clamped to
-      [1e-6, 1e32] and a first lambda of 1e-6 ('nielsen' is the package's
+      [1e-6, 1e32] and a first lambda of 1e-10 ('nielsen' is the package's
       Nielsen policy: Marquardt's running maximum, lambda from 1e-3;
       'trust_region' needs an eigendecomposition of the dense J^T J, or
       Steihaug's truncated CG with 'cg').
-    max_iterations, function_tolerance, gradient_tolerance,
-      parameter_tolerance, cost_tolerance, stopping_criterion,
-      geodesic_acceleration, vanishing_column_tolerance, callback, record:
-      as in `tfg_optim.least_squares` (geodesic acceleration is off by
-      default here; the callback sees the list of tables).
+    function_tolerance: the relative decrease at which the solve has
+      converged (default `DEFAULT_FUNCTION_TOLERANCES`: 1e-12 in float64,
+      1e-7 in float32): an accepted step's actual decrease, as in
+      `tfg_optim.least_squares`, and also the decrease the Gauss-Newton
+      model promised the last step tried, accepted or rejected
+      (`default_criterion`; stop reason MODEL_DECREASE).
+    max_iterations, gradient_tolerance, parameter_tolerance,
+      cost_tolerance, stopping_criterion, geodesic_acceleration,
+      vanishing_column_tolerance, callback, record: as in
+      `tfg_optim.least_squares` (geodesic acceleration is off by default
+      here; the callback sees the list of tables).
     linear_solver: 'cholesky' (J^T J assembled densely by scatter from the
       blocks and factored: n up to a few thousand), 'cg' (conjugate
       gradients with the block-Jacobi preconditioner, Steihaug's truncated
@@ -432,7 +475,7 @@ def least_squares(variables, terms, *, damping=None,
     if tf.executing_eagerly():
       for table, values in zip(tables, point):
         table.manifold.check_point(values)
-    criterion = nonlinear_least_squares._criterion(  # pylint: disable=protected-access
+    criterion = default_criterion(
         dtype, max_iterations, function_tolerance, gradient_tolerance,
         parameter_tolerance, cost_tolerance, stopping_criterion)
     vanishing_tolerance = (

@@ -131,6 +131,38 @@ class StopWhenRelativeCostChangeLess(_Threshold):
                                       self.tolerance * before)
 
 
+class StopWhenModelDecreaseLess(_Threshold):
+  """Stops when the Gauss-Newton model promised the last finite step v
+  tried, accepted or not, a relative decrease of at most `tolerance`:
+
+      -g^T v - 1/2 ||J v||^2 <= tolerance * cost,
+
+  unless that step was accepted and decreased the cost by more than
+  `tolerance` (cost_change > tolerance * cost_before: the model was wrong,
+  not the problem solved). Least-squares loops only (it reads the loop
+  state's `model_decrease`).
+
+  The model's decrease is computed from g and J, not as the difference of
+  two nearly equal costs, so it stays meaningful where the actual change
+  is rounding noise: a converged solve whose next step is rejected (or
+  accepted) at the rounding level of the cost stops here instead of
+  growing lambda until a step test fires. It is the model side of GTSAM's
+  relative error decrease test and Ceres' function tolerance, which fire
+  on the actual change of any step, rejected ones included. A step made
+  small by the damping rather than by the problem is caught by the
+  engine's honest endings (`_stop_check.StopCheck`: STALLED)."""
+
+  reason = StopReason.MODEL_DECREASE
+  key = "model_decrease"
+
+  def _check(self, state):
+    tolerance = tf.constant(self.tolerance, state.cost.dtype)
+    before = state.cost + state.cost_change
+    decreased = state.cost_change > tolerance * before
+    return ((state.num_iterations > 0) & tf.logical_not(decreased) &
+            (state.model_decrease <= tolerance * state.cost))
+
+
 class StopWhenAny(StoppingCriterion):
   """`a | b`: stops when any criterion holds; reports the first that holds."""
 
