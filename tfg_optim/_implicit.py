@@ -593,20 +593,23 @@ def _own_solve(linearization, rhs, free):
   return w, tf.reduce_all(tf.math.is_finite(w), axis=-1)
 
 
-def _conjugate_gradient_solve(linearization, rhs, free):
-  """w with J^T J w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
-  w = 0 on the others, by preconditioned conjugate gradients
-  (`_linear_solvers.conjugate_gradient_solver` with lambda D = 1 - free;
-  the linearization's own preconditioner where it has one, block-Jacobi
-  for block-sparse J, else Jacobi);
-  returns (w, ok), ok [B...] False where w is not finite.
+def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
+  """w with H w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
+  w = 0 on the others, H = J^T J (or `hessian`, an operator with
+  `matvec`), by preconditioned conjugate gradients (`_linear_solvers.
+  _cg_loop` on H + diag(1 - free); the linearization's own preconditioner
+  of J^T J where it has one, block-Jacobi for block-sparse J, else
+  Jacobi); returns (w, ok), ok [B...] False where w is not finite, and
+  with a `hessian` also where the solve did not reach its tolerance.
 
   Where the solve does not reach its tolerance (checked with one more
-  product: ||J^T J w - rhs||_M^-1 > sqrt(tolerance) ||rhs||_M^-1, in the
-  preconditioner's norm), J^T J is singular (a rank-deficient J: its null
+  product: ||H w - rhs||_M^-1 > sqrt(tolerance) ||rhs||_M^-1, in the
+  Jacobi norm), H is singular (a rank-deficient J: its null
   space makes conjugate gradients diverge) or too ill-conditioned: those
-  problems are solved again with J^T J + delta I on the free coordinates,
+  problems are solved again with H + delta I on the free coordinates,
   delta = sqrt(eps) max_j ||J_j||^2, the dense path's regularization.
+  A `hessian` with a direction of negative curvature stops conjugate
+  gradients there (`_cg_loop`), short of the tolerance: not ok.
   """
   dtype = rhs.dtype
   tolerance = CG_TOLERANCES[dtype]
@@ -614,28 +617,159 @@ def _conjugate_gradient_solve(linearization, rhs, free):
   norms = linearization.column_norms()
   diagonal = norms + fixed
   diagonal = tf.where(diagonal > 0, diagonal, tf.ones_like(diagonal))
+  if hessian is None:
+    product = lambda v: linearization.rmatvec(linearization.matvec(v))
+  else:
+    product = hessian.matvec
 
-  def solve(shift):  # (J^T J + shift) w = rhs on the free coordinates.
-    solver = _linear_solvers.conjugate_gradient_solver(
-        linearization, tf.ones_like(rhs[..., 0]), fixed + shift * free,
-        max_iterations=CG_MAX_ITERATIONS, tolerance=tolerance)
-    return -solver(None, rhs)  # solver(., g) = -(J^T J + lambda D)^-1 g.
+  def solve(shift):  # (H + shift) w = rhs on the free coordinates.
+    damping = fixed + shift * free
+    precondition = _linear_solvers._preconditioner(  # pylint: disable=protected-access
+        linearization, damping).solve
+    w, _ = _linear_solvers._cg_loop(  # pylint: disable=protected-access
+        lambda v: product(v) + damping * v, rhs, precondition,
+        CG_MAX_ITERATIONS, tolerance)
+    return w
 
   def size(vector):
     return tf.sqrt(tf.reduce_sum(tf.square(vector) / diagonal, axis=-1))
 
+  def reached(w):
+    return (size(product(w) + fixed * w - rhs) <=
+            np.sqrt(tolerance) * size(rhs))
+
   w = solve(tf.zeros_like(rhs[..., :1]))
-  error = (linearization.rmatvec(linearization.matvec(w)) + fixed * w -
-           rhs)
-  reached = size(error) <= np.sqrt(tolerance) * size(rhs)
+  first = reached(w)
 
   def regularized():
     delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
         norms, axis=-1, keepdims=True)
-    return tf.where(reached[..., tf.newaxis], w, solve(delta))
+    return tf.where(first[..., tf.newaxis], w, solve(delta))
 
-  w = tf.cond(tf.reduce_all(reached), lambda: w, regularized)
-  return w, tf.reduce_all(tf.math.is_finite(w), axis=-1)
+  w = tf.cond(tf.reduce_all(first), lambda: w, regularized)
+  ok = tf.reduce_all(tf.math.is_finite(w), axis=-1)
+  if hessian is not None:
+    ok &= tf.cond(tf.reduce_all(first), lambda: first, lambda: reached(w))
+  return w, ok
+
+
+# -- the exact Hessian of a factor graph ---------------------------------------
+
+
+def attach_exact_linearization(results, linearization_tensors, kind,
+                               hessian_at, residual_fn, retract,
+                               coordinates):
+  r"""`results` whose position, cost and residual have the implicit
+  gradients of the exact Hessian, H and J known through their products (a
+  factor graph: `tfg_optim.factor_graph`, implicit_hessian='exact').
+
+  As `_attach_exact` (the dense front-ends): with the pullback
+  f(c, theta) = 1/2 ||r(R_{x*}(c), theta)||^2 in the tangent coordinates c
+  at x*, g = grad_c f at c = 0 and H = d^2 f / dc^2 at c = 0 (J^T J plus
+  sum_i r_i d^2 r_i / dc^2, the retraction's own curvature included: at a
+  stationary point, the Riemannian Hessian),
+
+      H w = P^T x_bar + J^T r_bar,
+      theta_bar = (dr/dtheta)^T (r_bar + c_bar r) - (dg/dtheta)^T w.
+
+  The forward pass adds r and g = J^T r (one reverse pass through the
+  retraction and the residual at x*, under the caller's tapes, which then
+  differentiate it: second order). The backward pass forms H as its
+  per-edge blocks (`hessian_at(point)`, a `_block_sparse.EdgeHessian`: one
+  forward-over-reverse pass per term; no n x n matrix) and solves by
+  `exact_backward_solve`; only when the right-hand side is not zero (the
+  final cost alone needs no solve: the envelope theorem).
+
+  H is positive semidefinite at a minimum but need not be elsewhere (a
+  saddle point, a solve stopped early): where the solve fails (a
+  factorization that fails even with the regularized retry, conjugate
+  gradients stopped by negative curvature or short of their tolerance)
+  the derivatives through w are NaN, not zero (one problem: a wrong zero
+  gradient would go unnoticed).
+
+  Args:
+    results: the solve's results (see `attach_least_squares`).
+    linearization_tensors, kind: as in `attach_linearization` (J at x*:
+      the right-hand side, the free coordinates, the preconditioner).
+    hessian_at: point -> the `_block_sparse.EdgeHessian` at the point.
+    residual_fn: point -> [m], the (robust) residuals; its closures hold
+      the tensors to differentiate.
+    retract: (point, coordinates [n]) -> point.
+    coordinates: (point, ambient cotangent) -> [n], P^T v.
+
+  Returns:
+    `results` with `position`, `cost` and `residual` replaced by
+    `tf.identity`s of theirs (a custom gradient; forward mode is refused).
+  """
+  if not _needed():
+    return results
+  flat_point = [tf.stop_gradient(t) for t in tf.nest.flatten(
+      results.position)]
+  point = tf.nest.pack_sequence_as(results.position, flat_point)
+  residual = tf.stop_gradient(results.residual)
+  cost = tf.stop_gradient(results.cost)
+  linearization = kind.restore(
+      [tf.stop_gradient(t) for t in linearization_tensors], point)
+  zero = tf.zeros([kind.layout.tangent_dim], residual.dtype)
+  with tf.GradientTape(watch_accessed_variables=False) as tape:
+    tape.watch(zero)
+    live_residual = residual_fn(retract(point, zero))
+    objective = 0.5 * tf.reduce_sum(tf.square(live_residual))
+  live = [live_residual, tape.gradient(
+      objective, zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
+  _refuse_forward_mode(live)
+  num_points = len(flat_point)
+  dtype = residual.dtype
+
+  def backward(upstream):
+    _require_tapes()
+    point_bar = _zeros_for_none(upstream[:num_points], flat_point)
+    residual_bar, cost_bar = _zeros_for_none(upstream[num_points:],
+                                             [residual, cost])
+    free = tf.cast(linearization.column_norms() > 0, dtype)
+    rhs = free * coordinates(
+        point, tf.nest.pack_sequence_as(results.position, point_bar))
+    rhs += linearization.rmatvec(residual_bar)
+    rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs))
+
+    def solve():
+      w, ok = exact_backward_solve(linearization, hessian_at(point), rhs,
+                                   free)
+      return tf.where(ok, w, tf.fill(tf.shape(w), tf.constant(np.nan,
+                                                              dtype)))
+
+    w = tf.cond(tf.reduce_any(tf.not_equal(rhs, 0)), solve,
+                lambda: tf.zeros_like(rhs))
+    live_bar = residual_bar + residual * cost_bar
+    return [None] * (num_points + 2) + [live_bar, -w]
+
+  outputs = _identity_with_gradient(flat_point + [residual, cost], live,
+                                    backward)
+  return results._replace(
+      position=tf.nest.pack_sequence_as(results.position,
+                                        outputs[:num_points]),
+      residual=outputs[num_points], cost=outputs[num_points + 1])
+
+
+def exact_backward_solve(linearization, hessian, rhs, free):
+  """w with H w = rhs on the `free` coordinates ([n], 0 or 1) and w = 0
+  on the others, H the exact Hessian (`_block_sparse.EdgeHessian`), by
+  the forward solve's kind of solver; returns (w, ok), ok False where the
+  solve failed.
+
+  - a dense linearization ('cholesky'): the Cholesky of the scattered H
+    (`_masked_solve`: a retry with H + delta I, delta = sqrt(eps)
+    max_j |H_jj|, where the factor is not finite; not ok where it still
+    is not: H not positive definite);
+  - otherwise ('cg', 'schur', 'iterative_schur'): conjugate gradients on
+    H v (`_conjugate_gradient_solve` with the `hessian`), preconditioned
+    by the block-Jacobi blocks of J^T J; not ok where it stops short of
+    its tolerance (negative curvature) even with H + delta I.
+  """
+  if (getattr(linearization, "damped_solver", None) is None and
+      linearization.dense):
+    return _masked_solve(hessian.dense(), rhs, free)
+  return _conjugate_gradient_solve(linearization, rhs, free, hessian)
 
 
 # -- chunked data ----------------------------------------------------------------

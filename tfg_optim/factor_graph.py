@@ -343,6 +343,7 @@ def least_squares(variables, terms, *, damping=None,
                   linear_solver="auto", geodesic_acceleration=None,
                   vanishing_column_tolerance=None, callback=None,
                   record=False, gradients="implicit",
+                  implicit_hessian="gauss_newton",
                   name="factor_graph_least_squares"):
   """Minimizes a factor graph's cost (module docstring); returns results.
 
@@ -402,6 +403,7 @@ def least_squares(variables, terms, *, damping=None,
     ValueError / TypeError: for invalid arguments, naming the argument.
   """
   gradients = _implicit.check_gradients(gradients)
+  implicit_hessian = _implicit.check_hessian(implicit_hessian)
   if linear_solver not in LINEAR_SOLVERS:
     raise ValueError(f"'linear_solver' must be one of {LINEAR_SOLVERS}, got "
                      f"{linear_solver!r}.")
@@ -469,13 +471,15 @@ def least_squares(variables, terms, *, damping=None,
         # would not (docs/bundle_adjustment.md).
         kind = _schur.SchurKind(layout)
       result = _implicit_gradients(result, state.linearization, kind, layout,
-                                   tables)
+                                   tables, implicit_hessian)
     return result._replace(position=list(result.position))
 
 
-def _implicit_gradients(result, linearization_tensors, kind, layout, tables):
-  r"""`result` whose position, cost and residual have the Gauss-Newton
-  implicit derivative (`_implicit.attach_linearization`).
+def _implicit_gradients(result, linearization_tensors, kind, layout, tables,
+                        hessian):
+  r"""`result` whose position, cost and residual have the implicit
+  derivative (`_implicit.attach_linearization` for hessian='gauss_newton',
+  `_implicit.attach_exact_linearization` for 'exact').
 
   At the solution X* (a tuple of tables) the gradient of the cost in the
   tangent coordinates of the free rows vanishes, so for every tensor theta
@@ -510,10 +514,18 @@ def _implicit_gradients(result, linearization_tensors, kind, layout, tables):
         tf.where(held(table), table.values, values)
         for table, values in zip(tables, point))
 
-  result = _implicit.attach_linearization(
-      result, linearization_tensors, kind,
-      lambda point: layout.residual(with_held_rows(point)),
-      layout.coordinates)
+  def residual(point):
+    return layout.residual(with_held_rows(point))
+
+  if hessian == "exact":
+    result = _implicit.attach_exact_linearization(
+        result, linearization_tensors, kind,
+        lambda point: _block_sparse.EdgeHessian(
+            layout, layout.hessian_blocks(point)),
+        residual, layout.retract, layout.coordinates)
+  else:
+    result = _implicit.attach_linearization(
+        result, linearization_tensors, kind, residual, layout.coordinates)
   return result._replace(position=tuple(
       values if table.free is None else values + tf.where(
           held(table), table.values - tf.stop_gradient(table.values),
