@@ -104,6 +104,7 @@ import tensorflow as tf
 
 from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
+from tfg_optim import _sparse_cholesky
 
 GRADIENTS = ("implicit", "unrolled", "none")
 HESSIANS = ("gauss_newton", "exact")
@@ -761,15 +762,44 @@ def exact_backward_solve(linearization, hessian, rhs, free):
     (`_masked_solve`: a retry with H + delta I, delta = sqrt(eps)
     max_j |H_jj|, where the factor is not finite; not ok where it still
     is not: H not positive definite);
+  - the block sparse Cholesky ('sparse_cholesky'): H assembled from its
+    blocks in the forward solve's symbolic structure and factored
+    (`_sparse_cholesky_solve`);
   - otherwise ('cg', 'schur', 'iterative_schur'): conjugate gradients on
     H v (`_conjugate_gradient_solve` with the `hessian`), preconditioned
     by the block-Jacobi blocks of J^T J; not ok where it stops short of
     its tolerance (negative curvature) even with H + delta I.
   """
+  if isinstance(linearization, _sparse_cholesky.SparseCholesky):
+    return _sparse_cholesky_solve(linearization, hessian, rhs, free)
   if (getattr(linearization, "damped_solver", None) is None and
       linearization.dense):
     return _masked_solve(hessian.dense(), rhs, free)
   return _conjugate_gradient_solve(linearization, rhs, free, hessian)
+
+
+def _sparse_cholesky_solve(linearization, hessian, rhs, free):
+  """(w, ok): H w = rhs by the block sparse Cholesky of H (the held
+  coordinates' diagonal set to 1, as for J^T J); where the factorization
+  fails, of H + delta I, delta = sqrt(eps) max_j ||J_j||^2; not ok where
+  that fails too (H not positive definite)."""
+  dtype = rhs.dtype
+  rhs = rhs * free
+
+  def solve(shift):  # solver(., g) = -(H + shift I)^-1 g
+    return -linearization.damped_solver(
+        shift, products=hessian.pair)(None, rhs) * free
+
+  w = solve(tf.zeros([], dtype))
+  factored = tf.reduce_all(tf.math.is_finite(w))
+
+  def regularized():
+    delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
+        linearization.column_norms())
+    return solve(delta)
+
+  w = tf.cond(factored, lambda: w, regularized)
+  return w, tf.reduce_all(tf.math.is_finite(w), axis=-1)
 
 
 # -- chunked data ----------------------------------------------------------------
