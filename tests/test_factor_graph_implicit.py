@@ -17,6 +17,14 @@ Modes: tf.function (the pose loop, 'cholesky'), XLA (the linear graph,
 (the linear graph, 'schur'; and 'none'). Each cell traces one solve; the
 pose loop's Jacobian comes row by row from one traced function whose
 cotangent is an input.
+
+implicit_hessian='exact': a noisy landmark graph whose Gauss-Newton
+derivative is off by a factor of 4, against central differences of
+re-solves by scipy's MINPACK polished by Newton steps ('cholesky' in
+tf.function, 'sparse_cholesky' eagerly; the package's solves start at
+that solution, so they take a step or two); the exact Hessian's products
+on an SE(2) graph against differences of the gradient (the retraction's
+curvature included).
 """
 
 import numpy as np

@@ -34,6 +34,15 @@ The direction e_j enters as its ambient tangent vector at the row
 retraction takes no part in it. Rows held fixed
 (the gauge) have their blocks' columns zeroed (`hold_fixed`), so the step
 and the gradient leave them alone.
+
+The exact Hessian of the cost in these coordinates (the implicit
+gradients' implicit_hessian='exact') has the sparsity of J^T J: edge k of
+a term contributes the [D, D] Hessian of 1/2 ||f_k(R(c))||^2 in the
+coordinates c of the rows it reads (the retractions inside, so their
+curvature counts), placed like the blocks J_a^T J_b. `Layout.hessian_blocks`
+computes them for all edges of a term by reverse over reverse over the
+same tiled edges; `EdgeHessian` holds them: H v, the scattered H (dense
+Cholesky only) and the slot-pair blocks for the sparse Cholesky.
 """
 
 import collections

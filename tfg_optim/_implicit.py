@@ -83,6 +83,12 @@ caller's tapes, and the outputs are rebuilt from it:
   linearization's own damped solver, e.g. the Schur complement; the
   Cholesky of its J^T J where it is dense; else preconditioned conjugate
   gradients, block-Jacobi for block-sparse J).
+- the exact Hessian of a factor graph (`attach_linearization` with
+  `hessian_at`): the identity of `_attach_exact` (the live residual and
+  gradient g = J^T r, by one reverse pass), with H as its per-edge blocks
+  (reverse over reverse, in the backward pass only: no n x n matrix unless
+  the forward solve was the dense Cholesky) and solved by
+  `exact_backward_solve`.
 - chunked data (`attach_chunked`): J never exists, only the state's J^T J.
   The identity's inputs are theta itself (the data tensors, and the tensors
   and variables the chunk residual captures, found by tracing it once); the
@@ -97,7 +103,9 @@ that is what the gradient means.
 """
 
 import contextlib
+import functools
 import threading
+import types
 
 import numpy as np
 import tensorflow as tf
@@ -478,19 +486,43 @@ def attach_matrix_free(results, linearization_tensors, problem, coordinates):
 
 
 def attach_linearization(results, linearization_tensors, kind, residual_fn,
-                         coordinates):
-  """`results` whose position, cost and residual have Gauss-Newton implicit
-  gradients, J known through a linearization at x* (its products).
+                         coordinates, hessian_at=None, retract=None):
+  r"""`results` whose position, cost and residual have implicit gradients,
+  J known through a linearization at x* (its products): Gauss-Newton, or
+  the exact Hessian given its products (`hessian_at`: a factor graph's,
+  implicit_hessian='exact').
 
-  The forward pass adds one evaluation of the live residual r(x*, theta)
-  (x* held); the backward pass solves J^T J w = P^T x_bar + J^T r_bar by
-  `backward_solve` (the solver the forward solve used: the
+  Gauss-Newton: the forward pass adds one evaluation of the live residual
+  r(x*, theta) (x* held); the backward pass solves J^T J w = P^T x_bar +
+  J^T r_bar by `backward_solve` (the solver the forward solve used: the
   linearization's own damped solver, the dense Cholesky of its J^T J, or
   preconditioned conjugate gradients) and returns the live residual's
   cotangent r_bar + c_bar r - J w, which ordinary automatic
   differentiation carries to theta (one reverse pass of the residual).
   Coordinates whose Jacobian column is exactly zero (held) get a zero
   derivative.
+
+  Exact Hessian (as `_attach_exact`, the dense front-ends): with the
+  pullback f(c, theta) = 1/2 ||r(R_{x*}(c), theta)||^2 in the tangent
+  coordinates c at x*, g = grad_c f at c = 0 and H = d^2 f / dc^2 at c = 0
+  (J^T J plus sum_i r_i d^2 r_i / dc^2, the retraction's own curvature
+  included: at a stationary point, the Riemannian Hessian),
+
+      H w = P^T x_bar + J^T r_bar,
+      theta_bar = (dr/dtheta)^T (r_bar + c_bar r) - (dg/dtheta)^T w.
+
+  The forward pass adds r and g = J^T r (one reverse pass through the
+  retraction and the residual at x*, under the caller's tapes, which then
+  differentiate it: second order). The backward pass forms H as its
+  per-edge blocks (`hessian_at(point)`: one reverse-over-reverse pass per
+  term; no n x n matrix) and solves by `exact_backward_solve`, only when
+  the right-hand side is not zero (the final cost alone needs no solve:
+  the envelope theorem). H is positive semidefinite at a minimum but need
+  not be elsewhere (a saddle point, a solve stopped early): where the
+  solve fails (a factorization that fails even with the regularized
+  retry, conjugate gradients stopped by negative curvature or short of
+  their tolerance) the derivatives through w are NaN, not zero (one
+  problem: a wrong zero gradient would go unnoticed).
 
   Args:
     results: the solve's results (see `attach_least_squares`).
@@ -501,6 +533,9 @@ def attach_linearization(results, linearization_tensors, kind, residual_fn,
     residual_fn: point -> [B..., m], the problem's (robust) residuals; its
       closures hold the tensors to differentiate.
     coordinates: (point, ambient cotangent) -> [B..., n], P^T v.
+    hessian_at: None (Gauss-Newton), or point -> the exact Hessian there,
+      a `_block_sparse.EdgeHessian` (one unbatched problem).
+    retract: with `hessian_at`: (point, coordinates [n]) -> point.
 
   Returns:
     `results` with `position`, `cost` and `residual` replaced by
@@ -515,7 +550,16 @@ def attach_linearization(results, linearization_tensors, kind, residual_fn,
   cost = tf.stop_gradient(results.cost)
   linearization = kind.restore(
       [tf.stop_gradient(t) for t in linearization_tensors], point)
-  live = [residual_fn(point)]
+  if hessian_at is None:
+    live = [residual_fn(point)]
+  else:  # r and g = grad_c f(R(c)) at c = 0, recorded by the caller's tapes
+    zero = tf.zeros([kind.layout.tangent_dim], residual.dtype)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch(zero)
+      live_residual = residual_fn(retract(point, zero))
+      objective = 0.5 * tf.reduce_sum(tf.square(live_residual))
+    live = [live_residual, tape.gradient(
+        objective, zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
   _refuse_forward_mode(live)
   num_points = len(flat_point)
   dtype = residual.dtype
@@ -530,6 +574,17 @@ def attach_linearization(results, linearization_tensors, kind, residual_fn,
         point, tf.nest.pack_sequence_as(results.position, point_bar))
     rhs += linearization.rmatvec(residual_bar)
     rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs))
+    if hessian_at is not None:
+      def solve():
+        w, ok = exact_backward_solve(linearization, hessian_at(point), rhs,
+                                     free)
+        return tf.where(ok, w, tf.fill(tf.shape(w),
+                                       tf.constant(np.nan, dtype)))
+
+      w = tf.cond(tf.reduce_any(tf.not_equal(rhs, 0)), solve,
+                  lambda: tf.zeros_like(rhs))
+      live_bar = residual_bar + residual * cost_bar
+      return [None] * (num_points + 2) + [live_bar, -w]
     w, ok = backward_solve(linearization, rhs, free)
     ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
     ok &= tf.reduce_all(tf.math.is_finite(live[0]), axis=-1)
@@ -657,101 +712,6 @@ def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
 # -- the exact Hessian of a factor graph ---------------------------------------
 
 
-def attach_exact_linearization(results, linearization_tensors, kind,
-                               hessian_at, residual_fn, retract,
-                               coordinates):
-  r"""`results` whose position, cost and residual have the implicit
-  gradients of the exact Hessian, H and J known through their products (a
-  factor graph: `tfg_optim.factor_graph`, implicit_hessian='exact').
-
-  As `_attach_exact` (the dense front-ends): with the pullback
-  f(c, theta) = 1/2 ||r(R_{x*}(c), theta)||^2 in the tangent coordinates c
-  at x*, g = grad_c f at c = 0 and H = d^2 f / dc^2 at c = 0 (J^T J plus
-  sum_i r_i d^2 r_i / dc^2, the retraction's own curvature included: at a
-  stationary point, the Riemannian Hessian),
-
-      H w = P^T x_bar + J^T r_bar,
-      theta_bar = (dr/dtheta)^T (r_bar + c_bar r) - (dg/dtheta)^T w.
-
-  The forward pass adds r and g = J^T r (one reverse pass through the
-  retraction and the residual at x*, under the caller's tapes, which then
-  differentiate it: second order). The backward pass forms H as its
-  per-edge blocks (`hessian_at(point)`, a `_block_sparse.EdgeHessian`: one
-  forward-over-reverse pass per term; no n x n matrix) and solves by
-  `exact_backward_solve`; only when the right-hand side is not zero (the
-  final cost alone needs no solve: the envelope theorem).
-
-  H is positive semidefinite at a minimum but need not be elsewhere (a
-  saddle point, a solve stopped early): where the solve fails (a
-  factorization that fails even with the regularized retry, conjugate
-  gradients stopped by negative curvature or short of their tolerance)
-  the derivatives through w are NaN, not zero (one problem: a wrong zero
-  gradient would go unnoticed).
-
-  Args:
-    results: the solve's results (see `attach_least_squares`).
-    linearization_tensors, kind: as in `attach_linearization` (J at x*:
-      the right-hand side, the free coordinates, the preconditioner).
-    hessian_at: point -> the `_block_sparse.EdgeHessian` at the point.
-    residual_fn: point -> [m], the (robust) residuals; its closures hold
-      the tensors to differentiate.
-    retract: (point, coordinates [n]) -> point.
-    coordinates: (point, ambient cotangent) -> [n], P^T v.
-
-  Returns:
-    `results` with `position`, `cost` and `residual` replaced by
-    `tf.identity`s of theirs (a custom gradient; forward mode is refused).
-  """
-  if not _needed():
-    return results
-  flat_point = [tf.stop_gradient(t) for t in tf.nest.flatten(
-      results.position)]
-  point = tf.nest.pack_sequence_as(results.position, flat_point)
-  residual = tf.stop_gradient(results.residual)
-  cost = tf.stop_gradient(results.cost)
-  linearization = kind.restore(
-      [tf.stop_gradient(t) for t in linearization_tensors], point)
-  zero = tf.zeros([kind.layout.tangent_dim], residual.dtype)
-  with tf.GradientTape(watch_accessed_variables=False) as tape:
-    tape.watch(zero)
-    live_residual = residual_fn(retract(point, zero))
-    objective = 0.5 * tf.reduce_sum(tf.square(live_residual))
-  live = [live_residual, tape.gradient(
-      objective, zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
-  _refuse_forward_mode(live)
-  num_points = len(flat_point)
-  dtype = residual.dtype
-
-  def backward(upstream):
-    _require_tapes()
-    point_bar = _zeros_for_none(upstream[:num_points], flat_point)
-    residual_bar, cost_bar = _zeros_for_none(upstream[num_points:],
-                                             [residual, cost])
-    free = tf.cast(linearization.column_norms() > 0, dtype)
-    rhs = free * coordinates(
-        point, tf.nest.pack_sequence_as(results.position, point_bar))
-    rhs += linearization.rmatvec(residual_bar)
-    rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs))
-
-    def solve():
-      w, ok = exact_backward_solve(linearization, hessian_at(point), rhs,
-                                   free)
-      return tf.where(ok, w, tf.fill(tf.shape(w), tf.constant(np.nan,
-                                                              dtype)))
-
-    w = tf.cond(tf.reduce_any(tf.not_equal(rhs, 0)), solve,
-                lambda: tf.zeros_like(rhs))
-    live_bar = residual_bar + residual * cost_bar
-    return [None] * (num_points + 2) + [live_bar, -w]
-
-  outputs = _identity_with_gradient(flat_point + [residual, cost], live,
-                                    backward)
-  return results._replace(
-      position=tf.nest.pack_sequence_as(results.position,
-                                        outputs[:num_points]),
-      residual=outputs[num_points], cost=outputs[num_points + 1])
-
-
 def exact_backward_solve(linearization, hessian, rhs, free):
   """w with H w = rhs on the `free` coordinates ([n], 0 or 1) and w = 0
   on the others, H the exact Hessian (`_block_sparse.EdgeHessian`), by
@@ -780,26 +740,16 @@ def exact_backward_solve(linearization, hessian, rhs, free):
 
 def _sparse_cholesky_solve(linearization, hessian, rhs, free):
   """(w, ok): H w = rhs by the block sparse Cholesky of H (the held
-  coordinates' diagonal set to 1, as for J^T J); where the factorization
-  fails, of H + delta I, delta = sqrt(eps) max_j ||J_j||^2; not ok where
-  that fails too (H not positive definite)."""
-  dtype = rhs.dtype
-  rhs = rhs * free
-
-  def solve(shift):  # solver(., g) = -(H + shift I)^-1 g
-    return -linearization.damped_solver(
-        shift, products=hessian.pair)(None, rhs) * free
-
-  w = solve(tf.zeros([], dtype))
-  factored = tf.reduce_all(tf.math.is_finite(w))
-
-  def regularized():
-    delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
-        linearization.column_norms())
-    return solve(delta)
-
-  w = tf.cond(factored, lambda: w, regularized)
-  return w, tf.reduce_all(tf.math.is_finite(w), axis=-1)
+  coordinates' diagonal set to 1, as for J^T J): `_own_solve` with the
+  linearization's damped solver assembling H's blocks instead of J^T J's
+  (where the factorization fails, of H + delta I, delta = sqrt(eps)
+  max_j ||J_j||^2; not ok where that fails too: H not positive
+  definite)."""
+  of_hessian = types.SimpleNamespace(
+      damped_solver=functools.partial(linearization.damped_solver,
+                                      products=hessian.pair),
+      column_norms=linearization.column_norms)
+  return _own_solve(of_hessian, rhs, free)
 
 
 # -- chunked data ----------------------------------------------------------------
