@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfg_optim
+from tests import test_factor_graph_implicit
 from tests import test_sparse_cholesky
 from tfg_optim import factor_graph
 
@@ -33,19 +34,11 @@ TIGHT = dict(function_tolerance=1e-15, gradient_tolerance=1e-15,
 
 def _graph_solve(scale, gradients, hessian="gauss_newton",
                  linear_solver="cholesky"):
-  table = factor_graph.Variables(tf.constant(VALUES), fixed=[0])
-  landmarks = factor_graph.Variables(tf.constant(POINTS))
-  difference = factor_graph.Term(
-      lambda a, b, z: b - a - z, [(table, EDGES[:, 0]), (table, EDGES[:, 1])],
-      data=[MEASUREMENTS])
-  seen = factor_graph.Term(
-      lambda a, b, r: tf.norm(a[:, :2] - b, axis=-1, keepdims=True) - r,
-      [(table, SIGHTINGS[:, 0]), (landmarks, SIGHTINGS[:, 1])],
-      data=[RANGES * scale])
+  variables, terms = test_factor_graph_implicit.landmark_problem(
+      test_sparse_cholesky._GRAPH, scale)  # pylint: disable=protected-access
   result = factor_graph.least_squares(
-      [table, landmarks], [difference, seen], linear_solver=linear_solver,
-      gradients=gradients, implicit_hessian=hessian, max_iterations=100,
-      **TIGHT)
+      variables, terms, linear_solver=linear_solver, gradients=gradients,
+      implicit_hessian=hessian, max_iterations=100, **TIGHT)
   return tf.reduce_sum(tf.square(result.position[0])), result.cost
 
 

@@ -294,9 +294,8 @@ def landmark_problem(graph, scale, start=None):
   if start is not None:
     values, points = start
   ranges = np.linalg.norm(observations, axis=-1, keepdims=True)
-  table = factor_graph.Variables(tf.constant(values), fixed=[0],
-                                 name="poses")
-  landmarks = factor_graph.Variables(tf.constant(points), name="landmarks")
+  table = factor_graph.Variables(values, fixed=[0], name="poses")
+  landmarks = factor_graph.Variables(points, name="landmarks")
   difference = factor_graph.Term(
       lambda a, b, z: b - a - z, [(table, edges[:, 0]), (table, edges[:, 1])],
       data=[measurements], name="difference")
@@ -307,12 +306,13 @@ def landmark_problem(graph, scale, start=None):
   return [table, landmarks], [difference, seen]
 
 
-def _landmark_residual(x, scale):
+def _landmark_residual(x, scale, anchor):
   """(F [m], J [m, n]) of the landmark graph at x = (free poses,
-  landmarks) flattened, in NumPy (J analytic)."""
+  landmarks) flattened, the held pose at `anchor`, in NumPy (J
+  analytic)."""
   values, _, edges, measurements, sightings, _ = _LANDMARKS
   free = values.shape[0] - 1
-  poses = np.concatenate([values[:1], x[:3 * free].reshape(free, 3)])
+  poses = np.concatenate([anchor[np.newaxis], x[:3 * free].reshape(free, 3)])
   landmarks = x[3 * free:].reshape(-1, 2)
   between = poses[edges[:, 1]] - poses[edges[:, 0]] - measurements
   offsets = poses[sightings[:, 0], :2] - landmarks[sightings[:, 1]]
@@ -330,84 +330,104 @@ def _landmark_residual(x, scale):
           jacobian[:, 3:])
 
 
-def _landmark_solution(scale):
+def _landmark_solution(scale, anchor=_LANDMARKS[0][0]):
   """(poses [12, 3], landmarks [2, 2]) minimizing the landmark graph's cost
-  at `scale` (cached): scipy's MINPACK from the graph's start, then Newton
-  on the gradient J^T F with its Jacobian by central differences, to
-  ||J^T F|| ~ 1e-13 (MINPACK stops earlier along the weakly determined
-  directions)."""
-  if scale not in _LANDMARK_SOLUTIONS:
+  at `scale`, the held pose at `anchor` (cached): scipy's MINPACK from the
+  graph's start, then Newton on the gradient J^T F with its Jacobian by
+  central differences, to ||J^T F|| < 1e-10 (MINPACK stops earlier along
+  the weakly determined directions)."""
+  key = (scale,) + tuple(anchor)
+  if key not in _LANDMARK_SOLUTIONS:
     values, points = _LANDMARKS[:2]
 
     def gradient(x):  # J^T F
-      residual, jacobian = _landmark_residual(x, scale)
+      residual, jacobian = _landmark_residual(x, scale, anchor)
       return jacobian.T @ residual
 
     x = scipy.optimize.least_squares(
-        lambda x: _landmark_residual(x, scale)[0],
+        lambda x: _landmark_residual(x, scale, anchor)[0],
         np.concatenate([values[1:].ravel(), points.ravel()]), method="lm",
-        jac=lambda x: _landmark_residual(x, scale)[1]).x
+        jac=lambda x: _landmark_residual(x, scale, anchor)[1]).x
     for _ in range(3):
       hessian = np.stack([(gradient(x + 1e-6 * e) - gradient(x - 1e-6 * e)) /
                           2e-6 for e in np.eye(x.size)], -1)
       x = x - np.linalg.solve(hessian, gradient(x))
     assert np.linalg.norm(gradient(x)) < 1e-10
     free = values.shape[0] - 1
-    _LANDMARK_SOLUTIONS[scale] = (
-        np.concatenate([values[:1], x[:3 * free].reshape(free, 3)]),
+    _LANDMARK_SOLUTIONS[key] = (
+        np.concatenate([anchor[np.newaxis], x[:3 * free].reshape(free, 3)]),
         x[3 * free:].reshape(-1, 2))
-  return _LANDMARK_SOLUTIONS[scale]
+  return _LANDMARK_SOLUTIONS[key]
 
 
 def _landmark_loss(tables):
   return tf.add_n([tf.reduce_sum(tf.square(t)) for t in tables])
 
 
+_ANCHOR = _LANDMARKS[0][0]
+_ANCHOR_DIRECTION = np.array([0.6, -0.3, 0.8])
+
+
 def _landmark_truth(step=1e-4):
-  """dL/ds at s = 1 by central differences of scipy's re-solves."""
-  plus, minus = [float(_landmark_loss(_landmark_solution(1.0 + sign *
-                                                                step)))
-                 for sign in (1.0, -1.0)]
-  return (plus - minus) / (2 * step)
+  """(dL/ds, dL/d anchor . u) at s = 1 by central differences of the
+  re-solves (u = _ANCHOR_DIRECTION; the held pose is in L too)."""
+  def difference(plus, minus):
+    return (float(_landmark_loss(_landmark_solution(*plus))) -
+            float(_landmark_loss(_landmark_solution(*minus)))) / (2 * step)
+  move = step * _ANCHOR_DIRECTION
+  return (difference((1.0 + step,), (1.0 - step,)),
+          difference((1.0, _ANCHOR + move), (1.0, _ANCHOR - move)))
 
 
-def _landmark_derivative(scale, linear_solver, hessian):
-  """(L, dL/ds) by factor_graph.least_squares started at the solution
-  (a step or two: the implicit derivative depends on the solution only)."""
+def _landmark_derivative(scale, anchor, linear_solver, hessian):
+  """(L, dL/ds, dL/d anchor) by factor_graph.least_squares started at the
+  solution (a step or two: the implicit derivative depends on the
+  solution only), the held pose's values `anchor`."""
+  poses, landmarks = _landmark_solution(1.0)
   with tf.GradientTape() as tape:
-    tape.watch(scale)
+    tape.watch([scale, anchor])
+    start = tf.concat([anchor[tf.newaxis], poses[1:]], 0)
     variables, terms = landmark_problem(_LANDMARKS, scale,
-                                        _landmark_solution(1.0))
+                                        (start, landmarks))
     results = factor_graph.least_squares(
         variables, terms, linear_solver=linear_solver,
         implicit_hessian=hessian, max_iterations=3)
     loss = _landmark_loss(results.position)
-  return loss, tape.gradient(loss, scale)
+  return (loss,) + tuple(tape.gradient(loss, [scale, anchor]))
+
+
+def _check_landmark_derivatives(derivative_s, derivative_anchor):
+  truth_s, truth_anchor = _landmark_truth()
+  np.testing.assert_allclose(derivative_s, truth_s, rtol=1e-6)
+  np.testing.assert_allclose(
+      np.dot(derivative_anchor, _ANCHOR_DIRECTION), truth_anchor, rtol=1e-6)
 
 
 def test_exact_hessian_matches_re_solves_in_a_function():
   """tf.function, 'cholesky' (the dense Cholesky of the scattered exact
-  Hessian): dL/ds equals the re-solves' to 1e-6 (relative), where the
-  Gauss-Newton derivative is off by a factor of 2 (next test)."""
-  solve = tf.function(lambda s: _landmark_derivative(s, "cholesky", "exact"),
-                      autograph=False)
-  loss, derivative = solve(tf.constant(1.0, tf.float64))
-  truth = _landmark_truth()
+  Hessian): dL/ds and dL/d(held pose) along a direction equal the
+  re-solves' to 1e-6 (relative), where the Gauss-Newton dL/ds is off by a
+  factor of 2 (next test)."""
+  solve = tf.function(
+      lambda s, a: _landmark_derivative(s, a, "cholesky", "exact"),
+      autograph=False)
+  loss, derivative_s, derivative_anchor = solve(
+      tf.constant(1.0, tf.float64), tf.constant(_ANCHOR))
   np.testing.assert_allclose(
       loss, _landmark_loss(_landmark_solution(1.0)), rtol=1e-12)
-  np.testing.assert_allclose(derivative, truth, rtol=1e-6)
+  _check_landmark_derivatives(derivative_s, derivative_anchor)
 
 
 def test_exact_hessian_eagerly_by_sparse_cholesky_and_gauss_newton_off():
   """Eagerly, 'sparse_cholesky' (the block sparse Cholesky of the exact
-  Hessian): dL/ds equals the re-solves' to 1e-6; the Gauss-Newton
-  derivative of the same solve is off by more than 100%."""
-  scale = tf.constant(1.0, tf.float64)
-  truth = _landmark_truth()
-  _, exact = _landmark_derivative(scale, "sparse_cholesky", "exact")
-  _, gauss_newton = _landmark_derivative(scale, "sparse_cholesky",
-                                         "gauss_newton")
-  np.testing.assert_allclose(exact, truth, rtol=1e-6)
+  Hessian): dL/ds and dL/d(held pose) equal the re-solves' to 1e-6; the
+  Gauss-Newton dL/ds of the same solve is off by more than 100%."""
+  inputs = tf.constant(1.0, tf.float64), tf.constant(_ANCHOR)
+  _check_landmark_derivatives(
+      *_landmark_derivative(*inputs, "sparse_cholesky", "exact")[1:])
+  gauss_newton = _landmark_derivative(*inputs, "sparse_cholesky",
+                                      "gauss_newton")[1]
+  truth = _landmark_truth()[0]
   assert abs(gauss_newton - truth) > abs(truth)
 
 
