@@ -24,7 +24,7 @@ re-solves by scipy's MINPACK polished by Newton steps ('cholesky' in
 tf.function, 'sparse_cholesky' eagerly; the package's solves start at
 that solution, so they take a step or two); the exact Hessian's products
 on an SE(2) graph against differences of the gradient (the retraction's
-curvature included).
+curvature included); NaN, not zero, where H is indefinite.
 """
 
 import numpy as np
@@ -465,6 +465,27 @@ def test_edge_hessian_products_match_differences_of_the_gradient_on_se2():
     np.testing.assert_array_equal(product[:3], 0.0)
     np.testing.assert_allclose(product[3:], expected, atol=1e-7)
     np.testing.assert_allclose(dense @ vector, product, atol=1e-12)
+
+
+def test_exact_hessian_not_positive_definite_gives_nan_derivatives():
+  """Eagerly, 'cg': the landmark graph's ranges tripled (s = 3) and the
+  solve stopped at once (cost_tolerance) at the s = 1 solution, where H is
+  indefinite (its least eigenvalue -4.4: the measured ranges far too
+  long): conjugate gradients meet negative curvature, so the derivative
+  of the solution is NaN (not a silent zero), while the final cost's (no
+  solve) stays finite."""
+  scale = tf.constant(3.0, tf.float64)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(scale)
+    variables, terms = landmark_problem(_LANDMARKS, scale,
+                                        _landmark_solution(1.0))
+    results = factor_graph.least_squares(
+        variables, terms, linear_solver="cg", implicit_hessian="exact",
+        cost_tolerance=1e12)
+    loss = _landmark_loss(results.position)
+  assert np.isnan(tape.gradient(loss, scale))
+  cost_gradient = tape.gradient(results.cost, scale)
+  assert np.isfinite(cost_gradient) and cost_gradient != 0
 
 
 def test_bad_implicit_hessian_is_a_value_error():

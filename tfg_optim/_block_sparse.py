@@ -190,8 +190,8 @@ class Layout:
     the cost with respect to every row's c, e the directions: e_j on the
     rows j K + k) is, on row j K + k, column j of edge k's Hessian. f is
     traced once, on D K edges. (Forward over reverse, TensorFlow's
-    `ForwardAccumulator` around the tape, took 5x longer to trace and
-    eagerly for SE(2) terms.)"""
+    `ForwardAccumulator` around the tape, was slower, eagerly by several
+    times, on SE(2) terms.)"""
     dims, rows, data, size, directions = self._tiled(point, term)
     total = sum(dims)
     origins = [tf.zeros_like(direction) for direction in directions]

@@ -409,11 +409,14 @@ def least_squares(variables, terms, *, damping=None,
       block sparse Cholesky of H for 'sparse_cholesky', conjugate
       gradients on H v (block-Jacobi of J^T J) for 'cg', 'schur' and
       'iterative_schur'. H must be positive definite on the free
-      coordinates (after one retry with H + sqrt(eps) max_j ||J_j||^2 I):
-      where it is not (a saddle point, a solve stopped early), every
-      derivative through the solve is NaN (a gradient of the cost alone
-      needs no solve and stays the envelope one). Forward mode is refused,
-      as for 'gauss_newton'.
+      coordinates (after one retry with H + delta I, delta = sqrt(eps)
+      times the largest diagonal entry of J^T J, of H for 'cholesky'):
+      where a factorization fails or conjugate gradients stop short
+      (negative curvature), every derivative through the solve is NaN (a
+      gradient of the cost alone needs no solve and stays the envelope
+      one). (Conjugate gradients may also converge on an indefinite H:
+      then the derivative is that of the stationary point.) Forward mode
+      is refused, as for 'gauss_newton'.
     name: name scope of the ops.
 
   Returns:
