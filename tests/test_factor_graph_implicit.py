@@ -278,11 +278,12 @@ def test_linear_graph_schur_eagerly_and_none():
 # held, and 2 landmarks, each seen by 3 poses) with Euclidean rows, as in
 # benchmarks/gauss_newton_gradient_error.py: relative positions b - a - z
 # and ranges ||a[:2] - y|| - s r with noisy r. L = ||poses||^2 +
-# ||landmarks||^2 at the solution; dL/ds at s = 1 is 118.42 (re-solves)
-# while Gauss-Newton gives 244.6: the residual (cost 92.7) is far from 0.
+# ||landmarks||^2 at the solution (the held pose included); dL/ds at s = 1
+# is 118.42 (re-solves) while Gauss-Newton gives 244.6: the residual (cost
+# 92.7) is far from 0.
 _LANDMARKS = test_sparse_cholesky._graph(count=12, landmarks=2, seed=0)  # pylint: disable=protected-access
 _RANGES = np.linalg.norm(_LANDMARKS[5], axis=-1, keepdims=True)
-_LANDMARK_SOLUTIONS = {}  # scale -> scipy's solution (poses, landmarks)
+_LANDMARK_SOLUTIONS = {}  # (scale, *anchor) -> (poses, landmarks)
 
 
 def landmark_problem(graph, scale, start=None):
