@@ -6,8 +6,10 @@ relative-position terms between poses and range terms ||x_i[:2] - y_k|| -
 s r_k with noisy ranges (cost 48 at the solution). L = sum of the squared
 free pose coordinates at the solution; dL/ds at s = 1 by:
 
-- factor_graph.least_squares, gradients='implicit' (Gauss-Newton) and
-  'unrolled';
+- factor_graph.least_squares, gradients='implicit' with
+  implicit_hessian='gauss_newton' and 'exact' (with linear_solver=
+  'cholesky', and 'exact' with 'cg' and 'sparse_cholesky' too), and
+  gradients='unrolled';
 - tfg_optim.least_squares on the same residuals, implicit_hessian=
   'gauss_newton' and 'exact';
 - central differences of re-solves (h = 1e-5).
@@ -19,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfg_optim
+from tests import test_factor_graph_implicit
 from tests import test_sparse_cholesky
 from tfg_optim import factor_graph
 
@@ -29,19 +32,13 @@ TIGHT = dict(function_tolerance=1e-15, gradient_tolerance=1e-15,
              parameter_tolerance=1e-15)
 
 
-def _graph_solve(scale, gradients):
-  table = factor_graph.Variables(tf.constant(VALUES), fixed=[0])
-  landmarks = factor_graph.Variables(tf.constant(POINTS))
-  difference = factor_graph.Term(
-      lambda a, b, z: b - a - z, [(table, EDGES[:, 0]), (table, EDGES[:, 1])],
-      data=[MEASUREMENTS])
-  seen = factor_graph.Term(
-      lambda a, b, r: tf.norm(a[:, :2] - b, axis=-1, keepdims=True) - r,
-      [(table, SIGHTINGS[:, 0]), (landmarks, SIGHTINGS[:, 1])],
-      data=[RANGES * scale])
+def _graph_solve(scale, gradients, hessian="gauss_newton",
+                 linear_solver="cholesky"):
+  variables, terms = test_factor_graph_implicit.landmark_problem(
+      test_sparse_cholesky._GRAPH, scale)  # pylint: disable=protected-access
   result = factor_graph.least_squares(
-      [table, landmarks], [difference, seen], linear_solver="cholesky",
-      gradients=gradients, max_iterations=100, **TIGHT)
+      variables, terms, linear_solver=linear_solver, gradients=gradients,
+      implicit_hessian=hessian, max_iterations=100, **TIGHT)
   return tf.reduce_sum(tf.square(result.position[0])), result.cost
 
 
@@ -72,7 +69,16 @@ def _derivative(solve, option):
 
 
 def main():
-  rows = [("factor_graph, implicit (Gauss-Newton)", _graph_solve, "implicit"),
+  def graph(linear_solver):
+    return lambda scale, hessian: _graph_solve(scale, "implicit", hessian,
+                                               linear_solver)
+  rows = [("factor_graph, implicit gauss_newton", graph("cholesky"),
+           "gauss_newton"),
+          ("factor_graph, implicit exact (cholesky)", graph("cholesky"),
+           "exact"),
+          ("factor_graph, implicit exact (cg)", graph("cg"), "exact"),
+          ("factor_graph, implicit exact (sparse_cholesky)",
+           graph("sparse_cholesky"), "exact"),
           ("factor_graph, unrolled", _graph_solve, "unrolled"),
           ("least_squares, implicit gauss_newton", _flat_solve,
            "gauss_newton"),

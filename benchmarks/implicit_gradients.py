@@ -39,7 +39,11 @@ largest entry.
 'cg' (block-Jacobi conjugate gradients, forward and backward), the loss
 sum(W * poses) for a fixed random W, gradient w.r.t. the measurements (a
 term's `data`); "implicit vs dense" is each implicit gradient's largest
-difference from the 'cholesky' one, relative to its largest entry.
+difference from the 'cholesky' one, relative to its largest entry. With
+the columns of implicit_hessian='exact' (timed in the same rounds, side
+by side with the default Gauss-Newton 'implicit'), and "exact vs
+implicit", the exact gradient's largest difference from the Gauss-Newton
+one of the same solver, relative to the latter's largest entry.
 
 Part 3 (--optimistix; --only-optimistix for it alone): the curve fit side by
 side with `optimistix.LevenbergMarquardt` and its implicit adjoint
@@ -121,21 +125,23 @@ def _problems(tf, m):
 
 
 def _functions(tf, build, jit_compile, **options):
-  """(forward, implicit forward+backward, unrolled forward+backward)."""
+  """(forward, implicit forward+backward, unrolled forward+backward,
+  implicit_hessian='exact' forward+backward)."""
   def forward(y):
     return build(y, "none", **options)
 
-  def with_gradient(gradients):
+  def with_gradient(gradients, **extra):
     def run(y):
       with tf.GradientTape() as tape:
         tape.watch(y)
-        loss, iterations = build(y, gradients, **options)
+        loss, iterations = build(y, gradients, **options, **extra)
       return tape.gradient(loss, y), iterations
     return run
 
   make = lambda f: tf.function(f, jit_compile=jit_compile, autograph=False)
   return (make(forward), make(with_gradient("implicit")),
-          make(with_gradient("unrolled")))
+          make(with_gradient("unrolled")),
+          make(with_gradient("implicit", implicit_hessian="exact")))
 
 
 def _timed(function, y):
@@ -226,8 +232,9 @@ def time_table(args, large_scale=False, factor_graph=False):
     problems = _problems(tf, args.m)
   for name, (build, y) in problems.items():
     for jit in ([False] if args.skip_xla else [False, True]):
-      functions = dict(zip(("forward", "implicit", "unrolled"),
-                           _functions(tf, build, jit)))
+      labels = ("forward", "implicit", "unrolled") + (
+          ("exact",) if factor_graph else ())
+      functions = dict(zip(labels, _functions(tf, build, jit)))
       row = {"problem": name, "mode": "XLA" if jit else "tf.function"}
       for label, function in list(functions.items()):
         try:
@@ -243,7 +250,7 @@ def time_table(args, large_scale=False, factor_graph=False):
         for label, function in functions.items():
           samples[label].append(_timed(function, y)[0])
       row["forward"] = statistics.median(samples["forward"])
-      for label in ("implicit", "unrolled"):
+      for label in labels[1:]:
         if label not in samples:
           row[label] = row[label + "_backward"] = None
           continue
@@ -261,6 +268,10 @@ def time_table(args, large_scale=False, factor_graph=False):
         gradient = functions["implicit"](y)[0].numpy()
         row["difference"] = float(np.max(np.abs(gradient - reference)) /
                                   np.max(np.abs(reference)))
+        if "exact" in functions:  # exact vs Gauss-Newton, same solve
+          exact = functions["exact"](y)[0].numpy()
+          row["exact_difference"] = float(np.max(np.abs(exact - gradient)) /
+                                          np.max(np.abs(gradient)))
       rows.append(row)
       print(f"  {name}, {row['mode']}: done", flush=True)
   return rows
@@ -421,12 +432,15 @@ def print_tables(times, memory, args):
         f"float64, CPU ({os.cpu_count()} cores). backward = median over "
         "rounds of (solve + gradient) - solve, +- its median absolute "
         "deviation")
+  exact = any("exact_backward" in row for row in times)
   header = ("problem", "mode", "iters", "solve", "implicit backward",
             "implicit bwd/fwd", "unrolled backward", "unrolled bwd/fwd",
             "unrolled/implicit")
   compared = any("difference" in row for row in times)
   if compared:
     header += ("implicit vs dense",)
+  if exact:
+    header += ("exact backward", "exact bwd/fwd", "exact vs implicit")
   lines = [header]
   for row in times:
     cells = []
@@ -450,11 +464,19 @@ def print_tables(times, memory, args):
                else "-")
     else:
       ratio = (ratio,)
+    if exact:
+      back = row.get("exact_backward")
+      ratio += (("fails: " + row.get("exact_error", "?"), "-", "-")
+                if back is None else
+                (f"{back * 1e3:.2f} +- {row['exact_noise'] * 1e3:.2f}",
+                 f"{back / row['forward']:.2f}",
+                 f"{row['exact_difference']:.1e}"
+                 if "exact_difference" in row else "-"))
     lines.append((row["problem"], row["mode"], str(row["iterations"]),
                   _format_time(row["forward"])) + tuple(cells) + ratio)
   _print_lines(lines)
   for row in times:
-    for label in ("implicit", "unrolled"):
+    for label in ("implicit", "unrolled", "exact"):
       if row.get(label + "_message"):
         print(f"  {row['problem']}, {row['mode']}, {label}: "
               f"{row[label + '_message'][:160]}")

@@ -20,14 +20,26 @@ Modes: tf.function (the pose loop, 'cholesky'), XLA (the linear graph,
 (the linear graph, 'schur'; and 'none'; the gauge). Each cell traces one
 solve; the pose loop's Jacobian comes row by row from one traced function
 whose cotangent is an input.
+
+implicit_hessian='exact': a noisy landmark graph whose Gauss-Newton
+derivative is off by a factor of 2, against central differences of
+re-solves by scipy's MINPACK polished by Newton steps ('cholesky' in
+tf.function, 'sparse_cholesky' eagerly; the package's solves start at
+that solution, so they take a step or two); the exact Hessian's products
+on an SE(2) graph against differences of the gradient (the retraction's
+curvature included); NaN, not zero, where H is indefinite.
 """
 
 import numpy as np
+import pytest
+import scipy.optimize
 import tensorflow as tf
 
 from tests import test_factor_graph
 from tfg_optim import _implicit
 from tfg_optim import _schur
+from tests import test_sparse_cholesky
+from tfg_optim import _block_sparse
 from tfg_optim import factor_graph
 from tfg_optim.manifolds import lie_groups
 
@@ -335,3 +347,224 @@ def test_gauge_cg_backward_is_right_or_nan():
                                  np.linalg.pinv(design).T @ us[0], atol=1e-7)
     else:
       assert np.all(np.isnan(w.numpy()))
+# -- the exact Hessian (implicit_hessian='exact') --------------------------------
+
+# A 2-D landmark graph (test_sparse_cholesky._graph: 12 poses, the first
+# held, and 2 landmarks, each seen by 3 poses) with Euclidean rows, as in
+# benchmarks/gauss_newton_gradient_error.py: relative positions b - a - z
+# and ranges ||a[:2] - y|| - s r with noisy r. L = ||poses||^2 +
+# ||landmarks||^2 at the solution (the held pose included); dL/ds at s = 1
+# is 118.42 (re-solves) while Gauss-Newton gives 244.6: the residual (cost
+# 92.7) is far from 0.
+_LANDMARKS = test_sparse_cholesky._graph(count=12, landmarks=2, seed=0)  # pylint: disable=protected-access
+_RANGES = np.linalg.norm(_LANDMARKS[5], axis=-1, keepdims=True)
+_LANDMARK_SOLUTIONS = {}  # (scale, *anchor) -> (poses, landmarks)
+
+
+def landmark_problem(graph, scale, start=None):
+  """([poses, landmarks], [difference, ranges]) of `graph` (a
+  test_sparse_cholesky._graph) with Euclidean rows and the ranges' data
+  multiplied by `scale`; from `start` (poses, landmarks), or the graph's
+  own start."""
+  values, points, edges, measurements, sightings, observations = graph
+  if start is not None:
+    values, points = start
+  ranges = np.linalg.norm(observations, axis=-1, keepdims=True)
+  table = factor_graph.Variables(values, fixed=[0], name="poses")
+  landmarks = factor_graph.Variables(points, name="landmarks")
+  difference = factor_graph.Term(
+      lambda a, b, z: b - a - z, [(table, edges[:, 0]), (table, edges[:, 1])],
+      data=[measurements], name="difference")
+  seen = factor_graph.Term(
+      lambda a, b, r: tf.norm(a[:, :2] - b, axis=-1, keepdims=True) - r,
+      [(table, sightings[:, 0]), (landmarks, sightings[:, 1])],
+      data=[ranges * scale], name="ranges")
+  return [table, landmarks], [difference, seen]
+
+
+def _landmark_residual(x, scale, anchor):
+  """(F [m], J [m, n]) of the landmark graph at x = (free poses,
+  landmarks) flattened, the held pose at `anchor`, in NumPy (J
+  analytic)."""
+  values, _, edges, measurements, sightings, _ = _LANDMARKS
+  free = values.shape[0] - 1
+  poses = np.concatenate([anchor[np.newaxis], x[:3 * free].reshape(free, 3)])
+  landmarks = x[3 * free:].reshape(-1, 2)
+  between = poses[edges[:, 1]] - poses[edges[:, 0]] - measurements
+  offsets = poses[sightings[:, 0], :2] - landmarks[sightings[:, 1]]
+  distances = np.linalg.norm(offsets, axis=-1)
+  jacobian = np.zeros([between.size + len(sightings), x.size + 3])
+  for k, (i, j) in enumerate(edges):  # (the held pose's 3 columns first)
+    jacobian[3 * k:3 * k + 3, 3 * j:3 * j + 3] += np.eye(3)
+    jacobian[3 * k:3 * k + 3, 3 * i:3 * i + 3] -= np.eye(3)
+  for k, (i, j) in enumerate(sightings):
+    row, unit = between.size + k, offsets[k] / distances[k]
+    jacobian[row, 3 * i:3 * i + 2] = unit
+    jacobian[row, 3 * (free + 1) + 2 * j:3 * (free + 1) + 2 * j + 2] = -unit
+  return (np.concatenate([between.ravel(),
+                          distances - scale * _RANGES[:, 0]]),
+          jacobian[:, 3:])
+
+
+def _landmark_solution(scale, anchor=_LANDMARKS[0][0]):
+  """(poses [12, 3], landmarks [2, 2]) minimizing the landmark graph's cost
+  at `scale`, the held pose at `anchor` (cached): scipy's MINPACK from the
+  graph's start, then Newton on the gradient J^T F with its Jacobian by
+  central differences, to ||J^T F|| < 1e-10 (MINPACK stops earlier along
+  the weakly determined directions)."""
+  key = (scale,) + tuple(anchor)
+  if key not in _LANDMARK_SOLUTIONS:
+    values, points = _LANDMARKS[:2]
+
+    def gradient(x):  # J^T F
+      residual, jacobian = _landmark_residual(x, scale, anchor)
+      return jacobian.T @ residual
+
+    x = scipy.optimize.least_squares(
+        lambda x: _landmark_residual(x, scale, anchor)[0],
+        np.concatenate([values[1:].ravel(), points.ravel()]), method="lm",
+        jac=lambda x: _landmark_residual(x, scale, anchor)[1]).x
+    for _ in range(3):
+      hessian = np.stack([(gradient(x + 1e-6 * e) - gradient(x - 1e-6 * e)) /
+                          2e-6 for e in np.eye(x.size)], -1)
+      x = x - np.linalg.solve(hessian, gradient(x))
+    assert np.linalg.norm(gradient(x)) < 1e-10
+    free = values.shape[0] - 1
+    _LANDMARK_SOLUTIONS[key] = (
+        np.concatenate([anchor[np.newaxis], x[:3 * free].reshape(free, 3)]),
+        x[3 * free:].reshape(-1, 2))
+  return _LANDMARK_SOLUTIONS[key]
+
+
+def _landmark_loss(tables):
+  return tf.add_n([tf.reduce_sum(tf.square(t)) for t in tables])
+
+
+_ANCHOR = _LANDMARKS[0][0]
+_ANCHOR_DIRECTION = np.array([0.6, -0.3, 0.8])
+
+
+def _landmark_truth(step=1e-4):
+  """(dL/ds, dL/d anchor . u) at s = 1 by central differences of the
+  re-solves (u = _ANCHOR_DIRECTION; the held pose is in L too)."""
+  def difference(plus, minus):
+    return (float(_landmark_loss(_landmark_solution(*plus))) -
+            float(_landmark_loss(_landmark_solution(*minus)))) / (2 * step)
+  move = step * _ANCHOR_DIRECTION
+  return (difference((1.0 + step,), (1.0 - step,)),
+          difference((1.0, _ANCHOR + move), (1.0, _ANCHOR - move)))
+
+
+def _landmark_derivative(scale, anchor, linear_solver, hessian):
+  """(L, dL/ds, dL/d anchor) by factor_graph.least_squares started at the
+  solution (a step or two: the implicit derivative depends on the
+  solution only), the held pose's values `anchor`."""
+  poses, landmarks = _landmark_solution(1.0)
+  with tf.GradientTape() as tape:
+    tape.watch([scale, anchor])
+    start = tf.concat([anchor[tf.newaxis], poses[1:]], 0)
+    variables, terms = landmark_problem(_LANDMARKS, scale,
+                                        (start, landmarks))
+    results = factor_graph.least_squares(
+        variables, terms, linear_solver=linear_solver,
+        implicit_hessian=hessian, max_iterations=3)
+    loss = _landmark_loss(results.position)
+  return (loss,) + tuple(tape.gradient(loss, [scale, anchor]))
+
+
+def _check_landmark_derivatives(derivative_s, derivative_anchor):
+  truth_s, truth_anchor = _landmark_truth()
+  np.testing.assert_allclose(derivative_s, truth_s, rtol=1e-6)
+  np.testing.assert_allclose(
+      np.dot(derivative_anchor, _ANCHOR_DIRECTION), truth_anchor, rtol=1e-6)
+
+
+def test_exact_hessian_matches_re_solves_in_a_function():
+  """tf.function, 'cholesky' (the dense Cholesky of the scattered exact
+  Hessian): dL/ds and dL/d(held pose) along a direction equal the
+  re-solves' to 1e-6 (relative), where the Gauss-Newton dL/ds is off by a
+  factor of 2 (next test)."""
+  solve = tf.function(
+      lambda s, a: _landmark_derivative(s, a, "cholesky", "exact"),
+      autograph=False)
+  loss, derivative_s, derivative_anchor = solve(
+      tf.constant(1.0, tf.float64), tf.constant(_ANCHOR))
+  np.testing.assert_allclose(
+      loss, _landmark_loss(_landmark_solution(1.0)), rtol=1e-12)
+  _check_landmark_derivatives(derivative_s, derivative_anchor)
+
+
+def test_exact_hessian_eagerly_by_sparse_cholesky_and_gauss_newton_off():
+  """Eagerly, 'sparse_cholesky' (the block sparse Cholesky of the exact
+  Hessian): dL/ds and dL/d(held pose) equal the re-solves' to 1e-6; the
+  Gauss-Newton dL/ds of the same solve is off by more than 100%."""
+  inputs = tf.constant(1.0, tf.float64), tf.constant(_ANCHOR)
+  _check_landmark_derivatives(
+      *_landmark_derivative(*inputs, "sparse_cholesky", "exact")[1:])
+  gauss_newton = _landmark_derivative(*inputs, "sparse_cholesky",
+                                      "gauss_newton")[1]
+  truth = _landmark_truth()[0]
+  assert abs(gauss_newton - truth) > abs(truth)
+
+
+def test_edge_hessian_products_match_differences_of_the_gradient_on_se2():
+  """The per-edge blocks (`_block_sparse.Layout.hessian_blocks`, with the
+  SE(2) retraction's curvature): H v, and the scattered H times v, against
+  central differences of the gradient of c -> 1/2 ||F(R_X(c))||^2 (one
+  reverse pass over the whole tangent vector, no blocks) along v, on the
+  SE(2) pose and landmark graph of test_sparse_cholesky, its free poses
+  turned by 1 rad (the held pose's coordinates of v are zero). H is
+  indefinite there, which J^T J cannot be: the second-order terms count."""
+  graph = test_sparse_cholesky._graph(count=8, landmarks=2, seed=2)  # pylint: disable=protected-access
+  poses = graph[0] + np.array([0.0, 0.0, 1.0]) * (np.arange(8) > 0)[:, None]
+  point = (tf.constant(poses), tf.constant(graph[1]))
+  layout, _ = factor_graph._layout(*test_sparse_cholesky._problem(  # pylint: disable=protected-access
+      *point, graph=graph))
+  hessian = _block_sparse.EdgeHessian(layout, layout.hessian_blocks(point))
+  dense = hessian.dense().numpy()
+  assert np.linalg.eigvalsh(dense[3:, 3:])[0] < -1.0
+  np.testing.assert_array_equal(dense[:3], 0.0)
+
+  def gradient(coordinates):
+    with tf.GradientTape() as tape:
+      tape.watch(coordinates)
+      cost = 0.5 * tf.reduce_sum(tf.square(layout.residual(
+          layout.retract(point, coordinates))))
+    return tape.gradient(cost, coordinates).numpy()
+
+  step = 1e-5
+  for vector in np.random.default_rng(0).normal(size=(2, layout.tangent_dim)):
+    vector[:3] = 0.0
+    expected = (gradient(tf.constant(step * vector)) -
+                gradient(tf.constant(-step * vector)))[3:] / (2 * step)
+    product = hessian.matvec(tf.constant(vector)).numpy()
+    np.testing.assert_array_equal(product[:3], 0.0)
+    np.testing.assert_allclose(product[3:], expected, atol=1e-7)
+    np.testing.assert_allclose(dense @ vector, product, atol=1e-12)
+
+
+def test_exact_hessian_not_positive_definite_gives_nan_derivatives():
+  """Eagerly, 'cg': the landmark graph's ranges tripled (s = 3) and the
+  solve stopped at once (cost_tolerance) at the s = 1 solution, where H is
+  indefinite (its least eigenvalue -4.4: the measured ranges far too
+  long): conjugate gradients meet negative curvature, so the derivative
+  of the solution is NaN (not a silent zero), while the final cost's (no
+  solve) stays finite."""
+  scale = tf.constant(3.0, tf.float64)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(scale)
+    variables, terms = landmark_problem(_LANDMARKS, scale,
+                                        _landmark_solution(1.0))
+    results = factor_graph.least_squares(
+        variables, terms, linear_solver="cg", implicit_hessian="exact",
+        cost_tolerance=1e12)
+    loss = _landmark_loss(results.position)
+  assert np.isnan(tape.gradient(loss, scale))
+  cost_gradient = tape.gradient(results.cost, scale)
+  assert np.isfinite(cost_gradient) and cost_gradient != 0
+
+
+def test_bad_implicit_hessian_is_a_value_error():
+  variables, terms = landmark_problem(_LANDMARKS, 1.0)
+  with pytest.raises(ValueError, match="implicit_hessian"):
+    factor_graph.least_squares(variables, terms, implicit_hessian="newton")

@@ -34,6 +34,15 @@ The direction e_j enters as its ambient tangent vector at the row
 retraction takes no part in it. Rows held fixed
 (the gauge) have their blocks' columns zeroed (`hold_fixed`), so the step
 and the gradient leave them alone.
+
+The exact Hessian of the cost in these coordinates (the implicit
+gradients' implicit_hessian='exact') has the sparsity of J^T J: edge k of
+a term contributes the [D, D] Hessian of 1/2 ||f_k(R(c))||^2 in the
+coordinates c of the rows it reads (the retractions inside, so their
+curvature counts), placed like the blocks J_a^T J_b. `Layout.hessian_blocks`
+computes them for all edges of a term by reverse over reverse over the
+same tiled edges; `EdgeHessian` holds them: H v, the scattered H (dense
+Cholesky only) and the slot-pair blocks for the sparse Cholesky.
 """
 
 import collections
@@ -84,6 +93,13 @@ class Layout:
     """Per table [N_t, d_t] -> [n]."""
     return tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
 
+  def join_sums(self, sums, dtype):
+    """Per table a list of [N_t, d_t] terms -> their sums joined, [n] (a
+    table without terms: zeros)."""
+    return self.join_tangent([
+        tf.add_n(parts) if parts else tf.zeros([t.size, t.dim], dtype)
+        for t, parts in zip(self.tables, sums)])
+
   def coordinates(self, point, ambient):
     """P^T v: per table, the manifold's coordinates of the ambient
     cotangents `ambient` (one [N_t, ...] per table) at `point`, joined
@@ -122,26 +138,32 @@ class Layout:
     return tf.concat([tf.reshape(self.term_residuals(point, term), [-1])
                       for term in self.terms], axis=0)
 
-  def term_blocks(self, point, term):
-    """J_{term, s} for every slot s: [K, r, d_s], by one forward-mode
-    product of f over the edges tiled D = sum_s d_s times (row j K + k
-    moves edge k along the j-th of all slots' basis directions; see the
-    module docstring). f is traced once per term."""
+  def _tiled(self, point, term):
+    """A term's edges tiled D = sum_s d_s times, row j K + k moving edge k
+    along the j-th of all its slots' basis directions (see the module
+    docstring): (dims [d_s], rows [D K, ...] per slot, data [D K, ...],
+    K, directions [D K, d_s] per slot: e_j on the rows of slot s's own
+    directions, else 0)."""
     dims = [self.tables[t].dim for t in term.tables]
     total = sum(dims)
-    dtype = point[0].dtype
     tile = lambda x: tf.tile(x, [total] + [1] * (x.shape.rank - 1))
     rows = [tf.gather(point[t], tf.tile(index, [total]))
             for t, index in zip(term.tables, term.indices)]
-    data = [tile(x) for x in term.data]
     size = tf.shape(term.indices[0])[0]
     directions, start = [], 0
     for d in dims:
-      # Slot s's tangent: e_j on the rows of its own directions, else 0.
       basis = tf.constant(np.eye(total, d, -start),  # [D, d]
-                          dtype=dtype)
+                          dtype=point[0].dtype)
       directions.append(tf.repeat(basis, size, axis=0))  # [D K, d]
       start += d
+    return dims, rows, [tile(x) for x in term.data], size, directions
+
+  def term_blocks(self, point, term):
+    """J_{term, s} for every slot s: [K, r, d_s], by one forward-mode
+    product of f over the edges tiled D = sum_s d_s times (`_tiled`).
+    f is traced once per term."""
+    dims, rows, data, size, directions = self._tiled(point, term)
+    total = sum(dims)
     # d/dt f(R_x(t e_j)) = Df(x)[tangent_vector(x, e_j)] (every retraction
     # has DR_x(0) = id): the retraction is neither traced under the
     # accumulator nor run on the D K tiled rows.
@@ -157,6 +179,83 @@ class Layout:
       blocks.append(tf.transpose(derivative[start:start + d], [1, 2, 0]))
       start += d
     return blocks
+
+  def term_hessian(self, point, term):
+    """H_term [K, D, D]: per edge k, the Hessian of 1/2 ||f_k(R(c))||^2
+    in the D = sum_s d_s local coordinates c of its slots' rows, at c = 0
+    (R: each row's retraction, whose second derivative is included).
+
+    Reverse over reverse over the edges tiled D times (`_tiled`): each
+    tiled row has its own c, so the gradient of g . e (g the gradient of
+    the cost with respect to every row's c, e the directions: e_j on the
+    rows j K + k) is, on row j K + k, column j of edge k's Hessian. f is
+    traced once, on D K edges. (Forward over reverse, TensorFlow's
+    `ForwardAccumulator` around the tape, was slower, eagerly by several
+    times, on SE(2) terms.)"""
+    dims, rows, data, size, directions = self._tiled(point, term)
+    total = sum(dims)
+    origins = [tf.zeros_like(direction) for direction in directions]
+    zero = tf.UnconnectedGradients.ZERO
+    with tf.GradientTape(watch_accessed_variables=False) as outer:
+      outer.watch(origins)
+      with tf.GradientTape(watch_accessed_variables=False) as inner:
+        inner.watch(origins)
+        moved = [self.tables[t].manifold.retract(row, origin)
+                 for t, row, origin in zip(term.tables, rows, origins)]
+        residual = term.function(*moved, *data)
+        cost = 0.5 * tf.reduce_sum(tf.square(residual))
+      gradients = inner.gradient(cost, origins, unconnected_gradients=zero)
+      along = tf.add_n([tf.reduce_sum(g * e)
+                        for g, e in zip(gradients, directions)])
+    columns = outer.gradient(along, origins, unconnected_gradients=zero)
+    columns = tf.reshape(tf.concat(columns, -1), [total, size, total])
+    return tf.transpose(columns, [1, 2, 0])
+
+  def hessian_blocks(self, point):
+    """Every term's `term_hessian`, in order, with the rows and columns of
+    held rows' coordinates zeroed."""
+    blocks = []
+    for term in self.terms:
+      block = self.term_hessian(point, term)
+      if all(self.tables[t].free is None for t in term.tables):
+        blocks.append(block)
+        continue
+      mask = tf.concat([
+          tf.repeat(tf.gather(self._free(t, block.dtype), index)[:, None],
+                    self.tables[t].dim, axis=1)
+          for t, index in zip(term.tables, term.indices)], -1)  # [K, D]
+      blocks.append(block * mask[:, :, tf.newaxis] * mask[:, tf.newaxis, :])
+    return tuple(blocks)
+
+  def _free(self, t, dtype):
+    """float [N_t]: 0 on table t's held rows, 1 elsewhere."""
+    free = self.tables[t].free
+    return tf.ones([self.tables[t].size], dtype) if free is None else (
+        tf.constant(free, dtype))
+
+  def coordinate_indices(self, t, index):
+    """[K, d]: the tangent coordinates of rows `index` of table t."""
+    table = self.tables[t]
+    return (table.offset + index[:, tf.newaxis] * table.dim +
+            tf.range(table.dim, dtype=index.dtype)[tf.newaxis, :])
+
+  def scatter_pairs(self, pairs):
+    """The n x n matrix sum_k P_a(k)^T M_ab[k] P_b(k) over `pairs`, an
+    iterable of (table a, index a, table b, index b, M_ab [K, d_a, d_b])
+    (P_s(k): the selection of row i_s(k)'s coordinates); repeated
+    positions are summed."""
+    indices, values = [], []
+    for t_a, index_a, t_b, index_b, product in pairs:
+      rows = self.coordinate_indices(t_a, index_a)  # [K, d_a]
+      columns = self.coordinate_indices(t_b, index_b)
+      row_grid = tf.broadcast_to(rows[:, :, tf.newaxis], tf.shape(product))
+      column_grid = tf.broadcast_to(columns[:, tf.newaxis, :],
+                                    tf.shape(product))
+      indices.append(tf.reshape(tf.stack([row_grid, column_grid], -1),
+                                [-1, 2]))
+      values.append(tf.reshape(product, [-1]))
+    n = self.tangent_dim
+    return tf.scatter_nd(tf.concat(indices, 0), tf.concat(values, 0), [n, n])
 
   def blocks(self, point):
     """Every (term, slot) block, in order, with held rows zeroed."""
@@ -231,7 +330,7 @@ class BlockSparse:
       for t, index, block in slots:
         sums[t].append(tf.math.unsorted_segment_sum(
             tf.einsum("krd,kr->kd", block, u), index, tables[t].size))
-    return self._join(sums, lambda t: [t.size, t.dim], vector.dtype)
+    return self.layout.join_sums(sums, vector.dtype)
 
   def gradient(self, residual):
     return self.rmatvec(residual)
@@ -245,7 +344,7 @@ class BlockSparse:
     for block, (_, _, t, index) in zip(self.blocks, self.layout.slots()):
       sums[t].append(tf.math.unsorted_segment_sum(
           tf.reduce_sum(tf.square(block), axis=1), index, tables[t].size))
-    return self._join(sums, lambda t: [t.size, t.dim], self.blocks[0].dtype)
+    return self.layout.join_sums(sums, self.blocks[0].dtype)
 
   def block_diagonal(self):
     """B_t = the [N_t, d_t, d_t] diagonal blocks of J^T J, per table."""
@@ -259,40 +358,14 @@ class BlockSparse:
             tf.zeros([table.size, table.dim, table.dim], dtype)
             for table, parts in zip(tables, sums)]
 
-  def _join(self, sums, shape, dtype):
-    return self.layout.join_tangent([
-        tf.add_n(parts) if parts else tf.zeros(shape(table), dtype)
-        for table, parts in zip(self.layout.tables, sums)])
-
   def gram(self):
     """J^T J, [n, n], scattered from the blocks (dense solvers only)."""
-    n = self.layout.tangent_dim
-    indices, values = self._gram_entries()
-    return tf.scatter_nd(indices, values, [n, n])
-
-  def _gram_entries(self):
-    """(positions [E, 2], values [E]) of every block pair's J_a^T J_b
-    entries, repeated positions to be summed."""
-    indices, values = [], []
-    for slots in self._by_term():
-      for t_a, index_a, block_a in slots:
-        rows = self._coordinates(t_a, index_a)  # [K, d_a]
-        for t_b, index_b, block_b in slots:
-          columns = self._coordinates(t_b, index_b)
-          product = tf.einsum("kra,krb->kab", block_a, block_b)
-          row_grid = tf.broadcast_to(rows[:, :, tf.newaxis], tf.shape(product))
-          column_grid = tf.broadcast_to(columns[:, tf.newaxis, :],
-                                        tf.shape(product))
-          indices.append(tf.reshape(tf.stack([row_grid, column_grid], -1),
-                                    [-1, 2]))
-          values.append(tf.reshape(product, [-1]))
-    return tf.concat(indices, 0), tf.concat(values, 0)
-
-  def _coordinates(self, t, index):
-    """[K, d]: the tangent coordinates of rows `index` of table t."""
-    table = self.layout.tables[t]
-    return (table.offset + index[:, tf.newaxis] * table.dim +
-            tf.range(table.dim, dtype=index.dtype)[tf.newaxis, :])
+    return self.layout.scatter_pairs(
+        (t_a, index_a, t_b, index_b,
+         tf.einsum("kra,krb->kab", block_a, block_b))
+        for slots in self._by_term()
+        for t_a, index_a, block_a in slots
+        for t_b, index_b, block_b in slots)
 
   def preconditioner(self, damping_diagonal):
     """The block-Jacobi `Preconditioner` of J^T J + diag(damping_diagonal)
@@ -337,6 +410,58 @@ class BlockSparse:
     return type(self)(*[
         block * tf.gather(parts[t], index)[:, tf.newaxis, :]
         for block, (_, _, t, index) in zip(self.blocks, self.layout.slots())])
+
+
+class EdgeHessian:
+  """A symmetric n x n matrix H = sum_terms sum_k P(k)^T H_term[k] P(k) as
+  its per-edge blocks H_term [K, D, D] in the coordinates of the edge's
+  slots' rows (D = sum_s d_s; P(k) selects them): the exact Hessian of a
+  factor graph's cost (`Layout.hessian_blocks`) has the sparsity of J^T J.
+
+  H v is a gather, an einsum and a segment sum per term (no n x n matrix);
+  `dense()` scatters H (the dense Cholesky path only); `pair(number, a,
+  b)` is term `number`'s [K, d_a, d_b] block of slots (a, b) (the sparse
+  Cholesky's assembly).
+  """
+
+  def __init__(self, layout, blocks):
+    self.layout = layout
+    self.blocks = tuple(blocks)
+
+  def _slot_ranges(self, term):
+    """Per slot (table, index, start, end) of its coordinates in D."""
+    start = 0
+    for t, index in zip(term.tables, term.indices):
+      end = start + self.layout.tables[t].dim
+      yield t, index, start, end
+      start = end
+
+  def pair(self, number, a, b):
+    ranges = list(self._slot_ranges(self.layout.terms[number]))
+    block = self.blocks[number]
+    return block[:, ranges[a][2]:ranges[a][3], ranges[b][2]:ranges[b][3]]
+
+  def matvec(self, vector):
+    tables = self.layout.tables
+    parts = self.layout.split_tangent(vector)
+    sums = [[] for _ in tables]
+    for term, block in zip(self.layout.terms, self.blocks):
+      ranges = list(self._slot_ranges(term))
+      gathered = tf.concat([tf.gather(parts[t], index)
+                            for t, index, _, _ in ranges], -1)  # [K, D]
+      product = tf.einsum("kab,kb->ka", block, gathered)
+      for t, index, start, end in ranges:
+        sums[t].append(tf.math.unsorted_segment_sum(
+            product[:, start:end], index, tables[t].size))
+    return self.layout.join_sums(sums, vector.dtype)
+
+  def dense(self):
+    """H, [n, n] (scattered from the blocks)."""
+    return self.layout.scatter_pairs(
+        (t_a, index_a, t_b, index_b, block[:, start_a:end_a, start_b:end_b])
+        for term, block in zip(self.layout.terms, self.blocks)
+        for t_a, index_a, start_a, end_a in self._slot_ranges(term)
+        for t_b, index_b, start_b, end_b in self._slot_ranges(term))
 
 
 class BlockSparseKind:

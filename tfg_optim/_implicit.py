@@ -83,6 +83,12 @@ caller's tapes, and the outputs are rebuilt from it:
   linearization's own damped solver, e.g. the Schur complement; the
   Cholesky of its J^T J where it is dense; else preconditioned conjugate
   gradients, block-Jacobi for block-sparse J).
+- the exact Hessian of a factor graph (`attach_linearization` with
+  `hessian_at`): the identity of `_attach_exact` (the live residual and
+  gradient g = J^T r, by one reverse pass), with H as its per-edge blocks
+  (reverse over reverse, in the backward pass only: no n x n matrix unless
+  the forward solve was the dense Cholesky) and solved by
+  `exact_backward_solve`.
 - chunked data (`attach_chunked`): J never exists, only the state's J^T J.
   The identity's inputs are theta itself (the data tensors, and the tensors
   and variables the chunk residual captures, found by tracing it once); the
@@ -97,7 +103,9 @@ that is what the gradient means.
 """
 
 import contextlib
+import functools
 import threading
+import types
 
 import numpy as np
 import tensorflow as tf
@@ -105,6 +113,7 @@ import tensorflow as tf
 from tfg_optim import _batch
 from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
+from tfg_optim import _sparse_cholesky
 
 GRADIENTS = ("implicit", "unrolled", "none")
 HESSIANS = ("gauss_newton", "exact")
@@ -478,19 +487,43 @@ def attach_matrix_free(results, linearization_tensors, problem, coordinates):
 
 
 def attach_linearization(results, linearization_tensors, kind, residual_fn,
-                         coordinates):
-  """`results` whose position, cost and residual have Gauss-Newton implicit
-  gradients, J known through a linearization at x* (its products).
+                         coordinates, hessian_at=None, retract=None):
+  r"""`results` whose position, cost and residual have implicit gradients,
+  J known through a linearization at x* (its products): Gauss-Newton, or
+  the exact Hessian given its products (`hessian_at`: a factor graph's,
+  implicit_hessian='exact').
 
-  The forward pass adds one evaluation of the live residual r(x*, theta)
-  (x* held); the backward pass solves J^T J w = P^T x_bar + J^T r_bar by
-  `backward_solve` (the solver the forward solve used: the
+  Gauss-Newton: the forward pass adds one evaluation of the live residual
+  r(x*, theta) (x* held); the backward pass solves J^T J w = P^T x_bar +
+  J^T r_bar by `backward_solve` (the solver the forward solve used: the
   linearization's own damped solver, the dense Cholesky of its J^T J, or
   preconditioned conjugate gradients) and returns the live residual's
   cotangent r_bar + c_bar r - J w, which ordinary automatic
   differentiation carries to theta (one reverse pass of the residual).
   Coordinates whose Jacobian column is exactly zero (held) get a zero
   derivative.
+
+  Exact Hessian (as `_attach_exact`, the dense front-ends): with the
+  pullback f(c, theta) = 1/2 ||r(R_{x*}(c), theta)||^2 in the tangent
+  coordinates c at x*, g = grad_c f at c = 0 and H = d^2 f / dc^2 at c = 0
+  (J^T J plus sum_i r_i d^2 r_i / dc^2, the retraction's own curvature
+  included: at a stationary point, the Riemannian Hessian),
+
+      H w = P^T x_bar + J^T r_bar,
+      theta_bar = (dr/dtheta)^T (r_bar + c_bar r) - (dg/dtheta)^T w.
+
+  The forward pass adds r and g = J^T r (one reverse pass through the
+  retraction and the residual at x*, under the caller's tapes, which then
+  differentiate it: second order). The backward pass forms H as its
+  per-edge blocks (`hessian_at(point)`: one reverse-over-reverse pass per
+  term; no n x n matrix) and solves by `exact_backward_solve`, only when
+  the right-hand side is not zero (the final cost alone needs no solve:
+  the envelope theorem). H is positive semidefinite at a minimum but need
+  not be elsewhere (a saddle point, a solve stopped early): where the
+  solve fails (a factorization that fails even with the regularized
+  retry, conjugate gradients stopped by negative curvature or short of
+  their tolerance) the derivatives through w are NaN, not zero (one
+  problem: a wrong zero gradient would go unnoticed).
 
   Args:
     results: the solve's results (see `attach_least_squares`).
@@ -501,6 +534,9 @@ def attach_linearization(results, linearization_tensors, kind, residual_fn,
     residual_fn: point -> [B..., m], the problem's (robust) residuals; its
       closures hold the tensors to differentiate.
     coordinates: (point, ambient cotangent) -> [B..., n], P^T v.
+    hessian_at: None (Gauss-Newton), or point -> the exact Hessian there,
+      a `_block_sparse.EdgeHessian` (one unbatched problem).
+    retract: with `hessian_at`: (point, coordinates [n]) -> point.
 
   Returns:
     `results` with `position`, `cost` and `residual` replaced by
@@ -515,7 +551,16 @@ def attach_linearization(results, linearization_tensors, kind, residual_fn,
   cost = tf.stop_gradient(results.cost)
   linearization = kind.restore(
       [tf.stop_gradient(t) for t in linearization_tensors], point)
-  live = [residual_fn(point)]
+  if hessian_at is None:
+    live = [residual_fn(point)]
+  else:  # r and g = grad_c f(R(c)) at c = 0, recorded by the caller's tapes
+    zero = tf.zeros([kind.layout.tangent_dim], residual.dtype)
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch(zero)
+      live_residual = residual_fn(retract(point, zero))
+      objective = 0.5 * tf.reduce_sum(tf.square(live_residual))
+    live = [live_residual, tape.gradient(
+        objective, zero, unconnected_gradients=tf.UnconnectedGradients.ZERO)]
   _refuse_forward_mode(live)
   num_points = len(flat_point)
   dtype = residual.dtype
@@ -530,6 +575,17 @@ def attach_linearization(results, linearization_tensors, kind, residual_fn,
         point, tf.nest.pack_sequence_as(results.position, point_bar))
     rhs += linearization.rmatvec(residual_bar)
     rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs))
+    if hessian_at is not None:
+      def solve():
+        w, ok = exact_backward_solve(linearization, hessian_at(point), rhs,
+                                     free)
+        return tf.where(ok, w, tf.fill(tf.shape(w),
+                                       tf.constant(np.nan, dtype)))
+
+      w = tf.cond(tf.reduce_any(tf.not_equal(rhs, 0)), solve,
+                  lambda: tf.zeros_like(rhs))
+      live_bar = residual_bar + residual * cost_bar
+      return [None] * (num_points + 2) + [live_bar, -w]
     w, ok = backward_solve(linearization, rhs, free)
     ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
     ok &= tf.reduce_all(tf.math.is_finite(live[0]), axis=-1)
@@ -608,23 +664,25 @@ def _own_solve(linearization, rhs, free):
   return w, _batch.all_finite(norms, 0)
 
 
-def _conjugate_gradient_solve(linearization, rhs, free):
-  """w with J^T J w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
-  w = 0 on the others, by preconditioned conjugate gradients
-  (`_linear_solvers.conjugate_gradient_solver` with lambda D = 1 - free;
-  the linearization's own preconditioner where it has one, block-Jacobi
-  for block-sparse J, else Jacobi);
-  returns (w, ok), ok [B...] False where J is not finite.
+def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
+  """w with H w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
+  w = 0 on the others, H = J^T J (or `hessian`, an operator with
+  `matvec`: the exact Hessian), by preconditioned conjugate gradients
+  (`_linear_solvers._cg_loop` on H + diag(1 - free); the linearization's
+  own preconditioner of J^T J where it has one, block-Jacobi for
+  block-sparse J, else Jacobi); returns (w, ok), ok [B...] False where J
+  is not finite.
 
   Where the solve does not reach its tolerance (by its own signal: the
-  `SolveOutcome` not converged, i.e. at the iteration cap or broken down;
-  and checked with one more product: ||J^T J w - rhs||_M^-1 >
-  sqrt(tolerance) ||rhs||_M^-1, in the preconditioner's norm), J^T J is
-  singular (a rank-deficient J: its null space makes conjugate gradients
-  diverge) or too ill-conditioned: those problems are solved again with
-  J^T J + delta I on the free coordinates, delta = sqrt(eps) max_j
-  ||J_j||^2, the dense path's regularization. Where that solve does not
-  converge either, w is NaN (a NaN derivative, not a wrong one).
+  `SolveOutcome` not converged, i.e. at the iteration cap or broken down
+  on a non-positive curvature; and checked with one more product:
+  ||H w - rhs||_M^-1 > sqrt(tolerance) ||rhs||_M^-1, in the Jacobi norm),
+  H is singular (a rank-deficient J: its null space makes conjugate
+  gradients diverge), too ill-conditioned or, an exact Hessian, indefinite:
+  those problems are solved again with H + delta I on the free
+  coordinates, delta = sqrt(eps) max_j ||J_j||^2, the dense path's
+  regularization. Where that solve does not converge either, w is NaN (a
+  NaN derivative, not a wrong one).
   """
   dtype = rhs.dtype
   tolerance = CG_TOLERANCES[dtype]
@@ -632,21 +690,26 @@ def _conjugate_gradient_solve(linearization, rhs, free):
   norms = linearization.column_norms()
   diagonal = norms + fixed
   diagonal = tf.where(diagonal > 0, diagonal, tf.ones_like(diagonal))
+  if hessian is None:
+    product = lambda v: linearization.rmatvec(linearization.matvec(v))
+  else:
+    product = hessian.matvec
 
-  def solve(shift):  # (J^T J + shift) w = rhs on the free coordinates.
-    solver = _linear_solvers.conjugate_gradient_solver(
-        linearization, tf.ones_like(rhs[..., 0]), fixed + shift * free,
-        max_iterations=CG_MAX_ITERATIONS, tolerance=tolerance)
-    outcome = solver(None, rhs)  # solver(., g) = -(J^T J + lambda D)^-1 g.
-    return -outcome.solution, outcome.converged
+  def solve(shift):  # (H + shift) w = rhs on the free coordinates.
+    damping = fixed + shift * free
+    precondition = _linear_solvers._preconditioner(  # pylint: disable=protected-access
+        linearization, damping).solve
+    outcome = _linear_solvers._cg_loop(  # pylint: disable=protected-access
+        lambda v: product(v) + damping * v, rhs, precondition,
+        CG_MAX_ITERATIONS, tolerance)
+    return outcome.solution, outcome.converged
 
   def size(vector):
     return tf.sqrt(tf.reduce_sum(tf.square(vector) / diagonal, axis=-1))
 
   w, converged = solve(tf.zeros_like(rhs[..., :1]))
-  error = (linearization.rmatvec(linearization.matvec(w)) + fixed * w -
-           rhs)
-  reached = converged & (size(error) <= np.sqrt(tolerance) * size(rhs))
+  reached = converged & (size(product(w) + fixed * w - rhs) <=
+                         np.sqrt(tolerance) * size(rhs))
 
   def regularized():
     delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
@@ -659,6 +722,49 @@ def _conjugate_gradient_solve(linearization, rhs, free):
                       regularized)
   w = tf.where(solved[..., tf.newaxis], w, tf.constant(np.nan, dtype))
   return w, _batch.all_finite(norms, norms.shape.rank - 1)
+
+
+# -- the exact Hessian of a factor graph ---------------------------------------
+
+
+def exact_backward_solve(linearization, hessian, rhs, free):
+  """w with H w = rhs on the `free` coordinates ([n], 0 or 1) and w = 0
+  on the others, H the exact Hessian (`_block_sparse.EdgeHessian`), by
+  the forward solve's kind of solver; returns (w, ok): a failed solve
+  gives w = NaN (the Cholesky of a dense H: ok False).
+
+  - a dense linearization ('cholesky'): the Cholesky of the scattered H
+    (`_masked_solve`: a retry with H + delta I, delta = sqrt(eps)
+    max_j |H_jj|, where the factor is not finite; not ok where it still
+    is not: H not positive definite);
+  - the block sparse Cholesky ('sparse_cholesky'): H assembled from its
+    blocks in the forward solve's symbolic structure and factored
+    (`_sparse_cholesky_solve`);
+  - otherwise ('cg', 'schur', 'iterative_schur'): conjugate gradients on
+    H v (`_conjugate_gradient_solve` with the `hessian`), preconditioned
+    by the block-Jacobi blocks of J^T J; w = NaN where it stops short of
+    its tolerance (negative curvature) even with H + delta I.
+  """
+  if isinstance(linearization, _sparse_cholesky.SparseCholesky):
+    return _sparse_cholesky_solve(linearization, hessian, rhs, free)
+  if (getattr(linearization, "damped_solver", None) is None and
+      linearization.dense):
+    return _masked_solve(hessian.dense(), rhs, free)
+  return _conjugate_gradient_solve(linearization, rhs, free, hessian)
+
+
+def _sparse_cholesky_solve(linearization, hessian, rhs, free):
+  """(w, ok): H w = rhs by the block sparse Cholesky of H (the held
+  coordinates' diagonal set to 1, as for J^T J): `_own_solve` with the
+  linearization's damped solver assembling H's blocks instead of J^T J's
+  (where the factorization fails, of H + delta I, delta = sqrt(eps)
+  max_j ||J_j||^2; w = NaN where that fails too: H not positive
+  definite)."""
+  of_hessian = types.SimpleNamespace(
+      damped_solver=functools.partial(linearization.damped_solver,
+                                      products=hessian.pair),
+      column_norms=linearization.column_norms)
+  return _own_solve(of_hessian, rhs, free)
 
 
 # -- chunked data ----------------------------------------------------------------

@@ -572,10 +572,13 @@ class SparseCholesky(_block_sparse.BlockSparse):
         rows[offsets[t]:offsets[t + 1], :table.dim]
         for t, table in enumerate(self.layout.tables)])
 
-  def assemble(self, regularization, scaling=None):
+  def assemble(self, regularization, scaling=None, products=None):
     """The stored blocks of P (J^T J + lambda D) P^T, [stored, d, d], in
     the storage order, with E (module docstring) not yet added; and E's
-    diagonal [rows, d] in the renumbered order."""
+    diagonal [rows, d] in the renumbered order. `products`: (term number,
+    slot a, slot b) -> [K, d_a, d_b], the blocks of another matrix of
+    J^T J's sparsity to assemble instead of J_a^T J_b (the exact Hessian:
+    `_block_sparse.EdgeHessian.pair`)."""
     structure, layout = self.structure, self.layout
     d = structure.block
     dtype = self.blocks[0].dtype
@@ -583,8 +586,11 @@ class SparseCholesky(_block_sparse.BlockSparse):
     values, targets = [], []
     for (number, a, b), target, (plain, transposed) in zip(
         structure.pairs, structure.targets, structure.transposed):
-      block_a, block_b = grouped[number][a][2], grouped[number][b][2]
-      product = tf.einsum("kra,krb->kab", block_a, block_b)
+      if products is None:
+        block_a, block_b = grouped[number][a][2], grouped[number][b][2]
+        product = tf.einsum("kra,krb->kab", block_a, block_b)
+      else:
+        product = products(number, a, b)
       pad = d - product.shape[-1], d - product.shape[-2]
       if pad != (0, 0):
         product = tf.pad(product, [[0, 0], [0, pad[1]], [0, pad[0]]])
@@ -611,14 +617,15 @@ class SparseCholesky(_block_sparse.BlockSparse):
                      tf.ones_like(diagonal), diagonal)
     return storage, tf.gather(extra, structure.order)
 
-  def damped_solver(self, regularization, scaling=None):
+  def damped_solver(self, regularization, scaling=None, products=None):
     """Factors P (J^T J + lambda D) P^T = L L^T for lambda =
     regularization ([]) and D = diag(scaling) ([n], or None for I); returns
     solve(residual, gradient) -> the `_linear_solvers.SolveOutcome` of
     -(J^T J + lambda D)^-1 gradient, [n] (NaN if the factorization failed
-    or the gradient is not finite)."""
+    or the gradient is not finite). With `products` (`assemble`), of that
+    matrix + lambda D instead."""
     structure = self.structure
-    storage, extra = self.assemble(regularization, scaling)
+    storage, extra = self.assemble(regularization, scaling, products)
     damped = _add_to_diagonals(structure, storage, extra)
     factors = factor(structure, damped)
     dtype = storage.dtype

@@ -22,11 +22,14 @@ forward mode, no m x n or n x n matrix unless the dense Cholesky path asks
 for J^T J. See docs/sparse.md.
 
 The returned tables and cost are differentiable (gradients='implicit', the
-default): dX*/dtheta = -(J^T J)^-1 J^T dF/dtheta at the solution, in each
-table's tangent coordinates, for every tensor the terms' functions capture,
-their data, and the held rows' values (`_implicit_gradients`), by one
-backward solve with the forward solve's linear solver. See
-docs/differentiation.md, "Factor graphs".
+default): dX*/dtheta = -H^-1 d^2 cost / (dX dtheta) at the solution, in
+each table's tangent coordinates, for every tensor the terms' functions
+capture, their data, and the held rows' values (`_implicit_gradients`), by
+one backward solve with the forward solve's kind of linear solver; H is
+the Gauss-Newton J^T J (implicit_hessian='gauss_newton', the default) or
+the exact Hessian of the cost ('exact': per-edge second-derivative blocks,
+`_block_sparse.Layout.hessian_blocks`). See docs/differentiation.md,
+"Factor graphs".
 
     poses = factor_graph.Variables(start, manifold=SE3(), fixed=[0])
     between = factor_graph.Term(
@@ -380,6 +383,7 @@ def least_squares(variables, terms, *, damping=None,
                   linear_solver="auto", geodesic_acceleration=None,
                   vanishing_column_tolerance=None, callback=None,
                   record=False, gradients="implicit",
+                  implicit_hessian="gauss_newton",
                   name="factor_graph_least_squares"):
   """Minimizes a factor graph's cost (module docstring); returns results.
 
@@ -429,11 +433,33 @@ def least_squares(variables, terms, *, damping=None,
       Steihaug's truncated CG, as for 'cg'.
     gradients: how `position` and `cost` (and `residual`) are
       differentiated: 'implicit' (default; `_implicit_gradients`: the
-      Gauss-Newton implicit derivative at the solution, one linear solve in
-      the backward pass by the solver the forward solve used, no tape of
-      the loop), 'unrolled' (through the `tf.while_loop`: memory grows with
+      implicit derivative at the solution, one linear solve in the
+      backward pass by the solver the forward solve used, no tape of the
+      loop), 'unrolled' (through the `tf.while_loop`: memory grows with
       the iterations, no XLA) or 'none' (no gradients). See
       docs/differentiation.md.
+    implicit_hessian: the H of the implicit derivative, as in
+      `tfg_optim.least_squares`: 'gauss_newton' (default; H = J^T J, exact
+      where the residual vanishes at the solution, and possibly far off,
+      even in sign, where it does not) or 'exact': H = the Hessian of
+      c -> cost(R_X*(c)) at c = 0 in the tables' tangent coordinates,
+      J^T J + sum_i F_i d^2 F_i / dc^2 with each row's retraction inside
+      (at a stationary point, the Riemannian Hessian), robust losses
+      included; its per-edge [D, D] blocks (D: the coordinates of an
+      edge's rows) by reverse-over-reverse differentiation in the backward
+      pass, and g = J^T F by one more reverse pass in the forward pass.
+      The backward solve: the dense Cholesky of H for 'cholesky', the
+      block sparse Cholesky of H for 'sparse_cholesky', conjugate
+      gradients on H v (block-Jacobi of J^T J) for 'cg', 'schur' and
+      'iterative_schur'. H must be positive definite on the free
+      coordinates (after one retry with H + delta I, delta = sqrt(eps)
+      times the largest diagonal entry of J^T J, of H for 'cholesky'):
+      where a factorization fails or conjugate gradients stop short
+      (negative curvature), every derivative through the solve is NaN (a
+      gradient of the cost alone needs no solve and stays the envelope
+      one). (Conjugate gradients may also converge on an indefinite H:
+      then the derivative is that of the stationary point.) Forward mode
+      is refused, as for 'gauss_newton'.
     name: name scope of the ops.
 
   Returns:
@@ -445,6 +471,7 @@ def least_squares(variables, terms, *, damping=None,
     ValueError / TypeError: for invalid arguments, naming the argument.
   """
   gradients = _implicit.check_gradients(gradients)
+  implicit_hessian = _implicit.check_hessian(implicit_hessian)
   if linear_solver not in LINEAR_SOLVERS:
     raise ValueError(f"'linear_solver' must be one of {LINEAR_SOLVERS}, got "
                      f"{linear_solver!r}.")
@@ -512,36 +539,42 @@ def least_squares(variables, terms, *, damping=None,
         # would not (docs/bundle_adjustment.md).
         kind = _schur.SchurKind(layout)
       result = _implicit_gradients(result, state.linearization, kind, layout,
-                                   tables)
+                                   tables, implicit_hessian)
     return result._replace(position=list(result.position))
 
 
-def _implicit_gradients(result, linearization_tensors, kind, layout, tables):
-  r"""`result` whose position, cost and residual have the Gauss-Newton
-  implicit derivative (`_implicit.attach_linearization`).
+def _implicit_gradients(result, linearization_tensors, kind, layout, tables,
+                        hessian):
+  r"""`result` whose position, cost and residual have the implicit
+  derivative (`_implicit.attach_linearization`, with the exact Hessian's
+  blocks for hessian='exact').
 
-  At the solution X* (a tuple of tables) the gradient of the cost in the
+  At the solution X* (a tuple of tables) the gradient g of the cost in the
   tangent coordinates of the free rows vanishes, so for every tensor theta
   the terms read (captured by their functions, or their `data`)
 
-      dX*/dtheta = -H^-1 J^T dF/dtheta,      H = J^T J,
+      dX*/dtheta = -H^-1 dg/dtheta,
+      'gauss_newton': H = J^T J, dg/dtheta ~ J^T dF/dtheta,
+      'exact':        H = d^2/dc^2 1/2 ||F(R_X*(c))||^2 at c = 0,
 
-  in the tangent coordinates of each table's manifold, H and J those of the
+  in the tangent coordinates of each table's manifold, J those of the
   final linearization (held rows: zero columns, so zero derivative, and
-  the identity's rows and columns in H). The backward pass solves H w =
-  P^T X_bar + J^T F_bar with the forward solve's linear solver
-  (`_implicit.backward_solve`: the Cholesky of the scattered J^T J for
-  'cholesky', block-Jacobi conjugate gradients for 'cg', the Schur
+  the identity's rows and columns in H). Gauss-Newton: the backward pass
+  solves H w = P^T X_bar + J^T F_bar with the forward solve's linear
+  solver (`_implicit.backward_solve`: the Cholesky of the scattered J^T J
+  for 'cholesky', block-Jacobi conjugate gradients for 'cg', the Schur
   complement for 'schur'), and theta_bar = (dF/dtheta)^T (F_bar +
-  c_bar F - J w). The final cost has dc/dtheta = (dF/dtheta)^T F (the
-  envelope theorem: no solve).
+  c_bar F - J w). Exact: the same right-hand side, H from its per-edge
+  blocks (`_implicit.exact_backward_solve`), and theta_bar =
+  (dF/dtheta)^T (F_bar + c_bar F) - (dg/dtheta)^T w. The final cost has
+  dc/dtheta = (dF/dtheta)^T F (the envelope theorem: no solve).
 
   Initial values: the free rows' starting values have derivative zero (the
   solution does not depend on where the solve started: implicit function
   theorem); the held rows' values are parameters of the problem, so they
   get their derivative: the returned held rows are theirs (identity), and
   the residual evaluated for the backward pass reads them live, so that
-  dX*_free/dX_held = -H^-1 J^T dF/dX_held reaches them.
+  dX*_free/dX_held = -H^-1 dg/dX_held reaches them.
   """
   def held(table):  # bool [N, 1, ...]: True on held rows.
     mask = tf.constant(table.free == 0)
@@ -553,10 +586,16 @@ def _implicit_gradients(result, linearization_tensors, kind, layout, tables):
         tf.where(held(table), table.values, values)
         for table, values in zip(tables, point))
 
+  def residual(point):
+    return layout.residual(with_held_rows(point))
+
+  hessian_at = None
+  if hessian == "exact":
+    hessian_at = lambda point: _block_sparse.EdgeHessian(
+        layout, layout.hessian_blocks(point))
   result = _implicit.attach_linearization(
-      result, linearization_tensors, kind,
-      lambda point: layout.residual(with_held_rows(point)),
-      layout.coordinates)
+      result, linearization_tensors, kind, residual, layout.coordinates,
+      hessian_at, layout.retract)
   return result._replace(position=tuple(
       values if table.free is None else values + tf.where(
           held(table), table.values - tf.stop_gradient(table.values),
