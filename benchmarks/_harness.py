@@ -138,7 +138,7 @@ def compile_for(function, mode):
                      autograph=False)
 
 
-def run_peer(python, script, arguments=(), what=None):
+def run_peer(python, script, arguments=(), what=None, env=None):
   """Runs a peer's script in another interpreter; reads its JSON line.
 
   Args:
@@ -146,6 +146,7 @@ def run_peer(python, script, arguments=(), what=None):
     script: the script, relative to benchmarks/ or absolute.
     arguments: its command-line arguments (strings).
     what: the peer's name in notes (default: the script's name).
+    env: the subprocess's environment (default: this one's).
 
   Returns:
     (result, note): the dict the script printed last and None, or None and a
@@ -157,7 +158,7 @@ def run_peer(python, script, arguments=(), what=None):
                   "docstring for the set-up commands)")
   process = subprocess.run(
       [python, os.path.join(HERE, script)] + [str(a) for a in arguments],
-      capture_output=True, text=True, check=False)
+      capture_output=True, text=True, check=False, env=env)
   if process.returncode != 0:
     return None, f"{what} failed:\n" + process.stderr[-2000:]
   return json.loads(process.stdout.strip().splitlines()[-1]), None
