@@ -210,3 +210,32 @@ def pose_fit(rng, num_points=30, noise=0.02, rotation=None, translation=None):
   x_mean, y_mean = x.mean(0), y.mean(0)
   r = kabsch(x - x_mean, y - y_mean)
   return x, y, (r, y_mean - r @ x_mean)
+
+
+# -- small problems for eager calls --------------------------------------------
+
+# y = 2 exp(-1.3 t) + 0.01 sin(40 t) on 50 points of [0, 1]: a two-parameter
+# exponential fit (a, b) -> a exp(b t) - y whose residual is small, not zero.
+EXPONENTIAL_T = np.linspace(0.0, 1.0, 50)
+EXPONENTIAL_Y = 2.0 * np.exp(-1.3 * EXPONENTIAL_T) + 0.01 * np.sin(
+    40.0 * EXPONENTIAL_T)
+
+
+def exponential_residual(a, b):
+  """a exp(b t) - y on `EXPONENTIAL_T`, `EXPONENTIAL_Y` (scalars a, b)."""
+  return a * tf.exp(b * EXPONENTIAL_T) - EXPONENTIAL_Y
+
+
+POWELL_START = np.array([3.0, -1.0, 0.0, 1.0])
+
+
+def powell_singular(x):
+  """Moré-Garbow-Hillstrom's Powell singular function, x [4] -> r [4].
+
+  r = [x0 + 10 x1, sqrt(5) (x2 - x3), (x1 - 2 x2)^2, sqrt(10) (x0 - x3)^2];
+  minimum r = 0 at x = 0, where the Jacobian is singular (Gauss-Newton
+  converges only linearly there). Start `POWELL_START`.
+  """
+  return tf.stack([x[0] + 10.0 * x[1], np.sqrt(5.0) * (x[2] - x[3]),
+                   (x[1] - 2.0 * x[2]) ** 2,
+                   np.sqrt(10.0) * (x[0] - x[3]) ** 2])
