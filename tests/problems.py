@@ -51,13 +51,13 @@ def rosenbrock_residuals(v, lib=None):
 
   Args:
     v: the point, a tensor or a NumPy array [..., 2].
-    lib: `tf` or `np`; default: `tf` for a tensor, `np` otherwise.
+    lib: `tf` or `np`; default: `np` for a NumPy array, `tf` otherwise.
 
   Returns:
     The residuals [..., 2], of `lib`'s kind.
   """
   if lib is None:
-    lib = tf if tf.is_tensor(v) else np
+    lib = np if isinstance(v, np.ndarray) else tf
   return lib.stack([1.0 - v[..., 0], 10.0 * (v[..., 1] - v[..., 0] ** 2)], -1)
 
 
