@@ -164,6 +164,30 @@ def run_peer(python, script, arguments=(), what=None, env=None):
   return json.loads(process.stdout.strip().splitlines()[-1]), None
 
 
+def peer_parser(doc, repeats, max_steps, tolerance, out=False):
+  """The flags of a peer script that `run_peer` runs (optimistix's helpers).
+
+  --data (the .npz the benchmark wrote), --repeats, --max-steps, --rtol and
+  --atol (default `tolerance`), and with `out`, --out (a .npz to write).
+  This module imports only the standard library, so a peer's interpreter
+  without TensorFlow can import it.
+  """
+  result = argparse.ArgumentParser(description=doc.splitlines()[0])
+  result.add_argument("--data", required=True)
+  if out:
+    result.add_argument("--out", required=True)
+  result.add_argument("--repeats", type=int, default=repeats)
+  result.add_argument("--max-steps", type=int, default=max_steps)
+  result.add_argument("--rtol", type=float, default=tolerance)
+  result.add_argument("--atol", type=float, default=tolerance)
+  return result
+
+
+def print_peer_result(result):
+  """Prints `result` (a dict) as the one JSON line `run_peer` reads."""
+  print(json.dumps(result), flush=True)
+
+
 def markdown_table(header, rows):
   """A markdown table, each column padded to its widest cell.
 
