@@ -20,12 +20,14 @@
               (`--repeats`, `--dtype`, `--json`).
   machine     `machine_info()`: lines that say what ran the benchmark.
 
-Importing this module also makes the repository root importable (appended
-to sys.path when it is not there), so that `python benchmarks/NAME.py` finds
-`tests.problems` and `tests.nist` without PYTHONPATH. It is appended, not
-prepended: a PYTHONPATH that names another tree (first_call.py --trees) keeps
-precedence. Benchmarks import it as `import _harness` (the script's folder
-is on sys.path when a script runs).
+Importing this module also makes the repository root importable when it is
+not on sys.path, so that `python benchmarks/NAME.py` finds `tests.problems`,
+`tests.nist` and this tree's `tfg_optim` without PYTHONPATH: right after the
+script's folder (before an installed tfg_optim), or, when PYTHONPATH is set,
+last (a PYTHONPATH that names another tree, as first_call.py --trees does,
+keeps precedence). Benchmarks import it as `import _harness` (the script's
+folder is on sys.path when a script runs); it imports only the standard
+library.
 """
 
 import argparse
@@ -41,7 +43,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if not any(os.path.abspath(p or os.curdir) == ROOT for p in sys.path):
-  sys.path.append(ROOT)
+  # Right after the script's folder, before an installed tfg_optim (another
+  # tree), unless PYTHONPATH names the trees to use (first_call.py --trees).
+  sys.path.insert(len(sys.path) if os.environ.get("PYTHONPATH") else 1, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_JAX_PYTHON = os.path.join(HERE, ".venv-jax", "bin", "python")
