@@ -17,6 +17,9 @@ NIST's certified values.
   Kabsch        y_i = R x_i (+ t) + noise; the rotation (and translation)
                 minimizing sum ||R x_i (+ t) - y_i||^2 in closed form by SVD
                 (`kabsch`, `rotation_fits`, `pose_fit`).
+  pose graphs   the g2o benchmark graphs (MIT, CSAIL, intel, ...) in
+                ../shared/data/posegraph, read as a factor-graph problem
+                (`pose_graph_problem`).
   NIST StRD     the 27 nonlinear regression datasets and their certified
                 values: `tests/nist.py` is their one home (a parser and 27
                 models written once for TensorFlow and NumPy), re-exported
@@ -31,6 +34,8 @@ it is missing), so both import it as `from tests import problems`.
 
 Data are NumPy float64 arrays; cast them (`.astype(dtype)`) for float32 runs.
 """
+
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -239,3 +244,35 @@ def powell_singular(x):
   return tf.stack([x[0] + 10.0 * x[1], np.sqrt(5.0) * (x[2] - x[3]),
                    (x[1] - 2.0 * x[2]) ** 2,
                    np.sqrt(10.0) * (x[0] - x[3]) ** 2])
+
+
+# -- pose graphs (g2o files) ---------------------------------------------------
+
+# The benchmark graphs (not in the repository: ../shared/data/posegraph).
+POSE_GRAPH_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))), "shared", "data", "posegraph")
+
+
+def pose_graph_problem(name, data_dir=None):
+  """Reads `<data_dir>/<name>.g2o` as a factor-graph problem at its poses.
+
+  Vertices the file does not list are chained from their predecessor
+  (`missing_vertices="chain"`); the start is the file's poses, float64.
+
+  Args:
+    name: the graph's file name without `.g2o` (e.g. "MIT").
+    data_dir: the folder (default `POSE_GRAPH_DIR`).
+
+  Returns:
+    (graph, variables, terms): the `io.read_g2o` graph and
+    `examples.pose_graph.factor_graph_problem`'s variables and terms.
+  """
+  # pylint: disable=g-import-not-at-top
+  from tfg_optim import io
+  from tfg_optim.examples import pose_graph
+  # pylint: enable=g-import-not-at-top
+  graph = io.read_g2o(os.path.join(data_dir or POSE_GRAPH_DIR, name + ".g2o"),
+                      missing_vertices="chain")
+  variables, terms = pose_graph.factor_graph_problem(
+      graph, tf.constant(graph.poses))
+  return graph, variables, terms
