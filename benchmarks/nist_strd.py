@@ -8,8 +8,8 @@ same run scipy `least_squares(method='lm')` (MINPACK) with the exact Jacobian
 (ftol = xtol = gtol = 1e-8) and at 1e-15. Accuracy is the minimum over the
 parameters of the log relative error to the certified values,
 LRE = -log10(|b - c| / |c|), capped at 11. Prints a markdown table
-(docs/nist.md holds one). With --float32, fits in float32 instead and reports
-our LRE only. Run:
+(docs/nist.md holds one). With --float32 (or --dtype float32), fits in
+float32 instead and reports our LRE only. Run:
 
     PYTHONPATH=. python benchmarks/nist_strd.py [--float32] [names...]
 
@@ -48,14 +48,16 @@ def _scipy_fit(dataset, start, tolerance):
 
 
 def main():
-  parser = _harness.parser(__doc__)
-  parser.add_argument("--float32", action="store_true")
+  parser = _harness.parser(__doc__, dtype="float64")
+  parser.add_argument("--float32", action="store_true",
+                      help="the same as --dtype float32")
   parser.add_argument("--damping", default="trust_region",
                       help="least_squares damping (default: trust_region)")
   parser.add_argument("--geodesic-acceleration", default=None,
                       help="alpha, or 'none'; default: least_squares' own")
   parser.add_argument("names", nargs="*", default=list(nist.NAMES))
   args = parser.parse_args()
+  args.float32 = args.float32 or args.dtype == "float32"
   dtype = tf.float32 if args.float32 else tf.float64
   rows = []
   start_time = time.time()

@@ -14,8 +14,8 @@ Accuracy is measured against the closed-form Kabsch solution (SVD). The
 baseline is scipy.optimize.least_squares (method "lm", MINPACK) on the
 rotation-vector (+ translation) parameterization, a Python loop for the
 1,000 fits. The problems and Kabsch: tests/problems.py; the timer:
-benchmarks/_harness.py. Reports the median wall time of several solves after a warm-up
-(tracing and compilation excluded).
+benchmarks/_harness.py. Reports the median wall time of several solves after
+a warm-up (tracing and compilation excluded).
 
     PYTHONPATH=. python benchmarks/riemannian_rotations.py [--repeats 5]
 """
