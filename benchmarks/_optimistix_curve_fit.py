@@ -13,11 +13,6 @@ final objective 1/2 ||r||^2 and the parameters found. It imports neither
 TensorFlow nor tfg_optim.
 """
 
-import argparse
-import json
-import statistics
-import time
-
 import jax
 
 jax.config.update("jax_enable_x64", True)
@@ -27,15 +22,12 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optimistix as optx  # pylint: disable=g-import-not-at-top
 
+import _harness  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", required=True)
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--max-steps", type=int, default=30)
-  parser.add_argument("--rtol", type=float, default=1e-8)
-  parser.add_argument("--atol", type=float, default=1e-8)
-  args = parser.parse_args()
+  args = _harness.peer_parser(__doc__, repeats=5, max_steps=30,
+                              tolerance=1e-8).parse_args()
 
   data = np.load(args.data)
   t = jnp.asarray(data["t"], jnp.float64)
@@ -55,24 +47,19 @@ def main():
     r = residual(solution.value, None)
     return solution.value, 0.5 * jnp.sum(r * r), solution.stats["num_steps"]
 
-  compile_begin = time.perf_counter()
-  jax.block_until_ready(solve(start))
-  compile_seconds = time.perf_counter() - compile_begin
-  times = []
-  for _ in range(args.repeats):
-    begin = time.perf_counter()
-    value, objective, steps = jax.block_until_ready(solve(start))
-    times.append(time.perf_counter() - begin)
-  print(json.dumps({
-      "seconds": statistics.median(times),
-      "times": times,
-      "first_call_seconds": compile_seconds,
+  timing = _harness.time_call(lambda: jax.block_until_ready(solve(start)),
+                              args.repeats)
+  value, objective, steps = timing.output
+  _harness.print_peer_result({
+      "seconds": timing.seconds,
+      "times": timing.times,
+      "first_call_seconds": timing.first_call,
       "iterations": int(steps),
       "objective": float(objective),
       "variables": [float(v) for v in np.asarray(value)],
       "jax_version": jax.__version__,
       "optimistix_version": getattr(optx, "__version__", "unknown"),
-  }))
+  })
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ back after one compiling call each. Writes the solution and the gradient to
 TensorFlow nor tfg_optim.
 """
 
-import argparse
-import json
 import statistics
 import time
 
@@ -32,16 +30,12 @@ import lineax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optimistix as optx  # pylint: disable=g-import-not-at-top
 
+import _harness  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", required=True)
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--repeats", type=int, default=50)
-  parser.add_argument("--max-steps", type=int, default=100)
-  parser.add_argument("--rtol", type=float, default=1e-10)
-  parser.add_argument("--atol", type=float, default=1e-10)
-  args = parser.parse_args()
+  args = _harness.peer_parser(__doc__, repeats=50, max_steps=100,
+                              tolerance=1e-10, out=True).parse_args()
 
   data = np.load(args.data)
   t = jnp.asarray(data["t"], jnp.float64)
@@ -79,7 +73,7 @@ def main():
   differences = [g - f for g, f in zip(gradients, forwards)]
   middle = statistics.median(differences)
   np.savez(args.out, position=np.asarray(value), gradient=np.asarray(gradient))
-  print(json.dumps({
+  _harness.print_peer_result({
       "forward": statistics.median(forwards),
       "implicit": statistics.median(gradients),
       "implicit_backward": middle,
@@ -90,7 +84,7 @@ def main():
       "jax_version": jax.__version__,
       "optimistix_version": getattr(optx, "__version__", "unknown"),
       "lineax_version": getattr(lineax, "__version__", "unknown"),
-  }))
+  })
 
 
 if __name__ == "__main__":

@@ -11,11 +11,6 @@ in float64 on the CPU, writes the solutions and per-problem step counts to
 It imports neither TensorFlow nor tfg_optim.
 """
 
-import argparse
-import json
-import statistics
-import time
-
 import jax
 
 jax.config.update("jax_enable_x64", True)
@@ -24,6 +19,8 @@ jax.config.update("jax_platforms", "cpu")
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optimistix as optx  # pylint: disable=g-import-not-at-top
+
+import _harness  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 
 def rotation_matrix(w):
@@ -45,14 +42,8 @@ def residual(pose, data):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", required=True)
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--max-steps", type=int, default=100)
-  parser.add_argument("--rtol", type=float, default=1e-8)
-  parser.add_argument("--atol", type=float, default=1e-8)
-  args = parser.parse_args()
+  args = _harness.peer_parser(__doc__, repeats=3, max_steps=100,
+                              tolerance=1e-8, out=True).parse_args()
 
   data = np.load(args.data)
   points = jnp.asarray(data["points"], jnp.float64)
@@ -67,20 +58,16 @@ def main():
     return solution.value, 0.5 * jnp.sum(r * r), solution.stats["num_steps"]
 
   solve = jax.jit(jax.vmap(solve_one))
-  begin = time.perf_counter()
-  jax.block_until_ready(solve(starts, points, observed))
-  first = time.perf_counter() - begin
-  times = []
-  for _ in range(args.repeats):
-    begin = time.perf_counter()
-    value, cost, steps = jax.block_until_ready(solve(starts, points, observed))
-    times.append(time.perf_counter() - begin)
+  timing = _harness.time_call(
+      lambda: jax.block_until_ready(solve(starts, points, observed)),
+      args.repeats)
+  value, cost, steps = timing.output
   np.savez(args.out, position=np.asarray(value), cost=np.asarray(cost),
            iterations=np.asarray(steps))
-  print(json.dumps({
-      "seconds": statistics.median(times), "times": times,
-      "first_call_seconds": first, "jax_version": jax.__version__,
-      "optimistix_version": getattr(optx, "__version__", "unknown")}))
+  _harness.print_peer_result({
+      "seconds": timing.seconds, "times": timing.times,
+      "first_call_seconds": timing.first_call, "jax_version": jax.__version__,
+      "optimistix_version": getattr(optx, "__version__", "unknown")})
 
 
 if __name__ == "__main__":

@@ -38,11 +38,7 @@ Usage (from the repository root):
     ... --batch 1000 --loop-subset 20 --repeats 1   # a quick run
 """
 
-import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,10 +46,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
+import _harness
 import tfg_optim
 from tfg_optim import manifolds
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 NUM_POINTS = 25
 # Plain Levenberg-Marquardt steps with Nielsen's damping, like optimistix's
 # and as docs/batched.md was measured: least_squares' later defaults (trust
@@ -102,14 +98,9 @@ def solve(points, observations, starts, batch_dims):
 
 
 def _timed(function, args, repeats):
-  outputs = function(*args)  # warm-up: tracing and compilation
-  tf.nest.map_structure(lambda t: t.numpy(), outputs)
-  times = []
-  for _ in range(repeats):
-    begin = time.perf_counter()
-    outputs = tf.nest.map_structure(lambda t: t.numpy(), function(*args))
-    times.append(time.perf_counter() - begin)
-  return statistics.median(times), outputs
+  timing = _harness.time_call(lambda: tf.nest.map_structure(
+      lambda t: t.numpy(), function(*args)), repeats)
+  return timing.seconds, timing.output
 
 
 def _error(position, truth):
@@ -121,25 +112,21 @@ def run_optimistix(python, points, observations, starts, repeats):
     data = os.path.join(directory, "poses.npz")
     out = os.path.join(directory, "solution.npz")
     np.savez(data, points=points, observations=observations, starts=starts)
-    process = subprocess.run(
-        [python, os.path.join(HERE, "_optimistix_poses.py"), "--data", data,
-         "--out", out, "--repeats", str(repeats)],
-        capture_output=True, text=True, check=False)
-    if process.returncode:
-      raise RuntimeError(process.stderr[-2000:])
-    timing = json.loads(process.stdout.strip().splitlines()[-1])
+    timing, note = _harness.run_peer(
+        python, "_optimistix_poses.py",
+        ["--data", data, "--out", out, "--repeats", repeats],
+        what="optimistix")
+    if note:
+      raise RuntimeError(note)
     solution = dict(np.load(out))
   return timing, solution
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = _harness.parser(__doc__, repeats=3, json_output=True)
   parser.add_argument("--batch", type=int, default=10000)
   parser.add_argument("--loop-subset", type=int, default=100)
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--jax-python", default=os.path.join(
-      HERE, ".venv-jax", "bin", "python"))
-  parser.add_argument("--json", help="also write the rows to this file")
+  parser.add_argument("--jax-python", default=_harness.DEFAULT_JAX_PYTHON)
   args = parser.parse_args()
 
   points, observations, starts, truth = make_problems(args.batch)
@@ -197,25 +184,22 @@ def main():
   base = rows[0]["seconds"]
   print(f"{args.batch} pose fits (6 parameters, 50 residuals each), float64, "
         f"CPU ({os.cpu_count()} cores), median of {args.repeats}")
-  header = (f"| {'peer':<22} | {'mode':<36} | {'time (s)':>9} | "
-            f"{'iterations median/max':>21} | {'max error':>9} | "
-            f"{'ratio':>7} |")
-  print(header)
-  print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+  table = []
   for row in rows:
     iterations = np.asarray(row["iterations"])
     star = "*" if row.get("extrapolated") else ""
-    print(f"| {row['peer']:<22} | {row['mode']:<36} | "
-          f"{row['seconds']:>8.3f}{star or ' '} | "
-          f"{np.median(iterations):>10g} / {iterations.max():<8d} | "
-          f"{row['error']:>9.2e} | {row['seconds'] / base:>6.2f}x |")
+    table.append((row["peer"], row["mode"], f"{row['seconds']:.3f}{star}",
+                  f"{np.median(iterations):g} / {iterations.max():d}",
+                  f"{row['error']:.2e}",
+                  f"{row['seconds'] / base:.2f}x"))
+  _harness.print_table(("peer", "mode", "time (s)", "iterations median/max",
+                        "max error", "ratio"), table)
   print("* extrapolated linearly from the timed subset")
   if note:
     print(note)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump([{k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                  for k, v in row.items()} for row in rows], f)
+  _harness.write_json(args.json, [
+      {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+       for k, v in row.items()} for row in rows])
   return 0
 
 

@@ -15,9 +15,10 @@ chunks (`ChunkedKind.jacobian_pass`, timed alone).
 """
 
 import json
-import subprocess
 import sys
 import time
+
+import _harness
 
 _LIMIT_GIB = 4.0
 _TRUTH = [0.5, -1.0, 0.8, 0.3, 1.2, -0.7, 0.4, 3.0, 0.25, 5.0]
@@ -103,13 +104,9 @@ def _child(n, chunk):
 
 
 def _run(n, chunk):
-  out = subprocess.run([sys.executable, __file__, "--child", str(n),
-                        str(chunk)], capture_output=True, text=True,
-                       check=False)
-  lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-  if not lines:
-    return dict(n=n, chunk=chunk, failed=out.stderr.strip()[-300:])
-  return json.loads(lines[-1])
+  row, note = _harness.run_peer(sys.executable, __file__,
+                                ["--child", n, chunk], what=f"N={n}")
+  return dict(n=n, chunk=chunk, failed=note[-300:].replace("\n", " ")) if note else row
 
 
 def main():
@@ -123,19 +120,22 @@ def main():
       rows.append(row)
       break
     dense_n //= 2
-  print("| solve | N | K | peak RSS (GiB) | solve (s) | iterations | "
-        "s / iteration | one pass (s) | iteration / pass | max error |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  table = []
   for row in rows:
     if "failed" in row:
-      print(f"| failed | {row['n']} | {row['chunk']} | {row['failed']} |")
+      table.append(("failed", row["n"], row["chunk"], row["failed"]) +
+                   ("",) * 6)
       continue
     per = row["seconds"] / max(row["iterations"], 1)
-    print(f"| {'chunked' if row['chunk'] else 'dense'} | {row['n']:.3g} | "
-          f"{row['chunk'] or '-'} | {row['peak_gib']:.2f} | "
-          f"{row['seconds']:.1f} | {row['iterations']} | {per:.2f} | "
-          f"{row['pass_seconds']:.2f} | {per / row['pass_seconds']:.2f} | "
-          f"{row['error']:.1e} |")
+    table.append(("chunked" if row["chunk"] else "dense", f"{row['n']:.3g}",
+                  row["chunk"] or "-", f"{row['peak_gib']:.2f}",
+                  f"{row['seconds']:.1f}", row["iterations"], f"{per:.2f}",
+                  f"{row['pass_seconds']:.2f}",
+                  f"{per / row['pass_seconds']:.2f}", f"{row['error']:.1e}"))
+  _harness.print_table(
+      ("solve", "N", "K", "peak RSS (GiB)", "solve (s)", "iterations",
+       "s / iteration", "one pass (s)", "iteration / pass", "max error"),
+      table)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,10 @@ jit_compile at n = 1000 prints "-" (not run: XLA's CPU eigendecomposition
 took 0.65 s per iteration at n = 400); n = 1000 runs 2 rounds.
 """
 
-import argparse
-import statistics
-import time
-
 import numpy as np
 import tensorflow as tf
 
+import _harness
 import tfg_optim
 
 POLICIES = {
@@ -60,50 +57,45 @@ def _solver(n, damping, jit):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = _harness.parser(__doc__, repeats=7)
   parser.add_argument("--sizes", type=int, nargs="*",
                       default=[3, 10, 50, 200, 1000])
-  parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
   names = list(POLICIES)
-  print("| n | mode | " + " | ".join(f"{name} ms/iteration" for name in names)
-        + " | eigh / cholesky | cholesky / nielsen | first call s: "
-        + ", ".join(names) + " |")
-  print("|---|---|" + "---|" * (len(names) + 3))
+
+  def show(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+  rows = []
   for n in args.sizes:
     for jit in (False, True):
-      solvers, per_iteration, first_call, times = {}, {}, {}, {}
-      for name in names:
-        per_iteration[name] = first_call[name] = None
-        if jit and name.endswith("eigh") and n >= 1000:
-          continue  # not run, see above
-        solvers[name] = _solver(n, POLICIES[name](), jit)
-        begin = time.perf_counter()
-        solvers[name]()
-        first_call[name] = time.perf_counter() - begin
-        times[name] = []
+      solvers = {name: _solver(n, POLICIES[name](), jit) for name in names
+                 # not run, see above
+                 if not (jit and name.endswith("eigh") and n >= 1000)}
       # Interleaved: each round calls every policy once, so that a change
       # of the machine's load falls on all of them alike.
-      for _ in range(args.repeats if n <= 200 else 2):
-        for name, solve in solvers.items():
-          begin = time.perf_counter()
-          iterations = solve()
-          times[name].append((time.perf_counter() - begin) / iterations)
-      for name in solvers:
-        per_iteration[name] = statistics.median(times[name]) * 1e3
-
-      def show(value, digits=2):
-        return "-" if value is None else f"{value:.{digits}f}"
+      timings = _harness.interleave(solvers,
+                                    args.repeats if n <= 200 else 2)
+      per_iteration = {name: None for name in names}
+      first_call = dict(per_iteration)
+      for name, timing in timings.items():
+        per_iteration[name] = timing.seconds / timing.output * 1e3
+        first_call[name] = timing.first_call
 
       def ratio(a, b):
         a, b = per_iteration[a], per_iteration[b]
         return None if a is None or b is None else a / b
-      print(f"| {n} | {'jit_compile' if jit else 'tf.function'} | "
-            + " | ".join(show(per_iteration[name]) for name in names)
-            + f" | {show(ratio(names[1], names[0]))} | "
-            f"{show(ratio(names[0], names[2]))} | "
-            + ", ".join(show(first_call[name], 1) for name in names) + " |",
+      rows.append([n, "jit_compile" if jit else "tf.function"] +
+                  [show(per_iteration[name]) for name in names] +
+                  [show(ratio(names[1], names[0])),
+                   show(ratio(names[0], names[2])),
+                   ", ".join(show(first_call[name], 1) for name in names)])
+      print("  done: " + " | ".join(str(cell) for cell in rows[-1]),
             flush=True)
+  _harness.print_table(
+      ["n", "mode"] + [f"{name} ms/iteration" for name in names] +
+      ["eigh / cholesky", "cholesky / nielsen",
+       "first call s: " + ", ".join(names)], rows)
 
 
 if __name__ == "__main__":

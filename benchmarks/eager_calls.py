@@ -11,49 +11,34 @@ side in one run.
     python benchmarks/eager_calls.py
 """
 
-import time
-
 import numpy as np
 import tensorflow as tf
 
+import _harness
+from tests import problems
 import tfg_optim
 
-_T = np.linspace(0.0, 1.0, 50)
-_Y = 2.0 * np.exp(-1.3 * _T) + 0.01 * np.sin(40.0 * _T)
-
-
-def curve_fit(a, b):
-  return a * tf.exp(b * _T) - _Y
-
-
-def powell(x):
-  return tf.stack([x[0] + 10.0 * x[1], np.sqrt(5.0) * (x[2] - x[3]),
-                   (x[1] - 2.0 * x[2]) ** 2,
-                   np.sqrt(10.0) * (x[0] - x[3]) ** 2])
-
-
 PROBLEMS = {
-    "curve fit (m=50, n=2)": (curve_fit, lambda: [
+    "curve fit (m=50, n=2)": (problems.exponential_residual, lambda: [
         tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)]),
-    "Powell singular (n=4, 200 it.)": (powell, lambda: tf.constant(
-        [3.0, -1.0, 0.0, 1.0], tf.float64)),
+    "Powell singular (n=4, 200 it.)": (problems.powell_singular, lambda: (
+        tf.constant(problems.POWELL_START, tf.float64))),
 }
 
 
 def timed(residual, start, calls, **options):
-  times = []
-  for _ in range(calls):
-    begin = time.perf_counter()
+  """The times of `calls` eager calls (the first one included)."""
+  def call():
     result = tfg_optim.least_squares(residual, start(), **options)
     float(result.cost)
-    times.append(time.perf_counter() - begin)
-  return times, int(result.num_iterations)
+    return int(result.num_iterations)
+  timing = _harness.time_call(call, calls - 1)
+  return [timing.first_call] + timing.times, timing.output
 
 
 def main():
-  print("| problem | iterations | op by op, each call s | auto: 1st | 2nd "
-        "(trace) | 3rd | 4th | op by op / compiled |")
-  print("|---|---|---|---|---|---|---|---|")
+  _harness.parser(__doc__).parse_args()
+  rows = []
   for name, (residual, start) in PROBLEMS.items():
     calls, options = 3, {}
     if "Powell" in name:
@@ -61,9 +46,14 @@ def main():
     eager, iterations = timed(residual, start, calls, eager_compile=False,
                               **options)
     auto, _ = timed(residual, start, 4, **options)
-    print(f"| {name} | {iterations} | {np.median(eager):.3f} | "
-          f"{auto[0]:.3f} | {auto[1]:.3f} | {auto[2]:.4f} | {auto[3]:.4f} | "
-          f"{np.median(eager) / np.median(auto[2:]):.0f} |", flush=True)
+    rows.append((name, iterations, f"{np.median(eager):.3f}",
+                 f"{auto[0]:.3f}", f"{auto[1]:.3f}", f"{auto[2]:.4f}",
+                 f"{auto[3]:.4f}",
+                 f"{np.median(eager) / np.median(auto[2:]):.0f}"))
+    print(f"  done: {name}", flush=True)
+  _harness.print_table(
+      ("problem", "iterations", "op by op, each call s", "auto: 1st",
+       "2nd (trace)", "3rd", "4th", "op by op / compiled"), rows)
 
 
 if __name__ == "__main__":

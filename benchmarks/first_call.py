@@ -31,9 +31,6 @@ an earlier row), `--repeats` times; the table shows medians. In a row:
               TensorFlow's own start-up is not counted;
   first call  the trace plus the first call of that function: graph
               optimization or XLA compilation, and one solve;
-  first call CPU  the same in the process's CPU seconds
-              (`time.process_time`, all its threads): what a loaded
-              machine inflates least;
   second call median of 3 further calls (the solve alone);
   ops         operations in the traced graph (while-loop bodies included);
   nodes       nodes of its GraphDef plus those of every function in its
@@ -67,9 +64,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+import _harness
 
 ROWS = ("tfg", "lm", "least_squares", "least_squares/nls", "least_squares/cg",
         "sphere/cg", "riemannian", "lbfgs")
@@ -199,21 +197,15 @@ def child(row, jit, retraces=0):
   warm(argument).numpy()
 
   # A fresh tf.function: trace it (cold), then its first call (graph
-  # optimization or XLA compilation, and one solve).
+  # optimization or XLA compilation, and one solve), then 3 more calls.
   fresh = tf.function(solve, jit_compile=jit, autograph=False)
-  begin, begin_cpu = time.perf_counter(), time.process_time()
-  concrete = fresh.get_concrete_function(argument)
-  trace = time.perf_counter() - begin
-  tf.nest.map_structure(lambda x: x.numpy(), fresh(argument))
-  first = time.perf_counter() - begin
-  first_cpu = time.process_time() - begin_cpu
-  ops = _count_ops(concrete.graph)
-  nodes = _count_nodes(concrete.graph)
-  seconds = []
-  for _ in range(3):
-    begin = time.perf_counter()
-    out = tf.nest.map_structure(lambda x: x.numpy(), fresh(argument))
-    seconds.append(time.perf_counter() - begin)
+  concrete = []
+  timing = _harness.time_call(
+      lambda: tf.nest.map_structure(lambda x: x.numpy(), fresh(argument)), 3,
+      trace=lambda: concrete.append(fresh.get_concrete_function(argument)))
+  ops = _count_ops(concrete[0].graph)
+  nodes = _count_nodes(concrete[0].graph)
+  out = timing.output
   cost = float(tf.nest.flatten(out)[0])
   retrace, retrace_cpu = [], []
   for _ in range(retraces):
@@ -232,12 +224,12 @@ def child(row, jit, retraces=0):
     again.get_concrete_function(argument)
     profiler.disable()
     calls = pstats.Stats(profiler).total_calls
-  print(json.dumps(dict(row=row, jit=jit, trace=trace, first=first,
-                        first_cpu=first_cpu,
+  print(json.dumps(dict(row=row, jit=jit, trace=timing.trace,
+                        first=timing.first_call,
                         retrace=min(retrace) if retrace else None,
                         retrace_cpu=min(retrace_cpu) if retrace else None,
                         calls=calls,
-                        second=statistics.median(seconds), ops=ops, nodes=nodes,
+                        second=timing.seconds, ops=ops, nodes=nodes,
                         cost=cost)))
 
 
@@ -249,28 +241,23 @@ def run_child(row, jit, tree=None, retraces=0):
   if tree == INLINE:
     env["FIRST_CALL_INLINE"] = "1"
     tree = None
-  here = tree or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  here = tree or _harness.ROOT
   env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
-  command = [sys.executable, os.path.abspath(__file__), "--child", row]
-  if jit:
-    command.append("--jit")
-  if retraces:
-    command.extend(["--retraces", str(retraces)])
-  output = subprocess.run(command, env=env, check=True, capture_output=True,
-                          text=True).stdout
-  return json.loads(output.strip().splitlines()[-1])
+  arguments = ["--child", row] + (["--jit"] if jit else []) + (
+      ["--retraces", retraces] if retraces else [])
+  result, note = _harness.run_peer(sys.executable, os.path.abspath(__file__),
+                                   arguments, what=row, env=env)
+  if note:
+    raise RuntimeError(note)
+  return result
 
 
 def main():
-  parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=3,
-                      help="subprocesses per row (default 3)")
+  parser = _harness.parser(__doc__, repeats=3, json_output=True)
   parser.add_argument("--rows", default=",".join(ROWS[1:]),
                       help="comma-separated rows besides the reference")
   parser.add_argument("--skip-xla", action="store_true",
                       help="only tf.function rows")
-  parser.add_argument("--json", help="also write every timing to this file")
   parser.add_argument("--trees", help="comma-separated source trees: every "
                       "row but the reference runs once per tree")
   parser.add_argument("--inline", action="store_true",
@@ -313,7 +300,7 @@ def main():
   header = ["front-end", "mode"] + (["tree"] if compared else []) + [
       "trace [s]"] + (["retrace [s]", "retrace CPU [s]", "calls"]
                       if args.retraces else []) + [
-          "first call [s]", "first call CPU [s]", "second call [s]", "ops", "nodes", "cost",
+          "first call [s]", "second call [s]", "ops", "nodes", "cost",
           "first call / tfg trace"]
   table = [header]
   for key in plan:
@@ -327,17 +314,13 @@ def main():
              f"{min(r['retrace_cpu'] for r in runs[key]):.3f}",
              str(runs[key][0]["calls"])]
             if args.retraces else []) + [
-        f"{median(key, 'first'):.3f}", f"{median(key, 'first_cpu'):.3f}",
+        f"{median(key, 'first'):.3f}",
         f"{median(key, 'second'):.4f}", str(runs[key][0]["ops"]),
         str(runs[key][0]["nodes"]),
         f"{runs[key][0]['cost']:.6g}",
         f"{median(key, 'first') / reference:.2f}"])
-  widths = [max(len(line[i]) for line in table) for i in range(len(header))]
   print()
-  for index, line in enumerate(table):
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
-    if index == 0:
-      print("| " + " | ".join("-" * w for w in widths) + " |")
+  _harness.print_table(table[0], table[1:])
   print()
   if args.retraces:
     print(f"retrace: the fastest of {args.retraces} warm traces in each of "
@@ -346,11 +329,8 @@ def main():
   print(f"Medians over {args.repeats} fresh subprocesses per row; m = "
         f"{NUM_POINTS}, n = 3, float64; ratio = first call / tfg trace "
         f"({reference:.3f} s).")
-  if args.json:
-    with open(args.json, "w") as out:
-      json.dump([dict(row=k[0], jit=k[1], tree=k[2], runs=v)
-                 for k, v in runs.items()],
-                out, indent=1)
+  _harness.write_json(args.json, [dict(row=k[0], jit=k[1], tree=k[2], runs=v)
+                                  for k, v in runs.items()])
 
 
 if __name__ == "__main__":

@@ -9,26 +9,25 @@ side in one run, in tf.function and with jit_compile=True:
   NIST        all 27 NIST StRD datasets, both starts as a batch of 2, timed
               together (one tf.function per dataset).
 
-Reports the median time over repeats (after a warm-up call), iterations, and
-the time ratio with / without. Run from the repository root:
+Reports the median time over repeats (after a warm-up call; with and without
+interleaved in rounds, benchmarks/_harness.py), iterations, and the time
+ratio with / without. Run from the repository root:
 
     PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/geodesic_acceleration.py
 """
 
-import argparse
 import numpy as np
 import tensorflow as tf
 
-import tfg_optim
-from benchmarks import tfg_curve_fit
+import _harness
 from tests import nist
+from tests import problems
+import tfg_optim
 
 
 def _curve_fit(acceleration, jit):
-  t, y = tfg_curve_fit.make_data()
-  t, y = tf.constant(t), tf.constant(y)
-  residual = lambda p: p[0] * tf.exp(-p[1] * t) + p[2] * tf.sin(
-      3.0 * p[3] * t) - y
+  t, y = problems.curve_fit_data()
+  residual = problems.curve_fit_residual(tf.constant(t), tf.constant(y))
 
   @tf.function(jit_compile=jit)
   def run(p0):
@@ -36,7 +35,7 @@ def _curve_fit(acceleration, jit):
                                      geodesic_acceleration=acceleration)
     return result.num_iterations, result.cost
 
-  start = tf.constant(tfg_curve_fit.START)
+  start = tf.constant(problems.CURVE_FIT_START)
   return lambda: [v.numpy() for v in run(start)]
 
 
@@ -61,26 +60,28 @@ def _nist_suite(acceleration, jit):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=5)
+  parser = _harness.parser(__doc__, repeats=5)
   args = parser.parse_args()
-  print("| problem | mode | with: time | iterations | without: time | "
-        "iterations | time ratio with / without |")
-  print("|---|---|---|---|---|---|---|")
+  rows = []
   for problem, make in (("curve fit m=10k n=4", _curve_fit),
                         ("NIST, 54 starts", _nist_suite)):
     for jit in (False, True):
-      row = {}
-      for acceleration in (2.0, None):
-        repeats = args.repeats if problem.startswith("curve") else 1
-        median, _, _, out = tfg_curve_fit.time_solve(make(acceleration, jit),
-                                                     repeats)
-        row[acceleration] = median, out
-      (with_time, with_out), (without_time, without_out) = row[2.0], row[None]
-      print(f"| {problem} | {'jit_compile' if jit else 'tf.function'} | "
-            f"{with_time * 1e3:.1f} ms | {int(with_out[0])} | "
-            f"{without_time * 1e3:.1f} ms | {int(without_out[0])} | "
-            f"{with_time / without_time:.2f} |", flush=True)
+      # With and without, side by side in interleaved rounds.
+      repeats = args.repeats if problem.startswith("curve") else 1
+      timings = _harness.interleave(
+          {acceleration: make(acceleration, jit) for acceleration in
+           (2.0, None)}, repeats)
+      with_, without = timings[2.0], timings[None]
+      rows.append((problem, "jit_compile" if jit else "tf.function",
+                   f"{with_.seconds * 1e3:.1f} ms", int(with_.output[0]),
+                   f"{without.seconds * 1e3:.1f} ms",
+                   int(without.output[0]),
+                   f"{with_.seconds / without.seconds:.2f}"))
+      print("  done: " + " | ".join(str(cell) for cell in rows[-1]),
+            flush=True)
+  _harness.print_table(
+      ("problem", "mode", "with: time", "iterations", "without: time",
+       "iterations", "time ratio with / without"), rows)
 
 
 if __name__ == "__main__":

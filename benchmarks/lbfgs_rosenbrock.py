@@ -15,37 +15,24 @@ from the standard start (-1.2, 1, -1.2, 1, ...), history 10, float64, until
 
 Prints one table: peer, mode/options, median time per solve (after a warm-up
 call that traces and compiles), iterations, evaluations, final objective and
-the time ratio to ours in the same mode (scaled H_0). Run:
+the time ratio to ours in the same mode (scaled H_0). The solvers run side
+by side in interleaved rounds (benchmarks/_harness.py); the function and its
+start: tests/problems.py. Run:
 
     PYTHONPATH=. python benchmarks/lbfgs_rosenbrock.py [--n 1000] [--repeats 3]
 """
 
-import argparse
-import statistics
-import time
-
 import numpy as np
 import tensorflow as tf
 
+import _harness
+from tests import problems
 from tfg_optim import lbfgs
 
 HISTORY = 10
 TOLERANCE = 1e-8
 MAX_ITERS = 20000
-
-
-def rosenbrock(x):
-  return tf.reduce_sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 +
-                       (1.0 - x[:-1]) ** 2)
-
-
-def rosenbrock_numpy(x):
-  value = np.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
-  gradient = np.zeros_like(x)
-  t = x[1:] - x[:-1] ** 2
-  gradient[:-1] = -400.0 * x[:-1] * t - 2.0 * (1.0 - x[:-1])
-  gradient[1:] += 200.0 * t
-  return value, gradient
+rosenbrock = problems.rosenbrock
 
 
 def ours(scale, jit):
@@ -81,30 +68,19 @@ def scipy_peer():
 
   def solve(x0):
     r = optimize.minimize(
-        rosenbrock_numpy, x0.numpy(), jac=True, method="L-BFGS-B",
+        problems.rosenbrock_value_and_gradient_numpy, x0.numpy(), jac=True,
+        method="L-BFGS-B",
         options=dict(maxcor=HISTORY, gtol=TOLERANCE, ftol=0.0,
                      maxiter=MAX_ITERS, maxfun=10 * MAX_ITERS))
     return r.success, r.nit, r.nfev, r.fun
   return solve
 
 
-def measure(solve, x0, repeats):
-  result = solve(x0)  # warm-up: trace and compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    result = solve(x0)
-    result = [np.asarray(v) for v in result]
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), result
-
-
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = _harness.parser(__doc__, repeats=3)
   parser.add_argument("--n", type=int, default=1000)
-  parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  x0 = tf.constant(np.tile([-1.2, 1.0], args.n // 2), tf.float64)
+  x0 = tf.constant(problems.rosenbrock_start(args.n), tf.float64)
 
   peers = []
   for jit in (False, True):
@@ -124,26 +100,32 @@ def main():
   except ImportError:
     print("scipy not installed: skipped")
 
+  calls = {(peer, mode, options): (
+      lambda solve=solve: [np.asarray(v) for v in solve(x0)])
+           for peer, mode, options, solve in peers}
+  timings = _harness.interleave(calls, args.repeats)
   rows = []
-  for peer, mode, options, solve in peers:
-    seconds, (converged, its, evals, value) = measure(solve, x0, args.repeats)
-    rows.append((peer, mode, options, seconds, int(its), int(evals),
+  for (peer, mode, options), timing in timings.items():
+    converged, its, evals, value = timing.output
+    rows.append((peer, mode, options, timing.seconds, int(its), int(evals),
                  float(value), bool(converged)))
   reference = {mode: seconds for peer, mode, options, seconds, *_ in rows
                if peer == "ours" and options == "gamma scaling"}
 
   print(f"\nExtended Rosenbrock n={args.n}, history {HISTORY}, float64, "
-        f"||g||_inf < {TOLERANCE:g}; median of {args.repeats} solves\n")
-  print("| peer | mode / options | time / solve (s) | iterations | "
-        "evaluations | evals/it | final objective | converged | "
-        "time / ours |")
-  print("|---|---|---:|---:|---:|---:|---:|---|---:|")
+        f"||g||_inf < {TOLERANCE:g}; median of {args.repeats} solves "
+        "(interleaved rounds)\n")
+  table = []
   for peer, mode, options, seconds, its, evals, value, converged in rows:
     ours_time = reference.get(mode, reference.get("jit_compile"))
     label = f"{mode}, {options}" if options else mode
-    print(f"| {peer} | {label} | {seconds:.3f} | {its} | {evals} | "
-          f"{evals / max(its, 1):.2f} | {value:.3e} | {converged} | "
-          f"{seconds / ours_time:.2f} |")
+    table.append((peer, label, f"{seconds:.3f}", its, evals,
+                  f"{evals / max(its, 1):.2f}", f"{value:.3e}", converged,
+                  f"{seconds / ours_time:.2f}"))
+  _harness.print_table(
+      ("peer", "mode / options", "time / solve (s)", "iterations",
+       "evaluations", "evals/it", "final objective", "converged",
+       "time / ours"), table)
   print("\ntime / ours: time divided by ours with gamma scaling in the same "
         "mode (scipy: divided by ours with jit_compile).")
 

@@ -15,15 +15,14 @@ and the peak resident memory of this process.
     python benchmarks/matrix_free.py --sizes 1000 --skip-scipy
 """
 
-import argparse
 import resource
-import time
 
 import numpy as np
 import scipy.optimize
 import scipy.sparse
 import tensorflow as tf
 
+import _harness
 import tfg_optim
 
 MU, EPS = 0.5, 0.1
@@ -79,50 +78,52 @@ def run_tfg(y, max_iterations, damping):
         linear_solver="cg", max_iterations=max_iterations)
     return (result.position, result.num_iterations, result.stop_reason)
 
-  start = time.perf_counter()
-  solve(target)
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  position, iterations, reason = solve(target)
-  elapsed = time.perf_counter() - start
-  return (position.numpy(), int(iterations), tfg_optim.StopReason(
-      int(reason)).name, first, elapsed)
+  timing = _harness.time_call(
+      lambda: [v.numpy() for v in solve(target)], 1)
+  position, iterations, reason = timing.output
+  return (position, int(iterations), tfg_optim.StopReason(int(reason)).name,
+          timing.first_call, timing.seconds)
 
 
 def run_scipy(y, max_iterations):
-  start = time.perf_counter()
-  result = scipy.optimize.least_squares(
+  timing = _harness.time_call(lambda: scipy.optimize.least_squares(
       numpy_residuals, y.ravel(), args=(y,), method="trf", tr_solver="lsmr",
-      jac_sparsity=sparsity(y.shape[0]), max_nfev=max_iterations)
-  elapsed = time.perf_counter() - start
-  return result.x, int(result.nfev), result.message, elapsed
+      jac_sparsity=sparsity(y.shape[0]), max_nfev=max_iterations), 0)
+  result = timing.output
+  return result.x, int(result.nfev), result.message, timing.first_call
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = _harness.parser(__doc__)
   parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300])
   parser.add_argument("--max-iterations", type=int, default=100)
   parser.add_argument("--damping", default="trust_region")
   parser.add_argument("--skip-scipy", action="store_true")
   args = parser.parse_args()
-  print("| image | n | solver | first call s | solve s | iterations | "
-        "final cost | stop | time ratio |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  rows = []
   for size in args.sizes:
     y = noisy_disc(size)
     x, iterations, reason, first, elapsed = run_tfg(y, args.max_iterations,
                                                     args.damping)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"| {size}x{size} | {size * size} | tfg_optim cg ({args.damping}; "
-          f"peak RSS {peak:.1f} GB) | {first:.2f} | {elapsed:.2f} | "
-          f"{iterations} | {cost(x, y):.10g} | {reason} | 1 |", flush=True)
+    rows.append((f"{size}x{size}", size * size,
+                 f"tfg_optim cg ({args.damping}; peak RSS {peak:.1f} GB)",
+                 f"{first:.2f}", f"{elapsed:.2f}", iterations,
+                 f"{cost(x, y):.10g}", reason, 1))
+    print("  done: " + " | ".join(str(cell) for cell in rows[-1]),
+          flush=True)
     if args.skip_scipy:
       continue
     x, evaluations, message, scipy_time = run_scipy(y, args.max_iterations)
-    print(f"| {size}x{size} | {size * size} | scipy trf lsmr | - | "
-          f"{scipy_time:.2f} | {evaluations} evaluations | "
-          f"{cost(x, y):.10g} | {message[:40]} | "
-          f"{scipy_time / elapsed:.2f} |", flush=True)
+    rows.append((f"{size}x{size}", size * size, "scipy trf lsmr", "-",
+                 f"{scipy_time:.2f}", f"{evaluations} evaluations",
+                 f"{cost(x, y):.10g}", message[:40],
+                 f"{scipy_time / elapsed:.2f}"))
+    print("  done: " + " | ".join(str(cell) for cell in rows[-1]),
+          flush=True)
+  _harness.print_table(
+      ("image", "n", "solver", "first call s", "solve s", "iterations",
+       "final cost", "stop", "time ratio"), rows)
 
 
 if __name__ == "__main__":

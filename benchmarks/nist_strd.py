@@ -8,8 +8,8 @@ same run scipy `least_squares(method='lm')` (MINPACK) with the exact Jacobian
 (ftol = xtol = gtol = 1e-8) and at 1e-15. Accuracy is the minimum over the
 parameters of the log relative error to the certified values,
 LRE = -log10(|b - c| / |c|), capped at 11. Prints a markdown table
-(docs/nist.md holds one). With --float32, fits in float32 instead and reports
-our LRE only. Run:
+(docs/nist.md holds one). With --float32 (or --dtype float32), fits in
+float32 instead and reports our LRE only. Run:
 
     PYTHONPATH=. python benchmarks/nist_strd.py [--float32] [names...]
 
@@ -17,13 +17,13 @@ Other options of ours: --damping nielsen, --geodesic-acceleration 0.75
 (or none), e.g. `--damping nielsen MGH10`.
 """
 
-import argparse
 import time
 
 import numpy as np
 import scipy.optimize
 import tensorflow as tf
 
+import _harness
 from tests import nist
 from tfg_optim import StopReason
 
@@ -48,14 +48,16 @@ def _scipy_fit(dataset, start, tolerance):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--float32", action="store_true")
+  parser = _harness.parser(__doc__, dtype="float64")
+  parser.add_argument("--float32", action="store_true",
+                      help="the same as --dtype float32")
   parser.add_argument("--damping", default="trust_region",
                       help="least_squares damping (default: trust_region)")
   parser.add_argument("--geodesic-acceleration", default=None,
                       help="alpha, or 'none'; default: least_squares' own")
   parser.add_argument("names", nargs="*", default=list(nist.NAMES))
   args = parser.parse_args()
+  args.float32 = args.float32 or args.dtype == "float32"
   dtype = tf.float32 if args.float32 else tf.float64
   rows = []
   start_time = time.time()
@@ -85,23 +87,21 @@ def main():
   elapsed = time.time() - start_time
 
   if args.float32:
-    print("| dataset | start | LRE (float32) | finite | iterations | "
-          "evaluations F/J | stop |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-      print(f"| {r['name']} | {r['start']} | {r['ours']:.1f} | {r['finite']} "
-            f"| {r['iterations']} | {r['residual_evaluations']}/"
-            f"{r['jacobian_evaluations']} | {r['stop']} |")
+    _harness.print_table(
+        ("dataset", "start", "LRE (float32)", "finite", "iterations",
+         "evaluations F/J", "stop"),
+        [(r["name"], r["start"], f"{r['ours']:.1f}", r["finite"],
+          r["iterations"],
+          f"{r['residual_evaluations']}/{r['jacobian_evaluations']}",
+          r["stop"]) for r in rows])
   else:
-    print("| dataset | start | ours LRE | iterations | evaluations F/J | stop "
-          "| scipy default LRE | F/J | scipy 1e-15 LRE | F/J |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-      print(f"| {r['name']} | {r['start']} | {r['ours']:.1f} | "
-            f"{r['iterations']} | {r['residual_evaluations']}/"
-            f"{r['jacobian_evaluations']} | {r['stop']} | {r['default']:.1f} | "
-            f"{r['default_evaluations']} | {r['tight']:.1f} | "
-            f"{r['tight_evaluations']} |")
+    _harness.print_table(
+        ("dataset", "start", "ours LRE", "iterations", "evaluations F/J",
+         "stop", "scipy default LRE", "F/J", "scipy 1e-15 LRE", "F/J"),
+        [(r["name"], r["start"], f"{r['ours']:.1f}", r["iterations"],
+          f"{r['residual_evaluations']}/{r['jacobian_evaluations']}",
+          r["stop"], f"{r['default']:.1f}", r["default_evaluations"],
+          f"{r['tight']:.1f}", r["tight_evaluations"]) for r in rows])
   mean = lambda key: np.mean([r[key] for r in rows])
   print()
   print(f"problems: {len(rows)}; ours LRE >= 6: "

@@ -13,16 +13,15 @@ Problems (float64, noisy correspondences y_i = R x_i (+ t) + noise):
 Accuracy is measured against the closed-form Kabsch solution (SVD). The
 baseline is scipy.optimize.least_squares (method "lm", MINPACK) on the
 rotation-vector (+ translation) parameterization, a Python loop for the
-1,000 fits. Reports the median wall time of several solves after a warm-up
-(tracing and compilation excluded).
+1,000 fits. The problems and Kabsch: tests/problems.py; the timer:
+benchmarks/_harness.py. Reports the median wall time of several solves after
+a warm-up (tracing and compilation excluded).
 
     PYTHONPATH=. python benchmarks/riemannian_rotations.py [--repeats 5]
 """
 
-import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -31,40 +30,25 @@ import scipy.optimize
 from scipy.spatial.transform import Rotation
 import tensorflow as tf
 
+import _harness
+from tests import problems
 from tfg_optim import manifolds
 from tfg_optim import riemannian
 
 SO3 = manifolds.SpecialOrthogonal(3)
 POSE = manifolds.Product(SO3, manifolds.Euclidean(3))
-
-
-def kabsch(x, y):
-  """Rotation(s) R minimizing sum ||R x_i - y_i||^2; x, y [..., n, 3]."""
-  u, _, vt = np.linalg.svd(np.swapaxes(x, -1, -2) @ y)
-  v, ut = np.swapaxes(vt, -1, -2), np.swapaxes(u, -1, -2)
-  d = np.sign(np.linalg.det(v @ ut))
-  diagonal = np.ones(d.shape + (3,))
-  diagonal[..., 2] = d
-  return v @ (diagonal[..., :, None] * ut)
+kabsch = problems.kabsch
 
 
 def rotation_problems(count, num_points, seed=0, noise=0.05):
-  rng = np.random.default_rng(seed)
-  rotations = Rotation.random(count, random_state=seed).as_matrix()
-  x = rng.standard_normal((count, num_points, 3))
-  y = np.einsum("bij,bnj->bni", rotations, x) + noise * rng.standard_normal(
-      x.shape)
-  return x, y
+  return problems.rotation_fits(
+      np.random.default_rng(seed), num_points, noise, batch=(count,),
+      rotations=Rotation.random(count, random_state=seed).as_matrix())
 
 
 def timed(function, repeats):
-  function()  # warm-up: tracing, compilation
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    output = function()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), output
+  timing = _harness.time_call(function, repeats)
+  return timing.seconds, timing.output
 
 
 def ours_rotations(x, y, jit, repeats, power=False):
@@ -100,12 +84,8 @@ def scipy_rotations(x, y):
 def pose_problem(num_points, seed=1):
   rng = np.random.default_rng(seed)
   rotation = Rotation.random(random_state=seed).as_matrix()
-  translation = rng.standard_normal(3)
-  x = rng.standard_normal((num_points, 3))
-  y = x @ rotation.T + translation + 0.05 * rng.standard_normal(x.shape)
-  x_mean, y_mean = x.mean(0), y.mean(0)
-  r = kabsch(x - x_mean, y - y_mean)
-  return x, y, (r, y_mean - r @ x_mean)
+  return problems.pose_fit(rng, num_points, noise=0.05, rotation=rotation,
+                           translation=rng.standard_normal(3))
 
 
 def ours_pose(x, y, jit, repeats):
@@ -139,10 +119,9 @@ def row(name, seconds, iterations, error):
 
 
 def main():
-  parser = argparse.ArgumentParser()
+  parser = _harness.parser(__doc__, repeats=5)
   parser.add_argument("--count", type=int, default=1000)
   parser.add_argument("--points", type=int, default=100000)
-  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--power-counts", default="25,50,100,200")
   args = parser.parse_args()
 
@@ -160,9 +139,8 @@ def main():
         f"{'jit_compile' if jit else 'tf.function'}", seconds,
         f"{np.median(iterations):g} / {iterations.max()}",
         np.abs(position - want).max())
-  start = time.perf_counter()
-  position, evaluations = scipy_rotations(x, y)
-  seconds = time.perf_counter() - start
+  timing = _harness.time_call(lambda: scipy_rotations(x, y), 0)
+  seconds, (position, evaluations) = timing.first_call, timing.output
   row(f"{args.count} rotations, scipy least_squares loop", seconds,
       f"{np.median(evaluations):g} / {evaluations.max()} (residual evals)",
       np.abs(position - want).max())
@@ -182,14 +160,12 @@ def main():
     row(f"pose, {args.points:,} points, "
         f"{'jit_compile' if jit else 'tf.function'}", seconds,
         f"{int(iterations)}", error)
-  times = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    (r, t), evaluations = scipy_pose(x, y)
-    times.append(time.perf_counter() - start)
+  timing = _harness.time_call(lambda: scipy_pose(x, y), args.repeats - 1)
+  (r, t), evaluations = timing.output
   error = max(np.abs(r - r_want).max(), np.abs(t - t_want).max())
   row(f"pose, {args.points:,} points, scipy least_squares",
-      statistics.median(times), f"{evaluations} (residual evals)", error)
+      statistics.median(timing.times + [timing.first_call]),
+      f"{evaluations} (residual evals)", error)
 
 
 if __name__ == "__main__":

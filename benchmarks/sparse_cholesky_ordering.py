@@ -21,15 +21,12 @@ counts its ops.
         [--leaves 4 8 16 64] [--ops]
 """
 
-import argparse
-import os
-import pathlib
 import sys
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import _harness
 GRAPHS = ("tinyGrid3D", "smallGrid3D", "MIT", "CSAIL", "intel",
           "parking-garage")
 
@@ -55,31 +52,26 @@ def natural_order(layout):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" /
-                                            "posegraph"))
+  parser = _harness.parser(__doc__)
+  parser.add_argument("--data", default=None,
+                      help="folder of the g2o files (default: "
+                      "../shared/data/posegraph)")
   parser.add_argument("--graphs", nargs="+", default=list(GRAPHS))
   parser.add_argument("--leaves", nargs="+", type=int, default=[4, 8, 16, 64])
   parser.add_argument("--ops", action="store_true")
   args = parser.parse_args()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  sys.path.insert(0, str(ROOT))
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
+  from tests import problems
   from tfg_optim import _sparse_cholesky
   from tfg_optim import factor_graph
-  from tfg_optim import io
-  from tfg_optim.examples import pose_graph
   # pylint: enable=g-import-not-at-top
 
   print("| graph | rows | edges | ordering | nnz(L) blocks | etree height | "
         "top chain | steps | update pairs | symbolic s | solver ops |")
   print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
   for name in args.graphs:
-    graph = io.read_g2o(str(pathlib.Path(args.data) / f"{name}.g2o"),
-                        missing_vertices="chain")
-    variables, terms = pose_graph.factor_graph_problem(
-        graph, tf.constant(graph.poses))
+    graph, variables, terms = problems.pose_graph_problem(name, args.data)
     layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
     rows, edges = len(graph.vertex_ids), len(graph.edges)
     for leaf in args.leaves:

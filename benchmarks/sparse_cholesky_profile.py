@@ -15,15 +15,12 @@ checked against the graph's step.
         [--xla]
 """
 
-import argparse
-import os
-import pathlib
 import sys
 import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import _harness
 
 
 def _timed(function, *args):
@@ -40,31 +37,27 @@ def _timed(function, *args):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" /
-                                            "posegraph"))
+  parser = _harness.parser(__doc__)
+  parser.add_argument("--data", default=None,
+                      help="folder of the g2o files (default: "
+                      "../shared/data/posegraph)")
   parser.add_argument("--graphs", nargs="+", default=["MIT",
                                                       "parking-garage"])
   parser.add_argument("--xla", action="store_true")
   args = parser.parse_args()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  sys.path.insert(0, str(ROOT))
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
+  from tests import problems
   from tfg_optim import _sparse_cholesky
   from tfg_optim import factor_graph
-  from tfg_optim import io
-  from tfg_optim.examples import pose_graph
   # pylint: enable=g-import-not-at-top
 
   print("| graph | rows | etree height | part | ops | trace s | first call s "
         "| per call s |")
   print("|---|---:|---:|---|---:|---:|---:|---:|")
   for name in args.graphs:
-    graph = io.read_g2o(str(pathlib.Path(args.data) / f"{name}.g2o"),
-                        missing_vertices="chain")
+    graph, variables, terms = problems.pose_graph_problem(name, args.data)
     start = tf.constant(graph.poses)
-    variables, terms = pose_graph.factor_graph_problem(graph, start)
     layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
     kind = _sparse_cholesky.SparseCholeskyKind(layout)
     prefix = f"| {name} | {len(graph.vertex_ids)} | {kind.structure.height}"

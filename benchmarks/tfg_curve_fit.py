@@ -6,7 +6,9 @@ seed 0), n = 4 parameters, float64, CPU, from p = [1, 1, 0.3, 0.6], with
 30 Levenberg-Marquardt iterations (the TensorFlow solvers always run exactly
 `max_iterations`).
 
-Peers, run one after the other in one process (optimistix in a subprocess):
+Peers, in one process (optimistix in a subprocess); ours and scipy side by
+side (interleaved rounds, benchmarks/_harness.py), then the reference's modes
+side by side:
   tfg        `tensorflow_graphics.math.optimizer.levenberg_marquardt.minimize`
              (the reference), in tf.function and, with flags, eager and
              tf.function(jit_compile=True).
@@ -24,7 +26,8 @@ Peers, run one after the other in one process (optimistix in a subprocess):
 
 Each solve is timed with time.perf_counter() around one call that returns
 NumPy values, after one warm-up call (tracing / XLA compilation); the table
-shows the median over the repeats.
+shows the median over the repeats (rounds). The problem's data and model:
+tests/problems.py (`curve_fit_*`).
 
 Usage (from the repository root):
 
@@ -36,91 +39,27 @@ Usage (from the repository root):
     ... --json results.json      # also write the rows as JSON
 """
 
-import argparse
-import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 
 import numpy as np
-import scipy
 import scipy.optimize
 import tensorflow as tf
 
-NUM_POINTS = 10_000
+import _harness
+from tests import problems
+
 MAX_ITERATIONS = 30
-START = np.array([1.0, 1.0, 0.3, 0.6])
-TRUE_PARAMETERS = np.array([2.0, 1.3, 0.5, 0.7])
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_JAX_PYTHON = os.path.join(HERE, ".venv-jax", "bin", "python")
+START = problems.CURVE_FIT_START
 PROBLEM = "exp+sin m=10000 n=4"
-
-
-def make_data(num_points=NUM_POINTS, noise=0.01, seed=0):
-  rng = np.random.default_rng(seed)
-  t = np.linspace(0.0, 4.0, num_points)
-  p = TRUE_PARAMETERS
-  y = p[0] * np.exp(-p[1] * t) + p[2] * np.sin(3.0 * p[3] * t)
-  return t, y + noise * rng.standard_normal(num_points)
-
-
-def machine_info():
-  lines = [
-      f"machine: {platform.machine()} {platform.processor() or ''}".rstrip(),
-      f"cpu: {_cpu_model()}",
-      f"cpu count: os.cpu_count()={os.cpu_count()}, usable="
-      f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}",
-      f"python {platform.python_version()}, tensorflow {tf.__version__}, "
-      f"numpy {np.__version__}, scipy {scipy.__version__}",
-      f"platform: {platform.platform()}",
-      f"GPUs visible to TensorFlow: {len(tf.config.list_physical_devices('GPU'))}",
-  ]
-  return lines
-
-
-def _cpu_model():
-  try:
-    with open("/proc/cpuinfo") as cpuinfo:
-      for line in cpuinfo:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def time_solve(solve, repeats):
-  """Warm-up call, then `repeats` timed calls; returns (median, times, out)."""
-  begin = time.perf_counter()
-  out = solve()
-  first = time.perf_counter() - begin
-  times = []
-  for _ in range(repeats):
-    begin = time.perf_counter()
-    out = solve()
-    times.append(time.perf_counter() - begin)
-  return statistics.median(times), times, first, out
 
 
 def tf_solver(module, mode, t, y, start):
   """A no-argument function running `module.minimize` in `mode`."""
-  t = tf.constant(t)
-  y = tf.constant(y)
-
-  def residual(p):
-    return p[0] * tf.exp(-p[1] * t) + p[2] * tf.sin(3.0 * p[3] * t) - y
-
-  def run(p0):
-    return module.minimize(residual, p0, max_iterations=MAX_ITERATIONS)
-
-  if mode == "function":
-    run = tf.function(run)
-  elif mode == "jit_compile":
-    run = tf.function(run, jit_compile=True)
+  residual = problems.curve_fit_residual(tf.constant(t), tf.constant(y))
+  run = _harness.compile_for(
+      lambda p0: module.minimize(residual, p0, max_iterations=MAX_ITERATIONS),
+      mode)
   start = tf.constant(start, tf.float64)
 
   def solve():
@@ -131,14 +70,8 @@ def tf_solver(module, mode, t, y, start):
 
 
 def scipy_solver(t, y, start):
-  def fun(p):
-    return p[0] * np.exp(-p[1] * t) + p[2] * np.sin(3.0 * p[3] * t) - y
-
-  def jac(p):
-    e = np.exp(-p[1] * t)
-    s = np.sin(3.0 * p[3] * t)
-    c = np.cos(3.0 * p[3] * t)
-    return np.stack([e, -p[0] * t * e, s, 3.0 * p[2] * t * c], axis=1)
+  fun = problems.curve_fit_residual_numpy(t, y)
+  jac = problems.curve_fit_jacobian_numpy(t)
 
   def solve():
     result = scipy.optimize.least_squares(fun, start, jac=jac, method="lm")
@@ -149,28 +82,17 @@ def scipy_solver(t, y, start):
 
 
 def run_optimistix(jax_python, t, y, start, repeats):
-  if not os.path.exists(jax_python):
-    return None, (f"optimistix skipped: {jax_python} not found (see the "
-                  "docstring for the set-up commands)")
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "curve_fit.npz")
     np.savez(path, t=t, y=y, start=start)
-    command = [jax_python, os.path.join(HERE, "_optimistix_curve_fit.py"),
-               "--data", path, "--repeats", str(repeats),
-               "--max-steps", str(MAX_ITERATIONS)]
-    process = subprocess.run(command, capture_output=True, text=True,
-                             check=False)
-  if process.returncode != 0:
-    return None, ("optimistix failed:\n" + process.stderr[-2000:])
-  return json.loads(process.stdout.strip().splitlines()[-1]), None
+    return _harness.run_peer(
+        jax_python, "_optimistix_curve_fit.py",
+        ["--data", path, "--repeats", repeats, "--max-steps", MAX_ITERATIONS],
+        what="optimistix")
 
 
 def main():
-  parser = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repeats", type=int, default=5,
-                      help="timed solves per fast peer (default 5)")
+  parser = _harness.parser(__doc__, repeats=5, json_output=True)
   parser.add_argument("--reference-repeats", type=int, default=2,
                       help="timed solves per TensorFlow Graphics mode "
                       "(default 2; each takes 15 s to minutes)")
@@ -184,29 +106,27 @@ def main():
                       help="skip tfg_optim eagerly")
   parser.add_argument("--skip-scipy", action="store_true")
   parser.add_argument("--skip-optimistix", action="store_true")
-  parser.add_argument("--jax-python", default=DEFAULT_JAX_PYTHON,
+  parser.add_argument("--jax-python", default=_harness.DEFAULT_JAX_PYTHON,
                       help="Python of the venv with jax and optimistix")
-  parser.add_argument("--json", help="also write the rows to this file")
   args = parser.parse_args()
 
   from tfg_optim import levenberg_marquardt as ours  # pylint: disable=g-import-not-at-top
 
-  print("Machine:")
-  for line in machine_info():
-    print("  " + line)
-  sys.stdout.flush()
+  _harness.print_machine_info()
 
-  t, y = make_data()
+  t, y = problems.curve_fit_data()
   rows = []
   notes = []
 
-  def add(peer, mode, median, times, first, objective, variables, iterations):
+  def add(peer, mode, timing, iterations):
+    objective, variables = timing.output[:2]
     rows.append({"problem": PROBLEM, "peer": peer, "mode": mode,
-                 "seconds": median, "times": times, "first_call": first,
+                 "seconds": timing.seconds, "times": timing.times,
+                 "first_call": timing.first_call,
                  "iterations": iterations, "objective": objective,
                  "variables": [float(v) for v in variables]})
-    print(f"  done: {peer:10s} {mode:12s} median {median:.4g} s "
-          f"(first call {first:.3g} s)", flush=True)
+    print(f"  done: {peer:10s} {mode:12s} median {timing.seconds:.4g} s "
+          f"(first call {timing.first_call:.3g} s)", flush=True)
 
   modes = ["function", "jit_compile"]
   if not args.skip_eager:
@@ -220,41 +140,43 @@ def main():
       reference_modes.append("jit_compile")
 
   print("Running:", flush=True)
-  for mode in modes:
-    median, times, first, (objective, variables) = time_solve(
-        tf_solver(ours, mode, t, y, START), args.repeats)
-    add("tfg_optim", mode, median, times, first, objective, variables,
-        str(MAX_ITERATIONS))
+  # Ours and scipy side by side (interleaved rounds).
+  fast = {("tfg_optim", mode): tf_solver(ours, mode, t, y, START)
+          for mode in modes}
+  if not args.skip_scipy:
+    fast[("scipy", "lm (MINPACK)")] = scipy_solver(t, y, START)
+  fast = _harness.interleave(fast, args.repeats)
+  for (peer, mode), timing in fast.items():
+    if peer == "tfg_optim":
+      add(peer, mode, timing, str(MAX_ITERATIONS))
 
   if reference_modes:
     from tensorflow_graphics.math.optimizer import levenberg_marquardt as tfg  # pylint: disable=g-import-not-at-top
-    for mode in reference_modes:
-      median, times, first, (objective, variables) = time_solve(
-          tf_solver(tfg, mode, t, y, START), args.reference_repeats)
-      add("tfg", mode, median, times, first, objective, variables,
-          str(MAX_ITERATIONS))
+    reference = {("tfg", mode): tf_solver(tfg, mode, t, y, START)
+                 for mode in reference_modes}
+    for (peer, mode), timing in _harness.interleave(
+        reference, args.reference_repeats).items():
+      add(peer, mode, timing, str(MAX_ITERATIONS))
 
-  if not args.skip_scipy:
-    median, times, first, (objective, variables, iterations) = time_solve(
-        scipy_solver(t, y, START), args.repeats)
-    add("scipy", "lm (MINPACK)", median, times, first, objective, variables,
-        iterations)
+  for (peer, mode), timing in fast.items():
+    if peer == "scipy":
+      add(peer, mode, timing, timing.output[2])
 
   if not args.skip_optimistix:
     result, note = run_optimistix(args.jax_python, t, y, START, args.repeats)
     if note:
       notes.append(note)
     else:
-      add("optimistix", "jax.jit", result["seconds"], result["times"],
-          result["first_call_seconds"], result["objective"],
-          result["variables"], str(result["iterations"]))
+      add("optimistix", "jax.jit", _harness.Timing(
+          None, result["first_call_seconds"], result["seconds"],
+          result["times"], (result["objective"], result["variables"])),
+          str(result["iterations"]))
       notes.append(f"optimistix: jax {result['jax_version']}, optimistix "
                    f"{result['optimistix_version']}")
 
   print_table(rows, notes)
-  if args.json:
-    with open(args.json, "w") as out:
-      json.dump({"machine": machine_info(), "rows": rows}, out, indent=1)
+  _harness.write_json(args.json, {"machine": _harness.machine_info(),
+                                  "rows": rows})
 
 
 def print_table(rows, notes):
@@ -296,12 +218,8 @@ def print_table(rows, notes):
     table.append((row["problem"], row["peer"], row["mode"],
                   f"{row['seconds']:.4g}", row["iterations"],
                   f"{row['objective']:.15g}", diff, ref_name, ratio))
-  widths = [max(len(str(line[i])) for line in [header] + table)
-            for i in range(len(header))]
   print()
-  for line in [header, tuple("-" * w for w in widths)] + table:
-    print("| " + " | ".join(str(cell).ljust(width)
-                            for cell, width in zip(line, widths)) + " |")
+  _harness.print_table(header, table)
   print()
   print("time/solve: median wall time of one solve after a warm-up call.")
   print("ratio: for tfg_optim, tfg time / tfg_optim time in the same mode "

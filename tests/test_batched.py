@@ -18,6 +18,7 @@ import tensorflow as tf
 
 import tfg_optim
 from tests import modes
+from tests import problems
 from tfg_optim import levenberg_marquardt
 from tfg_optim import manifolds
 from tfg_optim import riemannian
@@ -370,12 +371,7 @@ def _rotation_fits(batch, points, dtype, seed=3):
       (batch,), tf.float64, seed=seed))
   target = np.einsum("bij,bpj->bpi", rotations, source)
   target += 0.01 * rng.standard_normal(target.shape)
-  # Kabsch: argmin_R sum ||R p - q||^2 = U diag(1, 1, det) V^T.
-  u, _, vt = np.linalg.svd(np.einsum("bpi,bpj->bij", target, source))
-  sign = np.sign(np.linalg.det(u @ vt))
-  fix = np.ones((batch, 3))
-  fix[:, 2] = sign
-  kabsch = np.einsum("bij,bj,bjk->bik", u, fix, vt)
+  kabsch = problems.kabsch(source, target)  # argmin_R sum ||R p - q||^2
   return source.astype(dtype), target.astype(dtype), kabsch
 
 

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 import tfg_optim
 from tests import modes
+from tests import problems
 from tfg_optim import lbfgs
 from tfg_optim import manifolds
 from tfg_optim import riemannian
@@ -216,13 +217,6 @@ def test_not_converged_gradient_is_that_of_a_gauss_newton_step():
 # -- Riemannian: the Kabsch rotation -------------------------------------------
 
 
-def _kabsch(x, y):
-  """argmin over rotations R of sum_i ||R x_i - y_i||^2 (rows x_i, y_i)."""
-  u, _, vt = np.linalg.svd(x.T @ y)
-  d = np.sign(np.linalg.det(vt.T @ u.T))
-  return vt.T @ np.diag([1.0, 1.0, d]) @ u.T
-
-
 @pytest.mark.parametrize("noise, hessian", [(0.0, "gauss_newton"),
                                             (0.1, "exact")])
 def test_kabsch_rotation_derivative_matches_svd_finite_differences(noise,
@@ -241,7 +235,7 @@ def test_kabsch_rotation_derivative_matches_svd_finite_differences(noise,
         so3, lambda r: tf.matmul(x, r, transpose_b=True) - y,
         tf.eye(3, dtype=tf.float64), implicit_hessian=hessian)
     loss = tf.reduce_sum(weights * solved)
-  np.testing.assert_allclose(solved, _kabsch(x_np, y_np), atol=1e-10)
+  np.testing.assert_allclose(solved, problems.kabsch(x_np, y_np), atol=1e-10)
   grads = tape.gradient(loss, [x, y])
   h = 1e-6
   for index, grad in enumerate(grads):
@@ -249,8 +243,9 @@ def test_kabsch_rotation_derivative_matches_svd_finite_differences(noise,
     moved = [[x_np, y_np], [x_np, y_np]]
     moved[0][index] = moved[0][index] + h * direction
     moved[1][index] = moved[1][index] - h * direction
-    finite_difference = np.sum(weights * (_kabsch(*moved[0]) -
-                                          _kabsch(*moved[1]))) / (2.0 * h)
+    finite_difference = np.sum(
+        weights * (problems.kabsch(*moved[0]) - problems.kabsch(*moved[1]))
+    ) / (2.0 * h)
     np.testing.assert_allclose(np.sum(grad.numpy() * direction),
                                finite_difference, rtol=1e-6, atol=1e-9)
 

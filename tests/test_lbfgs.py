@@ -8,6 +8,7 @@ import tensorflow as tf
 import tfg_optim
 from tfg_optim import lbfgs
 from tests import modes
+from tests import problems
 
 StopReason = tfg_optim.StopReason
 
@@ -51,9 +52,7 @@ def quartic(x):
                        2.112 * x, axis=-1)
 
 
-def rosenbrock(x, a=1.0, b=100.0):
-  return tf.reduce_sum(b * (x[..., 1:] - x[..., :-1] ** 2) ** 2 +
-                       (a - x[..., :-1]) ** 2, axis=-1)
+rosenbrock = problems.rosenbrock
 
 
 def rosenbrock_once(x):

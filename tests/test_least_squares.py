@@ -15,6 +15,7 @@ import tensorflow as tf
 import tfg_optim
 from tests import modes
 from tests import nist
+from tests import problems
 from tfg_optim import StopReason
 from tfg_optim import _engine
 from tfg_optim import _linearization
@@ -88,8 +89,7 @@ def test_nist_float32_never_returns_nan(name):
 # -- Rosenbrock ----------------------------------------------------------------
 
 
-def _rosenbrock(v):
-  return tf.stack([1.0 - v[..., 0], 10.0 * (v[..., 1] - v[..., 0] ** 2)], -1)
+_rosenbrock = problems.rosenbrock_residuals
 
 
 def test_rosenbrock_within_thirty_residual_evaluations():

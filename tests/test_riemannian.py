@@ -13,6 +13,7 @@ import scipy.optimize
 import tensorflow as tf
 
 from tests import modes
+from tests import problems
 from tfg_optim import manifolds
 from tfg_optim import riemannian
 from tfg_optim import StopReason
@@ -23,36 +24,6 @@ SO3 = manifolds.SpecialOrthogonal(3)
 TOL = {"float64": 1e-9, "float32": 2e-4}
 
 # -- independent references ----------------------------------------------------
-
-
-def _random_rotation(rng):
-  q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-  q = q * np.sign(np.diag(r))
-  if np.linalg.det(q) < 0:
-    q[:, 0] = -q[:, 0]
-  return q
-
-
-def _kabsch(x, y):
-  """argmin over rotations R of sum_i ||R x_i - y_i||^2 (rows x_i, y_i)."""
-  u, _, vt = np.linalg.svd(x.T @ y)
-  d = np.sign(np.linalg.det(vt.T @ u.T))
-  return vt.T @ np.diag([1.0, 1.0, d]) @ u.T
-
-
-def _rotation_problem(rng, num_points=20, noise=0.05, batch=()):
-  x = rng.standard_normal(batch + (num_points, 3))
-  rotations = np.stack([_random_rotation(rng)
-                        for _ in range(int(np.prod(batch, dtype=int)))])
-  rotations = rotations.reshape(batch + (3, 3))
-  y = (np.einsum("...ij,...nj->...ni", rotations, x) +
-       noise * rng.standard_normal(x.shape))
-  return x, y
-
-
-def _rotation_residual(x, y):
-  return lambda r: tf.matmul(tf.cast(x, r.dtype), r, transpose_b=True) - tf.cast(
-      y, r.dtype)
 
 
 def _so3_distance(r):
@@ -74,17 +45,17 @@ def _fields(results, *names):
 @pytest.mark.parametrize("mode,dtype", [("eager", "float64"),
                                         ("xla", "float32")])
 def test_rotation_fit_matches_kabsch(mode, dtype):
-  x, y = _rotation_problem(np.random.default_rng(1))
+  x, y = problems.rotation_fits(np.random.default_rng(1))
 
   def build(start):
     results = riemannian.levenberg_marquardt(
-        SO3, _rotation_residual(x, y), start, return_state=True)
+        SO3, problems.rotation_residual(x, y), start, return_state=True)
     return _fields(results, "position", "converged", "num_iterations")
 
   position, converged, iterations = modes.run(
       build, [np.eye(3, dtype=dtype)], mode)
   assert position.dtype == np.dtype(dtype)
-  np.testing.assert_allclose(position, _kabsch(x, y), atol=TOL[dtype])
+  np.testing.assert_allclose(position, problems.kabsch(x, y), atol=TOL[dtype])
   assert _so3_distance(position) < (1e-12 if dtype == "float64" else 1e-5)
   assert converged and 0 < iterations < 200
 
@@ -127,15 +98,6 @@ def test_nearest_point_on_sphere(mode, dtype):
       1e-12 if dtype == "float64" else 1e-6)
 
 
-def _pose_problem(rng, num_points=30):
-  x = rng.standard_normal((num_points, 3))
-  rotation, translation = _random_rotation(rng), rng.standard_normal(3)
-  y = x @ rotation.T + translation + 0.02 * rng.standard_normal(x.shape)
-  x_mean, y_mean = x.mean(0), y.mean(0)
-  r = _kabsch(x - x_mean, y - y_mean)
-  return x, y, (r, y_mean - r @ x_mean)
-
-
 POSE = manifolds.Product(SO3, manifolds.Euclidean(3))
 
 
@@ -144,7 +106,7 @@ POSE = manifolds.Product(SO3, manifolds.Euclidean(3))
 # test_product_point_as_a_list (eager, tf.function, Session).
 @pytest.mark.parametrize("mode", ["function"])
 def test_rigid_pose_matches_kabsch_with_centroids(mode):
-  x, y, (r_want, t_want) = _pose_problem(np.random.default_rng(3))
+  x, y, (r_want, t_want) = problems.pose_fit(np.random.default_rng(3))
 
   def build(r, t):
     return riemannian.levenberg_marquardt(
@@ -166,18 +128,19 @@ def test_many_rotation_fits_match_kabsch(mode, form):
   # here, so the Power form is traced, and the eager case fits 3 rotations
   # and the traced ones 20.
   count = 3 if mode == "eager" else 20
-  x, y = _rotation_problem(np.random.default_rng(4), batch=(count,))
-  want = np.stack([_kabsch(a, b) for a, b in zip(x, y)])
+  x, y = problems.rotation_fits(np.random.default_rng(4), batch=(count,))
+  want = np.stack([problems.kabsch(a, b) for a, b in zip(x, y)])
   start = np.tile(np.eye(3), (count, 1, 1))
 
   def build(r):
     if form == "power":
       results = riemannian.levenberg_marquardt(
-          manifolds.Power(SO3, count), _rotation_residual(x, y), r,
+          manifolds.Power(SO3, count), problems.rotation_residual(x, y), r,
           return_state=True)
     else:
       results = riemannian.levenberg_marquardt(
-          SO3, _rotation_residual(x, y), r, batch_dims=1, return_state=True)
+          SO3, problems.rotation_residual(x, y), r, batch_dims=1,
+          return_state=True)
     return _fields(results, "position", "num_iterations", "converged")
 
   position, iterations, converged = modes.run(build, [start], mode)
@@ -237,14 +200,6 @@ def _numpy_algorithm1(residual, jacobian, retract, p, iterations, eta=0.2,
   return history
 
 
-def _rosenbrock(v, lib=np):
-  return lib.stack([1.0 - v[0], 10.0 * (v[1] - v[0] ** 2)])
-
-
-def _rosenbrock_jacobian(v):
-  return np.array([[-1.0, 0.0], [-20.0 * v[0], 10.0]])
-
-
 SPHERE_A = np.array([[2.0, -1.0, 0.5], [0.3, 1.5, -2.0], [1.0, 0.2, 0.7],
                      [-0.4, 0.9, 1.1]])
 SPHERE_B = np.array([1.0, -2.0, 0.5, 3.0])
@@ -272,8 +227,9 @@ def _sphere_case():
 
 
 def _euclidean_case():
-  return (manifolds.Euclidean(2), _rosenbrock, _rosenbrock_jacobian,
-          lambda p, s: p + s, np.array([-1.2, 1.0]))
+  return (manifolds.Euclidean(2), problems.rosenbrock_residuals,
+          problems.rosenbrock_jacobian, lambda p, s: p + s,
+          np.array([-1.2, 1.0]))
 
 
 HAND_CASES = {"euclidean": _euclidean_case, "sphere": _sphere_case}
@@ -351,7 +307,8 @@ def _so3_jacobian(x):
 # test_numpy_residual_raises_and_given_jacobian_skips_the_check.
 @pytest.mark.parametrize("mode", ["session"])
 def test_user_jacobian_gives_autodiff_iterates(mode):
-  x, y = _rotation_problem(np.random.default_rng(7), num_points=10, noise=0.3)
+  x, y = problems.rotation_fits(np.random.default_rng(7), num_points=10,
+                                noise=0.3)
   fields = ("position", "num_iterations", "num_accepted", "cost")
   coefficients = np.array([[1.0, 0.5, 0.0], [0.0, 2.0, -0.3], [0.2, 0.0, 0.7]])
   jacobian = _so3_jacobian(x)
@@ -359,23 +316,23 @@ def test_user_jacobian_gives_autodiff_iterates(mode):
   def build(r):
     options = dict(return_state=True,
                    stopping_criterion=stopping.StopAfterIteration(8))
-    auto = riemannian.levenberg_marquardt(SO3, _rotation_residual(x, y), r,
-                                          **options)
-    user = riemannian.levenberg_marquardt(SO3, _rotation_residual(x, y), r,
-                                          jacobian, **options)
+    auto = riemannian.levenberg_marquardt(
+        SO3, problems.rotation_residual(x, y), r, **options)
+    user = riemannian.levenberg_marquardt(
+        SO3, problems.rotation_residual(x, y), r, jacobian, **options)
     objective = riemannian.NonlinearLeastSquaresObjective(
-        _rotation_residual(x, y), jacobian, 30)
+        problems.rotation_residual(x, y), jacobian, 30)
     as_object = riemannian.levenberg_marquardt(SO3, objective, r, **options)
     # The same Jacobian in the basis v_j = sum_i C_ij b_i: J_user = J C.
     other_basis = riemannian.levenberg_marquardt(
-        SO3, _rotation_residual(x, y), r,
+        SO3, problems.rotation_residual(x, y), r,
         lambda q: tf.matmul(jacobian(q), coefficients),
         jacobian_tangent_basis=lambda q: tf.constant(coefficients),
         **options)
     return [_fields(result, *fields)
             for result in (auto, user, as_object, other_basis)]
 
-  auto, *others = modes.run(build, [_random_rotation(
+  auto, *others = modes.run(build, [problems.random_rotation(
       np.random.default_rng(8))], mode)
   for other in others:
     for got, want in zip(other, auto):
@@ -383,8 +340,8 @@ def test_user_jacobian_gives_autodiff_iterates(mode):
 
 
 def test_evaluation_counts_and_initial_values():
-  x, y = _rotation_problem(np.random.default_rng(9))
-  f = _rotation_residual(x, y)
+  x, y = problems.rotation_fits(np.random.default_rng(9))
+  f = problems.rotation_residual(x, y)
   start = tf.constant(np.eye(3))
   criterion = stopping.StopAfterIteration(5)
 
@@ -411,9 +368,9 @@ def test_evaluation_counts_and_initial_values():
 
 
 def test_residual_evaluations_really_skipped():
-  x, y = _rotation_problem(np.random.default_rng(9))
+  x, y = problems.rotation_fits(np.random.default_rng(9))
   calls = []
-  f = _rotation_residual(x, y)
+  f = problems.rotation_residual(x, y)
 
   def counting(r):
     calls.append(1)
@@ -436,8 +393,8 @@ def test_residual_evaluations_really_skipped():
 
 
 def test_num_components_and_objective_errors():
-  x, y = _rotation_problem(np.random.default_rng(10))
-  f = _rotation_residual(x, y)
+  x, y = problems.rotation_fits(np.random.default_rng(10))
+  f = problems.rotation_residual(x, y)
   with pytest.raises(ValueError, match="num_components"):
     riemannian.levenberg_marquardt(SO3, f, np.eye(3), num_components=59)
   with pytest.raises(ValueError, match="num_components"):
@@ -458,13 +415,13 @@ def test_num_components_and_objective_errors():
 @pytest.mark.parametrize("mode", ["session"])
 def test_in_place_assigns_variables(mode):
   # Eagerly the assignment is a plain tf.Variable.assign after the solve.
-  x, y = _rotation_problem(np.random.default_rng(11))
-  xp, yp, (r_want, t_want) = _pose_problem(np.random.default_rng(12))
+  x, y = problems.rotation_fits(np.random.default_rng(11))
+  xp, yp, (r_want, t_want) = problems.pose_fit(np.random.default_rng(12))
   pose_residual = lambda p: tf.matmul(xp, p[0], transpose_b=True) + p[1] - yp
 
   def solve(rotation, pose):
     first = riemannian.levenberg_marquardt_in_place(
-        SO3, _rotation_residual(x, y), rotation)
+        SO3, problems.rotation_residual(x, y), rotation)
     second = riemannian.levenberg_marquardt_in_place(POSE, pose_residual,
                                                      pose, return_state=True)
     return first, second.position
@@ -483,9 +440,9 @@ def test_in_place_assigns_variables(mode):
     rotation = tf.Variable(np.eye(3))
     pose = (tf.Variable(np.eye(3)), tf.Variable(np.zeros(3)))
     returned = tf.function(lambda: solve(rotation, pose), autograph=False)()
-    np.testing.assert_allclose(returned[0], _kabsch(x, y), atol=1e-10)
+    np.testing.assert_allclose(returned[0], problems.kabsch(x, y), atol=1e-10)
     values = [rotation.numpy(), (pose[0].numpy(), pose[1].numpy())]
-  np.testing.assert_allclose(values[0], _kabsch(x, y), atol=1e-10)
+  np.testing.assert_allclose(values[0], problems.kabsch(x, y), atol=1e-10)
   np.testing.assert_allclose(values[1][0], r_want, atol=1e-10)
   np.testing.assert_allclose(values[1][1], t_want, atol=1e-10)
 
@@ -500,11 +457,12 @@ def test_in_place_needs_variables():
 
 @pytest.mark.parametrize("mode", ["eager"])
 def test_records(mode):
-  x, y = _rotation_problem(np.random.default_rng(13), noise=0.2)
+  x, y = problems.rotation_fits(np.random.default_rng(13), noise=0.2)
 
   def build(r):
     results = riemannian.levenberg_marquardt(
-        SO3, _rotation_residual(x, y), r, return_state=True, record=True)
+        SO3, problems.rotation_residual(x, y), r, return_state=True,
+        record=True)
     return (results.records, results.num_iterations, results.initial_cost,
             results.cost, results.gradient_norm, results.damping)
 
@@ -527,14 +485,14 @@ def test_records(mode):
 
 
 def test_records_match_callback_and_batch_nan_after_stop():
-  x, y = _rotation_problem(np.random.default_rng(14), batch=(3,))
+  x, y = problems.rotation_fits(np.random.default_rng(14), batch=(3,))
   seen = []
 
   def callback(iteration, cost, point):
     seen.append((int(iteration), cost.numpy(), point.numpy()))
 
   results = riemannian.levenberg_marquardt(
-      SO3, _rotation_residual(x, y), np.tile(np.eye(3), (3, 1, 1)),
+      SO3, problems.rotation_residual(x, y), np.tile(np.eye(3), (3, 1, 1)),
       batch_dims=1, return_state=True, record=40, callback=callback)
   costs = results.records["cost"].numpy()
   iterations = results.num_iterations.numpy()
@@ -577,7 +535,8 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_non_finite_candidate_is_a_rejection(mode):
-  residual, jacobian = _rosenbrock, _rosenbrock_jacobian
+  residual = problems.rosenbrock_residuals
+  jacobian = problems.rosenbrock_jacobian
   start = np.array([-1.2, 1.0])
   first = _numpy_algorithm1(residual, jacobian, lambda p, s: p + s, start, 1)
   # the first candidate, before it is judged, is start + s: poison a ball
@@ -590,8 +549,8 @@ def test_non_finite_candidate_is_a_rejection(mode):
     near = lib.reduce_sum((v - bad) ** 2) < 0.01 if lib is tf else (
         np.sum((v - bad) ** 2) < 0.01)
     nan = (tf.constant(np.nan, v.dtype) if lib is tf else np.nan)
-    return _rosenbrock(v, lib) + (tf.where(near, nan, 0.0) if lib is tf else
-                                  (nan if near else 0.0))
+    return problems.rosenbrock_residuals(v, lib) + (
+        tf.where(near, nan, 0.0) if lib is tf else (nan if near else 0.0))
 
   want = _numpy_algorithm1(poisoned, jacobian, lambda p, s: p + s, start, 10)
 
@@ -653,13 +612,14 @@ def test_nan_region_still_converges(mode):
 @pytest.mark.parametrize("dtype", ["float64"])
 def test_points_stay_on_the_manifold(dtype):
   rng = np.random.default_rng(15)
-  x, y = _rotation_problem(rng, noise=0.5)
+  x, y = problems.rotation_fits(rng, noise=0.5)
   tolerance = 1e-12 if dtype == "float64" else 1e-5
   stiefel = manifolds.Stiefel(6, 2)
   target = rng.standard_normal((6, 2))
   sphere_target = rng.standard_normal(5)
   cases = [
-      (SO3, _rotation_residual(x, y), _random_rotation(rng), _so3_distance),
+      (SO3, problems.rotation_residual(x, y), problems.random_rotation(rng),
+       _so3_distance),
       (stiefel, lambda w: tf.sin(w) - tf.cast(target, w.dtype),
        np.linalg.qr(rng.standard_normal((6, 2)))[0],
        lambda w: np.linalg.norm(w.T.astype(np.float64) @ w - np.eye(2))),
@@ -698,21 +658,23 @@ def test_points_stay_on_the_manifold(dtype):
 def test_off_manifold_start_fails_only_its_problem(mode):
   # Eagerly such starts raise (test_bad_arguments); a graph cannot raise on
   # values, so each bad start stops at once with INVALID_INPUT, unchanged.
-  x, y = _rotation_problem(np.random.default_rng(16), batch=(4,))
+  x, y = problems.rotation_fits(np.random.default_rng(16), batch=(4,))
   starts = np.stack([np.eye(3), 2.0 * np.eye(3), np.diag([1.0, 1.0, -1.0]),
                      np.full((3, 3), np.nan)])
 
   def build(r):
     batch = riemannian.levenberg_marquardt(
-        SO3, _rotation_residual(x, y), r, batch_dims=1, return_state=True)
+        SO3, problems.rotation_residual(x, y), r, batch_dims=1,
+        return_state=True)
     single = riemannian.levenberg_marquardt(  # the unbatched 2 I
-        SO3, _rotation_residual(x[1], y[1]), r[1], return_state=True)
+        SO3, problems.rotation_residual(x[1], y[1]), r[1], return_state=True)
     return [_fields(results, "position", "converged", "stop_reason",
                     "num_iterations") for results in (batch, single)]
 
   (position, converged, reason, iterations), single = modes.run(
       build, [starts], mode)
-  np.testing.assert_allclose(position[0], _kabsch(x[0], y[0]), atol=1e-9)
+  np.testing.assert_allclose(position[0], problems.kabsch(x[0], y[0]),
+                             atol=1e-9)
   assert converged[0] and iterations[0] > 0
   np.testing.assert_array_equal(position[1:], starts[1:])  # NaN == NaN here
   np.testing.assert_array_equal(converged[1:], False)
@@ -722,24 +684,24 @@ def test_off_manifold_start_fails_only_its_problem(mode):
   assert not single[1] and single[2] == StopReason.INVALID_INPUT == 9
 
 
-_X, _Y = _rotation_problem(np.random.default_rng(17))
+_X, _Y = problems.rotation_fits(np.random.default_rng(17))
 # (manifold, f, start, options, error message): each raises while tracing,
 # before any loop is built, so every mode is cheap.
 BAD_INPUTS = {
     # batch_dims=0 with two rotations: one tangent step would be shared.
-    "extra_axis": (SO3, _rotation_residual(_X, _Y), np.stack([np.eye(3)] * 2),
-                   {}, "'p'.*shape \\[3, 3\\]"),
+    "extra_axis": (SO3, problems.rotation_residual(_X, _Y),
+                   np.stack([np.eye(3)] * 2), {}, "'p'.*shape \\[3, 3\\]"),
     "sphere_size": (manifolds.Sphere(3), lambda p: p,
                     np.array([1.0, 0.0, 0.0, 0.0]), {},
                     "'p'.*Sphere\\(3\\).*shape"),
-    "batch_shape": (SO3, _rotation_residual(_X, _Y), np.eye(3)[:, :2],
+    "batch_shape": (SO3, problems.rotation_residual(_X, _Y), np.eye(3)[:, :2],
                     {"batch_dims": 1}, "'p'.*\\[B1, 3, 3\\]"),
     "power_count": (manifolds.Power(manifolds.Sphere(3), 3), lambda p: p,
                     np.eye(4)[:, :3], {}, "'p'.*Power"),
     "f_batch": (SO3, lambda r: tf.reshape(r, [-1]), np.stack([np.eye(3)] * 2),
                 {"batch_dims": 1}, "'f' returned shape \\(18,\\)"),
-    "empty_batch": (SO3, _rotation_residual(_X, _Y), np.zeros((0, 3, 3)),
-                    {"batch_dims": 1}, "'p' is empty"),
+    "empty_batch": (SO3, problems.rotation_residual(_X, _Y),
+                    np.zeros((0, 3, 3)), {"batch_dims": 1}, "'p' is empty"),
     "dimension_0": (manifolds.Stiefel(1, 1), lambda p: p - 1.0,
                     np.ones((1, 1)), {}, "'p'.*dimension 0"),
     "constant_f": (manifolds.Sphere(3), lambda p: tf.constant([1.0, 2.0],
@@ -772,7 +734,7 @@ def test_misshapen_empty_and_disconnected_inputs_raise(case, mode):
 
 
 def test_numpy_residual_raises_and_given_jacobian_skips_the_check():
-  x, y = _rotation_problem(np.random.default_rng(18))
+  x, y = problems.rotation_fits(np.random.default_rng(18))
   # A residual computed in NumPy is a constant to TensorFlow.
   with pytest.raises(ValueError, match="'f' does not depend"):
     riemannian.levenberg_marquardt(SO3, lambda r: x @ np.asarray(r).T - y,
@@ -805,7 +767,7 @@ def test_int32_bounds():
 def test_product_point_as_a_list(mode):
   # Manopt users write poses as [R, t]: f, the callback and the result all
   # get a list, as given.
-  x, y, (r_want, t_want) = _pose_problem(np.random.default_rng(3))
+  x, y, (r_want, t_want) = problems.pose_fit(np.random.default_rng(3))
   seen = []
 
   def residual(p):
