@@ -114,6 +114,10 @@ def test_model_decrease():
                      model_decrease=1e-3)[0]
   assert not _decide(criterion, cost=2.0, model_decrease=4e-3)[0]
   assert not _decide(criterion, cost=2.0, model_decrease=np.nan)[0]
+  # a negative promise beyond rounding is an inaccurate solve (float32
+  # Lanczos2: -2.6 times the cost), not convergence; rounding-level is
+  assert not _decide(criterion, cost=2.0, model_decrease=-5.2)[0]
+  assert _decide(criterion, cost=2.0, model_decrease=-1e-3) == fired
   assert not _decide(criterion, cost=2.0)[0]  # no finite step yet
   assert not _decide(criterion, num_iterations=0, model_decrease=0.0)[0]
   assert StopReason.MODEL_DECREASE.converged
