@@ -4,14 +4,31 @@ decisions, applied to tensors of shape [B..., ...] by a [B...] condition."""
 import tensorflow as tf
 
 
+def leading_shape(tensor, rank):
+  """The first `rank` dimensions of `tensor`: a list of ints where all are
+  known while tracing (no op is built), else a 1-D int32 tensor."""
+  static = tensor.shape[:rank]
+  if static.is_fully_defined():
+    return static.as_list()
+  return tf.shape(tensor)[:rank]
+
+
+def concat_shapes(*parts):
+  """Shape parts (lists of ints, or 1-D int32 tensors) joined: a list when
+  every part is a list (no op is built), else one tensor."""
+  if all(isinstance(part, list) for part in parts):
+    return [size for part in parts for size in part]
+  return tf.concat(list(parts), axis=0)
+
+
 def select(condition, if_true, if_false):
   """`tf.where` for a [B...] condition and tensors of shape [B..., ...]."""
   condition = tf.convert_to_tensor(condition)
   if_true = tf.convert_to_tensor(if_true)
   extra = if_true.shape.rank - condition.shape.rank
-  if extra:
-    condition = tf.reshape(
-        condition, tf.concat([tf.shape(condition), [1] * extra], axis=0))
+  if extra and condition.shape.rank:  # A scalar condition broadcasts.
+    condition = tf.reshape(condition, concat_shapes(
+        leading_shape(condition, condition.shape.rank), [1] * extra))
   return tf.where(condition, if_true, if_false)
 
 

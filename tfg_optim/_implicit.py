@@ -264,7 +264,8 @@ def _zeros_for_none(values, like):
 def _per_problem(ok, tensor):
   """`tensor` [B..., ...] where ok [B...], zero elsewhere."""
   extra = tensor.shape.rank - ok.shape.rank
-  condition = tf.reshape(ok, tf.concat([tf.shape(ok), [1] * extra], 0))
+  condition = tf.reshape(ok, _batch.concat_shapes(
+      _batch.leading_shape(ok, ok.shape.rank), [1] * extra))
   return tf.where(condition, tensor, tf.zeros_like(tensor))
 
 

@@ -148,7 +148,9 @@ class DenseKind:
 
   def at(self, point, residual):
     """The linearization at `point`, where F is `residual`."""
-    return Dense(jacobian(self.problem, point, tf.shape(residual)[:-1],
+    return Dense(jacobian(self.problem, point,
+                          _batch.leading_shape(residual,
+                                               residual.shape.rank - 1),
                           self.num_residuals))
 
   def restore(self, tensors, point):
@@ -238,7 +240,7 @@ def jacobian(problem, point, batch_shape, num_residuals):
     return problem.jacobian_fn(point)
   n = problem.tangent_dim
   dtype = tf.nest.flatten(point)[0].dtype
-  zero_step = tf.zeros(tf.concat([batch_shape, [n]], axis=0), dtype)
+  zero_step = tf.zeros(_batch.concat_shapes(batch_shape, [n]), dtype)
 
   def residual_of_step(step):
     return problem.residual_fn(problem.retract(point, step))

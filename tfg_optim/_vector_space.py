@@ -7,6 +7,7 @@ and a step is [B..., n] with n = sum_i prod(shape_i).
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _batch
 from tfg_optim import _validation
 
 
@@ -21,9 +22,10 @@ def sizes(shapes):
 
 def split_step(step, shapes):
   """Splits a [B..., n] step into tensors of shapes [B..., *shape_i]."""
-  batch_shape = tf.shape(step)[:-1]
+  batch_shape = (tf.shape(step)[:-1] if step.shape.rank is None else
+                 _batch.leading_shape(step, step.shape.rank - 1))
   pieces = tf.split(step, sizes(shapes), axis=-1)
-  return [tf.reshape(piece, tf.concat([batch_shape, shape.as_list()], 0))
+  return [tf.reshape(piece, _batch.concat_shapes(batch_shape, shape.as_list()))
           for piece, shape in zip(pieces, shapes)]
 
 
@@ -35,10 +37,10 @@ def retract(tensors, step, batch_rank):
 
 def flatten_batched(tensor, batch_rank):
   """Reshapes [B..., *shape] to [B..., prod(shape)]."""
-  batch_shape = tf.shape(tensor)[:batch_rank]
   event = tensor.shape[batch_rank:]
   size = event.num_elements() if event.is_fully_defined() else -1
-  return tf.reshape(tensor, tf.concat([batch_shape, [size]], 0))
+  return tf.reshape(tensor, _batch.concat_shapes(
+      _batch.leading_shape(tensor, batch_rank), [size]))
 
 
 class ResidualStack:
