@@ -81,6 +81,15 @@ def between_error(first, second, measurement, root):
   return tf.einsum("kab,kb->ka", root, errors)
 
 
+def between_error_blocks(first, second, measurement, root):
+  """The Jacobian blocks of `between_error` in the poses' twists, [K, d, d]
+  each: U de/dc_i and U de/dc_j in closed form
+  (`lie_groups.between_error_jacobians`)."""
+  _, first_block, second_block = lie_groups.between_error_jacobians(
+      measurement, first, second)
+  return [tf.matmul(root, first_block), tf.matmul(root, second_block)]
+
+
 def factor_graph_problem(graph, poses):
   """([poses table], [edge term]) of the graph at `poses` [N, 3 or 7] (the
   first row held)."""
@@ -90,7 +99,8 @@ def factor_graph_problem(graph, poses):
   term = factor_graph.Term(
       between_error, [(table, edges[:, 0]), (table, edges[:, 1])],
       data=[np.asarray(graph.measurements),
-            io.square_root_information(graph)], name="edges")
+            io.square_root_information(graph)], name="edges",
+      jacobian=between_error_blocks)
   return [table], [term]
 
 
