@@ -3,8 +3,11 @@ spends its time, on the shared g2o graphs.
 
 For each graph (the problem of tfg_optim/examples/pose_graph.py, at its
 start) times, each as its own `tf.function` (autograph off): the Jacobian
-blocks (`_block_sparse.Layout.blocks`: forward mode over the edges), and the
-solver (`SparseCholesky.damped_solver`: assembly, factorization and one
+blocks (`_block_sparse.Layout.blocks`) in closed form (the edges' own
+`jacobian`, `lie_groups.between_error_jacobians`) and by forward mode over
+the edges tiled by the tangent directions (the same terms without it; the
+largest difference between the two is printed), the cost (residuals and
+their sum of squares), and the solver (`SparseCholesky.damped_solver`: assembly, factorization and one
 solve) with the blocks as inputs: its graph's op count, tracing time, first
 call (TensorFlow's graph optimization) and the mean of 5 later calls; with
 --xla also the solver under `jit_compile=True` (first call: compilation),
@@ -48,6 +51,7 @@ def main():
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
   from tests import problems
+  from tfg_optim import _block_sparse
   from tfg_optim import _sparse_cholesky
   from tfg_optim import factor_graph
   # pylint: enable=g-import-not-at-top
@@ -73,8 +77,21 @@ def main():
       return kind.linearization_class(*blocks).damped_solver(  # pylint: disable=cell-var-from-loop
           lam, scaling)(None, gradient).solution
 
+    # The same blocks by forward mode over the tiled edges (the terms
+    # without their closed-form jacobian), side by side, and how far apart.
+    forward_layout = _block_sparse.Layout(
+        layout.tables, [term._replace(jacobian=None) for term in layout.terms])
+    forward_blocks = tf.function(
+        lambda poses: forward_layout.blocks((poses,)), autograph=False)  # pylint: disable=cell-var-from-loop
+    gap = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+              for x, y in zip(blocks(start), forward_blocks(start)))
     reference = None
-    runs = [("Jacobian blocks", blocks, (start,)),
+    runs = [(f"Jacobian blocks, closed form (vs forward: {gap:.1e})", blocks,
+             (start,)),
+            ("Jacobian blocks, forward mode", forward_blocks, (start,)),
+            ("cost", tf.function(lambda poses: 0.5 * tf.reduce_sum(  # pylint: disable=cell-var-from-loop
+                tf.square(layout.residual((poses,)))), autograph=False),  # pylint: disable=cell-var-from-loop
+             (start,)),
             ("solver", tf.function(solver, autograph=False), inputs)]
     if args.xla:
       runs.append(("solver, XLA", tf.function(solver, autograph=False,
