@@ -15,7 +15,8 @@ which is held at its value in the file (the gauge: F is invariant under
 moving every pose by one rigid motion). The poses are one table of a factor
 graph on SE(2) or SE(3) (retraction X Exp(c), body twists) with the first
 row held, and the edges one residual term, U_ij e_ij (U^T U = Omega_ij):
-the block-sparse linearization (docs/sparse.md) with Nielsen's lambda
+the block-sparse linearization (docs/sparse.md; the edges' blocks in
+closed form, `between_error_blocks`) with Nielsen's lambda
 damping, solved by 'cholesky' (the dense Cholesky of the J^T J assembled
 from the blocks), 'sparse_cholesky' (block sparse Cholesky), 'cg'
 (block-Jacobi conjugate gradients) or 'auto' (factor_graph.picked_solver:
