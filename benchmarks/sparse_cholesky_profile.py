@@ -8,7 +8,9 @@ blocks (`_block_sparse.Layout.blocks`) in closed form (the edges' own
 the edges tiled by the tangent directions (the same terms without it; their
 largest difference is printed after the times), the cost (residuals and
 their sum of squares), and the solver (`SparseCholesky.damped_solver`:
-assembly, factorization and one solve) with the blocks as inputs: its graph's op count, tracing time, first
+assembly, factorization and one solve) with the blocks as inputs, then its
+three stages apart (assembly and factorization are called once to make the
+next stage's input, so their trace and first-call columns are near 0): its graph's op count, tracing time, first
 call (TensorFlow's graph optimization) and the mean of 5 later calls; with
 --xla also the solver under `jit_compile=True` (first call: compilation),
 checked against the graph's step.
@@ -26,6 +28,15 @@ import numpy as np
 import _harness
 
 
+def _flat(output):
+  """The tensors of a nested tuple/list (None skipped)."""
+  if output is None:
+    return []
+  if isinstance(output, (list, tuple)):
+    return [x for part in output for x in _flat(part)]
+  return [output]
+
+
 def _timed(function, *args):
   """(seconds of the first call, mean seconds of 5 more, output)."""
   begin = time.perf_counter()
@@ -34,9 +45,44 @@ def _timed(function, *args):
   begin = time.perf_counter()
   for _ in range(5):
     output = function(*args)
-  _ = [np.asarray(x) for x in (output if isinstance(output, (list, tuple))
-                               else [output])]
+  _ = [np.asarray(x) for x in _flat(output)]
   return first, (time.perf_counter() - begin) / 5, output
+
+
+def _solver_stages(kind, inputs):
+  """The solver's three stages, each its own `tf.function` on the previous
+  stage's output: assembly (J^T J + lambda D into the factor's block
+  storage), the numeric factorization, and both substitutions (with the
+  permutations)."""
+  # pylint: disable=g-import-not-at-top,protected-access
+  import tensorflow as tf
+  from tfg_optim import _sparse_cholesky
+  # pylint: enable=g-import-not-at-top
+  blocks, lam, scaling, gradient = inputs
+  structure = kind.structure
+
+  def assembly(blocks, lam, scaling):
+    storage, extra = kind.linearization_class(*blocks).assemble(lam, scaling)
+    return _sparse_cholesky._add_to_diagonals(structure, storage, extra)
+
+  def factorization(damped):
+    return _sparse_cholesky.factor(structure, damped)
+
+  def substitutions(factors, gradient):
+    linearization = kind.linearization_class(*blocks)
+    rhs = linearization._padded(linearization.layout.split_tangent(gradient))
+    x = _sparse_cholesky.substitute(structure, factors,
+                                    tf.gather(rhs, structure.order))
+    return -linearization._unpadded(tf.gather(x, structure.position))
+
+  assembly = tf.function(assembly, autograph=False)
+  factorization = tf.function(factorization, autograph=False)
+  damped = assembly(blocks, lam, scaling)
+  factors = factorization(damped)
+  return [("  assembly", assembly, (blocks, lam, scaling)),
+          ("  factorization", factorization, (damped,)),
+          ("  substitutions", tf.function(substitutions, autograph=False),
+           (factors, gradient))]
 
 
 def main():
@@ -90,6 +136,7 @@ def main():
                 tf.square(layout.residual((poses,)))), autograph=False),  # pylint: disable=cell-var-from-loop
              (start,)),
             ("solver", tf.function(solver, autograph=False), inputs)]
+    runs += _solver_stages(kind, inputs)
     if args.xla:
       runs.append(("solver, XLA", tf.function(solver, autograph=False,
                                                jit_compile=True), inputs))
