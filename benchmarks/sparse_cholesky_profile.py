@@ -3,9 +3,14 @@ spends its time, on the shared g2o graphs.
 
 For each graph (the problem of tfg_optim/examples/pose_graph.py, at its
 start) times, each as its own `tf.function` (autograph off): the Jacobian
-blocks (`_block_sparse.Layout.blocks`: forward mode over the edges), and the
-solver (`SparseCholesky.damped_solver`: assembly, factorization and one
-solve) with the blocks as inputs: its graph's op count, tracing time, first
+blocks (`_block_sparse.Layout.blocks`) in closed form (the edges' own
+`jacobian`, `lie_groups.between_error_jacobians`) and by forward mode over
+the edges tiled by the tangent directions (the same terms without it; their
+largest difference is printed after the times), the cost (residuals and
+their sum of squares), and the solver (`SparseCholesky.damped_solver`:
+assembly, factorization and one solve) with the blocks as inputs, then its
+three stages apart (assembly and factorization are called once to make the
+next stage's input, so their trace and first-call columns are near 0): its graph's op count, tracing time, first
 call (TensorFlow's graph optimization) and the mean of 5 later calls; with
 --xla also the solver under `jit_compile=True` (first call: compilation),
 checked against the graph's step.
@@ -23,6 +28,15 @@ import numpy as np
 import _harness
 
 
+def _flat(output):
+  """The tensors of a nested tuple/list (None skipped)."""
+  if output is None:
+    return []
+  if isinstance(output, (list, tuple)):
+    return [x for part in output for x in _flat(part)]
+  return [output]
+
+
 def _timed(function, *args):
   """(seconds of the first call, mean seconds of 5 more, output)."""
   begin = time.perf_counter()
@@ -31,9 +45,44 @@ def _timed(function, *args):
   begin = time.perf_counter()
   for _ in range(5):
     output = function(*args)
-  _ = [np.asarray(x) for x in (output if isinstance(output, (list, tuple))
-                               else [output])]
+  _ = [np.asarray(x) for x in _flat(output)]
   return first, (time.perf_counter() - begin) / 5, output
+
+
+def _solver_stages(kind, inputs):
+  """The solver's three stages, each its own `tf.function` on the previous
+  stage's output: assembly (J^T J + lambda D into the factor's block
+  storage), the numeric factorization, and both substitutions (with the
+  permutations)."""
+  # pylint: disable=g-import-not-at-top,protected-access
+  import tensorflow as tf
+  from tfg_optim import _sparse_cholesky
+  # pylint: enable=g-import-not-at-top
+  blocks, lam, scaling, gradient = inputs
+  structure = kind.structure
+
+  def assembly(blocks, lam, scaling):
+    storage, extra = kind.linearization_class(*blocks).assemble(lam, scaling)
+    return _sparse_cholesky._add_to_diagonals(structure, storage, extra)
+
+  def factorization(damped):
+    return _sparse_cholesky.factor(structure, damped)
+
+  def substitutions(factors, gradient):
+    linearization = kind.linearization_class(*blocks)
+    rhs = linearization._padded(linearization.layout.split_tangent(gradient))
+    x = _sparse_cholesky.substitute(structure, factors,
+                                    tf.gather(rhs, structure.order))
+    return -linearization._unpadded(tf.gather(x, structure.position))
+
+  assembly = tf.function(assembly, autograph=False)
+  factorization = tf.function(factorization, autograph=False)
+  damped = assembly(blocks, lam, scaling)
+  factors = factorization(damped)
+  return [("  assembly", assembly, (blocks, lam, scaling)),
+          ("  factorization", factorization, (damped,)),
+          ("  substitutions", tf.function(substitutions, autograph=False),
+           (factors, gradient))]
 
 
 def main():
@@ -48,6 +97,7 @@ def main():
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
   from tests import problems
+  from tfg_optim import _block_sparse
   from tfg_optim import _sparse_cholesky
   from tfg_optim import factor_graph
   # pylint: enable=g-import-not-at-top
@@ -73,9 +123,20 @@ def main():
       return kind.linearization_class(*blocks).damped_solver(  # pylint: disable=cell-var-from-loop
           lam, scaling)(None, gradient).solution
 
+    # The same blocks by forward mode over the tiled edges (the terms
+    # without their closed-form jacobian), side by side, and how far apart.
+    forward_layout = _block_sparse.Layout(
+        layout.tables, [term._replace(jacobian=None) for term in layout.terms])
+    forward_blocks = tf.function(
+        lambda poses: forward_layout.blocks((poses,)), autograph=False)  # pylint: disable=cell-var-from-loop
     reference = None
-    runs = [("Jacobian blocks", blocks, (start,)),
+    runs = [("Jacobian blocks, closed form", blocks, (start,)),
+            ("Jacobian blocks, forward mode", forward_blocks, (start,)),
+            ("cost", tf.function(lambda poses: 0.5 * tf.reduce_sum(  # pylint: disable=cell-var-from-loop
+                tf.square(layout.residual((poses,)))), autograph=False),  # pylint: disable=cell-var-from-loop
+             (start,)),
             ("solver", tf.function(solver, autograph=False), inputs)]
+    runs += _solver_stages(kind, inputs)
     if args.xla:
       runs.append(("solver, XLA", tf.function(solver, autograph=False,
                                                jit_compile=True), inputs))
@@ -94,6 +155,13 @@ def main():
           part += f" (vs graph: {error:.1e})"
       print(f"{prefix} | {part} | {ops} | {trace:.2f} | {first:.2f} | "
             f"{per_call:.4f} |", flush=True)
+    gap = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+              for x, y in zip(blocks(start), forward_blocks(start)))
+    scale = max(float(np.max(np.abs(np.asarray(y))))
+                for y in forward_blocks(start))
+    print(f"{prefix} | closed form vs forward mode: max abs difference "
+          f"{gap:.1e} (largest entry {scale:.1e}) | - | - | - | - |",
+          flush=True)
   return 0
 
 

@@ -9,6 +9,7 @@ import io as python_io
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tfg_optim import io
 from tfg_optim.examples import pose_graph
@@ -110,3 +111,88 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
                             np.zeros([2, 3]))
   assert "matplotlib is not installed" in message
   assert not (tmp_path / "p.png").exists()
+
+
+def _edge_poses(dimension, count, rng):
+  """(poses [2 count, 3 or 7], measurements [count, ...]): edge k joins
+  poses k and count + k; its error Log(Z^-1 X_i^-1 X_j) is random on a
+  quarter of the edges, within 1e-6 of the identity, exactly the identity,
+  and within 1e-7 of a half turn on the others."""
+  manifold = lie_groups.SE2() if dimension == 2 else lie_groups.SE3()
+  d = 3 if dimension == 2 else 6
+  poses = np.asarray(manifold.random_point([2 * count], seed=dimension))
+  relative = np.asarray(lie_groups.between(poses[:count], poses[count:]))
+  errors = rng.normal(size=(count, d))
+  quarter = count // 4
+  errors[quarter:2 * quarter] *= 1e-6
+  errors[2 * quarter:3 * quarter] = 0.0
+  rotation = 2 if d == 3 else 3  # where the twists' rotation part starts
+  axis = rng.normal(size=(count - 3 * quarter, d - rotation))
+  axis /= np.linalg.norm(axis, axis=-1, keepdims=True)
+  angle = np.pi - 1e-7 * rng.uniform(size=(len(axis), 1))
+  errors[3 * quarter:, rotation:] = axis * angle
+  # Z = X_i^-1 X_j Exp(e)^-1, so that Log(Z^-1 X_i^-1 X_j) = e.
+  measurements = np.asarray(lie_groups.compose(
+      relative, lie_groups.exp(-errors)))
+  return poses, measurements
+
+
+_BLOCK_CASES = {}
+
+
+def _block_case(dimension):
+  """(poses, closed form: poses -> blocks, the forward-mode blocks as NumPy)
+  of the pose-graph edge term on the edges of `_edge_poses`, pose 0 held;
+  built once per dimension."""
+  if dimension not in _BLOCK_CASES:
+    # pylint: disable=g-import-not-at-top
+    from tfg_optim import _block_sparse
+    from tfg_optim import factor_graph
+    # pylint: enable=g-import-not-at-top
+    count = 24
+    rng = np.random.default_rng(dimension)
+    poses, measurements = _edge_poses(dimension, count, rng)
+    d = 3 if dimension == 2 else 6
+    factors = rng.normal(size=(count, d, d))
+    roots = np.linalg.cholesky(
+        factors @ np.swapaxes(factors, 1, 2) + d * np.eye(d))
+    manifold = lie_groups.SE2() if dimension == 2 else lie_groups.SE3()
+    table = factor_graph.Variables(poses, manifold=manifold, fixed=[0])
+    term = factor_graph.Term(
+        pose_graph.between_error,
+        [(table, np.arange(count)), (table, np.arange(count, 2 * count))],
+        data=[measurements, roots], jacobian=pose_graph.between_error_blocks)
+    layout, _ = factor_graph._layout([table], [term])  # pylint: disable=protected-access
+    forward = _block_sparse.Layout(layout.tables, [
+        t._replace(jacobian=None) for t in layout.terms])
+    reference = [np.asarray(b) for b in forward.blocks((tf.constant(poses),))]
+    _BLOCK_CASES[dimension] = (poses, lambda x: layout.blocks((x,)),
+                               reference)
+  return _BLOCK_CASES[dimension]
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "function"])
+@pytest.mark.parametrize("dimension", [2, 3])
+def test_closed_form_blocks_equal_forward_mode(dimension, traced):
+  """`between_error_blocks` (`lie_groups.between_error_jacobians`), eagerly
+  and in a `tf.function`, against the forward-mode blocks of
+  `between_error` over the tiled edges, on random poses whose errors are
+  random, near the identity, the identity and near a half turn; the held
+  pose 0's block is zero."""
+  poses, closed, reference = _block_case(dimension)
+  if traced:
+    closed = tf.function(closed, autograph=False)
+  blocks = [np.asarray(b) for b in closed(tf.constant(poses))]
+  for mine, expected in zip(blocks, reference):
+    assert np.max(np.abs(expected)) > 1.0
+    np.testing.assert_allclose(mine, expected, rtol=0, atol=1e-12)
+  assert np.all(blocks[0][0] == 0.0)
+
+
+def test_closed_form_jacobian_needs_the_linear_loss():
+  from tfg_optim import factor_graph  # pylint: disable=g-import-not-at-top
+  table = factor_graph.Variables(np.zeros([2, 3]), manifold=lie_groups.SE2())
+  with pytest.raises(ValueError, match="needs loss 'linear'"):
+    factor_graph.Term(pose_graph.between_error, [(table, [0]), (table, [1])],
+                      data=[np.zeros([1, 3]), np.eye(3)[None]], loss="huber",
+                      jacobian=pose_graph.between_error_blocks)

@@ -24,7 +24,9 @@ and J^T J itself (n x n, for the dense Cholesky path only) is the scatter-add
 of J_{term,a}[k]^T J_{term,b}[k] into the (i_a(k), i_b(k)) block for every
 pair of slots (a, b) of every term: no m x n matrix is ever formed.
 
-The blocks are computed by forward mode: the D = sum_s d_s basis
+A term may bring its blocks in closed form (`Term.jacobian`, e.g. the
+relative-pose error of a pose graph: `lie_groups.between_error_jacobians`);
+otherwise they are computed by forward mode: the D = sum_s d_s basis
 directions of all slots of a term are one tangent of the edges tiled D
 times (row j K + k moves edge k along the j-th direction: e_j of its slot,
 zero in the others), so one Jacobian-vector product of f over D K edges
@@ -65,7 +67,8 @@ free: None (every row free) or a float NumPy [N] mask, 0 for a held row.
 """
 
 Term = collections.namedtuple(
-    "Term", ["function", "tables", "indices", "data", "size", "width"])
+    "Term", ["function", "tables", "indices", "data", "size", "width",
+             "jacobian"], defaults=(None,))
 Term.__doc__ = """One residual term as the linearization sees it.
 
 function: (*rows, *data) -> [K, r], the (robust) residuals of K edges.
@@ -73,6 +76,8 @@ tables: per slot, the index of the table it reads.
 indices: per slot, the int32 [K] rows it reads.
 data: per-edge data tensors [K, ...].
 size: K (a Python int or a scalar tensor). width: r, a Python int.
+jacobian: None (the blocks by forward mode) or (*rows, *data) -> per slot
+  the [K, r, d_s] blocks in closed form (`term_blocks`).
 """
 
 
@@ -159,9 +164,23 @@ class Layout:
     return dims, rows, [tile(x) for x in term.data], size, directions
 
   def term_blocks(self, point, term):
-    """J_{term, s} for every slot s: [K, r, d_s], by one forward-mode
-    product of f over the edges tiled D = sum_s d_s times (`_tiled`).
-    f is traced once per term."""
+    """J_{term, s} for every slot s: [K, r, d_s]: the term's own closed
+    form where it has one (`Term.jacobian`, on the K edges), else by one
+    forward-mode product of f over the edges tiled D = sum_s d_s times
+    (`_tiled`; f is traced once per term)."""
+    if term.jacobian is not None:
+      rows = [tf.gather(point[t], index)
+              for t, index in zip(term.tables, term.indices)]
+      blocks = [tf.convert_to_tensor(block) for block in
+                term.jacobian(*rows, *term.data)]
+      for slot, (t, block) in enumerate(zip(term.tables, blocks)):
+        expected = [term.width, self.tables[t].dim]
+        if block.shape.rank != 3 or not block.shape[1:].is_compatible_with(
+            expected):
+          raise ValueError(f"the jacobian's block of slot {slot} must have "
+                           f"shape [K, {expected[0]}, {expected[1]}], got "
+                           f"{block.shape}.")
+      return blocks
     dims, rows, data, size, directions = self._tiled(point, term)
     total = sum(dims)
     # d/dt f(R_x(t e_j)) = Df(x)[tangent_vector(x, e_j)] (every retraction

@@ -197,15 +197,28 @@ class Term:
       `tfg_optim.least_squares` ('linear', 'huber', 'soft_l1', 'cauchy',
       'arctan'), with scale `loss_scale`.
     name: for error messages.
+    jacobian: optional jacobian(*rows, *data) -> per slot s the [K, r, d_s]
+      derivatives of `function` with respect to the coordinates of slot s's
+      rows (those of its manifold's retraction, at 0), in closed form: the
+      linearization uses them in place of forward mode over the edges
+      tiled by the slots' tangent directions (docs/sparse.md). Only with
+      loss 'linear'.
   """
 
   def __init__(self, function, arguments, data=(), loss="linear",
-               loss_scale=1.0, name="term"):
+               loss_scale=1.0, name="term", jacobian=None):
     self.name = name
     if not callable(function):
       raise TypeError(f"'{name}': 'function' must be callable, got "
                       f"{type(function).__name__}.")
     self.function = function
+    if jacobian is not None and not callable(jacobian):
+      raise TypeError(f"'{name}': 'jacobian' must be callable or None, got "
+                      f"{type(jacobian).__name__}.")
+    if jacobian is not None and loss != "linear":
+      raise ValueError(f"'{name}': a closed-form 'jacobian' needs loss "
+                       f"'linear', got {loss!r}.")
+    self.jacobian = jacobian
     if not isinstance(arguments, (list, tuple)) or not arguments:
       raise ValueError(f"'{name}': 'arguments' must be a non-empty list of "
                        "(Variables, index) pairs.")
@@ -331,8 +344,7 @@ def _layout(variables, terms):
     width = _width(function, term, data)
     layout_terms.append(_block_sparse.Term(
         function, [positions[id(t)] for t in term.tables], term.indices,
-        data,
-        size, width))
+        data, size, width, term.jacobian))
   return _block_sparse.Layout(tables, layout_terms), dtype
 
 

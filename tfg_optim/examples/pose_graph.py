@@ -15,7 +15,8 @@ which is held at its value in the file (the gauge: F is invariant under
 moving every pose by one rigid motion). The poses are one table of a factor
 graph on SE(2) or SE(3) (retraction X Exp(c), body twists) with the first
 row held, and the edges one residual term, U_ij e_ij (U^T U = Omega_ij):
-the block-sparse linearization (docs/sparse.md) with Nielsen's lambda
+the block-sparse linearization (docs/sparse.md; the edges' blocks in
+closed form, `between_error_blocks`) with Nielsen's lambda
 damping, solved by 'cholesky' (the dense Cholesky of the J^T J assembled
 from the blocks), 'sparse_cholesky' (block sparse Cholesky), 'cg'
 (block-Jacobi conjugate gradients) or 'auto' (factor_graph.picked_solver:
@@ -81,6 +82,15 @@ def between_error(first, second, measurement, root):
   return tf.einsum("kab,kb->ka", root, errors)
 
 
+def between_error_blocks(first, second, measurement, root):
+  """The Jacobian blocks of `between_error` in the poses' twists, [K, d, d]
+  each: U de/dc_i and U de/dc_j in closed form
+  (`lie_groups.between_error_jacobians`)."""
+  _, first_block, second_block = lie_groups.between_error_jacobians(
+      measurement, first, second)
+  return [tf.matmul(root, first_block), tf.matmul(root, second_block)]
+
+
 def factor_graph_problem(graph, poses):
   """([poses table], [edge term]) of the graph at `poses` [N, 3 or 7] (the
   first row held)."""
@@ -90,7 +100,8 @@ def factor_graph_problem(graph, poses):
   term = factor_graph.Term(
       between_error, [(table, edges[:, 0]), (table, edges[:, 1])],
       data=[np.asarray(graph.measurements),
-            io.square_root_information(graph)], name="edges")
+            io.square_root_information(graph)], name="edges",
+      jacobian=between_error_blocks)
   return [table], [term]
 
 

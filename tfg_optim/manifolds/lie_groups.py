@@ -486,6 +486,159 @@ def log(pose):
   return se2_log(pose) if size == 3 else se3_log(pose)
 
 
+# -- Jacobians of the relative-pose error ---------------------------------------
+
+
+def _with_derivative(function, x):
+  """(function(x), d function / dx) of an elementwise function of [K] x, by
+  one forward-mode product on the K values (its Taylor branches included)."""
+  with tf.autodiff.ForwardAccumulator(x, tf.ones_like(x)) as accumulator:
+    value = function(x)
+  return value, accumulator.jvp(value)
+
+
+def _hat(w):
+  """[..., 3] -> the cross-product matrices [..., 3, 3], hat(w) x = w x x."""
+  zero = tf.zeros_like(w[..., 0])
+  wx, wy, wz = tf.unstack(w, axis=-1)
+  return tf.stack([tf.stack([zero, -wz, wy], -1),
+                   tf.stack([wz, zero, -wx], -1),
+                   tf.stack([-wy, wx, zero], -1)], -2)
+
+
+def _blocks(top_left, top_right, bottom_left, bottom_right):
+  return tf.concat([tf.concat([top_left, top_right], -1),
+                    tf.concat([bottom_left, bottom_right], -1)], -2)
+
+
+def _se3_log_jacobian(error):
+  """(Log E, D) for poses E [..., 7]: D [..., 6, 6] = d Log(E Exp(c))/dc at
+  c = 0 (see `between_error_jacobians`)."""
+  e = se3_log(error)
+  w = e[..., 3:]
+  t, q = error[..., :3], error[..., 3:]
+  coefficient, slope = _with_derivative(_inverse_v_coefficient,
+                                        _dot(w, w, keepdims=False))
+  c = coefficient[..., tf.newaxis, tf.newaxis]
+  hat_w = _hat(w)
+  hat_w2 = tf.matmul(hat_w, hat_w)
+  identity = tf.eye(3, dtype=error.dtype)
+  right_inverse = identity + 0.5 * hat_w + c * hat_w2
+  v_inverse = identity - 0.5 * hat_w + c * hat_w2
+  w_cross_w_cross_t = _cross(w, _cross(w, t))
+  outer = lambda a, b: a[..., :, tf.newaxis] * b[..., tf.newaxis, :]
+  along_w = (0.5 * _hat(t) +
+             c * (_dot(w, t)[..., tf.newaxis] * identity + outer(w, t) -
+                  2.0 * outer(t, w)) +
+             2.0 * slope[..., tf.newaxis, tf.newaxis] *
+             outer(w_cross_w_cross_t, w))
+  zeros = tf.zeros_like(hat_w)
+  jacobian = _blocks(
+      tf.matmul(v_inverse, quaternion_to_rotation_matrix(q)),
+      tf.matmul(along_w, right_inverse), zeros, right_inverse)
+  return e, jacobian
+
+
+def _se3_adjoint(pose):
+  """Ad_T [..., 6, 6] of poses T = (t, q) [..., 7] on twists (v, w):
+  [[R, hat(t) R], [0, R]]."""
+  rotation = quaternion_to_rotation_matrix(pose[..., 3:])
+  return _blocks(rotation, tf.matmul(_hat(pose[..., :3]), rotation),
+                 tf.zeros_like(rotation), rotation)
+
+
+def _se2_log_jacobian(error):
+  """(Log E, D) for poses E [..., 3]: D [..., 3, 3] = d Log(E Exp(c))/dc at
+  c = 0 (see `between_error_jacobians`)."""
+  e = se2_log(error)
+  w = e[..., 2]
+  alpha, slope = _with_derivative(
+      lambda w: tf.cos(0.5 * w) / base.sinc(0.25 * w * w), w)
+  beta = 0.5 * w
+  x, y = error[..., 0], error[..., 1]
+  cosine, sine = tf.cos(error[..., 2]), tf.sin(error[..., 2])
+  zero, one = tf.zeros_like(w), tf.ones_like(w)
+  # V^-1 R(theta_E), then the column of w, then (0, 0, 1).
+  jacobian = tf.stack([
+      tf.stack([alpha * cosine + beta * sine, beta * cosine - alpha * sine,
+                slope * x + 0.5 * y], -1),
+      tf.stack([-beta * cosine + alpha * sine, beta * sine + alpha * cosine,
+                slope * y - 0.5 * x], -1),
+      tf.stack([zero, zero, one], -1)], -2)
+  return e, jacobian
+
+
+def _se2_adjoint(pose):
+  """Ad_T [..., 3, 3] of poses T = (x, y, theta) [..., 3] on twists
+  (vx, vy, w): [[R(theta), (y, -x)^T], [0, 0, 1]]."""
+  x, y, theta = tf.unstack(pose, axis=-1)
+  cosine, sine = tf.cos(theta), tf.sin(theta)
+  zero, one = tf.zeros_like(x), tf.ones_like(x)
+  return tf.stack([tf.stack([cosine, -sine, y], -1),
+                   tf.stack([sine, cosine, -x], -1),
+                   tf.stack([zero, zero, one], -1)], -2)
+
+
+def between_error_jacobians(measurement, a, b):
+  """The relative-pose error and its Jacobians, in closed form.
+
+  For poses a, b and measurements Z ([..., 3] SE(2) or [..., 7] SE(3)),
+  e = Log(Z^-1 a^-1 b) (`log(between(measurement, between(a, b)))`, the
+  error of a g2o edge) and its derivatives with respect to the body twists
+  of the right perturbations a Exp(c_a), b Exp(c_b) (the retraction of `SE2`
+  / `SE3`) at c = 0. With E = Z^-1 a^-1 b and D(E) = d Log(E Exp(c))/dc:
+
+      de/dc_b = D(E),
+      de/dc_a = -D(E) Ad(b^-1 a)
+
+  (Z^-1 Exp(-c_a) a^-1 b = E Exp(-Ad((a^-1 b)^-1) c_a)), with the adjoint
+  Ad(T) = [[R, hat(t) R], [0, R]] on SE(3) twists (v, w) and
+  [[R(theta), (y, -x)^T], [0, 0, 1]] on SE(2) twists (vx, vy, w). D is the
+  inverse right Jacobian of Log at E = (t, R), e = (v, w), written through
+  Log's own formulas (so no series beyond Log's): E Exp(c) = (t + R c_v,
+  R Exp(c_w)) to first order, so
+
+      SE(3): D = [[V^-1(w) R,  G J_r^-1(w)], [0, J_r^-1(w)]],
+        J_r^-1(w) = I + hat(w)/2 + g(|w|^2) hat(w)^2,
+        V^-1(w)   = I - hat(w)/2 + g(|w|^2) hat(w)^2,
+        G = d(V^-1(w) t)/dw = hat(t)/2 + g ((w.t) I + w t^T - 2 t w^T)
+            + 2 g'(|w|^2) (w x (w x t)) w^T,
+        g(s) = (1 - (r/2) cot(r/2))/r^2, r = sqrt(s);
+      SE(2): D = [[V^-1(w) R(theta_E), (alpha' x + y/2, alpha' y - x/2)^T],
+                  [0, 0, 1]],
+        V^-1(w) = [[alpha, beta], [-beta, alpha]], alpha = (w/2) cot(w/2),
+        beta = w/2, (x, y) = t
+
+  (Barfoot, "State Estimation for Robotics", 2017, sections 7.1.5 and
+  7.3.3; Sola, Deray and Atchuthan, "A micro Lie theory for state estimation
+  in robotics", 2018, eq. 81 and appendices). g' and alpha' are the
+  forward-mode derivatives of the same scalar helpers as Log's, on one
+  value per pose. Every product is on [..., d, d] matrices: no tiling of the
+  poses by the tangent directions.
+
+  Args:
+    measurement: Z, [..., 3] or [..., 7].
+    a: the first poses, same shape.
+    b: the second poses, same shape.
+
+  Returns:
+    (e [..., d], de/dc_a [..., d, d], de/dc_b [..., d, d]), d = 3 or 6.
+  """
+  a, b = _same_dtype(a, b)
+  measurement = tf.convert_to_tensor(measurement, a.dtype)
+  size = _last_size(a, "between_error_jacobians", "a", (3, 7))
+  _last_size(b, "between_error_jacobians", "b", (size,))
+  _last_size(measurement, "between_error_jacobians", "measurement", (size,))
+  error = between(measurement, between(a, b))
+  if size == 3:
+    e, jacobian = _se2_log_jacobian(error)
+    adjoint = _se2_adjoint(between(b, a))
+  else:
+    e, jacobian = _se3_log_jacobian(error)
+    adjoint = _se3_adjoint(between(b, a))
+  return e, -tf.matmul(jacobian, adjoint), jacobian
+
+
 # -- the manifolds -------------------------------------------------------------
 
 
