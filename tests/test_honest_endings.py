@@ -107,6 +107,33 @@ def test_stalls_are_named_not_converged(acceleration):
     assert np.all(cost >= 0.5)
 
 
+def test_a_step_the_damping_strangled_is_not_convergence():
+  """F = [x - 1, 10] from x = 0 (minimum cost 50 at x = 1) with a first
+  lambda of 1e14: the first step moves x by 1e-14, so the cost changes by
+  1e-14 of itself and the model's promise for that step is as small. A
+  cost-change or model-decrease test fires, but the undamped model still
+  promises 0.5 (1% of the cost, below the 0.1-of-the-cost rule): STALLED,
+  not a convergence 1% above the minimum (found by review)."""
+  from tfg_optim import damping  # pylint: disable=g-import-not-at-top
+
+  def build(x):
+    def solve(criterion):
+      return tfg_optim.least_squares(
+          lambda v: tf.stack([v[0] - 1.0, 10.0 + 0.0 * v[0]]), x,
+          damping=damping.NielsenDamping(initial=1e14, scaling="current"),
+          stopping_criterion=criterion, geodesic_acceleration=None)
+    return [(r.converged, r.stop_reason, r.cost) for r in (
+        solve(stopping.StopWhenRelativeCostChangeLess(1e-8) |
+              stopping.StopAfterIteration(100)),
+        solve(stopping.StopWhenModelDecreaseLess(1e-12) |
+              stopping.StopAfterIteration(100)))]
+
+  for converged, reason, cost in modes.run(build, [np.array([0.0])],
+                                           "function"):
+    assert not converged and cost > 50.4
+    assert StopReason(int(reason)) == StopReason.STALLED
+
+
 def test_cosine_test_does_not_fire_on_nan():
   criterion = stopping.StopWhenGradientCosineLess(1e-8)
   nan = np.nan

@@ -145,6 +145,11 @@ def cauchy_decrease(linearization, gradient, scaling=None):
       positive, curvature, tf.ones_like(curvature)), tf.zeros_like(slope))
 
 
+# A step test that fires on a damping-limited step is STALLED where the
+# undamped model (its Cauchy decrease) promises this many times more than
+# the damped step did.
+STRANGLED_PROMISE_RATIO = 1e3
+
 _STEP_TESTS = (StopReason.STEP_SIZE, StopReason.RELATIVE_STEP,
                StopReason.RELATIVE_COST_CHANGE, StopReason.MODEL_DECREASE)
 
@@ -206,11 +211,14 @@ class StopCheck:
         zero_step | exhausted(self.policy.damping_value(state.damping)) |
         (state.invalid_streak >= MAX_CONSECUTIVE_INVALID_STEPS))
     return self(state, active, stuck=stuck,
-                limited=damping_limited(decision.judged))
+                limited=damping_limited(decision.judged),
+                step_promise=decision.judged.model_decrease)
 
-  def __call__(self, state, active, stuck=None, limited=None):
+  def __call__(self, state, active, stuck=None, limited=None,
+               step_promise=None):
     """The criterion and the honest endings on `state` for the `active`
-    problems; `stuck` and `limited` ([B...] bool: `damping_limited`) after a
+    problems; `stuck` and `limited` ([B...] bool: `damping_limited`) and
+    `step_promise` (the model decrease of the step tried, [B...]) after a
     step, None before the loop."""
     if self.stopping is None and not self.safeguards:
       return state
@@ -233,12 +241,19 @@ class StopCheck:
         dtype = state.cost.dtype
         floor = tf.constant(np.finfo(dtype.as_numpy_dtype).eps,
                             dtype) * state.initial_cost
-        # A promise that cannot be evaluated (J^T J overflowing, float32)
-        # certifies nothing either.
+        # A damping-limited step whose test fired while the model still
+        # promises a real decrease: more than 0.1 of the cost, or more than
+        # STRANGLED_PROMISE_RATIO times what the damped step itself
+        # promised (the damping, not the problem, made the step and its
+        # decrease small; with an irreducible cost the first alone misses
+        # it: F = [x - 1, 10] from 0 with lambda 1e14 "converged" 1% above
+        # its minimum). A promise that cannot be evaluated (J^T J
+        # overflowing, float32) certifies nothing either.
+        strangled = (promise > 0.1 * state.cost) | (
+            promise > STRANGLED_PROMISE_RATIO * tf.abs(step_promise))
         reason = tf.where(step_test & (
             tf.logical_not(tf.math.is_finite(promise)) |
-            (limited & (promise > 0.1 * state.cost) &
-             (promise > floor))), stalled, reason)
+            (limited & strangled & (promise > floor))), stalled, reason)
       if not self.bounded:
         flat = linearization.is_zero() & (state.cost > 0)
         reason = tf.where(
