@@ -207,7 +207,8 @@ class SchurComplement(_block_sparse.BlockSparse):
   max_iterations = ITERATIVE_MAX_ITERATIONS
 
   def damped_solver(self, regularization, scaling=None):
-    """Returns solve(residual, gradient) -> delta [n] for lambda =
+    """Returns solve(residual, gradient) -> the `_linear_solvers.
+    SolveOutcome` of delta [n] for lambda =
     regularization ([]) and D = diag(scaling) ([n], or None for I): the
     reduced system by dense Cholesky, or by conjugate gradients on the
     implicit S (`iterative`), then the points by back-substitution
