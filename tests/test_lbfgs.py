@@ -81,6 +81,10 @@ class ExactMinimaTest(tf.test.TestCase, parameterized.TestCase):
     rng = np.random.default_rng(0)
     a = rng.uniform(0.5, 1.5)
 
+    # Under XLA (slow to compile) not the two 1-D minima, which no mode
+    # can change.
+    every_case = mode != "xla"
+
     def build(x10, x1, x_cubic, x_quartic, x_rosen, x_nan):
       out = {}
       for method in METHODS:
@@ -89,12 +93,13 @@ class ExactMinimaTest(tf.test.TestCase, parameterized.TestCase):
                                         history_size=20) if method == "lbfgs" \
             else solve(method, quadratic, x10, tolerance_grad=tol,
                        max_iters=60)
-      out["quad1"] = solve("lbfgs", quadratic_1d, x1, tolerance_grad=tol,
-                           history_size=3)
+      if every_case:
+        out["quad1"] = solve("lbfgs", quadratic_1d, x1, tolerance_grad=tol,
+                             history_size=3)
+        out["quartic"] = solve("lbfgs", quartic, x_quartic, history_size=3,
+                               tolerance_grad=tol)
       out["cubic"] = solve("lbfgs", unbounded_cubic, x_cubic, history_size=3,
                            max_iters=50)
-      out["quartic"] = solve("lbfgs", quartic, x_quartic, history_size=3,
-                             tolerance_grad=tol)
       out["rosen"] = solve("lbfgs", lambda x: rosenbrock(x, a=a), x_rosen,
                            history_size=5, max_iters=100, tolerance_grad=tol,
                            scale_initial_hessian=True)
@@ -111,13 +116,16 @@ class ExactMinimaTest(tf.test.TestCase, parameterized.TestCase):
       self.assertTrue(out[key]["is_converge"], key)
       self.assertAllClose(out[key]["position"], QUAD_TARGET, atol=ATOL[dtype])
       self.assertEqual(out[key]["position"].dtype, np.dtype(dtype))
-    self.assertTrue(out["quad1"]["is_converge"])
-    self.assertAllClose(out["quad1"]["position"], [1.5], atol=ATOL[dtype])
+    if every_case:
+      self.assertTrue(out["quad1"]["is_converge"])
+      self.assertAllClose(out["quad1"]["position"], [1.5], atol=ATOL[dtype])
+      self.assertEqual(out["quad1"]["stop_reason"], StopReason.GRADIENT_NORM)
+      self.assertTrue(out["quartic"]["is_converge"])
+      self.assertAllClose(out["quartic"]["position"], [0.8],
+                          atol=ATOL[dtype])
     # Unbounded below: the line search never brackets, not converged.
     self.assertFalse(out["cubic"]["is_converge"])
     self.assertTrue(out["cubic"]["failed"])
-    self.assertTrue(out["quartic"]["is_converge"])
-    self.assertAllClose(out["quartic"]["position"], [0.8], atol=ATOL[dtype])
     self.assertTrue(out["rosen"]["is_converge"])
     self.assertAllClose(out["rosen"]["position"], [a, a * a],
                         atol=10 * ATOL[dtype])
@@ -128,7 +136,6 @@ class ExactMinimaTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(out["nan"]["num_iterations"], 0)
     self.assertEqual(out["nan"]["stop_reason"], StopReason.INVALID_INPUT)
     self.assertEqual(out["cubic"]["stop_reason"], StopReason.STALLED)
-    self.assertEqual(out["quad1"]["stop_reason"], StopReason.GRADIENT_NORM)
 
 
 def sqrt_objective(x):
