@@ -21,6 +21,16 @@ def concat_shapes(*parts):
   return tf.concat(list(parts), axis=0)
 
 
+def full_like(tensor, value, dtype=None):
+  """A tensor of `tensor`'s shape filled with `value` (dtype: `tensor`'s by
+  default): one constant where the shape is known while tracing, else a
+  fill of its dynamic shape."""
+  dtype = dtype or tensor.dtype
+  if tensor.shape.is_fully_defined():
+    return tf.constant(value, dtype, shape=tensor.shape)
+  return tf.fill(tf.shape(tensor), tf.constant(value, dtype))
+
+
 def select(condition, if_true, if_false):
   """`tf.where` for a [B...] condition and tensors of shape [B..., ...]."""
   condition = tf.convert_to_tensor(condition)

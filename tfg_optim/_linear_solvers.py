@@ -140,8 +140,7 @@ def _cholesky(matrix):
   where the matrix is not finite: the kernel factors a float32 J^T J that
   overflowed to Inf into a factor whose solves give zero steps, which step
   tests would take for convergence."""
-  nan = lambda: tf.fill(tf.shape(matrix), tf.constant(float("nan"),
-                                                        matrix.dtype))
+  nan = lambda: _batch.full_like(matrix, np.nan)
   if not tf.executing_eagerly():
     factor = tf.linalg.cholesky(matrix)
   else:
@@ -252,7 +251,7 @@ def trust_region_solver(linearization, gradient, scale, radius,
     c = tf.linalg.matvec(vectors, inverse_root * rhs_gradient, adjoint_a=True)
     step = -inverse_root * tf.linalg.matvec(vectors, c / final_shift)
     return direct_outcome(_batch.select(
-        finite, step, tf.fill(tf.shape(step), tf.constant(np.nan, dtype))))
+        finite, step, _batch.full_like(step, np.nan)))
 
   radius = tf.where(finite & tf.math.is_finite(radius), radius, old_radius)
   return solve, radius, lam
@@ -410,8 +409,7 @@ def cholesky_trust_region_solver(
       maximum_iterations=max_factorizations + 2)
   old_radius = radius
   radius, lam, chol, step = loop[4], loop[6], loop[7], loop[8]
-  nan = tf.constant(np.nan, dtype)
-  step = _batch.select(valid, step, tf.fill(tf.shape(step), nan))
+  step = _batch.select(valid, step, _batch.full_like(step, np.nan))
 
   def solve(residual, rhs_gradient):
     del residual
@@ -419,7 +417,8 @@ def cholesky_trust_region_solver(
       return direct_outcome(step)
     other = -tf.linalg.cholesky_solve(chol, rhs_gradient[..., tf.newaxis])
     return direct_outcome(_batch.select(valid, other[..., 0],
-                                        tf.fill(tf.shape(rhs_gradient), nan)))
+                                        _batch.full_like(rhs_gradient,
+                                                         np.nan)))
 
   radius = tf.where(valid & tf.math.is_finite(radius), radius, old_radius)
   return solve, radius, tf.where(tf.math.is_finite(lam), lam, zeros)
@@ -627,8 +626,7 @@ def steihaug_solver(linearization, gradient, scale, radius,
       (-_dot(gradient, step) - curvature) / scaled_square, 0.0),
                  tf.zeros_like(length))
   finite = _batch.all_finite(step, step.shape.rank - 1)
-  step = _batch.select(finite, step, tf.fill(tf.shape(step), tf.constant(
-      np.nan, step.dtype)))
+  step = _batch.select(finite, step, _batch.full_like(step, np.nan))
   step_outcome = SolveOutcome(step, outcome.iterations,
                               outcome.converged & finite,
                               outcome.breakdown | tf.logical_not(finite))

@@ -29,8 +29,7 @@ class StoppingCriterion:
 
   def __call__(self, state):
     stop = self._check(state)
-    return stop, tf.fill(tf.shape(stop), tf.constant(int(self.reason),
-                                                     tf.int32))
+    return stop, _batch.full_like(stop, int(self.reason), tf.int32)
 
   def _check(self, state):
     raise NotImplementedError
@@ -273,8 +272,7 @@ class StopWhenGradientCosineLess(_Threshold):
     # on an overflowed ||J_j||^2 (float32 ||J_j|| > 1.8e19): a finite
     # gradient over an infinite norm is not a zero cosine.
     denominator = tf.where(tf.math.is_finite(denominator), denominator,
-                           tf.fill(tf.shape(denominator), tf.constant(
-                               np.nan, denominator.dtype)))
+                           _batch.full_like(denominator, np.nan))
     zero = tf.equal(denominator, 0)
     cosine = tf.where(zero, tf.zeros_like(denominator),
                       tf.abs(state.gradient) / tf.where(
