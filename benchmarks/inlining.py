@@ -23,6 +23,7 @@ was the cheaper.
 
     PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2 python benchmarks/inlining.py
     ... --cases default,cg --rounds 10
+    ... --jit                      # jit_compile=True: XLA compilation
 """
 
 import argparse
