@@ -196,3 +196,34 @@ def test_closed_form_jacobian_needs_the_linear_loss():
     factor_graph.Term(pose_graph.between_error, [(table, [0]), (table, [1])],
                       data=[np.zeros([1, 3]), np.eye(3)[None]], loss="huber",
                       jacobian=pose_graph.between_error_blocks)
+
+
+@pytest.mark.parametrize("mode,dtype", [("function", "float64"),
+                                        ("xla", "float32"),
+                                        ("session", "float64")])
+def test_closed_form_jacobians_in_every_mode(mode, dtype):
+  """`lie_groups.between_error_jacobians` in a graph (an unknown number of
+  edges: TensorSpec([None, 3 or 7])), under XLA in float32 and in a TF1
+  Session, equal to its eager float64 values (which
+  test_closed_form_blocks_equal_forward_mode checks against forward
+  mode)."""
+  from tests import modes  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  for dimension in (2, 3):
+    poses, measurements = _edge_poses(dimension, 8, rng)
+    inputs = [measurements, poses[:8], poses[8:]]
+    expected = [np.asarray(v) for v in lie_groups.between_error_jacobians(
+        *[tf.constant(v) for v in inputs])]
+    size = inputs[0].shape[-1]
+    got = modes.run(lie_groups.between_error_jacobians,
+                    [v.astype(dtype) for v in inputs], mode,
+                    signature=[(None, size)] * 3)
+    # In float32 the last quarter's angles, pi - 1e-7, round to pi, where
+    # Log may answer -pi as rightly as pi: compared in float64 only.
+    edges = 8 if dtype == "float64" else 6
+    for mine, want in zip(got, expected):
+      assert mine.dtype == np.dtype(dtype)
+      scale = np.max(np.abs(want))
+      tolerance = 1e-12 if dtype == "float64" else 2e-4
+      np.testing.assert_allclose(mine[:edges], want[:edges], rtol=0,
+                                 atol=tolerance * scale)
