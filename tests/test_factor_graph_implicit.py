@@ -16,7 +16,8 @@ and the iterative Schur complement's backward solve are right, or NaN
 where the regularized retry cannot converge either.
 
 Modes: tf.function (the pose loop, 'cholesky'), XLA (the linear graph,
-'cg'), a TF1 Session (the linear graph, 'cholesky', tf.gradients) and eager
+'cg'), a TF1 Session (the linear graph, 'cholesky' with the exact Hessian,
+tf.gradients) and eager
 (the linear graph, 'schur'; and 'none'; the gauge). Each cell traces one
 solve; the pose loop's Jacobian comes row by row from one traced function
 whose cotangent is an input.
@@ -200,7 +201,7 @@ def _linear_closed_form():
 
 
 def _linear_solve(y, anchor, linear_solver, gradients="implicit",
-                  max_iterations=100):
+                  max_iterations=100, implicit_hessian="gauss_newton"):
   a = factor_graph.Variables(
       tf.concat([anchor[tf.newaxis], tf.zeros([2, 2], tf.float64)], 0),
       fixed=[0], name="a")
@@ -212,7 +213,8 @@ def _linear_solve(y, anchor, linear_solver, gradients="implicit",
   results = factor_graph.least_squares([a, b], [term],
                                        linear_solver=linear_solver,
                                        gradients=gradients,
-                                       max_iterations=max_iterations)
+                                       max_iterations=max_iterations,
+                                       implicit_hessian=implicit_hessian)
   return results.position
 
 
@@ -248,14 +250,17 @@ def test_linear_graph_closed_form_with_cg_under_xla():
 
 
 def test_linear_graph_closed_form_in_a_session():
-  """'cholesky' (the Cholesky of the scattered J^T J), TF1 graph,
-  tf.gradients."""
+  """'cholesky' with implicit_hessian='exact' (the Cholesky of the
+  scattered edge Hessians: J^T J here, the residual being linear in
+  Euclidean tables), TF1 graph, tf.gradients. (Gauss-Newton with
+  'cholesky': the pose loop, in a tf.function.)"""
   graph = tf.Graph()
   with graph.as_default():
     y = tf.compat.v1.placeholder(tf.float64, [len(_PAIRS), 2])
     anchor = tf.compat.v1.placeholder(tf.float64, [2])
     u = tf.compat.v1.placeholder(tf.float64, [14])
-    flat = _flat_tables(_linear_solve(y, anchor, "cholesky"))
+    flat = _flat_tables(_linear_solve(y, anchor, "cholesky",
+                                      implicit_hessian="exact"))
     product = tf.gradients(flat, [y, anchor], grad_ys=u)
     with tf.compat.v1.Session(graph=graph) as session:
       _check_linear(lambda value: session.run(
