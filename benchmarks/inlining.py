@@ -26,13 +26,13 @@ was the cheaper.
     ... --jit                      # jit_compile=True: XLA compilation
 """
 
-import argparse
 import statistics
 import time
 
 import numpy as np
 import tensorflow as tf
 
+import _harness
 import tfg_optim
 from tfg_optim import _linearization
 from tfg_optim import manifolds
@@ -80,8 +80,7 @@ def _problem(case, shift):
 
 
 def main():
-  parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _harness.parser(__doc__)
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--rounds", type=int, default=6)
   parser.add_argument("--jit", action="store_true",
@@ -103,15 +102,16 @@ def main():
         if round_index:
           seconds.setdefault((case, way), []).append(
               time.process_time() - begin)
-  print("| case | called: first call CPU [s] | inlined: first call CPU [s] | "
-        "inlined / called | rounds inlined cheaper |")
-  print("|---|---:|---:|---:|---:|")
+  rows = []
   for case in cases:
     called, inlined = seconds[(case, "called")], seconds[(case, "inlined")]
-    print(f"| {case} | {statistics.median(called):.3f} | "
-          f"{statistics.median(inlined):.3f} | "
-          f"{statistics.median(inlined) / statistics.median(called):.2f} | "
-          f"{sum(b < a for a, b in zip(called, inlined))}/{len(called)} |")
+    rows.append([case, f"{statistics.median(called):.3f}",
+                 f"{statistics.median(inlined):.3f}",
+                 f"{statistics.median(inlined) / statistics.median(called):.2f}",
+                 f"{sum(b < a for a, b in zip(called, inlined))}/{len(called)}"])
+  _harness.print_table(["case", "called: first call CPU [s]",
+                        "inlined: first call CPU [s]", "inlined / called",
+                        "rounds inlined cheaper"], rows)
   print(f"\nMedians over {args.rounds} rounds after a warm-up round; "
         "process CPU seconds of trace + first call.")
 
