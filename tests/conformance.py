@@ -47,22 +47,26 @@ def valid(cell):
 
 
 def cells():
-  """Greedy all-pairs cover of the valid combinations (deterministic)."""
+  """Greedy all-pairs cover of the valid combinations (deterministic): each
+  round takes the first combination covering the most uncovered pairs."""
   names = list(FACTORS)
   combos = [dict(zip(names, values))
             for values in itertools.product(*FACTORS.values())]
   combos = [c for c in combos if valid(c)]
-
-  def pairs(cell):
-    return {(a, cell[a], b, cell[b]) for a, b in itertools.combinations(names, 2)}
-
-  covers = [pairs(c) for c in combos]
-  uncovered = set().union(*covers)
+  # Each (factor a, level, factor b, level) pair numbered; covers[i, p]:
+  # whether combination i covers pair p (one matrix: the greedy rounds are
+  # matrix-vector products, not set intersections).
+  numbers = {}
+  rows = [[numbers.setdefault((a, c[a], b, c[b]), len(numbers))
+           for a, b in itertools.combinations(names, 2)] for c in combos]
+  covers = np.zeros((len(combos), len(numbers)), np.int32)
+  np.put_along_axis(covers, np.array(rows), 1, axis=1)
+  uncovered = np.ones(len(numbers), np.int32)
   chosen = []
-  while uncovered:
-    best = max(range(len(combos)), key=lambda i: len(covers[i] & uncovered))
+  while uncovered.any():
+    best = int(np.argmax(covers @ uncovered))
     chosen.append(combos[best])
-    uncovered -= covers[best]
+    uncovered[covers[best] > 0] = 0
   return chosen
 
 
