@@ -58,10 +58,12 @@ def norm(vector):
   """||v|| over the last axis, [B...], without overflow: where the plain
   norm overflows for finite entries (float32 past ~1.8e19), it is computed
   as max|v_i| ||v / max|v_i|||; elsewhere (non-finite entries included) it
-  is the plain norm, bit for bit."""
-  plain = tf.norm(vector, axis=-1)
+  is the plain norm, bit for bit (the values of `tf.norm`)."""
+  plain = tf.sqrt(tf.reduce_sum(tf.square(vector), axis=-1))
   largest = tf.reduce_max(tf.abs(vector), axis=-1)
-  divisor = tf.where(largest > 0, largest, tf.ones_like(largest))
-  scaled = largest * tf.norm(vector / divisor[..., tf.newaxis], axis=-1)
+  # Where largest is 0 or not finite the plain norm is kept, so the scaled
+  # one (NaN there) is never read.
+  scaled = largest * tf.sqrt(tf.reduce_sum(
+      tf.square(vector / largest[..., tf.newaxis]), axis=-1))
   return tf.where(tf.math.is_finite(plain) | ~tf.math.is_finite(largest),
                   plain, scaled)
