@@ -271,6 +271,15 @@ def test_bounds_linear_matches_scipy_lsq_linear():
   assert result.converged
 
 
+def test_python_number_bounds_are_not_rounded_to_float32():
+  """An active bound given as a Python float holds exactly in float64 (it
+  used to be rounded through float32: 1.8 -> 1.7999999523)."""
+  result = tfg_optim.least_squares(lambda x: x - 3.0,
+                                   tf.constant([0.0, 0.0], tf.float64),
+                                   bounds=(-1.0, [1.8, 2.2]))
+  np.testing.assert_array_equal(result.position.numpy(), [1.8, 2.2])
+
+
 def test_inactive_bounds_change_nothing():
   dataset = nist.load("Misra1a")
   residual = nist.residual_fn(dataset)

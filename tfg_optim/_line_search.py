@@ -125,7 +125,10 @@ def strong_wolfe(value_and_gradient, position, direction, value, gradient,
   dtype = position.dtype
   zeros = tf.zeros_like(value)
   slope0 = tf.reduce_sum(gradient * direction, axis=-1)
-  initial_step = tf.cast(initial_step, dtype)
+  # A Python number becomes `dtype` directly (tf.cast would round it to
+  # float32 first).
+  initial_step = (tf.cast(initial_step, dtype) if tf.is_tensor(initial_step)
+                  else tf.constant(initial_step, dtype))
   eps = tf.constant(np.finfo(dtype.as_numpy_dtype).eps, dtype)
 
   def cond(state):

@@ -717,6 +717,19 @@ def _check_start(tensors, variables, options):
          _vector_space.event_shapes(tensors, batch_dims))
 
 
+def _bound_tensor(bound, dtype):
+  """A bound as a tensor of the variables' dtype. Numbers, lists and arrays
+  are rounded once, to `dtype` (tf.cast of a Python float would round it
+  to float32 first: 1.8 became 1.7999999523 in a float64 problem);
+  tensors are cast."""
+  if tf.is_tensor(bound) or isinstance(bound, tf.Variable):
+    return tf.cast(bound, dtype)
+  try:
+    return tf.constant(np.asarray(bound, dtype.as_numpy_dtype))
+  except (TypeError, ValueError):  # e.g. a list holding tensors
+    return tf.cast(bound, dtype)
+
+
 def _box(bounds, point, batch_dims, shapes):
   """(point, retract, fixed_fn) for box bounds on the flattened variables;
   the point is the start, checked against the bounds.
@@ -734,7 +747,7 @@ def _box(bounds, point, batch_dims, shapes):
       [_vector_space.flatten_batched(t, batch_dims) for t in p], axis=-1)
   start = flatten(point)
   try:
-    lower, upper = (tf.broadcast_to(tf.cast(b, dtype), tf.shape(start))
+    lower, upper = (tf.broadcast_to(_bound_tensor(b, dtype), tf.shape(start))
                     for b in bounds)
   except (TypeError, ValueError, tf.errors.InvalidArgumentError) as error:
     raise ValueError("'bounds' must be broadcastable to the [B..., n] "
