@@ -188,6 +188,11 @@ class DistributedKind:
   them on its device), not per pass. A dataset (`_chunked.DATASETS`; then
   `chunk_size` is None): distributed once (`distribute_dataset`), iterated
   once per pass, each element one chunk.
+
+  `jit_compile`: each replica's pass (its shard's fold, or one element's
+  terms) is a `tf.function(jit_compile=True)`: one XLA computation per
+  replica and pass, called inside `strategy.run`; the all-reduce stays
+  outside it.
   """
 
   dense = True

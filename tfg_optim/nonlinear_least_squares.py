@@ -130,9 +130,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   geodesic_acceleration=_DEFAULT_ACCELERATION,
                   vanishing_column_tolerance=None, linear_solver="auto",
                   data=None, data_chunk_size=None, strategy=None,
-                  jit_compile_replicas=False, callback=None, record=False, gradients="implicit",
-                  implicit_hessian="gauss_newton", eager_compile="auto",
-                  name="least_squares"):
+                  jit_compile_replicas=False, callback=None, record=False,
+                  gradients="implicit", implicit_hessian="gauss_newton",
+                  eager_compile="auto", name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
 
   Args:
