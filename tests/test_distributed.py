@@ -133,8 +133,9 @@ def _mirrored_solves(signal):
                for count in (2, 4))
   # Shards of 500 and 501 rows: 5 chunks of 96, then 20 or 21 rows; each
   # replica's passes compiled by XLA (the 4 replicas' below are not; the
-  # same fold runs as plain TensorFlow in benchmarks/distributed.py: XLA
-  # compiles it here for 0.5 s of CPU against 3.6 s for one more solve).
+  # same fold runs as plain TensorFlow in benchmarks/distributed.py). In
+  # place of the plain cell, not besides it: its compilations cost about
+  # 2.5 s of CPU, one more solve 2-3 s.
   begin = time.monotonic()
   out["two_xla"] = _solve(two, data_chunk_size=96, jit_compile_replicas=True)
   out["two_xla_seconds"] = time.monotonic() - begin  # (Its cost, reported.)
