@@ -230,8 +230,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       with a dataset, each batch's terms) run as one XLA computation
       (`tf.function(jit_compile=True)` inside `strategy.run`); the
       all-reduces and the loop stay outside XLA. The residual must be
-      XLA-compilable. Results equal the plain distributed solve up to
-      rounding (XLA's own exp, sin, ... and fused sums).
+      XLA-compilable, and the `tf.Variable`s it captures made under
+      `strategy.scope()`. Results equal the plain distributed solve up to
+      rounding (XLA's own exp, sin, ... and fused sums). Slower on the
+      CPUs measured (docs/distributed.md).
     jacobian: optional callable `jacobian(*variables)` returning the
       [B..., m, n] Jacobian of the concatenated residuals w.r.t. the
       concatenated flattened variables (Euclidean only; with a robust loss it
