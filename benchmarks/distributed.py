@@ -1,7 +1,9 @@
 """least_squares(strategy=...): time per iteration against replica count.
 
     PYTHONPATH=. python benchmarks/distributed.py [--points N] [--chunk K]
-        [--repeats R] [--replicas 1 2 4] [--no-workers]
+        [--repeats R] [--replicas 1 2 4] [--no-workers] [--xla]
+    PYTHONPATH=. python benchmarks/distributed.py --passes [--points N]
+        [--chunk K] [--repeats R]
 
 Fits y = sum_k a_k exp(-((t - c_k) / 0.3)^2) + b sin(w t) (8 bumps at
 fixed centers, n = 10 parameters) to N float64 points (t, y) with
@@ -14,11 +16,25 @@ TensorFlow's start):
 - `2 workers`: `MultiWorkerMirroredStrategy`, two processes on 127.0.0.1
   (one CPU replica each; worker 0 reports).
 
-Each row: the first call (tracing and one solve), two untimed solves, then
-the median of `repeats` solves; iterations, seconds per iteration, the Jacobian and cost
-passes of a solve, and the all-reduce volume of a solve,
-(n^2 + n + 1) per Jacobian pass + 1 per cost pass (+ 1 for the residual
-count), next to the data volume (N rows x 2 float64 columns).
+With `--xla`, each process also runs its solve with XLA, side by side
+with the plain one (`_harness.interleave`: each round calls both, so a
+change of the machine's load falls on both): with a strategy,
+`jit_compile_replicas=True` (each replica's passes compiled by XLA, the
+all-reduces and the loop outside); on one device, the whole solve inside
+`tf.function(jit_compile=True)` (what a single-device user would do).
+
+`--passes` times instead what one replica runs per pass, on one device:
+the fold over the N rows' chunks of `_chunked.chunk_terms` (Jacobian pass)
+and of the cost (cost pass), each as a plain `tf.function` and under XLA,
+interleaved (the median of `repeats` rounds).
+
+Each row: the first call (tracing, XLA compilation and one solve), two
+untimed rounds, then the median of `repeats` rounds; iterations, seconds
+per iteration, its ratio to the one-device row and (XLA rows) to the plain
+solve of the same process, the Jacobian and cost passes of a solve, and
+the all-reduce volume of a solve, (n^2 + n + 1) per Jacobian pass + 1 per
+cost pass (+ 1 for the residual count), next to the data volume (N rows x
+2 float64 columns).
 
 All logical CPU devices of a process share its CPU cores: on a 2-core
 machine R replicas cannot run faster than 2 cores, so the rows measure the
@@ -56,8 +72,9 @@ def _data(n):
   return t, y + 0.01 * rng.standard_normal(n)
 
 
-def _child(config, n, chunk, repeats):
-  """One row in this process; prints a JSON line."""
+def _child(config, n, chunk, repeats, xla):
+  """One process's rows (the plain solve; with `xla`, also the XLA one,
+  interleaved); prints a JSON line per row."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if config.startswith("mirrored"):
     replicas = int(config.split(":")[1])
@@ -71,6 +88,7 @@ def _child(config, n, chunk, repeats):
   else:
     strategy = None
   import numpy as np  # pylint: disable=g-import-not-at-top
+  import _harness  # pylint: disable=g-import-not-at-top
   import tfg_optim  # pylint: disable=g-import-not-at-top
 
   def residual(*args):
@@ -79,30 +97,48 @@ def _child(config, n, chunk, repeats):
 
   t, y = (tf.constant(v) for v in _data(n))
   start = [tf.constant(v, tf.float64) for v in _START]
-  options = dict(data=(t, y), data_chunk_size=chunk, strategy=strategy,
-                 geodesic_acceleration=None, max_iterations=50,
-                 eager_compile=True)
-  begin = time.perf_counter()
-  result = tfg_optim.least_squares(residual, start, **options)
-  first = time.perf_counter() - begin
-  for _ in range(2):  # Warm-up: the first runs of a trace are slower.
-    float(tfg_optim.least_squares(residual, start, **options).cost)
-  times = []
-  for _ in range(repeats):
-    begin = time.perf_counter()
-    result = tfg_optim.least_squares(residual, start, **options)
-    float(result.cost)
-    times.append(time.perf_counter() - begin)
-  print(json.dumps(dict(
-      config=config, n=n, chunk=chunk, first=first,
-      seconds=float(np.median(times)),
-      replicas=1 if strategy is None else strategy.num_replicas_in_sync,
-      iterations=int(result.num_iterations),
-      jacobian_passes=int(result.num_jacobian_evaluations),
-      cost_passes=int(result.num_residual_evaluations),
-      cost=float(result.cost),
-      stop=tfg_optim.StopReason(int(result.stop_reason)).name,
-      position=[float(v) for v in result.position])), flush=True)
+  options = dict(data_chunk_size=chunk, strategy=strategy,
+                 geodesic_acceleration=None, max_iterations=50)
+
+  def plain():
+    return tfg_optim.least_squares(residual, start, data=(t, y),
+                                   eager_compile=True, **options)
+
+  if strategy is None:  # One device: the whole solve under XLA.
+    whole = tf.function(
+        lambda t, y, *start: tfg_optim.least_squares(
+            residual, list(start), data=(t, y), **options),
+        jit_compile=True, autograph=False)
+    compiled = lambda: whole(t, y, *start)
+  else:  # Each replica's passes under XLA.
+    compiled = lambda: tfg_optim.least_squares(
+        residual, start, data=(t, y), jit_compile_replicas=True, **options)
+
+  def numbers(solve):
+    def call():
+      result = solve()
+      return dict(
+          iterations=int(result.num_iterations),
+          jacobian_passes=int(result.num_jacobian_evaluations),
+          cost_passes=int(result.num_residual_evaluations),
+          cost=float(result.cost),
+          stop=tfg_optim.StopReason(int(result.stop_reason)).name,
+          position=[float(v) for v in result.position])
+    return call
+
+  calls = {"": numbers(plain)}
+  if xla:
+    calls["xla"] = numbers(compiled)
+  # First calls and two warm-up rounds (the first runs of a trace are
+  # slower), then the timed rounds.
+  first = _harness.interleave(calls, 2)
+  timed = _harness.interleave(calls, repeats, warm_up=False)
+  for mode in calls:
+    print(json.dumps(dict(
+        config=config, xla=mode, n=n, chunk=chunk,
+        first=first[mode].first_call, seconds=timed[mode].seconds,
+        replicas=1 if strategy is None else strategy.num_replicas_in_sync,
+        **timed[mode].output)), flush=True)
   if config == "worker":
     try:  # Exit together (see examples/distributed_fit.py).
       from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top,line-too-long
@@ -113,6 +149,7 @@ def _child(config, n, chunk, repeats):
 
 
 def _run(config, args, workers=1):
+  """The rows of one process (or of worker 0 of `workers`)."""
   from tfg_optim.examples import local_cluster  # pylint: disable=g-import-not-at-top
   environments = [dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")]
   if workers > 1:
@@ -120,12 +157,56 @@ def _run(config, args, workers=1):
         workers, TF_CPP_MIN_LOG_LEVEL="2")
   outputs = local_cluster.run_workers(
       [sys.executable, __file__, "--child", config, str(args.points),
-       str(args.chunk), str(args.repeats)], environments, timeout=1800)
+       str(args.chunk), str(args.repeats), str(int(args.xla))],
+      environments, timeout=1800)
   stdout, stderr = outputs[0]
   lines = [l for l in stdout.splitlines() if l.startswith("{")]
   if not lines:
-    return dict(config=config, failed=stderr.strip()[-300:])
-  return json.loads(lines[-1])
+    return [dict(config=config, xla="", failed=stderr.strip()[-300:])]
+  return [json.loads(line) for line in lines]
+
+
+def _passes(args):
+  """One replica's Jacobian and cost passes over N rows, plain and XLA."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import _harness  # pylint: disable=g-import-not-at-top
+  from tfg_optim import _chunked  # pylint: disable=g-import-not-at-top
+  from tfg_optim import _vector_space  # pylint: disable=g-import-not-at-top
+  t, y = (tf.constant(v) for v in _data(args.points))
+  start = [tf.constant(v, tf.float64) for v in _START]
+  residual = lambda p, chunk: _model(p, chunk[0], tf.exp, tf.sin) - chunk[1]
+  retract = lambda p, step: _vector_space.retract(p, step, 0)
+  zero = lambda *shape: tf.zeros(shape, tf.float64)
+  fold = lambda function, zeros, t, y: _chunked.ChunkedData(
+      [t, y], args.chunk).fold(function, zeros)[0]
+  passes = {
+      "Jacobian": lambda p, t, y: fold(
+          lambda chunk: _chunked.chunk_terms(residual, retract,
+                                             _N_PARAMETERS, p, chunk),
+          (zero(_N_PARAMETERS, _N_PARAMETERS + 1), zero()), t, y),
+      "cost": lambda p, t, y: fold(
+          lambda chunk: (0.5 * tf.reduce_sum(tf.square(residual(p, chunk))),),
+          (zero(),), t, y)}
+  calls = {}
+  for name, function in passes.items():
+    for xla in (False, True):
+      compiled = tf.function(function, jit_compile=xla, autograph=False)
+      calls[(name, xla)] = (lambda compiled: lambda: np.asarray(
+          compiled(start, t, y)))(compiled)
+  timings = _harness.interleave(calls, args.repeats)
+  print(f"N = {args.points}, K = {args.chunk}, n = {_N_PARAMETERS}, "
+        f"float64, one device; {os.cpu_count()} CPU cores; load average "
+        f"{os.getloadavg()[0]:.1f} at the end")
+  print("| pass | plain (ms) | XLA (ms) | XLA / plain | max |XLA - plain| "
+        "/ max |plain| |")
+  print("|---|---|---|---|---|")
+  for name in passes:
+    plain, xla = timings[(name, False)], timings[(name, True)]
+    difference = (np.max(np.abs(xla.output - plain.output)) /
+                  np.max(np.abs(plain.output)))
+    print(f"| {name} | {1000 * plain.seconds:.0f} | {1000 * xla.seconds:.0f}"
+          f" | {xla.seconds / plain.seconds:.2f} | {difference:.1e} |")
 
 
 def main():
@@ -135,28 +216,38 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
   parser.add_argument("--no-workers", action="store_true")
+  parser.add_argument("--xla", action="store_true",
+                      help="also the XLA solve, side by side in each "
+                      "process (jit_compile_replicas=True with a strategy)")
+  parser.add_argument("--passes", action="store_true",
+                      help="time one replica's passes, plain and XLA")
   args = parser.parse_args()
-  rows = [_run("single", args)]
-  rows += [_run(f"mirrored:{r}", args) for r in args.replicas]
+  if args.passes:
+    return _passes(args)
+  rows = _run("single", args)
+  for r in args.replicas:
+    rows += _run(f"mirrored:{r}", args)
   if not args.no_workers:
-    rows.append(_run("worker", args, workers=2))
+    rows += _run("worker", args, workers=2)
   n = _N_PARAMETERS
   unit = n * n + n + 1
   print(f"N = {args.points}, K = {args.chunk}, n = {n}, float64; data "
         f"{args.points * 2 * 8 / 2 ** 20:.1f} MiB; {os.cpu_count()} CPU "
-        "cores")
-  print("| solve | replicas | first call (s) | solve (s) | iterations | "
-        "s / iteration | vs one device | stop | Jacobian + cost passes | "
-        "all-reduced numbers / solve | bytes / solve | data bytes / "
-        "all-reduced bytes | max |x - x_1| |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        f"cores; load average {os.getloadavg()[0]:.1f} at the end")
+  print("| solve | XLA | replicas | first call (s) | solve (s) | iterations "
+        "| s / iteration | vs one device | vs without XLA | stop | Jacobian "
+        "+ cost passes | all-reduced numbers / solve | bytes / solve | data "
+        "bytes / all-reduced bytes | max |x - x_1| |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   base = rows[0]
+  per_iteration = lambda row: row["seconds"] / max(row["iterations"], 1)
+  plain = {row["config"]: row for row in rows
+           if not row["xla"] and "failed" not in row}
   for row in rows:
     if "failed" in row:
-      print(f"| {row['config']} | failed: {row['failed']} |")
+      print(f"| {row['config']} {row['xla']} | failed: {row['failed']} |")
       continue
-    per = row["seconds"] / max(row["iterations"], 1)
-    base_per = base["seconds"] / max(base["iterations"], 1)
+    per = per_iteration(row)
     numbers = 0
     if row["config"] != "single":
       numbers = unit * row["jacobian_passes"] + row["cost_passes"] + 1
@@ -166,9 +257,15 @@ def main():
                                                  base["position"]))
     name = {"single": "one device", "worker": "2 workers"}.get(
         row["config"], row["config"].replace(":", " "))
-    print(f"| {name} | {row['replicas']} | {row['first']:.1f} | "
+    xla = "-"
+    versus = "-"
+    if row["xla"]:
+      xla = "whole solve" if row["config"] == "single" else "per replica"
+      if row["config"] in plain:
+        versus = f"{per / per_iteration(plain[row['config']]):.2f}"
+    print(f"| {name} | {xla} | {row['replicas']} | {row['first']:.1f} | "
           f"{row['seconds']:.2f} | {row['iterations']} | {per:.3f} | "
-          f"{per / base_per:.2f} | {row['stop']} | "
+          f"{per / per_iteration(base):.2f} | {versus} | {row['stop']} | "
           f"{row['jacobian_passes']} + "
           f"{row['cost_passes']} | {numbers} | {8 * numbers} | {ratio} | "
           f"{difference:.1e} |")
@@ -177,6 +274,6 @@ def main():
 if __name__ == "__main__":
   if sys.argv[1:2] == ["--child"]:
     _child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
-           int(sys.argv[5]))
+           int(sys.argv[5]), bool(int(sys.argv[6])))
   else:
     main()

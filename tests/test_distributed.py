@@ -7,7 +7,8 @@ INDEX SIGNAL_FILE`, with the worker's `TF_CONFIG` from
 `tfg_optim.examples.local_cluster`): the two workers of a
 MultiWorkerMirroredStrategy on 127.0.0.1 (free ports; ring all-reduces).
 Worker 0 has 4 logical CPU devices and also runs the single-device solve and MirroredStrategy over 2
-and over 4 of them, while it waits for worker 1, which has exited, to time
+(each replica's passes compiled by XLA: `jit_compile_replicas`) and over 4
+of them, while it waits for worker 1, which has exited, to time
 out (two processes, not three: TensorFlow's start is most of the cost).
 Each child prints one JSON line; the test holds the solves to the
 single-device solve (the summation order is the only difference), to the
@@ -110,7 +111,16 @@ def _with_nan(row):
   return t, y
 
 
-def _mirrored_solves():
+def _xla_modules(signal):
+  """The names of the XLA modules compiled so far of the per-replica passes
+  (`XLA_FLAGS` dumps them next to `signal`, see `_start_children`)."""
+  directory = os.path.join(os.path.dirname(signal), "xla")
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted({name.split(".")[1] for name in names
+                 if name.endswith(".before_optimizations.txt")})
+
+
+def _mirrored_solves(signal):
   """The single-device solve and MirroredStrategy over 2 and 4 of this
   process's logical CPU devices."""
   out = {"single": _solve()}
@@ -121,15 +131,25 @@ def _mirrored_solves():
       [f"/cpu:{i}" for i in range(count)],
       cross_device_ops=tf.distribute.ReductionToOneDevice())
                for count in (2, 4))
-  # Shards of 500 and 501 rows: 5 chunks of 96, then 20 or 21 rows.
-  out["two_chunked"] = _solve(two, data_chunk_size=96)
+  # Shards of 500 and 501 rows: 5 chunks of 96, then 20 or 21 rows; each
+  # replica's passes compiled by XLA (the 4 replicas' below are not; the
+  # same fold runs as plain TensorFlow in benchmarks/distributed.py). In
+  # place of the plain cell, not besides it: its compilations cost about
+  # 2.5 s of CPU, one more solve 2-3 s.
+  begin = time.monotonic()
+  out["two_xla"] = _solve(two, data_chunk_size=96, jit_compile_replicas=True)
+  out["two_xla_seconds"] = time.monotonic() - begin  # (Its cost, reported.)
   out["four"] = _solve(four)
   out["four_nan"] = _solve(four, data=_with_nan(900))  # The last shard.
+  out["xla_modules"] = _xla_modules(signal)
   # A dataset: global batches of 200 rows split 100 + 100 over the
   # replicas, the last (1 row) 1 + 0: one replica gets an empty batch.
   out["two_dataset"] = _solve(two, data=_batches(200))
   if _MORE_DATASETS:  # 6 and 5 batches per replica.
     out["two_uneven"] = _solve(two, data=_per_replica_batches(two))
+    # Each batch's terms compiled by XLA (per batch shape: 100, 1 and 0).
+    out["two_dataset_xla"] = _solve(two, data=_batches(200),
+                                    jit_compile_replicas=True)
   out["replicas"] = [two.num_replicas_in_sync, four.num_replicas_in_sync]
   out["batch"] = _solve_batch()
   return out
@@ -175,7 +195,7 @@ def _worker_child(index, signal):
 
   waiting = threading.Thread(target=solve_without_worker_1, daemon=True)
   waiting.start()
-  out.update(_mirrored_solves())  # Meanwhile (the other thread waits).
+  out.update(_mirrored_solves(signal))  # Meanwhile (the other thread waits).
   waiting.join(_CHILD_TIMEOUT)
   out["dead"] = dead or None
   return out
@@ -227,6 +247,10 @@ class _Child:
 def _start_children(signal):
   environments = local_cluster.worker_environments(
       2, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  # Worker 0 names the XLA modules it compiles of the per-replica passes.
+  environments[0]["XLA_FLAGS"] = (
+      f"--xla_dump_to={os.path.join(os.path.dirname(signal), 'xla')} "
+      "--xla_dump_hlo_module_re=_terms_")
   return {f"worker{index}": _Child(env, str(index), signal)
           for index, env in enumerate(environments)}
 
@@ -248,11 +272,23 @@ def _check_mirrored(out):
   single = out["single"]
   # Independent of the engine: the generating parameters of the data.
   np.testing.assert_allclose(single["position"], [2.0, -1.3], atol=0.02)
-  _same_solve(out["two_chunked"], single)
+  # XLA per replica: XLA's exp and fused sums round differently from
+  # TensorFlow's kernels; the same steps and stop as one device and as the
+  # plain solve over 4, positions and costs within 1e-12 (relative).
+  _same_solve(out["two_xla"], single)
   _same_solve(out["four"], single)
+  np.testing.assert_allclose(out["two_xla"]["position"],
+                             out["four"]["position"], rtol=1e-12)
+  # XLA compiled each of the 2 replicas' Jacobian and cost passes (one
+  # function per replica: shards of 500 and 501 rows), and nothing of the
+  # plain solves (the 4 replicas' passes would add 4 of each).
+  for name in ("jacobian_terms", "cost_terms"):
+    assert sum(name in module for module in out["xla_modules"]) == 2, (
+        out["xla_modules"])
   _same_solve(out["two_dataset"], single)
   if _MORE_DATASETS:
     _same_solve(out["two_uneven"], single)
+    _same_solve(out["two_dataset_xla"], single)
   # A NaN in the last shard: the summed cost is NaN at the start.
   assert out["four_nan"]["stop"] == _NOT_FINITE
   assert out["four_nan"]["iterations"] == 0
@@ -342,6 +378,19 @@ def test_invalid_strategies_name_the_argument():
   with pytest.raises(ValueError, match="gradients"):
     tfg_optim.least_squares(residual, start, data=data, strategy=strategy,
                             gradients="backwards")
+  # XLA per replica: a bool, with a strategy, one problem.
+  with pytest.raises(TypeError, match="'jit_compile_replicas'"):
+    tfg_optim.least_squares(residual, start, data=data, strategy=strategy,
+                            jit_compile_replicas="yes")
+  for options in (dict(), dict(data_chunk_size=2)):  # No strategy.
+    with pytest.raises(ValueError, match="'jit_compile_replicas'.*"
+                       "without 'strategy'"):
+      tfg_optim.least_squares(residual, start, data=data,
+                              jit_compile_replicas=True, **options)
+  with pytest.raises(ValueError, match="'jit_compile_replicas'.*batch_dims"):
+    tfg_optim.least_squares(lambda x, t: x * t, tf.ones([4, 1], tf.float64),
+                            batch_dims=1, data=data, strategy=strategy,
+                            jit_compile_replicas=True)
   distributed = strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensor_slices(data).batch(2))
   with pytest.raises(ValueError, match="'data' is a distributed dataset"):

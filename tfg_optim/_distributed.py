@@ -101,6 +101,28 @@ def check_strategy(strategy, gradients, eager_compile):
   return "none"
 
 
+def check_jit_compile_replicas(jit_compile_replicas, strategy, batch_dims):
+  """`jit_compile_replicas` (a bool) if a solve can honour it.
+
+  Raises:
+    TypeError naming 'jit_compile_replicas' for a value that is not a bool;
+    ValueError naming it for True without `strategy` (one device: compile
+    the whole solve instead) or with `batch_dims` > 0 (not offered).
+  """
+  if not isinstance(jit_compile_replicas, bool):
+    raise TypeError("'jit_compile_replicas' must be True or False, got "
+                    f"{jit_compile_replicas!r}.")
+  if jit_compile_replicas and strategy is None:
+    raise ValueError("'jit_compile_replicas' compiles each replica's passes "
+                     "of a 'strategy' solve with XLA; without 'strategy', "
+                     "call the solve inside tf.function(jit_compile=True).")
+  if jit_compile_replicas and batch_dims:
+    raise ValueError("'jit_compile_replicas' is not offered with "
+                     "'batch_dims' (a batch split over the replicas): pass "
+                     "jit_compile_replicas=False.")
+  return jit_compile_replicas
+
+
 def _own_timeout(strategy):
   """The timeout of the strategy's `communication_options`, or None."""
   own = getattr(strategy.extended, "_communication_options", None)
@@ -166,12 +188,17 @@ class DistributedKind:
   them on its device), not per pass. A dataset (`_chunked.DATASETS`; then
   `chunk_size` is None): distributed once (`distribute_dataset`), iterated
   once per pass, each element one chunk.
+
+  `jit_compile`: each replica's pass (its shard's fold, or one element's
+  terms) is a `tf.function(jit_compile=True)`: one XLA computation per
+  replica and pass, called inside `strategy.run`; the all-reduce stays
+  outside it.
   """
 
   dense = True
 
   def __init__(self, chunk_residual, retract, tangent_dim, data, chunk_size,
-               dtype, strategy):
+               dtype, strategy, jit_compile=False):
     self.strategy = strategy
     self.options = communication_options(strategy)
     n = tangent_dim
@@ -213,7 +240,7 @@ class DistributedKind:
 
     if not tf.executing_eagerly():  # One trace per replica (device), reused.
       cost_terms, jacobian_terms = (
-          tf.function(f, autograph=False)
+          tf.function(f, autograph=False, jit_compile=jit_compile or None)
           for f in (cost_terms, jacobian_terms))
     self.cost_pass = lambda point: self._sum(cost_terms, point, zero(1))[0]
     self.jacobian_pass = lambda point: tf.reshape(

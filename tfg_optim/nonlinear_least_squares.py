@@ -130,9 +130,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   geodesic_acceleration=_DEFAULT_ACCELERATION,
                   vanishing_column_tolerance=None, linear_solver="auto",
                   data=None, data_chunk_size=None, strategy=None,
-                  callback=None, record=False, gradients="implicit",
-                  implicit_hessian="gauss_newton", eager_compile="auto",
-                  name="least_squares"):
+                  jit_compile_replicas=False, callback=None, record=False,
+                  gradients="implicit", implicit_hessian="gauss_newton",
+                  eager_compile="auto", name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
 
   Args:
@@ -224,6 +224,16 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       `batch_dims` > 0, the independent problems are split over the
       replicas instead (the leading batch dimension of `variables` and of
       every `data` tensor), solved with no communication, and gathered.
+    jit_compile_replicas: False (default) or True (needs `strategy`; not
+      with `batch_dims`): each replica's passes over its shard (the sum
+      of J^T [J | F] and the cost over its chunks, and the cost-only sum;
+      with a dataset, each batch's terms) run as one XLA computation
+      (`tf.function(jit_compile=True)` inside `strategy.run`); the
+      all-reduces and the loop stay outside XLA. The residual must be
+      XLA-compilable, and the `tf.Variable`s it captures made under
+      `strategy.scope()`. Results equal the plain distributed solve up to
+      rounding (XLA's own exp, sin, ... and fused sums). Slower on the
+      CPUs measured (docs/distributed.md).
     jacobian: optional callable `jacobian(*variables)` returning the
       [B..., m, n] Jacobian of the concatenated residuals w.r.t. the
       concatenated flattened variables (Euclidean only; with a robust loss it
@@ -266,6 +276,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   if isinstance(data, _chunked.DATASETS):
     gradients = _check_dataset(data, data_chunk_size, strategy, batch_dims,
                                gradients)
+  jit_compile_replicas = _distributed.check_jit_compile_replicas(
+      jit_compile_replicas, strategy, batch_dims)
   if strategy is not None:  # Validated first: it decides how to run.
     arguments = dict(locals())
     gradients = _distributed.check_strategy(strategy, gradients,
@@ -287,7 +299,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         geodesic_acceleration=geodesic_acceleration,
         vanishing_column_tolerance=vanishing_column_tolerance,
         linear_solver=linear_solver, data_chunk_size=data_chunk_size,
-        strategy=strategy, callback=callback, record=record,
+        strategy=strategy, jit_compile_replicas=jit_compile_replicas,
+        callback=callback, record=record,
         gradients=gradients, implicit_hessian=implicit_hessian, name=name)
     if strategy is not None and isinstance(data, tf.data.Dataset):
       # Distributed here, eagerly (where TF knows its options and
@@ -470,7 +483,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         kind = _distributed.DistributedKind(
             chunk_residual, retract, tangent_dim,
             data if dataset is None else dataset, data_chunk_size, dtype,
-            strategy)
+            strategy, jit_compile_replicas)
       initial_residual = kind.residual_norm(point)
       residual_fn = kind.residual_norm
     problem = _engine.Problem(
