@@ -6,10 +6,12 @@ step against the trust-region's defining properties; `least_squares` with
 `linear_solver='cg'` against closed forms; what a CG solve reports
 (`SolveOutcome`: iterations, converged, breakdown) against the closed form
 of k distinct eigenvalues, eagerly, in `tf.function` and under XLA, and
-the iterations a solve reports in its results. The graph modes run in the
-conformance table (`tests/conformance.py`, factor `linear_solver`); eager
-CG solves here (`test_tikhonov_denoising_closed_form`) and in
-tests/test_implicit.py.
+the iterations a solve reports in its results; `inexact_steps`' forcing
+term against its defining bound (eagerly, in `tf.function`, under XLA)
+and against the closed-form minimum of a small problem. The graph modes
+run in the conformance table (`tests/conformance.py`, factor
+`linear_solver`); eager CG solves here (`test_tikhonov_denoising_closed_form`)
+and in tests/test_implicit.py.
 """
 
 import functools
