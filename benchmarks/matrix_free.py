@@ -51,6 +51,7 @@ included; the trace time is shown apart) above it.
 
     python benchmarks/matrix_free.py --sizes 100 200 1000
     python benchmarks/matrix_free.py --preconditioner-check 50
+    python benchmarks/matrix_free.py --nearly-linear
 """
 
 import os
@@ -243,6 +244,42 @@ def preconditioner_check(size, seed=1):
                         "CG to 1e-6", "to 1e-2", "to 0.5"), rows)
 
 
+def nearly_linear_check():
+  """`inexact_steps` on two small problems whose minimum is known: the
+  Tikhonov denoising of tests/test_linear_solvers.py (linear, n = 400;
+  x* = (I + D^T D)^-1 y) and the extended Rosenbrock function (n = 40;
+  x* = 1), default trust region, one `tf.function` each: iterations, CG
+  iterations and max |x - x*|, with and without."""
+  n = 400
+  y = np.sin(np.linspace(0, 6, n)) + 0.3 * np.random.default_rng(
+      0).standard_normal(n)
+  difference = np.diff(np.eye(n), axis=0)
+  tikhonov_solution = np.linalg.solve(np.eye(n) + difference.T @ difference, y)
+  y_tensor = tf.constant(y)
+  tikhonov = [lambda x: x - y_tensor, lambda x: x[1:] - x[:-1]]
+
+  def rosenbrock(x):
+    odd, even = x[0::2], x[1::2]
+    return tf.concat([10.0 * (even - tf.square(odd)), 1.0 - odd], 0)
+
+  rows = []
+  for name, residuals, start, solution in (
+      ("Tikhonov denoising, n = 400", tikhonov, np.zeros(n),
+       tikhonov_solution),
+      ("extended Rosenbrock, n = 40", rosenbrock, np.tile([-1.2, 1.0], 20),
+       np.ones(40))):
+    for inexact_steps in (False, True):
+      result = tf.function(lambda x: tfg_optim.least_squares(
+          residuals, x, linear_solver="cg", inexact_steps=inexact_steps))(
+              tf.constant(start))
+      rows.append((name, inexact_steps, int(result.num_iterations),
+                   int(result.num_linear_solver_iterations),
+                   tfg_optim.StopReason(int(result.stop_reason)).name,
+                   f"{np.max(np.abs(result.position.numpy() - solution)):.1e}"))
+  _harness.print_table(("problem", "inexact_steps", "iterations",
+                        "CG iterations", "stop", "max |x - x*|"), rows)
+
+
 def run_scipy(y, max_evaluations):
   """One scipy trf/lsmr solve with per-iteration (seconds, cost, nfev,
   LSMR iterations so far) from its callback."""
@@ -308,6 +345,9 @@ def main():
   parser.add_argument("--preconditioner-check", type=int, metavar="SIZE",
                       help="only the CG iterations of Jacobi preconditioners "
                       "at the start of the SIZE x SIZE problem (NumPy)")
+  parser.add_argument("--nearly-linear", action="store_true",
+                      help="only inexact_steps on two small problems with "
+                      "known minima (Tikhonov, extended Rosenbrock)")
   parser.add_argument("--skip-inexact", action="store_true",
                       help="no tfg_optim row with inexact_steps=True")
   parser.add_argument("--jax-python", default=_harness.DEFAULT_JAX_PYTHON)
@@ -318,6 +358,9 @@ def main():
   args = parser.parse_args()
   if args.preconditioner_check:
     preconditioner_check(args.preconditioner_check)
+    return
+  if args.nearly_linear:
+    nearly_linear_check()
     return
   _harness.print_machine_info()
   print(f"load average at start: {os.getloadavg()}", flush=True)
