@@ -3,29 +3,78 @@
     r(x) = [x - y;  mu sqrt((D_h x)^2 + (D_v x)^2 + eps^2)]
 
 over a size x size image x (n = size^2 parameters, m ~ 2n residuals), y a
-noisy disc. tfg_optim: `least_squares(..., linear_solver='cg')` (J never
-formed; CG / Steihaug steps) inside one `tf.function`. Peer: scipy
-`least_squares(method='trf', tr_solver='lsmr', jac_sparsity=...)` (finite
-differences with the sparsity's column grouping). Both start from y; the
-table reports each solver's final cost (the same formula, in NumPy),
-iterations, solve time and, for tfg_optim, the first call (trace + solve)
-and the peak resident memory of this process.
+noisy disc, every solver started from y, float64. Solvers:
 
-    python benchmarks/matrix_free.py --sizes 100 300 --max-iterations 100
-    python benchmarks/matrix_free.py --sizes 1000 --skip-scipy
+  tfg_optim    `least_squares(..., linear_solver='cg')` (J never formed;
+               CG / Steihaug steps) inside one `tf.function`, default
+               tolerances and damping ('trust_region'); and the same with
+               `inexact_steps=True` (CG stopped at the inexact-Newton
+               forcing term min(0.5, sqrt(||g||)) instead of 1e-6).
+  scipy        `least_squares(method='trf', tr_solver='lsmr',
+               jac_sparsity=...)`, default tolerances (finite differences
+               with the sparsity's column grouping).
+  optimistix   `optx.LevenbergMarquardt(rtol=atol=1e-8,
+               linear_solver=lx.Normal(lx.CG(rtol=atol=1e-6)))` under
+               `jax.jit` (matrix-free: `jax.linearize` and its transpose),
+               in its own venv (`_optimistix_matrix_free.py`, run by
+               `_harness.run_peer`; skipped with a note without the venv).
+
+Time to equal cost. Each solver runs to its own stop; its final cost is
+computed one way for all (NumPy, `cost`). The target is the worst (largest)
+final cost; each solver's time to the target is the time until its cost
+first is <= target (1 + 1e-9):
+
+  tfg_optim    a second solve, told the target (`cost_tolerance`, which
+               stops after the first iteration below it; the iterates are
+               those of the full solve), timed like the full solve;
+  scipy        the time at which its `callback` (called at the end of each
+               iteration, after the Jacobian at the new point) first sees a
+               cost <= the target, in the full solve (a solve that stopped
+               there would have taken that long);
+  optimistix   a second solve with `max_steps` = the first step count after
+               which its cost (from its `verbose` hook in a first, recorded
+               run) is <= the target. Its times are the median of
+               1 + --peer-repeats solves after an ahead-of-time compile.
+
+CG iterations: tfg_optim's `num_linear_solver_iterations` (every solve of
+an iteration: the step, rejected steps', geodesic acceleration's); scipy's
+LSMR iterations (one LSMR solve per iteration, counted by wrapping
+`scipy.optimize._lsq.trf.lsmr`); optimistix's CG iterations (lineax's
+`num_steps`, reported by a subclass of `lx.CG` in the recorded run). Peak
+RSS: tfg_optim's is this process's `ru_maxrss` right after its solve
+(a high-water mark: the second row's includes the first's; scipy runs
+after both in this process), optimistix's its own process's.
+
+tfg_optim's solve time is the steady state (the median of --repeats calls
+after the first) up to n = --steady-up-to, and the first call (trace
+included; the trace time is shown apart) above it.
+
+    python benchmarks/matrix_free.py --sizes 100 200 1000
+    python benchmarks/matrix_free.py --preconditioner-check 50
+    python benchmarks/matrix_free.py --nearly-linear
 """
 
+import os
 import resource
+import statistics
+import tempfile
+import time
 
 import numpy as np
 import scipy.optimize
+import scipy.optimize._lsq.trf
+import scipy.optimize._numdiff
 import scipy.sparse
 import tensorflow as tf
 
 import _harness
 import tfg_optim
+from tfg_optim import _engine
+from tfg_optim import _linearization
 
 MU, EPS = 0.5, 0.1
+# A cost within this relative margin of the target counts as reaching it.
+MARGIN = 1e-9
 
 
 def noisy_disc(size, seed=0):
@@ -63,7 +112,19 @@ def sparsity(size):
                                  shape=(n + (size - 1) ** 2, n))
 
 
-def run_tfg(y, max_iterations, damping):
+def first_at_or_below(costs, threshold):
+  """The first index whose cost is <= threshold, or None."""
+  below = np.flatnonzero(np.asarray(costs) <= threshold)
+  return int(below[0]) if below.size else None
+
+
+def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
+            inexact_steps=False):
+  """One tfg_optim solve (traced once, timed by `_harness.time_call`).
+
+  Returns a dict: position, iterations, stop, CG iterations, the cost after
+  each iteration (records), trace, first-call and solve seconds.
+  """
   target = tf.constant(y)
 
   def total_variation(x):
@@ -75,55 +136,369 @@ def run_tfg(y, max_iterations, damping):
   def solve(start):
     result = tfg_optim.least_squares(
         [lambda x: x - target, total_variation], start, damping=damping,
-        linear_solver="cg", max_iterations=max_iterations)
-    return (result.position, result.num_iterations, result.stop_reason)
+        linear_solver="cg", inexact_steps=inexact_steps,
+        max_iterations=max_iterations, cost_tolerance=cost_tolerance,
+        record=True)
+    return (result.position, result.num_iterations, result.stop_reason,
+            result.num_linear_solver_iterations, result.records["cost"])
 
   timing = _harness.time_call(
-      lambda: [v.numpy() for v in solve(target)], 1)
-  position, iterations, reason = timing.output
-  return (position, int(iterations), tfg_optim.StopReason(int(reason)).name,
-          timing.first_call, timing.seconds)
+      lambda: [v.numpy() for v in solve(target)], repeats,
+      trace=lambda: solve.get_concrete_function(target))
+  position, iterations, reason, cg, costs = timing.output
+  return dict(position=position, iterations=int(iterations),
+              stop=tfg_optim.StopReason(int(reason)).name, cg=int(cg),
+              costs=costs[:int(iterations)], trace=timing.trace,
+              first_call=timing.first_call, seconds=timing.seconds)
 
 
-def run_scipy(y, max_iterations):
-  timing = _harness.time_call(lambda: scipy.optimize.least_squares(
-      numpy_residuals, y.ravel(), args=(y,), method="trf", tr_solver="lsmr",
-      jac_sparsity=sparsity(y.shape[0]), max_nfev=max_iterations), 0)
-  result = timing.output
-  return result.x, int(result.nfev), result.message, timing.first_call
+def time_products(y, calls):
+  """The median seconds of `calls` J v and J^T u at y as the matrix-free
+  linearization makes them (`_linearization.MatrixFreeKind`'s forward- and
+  reverse-mode products of the residuals, each in a `tf.function`), and of
+  one residual evaluation."""
+  target = tf.constant(y)
+
+  def residual_fn(x):
+    dx = x[:-1, 1:] - x[:-1, :-1]
+    dy = x[1:, :-1] - x[:-1, :-1]
+    return tf.concat([tf.reshape(x - target, [-1]), tf.reshape(
+        MU * tf.sqrt(tf.square(dx) + tf.square(dy) + EPS ** 2), [-1])], 0)
+
+  problem = _engine.Problem(
+      residual_fn=residual_fn,
+      retract=lambda p, s: p + tf.reshape(s, tf.shape(p)),
+      tangent_dim=y.size, cost_fn=None, jacobian_fn=None)
+  kind = _linearization.MatrixFreeKind(problem)
+  point, vector = tf.constant(y), tf.constant(y.ravel())
+  u = tf.ones_like(residual_fn(point))
+  timings = {}
+  for name, call in (("jv", tf.function(lambda: kind.forward(point, vector))),
+                     ("jtu", tf.function(lambda: kind.reverse(point, u))),
+                     ("residual", tf.function(lambda: residual_fn(point)))):
+    call().numpy()  # traces
+    times = []
+    for _ in range(calls):
+      begin = time.perf_counter()
+      call().numpy()
+      times.append(time.perf_counter() - begin)
+    timings[name] = statistics.median(times)
+  return timings
+
+
+def preconditioner_check(size, seed=1):
+  """CG iterations on J^T J s = -g at the start (J exact, from scipy's
+  finite differences with the sparsity's grouping) with Jacobi
+  preconditioners: none, the exact diag(J^T J), and the mean of (J^T z)^2
+  over 8 or 32 Gaussian or Rademacher probes z (tfg_optim's estimate: 8
+  Gaussian). Prints, per preconditioner, the range of its ratio to the
+  exact diagonal and the CG iterations to relative residuals 1e-6, 1e-2,
+  0.5 (NumPy, the M^-1 norm as in `_linear_solvers._cg_loop`), and the
+  condition number of J^T J where n <= 4000."""
+  y = noisy_disc(size)
+  jacobian = scipy.sparse.csr_matrix(scipy.optimize._numdiff.approx_derivative(
+      lambda x: numpy_residuals(x, y), y.ravel(), method="3-point",
+      sparsity=sparsity(size)))
+  gram = (jacobian.T @ jacobian).tocsr()
+  exact = gram.diagonal()
+  gradient = jacobian.T @ numpy_residuals(y.ravel(), y)
+  rng = np.random.default_rng(seed)
+  m = jacobian.shape[0]
+
+  def estimate(probe, count):
+    return np.mean([(jacobian.T @ probe()) ** 2 for _ in range(count)], 0)
+
+  def iterations(diagonal, tolerance):
+    x, r = np.zeros_like(gradient), -gradient
+    z = r / diagonal
+    p, rz = z, r @ z
+    target = tolerance ** 2 * rz
+    for k in range(1, 10 * len(x)):
+      q = gram @ p
+      alpha = rz / (p @ q)
+      x, r = x + alpha * p, r - alpha * q
+      z = r / diagonal
+      next_rz = r @ z
+      if next_rz <= target:
+        return k
+      p, rz = z + next_rz / rz * p, next_rz
+    return None
+
+  if size * size <= 4000:
+    eigenvalues = np.linalg.eigvalsh(gram.toarray())
+    print(f"{size}x{size}: condition number of J^T J at the start "
+          f"{eigenvalues[-1] / eigenvalues[0]:.2f}")
+  gaussian = lambda: rng.standard_normal(m)
+  rademacher = lambda: rng.choice([-1.0, 1.0], m)
+  rows = []
+  for name, diagonal in (
+      ("none", np.ones_like(exact)), ("exact diag(J^T J)", exact),
+      ("8 Gaussian probes (tfg_optim)", estimate(gaussian, 8)),
+      ("8 Rademacher probes", estimate(rademacher, 8)),
+      ("32 Gaussian probes", estimate(gaussian, 32)),
+      ("32 Rademacher probes", estimate(rademacher, 32))):
+    ratio = diagonal / exact
+    rows.append((name, f"{ratio.min():.3f} .. {ratio.max():.3f}",
+                 *[iterations(diagonal, t) for t in (1e-6, 1e-2, 0.5)]))
+  _harness.print_table(("Jacobi preconditioner", "its / exact diagonal",
+                        "CG to 1e-6", "to 1e-2", "to 0.5"), rows)
+
+
+def nearly_linear_check():
+  """`inexact_steps` on two small problems whose minimum is known: the
+  Tikhonov denoising of tests/test_linear_solvers.py (linear, n = 400;
+  x* = (I + D^T D)^-1 y) and the extended Rosenbrock function (n = 40;
+  x* = 1), default trust region, one `tf.function` each: iterations, CG
+  iterations and max |x - x*|, with and without."""
+  n = 400
+  y = np.sin(np.linspace(0, 6, n)) + 0.3 * np.random.default_rng(
+      0).standard_normal(n)
+  difference = np.diff(np.eye(n), axis=0)
+  tikhonov_solution = np.linalg.solve(np.eye(n) + difference.T @ difference, y)
+  y_tensor = tf.constant(y)
+  tikhonov = [lambda x: x - y_tensor, lambda x: x[1:] - x[:-1]]
+
+  def rosenbrock(x):
+    odd, even = x[0::2], x[1::2]
+    return tf.concat([10.0 * (even - tf.square(odd)), 1.0 - odd], 0)
+
+  rows = []
+  for name, residuals, start, solution in (
+      ("Tikhonov denoising, n = 400", tikhonov, np.zeros(n),
+       tikhonov_solution),
+      ("extended Rosenbrock, n = 40", rosenbrock, np.tile([-1.2, 1.0], 20),
+       np.ones(40))):
+    for inexact_steps in (False, True):
+      result = tf.function(lambda x: tfg_optim.least_squares(
+          residuals, x, linear_solver="cg", inexact_steps=inexact_steps))(
+              tf.constant(start))
+      rows.append((name, inexact_steps, int(result.num_iterations),
+                   int(result.num_linear_solver_iterations),
+                   tfg_optim.StopReason(int(result.stop_reason)).name,
+                   f"{np.max(np.abs(result.position.numpy() - solution)):.1e}"))
+  _harness.print_table(("problem", "inexact_steps", "iterations",
+                        "CG iterations", "stop", "max |x - x*|"), rows)
+
+
+def run_scipy(y, max_evaluations):
+  """One scipy trf/lsmr solve with per-iteration (seconds, cost, nfev,
+  LSMR iterations so far) from its callback."""
+  lsmr_iterations = []
+  history = []
+  original = scipy.optimize._lsq.trf.lsmr
+
+  def counted_lsmr(*args, **kwargs):
+    result = original(*args, **kwargs)
+    lsmr_iterations.append(int(result[2]))
+    return result
+
+  def callback(intermediate_result):
+    history.append((time.perf_counter() - begin, intermediate_result.cost,
+                    int(intermediate_result.nfev), sum(lsmr_iterations),
+                    intermediate_result.x.copy()))
+
+  pattern = sparsity(y.shape[0])
+  scipy.optimize._lsq.trf.lsmr = counted_lsmr
+  try:
+    begin = time.perf_counter()
+    result = scipy.optimize.least_squares(
+        numpy_residuals, y.ravel(), args=(y,), method="trf",
+        tr_solver="lsmr", jac_sparsity=pattern, max_nfev=max_evaluations,
+        callback=callback)
+    seconds = time.perf_counter() - begin
+  finally:
+    scipy.optimize._lsq.trf.lsmr = original
+  return dict(position=result.x, iterations=len(history),
+              evaluations=int(result.nfev), stop=result.message,
+              cg=sum(lsmr_iterations), history=history, seconds=seconds)
+
+
+def run_optimistix(python, data, out, max_steps, record, repeats=0):
+  arguments = ["--data", data, "--out", out, "--max-steps", max_steps,
+               "--repeats", repeats]
+  result, note = _harness.run_peer(
+      python, "_optimistix_matrix_free.py",
+      arguments + (["--record"] if record else []), what="optimistix")
+  if result is not None:
+    result["position"] = np.load(out)["x"]
+  return result, note
+
+
+def ratio(ours, theirs):
+  return f"{theirs / ours:.2f}" if ours and theirs else "-"
 
 
 def main():
-  parser = _harness.parser(__doc__)
-  parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300])
+  parser = _harness.parser(__doc__, repeats=1)
+  parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200])
   parser.add_argument("--max-iterations", type=int, default=100)
+  parser.add_argument("--steady-up-to", type=int, default=100000,
+                      help="time tfg_optim's steady state (--repeats) up to "
+                      "this n; above it, the first call only (its trace "
+                      "shown apart; default 100000)")
   parser.add_argument("--damping", default="trust_region")
   parser.add_argument("--skip-scipy", action="store_true")
+  parser.add_argument("--skip-optimistix", action="store_true")
+  parser.add_argument("--products", type=int, default=20,
+                      help="time this many J v and J^T u per size, ours and "
+                      "JAX's (0: none; default 20)")
+  parser.add_argument("--preconditioner-check", type=int, metavar="SIZE",
+                      help="only the CG iterations of Jacobi preconditioners "
+                      "at the start of the SIZE x SIZE problem (NumPy)")
+  parser.add_argument("--nearly-linear", action="store_true",
+                      help="only inexact_steps on two small problems with "
+                      "known minima (Tikhonov, extended Rosenbrock)")
+  parser.add_argument("--skip-inexact", action="store_true",
+                      help="no tfg_optim row with inexact_steps=True")
+  parser.add_argument("--jax-python", default=_harness.DEFAULT_JAX_PYTHON)
+  parser.add_argument("--peer-repeats", type=int, default=2,
+                      help="optimistix's solves after the first (compiled "
+                      "ahead, so every solve is steady): the median of all "
+                      "(default 2)")
   args = parser.parse_args()
-  rows = []
+  if args.preconditioner_check:
+    preconditioner_check(args.preconditioner_check)
+    return
+  if args.nearly_linear:
+    nearly_linear_check()
+    return
+  _harness.print_machine_info()
+  print(f"load average at start: {os.getloadavg()}", flush=True)
+  rows, notes, products = [], [], []
+  workdir = tempfile.mkdtemp(prefix="matrix_free_")
   for size in args.sizes:
     y = noisy_disc(size)
-    x, iterations, reason, first, elapsed = run_tfg(y, args.max_iterations,
-                                                    args.damping)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    rows.append((f"{size}x{size}", size * size,
-                 f"tfg_optim cg ({args.damping}; peak RSS {peak:.1f} GB)",
-                 f"{first:.2f}", f"{elapsed:.2f}", iterations,
-                 f"{cost(x, y):.10g}", reason, 1))
-    print("  done: " + " | ".join(str(cell) for cell in rows[-1]),
-          flush=True)
-    if args.skip_scipy:
-      continue
-    x, evaluations, message, scipy_time = run_scipy(y, args.max_iterations)
-    rows.append((f"{size}x{size}", size * size, "scipy trf lsmr", "-",
-                 f"{scipy_time:.2f}", f"{evaluations} evaluations",
-                 f"{cost(x, y):.10g}", message[:40],
-                 f"{scipy_time / elapsed:.2f}"))
-    print("  done: " + " | ".join(str(cell) for cell in rows[-1]),
-          flush=True)
+    image = f"{size}x{size}"
+    runs = {}
+    repeats = args.repeats if size * size <= args.steady_up_to else 0
+    for name, inexact_steps in (("tfg_optim", False),
+                                ("tfg_optim inexact", True)):
+      if inexact_steps and args.skip_inexact:
+        continue
+      run = run_tfg(y, args.max_iterations, args.damping, repeats,
+                    inexact_steps=inexact_steps)
+      run.update(inexact_steps=inexact_steps, peak=resource.getrusage(
+          resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+      runs[name] = run
+      print(f"  {image} {name}: {run['seconds']:.2f} s, "
+            f"{run['iterations']} iterations, {run['cg']} CG", flush=True)
+    ours = runs["tfg_optim"]
+    if not args.skip_scipy:
+      runs["scipy"] = run_scipy(y, args.max_iterations)
+      print(f"  {image} scipy: {runs['scipy']['seconds']:.2f} s", flush=True)
+    if not args.skip_optimistix:
+      data = os.path.join(workdir, f"y{size}.npz")
+      out = os.path.join(workdir, f"x{size}.npz")
+      np.savez(data, y=y)
+      recorded, note = run_optimistix(args.jax_python, data, out,
+                                      args.max_iterations, record=True)
+      full, _ = (run_optimistix(args.jax_python, data, out,
+                                args.max_iterations, record=False,
+                                repeats=args.peer_repeats)
+                 if recorded else (None, None))
+      if full is None:
+        notes.append(f"{image}: {note}")
+      else:
+        full.update(losses=recorded["losses"],
+                    cg_per_step=recorded["cg_iterations"],
+                    cg=sum(recorded["cg_iterations"]))
+        runs["optimistix"] = full
+        print(f"  {image} optimistix: {full['seconds']:.2f} s", flush=True)
+    for run in runs.values():
+      run["cost"] = cost(run["position"], y)
+    target = max(run["cost"] for run in runs.values())
+    threshold = target * (1 + MARGIN)
+
+    # Time to the target.
+    for name, run in runs.items():
+      if not name.startswith("tfg_optim"):
+        continue
+      index = first_at_or_below(run["costs"], threshold)
+      if index is None:
+        continue
+      told = run_tfg(y, args.max_iterations, args.damping, repeats,
+                     cost_tolerance=threshold,
+                     inexact_steps=run["inexact_steps"])
+      run.update(to_seconds=told["seconds"], to_iterations=told["iterations"],
+                 to_cg=told["cg"], to_cost=cost(told["position"], y))
+      if told["iterations"] != index + 1:
+        notes.append(f"{image}: {name}'s told solve stopped after "
+                     f"{told['iterations']} iterations, the full one's "
+                     f"records cross after {index + 1}")
+    if "scipy" in runs:
+      history = runs["scipy"]["history"]
+      index = first_at_or_below([h[1] for h in history], threshold)
+      if index is not None:
+        seconds, _, evaluations, lsmr, x = history[index]
+        runs["scipy"].update(to_seconds=seconds, to_iterations=index + 1,
+                             to_evaluations=evaluations, to_cg=lsmr,
+                             to_cost=cost(x, y))
+    if "optimistix" in runs:
+      peer = runs["optimistix"]
+      steps = first_at_or_below(peer["losses"], threshold)
+      if steps is not None:
+        told, _ = run_optimistix(args.jax_python, data, out, max(steps, 1),
+                                 record=False, repeats=args.peer_repeats)
+        if told is not None:
+          peer.update(to_seconds=told["seconds"], to_iterations=steps,
+                      to_cg=sum(peer["cg_per_step"][:steps]),
+                      to_cost=cost(told["position"], y))
+
+    for name, run in runs.items():
+      if name.startswith("tfg_optim"):
+        variant = " inexact_steps" if run["inexact_steps"] else ""
+        solver = (f"tfg_optim cg{variant} ({args.damping}; peak RSS "
+                  f"{run['peak']:.2f} GB)")
+        first = f"{run['first_call']:.2f} (trace {run['trace']:.2f})"
+        iterations = str(run["iterations"])
+        to_iterations = str(run.get("to_iterations", "-"))
+      elif name == "scipy":
+        solver = "scipy trf lsmr"
+        first = "-"
+        iterations = f"{run['iterations']} ({run['evaluations']} evaluations)"
+        to_iterations = (f"{run['to_iterations']} ({run['to_evaluations']} "
+                         "evaluations)" if "to_iterations" in run else "-")
+      else:
+        solver = (f"optimistix LM + lineax CG (peak RSS "
+                  f"{run['peak_rss_gib']:.2f} GB)")
+        first = f"compile {run['compile_seconds']:.2f}"
+        iterations = str(run["iterations"])
+        to_iterations = str(run.get("to_iterations", "-"))
+      rows.append((
+          image, size * size, solver, first, f"{run['seconds']:.2f}",
+          iterations, f"{run['cg']} ({run['cg'] / max(run['iterations'], 1):.1f})",
+          f"{run['cost']:.10g}", str(run.get("stop", "converged" if run.get(
+              "successful") else "not converged"))[:28],
+          f"{run['to_seconds']:.2f}" if "to_seconds" in run else "-",
+          to_iterations, run.get("to_cg", "-"),
+          f"{run['to_cost']:.10g}" if "to_cost" in run else "-",
+          ratio(ours.get("to_seconds"), run.get("to_seconds"))))
+    print(f"  {image}: target {target:.10g} (worst final cost)", flush=True)
+    if args.products:
+      timings = time_products(y, args.products)
+      jax_timings = None
+      if not args.skip_optimistix:
+        jax_timings, _ = _harness.run_peer(
+            args.jax_python, "_optimistix_matrix_free.py",
+            ["--data", data, "--out", out, "--products", args.products],
+            what="optimistix")
+      for what, label in (("jv", "J v"), ("jtu", "J^T u"),
+                          ("residual", "F")):
+        products.append((image, label, f"{1e3 * timings[what]:.3f}",
+                         f"{1e3 * jax_timings[what]:.3f}"
+                         if jax_timings and what in jax_timings else "-"))
+  print(f"load average at end: {os.getloadavg()}", flush=True)
   _harness.print_table(
       ("image", "n", "solver", "first call s", "solve s", "iterations",
-       "final cost", "stop", "time ratio"), rows)
+       "CG iterations (per iteration)", "final cost", "stop",
+       "s to target", "iterations to target", "CG to target",
+       "cost there", "their s / ours to target"), rows)
+  if products:
+    print("\nOne product at the start, median of --products calls (ms):")
+    _harness.print_table(("image", "product", "tfg_optim (tf.function)",
+                          "JAX (jit)"), products)
+  for note in notes:
+    print("note: " + note)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,8 @@ def in_xla():
               tf.compat.v1.get_default_graph()))
 
 
-def damped_solver(linearization, regularization, scaling=None):
+def damped_solver(linearization, regularization, scaling=None,
+                  gradient=None):
   """Factors the damped normal equations once; returns `solve`.
 
   Args:
@@ -90,12 +91,17 @@ def damped_solver(linearization, regularization, scaling=None):
       is solved by `conjugate_gradient_solver`).
     regularization: lambda, [B...].
     scaling: D's diagonal, [B..., n], or None for the identity.
+    gradient: g = J^T F at the point, [B..., n], or None: sets the
+      conjugate-gradient tolerance of a linearization that asks for inexact
+      steps (`step_tolerance`).
   """
   # A linearization with its own solver (`_schur.SchurComplement`) uses it.
   if getattr(linearization, "damped_solver", None) is not None:
     return linearization.damped_solver(regularization, scaling)
   if not linearization.dense:
-    return conjugate_gradient_solver(linearization, regularization, scaling)
+    return conjugate_gradient_solver(
+        linearization, regularization, scaling,
+        tolerance=step_tolerance(linearization, gradient))
   # A `_chunked.Gram` linearization has J^T J only: the normal form.
   jacobian_matrix = getattr(linearization, "matrix", None)
   lam = regularization[..., tf.newaxis, tf.newaxis]
@@ -186,7 +192,8 @@ def trust_region_solver(linearization, gradient, scale, radius,
       (for 'cholesky' only).
   """
   if not linearization.dense:
-    return steihaug_solver(linearization, gradient, scale, radius)
+    return steihaug_solver(linearization, gradient, scale, radius,
+                           tolerance=step_tolerance(linearization, gradient))
   if method == "cholesky":
     return cholesky_trust_region_solver(linearization, gradient, scale,
                                         radius, newton_iterations,
@@ -429,6 +436,36 @@ def cholesky_trust_region_solver(
 # descent step that the gain ratio judges with its own model decrease.
 CG_TOLERANCE = 1e-6
 CG_MAX_ITERATIONS = 200
+# The loosest forcing term of an inexact step (`forcing_tolerance`).
+CG_FORCING_MAX = 0.5
+
+
+def forcing_tolerance(gradient):
+  """The inexact-Newton forcing term eta = min(0.5, sqrt(||g||)), [B...].
+
+  Conjugate gradients on (J^T J + lambda D) s = -g stopped at
+  ||r_k||_M^-1 <= eta ||g||_M^-1 (Dembo, Eisenstat & Steihaug 1982;
+  Steihaug 1983; Nocedal & Wright, Algorithm 7.1 and 7.2): far from a
+  solution a few iterations give a descent step that the gain ratio judges
+  with its own model decrease, and eta -> 0 as g -> 0 keeps the local
+  convergence superlinear. Never tighter than `CG_TOLERANCE` (1e-6, the
+  fixed tolerance); `CG_TOLERANCE` where g is not finite.
+  """
+  norm = tf.norm(gradient, axis=-1)
+  eta = tf.minimum(tf.sqrt(norm), tf.constant(CG_FORCING_MAX, norm.dtype))
+  floor = tf.constant(CG_TOLERANCE, norm.dtype)
+  return tf.where(tf.math.is_finite(eta), tf.maximum(eta, floor),
+                  tf.fill(tf.shape(eta), floor))
+
+
+def step_tolerance(linearization, gradient):
+  """The conjugate-gradient tolerance of this iteration's solves: the
+  forcing term of `gradient` for a linearization whose `inexact_steps` is
+  True (the matrix-free one of `linear_solver='cg'`), else (or without a
+  gradient) the fixed `CG_TOLERANCE`."""
+  if gradient is None or not getattr(linearization, "inexact_steps", False):
+    return CG_TOLERANCE
+  return forcing_tolerance(gradient)
 
 
 def _dot(a, b):
@@ -440,7 +477,8 @@ def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
   """Preconditioned conjugate gradients on operator(x) = rhs, [B..., n].
 
   Every problem of a batch has its own scalars and stops on its own, when
-  ||r_k||_M^-1 <= tolerance ||rhs||_M^-1. With a `radius` [B...] (Steihaug
+  ||r_k||_M^-1 <= tolerance ||rhs||_M^-1 (`tolerance`: a number, or one
+  per problem, [B...]). With a `radius` [B...] (Steihaug
   and Toint), an iterate that would leave the ball ||x||_M <= radius, or a
   direction of non-positive curvature, ends at the boundary along the
   current direction. The ball's metric M must be the preconditioner's
@@ -457,7 +495,7 @@ def _cg_loop(operator, rhs, precondition, max_iterations, tolerance,
   z = precondition(r)
   p = z
   rz = _dot(r, z)
-  target = tf.square(tf.constant(tolerance, rhs.dtype)) * rz
+  target = tf.square(tf.convert_to_tensor(tolerance, rhs.dtype)) * rz
   active = rz > target
   if metric is None:
     inner = _dot
@@ -544,7 +582,9 @@ def conjugate_gradient_solver(linearization, regularization, scaling=None,
   Each iteration costs one J v and one J^T u; J^T J is never formed. The
   Jacobi preconditioner M = diag(J^T J) + lambda D uses the
   linearization's column norms. A non-finite right-hand side gives a NaN
-  step (a rejection).
+  step (a rejection). `tolerance`: a number, or one per problem [B...]
+  (`step_tolerance`), for every right-hand side this `solve` is given (the
+  step and geodesic acceleration's).
   """
   lam = regularization[..., tf.newaxis]
   damping_diagonal = lam if scaling is None else lam * scaling
@@ -584,7 +624,8 @@ def steihaug_solver(linearization, gradient, scale, radius,
   solution, (-g^T s - ||J s||^2) / s^T D s on the boundary (0 inside), which
   is what the damping tests and the reports need; `solve` for another
   right-hand side (geodesic acceleration) uses it in
-  `conjugate_gradient_solver`.
+  `conjugate_gradient_solver`, with the same `tolerance` (a number, or one
+  per problem [B...]: `step_tolerance`).
   """
   inverse_root = tf.math.rsqrt(scale)
 

@@ -95,7 +95,11 @@ class Dense:
 class MatrixFree:
   """J at a point through its products; see the module docstring. Its
   column norms are an estimate (`exact_column_norms` False): the
-  vanishing-column refusal is off for it."""
+  vanishing-column refusal is off for it. Its kind's `inexact_steps`
+  (`least_squares(..., inexact_steps=True)`) asks for inexact Newton steps:
+  conjugate gradients that stop at the forcing term
+  `_linear_solvers.forcing_tolerance` of the gradient, not at the fixed
+  1e-6."""
 
   dense = False
   exact_column_norms = False
@@ -109,6 +113,10 @@ class MatrixFree:
   @property
   def tensors(self):
     return (self.free, self._column_norms)
+
+  @property
+  def inexact_steps(self):
+    return self.kind.inexact_steps
 
   def matvec(self, vector):
     return self.kind.forward(self.point, self.free * vector)
@@ -167,9 +175,10 @@ class MatrixFreeKind:
 
   dense = False
 
-  def __init__(self, problem, num_probes=8):
+  def __init__(self, problem, num_probes=8, inexact_steps=False):
     self.problem = problem
     self.num_probes = num_probes
+    self.inexact_steps = inexact_steps
     n = problem.tangent_dim
 
     def forward(point, vector):

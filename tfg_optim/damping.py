@@ -92,10 +92,10 @@ class DampingPolicy:
     """(`solve(residual, gradient)` for this iteration, returning a
     `_linear_solvers.SolveOutcome`, and the state that `update` is given);
     by default the dense Cholesky solver (conjugate gradients for a
-    matrix-free linearization)."""
-    del gradient
+    matrix-free linearization, to the forcing tolerance of `gradient`
+    where it asks for inexact steps)."""
     return (_linear_solvers.damped_solver(linearization, regularization,
-                                          scaling), state)
+                                          scaling, gradient), state)
 
   def update(self, state, step):
     """(accepted [B...] bool, new state) after a trial `Step`."""

@@ -129,8 +129,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   jacobian=None, bounds=None,
                   geodesic_acceleration=_DEFAULT_ACCELERATION,
                   vanishing_column_tolerance=None, linear_solver="auto",
-                  data=None, data_chunk_size=None, strategy=None,
-                  jit_compile_replicas=False, callback=None, record=False,
+                  inexact_steps=False, data=None, data_chunk_size=None,
+                  strategy=None, jit_compile_replicas=False, callback=None,
+                  record=False,
                   gradients="implicit", implicit_hessian="gauss_newton",
                   eager_compile="auto", name="least_squares"):
   """Solves a nonlinear least-squares problem; returns its results.
@@ -189,6 +190,13 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       with a `jacobian`, else 'cg'. With 'cg', Marquardt's scaling and the
       preconditioner use diag(J^T J) estimated from 8 products J^T z
       (fixed Gaussian probes), and the vanishing-column refusal is off.
+    inexact_steps: with the matrix-free solver ('cg', or 'auto' choosing
+      it) only: False (default) solves each step's system by conjugate
+      gradients to the fixed relative tolerance 1e-6; True stops them at
+      the inexact-Newton forcing term eta = min(0.5, sqrt(||J^T F||))
+      (Nocedal & Wright, Algorithm 7.1/7.2; never tighter than 1e-6):
+      fewer CG iterations per iteration, at the price of more iterations
+      where the problem is nearly linear (docs/large_scale.md has both).
     data: optional tensor or list/tuple of tensors (the data of a fit) with
       a shared leading dimension N, passed to every residual after the
       variables. Without `data_chunk_size`, the residuals are called once
@@ -298,9 +306,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         loss=loss, loss_scale=loss_scale, jacobian=jacobian, bounds=bounds,
         geodesic_acceleration=geodesic_acceleration,
         vanishing_column_tolerance=vanishing_column_tolerance,
-        linear_solver=linear_solver, data_chunk_size=data_chunk_size,
-        strategy=strategy, jit_compile_replicas=jit_compile_replicas,
-        callback=callback, record=record,
+        linear_solver=linear_solver, inexact_steps=inexact_steps,
+        data_chunk_size=data_chunk_size, strategy=strategy,
+        jit_compile_replicas=jit_compile_replicas, callback=callback,
+        record=record,
         gradients=gradients, implicit_hessian=implicit_hessian, name=name)
     if strategy is not None and isinstance(data, tf.data.Dataset):
       # Distributed here, eagerly (where TF knows its options and
@@ -356,6 +365,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     raise ValueError("'jacobian' gives a dense Jacobian; linear_solver='cg' "
                      "is matrix-free. Use linear_solver='dense' or drop "
                      "'jacobian'.")
+  if not isinstance(inexact_steps, bool):
+    raise TypeError("'inexact_steps' must be True or False, got "
+                    f"{inexact_steps!r}.")
   loss_scale = _validation.real_number(loss_scale, "loss_scale", lower=0.0,
                                        lower_inclusive=False)
   cost_tolerance = _validation.real_number(cost_tolerance, "cost_tolerance",
@@ -448,6 +460,12 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                        "problem.")
     matrix_free = uses_matrix_free(linear_solver, jacobian is not None,
                                    tangent_dim)
+    if inexact_steps and not (matrix_free and not chunked):
+      raise ValueError("'inexact_steps' is a rule of the matrix-free "
+                       "conjugate-gradient solves: it needs linear_solver="
+                       "'cg' (or 'auto' above "
+                       f"{AUTO_DENSE_LIMIT} parameters per problem), "
+                       "without 'jacobian' or chunked data.")
     if (gradients == "implicit" and implicit_hessian == "exact" and
         (matrix_free or chunked)):
       raise ValueError("implicit_hessian='exact' needs the dense Jacobian: "
@@ -502,6 +520,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       zero = tf.zeros(tf.concat([tf.shape(initial_residual)[:-1],
                                  [tangent_dim]], 0), dtype)
       problem.forward_product(point, zero, tf.ones_like(zero))
+    if inexact_steps:
+      kind = _linearization.MatrixFreeKind(problem, inexact_steps=True)
     num_records = 0
     if record:
       num_records = max_iterations if isinstance(record, bool) else int(record)
