@@ -189,7 +189,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       or 'auto' (default): 'dense' for n <= 2048 parameters per problem or
       with a `jacobian`, else 'cg'. With 'cg', Marquardt's scaling and the
       preconditioner use diag(J^T J) estimated from 8 products J^T z
-      (fixed Gaussian probes), and the vanishing-column refusal is off.
+      (fixed Rademacher probes), and the vanishing-column refusal is off.
     inexact_steps: with the matrix-free solver ('cg', or 'auto' choosing
       it) only: False (default) solves each step's system by conjugate
       gradients to the fixed relative tolerance 1e-6; True stops them at
