@@ -57,12 +57,23 @@ def test_matrix_free_products_equal_the_dense_jacobian():
                                                        expected, v), rtol=1e-13)
   np.testing.assert_allclose(free.rmatvec(u), np.einsum("bmn,bm->bn",
                                                         expected, u), rtol=1e-13)
-  # diag(J^T J) estimated as the mean of (J^T z)^2 over the fixed probes.
-  probes = [tf.random.stateless_normal([2, 7], seed=[7, k], dtype=tf.float64)
+  # diag(J^T J) estimated as the mean of (J^T z)^2 over the fixed probes,
+  # random signs.
+  probes = [_linearization._rademacher([2, 7], k, tf.float64).numpy()  # pylint: disable=protected-access
             for k in range(8)]
+  assert all(set(np.unique(z)) == {-1.0, 1.0} for z in probes)
   estimate = np.mean([np.einsum("bmn,bm->bn", expected, z) ** 2
                       for z in probes], axis=0)
   np.testing.assert_allclose(free.column_norms(), estimate, rtol=1e-12)
+  # Exact where each column has one nonzero: F(x) = c x^2 (J = diag(2 c x)).
+  scale = tf.constant([[1.0, -2.0, 3.0, 0.5], [4.0, 1.0, -1.0, 2.0]],
+                      tf.float64)
+  diagonal = _engine.Problem(lambda x: scale * tf.square(x),
+                             lambda p, s: p + s, 4, None, None)
+  np.testing.assert_allclose(
+      _linearization.MatrixFreeKind(diagonal).at(
+          point, diagonal.residual_fn(point)).column_norms(),
+      (2.0 * scale * point) ** 2, rtol=1e-14)
   held = free.hold_fixed(tf.constant([[1.0, 0.0, 1.0, 1.0]] * 2, tf.float64))
   assert np.all(held.rmatvec(u).numpy()[:, 1] == 0)
   assert np.all(held.matvec(tf.one_hot([1, 1], 4, dtype=tf.float64)) == 0)
