@@ -6,8 +6,10 @@ For a factor graph (`_block_sparse`) the damped normal matrix
 
 is sparse in blocks: its block (i, j) (rows i and j of the variable
 tables, d x d) is nonzero only if some edge reads both rows. A is factored
-as P A P^T = L L^T by a block (supernode = one variable row) sparse
-Cholesky, and the step solves L y = -P g, L^T x = y, delta = P^T x.
+as P A P^T = L L^T by a supernodal block sparse Cholesky (a column = one
+variable row, d coordinates; a supernode = a chain of columns factored as
+one dense block), and the step solves L y = -P g, L^T x = y,
+delta = P^T x.
 
 Symbolic phase (NumPy, once per problem, from the static index tensors):
 
@@ -23,46 +25,68 @@ Symbolic phase (NumPy, once per problem, from the static index tensors):
    are ordered by minimum degree.
 3. The symbolic factorization: column j's structure
    S_j = {i > j : A_ij != 0} | U_{c child of j} S_c \\ {j}, its parent
-   min S_j (the elimination tree), its level (0 for a leaf, else one more
-   than its highest child). Columns of the same level do not depend on each
-   other, so the numeric phase runs level by level, leaves first: the tree
-   height is the number of sequential steps. The columns are renumbered by
-   (level, position), a topological order of the tree that gives the same
-   factor, so each level's columns are contiguous.
-4. The schedule: L's blocks (diagonal and below) stored level by level, a
-   level's diagonal blocks then its off-diagonal blocks; per level the
-   right-looking update pairs (i, k), i >= k in S_j, of each column j with
-   the storage position of the block (i, k) they update. The top levels
-   (the root separator: a chain of one column per level), as many as fit
-   in `DENSE_ROOT_SIZE` coordinates, are one dense step instead.
+   min S_j (the elimination tree; Liu 1990, Davis 2006 ch. 4).
+4. Fundamental supernodes (Liu, Ng and Peyton 1993): column j + 1 joins
+   column j's supernode when it is j's parent, j is its only child and
+   S_j = {j + 1} | S_{j+1}. A supernode C's diagonal block of L is dense
+   and all its columns share the rows R below it (those of its last
+   column), so it is eliminated as one dense block. A nested-dissection
+   separator is (mostly) one supernode: parking-garage's etree of 83
+   column levels is 18 supernode levels. Each supernode's level in the
+   supernode tree is 0 for a leaf, else one more than its highest child;
+   supernodes of one level do not depend on each other, so the numeric
+   phase runs level by level, leaves first: the number of levels is the
+   number of sequential steps. The top levels, as many as fit in
+   `DENSE_ROOT_SIZE` coordinates, are merged into one supernode (the dense
+   root: the trailing Schur complement factored as one dense matrix,
+   zero blocks included).
+5. A level's supernodes are split into batches, each padded to its largest
+   supernode (K columns, M rows below; padded columns get an identity
+   diagonal block, padded rows zero blocks): sorted by (K + M, K), cut
+   where the summed cost, `BATCH_OVERHEAD` + S (K (K + M) + M^2) blocks
+   per batch of S supernodes, is least (dynamic programming).
+6. The columns are renumbered by (level, batch, supernode, position), a
+   topological order of the tree (the same factor), and L's blocks stored
+   by column, each level's contiguous and followed by a zero and an
+   identity block (the padding). Per batch, static index lists: the rows
+   of its blocks in the storage (`_block_rows`: a gather lays them out as
+   dense [S, K d, K d] and [S, M d, K d] matrices, no transpose), and per
+   level which products of the levels below update which of its blocks.
 
 Numeric phase (TensorFlow ops, per iteration): the blocks
 J_{term,a}[k]^T J_{term,b}[k] are scattered (`unsorted_segment_sum`, one
-call) into the lower-triangular storage; then for each level l (a Python
-loop over the static schedule: each level has its own static shapes)
+call) into the lower-triangular storage; then for each level (a Python
+loop over the static schedule: each batch has its own static shapes)
 
-    L_jj = chol(A_jj + E_j)                       batched Cholesky,
-                                                  kept as L_jj^-1
-    L_ij = A_ij L_jj^-T,   i in S_j               batched products
-    A_ik -= L_ij L_kj^T,   i >= k in S_j          batched products,
-                                                  `tensor_scatter_nd_sub`
+    A_l  = A_l - sum of the products of the levels below that
+           reach level l's blocks               one gather per level
+                                                below, one segment sum
+    L_CC = chol(A_CC)                           batched Cholesky, kept as
+                                                L_CC^-1 [S, K d, K d]
+    L_RC = A_RC L_CC^-T                         one batched matmul
+    U    = L_RC L_RC^T                          one batched matmul; its
+                                                blocks (i, k), i >= k,
+                                                are the level's products
+                                                (A_ik -= U_ik later)
 
-and then the dense root: its blocks, which are then the trailing Schur
-complement, gathered into one dense matrix and factored by one Cholesky;
-with E_j lambda D on the diagonal (1 where J^T J + lambda D has a zero
+with the damping lambda D (and E: 1 where J^T J + lambda D has a zero
 diagonal entry: padded and unseen coordinates, and on held rows, as
-`_schur` does). L_jj^-1 comes from one batched triangular solve per
-level; every other solve is a product by it (XLA compiles a triangular
-solve about six times slower than a Cholesky or a product). The
-substitutions run by the same schedule: forward (y_j = L_jj^-1 b_j, then
-b_i -= L_ij y_j), backward from the root level
-(x_j = L_jj^-T (y_j - sum_i L_ij^T x_i)).
+`_schur` does) added to the diagonal blocks first. A level's storage is
+its own slice, so no op copies the whole storage per level (a
+`tensor_scatter_nd_sub` into it would: TensorFlow's graph executor does
+not forward its input). L_CC^-1 comes from one batched triangular solve
+per batch; every other solve is a product by it (XLA compiles a
+triangular solve about six times slower than a Cholesky or a product).
+The substitutions run by the same schedule: forward (y_C = L_CC^-1 b_C,
+then b_R -= L_RC y_C), backward from the root level
+(x_C = L_CC^-T (y_C - L_RC^T x_R)).
 
 Tables of different dimensions share one block size d = max d_t: smaller
 rows are padded with identity coordinates (zero right-hand side, zero
 step). A factorization that fails (a block not positive definite) gives NaN
-there, so the step is all NaN: a rejected step, in every mode. Every op
-(Cholesky, triangular solve, gather, einsum, segment sums, scatters)
+there, and so does an assembled matrix that is not finite (checked once),
+so the step is all NaN: a rejected step, in every mode. Every op
+(Cholesky, triangular solve, gather, matmul, segment sums, scatters)
 compiles under XLA.
 
 `SparseCholeskyKind` is the `_block_sparse.BlockSparseKind` whose
