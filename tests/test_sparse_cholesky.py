@@ -162,7 +162,7 @@ def test_pose_graph_step_equals_the_dense_solve(root, monkeypatch):
   _check_step(step, gradient, gram, *inputs[2:], tolerance=1e-10)
 
 
-_SMALL = _graph(count=4, landmarks=1, seed=1)
+_SMALL = _graph(count=6, landmarks=1, seed=1)
 _LINEARIZATIONS = {}
 
 
@@ -196,8 +196,13 @@ def _solver_step(kind):
 
 def test_xla_step_equals_the_dense_solve():
   """Under XLA (`jit_compile=True`; the solver alone, on the Euclidean
-  tables of a smaller graph: compile time) to 1e-10."""
+  tables of a smaller graph: compile time) to 1e-10. Its schedule: a level
+  of supernodes padded in rows whose updates reach the dense root."""
   kind, blocks, gradient, gram = _linearization(_SMALL, np.float64)
+  structure = kind.structure
+  assert len(structure.levels) == 2 and structure.root_columns > 1
+  below = structure.levels[0].batches[0].below
+  assert (below < structure.rows).any() and (below == structure.rows).any()
   _, _, lam, scaling = _inputs(seed=2, graph=_SMALL)
   step = modes.run(_solver_step(kind), [lam, scaling, gradient, *blocks],
                    "xla")

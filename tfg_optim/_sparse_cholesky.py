@@ -43,8 +43,9 @@ Symbolic phase (NumPy, once per problem, from the static index tensors):
 5. A level's supernodes are split into batches, each padded to its largest
    supernode (K columns, M rows below; padded columns get an identity
    diagonal block, padded rows zero blocks): sorted by (K + M, K), cut
-   where the summed cost, `BATCH_OVERHEAD` + S (K (K + M) + M^2) blocks
-   per batch of S supernodes, is least (dynamic programming).
+   where the summed cost of the batches is least (`_batches`: a fixed
+   `BATCH_OVERHEAD` per batch, the padded blocks it moves and its block
+   products weighted by `FLOP_WEIGHT`; dynamic programming).
 6. The columns are renumbered by (level, batch, supernode, position), a
    topological order of the tree (the same factor), and L's blocks stored
    by column, each level's contiguous and followed by a zero and an
@@ -113,9 +114,12 @@ DISSECTION_LEAF_SIZE = 8
 DENSE_ROOT_SIZE = 256
 
 # The supernodes of one level are factored in batches, each padded to its
-# largest supernode; one more batch is worth this many padded blocks
-# (`_batches`).
+# largest supernode (`_batches`): one more batch costs as much as this many
+# padded d x d blocks moved, and one block product (d^3 multiply-adds) as
+# this many (picked on parking-garage: `benchmarks/sparse_cholesky_profile.py
+# --schedules`, docs/sparse.md).
 BATCH_OVERHEAD = 1000
+FLOP_WEIGHT = 0.2
 
 
 def _adjacency(count, first, second):
@@ -306,9 +310,10 @@ def _batches(widths, heights, overhead):
   [S] rows below) into batches, each padded to its largest k and m: index
   arrays into the level's supernodes. Sorted by (k + m, k), the
   supernodes are cut into the runs that minimize the summed cost of the
-  batches, `overhead` + count (K (K + M) + M^2) blocks each (the gathered
-  panel and the update product of K x K, M x K and M x M blocks), by
-  dynamic programming over the cut points."""
+  batches, each `overhead` + count (K (K + M) + M^2 + `FLOP_WEIGHT`
+  (M^2 K + M K^2 + K^3 / 3)) (the blocks gathered and produced: K x K,
+  M x K and the M x M update; the block products of the update, of L_RC
+  and of the Cholesky), by dynamic programming over the cut points."""
   order = np.lexsort((widths, widths + heights))
   widths, heights = widths[order], heights[order]
   count = len(order)
@@ -318,8 +323,9 @@ def _batches(widths, heights, overhead):
     # The largest k and m of each run start .. end - 1.
     k = np.maximum.accumulate(widths[:end][::-1])[::-1]
     m = np.maximum.accumulate(heights[:end][::-1])[::-1]
-    costs = (best[:end] + overhead +
-             (end - np.arange(end)) * (k * (k + m) + m * m))
+    costs = (best[:end] + overhead + (end - np.arange(end)) * (
+        k * (k + m) + m * m +
+        FLOP_WEIGHT * (m * m * k + m * k * k + k * k * k / 3.0)))
     cut[end] = np.argmin(costs)
     best[end] = costs[cut[end]]
   runs, end = [], count
