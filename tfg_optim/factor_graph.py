@@ -438,8 +438,8 @@ def least_squares(variables, terms, *, damping=None,
       (Ceres' ITERATIVE_SCHUR: no N_c^2 matrix); not with the
       'trust_region' damping.
       'sparse_cholesky': block sparse Cholesky of J^T J + lambda D
-      (nested-dissection ordering, factored level by level of the
-      elimination tree; `_sparse_cholesky`, docs/sparse.md); index tensors
+      (nested-dissection ordering, factored by supernodes, level by level
+      of their tree; `_sparse_cholesky`, docs/sparse.md); index tensors
       must be known while tracing; it is also the implicit gradients'
       backward solve (lambda = 0). With damping='trust_region' the step is
       Steihaug's truncated CG, as for 'cg'.
