@@ -309,13 +309,23 @@ def _batches(widths, heights, overhead):
   """Splits the supernodes of one level (widths k [S] columns, heights m
   [S] rows below) into batches, each padded to its largest k and m: index
   arrays into the level's supernodes. Sorted by (k + m, k), the
-  supernodes are cut into the runs that minimize the summed cost of the
-  batches, each `overhead` + count (K (K + M) + M^2 + `FLOP_WEIGHT`
+  supernodes (those of equal k and m together) are cut into the runs that
+  minimize the summed cost of the batches, each `overhead` + count
+  (K (K + M) + M^2 + `FLOP_WEIGHT`
   (M^2 K + M K^2 + K^3 / 3)) (the blocks gathered and produced: K x K,
   M x K and the M x M update; the block products of the update, of L_RC
   and of the Cholesky), by dynamic programming over the cut points."""
-  order = np.lexsort((widths, widths + heights))
-  widths, heights = widths[order], heights[order]
+  # Supernodes of equal (k, m) share a batch: the cuts run over the
+  # distinct sizes (few), not over the supernodes (thousands of leaves).
+  sizes, group = np.unique(np.stack([widths, heights], -1), axis=0,
+                           return_inverse=True)
+  group = group.reshape(-1)
+  order = np.lexsort((sizes[:, 0], sizes.sum(-1)))
+  widths, heights = sizes[order, 0], sizes[order, 1]
+  # Supernodes in the sorted sizes' first .. end - 1: totals[end] -
+  # totals[first].
+  totals = np.concatenate([[0], np.cumsum(
+      np.bincount(group, minlength=len(sizes))[order])])
   count = len(order)
   best = np.zeros(count + 1)
   cut = np.zeros(count + 1, np.int64)
@@ -323,14 +333,17 @@ def _batches(widths, heights, overhead):
     # The largest k and m of each run start .. end - 1.
     k = np.maximum.accumulate(widths[:end][::-1])[::-1]
     m = np.maximum.accumulate(heights[:end][::-1])[::-1]
-    costs = (best[:end] + overhead + (end - np.arange(end)) * (
+    costs = (best[:end] + overhead + (totals[end] - totals[:end]) * (
         k * (k + m) + m * m +
         FLOP_WEIGHT * (m * m * k + m * k * k + k * k * k / 3.0)))
     cut[end] = np.argmin(costs)
     best[end] = costs[cut[end]]
+  rank = np.empty(count, np.int64)
+  rank[order] = np.arange(count)
+  rank = rank[group]  # each supernode's sorted size
   runs, end = [], count
   while end:
-    runs.append(order[cut[end]:end])
+    runs.append(np.flatnonzero((rank >= cut[end]) & (rank < end)))
     end = cut[end]
   return runs[::-1]
 
