@@ -388,12 +388,15 @@ class Structure:
     rows: the number of block rows (all tables' rows, held included).
     position: int64 [rows], each row's column in the renumbered
       elimination order; order: its inverse.
-    levels: the schedule, leaves first, the dense root last: per level a
-      list of `Batch`es.
+    levels: the `Level`s of the supernode tree, leaves first, the dense
+      root last.
     steps: the sequential steps of a factorization: len(levels).
     supernodes: how many supernodes (the dense root one of them).
     root_columns: the columns of the dense root (0: none).
-    stored: the number of stored blocks (diagonal and below).
+    stored: the number of stored blocks (diagonal and below, and two
+      padding blocks per level); level_base: int64 [levels + 1], where
+      each level's blocks start; identity: int64 [levels], each level's
+      identity block (its zero block is the one before).
     nnz_blocks: off-diagonal blocks of L (below the diagonal).
     update_pairs: the blocks updated by the supernodes' products, summed.
     height: the number of etree levels (of single columns).
