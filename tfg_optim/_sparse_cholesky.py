@@ -96,6 +96,7 @@ linearizations carry `damped_solver(regularization, scaling)`, the hook that
 """
 
 import collections
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -571,11 +572,11 @@ class Structure:
           k, m = len(own), len(rows)
           columns[b, :k], rows_below[b, :m] = own, rows
           diagonal[b, np.arange(k, width), np.arange(k, width)] = zero + 1
-          i, j = np.tril_indices(k)
+          i, j = _lower_triangle(k)
           diagonal[b, i, j] = stored_block(own[i], own[j], zero + base) - base
           off[b, :m, :k] = (stored_block(np.repeat(rows, k), np.tile(own, m))
                             .reshape(m, k) - base)
-          i, j = np.tril_indices(m)
+          i, j = _lower_triangle(m)
           # Rows of d numbers of the update [S, M, d, M, d].
           pairs.append((((b * depth + i)[:, np.newaxis] * d + np.arange(d)) *
                         depth + j[:, np.newaxis]))
@@ -624,6 +625,13 @@ class Structure:
     self.held = held.reshape(-1)
 
 
+
+
+@functools.lru_cache(maxsize=None)
+def _lower_triangle(size):
+  """np.tril_indices(size), computed once per size (the schedule asks for
+  it once per supernode)."""
+  return np.tril_indices(size)
 
 
 def _block_rows(blocks, d):
