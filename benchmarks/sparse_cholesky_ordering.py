@@ -3,11 +3,11 @@
 For each graph (the factor-graph problem of tfg_optim/examples/pose_graph.py:
 one SE(2)/SE(3) table, the first pose held) prints, per ordering: the
 off-diagonal blocks of L (nnz(L), fill), the elimination tree's height (the
-number of sequential level steps of each factorization and of each
-substitution), the update pairs (the batched d x d products per
-factorization, without the dense root), the top chain (the levels of one
-column each at the top of the tree: the root separator), the sequential
-steps of a factorization (the levels below the dense root of
+number of sequential steps a column-by-column factorization would take),
+the fundamental supernodes and the levels of their tree (without the
+dense root), the update pairs (the d x d blocks the supernodes' update
+products reach, without the dense root), the sequential steps of a
+factorization (the supernode levels below the dense root of
 `DENSE_ROOT_SIZE` coordinates, and one for it) and the time of the symbolic
 analysis (NumPy). Orderings:
 nested dissection with parts of at most `leaf` rows ordered by minimum
@@ -68,8 +68,9 @@ def main():
   # pylint: enable=g-import-not-at-top
 
   print("| graph | rows | edges | ordering | nnz(L) blocks | etree height | "
-        "top chain | steps | update pairs | symbolic s | solver ops |")
-  print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        "supernodes | supernode levels | steps | update pairs | symbolic s | "
+        "solver ops |")
+  print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for name in args.graphs:
     graph, variables, terms = problems.pose_graph_problem(name, args.data)
     layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
@@ -79,10 +80,6 @@ def main():
       structure = _sparse_cholesky.Structure(layout, leaf)
       seconds = time.perf_counter() - begin
       plain = _sparse_cholesky.Structure(layout, leaf, dense_root_size=0)
-      columns = [level.columns for level in plain.levels]
-      wide = np.flatnonzero(np.array(columns) > 1)
-      chain = len(columns) - (wide[-1] + 1 if wide.size else 0)
-      pairs = sum(level.first.size for level in plain.levels)
       ops = "-"
       if args.ops and leaf == _sparse_cholesky.DISSECTION_LEAF_SIZE:
         kind = _sparse_cholesky.SparseCholeskyKind(layout, leaf)
@@ -96,13 +93,15 @@ def main():
             linearization.column_norms(), linearization.column_norms())
         ops = str(len(concrete.graph.get_operations()))
       print(f"| {name} | {rows} | {edges} | nested dissection, leaf {leaf} | "
-            f"{structure.nnz_blocks} | {structure.height} | {chain} | "
-            f"{structure.steps} | {pairs} | "
+            f"{structure.nnz_blocks} | {structure.height} | "
+            f"{plain.supernodes} | {plain.steps} | {structure.steps} | "
+            f"{plain.update_pairs} | "
             f"{seconds:.2f} | {ops} |", flush=True)
     begin = time.perf_counter()
     nnz, height = natural_order(layout)
     print(f"| {name} | {rows} | {edges} | file order | {nnz} | {height} | "
-          f"- | - | - | {time.perf_counter() - begin:.2f} | - |", flush=True)
+          f"- | - | - | - | {time.perf_counter() - begin:.2f} | - |",
+          flush=True)
   return 0
 
 

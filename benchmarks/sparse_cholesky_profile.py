@@ -13,11 +13,19 @@ three stages apart (assembly and factorization are called once to make the
 next stage's input, so their trace and first-call columns are near 0): its graph's op count, tracing time, first
 call (TensorFlow's graph optimization) and the mean of 5 later calls; with
 --xla also the solver under `jit_compile=True` (first call: compilation),
-checked against the graph's step.
+checked against the graph's step. `steps` is the number of sequential
+levels of the supernode tree (`_sparse_cholesky`: the dense root one of
+them). With --levels also, per level: its supernodes, their columns, the
+batches (supernodes x padded K columns x padded M rows below) and the
+update pairs (d x d blocks of the products kept for the levels above).
+With --schedules OVERHEAD:WEIGHT ... the solver of each batch schedule
+(`_sparse_cholesky.BATCH_OVERHEAD`, `FLOP_WEIGHT`) is timed side by side
+instead: --rounds rounds of 10 calls each, all schedules in turn, the
+median and the smallest wall-clock and process CPU seconds per call.
 
     PYTHONPATH=. python benchmarks/sparse_cholesky_profile.py \
         [--data ../shared/data/posegraph] [--graphs MIT parking-garage] \
-        [--xla]
+        [--xla] [--levels] [--schedules 1000:0 1000:0.2 --rounds 15]
 """
 
 import sys
@@ -47,6 +55,62 @@ def _timed(function, *args):
     output = function(*args)
   _ = [np.asarray(x) for x in _flat(output)]
   return first, (time.perf_counter() - begin) / 5, output
+
+
+def _print_levels(name, structure):
+  """The supernode levels' schedule, one line each."""
+  rows = structure.rows
+  print(f"{name}: {structure.supernodes} supernodes, {structure.steps} "
+        f"levels (the last: the dense root, {structure.root_columns} "
+        f"columns), {structure.update_pairs} update pairs")
+  for number, level in enumerate(structure.levels):
+    supernodes = sum(len(batch.columns) for batch in level.batches)
+    columns = sum(int((batch.columns < rows).sum())
+                  for batch in level.batches)
+    batches = ", ".join(f"{len(b.columns)}x{b.columns.shape[1]}x"
+                        f"{b.below.shape[1]}" for b in level.batches)
+    pairs = sum(len(batch.pairs) for batch in level.batches)
+    print(f"  level {number}: {supernodes} supernodes, {columns} columns, "
+          f"batches {batches}, {pairs} update pairs")
+
+
+def _compare_schedules(name, layout, start, schedules, rounds):
+  """Times the solver of each batch schedule 'OVERHEAD:WEIGHT' in turn."""
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from tfg_optim import _sparse_cholesky
+  # pylint: enable=g-import-not-at-top
+  solvers = []
+  defaults = _sparse_cholesky.BATCH_OVERHEAD, _sparse_cholesky.FLOP_WEIGHT
+  for schedule in schedules:
+    (_sparse_cholesky.BATCH_OVERHEAD,
+     _sparse_cholesky.FLOP_WEIGHT) = (float(x) for x in schedule.split(":"))
+    kind = _sparse_cholesky.SparseCholeskyKind(layout)
+    (_sparse_cholesky.BATCH_OVERHEAD,
+     _sparse_cholesky.FLOP_WEIGHT) = defaults
+    linearization = kind.at((start,), None)
+    inputs = (linearization.blocks, tf.constant(1e-3, tf.float64),
+              linearization.column_norms(),
+              linearization.gradient(layout.residual((start,))))
+    solver = tf.function(
+        lambda blocks, lam, scaling, gradient, kind=kind: kind.
+        linearization_class(*blocks).damped_solver(lam, scaling)(
+            None, gradient).solution, autograph=False)
+    solver(*inputs)
+    batches = sum(len(level.batches) for level in kind.structure.levels)
+    solvers.append((schedule, batches, solver, inputs, [], []))
+  for _ in range(rounds):
+    for _, _, solver, inputs, wall, cpu in solvers:
+      begin, begin_cpu = time.perf_counter(), time.process_time()
+      for _ in range(10):
+        output = solver(*inputs)
+      np.asarray(output)
+      wall.append((time.perf_counter() - begin) / 10)
+      cpu.append((time.process_time() - begin_cpu) / 10)
+  for schedule, batches, _, _, wall, cpu in solvers:
+    print(f"| {name} | {schedule} | {batches} | {np.median(wall):.4f} | "
+          f"{np.min(wall):.4f} | {np.median(cpu):.4f} | {np.min(cpu):.4f} |",
+          flush=True)
 
 
 def _solver_stages(kind, inputs):
@@ -93,6 +157,9 @@ def main():
   parser.add_argument("--graphs", nargs="+", default=["MIT",
                                                       "parking-garage"])
   parser.add_argument("--xla", action="store_true")
+  parser.add_argument("--levels", action="store_true")
+  parser.add_argument("--schedules", nargs="+", default=None)
+  parser.add_argument("--rounds", type=int, default=15)
   args = parser.parse_args()
   # pylint: disable=g-import-not-at-top
   import tensorflow as tf
@@ -102,15 +169,27 @@ def main():
   from tfg_optim import factor_graph
   # pylint: enable=g-import-not-at-top
 
-  print("| graph | rows | etree height | part | ops | trace s | first call s "
-        "| per call s |")
-  print("|---|---:|---:|---|---:|---:|---:|---:|")
+  if args.schedules:
+    print("| graph | overhead:weight | batches | wall s median | wall s min "
+          "| CPU s median | CPU s min |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+  else:
+    print("| graph | rows | etree height / steps | part | ops | trace s | "
+          "first call s | per call s |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
   for name in args.graphs:
     graph, variables, terms = problems.pose_graph_problem(name, args.data)
     start = tf.constant(graph.poses)
     layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
     kind = _sparse_cholesky.SparseCholeskyKind(layout)
-    prefix = f"| {name} | {len(graph.vertex_ids)} | {kind.structure.height}"
+    if args.schedules:
+      _compare_schedules(name, layout, start, args.schedules, args.rounds)
+      continue
+    structure = kind.structure
+    prefix = (f"| {name} | {len(graph.vertex_ids)} | {structure.height} / "
+              f"{structure.steps}")
+    if args.levels:
+      _print_levels(name, structure)
 
     blocks = tf.function(lambda poses: layout.blocks((poses,)),  # pylint: disable=cell-var-from-loop
                          autograph=False)

@@ -189,13 +189,37 @@ def test_closed_form_blocks_equal_forward_mode(dimension, traced):
   assert np.all(blocks[0][0] == 0.0)
 
 
-def test_closed_form_jacobian_needs_the_linear_loss():
-  from tfg_optim import factor_graph  # pylint: disable=g-import-not-at-top
-  table = factor_graph.Variables(np.zeros([2, 3]), manifold=lie_groups.SE2())
-  with pytest.raises(ValueError, match="needs loss 'linear'"):
-    factor_graph.Term(pose_graph.between_error, [(table, [0]), (table, [1])],
-                      data=[np.zeros([1, 3]), np.eye(3)[None]], loss="huber",
-                      jacobian=pose_graph.between_error_blocks)
+@pytest.mark.parametrize("loss", ["cauchy", "huber"])
+def test_closed_form_blocks_with_a_robust_loss(loss):
+  """Eagerly, with a robust loss (its scale the median edge error, so that
+  Huber's edges lie on both sides of its kink): the closed-form blocks
+  (`between_error_blocks` through the loss's chain rule) equal forward
+  mode's blocks of the reweighted residual to 1e-12."""
+  # pylint: disable=g-import-not-at-top
+  from tfg_optim import _block_sparse
+  from tfg_optim import factor_graph
+  # pylint: enable=g-import-not-at-top
+  count = 24
+  rng = np.random.default_rng(7)
+  poses, measurements = _edge_poses(3, count, rng)
+  roots = np.broadcast_to(np.eye(6), [count, 6, 6])
+  first, second = np.arange(count), np.arange(count, 2 * count)
+  errors = np.linalg.norm(pose_graph.between_error(
+      poses[first], poses[second], measurements, roots), axis=-1)
+  scale = float(np.median(errors))
+  assert errors.min() < scale < errors.max()
+  table = factor_graph.Variables(poses, manifold=lie_groups.SE3(), fixed=[0])
+  term = factor_graph.Term(
+      pose_graph.between_error, [(table, first), (table, second)],
+      data=[measurements, roots], loss=loss, loss_scale=scale,
+      jacobian=pose_graph.between_error_blocks)
+  layout, _ = factor_graph._layout([table], [term])  # pylint: disable=protected-access
+  forward = _block_sparse.Layout(layout.tables, [
+      t._replace(jacobian=None) for t in layout.terms])
+  point = (tf.constant(poses),)
+  for mine, expected in zip(layout.blocks(point), forward.blocks(point)):
+    assert np.max(np.abs(expected)) > 1.0
+    np.testing.assert_allclose(mine, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode,dtype", [("function", "float64"),

@@ -162,7 +162,7 @@ def test_pose_graph_step_equals_the_dense_solve(root, monkeypatch):
   _check_step(step, gradient, gram, *inputs[2:], tolerance=1e-10)
 
 
-_SMALL = _graph(count=4, landmarks=1, seed=1)
+_SMALL = _graph(count=6, landmarks=1, seed=1)
 _LINEARIZATIONS = {}
 
 
@@ -196,8 +196,13 @@ def _solver_step(kind):
 
 def test_xla_step_equals_the_dense_solve():
   """Under XLA (`jit_compile=True`; the solver alone, on the Euclidean
-  tables of a smaller graph: compile time) to 1e-10."""
+  tables of a smaller graph: compile time) to 1e-10. Its schedule: a level
+  of supernodes padded in rows whose updates reach the dense root."""
   kind, blocks, gradient, gram = _linearization(_SMALL, np.float64)
+  structure = kind.structure
+  assert len(structure.levels) == 2 and structure.root_columns > 1
+  below = structure.levels[0].batches[0].below
+  assert (below < structure.rows).any() and (below == structure.rows).any()
   _, _, lam, scaling = _inputs(seed=2, graph=_SMALL)
   step = modes.run(_solver_step(kind), [lam, scaling, gradient, *blocks],
                    "xla")
@@ -224,18 +229,30 @@ def test_float32_session_step():
   assert np.isnan(indefinite).all()
 
 
+def _coordinates(rows, d):
+  """The coordinates [len(rows) d] of block rows `rows`."""
+  return (np.asarray(rows)[:, np.newaxis] * d + np.arange(d)).reshape(-1)
+
+
 def test_factor_equals_the_dense_cholesky():
-  """The level-by-level blocks of L and the dense root's factor (the top
-  levels, at most 12 coordinates here), put in a dense matrix, equal
-  NumPy's Cholesky factor of P (J^T J + lambda D + E) P^T (E: 1 on the held
-  and padded coordinates), block by block; every nonzero block of L is in
-  the schedule once."""
+  """The supernodes' blocks of L (batches padded in columns and rows,
+  supernodes of several columns, and the dense root: the top levels, at
+  most 12 coordinates here), put in a dense matrix, equal NumPy's Cholesky
+  factor of P (J^T J + lambda D + E) P^T (E: 1 on the held and padded
+  coordinates), block by block; every nonzero block of L is in the
+  schedule once."""
   poses, points, lam, scaling = _inputs(seed=7)
   variables, terms = _problem(tf.constant(poses), tf.constant(points))
   layout, _ = factor_graph._layout(variables, terms)  # pylint: disable=protected-access
   kind = _sparse_cholesky.SparseCholeskyKind(layout)
   structure = kind.structure
-  assert structure.root is not None and len(structure.levels) > 3
+  assert structure.root_columns > 1 and len(structure.levels) > 3
+  batches = [batch for level in structure.levels for batch in level.batches]
+  # Supernodes of several columns, and padding in columns and in rows.
+  assert any((batch.columns[:, 1:] < structure.rows).any()
+             for batch in batches[:-1])
+  assert any((batch.columns == structure.rows).any() for batch in batches)
+  assert any((batch.below == structure.rows).any() for batch in batches)
   linearization = kind.at((variables[0].values, variables[1].values), None)
   storage, extra = linearization.assemble(lam, scaling)
   factors = _sparse_cholesky.factor(
@@ -244,22 +261,26 @@ def test_factor_equals_the_dense_cholesky():
   d, rows = structure.block, structure.rows
   dense = np.zeros([rows * d, rows * d])
   positions = []
-  factors, root = factors
-  if root is not None:  # the top levels' dense factor
-    start = structure.root.start
-    dense[start * d:, start * d:] = np.linalg.inv(root.numpy())
-    positions += [(i + start, j + start)
-                  for i, j in structure.root.off_position]
-  for level, (inverse, off) in zip(structure.levels, factors):
-    columns = level.start + np.arange(level.columns)
-    for j, block in zip(columns, np.linalg.inv(inverse.numpy())):
-      dense[j * d:(j + 1) * d, j * d:(j + 1) * d] = block
-    if off is not None:
-      end = level.start + level.columns
-      for i, j, block in zip(level.rows + end, columns[level.block_column],
-                             off.numpy()):
-        dense[i * d:(i + 1) * d, j * d:(j + 1) * d] = block
-        positions.append((i, j))
+  at = 0
+  for level in structure.levels:
+    for batch in level.batches:
+      inverse, off = factors[at]
+      at += 1
+      for b, columns in enumerate(batch.columns):
+        k = int((columns < rows).sum())
+        columns = columns[:k]
+        dense[np.ix_(_coordinates(columns, d), _coordinates(columns, d))] = (
+            np.linalg.inv(inverse[b].numpy())[:k * d, :k * d])
+        # Stored blocks (not the level's zero block) below the diagonal.
+        stored = np.tril(batch.diagonal[b, :k, 0, :k] // d < level.size, -1)
+        positions += [(columns[i], columns[j])
+                      for i, j in zip(*np.nonzero(stored))]
+        if off is not None:
+          below = batch.below[b][batch.below[b] < rows]
+          m = len(below)
+          dense[np.ix_(_coordinates(below, d), _coordinates(columns, d))] = (
+              off[b].numpy()[:m * d, :k * d])
+          positions += [(i, j) for i in below for j in columns]
   # The damped J^T J in padded rows (3 coordinates per row), renumbered.
   n = layout.tangent_dim
   matrix = linearization.gram().numpy() + lam * np.diag(scaling)
@@ -361,8 +382,8 @@ def test_dissection_of_a_chain_is_shallow():
   assert count - 1 <= structure.nnz_blocks <= 2 * (count - 1)
   assert structure.height <= 2 * int(np.log2(count)) + 2
   # The top levels (at most 12 columns of 1 coordinate here) are one step.
-  assert structure.root.columns <= _ROOT
-  assert structure.steps == len(structure.levels) + 1 < structure.height
+  assert 1 < structure.root_columns <= _ROOT
+  assert structure.steps == len(structure.levels) < structure.height
 
 
 def test_many_components_are_ordered_without_deep_recursion():

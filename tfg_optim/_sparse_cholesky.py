@@ -6,8 +6,10 @@ For a factor graph (`_block_sparse`) the damped normal matrix
 
 is sparse in blocks: its block (i, j) (rows i and j of the variable
 tables, d x d) is nonzero only if some edge reads both rows. A is factored
-as P A P^T = L L^T by a block (supernode = one variable row) sparse
-Cholesky, and the step solves L y = -P g, L^T x = y, delta = P^T x.
+as P A P^T = L L^T by a supernodal block sparse Cholesky (a column = one
+variable row, d coordinates; a supernode = a chain of columns factored as
+one dense block), and the step solves L y = -P g, L^T x = y,
+delta = P^T x.
 
 Symbolic phase (NumPy, once per problem, from the static index tensors):
 
@@ -23,46 +25,69 @@ Symbolic phase (NumPy, once per problem, from the static index tensors):
    are ordered by minimum degree.
 3. The symbolic factorization: column j's structure
    S_j = {i > j : A_ij != 0} | U_{c child of j} S_c \\ {j}, its parent
-   min S_j (the elimination tree), its level (0 for a leaf, else one more
-   than its highest child). Columns of the same level do not depend on each
-   other, so the numeric phase runs level by level, leaves first: the tree
-   height is the number of sequential steps. The columns are renumbered by
-   (level, position), a topological order of the tree that gives the same
-   factor, so each level's columns are contiguous.
-4. The schedule: L's blocks (diagonal and below) stored level by level, a
-   level's diagonal blocks then its off-diagonal blocks; per level the
-   right-looking update pairs (i, k), i >= k in S_j, of each column j with
-   the storage position of the block (i, k) they update. The top levels
-   (the root separator: a chain of one column per level), as many as fit
-   in `DENSE_ROOT_SIZE` coordinates, are one dense step instead.
+   min S_j (the elimination tree; Liu 1990, Davis 2006 ch. 4).
+4. Fundamental supernodes (Liu, Ng and Peyton 1993): column j + 1 joins
+   column j's supernode when it is j's parent, j is its only child and
+   S_j = {j + 1} | S_{j+1}. A supernode C's diagonal block of L is dense
+   and all its columns share the rows R below it (those of its last
+   column), so it is eliminated as one dense block. A nested-dissection
+   separator is (mostly) one supernode: parking-garage's etree of 83
+   column levels is 18 supernode levels. Each supernode's level in the
+   supernode tree is 0 for a leaf, else one more than its highest child;
+   supernodes of one level do not depend on each other, so the numeric
+   phase runs level by level, leaves first: the number of levels is the
+   number of sequential steps. The top levels, as many as fit in
+   `DENSE_ROOT_SIZE` coordinates, are merged into one supernode (the dense
+   root: the trailing Schur complement factored as one dense matrix,
+   zero blocks included).
+5. A level's supernodes are split into batches, each padded to its largest
+   supernode (K columns, M rows below; padded columns get an identity
+   diagonal block, padded rows zero blocks): sorted by (K + M, K), cut
+   where the summed cost of the batches is least (`_batches`: a fixed
+   `BATCH_OVERHEAD` per batch, the padded blocks it moves and its block
+   products weighted by `FLOP_WEIGHT`; dynamic programming).
+6. The columns are renumbered by (level, batch, supernode, position), a
+   topological order of the tree (the same factor), and L's blocks stored
+   by column, each level's contiguous and followed by a zero and an
+   identity block (the padding). Per batch, static index lists: the rows
+   of its blocks in the storage (`_block_rows`: a gather lays them out as
+   dense [S, K d, K d] and [S, M d, K d] matrices, no transpose), and per
+   level which products of the levels below update which of its blocks.
 
 Numeric phase (TensorFlow ops, per iteration): the blocks
 J_{term,a}[k]^T J_{term,b}[k] are scattered (`unsorted_segment_sum`, one
-call) into the lower-triangular storage; then for each level l (a Python
-loop over the static schedule: each level has its own static shapes)
+call) into the lower-triangular storage; then for each level (a Python
+loop over the static schedule: each batch has its own static shapes)
 
-    L_jj = chol(A_jj + E_j)                       batched Cholesky,
-                                                  kept as L_jj^-1
-    L_ij = A_ij L_jj^-T,   i in S_j               batched products
-    A_ik -= L_ij L_kj^T,   i >= k in S_j          batched products,
-                                                  `tensor_scatter_nd_sub`
+    A_l  = A_l - sum of the products of the levels below that
+           reach level l's blocks               one gather per level
+                                                below, one segment sum
+    L_CC = chol(A_CC)                           batched Cholesky, kept as
+                                                L_CC^-1 [S, K d, K d]
+    L_RC = A_RC L_CC^-T                         one batched matmul
+    U    = L_RC L_RC^T                          one batched matmul; its
+                                                blocks (i, k), i >= k,
+                                                are the level's products
+                                                (A_ik -= U_ik later)
 
-and then the dense root: its blocks, which are then the trailing Schur
-complement, gathered into one dense matrix and factored by one Cholesky;
-with E_j lambda D on the diagonal (1 where J^T J + lambda D has a zero
+with the damping lambda D (and E: 1 where J^T J + lambda D has a zero
 diagonal entry: padded and unseen coordinates, and on held rows, as
-`_schur` does). L_jj^-1 comes from one batched triangular solve per
-level; every other solve is a product by it (XLA compiles a triangular
-solve about six times slower than a Cholesky or a product). The
-substitutions run by the same schedule: forward (y_j = L_jj^-1 b_j, then
-b_i -= L_ij y_j), backward from the root level
-(x_j = L_jj^-T (y_j - sum_i L_ij^T x_i)).
+`_schur` does) added to the diagonal blocks first. A level's storage is
+its own slice, so no op copies the whole storage per level (a
+`tensor_scatter_nd_sub` into it would: TensorFlow's graph executor does
+not forward its input). L_CC^-1 comes from one batched triangular solve
+per batch; every other solve is a product by it (XLA compiles a
+triangular solve about six times slower than a Cholesky or a product).
+The substitutions run by the same schedule: forward (y_C = L_CC^-1 b_C,
+then b_R -= L_RC y_C), backward from the root level
+(x_C = L_CC^-T (y_C - L_RC^T x_R)).
 
 Tables of different dimensions share one block size d = max d_t: smaller
 rows are padded with identity coordinates (zero right-hand side, zero
 step). A factorization that fails (a block not positive definite) gives NaN
-there, so the step is all NaN: a rejected step, in every mode. Every op
-(Cholesky, triangular solve, gather, einsum, segment sums, scatters)
+there, and so does an assembled matrix that is not finite (checked once),
+so the step is all NaN: a rejected step, in every mode. Every op
+(Cholesky, triangular solve, gather, matmul, segment sums, scatters)
 compiles under XLA.
 
 `SparseCholeskyKind` is the `_block_sparse.BlockSparseKind` whose
@@ -71,6 +96,7 @@ linearizations carry `damped_solver(regularization, scaling)`, the hook that
 """
 
 import collections
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -87,6 +113,14 @@ DISSECTION_LEAF_SIZE = 8
 # one column per level) are factored as one dense matrix of at most this
 # many coordinates: one step instead of one per level.
 DENSE_ROOT_SIZE = 256
+
+# The supernodes of one level are factored in batches, each padded to its
+# largest supernode (`_batches`): one more batch costs as much as this many
+# padded d x d blocks moved, and one block product (d^3 multiply-adds) as
+# this many (picked on parking-garage: `benchmarks/sparse_cholesky_profile.py
+# --schedules`, docs/sparse.md).
+BATCH_OVERHEAD = 1000
+FLOP_WEIGHT = 0.2
 
 
 def _adjacency(count, first, second):
@@ -251,34 +285,99 @@ def _symbolic(indptr, neighbours, order):
   return [np.array(sorted(s), np.int64) for s in structures], levels
 
 
-Level = collections.namedtuple(
-    "Level", ["start", "columns", "blocks", "block_column", "first",
-              "second", "target", "rows"])
-Level.__doc__ = """The static schedule of one etree level.
+def _supernodes(structures):
+  """The fundamental supernodes of the factor whose column j (an
+  elimination position) has the sorted rows `structures[j]` below its
+  diagonal (`_symbolic`): first [S + 1], supernode s the consecutive
+  columns first[s] .. first[s + 1] - 1. Column j + 1 joins j's supernode
+  when it is j's parent, j is its only child, and S_j = {j + 1} u S_{j+1}
+  (Liu, Ng and Peyton 1993): a supernode's diagonal block of L is dense
+  (lower triangle) and its columns share the rows below it, those of its
+  last column."""
+  count = len(structures)
+  if not count:
+    return np.zeros([1], np.int64)
+  lengths = np.array([len(s) for s in structures], np.int64)
+  parent = np.array([s[0] if len(s) else -1 for s in structures], np.int64)
+  children = np.bincount(parent[parent >= 0], minlength=count)
+  chained = ((parent[:-1] == np.arange(1, count)) & (children[1:] == 1) &
+             (lengths[:-1] == lengths[1:] + 1))
+  return np.concatenate([np.flatnonzero(np.concatenate([[True], ~chained])),
+                         [count]])
 
-start: its first column (columns start .. start + columns - 1, in the
-  renumbered order). columns: how many. blocks: how many off-diagonal
-  blocks its columns have (stored after its `columns` diagonal blocks).
-block_column: int32 [blocks], the column (0 .. columns - 1) of each block.
-first, second: int32 [P]: the blocks L_ij, L_kj (0 .. blocks - 1) of each
-  update pair; target: int32 [P], the stored block A_ik they update,
-  counted from the end of this level's storage.
-rows: int32 [blocks], each block's row i counted from the level's end
-  (start + columns).
+
+def _batches(widths, heights, overhead):
+  """Splits the supernodes of one level (widths k [S] columns, heights m
+  [S] rows below) into batches, each padded to its largest k and m: index
+  arrays into the level's supernodes. Sorted by (k + m, k), the
+  supernodes (those of equal k and m together) are cut into the runs that
+  minimize the summed cost of the batches, each `overhead` + count
+  (K (K + M) + M^2 + `FLOP_WEIGHT`
+  (M^2 K + M K^2 + K^3 / 3)) (the blocks gathered and produced: K x K,
+  M x K and the M x M update; the block products of the update, of L_RC
+  and of the Cholesky), by dynamic programming over the cut points."""
+  # Supernodes of equal (k, m) share a batch: the cuts run over the
+  # distinct sizes (few), not over the supernodes (thousands of leaves).
+  sizes, group = np.unique(np.stack([widths, heights], -1), axis=0,
+                           return_inverse=True)
+  group = group.reshape(-1)
+  order = np.lexsort((sizes[:, 0], sizes.sum(-1)))
+  widths, heights = sizes[order, 0], sizes[order, 1]
+  # Supernodes in the sorted sizes' first .. end - 1: totals[end] -
+  # totals[first].
+  totals = np.concatenate([[0], np.cumsum(
+      np.bincount(group, minlength=len(sizes))[order])])
+  count = len(order)
+  best = np.zeros(count + 1)
+  cut = np.zeros(count + 1, np.int64)
+  for end in range(1, count + 1):
+    # The largest k and m of each run start .. end - 1.
+    k = np.maximum.accumulate(widths[:end][::-1])[::-1]
+    m = np.maximum.accumulate(heights[:end][::-1])[::-1]
+    costs = (best[:end] + overhead + (totals[end] - totals[:end]) * (
+        k * (k + m) + m * m +
+        FLOP_WEIGHT * (m * m * k + m * k * k + k * k * k / 3.0)))
+    cut[end] = np.argmin(costs)
+    best[end] = costs[cut[end]]
+  rank = np.empty(count, np.int64)
+  rank[order] = np.arange(count)
+  rank = rank[group]  # each supernode's sorted size
+  runs, end = [], count
+  while end:
+    runs.append(np.flatnonzero((rank >= cut[end]) & (rank < end)))
+    end = cut[end]
+  return runs[::-1]
+
+
+Batch = collections.namedtuple(
+    "Batch", ["columns", "below", "diagonal", "off", "pairs"])
+Batch.__doc__ = """The static schedule of a batch of supernodes of one
+level, each padded to K columns and M rows below (the batch's largest).
+
+columns: int32 [S, K], each supernode's columns (renumbered order);
+  below: int32 [S, M], the rows below it (its structure); padding `rows`
+  (a zero row of the right-hand side).
+diagonal: int32 [S, K, d, K], the rows (of d numbers: `_block_rows`) of
+  the blocks of each supernode's diagonal block, lower triangle, in its
+  level's storage (its upper blocks, blocks not in L's structure and
+  padding: the level's zero block; padded diagonal blocks: its identity
+  block); off: int32 [S, M, d, K], those of the blocks below it.
+pairs: int32 [P, d], the rows of the blocks (i, k), i >= k both below a
+  supernode, in the update products [S, M, d, M, d] (supernode, row, row)
+  as rows of d numbers.
 """
 
 
-Root = collections.namedtuple(
-    "Root", ["start", "columns", "diagonal", "diagonal_position", "off",
-             "off_position"])
-Root.__doc__ = """The dense root: the top levels' columns factored as one
-dense matrix (the trailing Schur complement, whatever its sparsity).
+Level = collections.namedtuple(
+    "Level", ["batches", "base", "size", "incoming", "targets"])
+Level.__doc__ = """The static schedule of one level of the supernode tree.
 
-start: its first column; columns: R, how many (the last ones).
-diagonal, off: int32 [R], [B]: the stored blocks (counted from the root's
-  first stored block) of its diagonal and off-diagonal blocks;
-diagonal_position, off_position: int32 [R, 2], [B, 2]: their (row, column)
-  among the R columns.
+batches: its `Batch`es. base, size: its blocks are storage[base:base +
+  size], followed by a zero block and an identity block.
+incoming: per level below whose update products reach this level's blocks,
+  (that level's number, int32 indices into its products, the `pairs` of
+  its batches concatenated); targets: int32, the block (counted from base)
+  each of them updates, all levels' concatenated (None: no updates).
 """
 
 
@@ -290,13 +389,18 @@ class Structure:
     rows: the number of block rows (all tables' rows, held included).
     position: int64 [rows], each row's column in the renumbered
       elimination order; order: its inverse.
-    levels: the `Level` schedule, leaves first, without the dense root.
-    root: the `Root` (the top levels, dense), or None.
-    stored: the number of stored blocks (diagonal and below).
+    levels: the `Level`s of the supernode tree, leaves first, the dense
+      root last.
+    steps: the sequential steps of a factorization: len(levels).
+    supernodes: how many supernodes (the dense root one of them).
+    root_columns: the columns of the dense root (0: none).
+    stored: the number of stored blocks (diagonal and below, and two
+      padding blocks per level); level_base: int64 [levels + 1], where
+      each level's blocks start; identity: int64 [levels], each level's
+      identity block (its zero block is the one before).
     nnz_blocks: off-diagonal blocks of L (below the diagonal).
-    height: the number of etree levels.
-    steps: the sequential steps of a factorization: the levels below the
-      root, and one for the root.
+    update_pairs: the blocks updated by the supernodes' products, summed.
+    height: the number of etree levels (of single columns).
     diagonal: int64 [rows], the stored index of each column's diagonal
       block; stored_block(rows, columns): that of blocks (i, j), i >= j.
     targets: per (term, slot pair (a, b), a <= b) in `pairs`, int32 [K]:
@@ -310,9 +414,11 @@ class Structure:
   """
 
   def __init__(self, layout, leaf_size=DISSECTION_LEAF_SIZE,
-               dense_root_size=None):
+               dense_root_size=None, batch_overhead=None):
     if dense_root_size is None:
       dense_root_size = DENSE_ROOT_SIZE
+    if batch_overhead is None:
+      batch_overhead = BATCH_OVERHEAD
     tables = layout.tables
     self.block = max(table.dim for table in tables)
     row_offsets = np.cumsum([0] + [table.size for table in tables])
@@ -347,106 +453,146 @@ class Structure:
         np.concatenate(second) if second else empty)
     order = _dissect(indptr, neighbours, leaf_size)
     structures, levels = _symbolic(indptr, neighbours, order)
-    # Renumber by (level, position): same factor, levels contiguous.
-    renumber = np.lexsort((np.arange(self.rows), levels))
-    new_of_old = np.empty(self.rows, np.int64)
-    new_of_old[renumber] = np.arange(self.rows)
-    structures = [np.sort(new_of_old[structures[j]]) for j in renumber]
-    levels = levels[renumber]
-    self.order = order[renumber]
-    self.position = np.empty(self.rows, np.int64)
-    self.position[self.order] = np.arange(self.rows)
     self.height = int(levels.max()) + 1 if self.rows else 0
-    self._schedule(structures, levels, dense_root_size)
+    self._schedule(order, structures, dense_root_size, batch_overhead)
     self._assembly(layout, slot_rows, free)
 
-  def _schedule(self, structures, levels, dense_root_size):
-    """The storage layout, the per-level `Level`s and the `Root`."""
-    count = self.rows
-    lengths = np.array([len(s) for s in structures], np.int64)
-    column_of_block = np.repeat(np.arange(count), lengths)
-    row_of_block = (np.concatenate(structures) if count else
-                    np.zeros([0], np.int64))
-    self.nnz_blocks = int(lengths.sum())
-    level_columns = np.bincount(levels, minlength=self.height)
-    level_start = np.cumsum(level_columns) - level_columns
-    level_blocks = np.bincount(levels[column_of_block] if
-                               self.nnz_blocks else np.zeros([0], np.int64),
-                               minlength=self.height)
-    level_storage = level_columns + level_blocks
-    storage_start = np.cumsum(level_storage) - level_storage
-    self.stored = int(level_storage.sum())
-    # Stored index of the diagonal block of column j, and of block (i, j).
-    diagonal = (storage_start[levels] + np.arange(count) -
-                level_start[levels])
-    block_start = np.cumsum(lengths) - lengths  # blocks numbered by column
-    first_block_of_level = np.cumsum(level_blocks) - level_blocks
-    off = (storage_start[levels[column_of_block]] +
-           level_columns[levels[column_of_block]] +
-           np.arange(self.nnz_blocks) -
-           first_block_of_level[levels[column_of_block]])
-    keys = row_of_block * count + column_of_block  # sorted by column, row
-    key_order = np.argsort(keys)
-    sorted_keys = keys[key_order]
-
-    def stored_block(rows, columns):
-      """Stored index of block (row, column), row >= column."""
-      result = diagonal[rows].copy()
-      below = rows != columns
-      where = np.searchsorted(sorted_keys, rows[below] * count +
-                              columns[below])
-      result[below] = off[key_order[where]]
-      return result
-
-    self.diagonal = diagonal
-    self.stored_block = stored_block
-    # The dense root: as many top levels as fit in dense_root_size
-    # coordinates (at least two, else nothing is gained).
-    root_levels, total = 0, 0
-    for l in reversed(range(self.height)):
-      if (total + level_columns[l]) * self.block > dense_root_size:
+  def _schedule(self, order, structures, dense_root_size, batch_overhead):
+    """The supernodes, their levels and batches, the renumbering, the
+    storage layout and the per-batch index lists."""
+    count, d = self.rows, self.block
+    first = _supernodes(structures)
+    members = [np.arange(a, b) for a, b in zip(first[:-1], first[1:])]
+    below = [structures[b - 1] for b in first[1:]]
+    of_column = np.repeat(np.arange(len(members)), np.diff(first))
+    level = np.zeros(len(members), np.int64)
+    for s, rows in enumerate(below):  # parents come later
+      if rows.size:
+        parent = of_column[rows[0]]
+        level[parent] = max(level[parent], level[s] + 1)
+    # The dense root: the top levels, as many as fit in dense_root_size
+    # coordinates, merged into one supernode (their columns are the last
+    # ones and none has rows below the others).
+    height = int(level.max()) + 1 if len(members) else 0
+    root_level, total = height, 0
+    while root_level > 0:
+      more = sum(len(members[s]) for s in np.flatnonzero(
+          level == root_level - 1))
+      if (total + more) * d > dense_root_size:
         break
-      total += level_columns[l]
-      root_levels += 1
-    if root_levels < 2:
-      root_levels = 0
-    self.root = None
-    if root_levels:
-      first_level = self.height - root_levels
-      start, base = int(level_start[first_level]), int(
-          storage_start[first_level])
-      columns = np.arange(start, count)
-      blocks = column_of_block >= start
-      self.root = Root(
-          start, count - start,
-          (diagonal[columns] - base).astype(np.int32),
-          np.stack([columns - start] * 2, -1).astype(np.int32),
-          (off[blocks] - base).astype(np.int32),
-          np.stack([row_of_block[blocks] - start,
-                    column_of_block[blocks] - start], -1).astype(np.int32))
-    self.steps = self.height - root_levels + (1 if root_levels else 0)
-    self.levels = []
-    for l in range(self.height - root_levels):
-      start, columns = int(level_start[l]), int(level_columns[l])
-      blocks = slice(int(first_block_of_level[l]),
-                     int(first_block_of_level[l] + level_blocks[l]))
-      end = int(storage_start[l] + level_storage[l])
-      firsts, seconds, targets = [], [], []
-      for j in range(start, start + columns):
-        s = structures[j]
-        if not s.size:
-          continue
-        a, b = np.tril_indices(len(s))
-        firsts.append(block_start[j] - blocks.start + a)
-        seconds.append(block_start[j] - blocks.start + b)
-        targets.append(stored_block(s[a], s[b]) - end)
-      cat = lambda parts: (np.concatenate(parts) if parts else
-                           np.zeros([0], np.int64)).astype(np.int32)
+      total += more
+      root_level -= 1
+    self.root_columns = 0
+    if root_level < height:
+      top = np.flatnonzero(level >= root_level)
+      top = top[np.lexsort((top, level[top]))]
+      keep = np.flatnonzero(level < root_level)
+      members = [members[s] for s in keep] + [
+          np.concatenate([members[s] for s in top])]
+      below = [below[s] for s in keep] + [np.zeros([0], np.int64)]
+      level = np.concatenate([level[keep], [root_level]])
+      height = root_level + 1
+      self.root_columns = len(members[-1])
+    self.supernodes = len(members)
+    widths = np.array([len(m) for m in members], np.int64)
+    heights = np.array([len(b) for b in below], np.int64)
+    # Renumbered by (level, batch, supernode, position): a topological
+    # order of the tree (the same factor), each supernode contiguous.
+    schedule = []
+    for l in range(height):
+      at = np.flatnonzero(level == l)
+      schedule.append([at[run] for run in _batches(
+          widths[at], heights[at], batch_overhead)])
+    renumber = np.concatenate(
+        [members[s] for runs in schedule for run in runs for s in run] or
+        [np.zeros([0], np.int64)])
+    new_of_old = np.empty(count, np.int64)
+    new_of_old[renumber] = np.arange(count)
+    structures = [np.sort(new_of_old[structures[j]]) for j in renumber]
+    self.order = order[renumber]
+    self.position = np.empty(count, np.int64)
+    self.position[self.order] = np.arange(count)
+    # Storage: L's blocks by column, the diagonal block first, then those
+    # below it by row; after each level's blocks a zero and an identity
+    # block (padding).
+    lengths = np.array([len(s) for s in structures], np.int64)
+    self.nnz_blocks = int(lengths.sum())
+    column_level = np.repeat(np.arange(height), [
+        sum(len(members[s]) for run in runs for s in run)
+        for runs in schedule])
+    keys = np.concatenate(
+        [np.concatenate([[j], s]) + j * count
+         for j, s in enumerate(structures)] or [np.zeros([0], np.int64)])
+    level_blocks = np.bincount(column_level, lengths + 1, minlength=height)
+    self.level_base = np.concatenate(
+        [[0], np.cumsum(level_blocks.astype(np.int64) + 2)])
+    self.stored = int(self.level_base[-1])
+    self.diagonal = (np.cumsum(lengths + 1) - lengths - 1 +
+                     2 * column_level)
+    self.identity = self.level_base[1:] - 1
+
+    def stored_block(rows, columns, missing=None):
+      """Stored index of blocks (row, column), row >= column; `missing`
+      for blocks not in L's structure (None: there are none)."""
+      columns = np.asarray(columns, np.int64)
+      wanted = columns * count + rows
+      where = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+      found = keys[where] == wanted
+      where = where + 2 * column_level[columns]
+      if missing is None:
+        assert found.all()
+        return where
+      return np.where(found, where, missing)
+
+    self.stored_block = stored_block
+    self.levels, self.update_pairs = [], 0
+    products = []  # per level below, the stored block of each product
+    for l, runs in enumerate(schedule):
+      base = self.level_base[l]
+      zero = self.level_base[l + 1] - 2 - base
+      # The products of the levels below that update this level's blocks.
+      incoming, incoming_targets = [], []
+      for lower, targets in enumerate(products):
+        mine = np.flatnonzero((targets >= base) & (targets < base + zero))
+        if mine.size:
+          incoming.append((lower, mine.astype(np.int32)))
+          incoming_targets.append(targets[mine] - base)
+      batches, level_targets = [], []
+      for run in runs:
+        width, depth = int(widths[run].max()), int(heights[run].max())
+        size = len(run)
+        columns = np.full([size, width], count, np.int64)
+        rows_below = np.full([size, depth], count, np.int64)
+        diagonal = np.full([size, width, width], zero, np.int64)
+        off = np.full([size, depth, width], zero, np.int64)
+        pairs = []
+        for b, s in enumerate(run):
+          own = new_of_old[members[s]]
+          rows = np.sort(new_of_old[below[s]])
+          k, m = len(own), len(rows)
+          columns[b, :k], rows_below[b, :m] = own, rows
+          diagonal[b, np.arange(k, width), np.arange(k, width)] = zero + 1
+          i, j = _lower_triangle(k)
+          diagonal[b, i, j] = stored_block(own[i], own[j], zero + base) - base
+          off[b, :m, :k] = (stored_block(np.repeat(rows, k), np.tile(own, m))
+                            .reshape(m, k) - base)
+          i, j = _lower_triangle(m)
+          # Rows of d numbers of the update [S, M, d, M, d].
+          pairs.append((((b * depth + i)[:, np.newaxis] * d + np.arange(d)) *
+                        depth + j[:, np.newaxis]))
+          level_targets.append(stored_block(rows[i], rows[j]))
+        pairs = np.concatenate(pairs)
+        self.update_pairs += len(pairs)
+        to32 = lambda x: x.astype(np.int32)
+        batches.append(Batch(
+            to32(columns), to32(rows_below), to32(_block_rows(diagonal, d)),
+            to32(_block_rows(off, d)), to32(pairs)))
+      products.append(np.concatenate(level_targets))
       self.levels.append(Level(
-          start, columns, int(level_blocks[l]),
-          (column_of_block[blocks] - start).astype(np.int32),
-          cat(firsts), cat(seconds), cat(targets),
-          (row_of_block[blocks] - start - columns).astype(np.int32)))
+          batches, int(base), int(zero), incoming,
+          np.concatenate(incoming_targets).astype(np.int32)
+          if incoming else None))
+    self.steps = len(self.levels)
 
   def _assembly(self, layout, slot_rows, free):
     """Where each slot pair's J_a^T J_b blocks land in the storage."""
@@ -458,7 +604,8 @@ class Structure:
           pa, pb = self.position[rows[a]], self.position[rows[b]]
           keep = free[rows[a]] & free[rows[b]]
           low, high = np.minimum(pa, pb), np.maximum(pa, pb)
-          target = np.where(keep, self.stored_block(high, low), dropped)
+          target = np.full(len(keep), dropped, np.int64)
+          target[keep] = self.stored_block(high[keep], low[keep])
           # J_a^T J_b is block (pa, pb): stored as is when pa > pb, as its
           # transpose when pa < pb, both when pa = pb (a != b).
           plain = (pa >= pb).astype(np.float64)
@@ -478,78 +625,108 @@ class Structure:
     self.held = held.reshape(-1)
 
 
+
+
+@functools.lru_cache(maxsize=None)
+def _lower_triangle(size):
+  """np.tril_indices(size), computed once per size (the schedule asks for
+  it once per supernode)."""
+  return np.tril_indices(size)
+
+
+def _block_rows(blocks, d):
+  """Indices [..., p, q] of d x d blocks of a matrix of blocks [..., p,
+  q, d, d] -> the indices [..., p, d, q] of their rows in the matrix's
+  rows of d numbers [..., p, d, q, d] (block b's row r: b d + r). A gather
+  of rows by them lays the blocks out as the dense [..., p d, q d] matrix
+  (a reshape), with no transpose."""
+  rows = blocks[..., np.newaxis, :] * d + np.arange(d)[:, np.newaxis]
+  return rows
+
+
 def factor(structure, storage):
   """L from the assembled, damped storage [stored, d, d] (diagonal blocks
-  already damped): (per level below the root (L_jj^-1 [columns, d, d],
-  the off-diagonal L_ij [blocks, d, d]), the dense root's L^-1
-  [R d, R d] or None). The diagonal blocks are kept inverted (one batched
-  triangular solve per level; every other solve is then a batched
-  product, which XLA compiles far faster than triangular solves)."""
-  factors = []
-  rest = storage
+  already damped): per level, per `Batch`, (L_CC^-1 [S, K d, K d], the
+  blocks below it L_RC [S, M d, K d], or None where M = 0). The diagonal
+  blocks are kept inverted (one batched triangular solve per batch; every
+  other solve is then a batched product, which XLA compiles far faster
+  than triangular solves)."""
   d = structure.block
+  dtype = storage.dtype
+  factors, products = [], []
   for level in structure.levels:
-    size = level.columns + level.blocks
-    current, rest = rest[:size], rest[size:]
-    diagonal = _linear_solvers._cholesky(current[:level.columns])  # pylint: disable=protected-access
-    inverse = tf.linalg.triangular_solve(
-        diagonal, tf.eye(d, batch_shape=[level.columns], dtype=storage.dtype),
-        lower=True)
-    if not level.blocks:
-      factors.append((inverse, None))
-      continue
-    # L_ij = A_ij L_jj^-T.
-    off = tf.einsum("pab,pcb->pac", current[level.columns:],
-                    tf.gather(inverse, level.block_column))
-    if level.first.size:
-      products = tf.einsum("pab,pcb->pac", tf.gather(off, level.first),
-                           tf.gather(off, level.second))
-      rest = tf.tensor_scatter_nd_sub(rest, level.target[:, np.newaxis],
-                                      products)
-    factors.append((inverse, off))
-  root = structure.root
-  if root is None:
-    return factors, None
-  # What is left is the trailing Schur complement of the root's columns.
-  shape = [root.columns, root.columns, d, d]
-  lower = tf.scatter_nd(root.off_position, tf.gather(rest, root.off), shape)
-  blocks = (tf.scatter_nd(root.diagonal_position,
-                          tf.gather(rest, root.diagonal), shape) +
-            lower + tf.transpose(lower, [1, 0, 3, 2]))
-  size = root.columns * d
-  matrix = tf.reshape(tf.transpose(blocks, [0, 2, 1, 3]), [size, size])
-  dense = _linear_solvers._cholesky(matrix)  # pylint: disable=protected-access
-  return factors, tf.linalg.triangular_solve(
-      dense, tf.eye(size, dtype=storage.dtype), lower=True)
+    current = storage[level.base:level.base + level.size + 2]
+    if level.incoming:
+      # A_ik -= sum of the products L_iC L_kC^T of the levels below.
+      pieces = [tf.gather(products[lower], index)
+                for lower, index in level.incoming]
+      current -= tf.math.unsorted_segment_sum(
+          pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0),
+          level.targets, level.size + 2)
+    rows = tf.reshape(current, [-1, d])  # rows of d numbers
+    updates = []
+    for batch in level.batches:
+      count, width = batch.columns.shape
+      depth = batch.below.shape[1]
+      diagonal = tf.reshape(tf.gather(rows, batch.diagonal),
+                            [count, width * d, width * d])
+      inverse = tf.linalg.triangular_solve(
+          _block_cholesky(diagonal), tf.constant(np.eye(width * d), dtype),
+          lower=True)
+      if not depth:
+        factors.append((inverse, None))
+        continue
+      # L_RC = A_RC L_CC^-T; the update A_RR -= L_RC L_RC^T.
+      off = tf.matmul(tf.reshape(tf.gather(rows, batch.off),
+                                 [count, depth * d, width * d]),
+                      inverse, transpose_b=True)
+      factors.append((inverse, off))
+      updates.append(tf.gather(tf.reshape(
+          tf.matmul(off, off, transpose_b=True), [-1, d]), batch.pairs))
+    products.append(None if not updates else updates[0] if
+                    len(updates) == 1 else tf.concat(updates, 0))
+  return factors
 
 
 def substitute(structure, factors, rhs):
-  """x = P^T L^-T L^-1 P rhs for rhs [rows, d] in the renumbered order
-  (the caller permutes): forward then backward by the level schedule."""
-  factors, root = factors
-  solved, rest = [], rhs
-  for level, (inverse, off) in zip(structure.levels, factors):
-    current, rest = rest[:level.columns], rest[level.columns:]
-    y = tf.einsum("pab,pb->pa", inverse, current)
-    if off is not None:
+  """x = L^-T L^-1 rhs for rhs [rows, d] in the renumbered order (the
+  caller permutes): forward then backward by the batch schedule."""
+  d = structure.block
+  zero = tf.zeros([1, d], rhs.dtype)
+  rest, solved, at = tf.concat([rhs, zero], 0), [], 0
+  for level in structure.levels:  # L y = rhs
+    products, rows = [], []
+    for batch in level.batches:
+      inverse, off = factors[at]
+      at += 1
+      count, width = batch.columns.shape
+      y = tf.matmul(inverse, tf.reshape(
+          tf.gather(rest, batch.columns), [count, width * d, 1]))
+      solved.append(y)
+      if off is not None:
+        products.append(tf.reshape(tf.matmul(off, y), [-1, d]))
+        rows.append(batch.below.reshape(-1))
+    if products:
       rest = tf.tensor_scatter_nd_sub(
-          rest, level.rows[:, np.newaxis],
-          tf.einsum("pab,pb->pa", off, tf.gather(y, level.block_column)))
-    solved.append(y)
-  above = None
-  if root is not None:  # rest: the root's columns
-    y = tf.linalg.matvec(root, tf.reshape(rest, [-1]))
-    above = tf.reshape(tf.linalg.matvec(root, y, adjoint_a=True),
-                       [-1, structure.block])
-  for level, (inverse, off), y in reversed(list(zip(
-      structure.levels, factors, solved))):
-    if off is not None:
-      y = y - tf.math.unsorted_segment_sum(
-          tf.einsum("pab,pa->pb", off, tf.gather(above, level.rows)),
-          level.block_column, level.columns)
-    x = tf.einsum("pba,pb->pa", inverse, y)
-    above = x if above is None else tf.concat([x, above], 0)
-  return above
+          rest, np.concatenate(rows)[:, np.newaxis], tf.concat(products, 0))
+  solution = tf.concat([tf.zeros_like(rhs), zero], 0)
+  for level in reversed(structure.levels):  # L^T x = y
+    values, columns = [], []
+    for batch in reversed(level.batches):
+      at -= 1
+      (inverse, off), y = factors[at], solved[at]
+      count, depth = batch.below.shape
+      if off is not None:
+        y -= tf.matmul(off, tf.reshape(
+            tf.gather(solution, batch.below), [count, depth * d, 1]),
+                       adjoint_a=True)
+      values.append(tf.reshape(tf.matmul(inverse, y, adjoint_a=True),
+                               [-1, d]))
+      columns.append(batch.columns.reshape(-1))
+    solution = tf.tensor_scatter_nd_update(
+        solution, np.concatenate(columns)[:, np.newaxis],
+        tf.concat(values, 0))
+  return solution[:-1]
 
 
 class SparseCholesky(_block_sparse.BlockSparse):
@@ -635,7 +812,9 @@ class SparseCholesky(_block_sparse.BlockSparse):
       rhs = self._padded(self.layout.split_tangent(gradient))
       x = substitute(structure, factors, tf.gather(rhs, structure.order))
       step = -self._unpadded(tf.gather(x, structure.position))
-      finite = _batch.all_finite(step, 0)
+      # The assembled matrix too: a Cholesky kernel factors Inf (a float32
+      # J^T J that overflowed) into a finite factor.
+      finite = _batch.all_finite(step, 0) & _batch.all_finite(damped, 0)
       return _linear_solvers.direct_outcome(tf.where(
           finite, step, tf.fill(tf.shape(step), tf.constant(np.nan, dtype))))
 
@@ -644,9 +823,22 @@ class SparseCholesky(_block_sparse.BlockSparse):
 
 def _add_to_diagonals(structure, storage, extra):
   """storage with extra [rows, d] (renumbered order) added to the diagonals
-  of the diagonal blocks."""
-  index = tf.constant(structure.diagonal.astype(np.int32)[:, np.newaxis])
-  return tf.tensor_scatter_nd_add(storage, index, tf.linalg.diag(extra))
+  of the diagonal blocks, and the levels' identity blocks set."""
+  index = np.concatenate([structure.diagonal, structure.identity])
+  ones = tf.ones([len(structure.identity), structure.block], extra.dtype)
+  return tf.tensor_scatter_nd_add(
+      storage, tf.constant(index.astype(np.int32)[:, np.newaxis]),
+      tf.linalg.diag(tf.concat([extra, ones], 0)))
+
+
+def _block_cholesky(matrix):
+  """The Cholesky factor of a batch of diagonal blocks, NaN where it fails
+  (eagerly: `_linear_solvers._cholesky`, as older kernels raise; in a
+  graph the kernel's NaN; a storage that is not finite is caught once, in
+  `SparseCholesky.damped_solver`)."""
+  if tf.executing_eagerly():
+    return _linear_solvers._cholesky(matrix)  # pylint: disable=protected-access
+  return tf.linalg.cholesky(matrix)
 
 
 class SparseCholeskyKind(_block_sparse.BlockSparseKind):

@@ -201,8 +201,9 @@ class Term:
       derivatives of `function` with respect to the coordinates of slot s's
       rows (those of its manifold's retraction, at 0), in closed form: the
       linearization uses them in place of forward mode over the edges
-      tiled by the slots' tangent directions (docs/sparse.md). Only with
-      loss 'linear'.
+      tiled by the slots' tangent directions (docs/sparse.md). With a
+      robust loss the blocks of the reweighted residual follow from them by
+      the chain rule (`_robust_jacobian`).
   """
 
   def __init__(self, function, arguments, data=(), loss="linear",
@@ -215,9 +216,6 @@ class Term:
     if jacobian is not None and not callable(jacobian):
       raise TypeError(f"'{name}': 'jacobian' must be callable or None, got "
                       f"{type(jacobian).__name__}.")
-    if jacobian is not None and loss != "linear":
-      raise ValueError(f"'{name}': a closed-form 'jacobian' needs loss "
-                       f"'linear', got {loss!r}.")
     self.jacobian = jacobian
     if not isinstance(arguments, (list, tuple)) or not arguments:
       raise ValueError(f"'{name}': 'arguments' must be a non-empty list of "
@@ -296,6 +294,38 @@ def _robust(term, dtype):
   return function
 
 
+def _robust_jacobian(term, dtype):
+  """The closed-form blocks of `_robust`'s function from the term's own
+  `jacobian` J_s = df/dx_s: with s(z) = sqrt(w(z)), z = ||f||^2 / C^2,
+
+      d(f s(z))/dx_s = s(z) J_s + (2 s'(z) / C^2) f (f^T J_s),
+
+  the derivative that forward mode takes of it (s' by forward mode on
+  the loss weight, so the loss's formulas stay `loss_weight`'s). The
+  term's jacobian itself for the linear loss (or None)."""
+  if term.jacobian is None or term.loss == "linear":
+    return term.jacobian
+
+  def jacobian(*arguments):
+    value = tf.convert_to_tensor(term.function(*arguments))
+    scale = tf.constant(term.loss_scale, dtype)
+    z = tf.reduce_sum(tf.square(value / scale), axis=-1, keepdims=True)
+    with tf.autodiff.ForwardAccumulator(z, tf.ones_like(z)) as accumulator:
+      weight = tf.sqrt(nonlinear_least_squares.loss_weight(term.loss, z))
+    slope = accumulator.jvp(
+        weight, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    coefficient = 2.0 * slope / tf.square(scale)  # [K, 1]
+    blocks = []
+    for block in term.jacobian(*arguments):
+      block = tf.convert_to_tensor(block)
+      along = tf.einsum("kr,krd->kd", value, block)  # f^T J_s
+      blocks.append(weight[:, :, tf.newaxis] * block +
+                    value[:, :, tf.newaxis] *
+                    (coefficient * along)[:, tf.newaxis, :])
+    return blocks
+  return jacobian
+
+
 def _layout(variables, terms):
   """The `_block_sparse.Layout` of the problem (checks the tables' dtype and
   that every term's tables are among `variables`)."""
@@ -340,19 +370,22 @@ def _layout(variables, terms):
     size = term.size
     if size is None:
       size = tf.shape(term.indices[0])[0]
-    function = _robust(_TermView(term, data), dtype)
+    view = _TermView(term, data)
+    function = _robust(view, dtype)
     width = _width(function, term, data)
     layout_terms.append(_block_sparse.Term(
         function, [positions[id(t)] for t in term.tables], term.indices,
-        data, size, width, term.jacobian))
+        data, size, width, _robust_jacobian(view, dtype)))
   return _block_sparse.Layout(tables, layout_terms), dtype
 
 
 class _TermView:
-  """A term with its data converted (what `_robust` reads)."""
+  """A term with its data converted (what `_robust` and
+  `_robust_jacobian` read)."""
 
   def __init__(self, term, data):
     self.function, self.tables, self.data = term.function, term.tables, data
+    self.jacobian = term.jacobian
     self.loss, self.loss_scale, self.name = (term.loss, term.loss_scale,
                                              term.name)
 
@@ -438,8 +471,8 @@ def least_squares(variables, terms, *, damping=None,
       (Ceres' ITERATIVE_SCHUR: no N_c^2 matrix); not with the
       'trust_region' damping.
       'sparse_cholesky': block sparse Cholesky of J^T J + lambda D
-      (nested-dissection ordering, factored level by level of the
-      elimination tree; `_sparse_cholesky`, docs/sparse.md); index tensors
+      (nested-dissection ordering, factored by supernodes, level by level
+      of their tree; `_sparse_cholesky`, docs/sparse.md); index tensors
       must be known while tracing; it is also the implicit gradients'
       backward solve (lambda = 0). With damping='trust_region' the step is
       Steihaug's truncated CG, as for 'cg'.
