@@ -278,6 +278,13 @@ def test_python_number_bounds_are_not_rounded_to_float32():
                                    tf.constant([0.0, 0.0], tf.float64),
                                    bounds=(-1.0, [1.8, 2.2]))
   np.testing.assert_array_equal(result.position.numpy(), [1.8, 2.2])
+  # A bound list holding a symbolic tensor is cast as a whole (a review found
+  # np.asarray failing on it inside tf.function).
+  solve = tf.function(lambda lower: tfg_optim.least_squares(
+      lambda x: x - 3.0, tf.constant([0.0, 0.0], tf.float64),
+      bounds=([lower, -1.0], 1.8)).position)
+  np.testing.assert_array_equal(solve(tf.constant(-1.0, tf.float64)),
+                                [1.8, 1.8])
 
 
 def test_inactive_bounds_change_nothing():

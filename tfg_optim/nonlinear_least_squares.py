@@ -755,12 +755,13 @@ def _bound_tensor(bound, dtype):
   are rounded once, to `dtype` (tf.cast of a Python float would round it
   to float32 first: 1.8 became 1.7999999523 in a float64 problem);
   tensors are cast."""
-  if tf.is_tensor(bound) or isinstance(bound, tf.Variable):
+  if any(tf.is_tensor(part) or isinstance(part, tf.Variable)
+         for part in tf.nest.flatten(bound)):  # (a list may hold tensors)
     return tf.cast(bound, dtype)
   try:
     return tf.constant(np.asarray(bound, dtype.as_numpy_dtype))
-  except (TypeError, ValueError):  # e.g. a list holding tensors
-    return tf.cast(bound, dtype)
+  except (TypeError, ValueError):
+    return tf.cast(bound, dtype)  # (tf.cast's own error names the value)
 
 
 def _box(bounds, point, batch_dims, shapes):
