@@ -511,8 +511,8 @@ def test_inexact_steps_reach_the_minimum_with_fewer_cg_iterations():
   """The extended Rosenbrock function (n = 40; its minimum: x = 1, cost 0,
   a closed form), matrix-free from the usual start, in one `tf.function`:
   with `inexact_steps` and with CG to the fixed 1e-6 (default), both reach
-  x = 1, and the forcing term with fewer CG iterations in all (500 against
-  733 when written; more iterations, 63 against 10: see
+  x = 1, and the forcing term with fewer CG iterations in all (107 against
+  116 when written; more iterations, 27 against 7: see
   docs/large_scale.md)."""
   n = 40
   start = tf.constant(np.tile([-1.2, 1.0], n // 2))
