@@ -233,8 +233,8 @@ def preconditioner_check(size, seed=1):
   rows = []
   for name, diagonal in (
       ("none", np.ones_like(exact)), ("exact diag(J^T J)", exact),
-      ("8 Gaussian probes (tfg_optim)", estimate(gaussian, 8)),
-      ("8 Rademacher probes", estimate(rademacher, 8)),
+      ("8 Gaussian probes (tfg_optim before)", estimate(gaussian, 8)),
+      ("8 Rademacher probes (tfg_optim)", estimate(rademacher, 8)),
       ("32 Gaussian probes", estimate(gaussian, 32)),
       ("32 Rademacher probes", estimate(rademacher, 32))):
     ratio = diagonal / exact
