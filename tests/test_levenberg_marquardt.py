@@ -378,6 +378,37 @@ def test_nan_start_under_xla_returns_start_with_nan_objective():
   assert x[1] == 1.0
 
 
+def test_autograph_converts_the_residuals_and_callback_as_tfg():
+  """Under tf.function's default AutoGraph (which converts TensorFlow
+  Graphics' minimize and what it calls), Python control flow on tensors in
+  a residual and a callback works, with the eager call's numbers; the
+  package's own code is not converted (the first trace's cost)."""
+  t = np.linspace(0.0, 1.0, 20)
+  y = 2.0 * np.exp(-1.3 * t)
+  never, always = tf.Variable(0), tf.Variable(0)
+
+  def residual(x):
+    if tf.reduce_sum(x) > 100.0:  # never: a tensor condition, converted
+      return x - 1.0
+    return x[0] * tf.exp(-x[1] * t) - y
+
+  def callback(iteration, objective, variables):
+    del iteration, variables
+    if objective > 1e9:  # never
+      never.assign_add(1)
+    if objective >= 0.0:  # always: once per iteration
+      always.assign_add(1)
+
+  start = tf.constant([1.0, 1.0], tf.float64)
+  solve = lambda x: levenberg_marquardt.minimize(residual, x, 20,
+                                                 callback=callback)
+  eager = solve(start)
+  traced = tf.function(solve)(start)
+  np.testing.assert_array_equal(traced[1][0], eager[1][0])
+  np.testing.assert_allclose(eager[1][0], [2.0, 1.3], rtol=1e-6)
+  assert int(never.numpy()) == 0 and int(always.numpy()) == 2 * 20
+
+
 def test_no_retracing_warnings_eagerly(caplog):
   residuals, start, _ = _curve(np.random.default_rng(0), np.dtype("float64"))
   underdetermined, ustart, _ = _underdetermined(np.random.default_rng(0),

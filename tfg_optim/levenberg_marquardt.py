@@ -39,6 +39,16 @@ from tfg_optim import _validation
 from tfg_optim import _vector_space
 
 
+def _as_the_caller_converts(function):
+  """`function` as AutoGraph treats the code calling `minimize`: converted
+  where the caller's AutoGraph is on (`tf.function`'s default), as it
+  converts TensorFlow Graphics' `minimize` and the callables it calls, so
+  Python control flow on tensors in a residual or callback works as there;
+  as is otherwise."""
+  return tf.__internal__.autograph.tf_convert(
+      function, tf.__internal__.autograph.control_status_ctx())
+
+
 def minimize(residuals,
              variables,
              max_iterations,
@@ -88,8 +98,23 @@ def minimize(residuals,
       starting point has NaN or Inf (XLA cannot check this: there the start is
       returned unchanged with a NaN objective).
   """
+  residuals = [_as_the_caller_converts(residual) for residual in
+               _validation.as_callable_list(residuals, "residuals")]
+  if callback is not None and callable(callback):
+    callback = _as_the_caller_converts(callback)
+  return _minimize(residuals, variables, max_iterations, regularizer,
+                   regularizer_multiplier, callback, name, batch_dims)
+
+
+# The package's own code is plain TensorFlow: AutoGraph converting it (which
+# `tf.function` does recursively by default, once per process) cost ~4 s of
+# the first trace of a 3-parameter fit, against ~0.2 s unconverted.
+@tf.autograph.experimental.do_not_convert
+def _minimize(residuals, variables, max_iterations, regularizer,
+              regularizer_multiplier, callback, name, batch_dims):
+  """`minimize` with `residuals` (a list) and `callback` already as
+  AutoGraph should call them."""
   max_iterations = _validation.positive_int(max_iterations, "max_iterations")
-  residuals = _validation.as_callable_list(residuals, "residuals")
   regularizer = _validation.real_number(regularizer, "regularizer", lower=0.0)
   regularizer_multiplier = _validation.real_number(
       regularizer_multiplier, "regularizer_multiplier", lower=1.0)
@@ -127,7 +152,8 @@ def minimize(residuals,
     policy = damping_lib.MultiplicativeDamping(regularizer, regularizer_multiplier)
     engine_callback = None
     if callback is not None:
-      engine_callback = lambda it, cost, point: callback(it, cost, list(point))
+      engine_callback = lambda it, cost, point: callback(it, cost,
+                                                         list(point))
     # TensorFlow Graphics' contract: every iteration runs, no other stop.
     state = _engine.minimize(problem, variables, policy, max_iterations,
                              callback=engine_callback, safeguards=False)
