@@ -54,6 +54,10 @@ Usage (from the repository root):
     ... --trees /old/tree,/new/tree # each row once per tree (PYTHONPATH),
                                     # interleaved: a refactor's before/after
     ... --retraces 10               # also the warm retrace time
+    ... --autograph                 # tf.function's default AutoGraph on
+                                    # (what `@tf.function` gives a user):
+                                    # it converts what it calls, the
+                                    # reference's code included
     ... --inline                    # each row also with the traced products
                                     # inlined (`_linearization.NOINLINE =
                                     # None`), interleaved: what calling
@@ -188,6 +192,7 @@ def child(row, jit, retraces=0):
   if os.environ.get("FIRST_CALL_INLINE"):
     from tfg_optim import _linearization  # pylint: disable=g-import-not-at-top
     _linearization.NOINLINE = None
+  autograph = bool(os.environ.get("FIRST_CALL_AUTOGRAPH"))
   solve, argument = _solver(row)
   # Warm up TensorFlow itself (kernels, the first tf.function, XLA's
   # initialization) on an unrelated function, so the row pays only for
@@ -198,7 +203,7 @@ def child(row, jit, retraces=0):
 
   # A fresh tf.function: trace it (cold), then its first call (graph
   # optimization or XLA compilation, and one solve), then 3 more calls.
-  fresh = tf.function(solve, jit_compile=jit, autograph=False)
+  fresh = tf.function(solve, jit_compile=jit, autograph=autograph)
   concrete = []
   timing = _harness.time_call(
       lambda: tf.nest.map_structure(lambda x: x.numpy(), fresh(argument)), 3,
@@ -209,7 +214,7 @@ def child(row, jit, retraces=0):
   cost = float(tf.nest.flatten(out)[0])
   retrace, retrace_cpu = [], []
   for _ in range(retraces):
-    again = tf.function(solve, jit_compile=jit, autograph=False)
+    again = tf.function(solve, jit_compile=jit, autograph=autograph)
     begin, begin_cpu = time.perf_counter(), time.process_time()
     again.get_concrete_function(argument)
     retrace.append(time.perf_counter() - begin)
@@ -218,7 +223,7 @@ def child(row, jit, retraces=0):
   if retraces:
     import cProfile  # pylint: disable=g-import-not-at-top
     import pstats  # pylint: disable=g-import-not-at-top
-    again = tf.function(solve, jit_compile=jit, autograph=False)
+    again = tf.function(solve, jit_compile=jit, autograph=autograph)
     profiler = cProfile.Profile()
     profiler.enable()
     again.get_concrete_function(argument)
@@ -265,9 +270,13 @@ def main():
                       "traced products inlined")
   parser.add_argument("--retraces", type=int, default=0,
                       help="also time this many warm retraces per process")
+  parser.add_argument("--autograph", action="store_true",
+                      help="tf.function with AutoGraph on (its default)")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--jit", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.autograph:  # (read by the children)
+    os.environ["FIRST_CALL_AUTOGRAPH"] = "1"
   if args.child:
     child(args.child, args.jit, args.retraces)
     return
