@@ -44,9 +44,10 @@ def _as_the_caller_converts(function):
   where the caller's AutoGraph is on (`tf.function`'s default), as it
   converts TensorFlow Graphics' `minimize` and the callables it calls, so
   Python control flow on tensors in a residual or callback works as there;
-  as is otherwise."""
+  as is otherwise (eagerly too: converted code runs slower eagerly)."""
   return tf.__internal__.autograph.tf_convert(
-      function, tf.__internal__.autograph.control_status_ctx())
+      function, tf.__internal__.autograph.control_status_ctx(),
+      convert_by_default=False)
 
 
 def minimize(residuals,
