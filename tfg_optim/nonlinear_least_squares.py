@@ -17,7 +17,7 @@ first of:
 - max_j |(J^T F)_j| / (||F|| ||J_j||) <= gradient_tolerance,
 - ||s|| <= parameter_tolerance (||x|| + parameter_tolerance), once a finite
   step has been computed,
-- cost <= cost_tolerance,
+- cost < cost_tolerance,
 - max_iterations iterations.
 
 Robust losses are solved exactly by Gauss-Newton on the transformed residual
@@ -154,7 +154,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     function_tolerance, gradient_tolerance, parameter_tolerance: relative
       tolerances (see the module docstring); None picks defaults for the
       dtype (float64: 1e-16, 1e-14, 1e-12; float32: 1e-7, 1e-6, 1e-6).
-    cost_tolerance: stop when the cost is at most this (default 0).
+    cost_tolerance: stop when the cost is below this (default 0: off).
     stopping_criterion: a `tfg_optim.stopping` criterion replacing all of the
       above but max_iterations.
     loss: 'linear', 'huber', 'soft_l1', 'cauchy' or 'arctan'.
