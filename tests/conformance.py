@@ -22,7 +22,8 @@ FACTORS = {
     "bounds": ("none", "active"),
     "acceleration": ("on", "off"),
     "damping": ("trust_region", "nielsen", "tfg", "manopt"),
-    "linear_solver": ("dense", "cg"),
+    # cg_inexact: linear_solver='cg' with inexact_steps=True.
+    "linear_solver": ("dense", "cg", "cg_inexact"),
     "batch_dims": (0, 1),
     "mode": ("eager", "function", "xla", "session"),
     "dtype": ("float64", "float32"),
@@ -39,7 +40,7 @@ def valid(cell):
       cell["acceleration"] != "off" or cell["damping"] != "manopt" or
       cell["linear_solver"] != "dense"):
     return False  # Manopt's contract: none of these options
-  if cell["linear_solver"] == "cg" and cell["mode"] == "eager":
+  if cell["linear_solver"] != "dense" and cell["mode"] == "eager":
     # Eagerly each CG iteration is ~20 Python-dispatched ops (the slowest
     # cells by far); eager CG solves: test_linear_solvers, test_implicit.
     return False

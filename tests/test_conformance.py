@@ -54,7 +54,9 @@ def _solve(cell, start, data):
         _MANIFOLDS[problem](), f, start, stopping_criterion=criterion,
         batch_dims=batch_dims, return_state=True)
   kwargs = dict(loss=cell["loss"], damping=cell["damping"],
-                batch_dims=batch_dims, linear_solver=cell["linear_solver"],
+                batch_dims=batch_dims,
+                linear_solver=cell["linear_solver"].replace("_inexact", ""),
+                inexact_steps=cell["linear_solver"] == "cg_inexact",
                 geodesic_acceleration=2.0 if cell["acceleration"] == "on"
                 else None)
   if cell["bounds"] != "none":

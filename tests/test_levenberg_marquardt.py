@@ -381,7 +381,8 @@ def test_nan_start_under_xla_returns_start_with_nan_objective():
 def test_autograph_converts_the_residuals_and_callback_as_tfg():
   """Under tf.function's default AutoGraph (which converts TensorFlow
   Graphics' minimize and what it calls), Python control flow on tensors in
-  a residual and a callback works, with the eager call's numbers; the
+  a residual and a callback works (also under XLA), with the eager call's
+  numbers; the
   package's own code is not converted (the first trace's cost)."""
   t = np.linspace(0.0, 1.0, 20)
   y = 2.0 * np.exp(-1.3 * t)
@@ -389,7 +390,7 @@ def test_autograph_converts_the_residuals_and_callback_as_tfg():
 
   def residual(x):
     if tf.reduce_sum(x) > 100.0:  # never: a tensor condition, converted
-      return x - 1.0
+      return x[0] * tf.ones_like(y)  # (same length: a tf.cond's branches)
     return x[0] * tf.exp(-x[1] * t) - y
 
   def callback(iteration, objective, variables):
@@ -404,9 +405,11 @@ def test_autograph_converts_the_residuals_and_callback_as_tfg():
                                                  callback=callback)
   eager = solve(start)
   traced = tf.function(solve)(start)
+  compiled = tf.function(solve, jit_compile=True)(start)
   np.testing.assert_array_equal(traced[1][0], eager[1][0])
+  np.testing.assert_allclose(compiled[1][0], eager[1][0], rtol=1e-12)
   np.testing.assert_allclose(eager[1][0], [2.0, 1.3], rtol=1e-6)
-  assert int(never.numpy()) == 0 and int(always.numpy()) == 2 * 20
+  assert int(never.numpy()) == 0 and int(always.numpy()) == 3 * 20
 
 
 def test_no_retracing_warnings_eagerly(caplog):

@@ -384,14 +384,16 @@ def _check_start(manifold, p, batch_dims):
 
 
 def _start_point(manifold, p, batch_dims):
-  """`p` in the manifold's structure, as float tensors of static shape
-  [B1..B_batch_dims, *point_shape] (a wrong shape would broadcast into a
-  wrong answer reported as converged), not empty."""
+  """`p` in the manifold's structure, as float tensors of shape
+  [B1..B_batch_dims, *point_shape], the point shape static (a wrong shape
+  would broadcast into a wrong answer reported as converged; batch
+  dimensions may be unknown while tracing), not empty."""
   try:
     point = manifold.as_point(p)
   except ValueError as error:
     raise ValueError(f"'p': {error}") from None
-  flat = _validation.float_tensors(tf.nest.flatten(point), "p")
+  flat = _validation.float_tensors(tf.nest.flatten(point), "p",
+                                   batch_dims=batch_dims)
   if manifold.dim == 0:
     raise ValueError(f"'p': {manifold.name} has dimension 0; there is "
                      "nothing to optimize.")
