@@ -189,9 +189,10 @@ def test_closed_form_blocks_equal_forward_mode(dimension, traced):
   assert np.all(blocks[0][0] == 0.0)
 
 
-@pytest.mark.parametrize("loss", ["cauchy", "huber"])
-def test_closed_form_blocks_with_a_robust_loss(loss):
-  """Eagerly, with a robust loss (its scale the median edge error, so that
+@pytest.mark.parametrize("loss,mode", [("cauchy", "eager"),
+                                       ("huber", "function")])
+def test_closed_form_blocks_with_a_robust_loss(loss, mode):
+  """Eagerly and in a tf.function, with a robust loss (its scale the median edge error, so that
   Huber's edges lie on both sides of its kink): the closed-form blocks
   (`between_error_blocks` through the loss's chain rule) equal forward
   mode's blocks of the reweighted residual to 1e-12."""
@@ -217,7 +218,10 @@ def test_closed_form_blocks_with_a_robust_loss(loss):
   forward = _block_sparse.Layout(layout.tables, [
       t._replace(jacobian=None) for t in layout.terms])
   point = (tf.constant(poses),)
-  for mine, expected in zip(layout.blocks(point), forward.blocks(point)):
+  both = lambda p: (layout.blocks(p), forward.blocks(p))
+  if mode == "function":
+    both = tf.function(both, autograph=False)
+  for mine, expected in zip(*both(point)):
     assert np.max(np.abs(expected)) > 1.0
     np.testing.assert_allclose(mine, expected, rtol=0, atol=1e-12)
 
