@@ -249,7 +249,8 @@ def _start_children(signal):
       2, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
   # Worker 0 names the XLA modules it compiles of the per-replica passes.
   environments[0]["XLA_FLAGS"] = (
-      f"--xla_dump_to={os.path.join(os.path.dirname(signal), 'xla')} "
+      os.environ.get("XLA_FLAGS", "") +
+      f" --xla_dump_to={os.path.join(os.path.dirname(signal), 'xla')} "
       "--xla_dump_hlo_module_re=_terms_")
   return {f"worker{index}": _Child(env, str(index), signal)
           for index, env in enumerate(environments)}
