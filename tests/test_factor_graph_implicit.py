@@ -41,6 +41,7 @@ from tfg_optim import _implicit
 from tfg_optim import _schur
 from tests import test_sparse_cholesky
 from tfg_optim import _block_sparse
+from tfg_optim import _sparse_cholesky
 from tfg_optim import factor_graph
 from tfg_optim.manifolds import lie_groups
 
@@ -573,3 +574,109 @@ def test_bad_implicit_hessian_is_a_value_error():
   variables, terms = landmark_problem(_LANDMARKS, 1.0)
   with pytest.raises(ValueError, match="implicit_hessian"):
     factor_graph.least_squares(variables, terms, implicit_hessian="newton")
+
+
+# -- the backward solves' acceptance (`_implicit.exact_backward_solve`,
+# `_implicit.backward_solve`) on the pair graph f_k = w_k (L (a_i - c b_j) -
+# y_k): every solver at the least-squares solution, J = A [16, 14] known in
+# closed form, H given as per-edge blocks. The truth of a cotangent u is
+# y_bar = A w = pinv(A_F)^T u_F (A_F: A's free columns), whatever the null
+# space of A^T A holds (NumPy's SVD, float64). Cached per graph: the
+# Jacobian blocks are computed once.
+_PAIR_GRAPHS = {}
+_SOLVERS = ("cholesky", "sparse_cholesky", "schur", "cg")
+
+
+def _pair_graph(matrix=_L, dtype=tf.float64, held=False, unit=1.0,
+                weights=None):
+  """dict(layout, design [16, 14] (A, held columns zeroed), free [14],
+  linearizations {solver: at x*}, gram [K, 4, 4] (J_k^T J_k))."""
+  weights = np.ones(len(_PAIRS)) if weights is None else np.asarray(weights)
+  key = (np.asarray(matrix).tobytes(), dtype.name, held, unit,
+         weights.tobytes())
+  if key not in _PAIR_GRAPHS:
+    roots = np.sqrt(weights)
+    design = np.zeros([2 * len(_PAIRS), 14])
+    for k, (i, j) in enumerate(_PAIRS):
+      design[2 * k:2 * k + 2, 2 * i:2 * i + 2] = roots[k] * matrix
+      design[2 * k:2 * k + 2, 6 + 2 * j:6 + 2 * j + 2] = (
+          -roots[k] * unit * matrix)
+    free = np.ones(14)
+    if held:
+      free[:2] = 0.0
+      design[:, :2] = 0.0
+    solution = np.linalg.pinv(design) @ (np.repeat(roots, 2) *
+                                         _Y.reshape(-1))
+    a = factor_graph.Variables(tf.zeros([3, 2], dtype),
+                               fixed=[0] if held else None, name="a")
+    b = factor_graph.Variables(tf.zeros([4, 2], dtype), name="b")
+    linear = tf.constant(matrix, dtype)
+    term = factor_graph.Term(
+        lambda x, z, data, root: root * (
+            tf.linalg.matvec(linear, x - unit * z) - data),
+        [(a, _PAIRS[:, 0]), (b, _PAIRS[:, 1])],
+        data=[tf.constant(_Y, dtype), tf.constant(roots[:, None], dtype)])
+    layout, _ = factor_graph._layout([a, b], [term])  # pylint: disable=protected-access
+    point = tuple(tf.constant(np.reshape(t, [-1, 2]), dtype)
+                  for t in np.split(solution, [6]))
+    kinds = {"cholesky": _block_sparse.BlockSparseKind(layout, dense=True),
+             "sparse_cholesky": _sparse_cholesky.SparseCholeskyKind(layout),
+             "schur": _schur.SchurKind(layout),
+             "cg": _block_sparse.BlockSparseKind(layout, dense=False)}
+    edge = np.concatenate([matrix, -unit * np.asarray(matrix)], 1)
+    _PAIR_GRAPHS[key] = dict(
+        layout=layout, design=design, free=free, dtype=dtype,
+        linearizations={name: kind.at(point, None)
+                        for name, kind in kinds.items()},
+        gram=np.einsum("k,ab->kab", weights, edge.T @ edge))
+  return _PAIR_GRAPHS[key]
+
+
+def _pair_truth(graph, u):
+  """y_bar = pinv(A_F)^T u_F (float64 SVD; see `_pair_graph`)."""
+  return np.linalg.pinv(graph["design"], rcond=1e-15).T @ (u * graph["free"])
+
+
+_EXACT_SOLVES = {}  # the traced conjugate-gradient solve per graph
+
+
+def _exact_solve(graph, solver, blocks, rhs):
+  """`_implicit.exact_backward_solve` of the per-edge blocks [K, 4, 4] on
+  `graph`'s free coordinates: (w, ok) as NumPy (float64). The direct
+  solvers eagerly (no trace), conjugate gradients in one tf.function per
+  graph (eagerly, each iteration is a Python step)."""
+  dtype = graph["dtype"]
+  linearization = graph["linearizations"][solver]
+
+  def exact(blocks, rhs):
+    return _implicit.exact_backward_solve(
+        linearization, _block_sparse.EdgeHessian(graph["layout"], [blocks]),
+        rhs, tf.constant(graph["free"], dtype))
+
+  if solver == "cg":
+    key = id(graph)
+    if key not in _EXACT_SOLVES:
+      _EXACT_SOLVES[key] = tf.function(exact, autograph=False)
+    exact = _EXACT_SOLVES[key]
+  w, ok = exact(tf.constant(blocks, dtype),
+                tf.constant(rhs * graph["free"], dtype))
+  return w.numpy().astype(np.float64), bool(ok)
+
+
+@pytest.mark.parametrize("linear_solver", _SOLVERS)
+def test_exact_backward_solve_restricts_h_to_the_free_coordinates(
+    linear_solver):
+  """Row a_0 not free (its Jacobian column zero, as at a bound or a held
+  row) while H's rows and columns there are not zero (H = A^T A of the
+  graph with nothing held): every solver gives w = 0 there and
+  (A_F^T A_F)^-1 u_F on the others, as the dense path's mask does
+  (`EdgeHessian.restricted`; before, 'cg' and 'sparse_cholesky' solved
+  with all of H: w off by 3.2). Tolerance 1e-9: cond(A_F^T A_F) is 1e2."""
+  graph = _pair_graph(held=True)
+  u = np.random.default_rng(8).normal(size=14)
+  w, ok = _exact_solve(graph, linear_solver, _pair_graph()["gram"], u)
+  assert ok
+  np.testing.assert_array_equal(w[:2], 0.0)
+  free_design = graph["design"][:, 2:]
+  np.testing.assert_allclose(
+      w[2:], np.linalg.solve(free_design.T @ free_design, u[2:]), atol=1e-9)

@@ -734,6 +734,13 @@ def exact_backward_solve(linearization, hessian, rhs, free):
   the forward solve's kind of solver; returns (w, ok): a failed solve
   gives w = NaN (the Cholesky of a dense H: ok False).
 
+  H is restricted to the free coordinates F for every solver
+  (`EdgeHessian.restricted`: its rows and columns off F zeroed, then the
+  identity's there), as the dense path's mask does: a coordinate whose
+  Jacobian column is zero at x* (a held row, a row no residual moves)
+  gets a zero derivative, and the others the derivative of the problem
+  restricted to them, even where second derivatives couple them to it.
+
   - a dense linearization ('cholesky'): the Cholesky of the scattered H
     (`_masked_solve`: a retry with H + delta I, delta = sqrt(eps)
     max_j |H_jj|, where the factor is not finite; not ok where it still
@@ -746,6 +753,7 @@ def exact_backward_solve(linearization, hessian, rhs, free):
     by the block-Jacobi blocks of J^T J; w = NaN where it stops short of
     its tolerance (negative curvature) even with H + delta I.
   """
+  hessian = hessian.restricted(free)  # H_FF, as the dense path's mask
   if isinstance(linearization, _sparse_cholesky.SparseCholesky):
     return _sparse_cholesky_solve(linearization, hessian, rhs, free)
   if (getattr(linearization, "damped_solver", None) is None and
