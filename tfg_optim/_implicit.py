@@ -103,7 +103,6 @@ that is what the gradient means.
 """
 
 import contextlib
-import functools
 import threading
 import types
 
@@ -746,32 +745,36 @@ def exact_backward_solve(linearization, hessian, rhs, free):
     max_j |H_jj|, where the factor is not finite; not ok where it still
     is not: H not positive definite);
   - the block sparse Cholesky ('sparse_cholesky'): H assembled from its
-    blocks in the forward solve's symbolic structure and factored
-    (`_sparse_cholesky_solve`);
-  - otherwise ('cg', 'schur', 'iterative_schur'): conjugate gradients on
+    blocks in the forward solve's symbolic structure and factored; the
+    Schur complement ('schur', 'iterative_schur'): the points eliminated
+    from H's own blocks (`_own_exact_solve`);
+  - otherwise ('cg'): conjugate gradients on
     H v (`_conjugate_gradient_solve` with the `hessian`), preconditioned
     by the block-Jacobi blocks of J^T J; w = NaN where it stops short of
     its tolerance (negative curvature) even with H + delta I.
   """
   hessian = hessian.restricted(free)  # H_FF, as the dense path's mask
-  if isinstance(linearization, _sparse_cholesky.SparseCholesky):
-    return _sparse_cholesky_solve(linearization, hessian, rhs, free)
-  if (getattr(linearization, "damped_solver", None) is None and
-      linearization.dense):
+  if getattr(linearization, "damped_solver", None) is not None:
+    return _own_exact_solve(linearization, hessian, rhs, free)
+  if linearization.dense:
     return _masked_solve(hessian.dense(), rhs, free)
   return _conjugate_gradient_solve(linearization, rhs, free, hessian)
 
 
-def _sparse_cholesky_solve(linearization, hessian, rhs, free):
-  """(w, ok): H w = rhs by the block sparse Cholesky of H (the held
-  coordinates' diagonal set to 1, as for J^T J): `_own_solve` with the
-  linearization's damped solver assembling H's blocks instead of J^T J's
-  (where the factorization fails, of H + delta I, delta = sqrt(eps)
-  max_j ||J_j||^2; w = NaN where that fails too: H not positive
-  definite)."""
+def _own_exact_solve(linearization, hessian, rhs, free):
+  """(w, ok): H w = rhs by the linearization's own damped solver
+  assembling H's blocks instead of J^T J's (`products`): the block sparse
+  Cholesky of H, or the Schur complement of H (the points eliminated from
+  H's own blocks: H's point-point part is block diagonal, as J^T J's, since
+  an edge reads one point; the reduced system by dense Cholesky), the held
+  coordinates' diagonal set to 1: `_own_solve`; where the factorization
+  fails, of H + delta I, delta = sqrt(eps) max_j ||J_j||^2; w = NaN where
+  that fails too: H not positive definite."""
+  fixed = 1.0 - free
   of_hessian = types.SimpleNamespace(
-      damped_solver=functools.partial(linearization.damped_solver,
-                                      products=hessian.pair),
+      damped_solver=lambda shift: linearization.damped_solver(
+          tf.ones([], rhs.dtype), fixed + shift * free,
+          products=hessian.pair),
       column_norms=linearization.column_norms)
   return _own_solve(of_hessian, rhs, free)
 

@@ -494,9 +494,11 @@ def least_squares(variables, terms, *, damping=None,
       edge's rows) by reverse-over-reverse differentiation in the backward
       pass, and g = J^T F by one more reverse pass in the forward pass.
       The backward solve: the dense Cholesky of H for 'cholesky', the
-      block sparse Cholesky of H for 'sparse_cholesky', conjugate
-      gradients on H v (block-Jacobi of J^T J) for 'cg', 'schur' and
-      'iterative_schur'. H must be positive definite on the free
+      block sparse Cholesky of H for 'sparse_cholesky', the Schur
+      complement of H (points eliminated from H's blocks, which are block
+      diagonal among points as J^T J's: an edge reads one point) for
+      'schur' and 'iterative_schur', conjugate gradients on H v
+      (block-Jacobi of J^T J) for 'cg'. H must be positive definite on the free
       coordinates (after one retry with H + delta I, delta = sqrt(eps)
       times the largest diagonal entry of J^T J, of H for 'cholesky'):
       where a factorization fails or conjugate gradients stop short
