@@ -104,7 +104,6 @@ that is what the gradient means.
 
 import contextlib
 import threading
-import types
 
 import numpy as np
 import tensorflow as tf
@@ -627,9 +626,16 @@ def backward_solve(linearization, rhs, free):
   finite one.
   """
   if getattr(linearization, "damped_solver", None) is not None:
-    return _own_solve(linearization, rhs, free)
+    return _factored_solve(_own_factorization(linearization, free),
+                           _gram_product(linearization, free), rhs, free,
+                           linearization.column_norms(), exact=False)
   if linearization.dense:
-    return _masked_solve(linearization.gram(), rhs, free)
+    if rhs.shape.rank != 1:  # (a batch: the dense front-ends' rule)
+      return _masked_solve(linearization.gram(), rhs, free)
+    return _factored_solve(
+        _dense_factorization(linearization.gram(), free),
+        _gram_product(linearization, free), rhs, free,
+        linearization.column_norms(), exact=False)
   return _conjugate_gradient_solve(linearization, rhs, free)
 
 
@@ -754,29 +760,255 @@ def exact_backward_solve(linearization, hessian, rhs, free):
     its tolerance (negative curvature) even with H + delta I.
   """
   hessian = hessian.restricted(free)  # H_FF, as the dense path's mask
+  product = lambda v: hessian.matvec(v) + (1.0 - free) * v
   if getattr(linearization, "damped_solver", None) is not None:
-    return _own_exact_solve(linearization, hessian, rhs, free)
+    return _factored_solve(
+        _own_factorization(linearization, free, hessian.pair), product,
+        rhs, free, linearization.column_norms(), exact=True)
   if linearization.dense:
-    return _masked_solve(hessian.dense(), rhs, free)
+    return _factored_solve(_dense_factorization(hessian.dense(), free),
+                           product, rhs, free, linearization.column_norms(),
+                           exact=True)
   return _conjugate_gradient_solve(linearization, rhs, free, hessian)
 
 
-def _own_exact_solve(linearization, hessian, rhs, free):
-  """(w, ok): H w = rhs by the linearization's own damped solver
-  assembling H's blocks instead of J^T J's (`products`): the block sparse
-  Cholesky of H, or the Schur complement of H (the points eliminated from
-  H's own blocks: H's point-point part is block diagonal, as J^T J's, since
-  an edge reads one point; the reduced system by dense Cholesky), the held
-  coordinates' diagonal set to 1: `_own_solve`; where the factorization
-  fails, of H + delta I, delta = sqrt(eps) max_j ||J_j||^2; w = NaN where
-  that fails too: H not positive definite."""
-  fixed = 1.0 - free
-  of_hessian = types.SimpleNamespace(
-      damped_solver=lambda shift: linearization.damped_solver(
-          tf.ones([], rhs.dtype), fixed + shift * free,
-          products=hessian.pair),
-      column_norms=linearization.column_norms)
-  return _own_solve(of_hessian, rhs, free)
+# -- acceptance of a factored backward solve ------------------------------------
+
+
+# Iterated Tikhonov steps on a singular H (`_factored_solve`).
+TIKHONOV_STEPS = 3
+
+
+def rounding_levels(dtype, count):
+  """(rho, rho_high) for `count` free coordinates: an eigenvalue of the
+  Jacobi-scaled H (`_factored_solve`) at or below rho = min(8 count eps,
+  eps^(2/3) / 4) (2.5e-14 for 14 coordinates in float64) is at the level
+  of rounding (a null space: a gauge); rho_high = eps^(2/3) (3.7e-11 in
+  float64, 2.4e-5 in float32) bounds what a right-hand side may excite
+  next to a rounding-level pivot before the first solve is refused."""
+  eps = float(np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps)
+  high = eps ** (2.0 / 3.0)
+  return tf.minimum(8.0 * eps * count, 0.25 * high), high
+
+
+def _dense_factorization(matrix, free):
+  """shift [] -> solve for the dense [n, n] `matrix` (H or J^T J, its rows
+  and columns off `free` zeroed) + diag(1 - free + shift D) (D passed as
+  the shift's vector by `_factored_solve`): v -> ((M)^-1 v, factored)."""
+  matrix = matrix * free[:, tf.newaxis] * free[tf.newaxis, :] + tf.linalg.diag(
+      1.0 - free)
+  finite = tf.reduce_all(tf.math.is_finite(matrix))
+  matrix = tf.where(finite, matrix, tf.zeros_like(matrix))
+
+  def factorize(shift):  # shift [n]: the added diagonal on `free`
+    factor = _linear_solvers._cholesky(  # pylint: disable=protected-access
+        matrix + tf.linalg.diag(shift * free))
+    factored = finite & tf.reduce_all(tf.math.is_finite(factor))
+
+    def solve(v):
+      x = tf.linalg.cholesky_solve(factor, v[:, tf.newaxis])[:, 0] * free
+      return x, factored & tf.reduce_all(tf.math.is_finite(x))
+    return solve
+  return factorize
+
+
+def _own_factorization(linearization, free, products=None):
+  """As `_dense_factorization` by the linearization's own
+  `damped_solver(1, diag(1 - free) + shift, products)` (the block sparse
+  Cholesky, the Schur complement; `products`: H's blocks instead of
+  J^T J's): factored once per shift, solved per right-hand side."""
+  def factorize(shift):
+    damped = linearization.damped_solver(
+        tf.ones([], shift.dtype), (1.0 - free) + shift * free,
+        products=products)
+
+    def solve(v):
+      outcome = damped(None, v)
+      x = -outcome.solution * free
+      return x, outcome.converged & tf.reduce_all(tf.math.is_finite(x))
+    return solve
+  return factorize
+
+
+def _gram_product(linearization, free):
+  """v -> J^T J v on `free`, v off it."""
+  return lambda v: linearization.rmatvec(linearization.matvec(v * free)) * (
+      free) + (1.0 - free) * v
+
+
+# At most this many null directions are found (`_null_projector`): a 3-D
+# similarity gauge has 7.
+NULL_PROBES = 8
+
+
+def _null_projector(regularized, product, root, free, delta, null_level):
+  """(v -> P_N v, ok): the Euclidean orthogonal projector onto the null
+  space N of H (up to NULL_PROBES dimensions), found with the factor of
+  H + delta D (`regularized`): one step of subspace iteration from fixed
+  probes in scaled coordinates, two steps of subspace iteration
+  Y = D^1/2 (H + delta D)^-1 D^1/2 X (null directions amplified by
+  1 / delta, an eigenvalue lambda of H_s by 1 / (lambda + delta); the
+  range's share of Y falls to (delta / lambda)^2), orthonormalized, and
+  the Ritz pairs (theta, y) of H_s on it: those of |theta| <= null_level
+  (4 rho) span D^1/2 N; N is their image under D^-1/2. ok: every solve
+  finite, and no Ritz value in (null_level, delta]: an eigenvalue that
+  is neither null nor resolved by the Tikhonov steps (their answer would
+  be off along it: NaN instead)."""
+  dtype = root.dtype
+  n = root.shape[0] if root.shape[0] is not None else NULL_PROBES
+  count = min(NULL_PROBES, n)
+  index = tf.cast(tf.range(tf.size(root)), dtype)
+  basis, ok = tf.stack([free * tf.sin(index * (0.7548776662 * (i + 1)) +
+                                      0.5698403 * i)
+                         for i in range(count)], 1), tf.constant(True)
+  for _ in range(2):  # subspace iteration
+    columns = []
+    for i in range(count):
+      y, solved = regularized(root * basis[:, i])
+      columns.append(root * y)
+      ok &= solved
+    basis, _ = tf.linalg.qr(tf.where(ok, tf.stack(columns, 1),
+                                     tf.zeros_like(basis)))  # scaled
+  scaled_product = lambda v: product(v / root) / root
+  image = tf.stack([scaled_product(basis[:, i]) for i in range(count)], 1)
+  ritz = tf.matmul(basis, image, transpose_a=True)
+  values, vectors = tf.linalg.eigh(0.5 * (ritz + tf.transpose(ritz)))
+  null = tf.cast(tf.abs(values) <= null_level, dtype)
+  # An eigenvalue that delta hides but that is not at the rounding level:
+  # the Tikhonov answer would be wrong along it.
+  ok &= tf.reduce_all((tf.abs(values) <= null_level) | (tf.abs(values) >
+                                                         delta))
+  directions = tf.matmul(basis, vectors) * null / root[:, tf.newaxis]
+  gram = tf.matmul(directions, directions, transpose_a=True) + tf.linalg.diag(
+      1.0 - null)
+  ok &= tf.reduce_all(tf.math.is_finite(gram))
+  gram = tf.where(ok, gram, tf.eye(count, dtype=dtype))
+  directions = tf.where(ok, directions, tf.zeros_like(directions))
+
+  def project(v):
+    coefficients = tf.linalg.solve(gram, tf.linalg.matvec(
+        directions, v, transpose_a=True)[:, tf.newaxis])[:, 0]
+    return tf.linalg.matvec(directions, coefficients) * free
+  return project, ok
+
+
+def _factored_solve(factorize, product, rhs, free, norms, exact):
+  r"""w with H_FF w_F = rhs_F on the `free` coordinates F ([n], 0 or 1),
+  w = 0 off F, by a factorization (`factorize(shift [n])` -> v ->
+  ((H + diag(1 - free) + diag(shift))^-1 v, ok)); `product`: v -> H v on
+  F, v off F. Returns (w, ok): w is NaN where no trustworthy answer exists
+  (ok: J is finite, `norms` = diag(J^T J)).
+
+  Every judgement is made in Jacobi-scaled coordinates: with
+  D = diag(J^T J) (1 off F), H_s = D^-1/2 H D^-1/2, w_s = D^1/2 w,
+  rhs_s = D^-1/2 rhs. Changing one variable's units (x_j -> c x_j)
+  scales J's column j by c, H's row and column j by c and D_j by c^2:
+  H_s, w_s and rhs_s do not change, so neither does any decision (an
+  absolute shift delta I would). Let rho, rho_high = `rounding_levels`
+  (eps the dtype's, rho about 8 n eps).
+
+  1. First solve and one step of iterative refinement with the same
+     factor: w = w0 + H^-1 (rhs - H w0) (its residual is the rounding of
+     a backward-stable solve).
+  2. Is lambda_min(H_s) at the rounding level? Two steps of inverse
+     iteration with the same factor on a fixed probe q (z = H_s^-1 q,
+     then H_s^-1 z / ||z||) give lambda_p = 1 / ||H_s^-1 z / ||z|| || >=
+     lambda_min, and the solve itself lambda_r = ||rhs_s|| / ||w_s||
+     (>= the least eigenvalue that rhs excites). The first solve is
+     refused where the factorization failed (a negative or rounding-size
+     pivot), where lambda_r <= rho (rhs excites a rounding-level
+     direction: w is rhs_N / pivot, and the rounding of that huge w
+     pollutes its range part), or where lambda_p <= rho and
+     lambda_r <= rho_high (a rounding-level pivot, and rhs excites small
+     directions enough that, through it, the error bound
+     eps / (rho_high lambda) of the range part is not small). Otherwise
+     (H nonsingular beyond rounding, however ill-conditioned: cond(H_s)
+     up to 1 / rho, 4e13 in float64 for n = 14) it is accepted: the
+     direct solve is then as good as H's condition allows (about
+     eps cond(H_s)), which no regularization could improve.
+  3. A refused first solve, exact H: H + rho D must factor (then
+     lambda_min(H_s) >= -rho: H is positive semidefinite up to rounding,
+     a null space); where it does not, H has an eigenvalue below -rho
+     (indefinite: not a minimum) and w is NaN. A negative eigenvalue that
+     a larger shift would hide is therefore never hidden. (J^T J needs no
+     such check.)
+  4. The null space: iterated Tikhonov with the factor of
+     H + delta D, delta = sqrt(eps) (TIKHONOV_STEPS steps):
+     w_{k+1} = w_k + (H + delta D)^-1 (rhs - H w_k). Along an eigenvector
+     of H_s with eigenvalue lambda > 0 the error of w falls by
+     delta / (lambda + delta) per step, so after k steps w is the
+     pseudo-inverse's answer on H's range to (delta / lambda)^k (in
+     float32, delta = 3.4e-4: 1e-3 at a range condition of 1000 where one
+     step leaves 0.3), while a null direction (lambda = 0) accumulates
+     k rhs_N / delta, which the derivative does not see (J w for
+     Gauss-Newton; for the exact H of a gauge-invariant cost, g is
+     orthogonal to the gauge for every theta, so (dg/dtheta)^T w ignores
+     it).
+  5. Exact H (every answer): w^T H w >= -rho ||w_s||^2 and, for the last
+     Tikhonov update d, d^T H d >= -rho ||d_s||^2: a negative eigenvalue
+     -mu excited by rhs grows d by (delta / (delta - mu))^k and makes its
+     curvature negative (a solver that certifies nothing, the iterative
+     Schur complement's conjugate gradients; for the factorizations, step
+     3 already refused it).
+
+  What is not distinguished: an eigenvalue between rho and rho_high on an
+  H that also has a rounding-level one, excited by rhs, is treated as
+  null (its component of w is the Tikhonov one, not rhs / lambda).
+  """
+  dtype = rhs.dtype
+  eps = float(np.finfo(dtype.as_numpy_dtype).eps)
+  rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
+  rho, rho_high = rounding_levels(dtype, tf.reduce_sum(free))
+  scaling = tf.where(free > 0, norms, tf.ones_like(norms))
+  scaling = tf.where(scaling > 0, scaling, tf.ones_like(scaling))
+  root = tf.sqrt(scaling)
+  size = lambda v: tf.sqrt(tf.reduce_sum(tf.square(v)))
+  rhs_size = size(rhs / root)
+  tiny = np.finfo(dtype.as_numpy_dtype).tiny
+
+  first = factorize(tf.zeros_like(rhs))
+  w, solved = first(rhs)
+  correction, refined = first(rhs - product(w))
+  w, solved = w + correction, solved & refined
+  probe = free * tf.sin(tf.cast(tf.range(tf.size(rhs)), dtype) * 2.399963 +
+                        1.0)
+  z, probed = first(root * probe / size(probe))
+  z = root * z
+  z, probed_again = first(root * z / tf.maximum(size(z), tiny))
+  probe_level = 1.0 / tf.maximum(size(root * z), tiny)
+  rhs_level = rhs_size / tf.maximum(size(root * w), tiny)
+  singular = ((rhs_level <= rho) |
+              ((probe_level <= rho) | ~(probed & probed_again)) &
+              (rhs_level <= rho_high))
+  accepted = solved & ~singular
+
+  def tikhonov():
+    certified = tf.constant(True)
+    if exact:
+      certified = factorize(rho * scaling)(rhs)[1]
+    regularized = factorize(np.sqrt(eps) * scaling)
+    project, found = _null_projector(regularized, product, root, free,
+                                     np.sqrt(eps), 4.0 * rho)
+    consistent = rhs - project(rhs)
+    w = tf.zeros_like(rhs)
+    update = tf.zeros_like(rhs)
+    ok = certified & found
+    for _ in range(TIKHONOV_STEPS):
+      update, converged = regularized(consistent - product(w))
+      w += update
+      ok &= converged
+    return w - project(w), update, ok
+
+  w, update, solved = tf.cond(
+      accepted, lambda: (w, tf.zeros_like(w), solved), tikhonov)
+  if exact:
+    def flat(v):
+      v = tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
+      return (tf.reduce_sum(v * product(v) * free) >=
+              -rho * tf.reduce_sum(tf.square(root * v)))
+    solved &= flat(w) & flat(update)
+  w = tf.where(solved, w, tf.fill(tf.shape(w), tf.constant(np.nan, dtype)))
+  return w, _batch.all_finite(norms, 0)
 
 
 # -- chunked data ----------------------------------------------------------------
