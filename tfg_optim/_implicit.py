@@ -670,25 +670,57 @@ def _own_solve(linearization, rhs, free):
   return w, _batch.all_finite(norms, 0)
 
 
-def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
-  """w with H w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
-  w = 0 on the others, H = J^T J (or `hessian`, an operator with
-  `matvec`: the exact Hessian), by preconditioned conjugate gradients
-  (`_linear_solvers._cg_loop` on H + diag(1 - free); the linearization's
-  own preconditioner of J^T J where it has one, block-Jacobi for
-  block-sparse J, else Jacobi); returns (w, ok), ok [B...] False where J
-  is not finite.
+# Where the backward conjugate gradients' retry H + delta I is accepted:
+# its Tikhonov step d must have settled, ||H d|| <= RETRY_TOLERANCE ||rhs||
+# (Jacobi norms; `_conjugate_gradient_solve`).
+RETRY_TOLERANCE = 1e-2
 
-  Where the solve does not reach its tolerance (by its own signal: the
-  `SolveOutcome` not converged, i.e. at the iteration cap or broken down
-  on a non-positive curvature; and checked with one more product:
-  ||H w - rhs||_M^-1 > sqrt(tolerance) ||rhs||_M^-1, in the Jacobi norm),
-  H is singular (a rank-deficient J: its null space makes conjugate
-  gradients diverge), too ill-conditioned or, an exact Hessian, indefinite:
-  those problems are solved again with H + delta I on the free
-  coordinates, delta = sqrt(eps) max_j ||J_j||^2, the dense path's
-  regularization. Where that solve does not converge either, w is NaN (a
-  NaN derivative, not a wrong one).
+
+def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
+  r"""w with H w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
+  w = 0 on the others, H = J^T J (or `hessian`, an operator with
+  `matvec`: the exact Hessian, restricted to the free coordinates), by
+  preconditioned conjugate gradients (`_linear_solvers._cg_loop` on
+  H + diag(1 - free); the linearization's own preconditioner of J^T J
+  where it has one, block-Jacobi for block-sparse J, else Jacobi);
+  returns (w, ok), ok [B...] False where J is not finite. Sizes are
+  Jacobi-scaled (D = diag(J^T J)): ||v||_D = ||D^1/2 v|| for solutions,
+  ||r||_D^-1 for right-hand sides and residuals.
+
+  Four solves at most, in one `tf.while_loop` (one conjugate-gradient
+  loop to trace and compile), each problem's stages as it needs them:
+
+  0. w0 = CG(H, rhs). Converged (its own signal: its recursive residual
+     at the tolerance, no breakdown)?
+  1. Then refinement, c = CG(H, rhs - H w0): the accuracy of w0. On an
+     ill-conditioned H, a residual at the tolerance tol allows an error of
+     tol cond(H_s) relative; c measures it. w0 + c is accepted where
+     ||c||_D <= sqrt(tol) ||w0 + c||_D (error about (tol cond)^2 <= tol),
+     and is NaN otherwise (converged but not accurate: cond(H_s) beyond
+     about 1 / sqrt(tol), 1e5 in float64; never a finite wrong w).
+  2. Where w0 did not converge (a singular H: a gauge, whose
+     right-hand side off the range makes CG diverge; an indefinite exact
+     H: breakdown), w1 = CG(H + delta I, rhs), delta = sqrt(eps)
+     max_j ||J_j||^2 (Euclidean: the pseudo-inverse's convention for the
+     null space of a gauge, as the dense path);
+  3. and one iterated-Tikhonov step d = CG(H + delta I, rhs - H w1),
+     w = w1 + d: along an eigenvalue lambda >> delta the error falls to
+     (delta / lambda)^2. Accepted where both converged and d has settled,
+     ||H d||_D^-1 <= RETRY_TOLERANCE ||rhs||_D^-1 (H d moves by
+     lambda delta / (lambda + delta)^2 of rhs along lambda: most where
+     lambda ~ delta, a range that delta cannot resolve). For an exact H
+     also d^T H d >= -rho ||d||_D^2 and w^T H w >= -rho ||w||_D^2
+     (`rounding_levels`): a negative eigenvalue -mu that delta hides
+     grows d by delta / (delta - mu) and makes its curvature negative.
+  Otherwise w is NaN.
+
+  Not seen: a negative direction of an exact H that rhs does not excite
+  (conjugate gradients then certify positive curvature on the Krylov
+  space that holds the answer: the derivative of the stationary point);
+  an eigenvalue far below delta on a singular H (its component of w is
+  rhs / delta, not rhs / lambda). Units: delta is absolute, so a variable
+  in units far smaller than the others' can fall below it (the
+  factorizations' `_factored_solve` is units-invariant).
   """
   dtype = rhs.dtype
   tolerance = CG_TOLERANCES[dtype]
@@ -697,35 +729,79 @@ def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
   diagonal = norms + fixed
   diagonal = tf.where(diagonal > 0, diagonal, tf.ones_like(diagonal))
   if hessian is None:
-    product = lambda v: linearization.rmatvec(linearization.matvec(v))
+    matvec = lambda v: linearization.rmatvec(linearization.matvec(v))
   else:
-    product = hessian.matvec
+    matvec = hessian.matvec
+  product = lambda v: matvec(v) + fixed * v
+  delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
+      norms, axis=-1, keepdims=True)
+  shifts = (0.0, 0.0, 1.0, 1.0)  # times delta
 
-  def solve(shift):  # (H + shift) w = rhs on the free coordinates.
+  def solve(shift, target):  # (H + shift) x = target on the free ones
     damping = fixed + shift * free
     precondition = _linear_solvers._preconditioner(  # pylint: disable=protected-access
         linearization, damping).solve
     outcome = _linear_solvers._cg_loop(  # pylint: disable=protected-access
-        lambda v: product(v) + damping * v, rhs, precondition,
+        lambda v: product(v) + shift * free * v, target, precondition,
         CG_MAX_ITERATIONS, tolerance)
     return outcome.solution, outcome.converged
 
-  def size(vector):
+  def size(vector):  # ||.||_D^-1
     return tf.sqrt(tf.reduce_sum(tf.square(vector) / diagonal, axis=-1))
 
-  w, converged = solve(tf.zeros_like(rhs[..., :1]))
-  reached = converged & (size(product(w) + fixed * w - rhs) <=
-                         np.sqrt(tolerance) * size(rhs))
+  def solution_size(vector):  # ||.||_D
+    return tf.sqrt(tf.reduce_sum(tf.square(vector) * diagonal, axis=-1))
 
-  def regularized():
-    delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
-        norms, axis=-1, keepdims=True)
-    retried, retry_converged = solve(delta)
-    return (tf.where(reached[..., tf.newaxis], w, retried),
-            reached | retry_converged)
+  def finite(v):
+    return tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
 
-  w, solved = tf.cond(tf.reduce_all(reached), lambda: (w, reached),
-                      regularized)
+  def next_stage(i, solutions, converged):
+    """The next stage some problem needs (4: none)."""
+    del solutions
+    first = converged[0]
+    return tf.where(
+        tf.equal(i, 1), tf.where(tf.reduce_any(first), 1, 2),
+        tf.where(tf.equal(i, 2) & tf.reduce_all(first), 4, i))
+
+  def body(i, solutions, converged):
+    previous = finite(tf.gather(solutions, tf.maximum(i - 1, 0)))
+    target = tf.where(tf.equal(i % 2, 0), rhs, rhs - product(previous))
+    shift = tf.gather(tf.constant(shifts, dtype), i) * delta
+    x, done = solve(shift, target)
+    solutions = tf.tensor_scatter_nd_update(solutions, [[i]], x[tf.newaxis])
+    converged = tf.tensor_scatter_nd_update(converged, [[i]],
+                                            done[tf.newaxis])
+    return next_stage(i + 1, solutions, converged), solutions, converged
+
+  _, solutions, converged = tf.while_loop(
+      lambda i, *_: i < 4, body,
+      (tf.constant(0), tf.zeros(tf.concat([[4], tf.shape(rhs)], 0), dtype),
+       tf.zeros(tf.concat([[4], tf.shape(rhs)[:-1]], 0), tf.bool)),
+      maximum_iterations=4)
+  first = converged[0]
+  refined = finite(solutions[0] + solutions[1])
+  accurate = first & converged[1] & (
+      solution_size(finite(solutions[1])) <=
+      np.sqrt(tolerance) * solution_size(refined))
+  update = finite(solutions[3])
+  retried = finite(solutions[2]) + update
+  # A diagonal entry D_j <= delta / RETRY_TOLERANCE bounds an eigenvalue
+  # of H from above by it: delta cannot resolve the range there.
+  smallest = tf.reduce_min(tf.where(free > 0, norms, tf.fill(
+      tf.shape(norms), tf.constant(np.inf, dtype))), axis=-1)
+  settled = converged[2] & converged[3] & (
+      size(matvec(update) * free) <= RETRY_TOLERANCE * size(rhs)) & (
+          smallest > delta[..., 0] / RETRY_TOLERANCE)
+  if hessian is not None:
+    rho, _ = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
+
+    def flat(v):
+      return (tf.reduce_sum(v * matvec(v) * free, axis=-1) >=
+              -rho * tf.square(solution_size(v * free)))
+    settled &= flat(retried) & flat(update)
+    accurate &= flat(refined)
+  w = tf.where(first[..., tf.newaxis], refined, retried)
+  solved = tf.where(first, accurate, settled)
   w = tf.where(solved[..., tf.newaxis], w, tf.constant(np.nan, dtype))
   return w, _batch.all_finite(norms, norms.shape.rank - 1)
 
