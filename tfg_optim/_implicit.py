@@ -628,7 +628,9 @@ def backward_solve(linearization, rhs, free):
   if getattr(linearization, "damped_solver", None) is not None:
     return _factored_solve(_own_factorization(linearization, free),
                            _gram_product(linearization, free), rhs, free,
-                           linearization.column_norms(), exact=False)
+                           linearization.column_norms(), exact=False,
+                           iterative=getattr(linearization, "iterative",
+                                             False))
   if linearization.dense:
     if rhs.shape.rank != 1:  # (a batch: the dense front-ends' rule)
       return _masked_solve(linearization.gram(), rhs, free)
@@ -840,7 +842,8 @@ def exact_backward_solve(linearization, hessian, rhs, free):
   if getattr(linearization, "damped_solver", None) is not None:
     return _factored_solve(
         _own_factorization(linearization, free, hessian.pair), product,
-        rhs, free, linearization.column_norms(), exact=True)
+        rhs, free, linearization.column_norms(), exact=True,
+        iterative=getattr(linearization, "iterative", False))
   if linearization.dense:
     return _factored_solve(_dense_factorization(hessian.dense(), free),
                            product, rhs, free, linearization.column_norms(),
@@ -968,7 +971,8 @@ def _null_projector(regularized, product, root, free, delta, null_level):
   return project, ok
 
 
-def _factored_solve(factorize, product, rhs, free, norms, exact):
+def _factored_solve(factorize, product, rhs, free, norms, exact,
+                    iterative=False):
   r"""w with H_FF w_F = rhs_F on the `free` coordinates F ([n], 0 or 1),
   w = 0 off F, by a factorization (`factorize(shift [n])` -> v ->
   ((H + diag(1 - free) + diag(shift))^-1 v, ok)); `product`: v -> H v on
@@ -1027,6 +1031,14 @@ def _factored_solve(factorize, product, rhs, free, norms, exact):
      Schur complement's conjugate gradients; for the factorizations, step
      3 already refused it).
 
+  `iterative` (the iterative Schur complement: conjugate gradients on S,
+  no factor to reuse, each solve a full CG): no probe, the first solve
+  (with its refinement) accepted where its own signal says converged;
+  else the conjugate-gradient backward's Euclidean retry
+  (`_conjugate_gradient_solve`, stages 2 and 3: H + delta I, delta =
+  sqrt(eps) max_j D_j, one Tikhonov step that must settle), 4 solves at
+  most instead of about 25.
+
   What is not distinguished: an eigenvalue between rho and rho_high on an
   H that also has a rounding-level one, excited by rhs, is treated as
   null (its component of w is the Tikhonov one, not rhs / lambda).
@@ -1046,17 +1058,31 @@ def _factored_solve(factorize, product, rhs, free, norms, exact):
   w, solved = first(rhs)
   correction, refined = first(rhs - product(w))
   w, solved = w + correction, solved & refined
-  probe = free * tf.sin(tf.cast(tf.range(tf.size(rhs)), dtype) * 2.399963 +
-                        1.0)
-  z, probed = first(root * probe / size(probe))
-  z = root * z
-  z, probed_again = first(root * z / tf.maximum(size(z), tiny))
-  probe_level = 1.0 / tf.maximum(size(root * z), tiny)
+  if iterative:  # (no probe: `accepted` is the solver's own signal)
+    probed, probe_level = tf.constant(True), tf.constant(np.inf, dtype)
+  else:
+    probe = free * tf.sin(tf.cast(tf.range(tf.size(rhs)), dtype) *
+                          2.399963 + 1.0)
+    z, probed = first(root * probe / size(probe))
+    z, probed = first(root * root * z / tf.maximum(size(root * z), tiny))
+    probe_level = 1.0 / tf.maximum(size(root * z), tiny)
   rhs_level = rhs_size / tf.maximum(size(root * w), tiny)
   singular = ((rhs_level <= rho) |
-              ((probe_level <= rho) | ~(probed & probed_again)) &
+              ((probe_level <= rho) | ~probed) &
               (rhs_level <= rho_high))
   accepted = solved & ~singular
+
+  def euclidean_retry():  # an iterative solver: as the CG backward's
+    delta = np.sqrt(eps) * tf.reduce_max(norms)
+    regularized = factorize(delta * tf.ones_like(rhs))
+    w, ok = regularized(rhs)
+    update, converged = regularized(rhs - product(w))
+    smallest = tf.reduce_min(tf.where(free > 0, norms, tf.fill(
+        tf.shape(norms), tf.constant(np.inf, dtype))))
+    settled = (size(product(update) * free / root) <=
+               RETRY_TOLERANCE * rhs_size) & (
+                   smallest > delta / RETRY_TOLERANCE)
+    return w + update, update, ok & converged & settled
 
   def tikhonov():
     certified = tf.constant(True)
@@ -1075,8 +1101,11 @@ def _factored_solve(factorize, product, rhs, free, norms, exact):
       ok &= converged
     return w - project(w), update, ok
 
+  if iterative:
+    accepted = solved
   w, update, solved = tf.cond(
-      accepted, lambda: (w, tf.zeros_like(w), solved), tikhonov)
+      accepted, lambda: (w, tf.zeros_like(w), solved),
+      euclidean_retry if iterative else tikhonov)
   if exact:
     def flat(v):
       v = tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
