@@ -111,7 +111,6 @@ import tensorflow as tf
 from tfg_optim import _batch
 from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
-from tfg_optim import _sparse_cholesky
 
 GRADIENTS = ("implicit", "unrolled", "none")
 HESSIANS = ("gauss_newton", "exact")
@@ -609,21 +608,18 @@ def backward_solve(linearization, rhs, free):
   then zero, as for every failed problem).
 
   - a linearization with its own `damped_solver` (`_schur`'s Schur
-    complement, dense or iterative; the sparse Cholesky): that solver with
-    lambda = 0 (`_own_solve`);
-  - a dense one (`gram()`): the Cholesky of J^T J (`_masked_solve`);
+    complement, dense or iterative; the sparse Cholesky): that solver,
+    factored once per shift (`_own_factorization`);
+  - a dense one (`gram()`): the Cholesky of J^T J (`_dense_factorization`);
   - otherwise preconditioned conjugate gradients
     (`_conjugate_gradient_solve`; the linearization's own preconditioner,
     block-Jacobi for block-sparse J, else Jacobi).
 
-  Each regularizes a singular J^T J as the dense path does: a retry with
-  J^T J + delta I, delta = sqrt(eps) max_j ||J_j||^2, only where the
-  unregularized solve failed: by the solver's own signal
-  (`_linear_solvers.SolveOutcome`: a failed factorization, conjugate
-  gradients that stopped at their iteration cap or broke down, a
-  non-finite w). Where the retry fails too, the own and conjugate-gradient
-  solves give w = NaN with ok True: a NaN derivative, never a wrong
-  finite one.
+  The factorizations are accepted, regularized or refused by
+  `_factored_solve` (Jacobi-scaled: a nonsingular J^T J keeps its first
+  solve, a singular one gets the pseudo-inverse's answer, w = NaN where
+  neither can be trusted); conjugate gradients by their own rule. A NaN
+  w comes with ok True: a NaN derivative, never a wrong finite one.
   """
   if getattr(linearization, "damped_solver", None) is not None:
     return _factored_solve(_own_factorization(linearization, free),
@@ -639,37 +635,6 @@ def backward_solve(linearization, rhs, free):
         _gram_product(linearization, free), rhs, free,
         linearization.column_norms(), exact=False)
   return _conjugate_gradient_solve(linearization, rhs, free)
-
-
-def _own_solve(linearization, rhs, free):
-  """`backward_solve` by the linearization's `damped_solver(lambda, D)`
-  (one unbatched problem: the Schur complement of a factor graph, dense or
-  by conjugate gradients, or the sparse Cholesky), whose zero diagonal
-  entries (held coordinates) are set to 1: w = 0 there for rhs = 0 there.
-  Where it fails (its `SolveOutcome` not converged: a failed factorization,
-  conjugate gradients at their cap or broken down, e.g. on the singular
-  J^T J of a gauge), it is solved again with
-  lambda = delta = sqrt(eps) max_j ||J_j||^2; where that fails too, w is
-  NaN (ok stays True where J is finite)."""
-  dtype = rhs.dtype
-  rhs = rhs * free
-  norms = linearization.column_norms()
-
-  def solve(shift):  # solver(., g) = -(J^T J + shift I)^-1 g
-    outcome = linearization.damped_solver(shift)(None, rhs)
-    w = -outcome.solution * free
-    return w, outcome.converged & tf.reduce_all(tf.math.is_finite(w))
-
-  w, solved = solve(tf.zeros([], dtype))
-
-  def regularized():
-    delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
-        norms)
-    return solve(delta)
-
-  w, solved = tf.cond(solved, lambda: (w, solved), regularized)
-  w = tf.where(solved, w, tf.constant(np.nan, dtype))
-  return w, _batch.all_finite(norms, 0)
 
 
 # Where the backward conjugate gradients' retry H + delta I is accepted:
@@ -814,8 +779,8 @@ def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
 def exact_backward_solve(linearization, hessian, rhs, free):
   """w with H w = rhs on the `free` coordinates ([n], 0 or 1) and w = 0
   on the others, H the exact Hessian (`_block_sparse.EdgeHessian`), by
-  the forward solve's kind of solver; returns (w, ok): a failed solve
-  gives w = NaN (the Cholesky of a dense H: ok False).
+  the forward solve's kind of solver; returns (w, ok): w is NaN where no
+  trustworthy answer exists (ok: J is finite).
 
   H is restricted to the free coordinates F for every solver
   (`EdgeHessian.restricted`: its rows and columns off F zeroed, then the
@@ -824,18 +789,18 @@ def exact_backward_solve(linearization, hessian, rhs, free):
   gets a zero derivative, and the others the derivative of the problem
   restricted to them, even where second derivatives couple them to it.
 
-  - a dense linearization ('cholesky'): the Cholesky of the scattered H
-    (`_masked_solve`: a retry with H + delta I, delta = sqrt(eps)
-    max_j |H_jj|, where the factor is not finite; not ok where it still
-    is not: H not positive definite);
+  - a dense linearization ('cholesky'): the Cholesky of the scattered H;
   - the block sparse Cholesky ('sparse_cholesky'): H assembled from its
     blocks in the forward solve's symbolic structure and factored; the
     Schur complement ('schur', 'iterative_schur'): the points eliminated
-    from H's own blocks (`_own_exact_solve`);
-  - otherwise ('cg'): conjugate gradients on
-    H v (`_conjugate_gradient_solve` with the `hessian`), preconditioned
-    by the block-Jacobi blocks of J^T J; w = NaN where it stops short of
-    its tolerance (negative curvature) even with H + delta I.
+    from H's own blocks (`_own_factorization` with `products`: H's
+    point-point part is block diagonal, as J^T J's, since an edge reads
+    one point);
+    these three through `_factored_solve` (exact=True: a failed
+    factorization must pass H + rho D, else NaN: H indefinite);
+  - otherwise ('cg'): conjugate gradients on H v, preconditioned by the
+    block-Jacobi blocks of J^T J (`_conjugate_gradient_solve`: the
+    curvature of w and of its Tikhonov step checked).
   """
   hessian = hessian.restricted(free)  # H_FF, as the dense path's mask
   product = lambda v: hessian.matvec(v) + (1.0 - free) * v
