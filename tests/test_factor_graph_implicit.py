@@ -818,18 +818,21 @@ def test_backward_solves_refuse_a_hidden_negative_eigenvalue(monkeypatch):
 def test_backward_solves_keep_an_ill_conditioned_first_solve():
   """illcond.py / illcond32.py / schur_api.py: a_0 held, L = [[1, 1],
   [1, 1 + e]], nonsingular but ill-conditioned. cond(A_F^T A_F) = 2e10
-  (e = 1e-4; implicit2 refused the accurate direct solve and its retry
-  was 0.96 off): every solver, Gauss-Newton and exact, within 1e-6 (main
-  2.3e-7 at most; 1.3e-7 observed). 2e12 (e = 1e-5; main 3e-5 to 5e-5
-  for the Cholesky solvers, 1.0 off for 'schur' and 'cg'): the Cholesky
-  solvers within 1e-4 (eps cond = 4e-4 bounds them; 9e-6 observed), the
-  Schur complement (its point blocks V alone have cond 1e10: its
-  factorization fails) and conjugate gradients right or NaN. float32 at
-  cond 2e4 (e = 0.1; eps cond = 2.6e-3): within 1e-3 (7e-5 observed).
-  (The cells of the review's table; the others are in the benchmark.)"""
+  (e = 1e-4): 'schur', Gauss-Newton and exact (implicit2 refused its
+  accurate direct solve, and its retry was 0.96 off), and the exact H by
+  'cg' (main 5.6e-5: CG on H v to its tolerance, which the refinement
+  step now measures and corrects) within 1e-6 (1e-7 observed). 2e12
+  (e = 1e-5): the sparse Cholesky's Gauss-Newton and the dense exact
+  backward within 1e-4 (main 3e-5 and 4.7e-5, implicit2 1.0; eps cond =
+  4e-4 bounds them; 9e-6 observed); 'schur' (main 1.0 off: its point
+  blocks V alone have cond 1e10, its factorization fails) and 'cg'
+  Gauss-Newton (main 1.0 off) right or NaN. float32 at cond 2e4
+  (e = 0.1; eps cond = 2.6e-3), the dense exact backward: within 1e-3
+  (7e-5 observed). (The other cells are in the benchmark: test time.)"""
   for matrix_e, dtype, cases in (
       (1e-4, tf.float64, [("schur", "GN", 1e-6, False),
-                          ("schur", "exact", 1e-6, False)]),
+                          ("schur", "exact", 1e-6, False),
+                          ("cg", "exact", 1e-6, False)]),
       (1e-5, tf.float64, [("sparse_cholesky", "GN", 1e-4, False),
                           ("cholesky", "exact", 1e-4, False),
                           ("schur", "GN", 1e-4, None),
