@@ -664,7 +664,11 @@ def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
      tol cond(H_s) relative; c measures it. w0 + c is accepted where
      ||c||_D <= sqrt(tol) ||w0 + c||_D (error about (tol cond)^2 <= tol),
      and is NaN otherwise (converged but not accurate: cond(H_s) beyond
-     about 1 / sqrt(tol), 1e5 in float64; never a finite wrong w).
+     about 1 / sqrt(tol), 1e5 in float64; never a finite wrong w). A
+     refinement that does not converge (its right-hand side, the rounding
+     of rhs - H w0, off the range of a singular H: a gauge with a
+     consistent rhs) leaves w0, accepted by its true residual
+     ||H w0 - rhs||_D^-1 <= sqrt(tol) ||rhs||_D^-1.
   2. Where w0 did not converge (a singular H: a gauge, whose
      right-hand side off the range makes CG diverge; an indefinite exact
      H: breakdown), w1 = CG(H + delta I, rhs), delta = sqrt(eps)
@@ -746,10 +750,19 @@ def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
        tf.zeros(tf.concat([[4], tf.shape(rhs)[:-1]], 0), tf.bool)),
       maximum_iterations=4)
   first = converged[0]
+  unrefined = finite(solutions[0])
   refined = finite(solutions[0] + solutions[1])
-  accurate = first & converged[1] & (
+  # A refinement that cannot converge: its right-hand side, the rounding
+  # of rhs - H w0, is off H's range (a gauge with a consistent rhs); then
+  # w0 by its true residual, as before (its breakdown on a curvature of
+  # rounding size, on a null direction, cannot be told from a negative
+  # one that rhs does not excite: see "Not seen").
+  accurate = first & tf.where(
+      converged[1],
       solution_size(finite(solutions[1])) <=
-      np.sqrt(tolerance) * solution_size(refined))
+      np.sqrt(tolerance) * solution_size(refined),
+      size(product(unrefined) - rhs) <= np.sqrt(tolerance) * size(rhs))
+  refined = tf.where(converged[1][..., tf.newaxis], refined, unrefined)
   update = finite(solutions[3])
   retried = finite(solutions[2]) + update
   # A diagonal entry D_j <= delta / RETRY_TOLERANCE bounds an eigenvalue
