@@ -455,6 +455,20 @@ class EdgeHessian:
       yield t, index, start, end
       start = end
 
+  def restricted(self, free):
+    """diag(free) H diag(free) for `free` [n] (0 or 1): the blocks' rows and
+    columns of the coordinates where `free` is 0 zeroed (as `hold_fixed`
+    zeroes J's columns), so that H v, `dense()` and `pair` all see H on
+    the free coordinates only."""
+    parts = self.layout.split_tangent(free)
+    blocks = []
+    for term, block in zip(self.layout.terms, self.blocks):
+      mask = tf.concat([tf.gather(parts[t], index)
+                        for t, index, _, _ in self._slot_ranges(term)],
+                       -1)  # [K, D]
+      blocks.append(block * mask[:, :, tf.newaxis] * mask[:, tf.newaxis, :])
+    return EdgeHessian(self.layout, blocks)
+
   def pair(self, number, a, b):
     ranges = list(self._slot_ranges(self.layout.terms[number]))
     block = self.blocks[number]

@@ -103,9 +103,7 @@ that is what the gradient means.
 """
 
 import contextlib
-import functools
 import threading
-import types
 
 import numpy as np
 import tensorflow as tf
@@ -113,7 +111,6 @@ import tensorflow as tf
 from tfg_optim import _batch
 from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
-from tfg_optim import _sparse_cholesky
 
 GRADIENTS = ("implicit", "unrolled", "none")
 HESSIANS = ("gauss_newton", "exact")
@@ -611,79 +608,90 @@ def backward_solve(linearization, rhs, free):
   then zero, as for every failed problem).
 
   - a linearization with its own `damped_solver` (`_schur`'s Schur
-    complement, dense or iterative; the sparse Cholesky): that solver with
-    lambda = 0 (`_own_solve`);
-  - a dense one (`gram()`): the Cholesky of J^T J (`_masked_solve`);
+    complement, dense or iterative; the sparse Cholesky): that solver,
+    factored once per shift (`_own_factorization`);
+  - a dense one (`gram()`): the Cholesky of J^T J (`_dense_factorization`);
   - otherwise preconditioned conjugate gradients
     (`_conjugate_gradient_solve`; the linearization's own preconditioner,
     block-Jacobi for block-sparse J, else Jacobi).
 
-  Each regularizes a singular J^T J as the dense path does: a retry with
-  J^T J + delta I, delta = sqrt(eps) max_j ||J_j||^2, only where the
-  unregularized solve failed: by the solver's own signal
-  (`_linear_solvers.SolveOutcome`: a failed factorization, conjugate
-  gradients that stopped at their iteration cap or broke down, a
-  non-finite w). Where the retry fails too, the own and conjugate-gradient
-  solves give w = NaN with ok True: a NaN derivative, never a wrong
-  finite one.
+  The factorizations are accepted, regularized or refused by
+  `_factored_solve` (Jacobi-scaled: a nonsingular J^T J keeps its first
+  solve, a singular one gets the pseudo-inverse's answer, w = NaN where
+  neither can be trusted); conjugate gradients by their own rule. A NaN
+  w comes with ok True: a NaN derivative, never a wrong finite one.
   """
   if getattr(linearization, "damped_solver", None) is not None:
-    return _own_solve(linearization, rhs, free)
+    return _factored_solve(_own_factorization(linearization, free),
+                           _gram_product(linearization, free), rhs, free,
+                           linearization.column_norms(), exact=False,
+                           iterative=getattr(linearization, "iterative",
+                                             False))
   if linearization.dense:
-    return _masked_solve(linearization.gram(), rhs, free)
+    if rhs.shape.rank != 1:  # (a batch: the dense front-ends' rule)
+      return _masked_solve(linearization.gram(), rhs, free)
+    return _factored_solve(
+        _dense_factorization(linearization.gram(), free),
+        _gram_product(linearization, free), rhs, free,
+        linearization.column_norms(), exact=False)
   return _conjugate_gradient_solve(linearization, rhs, free)
 
 
-def _own_solve(linearization, rhs, free):
-  """`backward_solve` by the linearization's `damped_solver(lambda, D)`
-  (one unbatched problem: the Schur complement of a factor graph, dense or
-  by conjugate gradients, or the sparse Cholesky), whose zero diagonal
-  entries (held coordinates) are set to 1: w = 0 there for rhs = 0 there.
-  Where it fails (its `SolveOutcome` not converged: a failed factorization,
-  conjugate gradients at their cap or broken down, e.g. on the singular
-  J^T J of a gauge), it is solved again with
-  lambda = delta = sqrt(eps) max_j ||J_j||^2; where that fails too, w is
-  NaN (ok stays True where J is finite)."""
-  dtype = rhs.dtype
-  rhs = rhs * free
-  norms = linearization.column_norms()
-
-  def solve(shift):  # solver(., g) = -(J^T J + shift I)^-1 g
-    outcome = linearization.damped_solver(shift)(None, rhs)
-    w = -outcome.solution * free
-    return w, outcome.converged & tf.reduce_all(tf.math.is_finite(w))
-
-  w, solved = solve(tf.zeros([], dtype))
-
-  def regularized():
-    delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
-        norms)
-    return solve(delta)
-
-  w, solved = tf.cond(solved, lambda: (w, solved), regularized)
-  w = tf.where(solved, w, tf.constant(np.nan, dtype))
-  return w, _batch.all_finite(norms, 0)
+# Where the backward conjugate gradients' retry H + delta I is accepted:
+# its Tikhonov step d must have settled, ||H d|| <= RETRY_TOLERANCE ||rhs||
+# (Jacobi norms; `_conjugate_gradient_solve`).
+RETRY_TOLERANCE = 1e-2
 
 
 def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
-  """w with H w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
+  r"""w with H w = rhs on the `free` coordinates ([B..., n], 0 or 1) and
   w = 0 on the others, H = J^T J (or `hessian`, an operator with
-  `matvec`: the exact Hessian), by preconditioned conjugate gradients
-  (`_linear_solvers._cg_loop` on H + diag(1 - free); the linearization's
-  own preconditioner of J^T J where it has one, block-Jacobi for
-  block-sparse J, else Jacobi); returns (w, ok), ok [B...] False where J
-  is not finite.
+  `matvec`: the exact Hessian, restricted to the free coordinates), by
+  preconditioned conjugate gradients (`_linear_solvers._cg_loop` on
+  H + diag(1 - free); the linearization's own preconditioner of J^T J
+  where it has one, block-Jacobi for block-sparse J, else Jacobi);
+  returns (w, ok), ok [B...] False where J is not finite. Sizes are
+  Jacobi-scaled (D = diag(J^T J)): ||v||_D = ||D^1/2 v|| for solutions,
+  ||r||_D^-1 for right-hand sides and residuals.
 
-  Where the solve does not reach its tolerance (by its own signal: the
-  `SolveOutcome` not converged, i.e. at the iteration cap or broken down
-  on a non-positive curvature; and checked with one more product:
-  ||H w - rhs||_M^-1 > sqrt(tolerance) ||rhs||_M^-1, in the Jacobi norm),
-  H is singular (a rank-deficient J: its null space makes conjugate
-  gradients diverge), too ill-conditioned or, an exact Hessian, indefinite:
-  those problems are solved again with H + delta I on the free
-  coordinates, delta = sqrt(eps) max_j ||J_j||^2, the dense path's
-  regularization. Where that solve does not converge either, w is NaN (a
-  NaN derivative, not a wrong one).
+  Four solves at most, in one `tf.while_loop` (one conjugate-gradient
+  loop to trace and compile), each problem's stages as it needs them:
+
+  0. w0 = CG(H, rhs). Converged (its own signal: its recursive residual
+     at the tolerance, no breakdown)?
+  1. Then refinement, c = CG(H, rhs - H w0): the accuracy of w0. On an
+     ill-conditioned H, a residual at the tolerance tol allows an error of
+     tol cond(H_s) relative; c measures it. w0 + c is accepted where
+     ||c||_D <= sqrt(tol) ||w0 + c||_D (error about (tol cond)^2 <= tol),
+     and is NaN otherwise (converged but not accurate: cond(H_s) beyond
+     about 1 / sqrt(tol), 1e5 in float64; never a finite wrong w). A
+     refinement that does not converge (its right-hand side, the rounding
+     of rhs - H w0, off the range of a singular H: a gauge with a
+     consistent rhs) leaves w0, accepted by its true residual
+     ||H w0 - rhs||_D^-1 <= sqrt(tol) ||rhs||_D^-1.
+  2. Where w0 did not converge (a singular H: a gauge, whose
+     right-hand side off the range makes CG diverge; an indefinite exact
+     H: breakdown), w1 = CG(H + delta I, rhs), delta = sqrt(eps)
+     max_j ||J_j||^2 (Euclidean: the pseudo-inverse's convention for the
+     null space of a gauge, as the dense path);
+  3. and one iterated-Tikhonov step d = CG(H + delta I, rhs - H w1),
+     w = w1 + d: along an eigenvalue lambda >> delta the error falls to
+     (delta / lambda)^2. Accepted where both converged and d has settled,
+     ||H d||_D^-1 <= RETRY_TOLERANCE ||rhs||_D^-1 (H d moves by
+     lambda delta / (lambda + delta)^2 of rhs along lambda: most where
+     lambda ~ delta, a range that delta cannot resolve). For an exact H
+     also d^T H d >= -rho ||d||_D^2 and w^T H w >= -rho ||w||_D^2
+     (`rounding_levels`): a negative eigenvalue -mu that delta hides
+     grows d by delta / (delta - mu) and makes its curvature negative.
+  Otherwise w is NaN.
+
+  Not seen: a negative direction of an exact H that rhs does not excite
+  (conjugate gradients then certify positive curvature on the Krylov
+  space that holds the answer: the derivative of the stationary point);
+  an eigenvalue far below delta on a singular H (its component of w is
+  rhs / delta, not rhs / lambda). Units: delta is absolute, so a variable
+  in units far smaller than the others' can fall below it (the
+  factorizations' `_factored_solve` is units-invariant).
   """
   dtype = rhs.dtype
   tolerance = CG_TOLERANCES[dtype]
@@ -692,35 +700,88 @@ def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
   diagonal = norms + fixed
   diagonal = tf.where(diagonal > 0, diagonal, tf.ones_like(diagonal))
   if hessian is None:
-    product = lambda v: linearization.rmatvec(linearization.matvec(v))
+    matvec = lambda v: linearization.rmatvec(linearization.matvec(v))
   else:
-    product = hessian.matvec
+    matvec = hessian.matvec
+  product = lambda v: matvec(v) + fixed * v
+  delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
+      norms, axis=-1, keepdims=True)
+  shifts = (0.0, 0.0, 1.0, 1.0)  # times delta
 
-  def solve(shift):  # (H + shift) w = rhs on the free coordinates.
+  def solve(shift, target):  # (H + shift) x = target on the free ones
     damping = fixed + shift * free
     precondition = _linear_solvers._preconditioner(  # pylint: disable=protected-access
         linearization, damping).solve
     outcome = _linear_solvers._cg_loop(  # pylint: disable=protected-access
-        lambda v: product(v) + damping * v, rhs, precondition,
+        lambda v: product(v) + shift * free * v, target, precondition,
         CG_MAX_ITERATIONS, tolerance)
     return outcome.solution, outcome.converged
 
-  def size(vector):
+  def size(vector):  # ||.||_D^-1
     return tf.sqrt(tf.reduce_sum(tf.square(vector) / diagonal, axis=-1))
 
-  w, converged = solve(tf.zeros_like(rhs[..., :1]))
-  reached = converged & (size(product(w) + fixed * w - rhs) <=
-                         np.sqrt(tolerance) * size(rhs))
+  def solution_size(vector):  # ||.||_D
+    return tf.sqrt(tf.reduce_sum(tf.square(vector) * diagonal, axis=-1))
 
-  def regularized():
-    delta = np.sqrt(np.finfo(dtype.as_numpy_dtype).eps) * tf.reduce_max(
-        norms, axis=-1, keepdims=True)
-    retried, retry_converged = solve(delta)
-    return (tf.where(reached[..., tf.newaxis], w, retried),
-            reached | retry_converged)
+  def finite(v):
+    return tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
 
-  w, solved = tf.cond(tf.reduce_all(reached), lambda: (w, reached),
-                      regularized)
+  def next_stage(i, solutions, converged):
+    """The next stage some problem needs (4: none)."""
+    del solutions
+    first = converged[0]
+    return tf.where(
+        tf.equal(i, 1), tf.where(tf.reduce_any(first), 1, 2),
+        tf.where(tf.equal(i, 2) & tf.reduce_all(first), 4, i))
+
+  def body(i, solutions, converged):
+    previous = finite(tf.gather(solutions, tf.maximum(i - 1, 0)))
+    target = tf.where(tf.equal(i % 2, 0), rhs, rhs - product(previous))
+    shift = tf.gather(tf.constant(shifts, dtype), i) * delta
+    x, done = solve(shift, target)
+    solutions = tf.tensor_scatter_nd_update(solutions, [[i]], x[tf.newaxis])
+    converged = tf.tensor_scatter_nd_update(converged, [[i]],
+                                            done[tf.newaxis])
+    return next_stage(i + 1, solutions, converged), solutions, converged
+
+  _, solutions, converged = tf.while_loop(
+      lambda i, *_: i < 4, body,
+      (tf.constant(0), tf.zeros(tf.concat([[4], tf.shape(rhs)], 0), dtype),
+       tf.zeros(tf.concat([[4], tf.shape(rhs)[:-1]], 0), tf.bool)),
+      maximum_iterations=4)
+  first = converged[0]
+  unrefined = finite(solutions[0])
+  refined = finite(solutions[0] + solutions[1])
+  # A refinement that cannot converge: its right-hand side, the rounding
+  # of rhs - H w0, is off H's range (a gauge with a consistent rhs); then
+  # w0 by its true residual, as before (its breakdown on a curvature of
+  # rounding size, on a null direction, cannot be told from a negative
+  # one that rhs does not excite: see "Not seen").
+  accurate = first & tf.where(
+      converged[1],
+      solution_size(finite(solutions[1])) <=
+      np.sqrt(tolerance) * solution_size(refined),
+      size(product(unrefined) - rhs) <= np.sqrt(tolerance) * size(rhs))
+  refined = tf.where(converged[1][..., tf.newaxis], refined, unrefined)
+  update = finite(solutions[3])
+  retried = finite(solutions[2]) + update
+  # A diagonal entry D_j <= delta / RETRY_TOLERANCE bounds an eigenvalue
+  # of H from above by it: delta cannot resolve the range there.
+  smallest = tf.reduce_min(tf.where(free > 0, norms, tf.fill(
+      tf.shape(norms), tf.constant(np.inf, dtype))), axis=-1)
+  settled = converged[2] & converged[3] & (
+      size(matvec(update) * free) <= RETRY_TOLERANCE * size(rhs)) & (
+          smallest > delta[..., 0] / RETRY_TOLERANCE)
+  if hessian is not None:
+    rho, _ = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
+
+    def flat(v):
+      return (tf.reduce_sum(v * matvec(v) * free, axis=-1) >=
+              -rho * tf.square(solution_size(v * free)))
+    settled &= flat(retried) & flat(update)
+    accurate &= flat(refined)
+  w = tf.where(first[..., tf.newaxis], refined, retried)
+  solved = tf.where(first, accurate, settled)
   w = tf.where(solved[..., tf.newaxis], w, tf.constant(np.nan, dtype))
   return w, _batch.all_finite(norms, norms.shape.rank - 1)
 
@@ -731,41 +792,306 @@ def _conjugate_gradient_solve(linearization, rhs, free, hessian=None):
 def exact_backward_solve(linearization, hessian, rhs, free):
   """w with H w = rhs on the `free` coordinates ([n], 0 or 1) and w = 0
   on the others, H the exact Hessian (`_block_sparse.EdgeHessian`), by
-  the forward solve's kind of solver; returns (w, ok): a failed solve
-  gives w = NaN (the Cholesky of a dense H: ok False).
+  the forward solve's kind of solver; returns (w, ok): w is NaN where no
+  trustworthy answer exists (ok: J is finite).
 
-  - a dense linearization ('cholesky'): the Cholesky of the scattered H
-    (`_masked_solve`: a retry with H + delta I, delta = sqrt(eps)
-    max_j |H_jj|, where the factor is not finite; not ok where it still
-    is not: H not positive definite);
+  H is restricted to the free coordinates F for every solver
+  (`EdgeHessian.restricted`: its rows and columns off F zeroed, then the
+  identity's there), as the dense path's mask does: a coordinate whose
+  Jacobian column is zero at x* (a held row, a row no residual moves)
+  gets a zero derivative, and the others the derivative of the problem
+  restricted to them, even where second derivatives couple them to it.
+
+  - a dense linearization ('cholesky'): the Cholesky of the scattered H;
   - the block sparse Cholesky ('sparse_cholesky'): H assembled from its
-    blocks in the forward solve's symbolic structure and factored
-    (`_sparse_cholesky_solve`);
-  - otherwise ('cg', 'schur', 'iterative_schur'): conjugate gradients on
-    H v (`_conjugate_gradient_solve` with the `hessian`), preconditioned
-    by the block-Jacobi blocks of J^T J; w = NaN where it stops short of
-    its tolerance (negative curvature) even with H + delta I.
+    blocks in the forward solve's symbolic structure and factored; the
+    Schur complement ('schur', 'iterative_schur'): the points eliminated
+    from H's own blocks (`_own_factorization` with `products`: H's
+    point-point part is block diagonal, as J^T J's, since an edge reads
+    one point);
+    these three through `_factored_solve` (exact=True: a failed
+    factorization must pass H + rho D, else NaN: H indefinite);
+  - otherwise ('cg'): conjugate gradients on H v, preconditioned by the
+    block-Jacobi blocks of J^T J (`_conjugate_gradient_solve`: the
+    curvature of w and of its Tikhonov step checked).
   """
-  if isinstance(linearization, _sparse_cholesky.SparseCholesky):
-    return _sparse_cholesky_solve(linearization, hessian, rhs, free)
-  if (getattr(linearization, "damped_solver", None) is None and
-      linearization.dense):
-    return _masked_solve(hessian.dense(), rhs, free)
+  hessian = hessian.restricted(free)  # H_FF, as the dense path's mask
+  product = lambda v: hessian.matvec(v) + (1.0 - free) * v
+  if getattr(linearization, "damped_solver", None) is not None:
+    return _factored_solve(
+        _own_factorization(linearization, free, hessian.pair), product,
+        rhs, free, linearization.column_norms(), exact=True,
+        iterative=getattr(linearization, "iterative", False))
+  if linearization.dense:
+    return _factored_solve(_dense_factorization(hessian.dense(), free),
+                           product, rhs, free, linearization.column_norms(),
+                           exact=True)
   return _conjugate_gradient_solve(linearization, rhs, free, hessian)
 
 
-def _sparse_cholesky_solve(linearization, hessian, rhs, free):
-  """(w, ok): H w = rhs by the block sparse Cholesky of H (the held
-  coordinates' diagonal set to 1, as for J^T J): `_own_solve` with the
-  linearization's damped solver assembling H's blocks instead of J^T J's
-  (where the factorization fails, of H + delta I, delta = sqrt(eps)
-  max_j ||J_j||^2; w = NaN where that fails too: H not positive
-  definite)."""
-  of_hessian = types.SimpleNamespace(
-      damped_solver=functools.partial(linearization.damped_solver,
-                                      products=hessian.pair),
-      column_norms=linearization.column_norms)
-  return _own_solve(of_hessian, rhs, free)
+# -- acceptance of a factored backward solve ------------------------------------
+
+
+# Iterated Tikhonov steps on a singular H (`_factored_solve`).
+TIKHONOV_STEPS = 3
+
+
+def rounding_levels(dtype, count):
+  """(rho, rho_high) for `count` free coordinates: an eigenvalue of the
+  Jacobi-scaled H (`_factored_solve`) at or below rho = min(8 count eps,
+  eps^(2/3) / 4) (2.5e-14 for 14 coordinates in float64) is at the level
+  of rounding (a null space: a gauge); rho_high = eps^(2/3) (3.7e-11 in
+  float64, 2.4e-5 in float32) bounds what a right-hand side may excite
+  next to a rounding-level pivot before the first solve is refused."""
+  eps = float(np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps)
+  high = eps ** (2.0 / 3.0)
+  return tf.minimum(8.0 * eps * count, 0.25 * high), high
+
+
+def _dense_factorization(matrix, free):
+  """shift [] -> solve for the dense [n, n] `matrix` (H or J^T J, its rows
+  and columns off `free` zeroed) + diag(1 - free + shift D) (D passed as
+  the shift's vector by `_factored_solve`): v -> ((M)^-1 v, factored)."""
+  matrix = matrix * free[:, tf.newaxis] * free[tf.newaxis, :] + tf.linalg.diag(
+      1.0 - free)
+  finite = tf.reduce_all(tf.math.is_finite(matrix))
+  matrix = tf.where(finite, matrix, tf.zeros_like(matrix))
+
+  def factorize(shift):  # shift [n]: the added diagonal on `free`
+    factor = _linear_solvers._cholesky(  # pylint: disable=protected-access
+        matrix + tf.linalg.diag(shift * free))
+    factored = finite & tf.reduce_all(tf.math.is_finite(factor))
+
+    def solve(v):
+      x = tf.linalg.cholesky_solve(factor, v[:, tf.newaxis])[:, 0] * free
+      return x, factored & tf.reduce_all(tf.math.is_finite(x))
+    return solve
+  return factorize
+
+
+def _own_factorization(linearization, free, products=None):
+  """As `_dense_factorization` by the linearization's own
+  `damped_solver(1, diag(1 - free) + shift, products)` (the block sparse
+  Cholesky, the Schur complement; `products`: H's blocks instead of
+  J^T J's): factored once per shift, solved per right-hand side."""
+  def factorize(shift):
+    damped = linearization.damped_solver(
+        tf.ones([], shift.dtype), (1.0 - free) + shift * free,
+        products=products)
+
+    def solve(v):
+      outcome = damped(None, v)
+      x = -outcome.solution * free
+      return x, outcome.converged & tf.reduce_all(tf.math.is_finite(x))
+    return solve
+  return factorize
+
+
+def _gram_product(linearization, free):
+  """v -> J^T J v on `free`, v off it."""
+  return lambda v: linearization.rmatvec(linearization.matvec(v * free)) * (
+      free) + (1.0 - free) * v
+
+
+# At most this many null directions are found (`_null_projector`): a 3-D
+# similarity gauge has 7.
+NULL_PROBES = 8
+
+
+def _null_projector(regularized, product, root, free, delta, null_level):
+  """(v -> P_N v, ok): the Euclidean orthogonal projector onto the null
+  space N of H (up to NULL_PROBES dimensions), found with the factor of
+  H + delta D (`regularized`): one step of subspace iteration from fixed
+  probes in scaled coordinates, two steps of subspace iteration
+  Y = D^1/2 (H + delta D)^-1 D^1/2 X (null directions amplified by
+  1 / delta, an eigenvalue lambda of H_s by 1 / (lambda + delta); the
+  range's share of Y falls to (delta / lambda)^2), orthonormalized, and
+  the Ritz pairs (theta, y) of H_s on it: those of |theta| <= null_level
+  (4 rho) span D^1/2 N; N is their image under D^-1/2. ok: every solve
+  finite, and no Ritz value in (null_level, delta]: an eigenvalue that
+  is neither null nor resolved by the Tikhonov steps (their answer would
+  be off along it: NaN instead)."""
+  dtype = root.dtype
+  n = root.shape[0] if root.shape[0] is not None else NULL_PROBES
+  count = min(NULL_PROBES, n)
+  index = tf.cast(tf.range(tf.size(root)), dtype)
+  basis, ok = tf.stack([free * tf.sin(index * (0.7548776662 * (i + 1)) +
+                                      0.5698403 * i)
+                         for i in range(count)], 1), tf.constant(True)
+  for _ in range(2):  # subspace iteration
+    columns = []
+    for i in range(count):
+      y, solved = regularized(root * basis[:, i])
+      columns.append(root * y)
+      ok &= solved
+    basis, _ = tf.linalg.qr(tf.where(ok, tf.stack(columns, 1),
+                                     tf.zeros_like(basis)))  # scaled
+  scaled_product = lambda v: product(v / root) / root
+  image = tf.stack([scaled_product(basis[:, i]) for i in range(count)], 1)
+  ritz = tf.matmul(basis, image, transpose_a=True)
+  values, vectors = tf.linalg.eigh(0.5 * (ritz + tf.transpose(ritz)))
+  null = tf.cast(tf.abs(values) <= null_level, dtype)
+  # An eigenvalue that delta hides but that is not at the rounding level:
+  # the Tikhonov answer would be wrong along it.
+  ok &= tf.reduce_all((tf.abs(values) <= null_level) | (tf.abs(values) >
+                                                         delta))
+  directions = tf.matmul(basis, vectors) * null / root[:, tf.newaxis]
+  gram = tf.matmul(directions, directions, transpose_a=True) + tf.linalg.diag(
+      1.0 - null)
+  ok &= tf.reduce_all(tf.math.is_finite(gram))
+  gram = tf.where(ok, gram, tf.eye(count, dtype=dtype))
+  directions = tf.where(ok, directions, tf.zeros_like(directions))
+
+  def project(v):
+    coefficients = tf.linalg.solve(gram, tf.linalg.matvec(
+        directions, v, transpose_a=True)[:, tf.newaxis])[:, 0]
+    return tf.linalg.matvec(directions, coefficients) * free
+  return project, ok
+
+
+def _factored_solve(factorize, product, rhs, free, norms, exact,
+                    iterative=False):
+  r"""w with H_FF w_F = rhs_F on the `free` coordinates F ([n], 0 or 1),
+  w = 0 off F, by a factorization (`factorize(shift [n])` -> v ->
+  ((H + diag(1 - free) + diag(shift))^-1 v, ok)); `product`: v -> H v on
+  F, v off F. Returns (w, ok): w is NaN where no trustworthy answer exists
+  (ok: J is finite, `norms` = diag(J^T J)).
+
+  Every judgement is made in Jacobi-scaled coordinates: with
+  D = diag(J^T J) (1 off F), H_s = D^-1/2 H D^-1/2, w_s = D^1/2 w,
+  rhs_s = D^-1/2 rhs. Changing one variable's units (x_j -> c x_j)
+  scales J's column j by c, H's row and column j by c and D_j by c^2:
+  H_s, w_s and rhs_s do not change, so neither does any decision (an
+  absolute shift delta I would). Let rho, rho_high = `rounding_levels`
+  (eps the dtype's, rho about 8 n eps).
+
+  1. First solve and one step of iterative refinement with the same
+     factor: w = w0 + H^-1 (rhs - H w0) (its residual is the rounding of
+     a backward-stable solve).
+  2. Is lambda_min(H_s) at the rounding level? Two steps of inverse
+     iteration with the same factor on a fixed probe q (z = H_s^-1 q,
+     then H_s^-1 z / ||z||) give lambda_p = 1 / ||H_s^-1 z / ||z|| || >=
+     lambda_min, and the solve itself lambda_r = ||rhs_s|| / ||w_s||
+     (>= the least eigenvalue that rhs excites). The first solve is
+     refused where the factorization failed (a negative or rounding-size
+     pivot), where lambda_r <= rho (rhs excites a rounding-level
+     direction: w is rhs_N / pivot, and the rounding of that huge w
+     pollutes its range part), or where lambda_p <= rho and
+     lambda_r <= rho_high (a rounding-level pivot, and rhs excites small
+     directions enough that, through it, the error bound
+     eps / (rho_high lambda) of the range part is not small). Otherwise
+     (H nonsingular beyond rounding, however ill-conditioned: cond(H_s)
+     up to 1 / rho, 4e13 in float64 for n = 14) it is accepted: the
+     direct solve is then as good as H's condition allows (about
+     eps cond(H_s)), which no regularization could improve.
+  3. A refused first solve, exact H: H + rho D must factor (then
+     lambda_min(H_s) >= -rho: H is positive semidefinite up to rounding,
+     a null space); where it does not, H has an eigenvalue below -rho
+     (indefinite: not a minimum) and w is NaN. A negative eigenvalue that
+     a larger shift would hide is therefore never hidden. (J^T J needs no
+     such check.)
+  4. The null space: iterated Tikhonov with the factor of
+     H + delta D, delta = sqrt(eps) (TIKHONOV_STEPS steps):
+     w_{k+1} = w_k + (H + delta D)^-1 (rhs - H w_k). Along an eigenvector
+     of H_s with eigenvalue lambda > 0 the error of w falls by
+     delta / (lambda + delta) per step, so after k steps w is the
+     pseudo-inverse's answer on H's range to (delta / lambda)^k (in
+     float32, delta = 3.4e-4: 1e-3 at a range condition of 1000 where one
+     step leaves 0.3), while a null direction (lambda = 0) accumulates
+     k rhs_N / delta, which the derivative does not see (J w for
+     Gauss-Newton; for the exact H of a gauge-invariant cost, g is
+     orthogonal to the gauge for every theta, so (dg/dtheta)^T w ignores
+     it).
+  5. Exact H (every answer): w^T H w >= -rho ||w_s||^2 and, for the last
+     Tikhonov update d, d^T H d >= -rho ||d_s||^2: a negative eigenvalue
+     -mu excited by rhs grows d by (delta / (delta - mu))^k and makes its
+     curvature negative (a solver that certifies nothing, the iterative
+     Schur complement's conjugate gradients; for the factorizations, step
+     3 already refused it).
+
+  `iterative` (the iterative Schur complement: conjugate gradients on S,
+  no factor to reuse, each solve a full CG): no probe, the first solve
+  (with its refinement) accepted where its own signal says converged;
+  else the conjugate-gradient backward's Euclidean retry
+  (`_conjugate_gradient_solve`, stages 2 and 3: H + delta I, delta =
+  sqrt(eps) max_j D_j, one Tikhonov step that must settle), 4 solves at
+  most instead of about 25.
+
+  What is not distinguished: an eigenvalue between rho and rho_high on an
+  H that also has a rounding-level one, excited by rhs, is treated as
+  null (its component of w is the Tikhonov one, not rhs / lambda).
+  """
+  dtype = rhs.dtype
+  eps = float(np.finfo(dtype.as_numpy_dtype).eps)
+  rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
+  rho, rho_high = rounding_levels(dtype, tf.reduce_sum(free))
+  scaling = tf.where(free > 0, norms, tf.ones_like(norms))
+  scaling = tf.where(scaling > 0, scaling, tf.ones_like(scaling))
+  root = tf.sqrt(scaling)
+  size = lambda v: tf.sqrt(tf.reduce_sum(tf.square(v)))
+  rhs_size = size(rhs / root)
+  tiny = np.finfo(dtype.as_numpy_dtype).tiny
+
+  first = factorize(tf.zeros_like(rhs))
+  w, solved = first(rhs)
+  correction, refined = first(rhs - product(w))
+  w, solved = w + correction, solved & refined
+  if iterative:  # (no probe: `accepted` is the solver's own signal)
+    probed, probe_level = tf.constant(True), tf.constant(np.inf, dtype)
+  else:
+    probe = free * tf.sin(tf.cast(tf.range(tf.size(rhs)), dtype) *
+                          2.399963 + 1.0)
+    z, probed = first(root * probe / size(probe))
+    z, probed = first(root * root * z / tf.maximum(size(root * z), tiny))
+    probe_level = 1.0 / tf.maximum(size(root * z), tiny)
+  rhs_level = rhs_size / tf.maximum(size(root * w), tiny)
+  singular = ((rhs_level <= rho) |
+              ((probe_level <= rho) | ~probed) &
+              (rhs_level <= rho_high))
+  accepted = solved & ~singular
+
+  def euclidean_retry():  # an iterative solver: as the CG backward's
+    delta = np.sqrt(eps) * tf.reduce_max(norms)
+    regularized = factorize(delta * tf.ones_like(rhs))
+    w, ok = regularized(rhs)
+    update, converged = regularized(rhs - product(w))
+    smallest = tf.reduce_min(tf.where(free > 0, norms, tf.fill(
+        tf.shape(norms), tf.constant(np.inf, dtype))))
+    settled = (size(product(update) * free / root) <=
+               RETRY_TOLERANCE * rhs_size) & (
+                   smallest > delta / RETRY_TOLERANCE)
+    return w + update, update, ok & converged & settled
+
+  def tikhonov():
+    certified = tf.constant(True)
+    if exact:
+      certified = factorize(rho * scaling)(rhs)[1]
+    regularized = factorize(np.sqrt(eps) * scaling)
+    project, found = _null_projector(regularized, product, root, free,
+                                     np.sqrt(eps), 4.0 * rho)
+    consistent = rhs - project(rhs)
+    w = tf.zeros_like(rhs)
+    update = tf.zeros_like(rhs)
+    ok = certified & found
+    for _ in range(TIKHONOV_STEPS):
+      update, converged = regularized(consistent - product(w))
+      w += update
+      ok &= converged
+    return w - project(w), update, ok
+
+  if iterative:
+    accepted = solved
+  w, update, solved = tf.cond(
+      accepted, lambda: (w, tf.zeros_like(w), solved),
+      euclidean_retry if iterative else tikhonov)
+  if exact:
+    def flat(v):
+      v = tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
+      return (tf.reduce_sum(v * product(v) * free) >=
+              -rho * tf.reduce_sum(tf.square(root * v)))
+    solved &= flat(w) & flat(update)
+  w = tf.where(solved, w, tf.fill(tf.shape(w), tf.constant(np.nan, dtype)))
+  return w, _batch.all_finite(norms, 0)
 
 
 # -- chunked data ----------------------------------------------------------------

@@ -206,14 +206,15 @@ class SchurComplement(_block_sparse.BlockSparse):
   tolerance = ITERATIVE_TOLERANCE
   max_iterations = ITERATIVE_MAX_ITERATIONS
 
-  def damped_solver(self, regularization, scaling=None):
+  def damped_solver(self, regularization, scaling=None, products=None):
     """Returns solve(residual, gradient) -> the `_linear_solvers.
     SolveOutcome` of delta [n] for lambda =
     regularization ([]) and D = diag(scaling) ([n], or None for I): the
     reduced system by dense Cholesky, or by conjugate gradients on the
     implicit S (`iterative`), then the points by back-substitution
-    (module docstring)."""
-    elimination = self.eliminate(regularization, scaling)
+    (module docstring). With `products` (`eliminate`), of that matrix +
+    lambda D instead of J^T J + lambda D."""
+    elimination = self.eliminate(regularization, scaling, products)
     if self.iterative:
       reduced_solve = self._conjugate_gradients(elimination)
     else:
@@ -222,15 +223,32 @@ class SchurComplement(_block_sparse.BlockSparse):
           tf.linalg.cholesky_solve(factor, rhs[:, tf.newaxis])[:, 0])
     return self._solver(elimination, reduced_solve)
 
-  def eliminate(self, regularization, scaling=None):
+  def eliminate(self, regularization, scaling=None, products=None):
     """The `Elimination` of the damped system (lambda = regularization,
-    D = diag(scaling) or I)."""
+    D = diag(scaling) or I).
+
+    `products`: None (J^T J), or (term number, slot a, slot b) ->
+    [K, d_a, d_b], the per-edge blocks of another symmetric matrix of
+    J^T J's sparsity (the exact Hessian of the cost:
+    `_block_sparse.EdgeHessian.pair`), whose U, V and W then replace
+    J^T J's. Its point-point part is block diagonal too: an edge reads
+    one point, so no block couples two points, whatever the edge's
+    second derivatives (robust loss and retraction included). Its
+    diagonal is taken as it is (a zero or negative entry is left to fail
+    V's or S's factorization: no floor of 1 as for J^T J's unseen rows;
+    coordinates to hold get 1 through `scaling`)."""
     structure, layout = self.structure, self.layout
     reduced = layout.tables[structure.reduced]
     eliminated = layout.tables[structure.eliminated]
     dtype = self.blocks[0].dtype
     gram_r, gram_e, cross = [], [], []
-    for slots, (slot_r, slot_e) in zip(self._by_term(), structure.slots):
+    for number, (slots, (slot_r, slot_e)) in enumerate(
+        zip(self._by_term(), structure.slots)):
+      if products is not None:
+        gram_r.append(products(number, slot_r, slot_r))
+        gram_e.append(products(number, slot_e, slot_e))
+        cross.append(products(number, slot_r, slot_e))
+        continue
       block_r, block_e = slots[slot_r][2], slots[slot_e][2]
       gram_r.append(tf.einsum("kra,krb->kab", block_r, block_r))
       gram_e.append(tf.einsum("kra,krb->kab", block_e, block_e))
@@ -243,7 +261,8 @@ class SchurComplement(_block_sparse.BlockSparse):
     def damped(gram, index, table, extra):
       block = tf.math.unsorted_segment_sum(gram, index, table.size)
       diagonal = tf.linalg.diag_part(block) + extra
-      diagonal = tf.where(diagonal > 0, diagonal, tf.ones_like(diagonal))
+      if products is None:
+        diagonal = tf.where(diagonal > 0, diagonal, tf.ones_like(diagonal))
       return tf.linalg.set_diag(block, diagonal)
 
     u = damped(_concat(gram_r), self._reduced_index(), reduced,

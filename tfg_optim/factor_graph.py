@@ -494,16 +494,18 @@ def least_squares(variables, terms, *, damping=None,
       edge's rows) by reverse-over-reverse differentiation in the backward
       pass, and g = J^T F by one more reverse pass in the forward pass.
       The backward solve: the dense Cholesky of H for 'cholesky', the
-      block sparse Cholesky of H for 'sparse_cholesky', conjugate
-      gradients on H v (block-Jacobi of J^T J) for 'cg', 'schur' and
-      'iterative_schur'. H must be positive definite on the free
-      coordinates (after one retry with H + delta I, delta = sqrt(eps)
-      times the largest diagonal entry of J^T J, of H for 'cholesky'):
-      where a factorization fails or conjugate gradients stop short
-      (negative curvature), every derivative through the solve is NaN (a
-      gradient of the cost alone needs no solve and stays the envelope
-      one). (Conjugate gradients may also converge on an indefinite H:
-      then the derivative is that of the stationary point.) Forward mode
+      block sparse Cholesky of H for 'sparse_cholesky', the Schur
+      complement of H (points eliminated from H's blocks, which are block
+      diagonal among points as J^T J's: an edge reads one point) for
+      'schur' and 'iterative_schur', conjugate gradients on H v
+      (block-Jacobi of J^T J) for 'cg'. Every judgement of the backward
+      solve is made in Jacobi-scaled coordinates (`_implicit.
+      _factored_solve`, `_implicit._conjugate_gradient_solve`): a
+      nonsingular H keeps its direct solve however ill-conditioned; a
+      singular one (a gauge) gets the pseudo-inverse's answer; an
+      indefinite one, or one the solver cannot resolve, a NaN derivative
+      through the solve (a gradient of the cost alone needs no solve and
+      stays the envelope one); docs/differentiation.md. Forward mode
       is refused, as for 'gauss_newton'.
     name: name scope of the ops.
 
