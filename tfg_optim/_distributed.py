@@ -302,16 +302,17 @@ class DistributedKind:
 
   def _sum(self, terms, point, zeros):
     """sum over replicas of terms(point, shard), all-reduced: a vector
-    shaped like `zeros`. Under `tf.stop_gradient`: the loop is never
-    differentiated (its gradients are implicit, `fold`), and an
-    all-reduce's own gradient, which TensorFlow builds for a `tf.cond` of
-    the loop when a persistent tape watches the data, would need a
-    replica context that the loop's trace does not have."""
+    shaped like `zeros`. Its input and output under `tf.stop_gradient`:
+    the loop is never differentiated (its gradients are implicit, `fold`),
+    and an all-reduce's own gradient, which TensorFlow builds for a
+    `tf.cond` of the loop when a persistent tape watches the data (and a
+    forward accumulator for every op it tracks), would need a replica
+    context that the loop's trace does not have."""
     if self.dataset is not None:
       return self._dataset_sum(terms, point, zeros)
     def replica_sum(point, rows):
       return tf.stop_gradient(tf.distribute.get_replica_context().all_reduce(
-          _SUM, terms(point, rows), options=self.options))
+          _SUM, tf.stop_gradient(terms(point, rows)), options=self.options))
     summed = self.strategy.run(replica_sum, args=(point, self.shards))
     return self.strategy.experimental_local_results(summed)[0]
 
@@ -344,7 +345,8 @@ class DistributedKind:
     summed = strategy.run(  # (identity: a tensor placed on the replica.)
         lambda total: tf.stop_gradient(
             tf.distribute.get_replica_context().all_reduce(
-                _SUM, tf.identity(total), options=self.options)),
+                _SUM, tf.stop_gradient(tf.identity(total)),
+                options=self.options)),
         args=(totals,))
     summed = strategy.experimental_local_results(summed)[0]
     return _chunked.require_rows(summed[-1], summed[:-1])
