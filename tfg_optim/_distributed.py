@@ -46,6 +46,14 @@ A batch of independent problems (`batch_dims` > 0) is split instead
 (`split_batch`): each replica solves its part of the batch alone, and the
 results are gathered once at the end.
 
+Gradients are implicit, those of chunked data (`_implicit.attach_chunked`)
+with its backward pass over the rows split over the replicas (`fold`):
+every replica solves J^T J w = P^T x_bar with the all-reduced J^T J of the
+solver's state, sums its shard's theta_bar_r = (dF_r/dtheta)^T u_r,
+u_r = c_bar' F_r - J_r w, and computes its rows of the data's cotangent;
+one SUM all-reduce of the theta_bar_r (the size of the captured tensors
+and variables) is the backward pass's only communication.
+
 A worker that dies leaves the others waiting in a collective; each
 all-reduce has a completion timeout (the strategy's own
 `CommunicationOptions(timeout_seconds=...)` if it has one, else
