@@ -14,7 +14,9 @@ Each child prints one JSON line; the test holds the solves to the
 single-device solve (the summation order is the only difference), to the
 non-finite rule, a batch of independent problems split over the workers to
 the single-device batch, and a dead worker to a failure naming it within
-the all-reduce timeout.
+the all-reduce timeout. Implicit gradients through the solve (over 2 of
+worker 0's devices, and over the two workers): the single-device gradient,
+central differences of re-solves, zero for a NaN shard.
 """
 
 import json
@@ -90,6 +92,63 @@ def _solve_batch(strategy=None):
               truth=np.stack([a, b], 1).tolist())
 
 
+_GRADIENTS = {}  # The traced gradient function, shared by the cells.
+_WEIGHTS = (1.0, 2.0, 3.0, 0.5)  # L = a* + 2 b* + 3 cost + 0.5 ||F||.
+
+
+def _gradient_function():
+  """(strategy, weights, scale, t, y) -> the loss
+  L = w . (a*, b*, cost, ||F||) of the fit of scale a exp(b t) + offset t
+  to y (scale captured, offset a captured tf.Variable, both 1 and 0 here:
+  the fit of `_solve`) and its implicit gradients with respect to scale,
+  offset, t and y, in one tf.function (traced once per strategy)."""
+  if not _GRADIENTS:
+    offset = tf.Variable(0.0, dtype=tf.float64)
+
+    def gradients(strategy, weights, scale, t, y):
+      with tf.GradientTape() as tape:
+        tape.watch([scale, t, y])
+        result = tfg_optim.least_squares(
+            lambda a, b, t, y: scale * a * tf.exp(b * t) + offset * t - y,
+            [tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)],
+            data=(t, y), strategy=strategy, geodesic_acceleration=None)
+        loss = tf.reduce_sum(weights * tf.stack(
+            list(result.position) + [result.cost, tf.norm(result.residual)]))
+      return [loss, tf.stack(result.position)] + tape.gradient(
+          loss, [scale, offset, t, y])
+
+    _GRADIENTS["function"] = tf.function(gradients, autograph=False)
+  return _GRADIENTS["function"]
+
+
+def _gradients(strategy=None, data=None, weights=_WEIGHTS, scale=1.0):
+  """The loss, the solution (a*, b*) and the gradients of
+  `_gradient_function`, as lists."""
+  t, y = _problem() if data is None else data
+  values = _gradient_function()(
+      strategy, *[tf.constant(v, tf.float64) for v in (weights, scale, t, y)])
+  return dict(zip(("loss", "position", "scale", "offset", "t", "y"),
+                  [v.numpy().tolist() for v in values]))
+
+
+def _finite_differences(strategy, step=1e-4):
+  """Central differences of re-solves against the implicit gradient, on
+  the noise-free fit y = 2 exp(-1.3 t) (a zero residual at the solution:
+  Gauss-Newton's derivative is exact there), in the direction
+  (scale, t, y) += step (1, 0.1 cos(3 t), 0.2 sin(5 t)), for
+  L = a* + 2 b* + 3 cost: (the difference, the implicit value)."""
+  t = _problem()[0]
+  y = 2.0 * np.exp(-1.3 * t)
+  dt, dy = 0.1 * np.cos(3.0 * t), 0.2 * np.sin(5.0 * t)
+  weights = (1.0, 2.0, 3.0, 0.0)  # (||F|| is not differentiable at 0.)
+  at = _gradients(strategy, (t, y), weights)
+  losses = [_gradients(strategy, (t + sign * step * dt, y + sign * step * dy),
+                       weights, 1.0 + sign * step)["loss"]
+            for sign in (1.0, -1.0)]
+  return ((losses[0] - losses[1]) / (2.0 * step),
+          at["scale"] + np.dot(at["t"], dt) + np.dot(at["y"], dy))
+
+
 def _batches(size):
   """The rows of `_problem` as a dataset of batches of `size` rows."""
   return tf.data.Dataset.from_tensor_slices(_problem()).batch(size)
@@ -150,6 +209,17 @@ def _mirrored_solves(signal):
     # Each batch's terms compiled by XLA (per batch shape: 100, 1 and 0).
     out["two_dataset_xla"] = _solve(two, data=_batches(200),
                                     jit_compile_replicas=True)
+  # Implicit gradients (one traced function per strategy; the NaN and
+  # finite-difference cells rerun the traced one).
+  begin = time.process_time()
+  # One device: the dense path, without the ||F|| term (whose derivative
+  # there has the term g . dx*/dtheta, O(||g||) at the point the solve
+  # stops: the distributed (and chunked) ||F|| has the envelope theorem's).
+  out["gradient_single"] = _gradients(weights=_WEIGHTS[:3] + (0.0,))
+  out["gradient_two"] = _gradients(two)
+  out["gradient_two_nan"] = _gradients(two, data=_with_nan(900))
+  out["gradient_differences"] = _finite_differences(two)
+  out["gradient_cpu_seconds"] = time.process_time() - begin
   out["replicas"] = [two.num_replicas_in_sync, four.num_replicas_in_sync]
   out["batch"] = _solve_batch()
   return out
@@ -174,6 +244,9 @@ def _worker_child(index, signal):
                                  data=_per_replica_batches(strategy))
   out.update(multi_nan=_solve(strategy, data=_with_nan(700)),  # worker 1's
              multi_batch=_solve_batch(strategy))
+  begin = time.process_time()
+  out["multi_gradient"] = _gradients(strategy)
+  out["multi_gradient_cpu_seconds"] = time.process_time() - begin
   if index == 1:  # Dies: worker 0's next solve must fail, naming it.
     # Not before worker 0 has the NaN solve's results (its last all-reduce
     # may still read from this worker): it touches `signal`.
@@ -295,6 +368,53 @@ def _check_mirrored(out):
   assert out["four_nan"]["iterations"] == 0
 
 
+def _norm_gradient(position):
+  """d||F|| / d(scale, offset, t, y) at fixed (a, b) (the envelope
+  theorem), F = scale a exp(b t) + offset t - y at scale 1, offset 0:
+  F . dF/dtheta / ||F||, and ||F||."""
+  (a, b), (t, y) = position, _problem()
+  exp = a * np.exp(b * t)
+  residual = exp - y
+  norm = np.linalg.norm(residual)
+  return (dict(scale=residual @ exp / norm, offset=residual @ t / norm,
+               t=residual * b * exp / norm, y=-residual / norm), norm)
+
+
+def _same_gradient(result, single, rows=slice(None)):
+  """The single-device gradient plus the ||F|| term's closed form, but for
+  rounding: theta_bar (scale, offset) whole, data_bar in `rows` (zero in
+  the other rows)."""
+  norm_bar, norm = _norm_gradient(result["position"])
+  weight = _WEIGHTS[3]
+  np.testing.assert_allclose(result["position"], single["position"],
+                             rtol=1e-12)
+  np.testing.assert_allclose(result["loss"], single["loss"] + weight * norm,
+                             rtol=1e-12)
+  for name in ("scale", "offset", "t", "y"):
+    want = np.asarray(single[name]) + weight * norm_bar[name]
+    if name in ("t", "y"):
+      kept = np.zeros(_N)
+      kept[rows] = want[rows]
+      want = kept
+    np.testing.assert_allclose(result[name], want, rtol=1e-9,
+                               atol=1e-9 * np.max(np.abs(want)),
+                               err_msg=name)
+
+
+def _check_gradients(out):
+  """MirroredStrategy over 2 devices: the single-device (dense) implicit
+  gradient; central differences of re-solves; a NaN: zero gradients."""
+  single = out["gradient_single"]
+  assert all(abs(single[name]) > 1e-3 for name in ("scale", "offset"))
+  _same_gradient(out["gradient_two"], single)
+  difference, implicit = out["gradient_differences"]
+  np.testing.assert_allclose(difference, implicit, rtol=1e-6)
+  nan = out["gradient_two_nan"]  # NOT_FINITE: a zero gradient (the docs).
+  assert np.isnan(nan["loss"])
+  for name in ("scale", "offset", "t", "y"):
+    assert not np.any(nan[name]), name
+
+
 def _same_batch(result, single):
   np.testing.assert_allclose(single["position"], single["truth"], atol=0.02)
   assert result["stop"] == single["stop"]
@@ -316,6 +436,13 @@ def _check_workers(zero, one, single, batch):
     # A batch split over the workers (2 + 3 problems), solved with no
     # communication and gathered on both: the single-device results.
     _same_batch(out["multi_batch"], batch)
+  # Implicit gradients: theta_bar all-reduced (whole on both workers), each
+  # worker's data_bar its own rows (500 and 501), zero elsewhere.
+  gradient = zero["gradient_single"]
+  _same_gradient(zero["multi_gradient"], gradient, slice(0, _N // 2))
+  _same_gradient(one["multi_gradient"], gradient, slice(_N // 2, _N))
+  for name in ("loss", "scale", "offset"):
+    assert zero["multi_gradient"][name] == one["multi_gradient"][name]
 
 
 def _check_dead_worker(zero):
@@ -342,6 +469,8 @@ def test_strategies_equal_one_device_stop_on_nan_and_name_a_dead_worker(
 
   try:
     check("MirroredStrategy over 2 and 4 logical CPUs", _check_mirrored,
+          "worker0")
+    check("implicit gradients over 2 logical CPUs", _check_gradients,
           "worker0")
     single = children["worker0"].result()["single"]
     batch = children["worker0"].result()["batch"]

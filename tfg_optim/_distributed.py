@@ -46,6 +46,14 @@ A batch of independent problems (`batch_dims` > 0) is split instead
 (`split_batch`): each replica solves its part of the batch alone, and the
 results are gathered once at the end.
 
+Gradients are implicit, those of chunked data (`_implicit.attach_chunked`)
+with its backward pass over the rows split over the replicas (`fold`):
+every replica solves J^T J w = P^T x_bar with the all-reduced J^T J of the
+solver's state, sums its shard's theta_bar_r = (dF_r/dtheta)^T u_r,
+u_r = c_bar' F_r - J_r w, and computes its rows of the data's cotangent;
+one SUM all-reduce of the theta_bar_r (the size of the captured tensors
+and variables) is the backward pass's only communication.
+
 A worker that dies leaves the others waiting in a collective; each
 all-reduce has a completion timeout (the strategy's own
 `CommunicationOptions(timeout_seconds=...)` if it has one, else
@@ -75,8 +83,8 @@ _SUM = tf.distribute.ReduceOp.SUM
 
 
 def check_strategy(strategy, gradients, eager_compile):
-  """The `gradients` mode of a solve over `strategy`: 'none' (no gradient
-  through the all-reduces yet; the outputs are stopped).
+  """The `gradients` mode of a solve over `strategy`: 'implicit' (the
+  backward pass of `DistributedKind.fold`) or 'none'.
 
   Raises:
     TypeError / ValueError naming 'strategy' (or 'gradients') for what a
@@ -90,7 +98,7 @@ def check_strategy(strategy, gradients, eager_compile):
   if gradients == "unrolled":
     raise ValueError("'strategy' does not support gradients='unrolled' "
                      "(no gradient through the all-reduces); pass "
-                     "gradients='none'.")
+                     "gradients='implicit' or 'none'.")
   if _linear_solvers.in_xla():
     raise ValueError("'strategy' cannot run under XLA (jit_compile=True): "
                      "strategy.run and the all-reduces stay outside XLA; "
@@ -98,7 +106,7 @@ def check_strategy(strategy, gradients, eager_compile):
   if eager_compile is False and tf.executing_eagerly():
     raise ValueError("'strategy' needs a compiled solve: eager_compile=False "
                      "is not supported with it.")
-  return "none"
+  return gradients
 
 
 def check_jit_compile_replicas(jit_compile_replicas, strategy, batch_dims):
@@ -201,6 +209,7 @@ class DistributedKind:
                dtype, strategy, jit_compile=False):
     self.strategy = strategy
     self.options = communication_options(strategy)
+    self.jit_compile = jit_compile
     n = tangent_dim
     zero = lambda *shape: tf.zeros(shape, dtype)
     self.dataset = self.plain_dataset = None
@@ -214,6 +223,7 @@ class DistributedKind:
         return [tf.identity(t) for t in rows]
 
       self.shards = strategy.run(take_shard)
+      self.length = _length(data)
 
     def fold(function, zeros, rows):
       if chunk_size is None:
@@ -249,14 +259,68 @@ class DistributedKind:
     self.count = lambda point: tf.cast(self._sum(
         count_terms, point, tf.zeros([1], tf.int64))[0], tf.int32)
 
+  def fold(self, local_pass):
+    """The backward pass of `_implicit.attach_chunked` over the replicas:
+    (sums, rows).
+
+    Each replica runs local_pass(its shard) -> (sums, rows): its shard's
+    terms of theta_bar = sum_r (dF_r/dtheta)^T u_r, and the rows of
+    data_bar = (dF_r/d data_r)^T u_r, with u_r = c_bar' F_r - J_r w from
+    the w that every replica solved alike from the all-reduced J^T J. The
+    sums are all-reduced (SUM, one all-reduce per dtype: the number of
+    entries of the captured tensors and variables, n_theta; none without
+    any), so every replica and worker gets the whole theta_bar, the
+    single-device one up to the order of summation. The rows are not
+    communicated: the replicas' rows of this process, concatenated in
+    replica order, and, over several workers, zero in the other workers'
+    rows (a worker's solve reads only its own replicas' rows of its
+    `data`, so its solution depends on no other row of its tensors; the
+    workers' data_bar add up to the single-device one).
+
+    `jit_compile`: each replica's pass is compiled by XLA, as the forward
+    passes are.
+    """
+    strategy = self.strategy
+    multi_worker = isinstance(strategy,
+                              tf.distribute.MultiWorkerMirroredStrategy)
+    length = self.length
+    if self.jit_compile:
+      local_pass = tf.function(local_pass, autograph=False, jit_compile=True)
+
+    def replica_pass(rows):
+      sums, pieces = local_pass(list(rows))
+      sums = _all_reduce_flat([tf.convert_to_tensor(t) for t in sums],
+                              self.options)
+      if not multi_worker:
+        return sums, pieces
+      replica, count = _replica_index()
+      start, stop = bounds(length, replica, count)
+      return sums, pieces, tf.cast(tf.stack([start, stop]), tf.int64)
+
+    outputs = strategy.run(replica_pass, args=(self.shards,))
+    local = strategy.experimental_local_results
+    sums = [local(t)[0] for t in outputs[0]]
+    rows = [tf.concat(local(t), 0) for t in outputs[1]]
+    if multi_worker:  # Zero in the other workers' rows.
+      start, stop = local(outputs[2])[0][0], local(outputs[2])[-1][1]
+      after = tf.cast(length, tf.int64) - stop
+      rows = [tf.pad(t, tf.concat([[[start, after]], tf.zeros(
+          [t.shape.rank - 1, 2], tf.int64)], 0)) for t in rows]
+    return sums, rows
+
   def _sum(self, terms, point, zeros):
     """sum over replicas of terms(point, shard), all-reduced: a vector
-    shaped like `zeros`."""
+    shaped like `zeros`. Its input and output under `tf.stop_gradient`:
+    the loop is never differentiated (its gradients are implicit, `fold`),
+    and an all-reduce's own gradient, which TensorFlow builds for a
+    `tf.cond` of the loop when a persistent tape watches the data (and a
+    forward accumulator for every op it tracks), would need a replica
+    context that the loop's trace does not have."""
     if self.dataset is not None:
       return self._dataset_sum(terms, point, zeros)
     def replica_sum(point, rows):
-      return tf.distribute.get_replica_context().all_reduce(
-          _SUM, terms(point, rows), options=self.options)
+      return tf.stop_gradient(tf.distribute.get_replica_context().all_reduce(
+          _SUM, tf.stop_gradient(terms(point, rows)), options=self.options))
     summed = self.strategy.run(replica_sum, args=(point, self.shards))
     return self.strategy.experimental_local_results(summed)[0]
 
@@ -287,8 +351,11 @@ class DistributedKind:
     _, totals = tf.while_loop(lambda optional, _: optional.has_value(), body,
                               (first, totals), parallel_iterations=1)
     summed = strategy.run(  # (identity: a tensor placed on the replica.)
-        lambda total: tf.distribute.get_replica_context().all_reduce(
-            _SUM, tf.identity(total), options=self.options), args=(totals,))
+        lambda total: tf.stop_gradient(
+            tf.distribute.get_replica_context().all_reduce(
+                _SUM, tf.stop_gradient(tf.identity(total)),
+                options=self.options)),
+        args=(totals,))
     summed = strategy.experimental_local_results(summed)[0]
     return _chunked.require_rows(summed[-1], summed[:-1])
 
@@ -304,6 +371,30 @@ class DistributedKind:
   def restore(self, tensors, point):
     del point
     return _chunked.Gram(*tensors)
+
+
+def _all_reduce_flat(tensors, options):
+  """`tensors`, summed over the replicas (in the replica context) by one
+  SUM all-reduce per dtype of their flattened entries."""
+  if not tensors:
+    return []
+  groups = {}
+  for index, tensor in enumerate(tensors):
+    groups.setdefault(tensor.dtype, []).append(index)
+  flat = [tf.concat([tf.reshape(tensors[i], [-1]) for i in indices], 0)
+          for indices in groups.values()]
+  flat = tf.distribute.get_replica_context().all_reduce(_SUM, flat,
+                                                        options=options)
+  summed = [None] * len(tensors)
+  for indices, vector in zip(groups.values(), flat):
+    sizes = [tensors[i].shape.num_elements() for i in indices]
+    if None in sizes:
+      sizes = tf.stack([tf.size(tensors[i]) for i in indices])
+    pieces = tf.split(vector, sizes)
+    for i, piece in zip(indices, pieces):
+      summed[i] = tf.reshape(piece, tf.shape(tensors[i]))
+      summed[i].set_shape(tensors[i].shape)
+  return summed
 
 
 def distribute_dataset(strategy, dataset):

@@ -1098,11 +1098,11 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
 
 
 def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
-                   data, chunk_size):
-  """`results` of a chunked-data solve (`data_chunk_size`) whose position,
-  cost and residual ||F|| have Gauss-Newton implicit gradients, with
-  respect to the `data` tensors and to the tensors and `tf.Variable`s that
-  the residual captures.
+                   data, chunk_size, fold=None):
+  """`results` of a chunked-data solve (`data_chunk_size`, or a
+  `strategy`) whose position, cost and residual ||F|| have Gauss-Newton
+  implicit gradients, with respect to the `data` tensors and to the
+  tensors and `tf.Variable`s that the residual captures.
 
   J (N x n) never exists; the solver's state holds J^T [J | F] at x*. The
   backward pass Cholesky-solves J^T J w = P^T x_bar (`_masked_solve`, as the
@@ -1115,7 +1115,11 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
 
   with c_bar' = c_bar + rho_bar / rho (rho = ||F|| = sqrt(2 cost), whose
   derivative is that of the cost over rho by the envelope theorem): memory
-  O(K n) plus the data's own gradient, not O(N) intermediates. The forward
+  O(K n) plus the data's own gradient, not O(N) intermediates. The pass is
+  a sum over rows, so it splits over any partition of them (`fold`: over
+  the replicas of a strategy, whose J^T J is the all-reduced one, the same
+  on every replica): each part sums its own theta_bar terms (added over
+  the parts) and owns its rows of data_bar. The forward
   pass adds nothing but one trace of the chunk residual, which names the
   tensors and variables it captures (theta): they are the inputs of the
   custom gradient, so its cotangents reach them (and, through ordinary
@@ -1128,7 +1132,16 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
     chunk_residual: (point, chunk) -> [K_c] residuals of the chunk's rows.
     retract, coordinates: as in `attach_least_squares`.
     data: the list of data tensors [N, ...].
-    chunk_size: K.
+    chunk_size: K, or None for one chunk of all the rows (of each part, with
+      `fold`).
+    fold: optional; fold(local_pass) -> (sums, rows) runs the backward
+      pass over parts of the data and combines them: local_pass(part) (a
+      list of rows of the data tensors) returns the pass over that part's
+      chunks, (sums, rows): the theta_bar terms summed over its chunks and
+      the part's data_bar rows; `fold` returns the sums added over the
+      parts and the rows [N, ...] of every data tensor. Default:
+      local_pass(data), one part. `_distributed.DistributedKind.fold` runs
+      it on every replica's shard, with one SUM all-reduce of the sums.
 
   Returns:
     `results` with `position`, `cost` and `residual` replaced by
@@ -1182,9 +1195,10 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
                            output_gradients=cotangent,
                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    sums, rows = _map_chunks(data, chunk_size, chunk_bars,
-                             captured + variables,
-                             [data[i] for i in data_slots])
+    local_pass = lambda part: _map_chunks(
+        part, chunk_size, chunk_bars, captured + variables,
+        [part[i] for i in data_slots])
+    sums, rows = (fold or (lambda run: run(data)))(local_pass)
     bars = [tf.where(ok, bar, tf.zeros_like(bar)) for bar in sums + rows]
     return [None] * (num_points + 2) + bars
 
@@ -1204,7 +1218,8 @@ def _captures(chunk_residual, point, data, chunk_size):
   flat_point = tf.nest.flatten(point)
   specs = [tf.TensorSpec(t.shape, t.dtype) for t in flat_point]
   rows = next((t.shape[0] for t in data if t.shape[0] is not None), None)
-  rows = chunk_size if rows is None else min(rows, chunk_size)
+  if chunk_size is not None:
+    rows = chunk_size if rows is None else min(rows, chunk_size)
   chunk_specs = [tf.TensorSpec([rows] + t.shape[1:].as_list(), t.dtype)
                  for t in data]
 
@@ -1225,13 +1240,17 @@ def _map_chunks(data, chunk_size, function, sum_like, row_like):
   `function(chunk)` returns one tensor per `sum_like` tensor (summed over
   chunks), then one [K_c, ...] tensor per `row_like` tensor [N, ...]
   (concatenated over chunks, in a `tf.TensorArray` of static size where N
-  is static). Returns (sums, rows)."""
+  is static; `chunk_size` None: one chunk of all the rows). Returns
+  (sums, rows)."""
+  num_sums = len(sum_like)
+  if chunk_size is None:
+    values = function(list(data))
+    return list(values[:num_sums]), list(values[num_sums:])
   k = chunk_size
   length = next((t.shape[0] for t in data if t.shape[0] is not None),
                 None)
   if length is None:
     length = tf.shape(data[0])[0]
-  num_sums = len(sum_like)
 
   def rows(start, size):
     chunk = []

@@ -226,12 +226,14 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       J^T [J | F] and cost (over chunks of `data_chunk_size` rows, if given)
       and the sums are all-reduced, so every replica and worker takes the
       same steps (see docs/distributed.md). The same limits and `residual`
-      as with `data_chunk_size`; no gradients through the solve (outputs
-      are stopped; gradients='unrolled' is an error); an eager call runs
-      compiled. Every worker calls with the same arguments. With
-      `batch_dims` > 0, the independent problems are split over the
-      replicas instead (the leading batch dimension of `variables` and of
-      every `data` tensor), solved with no communication, and gathered.
+      as with `data_chunk_size`; implicit gradients as with
+      `data_chunk_size`, their backward pass over the replicas with one
+      all-reduce (docs/differentiation.md; gradients='unrolled' is an
+      error); an eager call runs compiled. Every worker calls with the same
+      arguments. With `batch_dims` > 0, the independent problems are split
+      over the replicas instead (the leading batch dimension of `variables`
+      and of every `data` tensor), solved with no communication, and
+      gathered (no gradients: the outputs are stopped).
     jit_compile_replicas: False (default) or True (needs `strategy`; not
       with `batch_dims`): each replica's passes over its shard (the sum
       of J^T [J | F] and the cost over its chunks, and the cost-only sum;
@@ -290,10 +292,11 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     arguments = dict(locals())
     gradients = _distributed.check_strategy(strategy, gradients,
                                             eager_compile)
-    if batch_dims:  # Independent problems: split over the replicas.
+    if batch_dims:  # Independent problems: split over the replicas
+      # (no gradients through the split: its outputs are stopped).
       return _distributed.split_batch(strategy, lambda part, part_data: (
           least_squares(**dict(arguments, variables=part, data=part_data,
-                               strategy=None, gradients=gradients,
+                               strategy=None, gradients="none",
                                eager_compile=False))), variables, data)
   if _eager.wanted(eager_compile, callback) or (strategy is not None and
                                                 tf.executing_eagerly()):
@@ -546,7 +549,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       result = _implicit.attach_chunked(
           result, state.linearization[0], chunk_residual, retract,
           manifold.coordinates if manifold is not None else flat_coordinates,
-          data, data_chunk_size)
+          data, data_chunk_size, fold=None if strategy is None else kind.fold)
     elif gradients == "implicit" and matrix_free:
       result = _implicit.attach_matrix_free(
           result, state.linearization, problem,
