@@ -10,6 +10,9 @@ noisy disc, every solver started from y, float64. Solvers:
                tolerances and damping ('trust_region'); and the same with
                `inexact_steps=True` (CG stopped at the inexact-Newton
                forcing term min(0.5, sqrt(||g||)) instead of 1e-6).
+               Both again under XLA (`tf.function(jit_compile=True)`;
+               its compile time is the first call less the trace and a
+               steady call, so each XLA row solves at least twice).
   scipy        `least_squares(method='trf', tr_solver='lsmr',
                jac_sparsity=...)`, default tolerances (finite differences
                with the sparsity's column grouping).
@@ -119,8 +122,12 @@ def first_at_or_below(costs, threshold):
 
 
 def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
-            inexact_steps=False):
+            inexact_steps=False, jit_compile=False):
   """One tfg_optim solve (traced once, timed by `_harness.time_call`).
+
+  With `jit_compile`, the `tf.function` is compiled by XLA and at least
+  one steady call is timed after the first, so that the compile time is
+  the first call's excess over it.
 
   Returns a dict: position, iterations, stop, CG iterations, the cost after
   each iteration (records), trace, first-call and solve seconds.
@@ -132,7 +139,7 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
     dy = x[1:, :-1] - x[:-1, :-1]
     return MU * tf.sqrt(tf.square(dx) + tf.square(dy) + EPS ** 2)
 
-  @tf.function
+  @tf.function(jit_compile=jit_compile)
   def solve(start):
     result = tfg_optim.least_squares(
         [lambda x: x - target, total_variation], start, damping=damping,
@@ -143,7 +150,8 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
             result.num_linear_solver_iterations, result.records["cost"])
 
   timing = _harness.time_call(
-      lambda: [v.numpy() for v in solve(target)], repeats,
+      lambda: [v.numpy() for v in solve(target)],
+      max(repeats, 1) if jit_compile else repeats,
       trace=lambda: solve.get_concrete_function(target))
   position, iterations, reason, cg, costs = timing.output
   return dict(position=position, iterations=int(iterations),
@@ -152,11 +160,11 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
               first_call=timing.first_call, seconds=timing.seconds)
 
 
-def time_products(y, calls):
+def time_products(y, calls, jit_compile=False):
   """The median seconds of `calls` J v and J^T u at y as the matrix-free
   linearization makes them (`_linearization.MatrixFreeKind`'s forward- and
-  reverse-mode products of the residuals, each in a `tf.function`), and of
-  one residual evaluation."""
+  reverse-mode products of the residuals, each in a `tf.function`, compiled
+  by XLA with `jit_compile`), and of one residual evaluation."""
   target = tf.constant(y)
 
   def residual_fn(x):
@@ -173,9 +181,10 @@ def time_products(y, calls):
   point, vector = tf.constant(y), tf.constant(y.ravel())
   u = tf.ones_like(residual_fn(point))
   timings = {}
-  for name, call in (("jv", tf.function(lambda: kind.forward(point, vector))),
-                     ("jtu", tf.function(lambda: kind.reverse(point, u))),
-                     ("residual", tf.function(lambda: residual_fn(point)))):
+  compiled = lambda f: tf.function(f, jit_compile=jit_compile)
+  for name, call in (("jv", compiled(lambda: kind.forward(point, vector))),
+                     ("jtu", compiled(lambda: kind.reverse(point, u))),
+                     ("residual", compiled(lambda: residual_fn(point)))):
     call().numpy()  # traces
     times = []
     for _ in range(calls):
@@ -350,6 +359,9 @@ def main():
                       "known minima (Tikhonov, extended Rosenbrock)")
   parser.add_argument("--skip-inexact", action="store_true",
                       help="no tfg_optim row with inexact_steps=True")
+  parser.add_argument("--skip-xla", action="store_true",
+                      help="no tfg_optim rows under XLA (tf.function("
+                      "jit_compile=True))")
   parser.add_argument("--jax-python", default=_harness.DEFAULT_JAX_PYTHON)
   parser.add_argument("--peer-repeats", type=int, default=2,
                       help="optimistix's solves after the first (compiled "
@@ -371,13 +383,17 @@ def main():
     image = f"{size}x{size}"
     runs = {}
     repeats = args.repeats if size * size <= args.steady_up_to else 0
-    for name, inexact_steps in (("tfg_optim", False),
-                                ("tfg_optim inexact", True)):
-      if inexact_steps and args.skip_inexact:
+    for name, inexact_steps, jit_compile in (
+        ("tfg_optim", False, False), ("tfg_optim inexact", True, False),
+        ("tfg_optim XLA", False, True),
+        ("tfg_optim XLA inexact", True, True)):
+      if ((inexact_steps and args.skip_inexact) or
+          (jit_compile and args.skip_xla)):
         continue
       run = run_tfg(y, args.max_iterations, args.damping, repeats,
-                    inexact_steps=inexact_steps)
-      run.update(inexact_steps=inexact_steps, peak=resource.getrusage(
+                    inexact_steps=inexact_steps, jit_compile=jit_compile)
+      run.update(inexact_steps=inexact_steps, jit_compile=jit_compile,
+                 peak=resource.getrusage(
           resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
       runs[name] = run
       print(f"  {image} {name}: {run['seconds']:.2f} s, "
@@ -418,7 +434,8 @@ def main():
         continue
       told = run_tfg(y, args.max_iterations, args.damping, repeats,
                      cost_tolerance=threshold,
-                     inexact_steps=run["inexact_steps"])
+                     inexact_steps=run["inexact_steps"],
+                     jit_compile=run["jit_compile"])
       run.update(to_seconds=told["seconds"], to_iterations=told["iterations"],
                  to_cg=told["cg"], to_cost=cost(told["position"], y))
       if told["iterations"] != index + 1:
@@ -446,10 +463,14 @@ def main():
 
     for name, run in runs.items():
       if name.startswith("tfg_optim"):
-        variant = " inexact_steps" if run["inexact_steps"] else ""
+        variant = (" XLA" if run["jit_compile"] else "") + (
+            " inexact_steps" if run["inexact_steps"] else "")
         solver = (f"tfg_optim cg{variant} ({args.damping}; peak RSS "
                   f"{run['peak']:.2f} GB)")
-        first = f"{run['first_call']:.2f} (trace {run['trace']:.2f})"
+        first = f"{run['first_call']:.2f} (trace {run['trace']:.2f}"
+        if run["jit_compile"]:
+          first += f", compile {run['first_call'] - run['trace'] - run['seconds']:.2f}"
+        first += ")"
         iterations = str(run["iterations"])
         to_iterations = str(run.get("to_iterations", "-"))
       elif name == "scipy":
@@ -476,6 +497,8 @@ def main():
     print(f"  {image}: target {target:.10g} (worst final cost)", flush=True)
     if args.products:
       timings = time_products(y, args.products)
+      xla_timings = (None if args.skip_xla else
+                     time_products(y, args.products, jit_compile=True))
       jax_timings = None
       if not args.skip_optimistix:
         jax_timings, _ = _harness.run_peer(
@@ -485,6 +508,8 @@ def main():
       for what, label in (("jv", "J v"), ("jtu", "J^T u"),
                           ("residual", "F")):
         products.append((image, label, f"{1e3 * timings[what]:.3f}",
+                         f"{1e3 * xla_timings[what]:.3f}" if xla_timings
+                         else "-",
                          f"{1e3 * jax_timings[what]:.3f}"
                          if jax_timings and what in jax_timings else "-"))
   print(f"load average at end: {os.getloadavg()}", flush=True)
@@ -496,7 +521,7 @@ def main():
   if products:
     print("\nOne product at the start, median of --products calls (ms):")
     _harness.print_table(("image", "product", "tfg_optim (tf.function)",
-                          "JAX (jit)"), products)
+                          "tfg_optim (XLA)", "JAX (jit)"), products)
   for note in notes:
     print("note: " + note)
 

@@ -445,29 +445,38 @@ def test_a_solve_reports_its_conjugate_gradient_iterations():
 
 _FORCING = {}
 # The second problem's gradient is scaled down so that its forcing term is
-# tight (sqrt(1e-10 ||g||), ~1e-4) while the first one's is the cap, 0.5.
+# tight while the first one's is the cap, 0.5: Eisenstat and Walker's term
+# from the history (||g_k-1||, eta_k-1) = (_PREVIOUS_NORM_RATIOS ||g_k||,
+# _PREVIOUS_FORCING): 0.9 (1 / 1)^2 = 0.9 -> 0.5, and 0.9 (1 / 100)^2 =
+# 9e-5 (its safeguard 0.9 0.01^2 is below 0.1).
 _GRADIENT_SCALES = np.array([1.0, 1e-10])
+_PREVIOUS_NORM_RATIOS = np.array([1.0, 100.0])
+_PREVIOUS_FORCING = np.array([0.5, 0.01])
 
 
 def _forcing_outcome(mode):
   """The matrix-free damped solve of `_problem()` at `_POINT` with
-  `inexact_steps` (the forcing term of the scaled gradient) and without
-  (the fixed tolerance); one trace per graph mode."""
+  `inexact_steps` (the forcing term of the scaled gradient and the history
+  above) and without (the fixed tolerance); one trace per graph mode."""
   if mode not in _FORCING:
     def build(point, scales):
       problem = _problem()
       residual = problem.residual_fn(point)
-      free = _linearization.MatrixFreeKind(problem, inexact_steps=True).at(
+      start = _linearization.MatrixFreeKind(problem, inexact_steps=True).at(
           point, residual)
       fixed = _linearization.MatrixFreeKind(problem).at(point, residual)
-      gradient = free.rmatvec(residual) * scales[:, tf.newaxis]
+      gradient = start.rmatvec(residual) * scales[:, tf.newaxis]
+      history = (tf.norm(gradient, axis=-1) * _PREVIOUS_NORM_RATIOS,
+                 tf.constant(_PREVIOUS_FORCING))
+      free = _linearization.MatrixFree(start.kind, point, start.free,
+                                       start.column_norms(), *history)
       lam = tf.constant([1e-3, 1e-3], tf.float64)
       scaling = free.column_norms()
       inexact = _linear_solvers.damped_solver(free, lam, scaling, gradient)(
           residual, gradient)
       exact = _linear_solvers.damped_solver(fixed, lam, scaling, gradient)(
           residual, gradient)
-      return (_linear_solvers.forcing_tolerance(gradient), gradient,
+      return (_linear_solvers.forcing_tolerance(gradient, history), gradient,
               scaling, inexact.solution, inexact.iterations,
               inexact.converged, exact.iterations)
     _FORCING[mode] = build if mode == "eager" else tf.function(
@@ -483,14 +492,16 @@ _POINT = _RNG.standard_normal((2, 4)) + 1.0
 # which compiles under XLA in test_conjugate_gradients_report_iterations_*).
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_forcing_term_stops_conjugate_gradients_early_but_in_bound(mode):
-  """eta = min(0.5, sqrt(||g||)) per problem (NumPy); the step's residual
-  in the damped system, computed from the closed-form J = A diag(2 x),
-  meets ||r||_M^-1 <= eta ||g||_M^-1 (M the Jacobi preconditioner), the step
-  descends, and the loose problem takes fewer CG iterations than at the
-  fixed 1e-6 (which needs all 4 on these 4 x 4 systems)."""
+  """eta = min(0.5, 0.9 (||g|| / ||g_prev||)^2) per problem (NumPy; the
+  safeguard is off for the second, on but below the cap for the first); the
+  step's residual in the damped system, computed from the closed-form
+  J = A diag(2 x), meets ||r||_M^-1 <= eta ||g||_M^-1 (M the Jacobi
+  preconditioner), the step descends, and the loose problem takes fewer CG
+  iterations than at the fixed 1e-6 (which needs all 4 on these 4 x 4
+  systems)."""
   eta, gradient, scaling, step, iterations, converged, exact_iterations = (
       _forcing_outcome(mode))
-  want_eta = np.minimum(0.5, np.sqrt(np.linalg.norm(gradient, axis=-1)))
+  want_eta = np.minimum(0.5, 0.9 / _PREVIOUS_NORM_RATIOS ** 2)
   np.testing.assert_allclose(eta, want_eta, rtol=1e-14)
   assert eta[0] == 0.5 and 1e-6 < eta[1] < 1e-3
   jacobian = _A * 2.0 * _POINT[:, np.newaxis, :]
@@ -511,9 +522,9 @@ def test_inexact_steps_reach_the_minimum_with_fewer_cg_iterations():
   """The extended Rosenbrock function (n = 40; its minimum: x = 1, cost 0,
   a closed form), matrix-free from the usual start, in one `tf.function`:
   with `inexact_steps` and with CG to the fixed 1e-6 (default), both reach
-  x = 1, and the forcing term with fewer CG iterations in all (107 against
-  116 when written; more iterations, 27 against 7: see
-  docs/large_scale.md)."""
+  x = 1, and the forcing term with fewer CG iterations in all (112 against
+  116 with Eisenstat and Walker's term, 107 with min(0.5, sqrt(||g||));
+  more iterations, 26 against 7: see docs/large_scale.md)."""
   n = 40
   start = tf.constant(np.tile([-1.2, 1.0], n // 2))
 
@@ -533,3 +544,55 @@ def test_inexact_steps_reach_the_minimum_with_fewer_cg_iterations():
           int(exact.num_linear_solver_iterations))
   with pytest.raises(ValueError, match="inexact_steps"):
     tfg_optim.least_squares(residual, start, inexact_steps=True)  # dense
+
+
+def test_eisenstat_walker_forcing_term_closed_form():
+  """eta_k = min(0.5, 0.9 (||g_k|| / ||g_k-1||)^2), at least 0.9 eta_k-1^2
+  where that is above 0.1, at least 1e-6 (NumPy, case by case): the start
+  (no previous gradient norm, NaN) and a non-finite gradient, the cap, the
+  safeguard on and off, the floor; the same for every scale of the
+  gradient norms (residuals multiplied by c scale both by c^2)."""
+  ratios = np.array([np.nan, 1.0, 0.5, 0.1, 0.1, 1e-4, 0.3])
+  previous_forcing = np.array([np.nan, 0.5, 0.5, 0.5, 0.3, 0.01, np.nan])
+  want = np.array([0.5, 0.5, 0.225, 0.225, 0.009, 1e-6, 1e-6])
+  gradient = np.tile([[3.0, 4.0]], [7, 1])  # ||g|| = 5.
+  gradient[-1, 0] = np.inf  # A non-finite gradient: the fixed tolerance.
+  for scale in (1.0, 1e6, 1e-6):
+    eta = _linear_solvers.forcing_tolerance(
+        tf.constant(scale * gradient),
+        (tf.constant(scale * 5.0 / ratios), tf.constant(previous_forcing)))
+    np.testing.assert_allclose(eta, want, rtol=1e-14)
+  # The rule before (no history): min(0.5, sqrt(||g||)), not scale invariant.
+  np.testing.assert_allclose(_linear_solvers.forcing_tolerance(
+      tf.constant([[3e-4, 4e-4], [3.0, 4.0]])), [np.sqrt(5e-4), 0.5])
+
+
+def test_inexact_steps_are_scale_invariant():
+  """Extended Rosenbrock (n = 10; minimum x = 1) with `inexact_steps`, its
+  residuals as they are and multiplied by 1e3 (one trace, the scale an
+  argument; no geodesic acceleration, whose trace costs as much again):
+  Eisenstat and Walker's forcing term takes the same iterations
+  and the same CG iterations in every iteration at both scales (the rule
+  before it, min(0.5, sqrt(||g||)), took 27 and 33 iterations on the n = 40
+  problem: docs/large_scale.md), both reach x = 1, and the term tightens
+  as the gradient falls: the last step takes the most CG iterations of
+  all."""
+  def residual(x, scale):
+    odd, even = x[0::2], x[1::2]
+    return scale * tf.concat([10.0 * (even - tf.square(odd)), 1.0 - odd], 0)
+
+  solve = tf.function(lambda x, scale: tfg_optim.least_squares(
+      lambda x: residual(x, scale), x, linear_solver="cg",
+      inexact_steps=True, geodesic_acceleration=None, record=True),
+                      autograph=False)
+  start = tf.constant(np.tile([-1.2, 1.0], 5))
+  results = [solve(start, tf.constant(scale, tf.float64))
+             for scale in (1.0, 1e3)]
+  cg = [result.records["linear_solver_iterations"].numpy()[
+      :int(result.num_iterations)] for result in results]
+  np.testing.assert_array_equal(cg[0], cg[1])
+  for result in results:
+    np.testing.assert_allclose(result.position, np.ones(10), atol=1e-9)
+  # A constant eta = 0.5 (no history) ends with 1 CG iteration (of at most
+  # 3 in any), this one with 5.
+  assert cg[0][-1] == np.max(cg[0]) > cg[0][0], cg[0]

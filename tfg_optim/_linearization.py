@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _batch
+from tfg_optim import _linear_solvers
 
 
 # Up to this many tangent directions, the Jacobian-vector products are traced
@@ -101,20 +102,24 @@ class MatrixFree:
   (`least_squares(..., inexact_steps=True)`) asks for inexact Newton steps:
   conjugate gradients that stop at the forcing term
   `_linear_solvers.forcing_tolerance` of the gradient, not at the fixed
-  1e-6."""
+  1e-6; the term depends on the point the loop came from, whose gradient
+  norm and forcing term the linearization carries (`forcing_history`,
+  [B...] each, NaN at the start; set by `succeed`)."""
 
   dense = False
   exact_column_norms = False
 
-  def __init__(self, kind, point, free, column_norms):
+  def __init__(self, kind, point, free, column_norms, previous_gradient_norm,
+               previous_forcing):
     self.kind = kind
     self.point = point
     self.free = free
     self._column_norms = column_norms
+    self.forcing_history = (previous_gradient_norm, previous_forcing)
 
   @property
   def tensors(self):
-    return (self.free, self._column_norms)
+    return (self.free, self._column_norms) + self.forcing_history
 
   @property
   def inexact_steps(self):
@@ -144,7 +149,7 @@ class MatrixFree:
 
   def hold_fixed(self, free):
     return MatrixFree(self.kind, self.point, self.free * free,
-                      self._column_norms * free)
+                      self._column_norms * free, *self.forcing_history)
 
 
 class DenseKind:
@@ -219,7 +224,9 @@ class MatrixFreeKind:
       z = _rademacher(residual_shape, probe, dtype)
       estimate += tf.square(self.reverse(point, z))
     estimate /= self.num_probes
-    return MatrixFree(self, point, tf.ones_like(estimate), estimate)
+    no_history = tf.fill(residual_shape[:-1], tf.constant(np.nan, dtype))
+    return MatrixFree(self, point, tf.ones_like(estimate), estimate,
+                      no_history, no_history)
 
   def restore(self, tensors, point):
     return MatrixFree(self, point, *tensors)
@@ -242,6 +249,21 @@ def select(condition, new, old):
   if isinstance(new, MatrixFree):
     return MatrixFree(new.kind, new.point, *tensors)
   return type(new)(*tensors)  # Built from its tensors alone (`Gram`).
+
+
+def succeed(old, old_gradient, new):
+  """`new`, the linearization at the point the loop moves to from `old`'s
+  (where the gradient is `old_gradient`), with what it keeps of the way
+  there: for a matrix-free one with inexact steps, the forcing history
+  (||g_old||, the forcing term of the step from there) of Eisenstat and
+  Walker's forcing term (`_linear_solvers.forcing_tolerance`). Other
+  linearizations keep nothing: `new` itself."""
+  if not isinstance(new, MatrixFree) or not new.inexact_steps:
+    return new
+  return MatrixFree(new.kind, new.point, new.free, new.column_norms(),
+                    tf.norm(old_gradient, axis=-1),
+                    _linear_solvers.step_tolerance(old, old_gradient) +
+                    tf.zeros_like(old_gradient[..., 0]))
 
 
 def jacobian(problem, point, batch_shape, num_residuals):
