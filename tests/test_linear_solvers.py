@@ -596,3 +596,31 @@ def test_inexact_steps_are_scale_invariant():
   # A constant eta = 0.5 (no history) ends with 1 CG iteration (of at most
   # 3 in any), this one with 5.
   assert cg[0][-1] == np.max(cg[0]) > cg[0][0], cg[0]
+
+
+def test_column_groups_give_the_exact_diagonal():
+  """F(x) = [x_i x_i+1 - 1; x_i - 1] (row i of the products touches
+  columns i and i + 1): with the columns grouped by parity (structurally
+  orthogonal), the matrix-free diag(J^T J) equals the dense Jacobian's
+  column norms (reverse-mode rows, `DenseKind`), for a batch of two; one
+  group for all (not orthogonal) gives row sums of J^T J instead, as the
+  closed form says; a grouping of the wrong length is an error."""
+  def residual_fn(x):
+    return tf.concat([x[..., :-1] * x[..., 1:] - 1.0, x - 1.0], -1)
+  problem = _engine.Problem(residual_fn, lambda p, s: p + s, 6, None, None)
+  point = tf.constant(_RNG.standard_normal((2, 6)))
+  residual = residual_fn(point)
+  dense = _linearization.DenseKind(problem, 11).at(point, residual)
+  parity = np.arange(6) % 2
+  exact = _linearization.MatrixFreeKind(problem, column_groups=parity).at(
+      point, residual)
+  np.testing.assert_allclose(exact.column_norms(), dense.column_norms(),
+                             rtol=1e-14)
+  one_group = _linearization.MatrixFreeKind(
+      problem, column_groups=np.zeros(6, np.int64)).at(point, residual)
+  gram = np.einsum("bmn,bmk->bnk", dense.matrix, dense.matrix)
+  np.testing.assert_allclose(one_group.column_norms(), gram.sum(-1),
+                             rtol=1e-13)
+  with pytest.raises(ValueError, match="column_groups"):
+    tfg_optim.least_squares(residual_fn, point, batch_dims=1,
+                            linear_solver="cg", column_groups=parity[:5])
