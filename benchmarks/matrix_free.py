@@ -8,10 +8,10 @@ noisy disc, every solver started from y, float64. Solvers:
   tfg_optim    `least_squares(..., linear_solver='cg')` (J never formed;
                CG / Steihaug steps) inside one `tf.function`, default
                tolerances and damping ('trust_region'); and the same with
-               `inexact_steps=True` (CG stopped at the inexact-Newton
-               forcing term of Eisenstat and Walker instead of 1e-6;
-               'inexact sqrt': the rule before it, min(0.5,
-               sqrt(||g||))); with `column_groups` (3 structurally
+               `inexact_steps=True` (CG stopped at an inexact-Newton
+               forcing term instead of 1e-6: 'inexact sqrt' the default
+               rule, min(0.5, sqrt(||g||)); 'inexact EW' Eisenstat and
+               Walker's, `_linear_solvers.FORCING_RULE`); with `column_groups` (3 structurally
                orthogonal groups of pixels: diag(J^T J) exact instead of
                estimated from 8 probes); and under XLA
                (`tf.function(jit_compile=True)`; its compile time is the
@@ -129,14 +129,17 @@ def first_at_or_below(costs, threshold):
 # tfg_optim's rows (--variants): name -> options of `run_tfg`.
 VARIANTS = {
     "default": {},
-    "inexact": dict(inexact_steps=True),
+    "inexact EW": dict(inexact_steps=True, forcing="eisenstat_walker"),
     "inexact sqrt": dict(inexact_steps=True, forcing="sqrt"),
     "groups": dict(groups=True),
-    "groups inexact": dict(groups=True, inexact_steps=True),
+    "groups inexact EW": dict(groups=True, inexact_steps=True,
+                              forcing="eisenstat_walker"),
     "XLA": dict(jit_compile=True),
-    "XLA inexact": dict(jit_compile=True, inexact_steps=True),
-    "XLA groups inexact": dict(jit_compile=True, groups=True,
-                               inexact_steps=True),
+    "XLA inexact EW": dict(jit_compile=True, inexact_steps=True,
+                           forcing="eisenstat_walker"),
+    "XLA groups inexact EW": dict(jit_compile=True, groups=True,
+                                  inexact_steps=True,
+                                  forcing="eisenstat_walker"),
 }
 
 
@@ -320,8 +323,9 @@ def nearly_linear_check():
     # 2k + 2: grouped by parity.
     parity = np.arange(len(start)) % 2
     for inexact_steps, forcing, groups in (
-        (False, None, None), (True, "sqrt", None), (True, None, None),
-        (False, None, parity), (True, None, parity)):
+        (False, None, None), (True, "sqrt", None),
+        (True, "eisenstat_walker", None), (False, None, parity),
+        (True, "eisenstat_walker", parity)):
       _linear_solvers.FORCING_RULE = forcing or default_rule
       try:
         result = tf.function(lambda x: tfg_optim.least_squares(
@@ -412,9 +416,9 @@ def main():
   parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                       default=list(VARIANTS),
                       help="tfg_optim's rows (default: all): 'inexact': "
-                      "inexact_steps=True; 'sqrt': its forcing term before "
-                      "Eisenstat-Walker's; 'groups': column_groups (the exact "
-                      "diagonal from 3 column groups); 'XLA': "
+                      "inexact_steps=True, 'sqrt' its default forcing term, "
+                      "'EW' Eisenstat-Walker's; 'groups': column_groups (the "
+                      "exact diagonal from 3 column groups); 'XLA': "
                       "tf.function(jit_compile=True)")
   parser.add_argument("--skip-xla", action="store_true",
                       help="no XLA product times")

@@ -444,10 +444,12 @@ CG_FORCING_MAX = 0.5
 CG_FORCING_GAMMA = 0.9
 CG_FORCING_ALPHA = 2.0
 CG_FORCING_SAFEGUARD = 0.1
-# The forcing rule of `step_tolerance`: 'eisenstat_walker' (scale
-# invariant) or 'sqrt' (min(0.5, sqrt(||g||)), the rule before it; kept for
-# benchmarks/matrix_free.py --forcing, which compares them).
-FORCING_RULE = "eisenstat_walker"
+# The forcing rule of `step_tolerance`: 'sqrt' (min(0.5, sqrt(||g||)),
+# the default) or 'eisenstat_walker' (scale invariant, but it stalls at
+# eta = 0.5 where the outer iterations converge slowly: 100 iterations
+# against 66 at n = 10^6 with the probe diagonal, docs/large_scale.md;
+# benchmarks/matrix_free.py --variants compares them).
+FORCING_RULE = "sqrt"
 
 
 def forcing_tolerance(gradient, history=None):
@@ -469,11 +471,14 @@ def forcing_tolerance(gradient, history=None):
   capped at 0.5: a ratio of gradient norms, so the same at every scale of
   the residuals (sqrt(||g||) is not: multiplied by c, F gives c^2 g), loose
   while the gradient falls slowly and tight where it falls fast, and the
-  safeguard keeps eta from dropping at once after one lucky step. At the
-  start (a history of NaN, or none) eta = 0.5; without a history and
-  under `FORCING_RULE = 'sqrt'`, eta = min(0.5, sqrt(||g||)) (the rule
-  before; not scale invariant). Never tighter than `CG_TOLERANCE` (1e-6,
-  the fixed tolerance); `CG_TOLERANCE` where g is not finite.
+  safeguard keeps eta from dropping at once after one lucky step (and
+  from dropping at all while the gradient falls by less than a factor
+  0.745 an iteration: where inexact steps themselves slow the outer
+  iterations down, it stays at 0.5). At the start (a history of NaN) eta
+  = 0.5. Without a history (`FORCING_RULE = 'sqrt'`, the default), eta =
+  min(0.5, sqrt(||g||)) (not scale invariant). Never tighter than
+  `CG_TOLERANCE` (1e-6, the fixed tolerance); `CG_TOLERANCE` where g is
+  not finite.
   """
   norm = tf.norm(gradient, axis=-1)
   cap = tf.constant(CG_FORCING_MAX, norm.dtype)
@@ -497,8 +502,8 @@ def forcing_tolerance(gradient, history=None):
 
 def step_tolerance(linearization, gradient):
   """The conjugate-gradient tolerance of this iteration's solves: the
-  forcing term of `gradient` for a linearization whose `inexact_steps` is
-  True (the matrix-free one of `linear_solver='cg'`; its
+  forcing term (`FORCING_RULE`) of `gradient` for a linearization whose
+  `inexact_steps` is True (the matrix-free one of `linear_solver='cg'`; its
   `forcing_history`, the previous point's gradient norm and forcing term,
   gives Eisenstat and Walker's term), else (or without a gradient) the
   fixed `CG_TOLERANCE`."""

@@ -194,9 +194,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     inexact_steps: with the matrix-free solver ('cg', or 'auto' choosing
       it) only: False (default) solves each step's system by conjugate
       gradients to the fixed relative tolerance 1e-6; True stops them at
-      the inexact-Newton forcing term of Eisenstat and Walker (choice 2:
-      eta = min(0.5, 0.9 (||g_k|| / ||g_k-1||)^2) with its safeguard, g
-      the gradient J^T F; scale invariant; never tighter than 1e-6):
+      the inexact-Newton forcing term eta = min(0.5, sqrt(||J^T F||))
+      (Nocedal & Wright, Algorithm 7.1/7.2; never tighter than 1e-6):
       fewer CG iterations per iteration, at the price of more iterations
       where the problem is nearly linear (docs/large_scale.md has both).
     column_groups: with the matrix-free solver only: None (default:
