@@ -8,8 +8,15 @@ noisy disc, every solver started from y, float64. Solvers:
   tfg_optim    `least_squares(..., linear_solver='cg')` (J never formed;
                CG / Steihaug steps) inside one `tf.function`, default
                tolerances and damping ('trust_region'); and the same with
-               `inexact_steps=True` (CG stopped at the inexact-Newton
-               forcing term min(0.5, sqrt(||g||)) instead of 1e-6).
+               `inexact_steps=True` (CG stopped at an inexact-Newton
+               forcing term instead of 1e-6: 'inexact sqrt' the default
+               rule, min(0.5, sqrt(||g||)); 'inexact EW' Eisenstat and
+               Walker's, `_linear_solvers.FORCING_RULE`); with `column_groups` (3 structurally
+               orthogonal groups of pixels: diag(J^T J) exact instead of
+               estimated from 8 probes); and under XLA
+               (`tf.function(jit_compile=True)`; its compile time is the
+               first call less the trace and a steady call, so each XLA
+               row solves at least twice). --variants picks the rows.
   scipy        `least_squares(method='trf', tr_solver='lsmr',
                jac_sparsity=...)`, default tolerances (finite differences
                with the sparsity's column grouping).
@@ -70,6 +77,7 @@ import tensorflow as tf
 import _harness
 import tfg_optim
 from tfg_optim import _engine
+from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
 
 MU, EPS = 0.5, 0.1
@@ -118,9 +126,41 @@ def first_at_or_below(costs, threshold):
   return int(below[0]) if below.size else None
 
 
+# tfg_optim's rows (--variants): name -> options of `run_tfg`.
+VARIANTS = {
+    "default": {},
+    "inexact EW": dict(inexact_steps=True, forcing="eisenstat_walker"),
+    "inexact sqrt": dict(inexact_steps=True, forcing="sqrt"),
+    "groups": dict(groups=True),
+    "groups inexact EW": dict(groups=True, inexact_steps=True,
+                              forcing="eisenstat_walker"),
+    "XLA": dict(jit_compile=True),
+    "XLA inexact EW": dict(jit_compile=True, inexact_steps=True,
+                           forcing="eisenstat_walker"),
+    "XLA groups inexact EW": dict(jit_compile=True, groups=True,
+                                  inexact_steps=True,
+                                  forcing="eisenstat_walker"),
+}
+
+
+def tv_column_groups(size):
+  """3 structurally orthogonal groups of the pixels of the TV residuals:
+  pixel (i, j) in group (i + 2 j) mod 3 (a TV term touches (i, j),
+  (i, j + 1) and (i + 1, j), whose groups differ by 2, 1 and 1 mod 3)."""
+  i, j = np.mgrid[0:size, 0:size]
+  return ((i + 2 * j) % 3).ravel()
+
+
 def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
-            inexact_steps=False):
+            inexact_steps=False, jit_compile=False, forcing=None,
+            groups=False):
   """One tfg_optim solve (traced once, timed by `_harness.time_call`).
+
+  With `jit_compile`, the `tf.function` is compiled by XLA and at least
+  one steady call is timed after the first, so that the compile time is
+  the first call's excess over it. `forcing`: the forcing rule of
+  `inexact_steps` (`_linear_solvers.FORCING_RULE`, None: the default);
+  `groups`: `column_groups=tv_column_groups(size)` (the exact diagonal).
 
   Returns a dict: position, iterations, stop, CG iterations, the cost after
   each iteration (records), trace, first-call and solve seconds.
@@ -132,19 +172,28 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
     dy = x[1:, :-1] - x[:-1, :-1]
     return MU * tf.sqrt(tf.square(dx) + tf.square(dy) + EPS ** 2)
 
-  @tf.function
+  column_groups = tv_column_groups(y.shape[0]) if groups else None
+
+  @tf.function(jit_compile=jit_compile)
   def solve(start):
     result = tfg_optim.least_squares(
         [lambda x: x - target, total_variation], start, damping=damping,
         linear_solver="cg", inexact_steps=inexact_steps,
+        column_groups=column_groups,
         max_iterations=max_iterations, cost_tolerance=cost_tolerance,
         record=True)
     return (result.position, result.num_iterations, result.stop_reason,
             result.num_linear_solver_iterations, result.records["cost"])
 
-  timing = _harness.time_call(
-      lambda: [v.numpy() for v in solve(target)], repeats,
-      trace=lambda: solve.get_concrete_function(target))
+  default_rule = _linear_solvers.FORCING_RULE
+  _linear_solvers.FORCING_RULE = forcing or default_rule  # Read in traces.
+  try:
+    timing = _harness.time_call(
+        lambda: [v.numpy() for v in solve(target)],
+        max(repeats, 1) if jit_compile else repeats,
+        trace=lambda: solve.get_concrete_function(target))
+  finally:
+    _linear_solvers.FORCING_RULE = default_rule
   position, iterations, reason, cg, costs = timing.output
   return dict(position=position, iterations=int(iterations),
               stop=tfg_optim.StopReason(int(reason)).name, cg=int(cg),
@@ -152,11 +201,11 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
               first_call=timing.first_call, seconds=timing.seconds)
 
 
-def time_products(y, calls):
+def time_products(y, calls, jit_compile=False):
   """The median seconds of `calls` J v and J^T u at y as the matrix-free
   linearization makes them (`_linearization.MatrixFreeKind`'s forward- and
-  reverse-mode products of the residuals, each in a `tf.function`), and of
-  one residual evaluation."""
+  reverse-mode products of the residuals, each in a `tf.function`, compiled
+  by XLA with `jit_compile`), and of one residual evaluation."""
   target = tf.constant(y)
 
   def residual_fn(x):
@@ -173,9 +222,10 @@ def time_products(y, calls):
   point, vector = tf.constant(y), tf.constant(y.ravel())
   u = tf.ones_like(residual_fn(point))
   timings = {}
-  for name, call in (("jv", tf.function(lambda: kind.forward(point, vector))),
-                     ("jtu", tf.function(lambda: kind.reverse(point, u))),
-                     ("residual", tf.function(lambda: residual_fn(point)))):
+  compiled = lambda f: tf.function(f, jit_compile=jit_compile)
+  for name, call in (("jv", compiled(lambda: kind.forward(point, vector))),
+                     ("jtu", compiled(lambda: kind.reverse(point, u))),
+                     ("residual", compiled(lambda: residual_fn(point)))):
     call().numpy()  # traces
     times = []
     for _ in range(calls):
@@ -263,21 +313,36 @@ def nearly_linear_check():
     return tf.concat([10.0 * (even - tf.square(odd)), 1.0 - odd], 0)
 
   rows = []
+  default_rule = _linear_solvers.FORCING_RULE
   for name, residuals, start, solution in (
       ("Tikhonov denoising, n = 400", tikhonov, np.zeros(n),
        tikhonov_solution),
       ("extended Rosenbrock, n = 40", rosenbrock, np.tile([-1.2, 1.0], 20),
        np.ones(40))):
-    for inexact_steps in (False, True):
-      result = tf.function(lambda x: tfg_optim.least_squares(
-          residuals, x, linear_solver="cg", inexact_steps=inexact_steps))(
-              tf.constant(start))
-      rows.append((name, inexact_steps, int(result.num_iterations),
+    # Both problems' columns 2k and 2k + 1 share residuals, never 2k and
+    # 2k + 2: grouped by parity.
+    parity = np.arange(len(start)) % 2
+    for inexact_steps, forcing, groups in (
+        (False, None, None), (True, "sqrt", None),
+        (True, "eisenstat_walker", None), (False, None, parity),
+        (True, "eisenstat_walker", parity)):
+      _linear_solvers.FORCING_RULE = forcing or default_rule
+      try:
+        result = tf.function(lambda x: tfg_optim.least_squares(
+            residuals, x, linear_solver="cg", inexact_steps=inexact_steps,
+            column_groups=groups))(tf.constant(start))
+      finally:
+        _linear_solvers.FORCING_RULE = default_rule
+      rows.append((name, f"{inexact_steps} ({forcing or default_rule})"
+                   if inexact_steps else "False",
+                   "8 probes" if groups is None else "2 column groups",
+                   int(result.num_iterations),
                    int(result.num_linear_solver_iterations),
                    tfg_optim.StopReason(int(result.stop_reason)).name,
                    f"{np.max(np.abs(result.position.numpy() - solution)):.1e}"))
-  _harness.print_table(("problem", "inexact_steps", "iterations",
-                        "CG iterations", "stop", "max |x - x*|"), rows)
+  _harness.print_table(("problem", "inexact_steps (forcing)", "diag(J^T J)",
+                        "iterations", "CG iterations", "stop",
+                        "max |x - x*|"), rows)
 
 
 def run_scipy(y, max_evaluations):
@@ -348,8 +413,15 @@ def main():
   parser.add_argument("--nearly-linear", action="store_true",
                       help="only inexact_steps on two small problems with "
                       "known minima (Tikhonov, extended Rosenbrock)")
-  parser.add_argument("--skip-inexact", action="store_true",
-                      help="no tfg_optim row with inexact_steps=True")
+  parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                      default=list(VARIANTS),
+                      help="tfg_optim's rows (default: all): 'inexact': "
+                      "inexact_steps=True, 'sqrt' its default forcing term, "
+                      "'EW' Eisenstat-Walker's; 'groups': column_groups (the "
+                      "exact diagonal from 3 column groups); 'XLA': "
+                      "tf.function(jit_compile=True)")
+  parser.add_argument("--skip-xla", action="store_true",
+                      help="no XLA product times")
   parser.add_argument("--jax-python", default=_harness.DEFAULT_JAX_PYTHON)
   parser.add_argument("--peer-repeats", type=int, default=2,
                       help="optimistix's solves after the first (compiled "
@@ -371,13 +443,12 @@ def main():
     image = f"{size}x{size}"
     runs = {}
     repeats = args.repeats if size * size <= args.steady_up_to else 0
-    for name, inexact_steps in (("tfg_optim", False),
-                                ("tfg_optim inexact", True)):
-      if inexact_steps and args.skip_inexact:
-        continue
+    for variant in args.variants:
+      name = "tfg_optim" if variant == "default" else f"tfg_optim {variant}"
+      options = VARIANTS[variant]
       run = run_tfg(y, args.max_iterations, args.damping, repeats,
-                    inexact_steps=inexact_steps)
-      run.update(inexact_steps=inexact_steps, peak=resource.getrusage(
+                    **options)
+      run.update(options=options, peak=resource.getrusage(
           resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
       runs[name] = run
       print(f"  {image} {name}: {run['seconds']:.2f} s, "
@@ -417,8 +488,7 @@ def main():
       if index is None:
         continue
       told = run_tfg(y, args.max_iterations, args.damping, repeats,
-                     cost_tolerance=threshold,
-                     inexact_steps=run["inexact_steps"])
+                     cost_tolerance=threshold, **run["options"])
       run.update(to_seconds=told["seconds"], to_iterations=told["iterations"],
                  to_cg=told["cg"], to_cost=cost(told["position"], y))
       if told["iterations"] != index + 1:
@@ -446,10 +516,18 @@ def main():
 
     for name, run in runs.items():
       if name.startswith("tfg_optim"):
-        variant = " inexact_steps" if run["inexact_steps"] else ""
+        options = run["options"]
+        variant = (" XLA" if options.get("jit_compile") else "") + (
+            " column_groups" if options.get("groups") else "") + (
+                " inexact_steps" if options.get("inexact_steps") else "") + (
+                    f" (forcing {options['forcing']})"
+                    if options.get("forcing") else "")
         solver = (f"tfg_optim cg{variant} ({args.damping}; peak RSS "
                   f"{run['peak']:.2f} GB)")
-        first = f"{run['first_call']:.2f} (trace {run['trace']:.2f})"
+        first = f"{run['first_call']:.2f} (trace {run['trace']:.2f}"
+        if options.get("jit_compile"):
+          first += f", compile {run['first_call'] - run['trace'] - run['seconds']:.2f}"
+        first += ")"
         iterations = str(run["iterations"])
         to_iterations = str(run.get("to_iterations", "-"))
       elif name == "scipy":
@@ -476,6 +554,8 @@ def main():
     print(f"  {image}: target {target:.10g} (worst final cost)", flush=True)
     if args.products:
       timings = time_products(y, args.products)
+      xla_timings = (None if args.skip_xla else
+                     time_products(y, args.products, jit_compile=True))
       jax_timings = None
       if not args.skip_optimistix:
         jax_timings, _ = _harness.run_peer(
@@ -485,6 +565,8 @@ def main():
       for what, label in (("jv", "J v"), ("jtu", "J^T u"),
                           ("residual", "F")):
         products.append((image, label, f"{1e3 * timings[what]:.3f}",
+                         f"{1e3 * xla_timings[what]:.3f}" if xla_timings
+                         else "-",
                          f"{1e3 * jax_timings[what]:.3f}"
                          if jax_timings and what in jax_timings else "-"))
   print(f"load average at end: {os.getloadavg()}", flush=True)
@@ -496,7 +578,7 @@ def main():
   if products:
     print("\nOne product at the start, median of --products calls (ms):")
     _harness.print_table(("image", "product", "tfg_optim (tf.function)",
-                          "JAX (jit)"), products)
+                          "tfg_optim (XLA)", "JAX (jit)"), products)
   for note in notes:
     print("note: " + note)
 

@@ -533,3 +533,84 @@ def test_inexact_steps_reach_the_minimum_with_fewer_cg_iterations():
           int(exact.num_linear_solver_iterations))
   with pytest.raises(ValueError, match="inexact_steps"):
     tfg_optim.least_squares(residual, start, inexact_steps=True)  # dense
+
+
+def test_eisenstat_walker_forcing_term_closed_form():
+  """eta_k = min(0.5, 0.9 (||g_k|| / ||g_k-1||)^2), at least 0.9 eta_k-1^2
+  where that is above 0.1, at least 1e-6 (NumPy, case by case): the start
+  (no previous gradient norm, NaN) and a non-finite gradient, the cap, the
+  safeguard on and off, the floor; the same for every scale of the
+  gradient norms (residuals multiplied by c scale both by c^2)."""
+  ratios = np.array([np.nan, 1.0, 0.5, 0.1, 0.1, 1e-4, 0.3])
+  previous_forcing = np.array([np.nan, 0.5, 0.5, 0.5, 0.3, 0.01, np.nan])
+  want = np.array([0.5, 0.5, 0.225, 0.225, 0.009, 1e-6, 1e-6])
+  gradient = np.tile([[3.0, 4.0]], [7, 1])  # ||g|| = 5.
+  gradient[-1, 0] = np.inf  # A non-finite gradient: the fixed tolerance.
+  for scale in (1.0, 1e6, 1e-6):
+    eta = _linear_solvers.forcing_tolerance(
+        tf.constant(scale * gradient),
+        (tf.constant(scale * 5.0 / ratios), tf.constant(previous_forcing)))
+    np.testing.assert_allclose(eta, want, rtol=1e-14)
+  # The rule before (no history): min(0.5, sqrt(||g||)), not scale invariant.
+  np.testing.assert_allclose(_linear_solvers.forcing_tolerance(
+      tf.constant([[3e-4, 4e-4], [3.0, 4.0]])), [np.sqrt(5e-4), 0.5])
+
+
+def test_eisenstat_walker_inexact_steps_are_scale_invariant(monkeypatch):
+  """Extended Rosenbrock (n = 10; minimum x = 1) with `inexact_steps` and
+  Eisenstat and Walker's forcing term (`FORCING_RULE`), its residuals as
+  they are and multiplied by 1e3 (one trace, the scale an argument; no
+  geodesic acceleration, whose trace costs as much again): the same
+  iterations and the same CG iterations in every iteration at both scales
+  (the default rule, min(0.5, sqrt(||g||)), took 27 and 33 iterations on
+  the n = 40 problem), both reach x = 1, and the term tightens as the
+  gradient falls (the history reaches it): the last step takes the most
+  CG iterations of all."""
+  monkeypatch.setattr(_linear_solvers, "FORCING_RULE", "eisenstat_walker")
+  def residual(x, scale):
+    odd, even = x[0::2], x[1::2]
+    return scale * tf.concat([10.0 * (even - tf.square(odd)), 1.0 - odd], 0)
+
+  solve = tf.function(lambda x, scale: tfg_optim.least_squares(
+      lambda x: residual(x, scale), x, linear_solver="cg",
+      inexact_steps=True, geodesic_acceleration=None, record=True),
+                      autograph=False)
+  start = tf.constant(np.tile([-1.2, 1.0], 5))
+  results = [solve(start, tf.constant(scale, tf.float64))
+             for scale in (1.0, 1e3)]
+  cg = [result.records["linear_solver_iterations"].numpy()[
+      :int(result.num_iterations)] for result in results]
+  np.testing.assert_array_equal(cg[0], cg[1])
+  for result in results:
+    np.testing.assert_allclose(result.position, np.ones(10), atol=1e-9)
+  # A constant eta = 0.5 (no history) ends with 1 CG iteration (of at most
+  # 3 in any), this one with 5.
+  assert cg[0][-1] == np.max(cg[0]) > cg[0][0], cg[0]
+
+
+def test_column_groups_give_the_exact_diagonal():
+  """F(x) = [x_i x_i+1 - 1; x_i - 1] (row i of the products touches
+  columns i and i + 1): with the columns grouped by parity (structurally
+  orthogonal), the matrix-free diag(J^T J) equals the dense Jacobian's
+  column norms (reverse-mode rows, `DenseKind`), for a batch of two; one
+  group for all (not orthogonal) gives row sums of J^T J instead, as the
+  closed form says; a grouping of the wrong length is an error."""
+  def residual_fn(x):
+    return tf.concat([x[..., :-1] * x[..., 1:] - 1.0, x - 1.0], -1)
+  problem = _engine.Problem(residual_fn, lambda p, s: p + s, 6, None, None)
+  point = tf.constant(_RNG.standard_normal((2, 6)))
+  residual = residual_fn(point)
+  dense = _linearization.DenseKind(problem, 11).at(point, residual)
+  parity = np.arange(6) % 2
+  exact = _linearization.MatrixFreeKind(problem, column_groups=parity).at(
+      point, residual)
+  np.testing.assert_allclose(exact.column_norms(), dense.column_norms(),
+                             rtol=1e-14)
+  one_group = _linearization.MatrixFreeKind(
+      problem, column_groups=np.zeros(6, np.int64)).at(point, residual)
+  gram = np.einsum("bmn,bmk->bnk", dense.matrix, dense.matrix)
+  np.testing.assert_allclose(one_group.column_norms(), gram.sum(-1),
+                             rtol=1e-13)
+  with pytest.raises(ValueError, match="column_groups"):
+    tfg_optim.least_squares(residual_fn, point, batch_dims=1,
+                            linear_solver="cg", column_groups=parity[:5])

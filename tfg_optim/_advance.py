@@ -2,7 +2,8 @@
 
     advance  the linearization and gradient at the accepted candidates
              (`kind.at`, under a `tf.cond` that skips it when no problem of
-             the batch accepted: a rejection costs no derivative)
+             the batch accepted: a rejection costs no derivative; with
+             what it keeps of the old one, `_linearization.succeed`)
     commit   the new `LoopState`: per problem, the candidate where the
              `_acceptance.Decision` took the step, the old values elsewhere;
              the damping, step norm, cost change, counters and the
@@ -48,7 +49,8 @@ def advance(kind, state, linearization, decision, candidate):
                                         state.point)
 
   def relinearize():
-    new = kind.at(trial_point, candidate.residual)
+    new = _linearization.succeed(linearization, state.gradient,
+                                 kind.at(trial_point, candidate.residual))
     tensors = _linearization.select(accepted, new, linearization).tensors
     gradient = kind.restore(tensors, trial_point).gradient(
         candidate.residual)

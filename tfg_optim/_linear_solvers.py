@@ -438,34 +438,83 @@ CG_TOLERANCE = 1e-6
 CG_MAX_ITERATIONS = 200
 # The loosest forcing term of an inexact step (`forcing_tolerance`).
 CG_FORCING_MAX = 0.5
+# Eisenstat and Walker's choice 2 (`forcing_tolerance`): eta_k = gamma
+# (||g_k|| / ||g_k-1||)^alpha, kept at or above gamma eta_k-1^alpha while
+# that is above the threshold.
+CG_FORCING_GAMMA = 0.9
+CG_FORCING_ALPHA = 2.0
+CG_FORCING_SAFEGUARD = 0.1
+# The forcing rule of `step_tolerance`: 'sqrt' (min(0.5, sqrt(||g||)),
+# the default) or 'eisenstat_walker' (scale invariant, but it stalls at
+# eta = 0.5 where the outer iterations converge slowly: 100 iterations
+# against 66 at n = 10^6 with the probe diagonal, docs/large_scale.md;
+# benchmarks/matrix_free.py --variants compares them).
+FORCING_RULE = "sqrt"
 
 
-def forcing_tolerance(gradient):
-  """The inexact-Newton forcing term eta = min(0.5, sqrt(||g||)), [B...].
+def forcing_tolerance(gradient, history=None):
+  """The inexact-Newton forcing term eta_k, [B...].
 
   Conjugate gradients on (J^T J + lambda D) s = -g stopped at
-  ||r_k||_M^-1 <= eta ||g||_M^-1 (Dembo, Eisenstat & Steihaug 1982;
+  ||r||_M^-1 <= eta ||g||_M^-1 (Dembo, Eisenstat & Steihaug 1982;
   Steihaug 1983; Nocedal & Wright, Algorithm 7.1 and 7.2): far from a
   solution a few iterations give a descent step that the gain ratio judges
   with its own model decrease, and eta -> 0 as g -> 0 keeps the local
-  convergence superlinear. Never tighter than `CG_TOLERANCE` (1e-6, the
-  fixed tolerance); `CG_TOLERANCE` where g is not finite.
+  convergence superlinear.
+
+  With a `history` (||g_k-1||, eta_k-1), each [B...], of the point the loop
+  came from, Eisenstat and Walker's choice 2 (1996) with its safeguard:
+
+      eta_k = gamma (||g_k|| / ||g_k-1||)^alpha,     gamma = 0.9, alpha = 2,
+      eta_k = max(eta_k, gamma eta_k-1^alpha)  where gamma eta_k-1^alpha > 0.1,
+
+  capped at 0.5: a ratio of gradient norms, so the same at every scale of
+  the residuals (sqrt(||g||) is not: multiplied by c, F gives c^2 g), loose
+  while the gradient falls slowly and tight where it falls fast, and the
+  safeguard keeps eta from dropping at once after one lucky step (and
+  from dropping at all while the gradient falls by less than a factor
+  0.745 an iteration: where inexact steps themselves slow the outer
+  iterations down, it stays at 0.5). At the start (a history of NaN) eta
+  = 0.5. Without a history (`FORCING_RULE = 'sqrt'`, the default), eta =
+  min(0.5, sqrt(||g||)) (not scale invariant). Never tighter than
+  `CG_TOLERANCE` (1e-6, the fixed tolerance); `CG_TOLERANCE` where g is
+  not finite.
   """
   norm = tf.norm(gradient, axis=-1)
-  eta = tf.minimum(tf.sqrt(norm), tf.constant(CG_FORCING_MAX, norm.dtype))
+  cap = tf.constant(CG_FORCING_MAX, norm.dtype)
+  if history is None:
+    eta = tf.minimum(tf.sqrt(norm), cap)
+  else:
+    previous_norm, previous_eta = history
+    ratio = norm / tf.where(previous_norm > 0, previous_norm,
+                            tf.ones_like(previous_norm))
+    eta = CG_FORCING_GAMMA * tf.pow(ratio, CG_FORCING_ALPHA)
+    safeguard = CG_FORCING_GAMMA * tf.pow(previous_eta, CG_FORCING_ALPHA)
+    eta = tf.where(safeguard > CG_FORCING_SAFEGUARD,
+                   tf.maximum(eta, safeguard), eta)
+    started = tf.math.is_finite(previous_norm) & (previous_norm > 0)
+    eta = tf.minimum(tf.where(started, eta, tf.fill(tf.shape(eta), cap)),
+                     cap)
   floor = tf.constant(CG_TOLERANCE, norm.dtype)
-  return tf.where(tf.math.is_finite(eta), tf.maximum(eta, floor),
-                  tf.fill(tf.shape(eta), floor))
+  return tf.where(tf.math.is_finite(eta) & tf.math.is_finite(norm),
+                  tf.maximum(eta, floor), tf.fill(tf.shape(eta), floor))
 
 
 def step_tolerance(linearization, gradient):
   """The conjugate-gradient tolerance of this iteration's solves: the
-  forcing term of `gradient` for a linearization whose `inexact_steps` is
-  True (the matrix-free one of `linear_solver='cg'`), else (or without a
-  gradient) the fixed `CG_TOLERANCE`."""
+  forcing term (`FORCING_RULE`) of `gradient` for a linearization whose
+  `inexact_steps` is True (the matrix-free one of `linear_solver='cg'`; its
+  `forcing_history`, the previous point's gradient norm and forcing term,
+  gives Eisenstat and Walker's term), else (or without a gradient) the
+  fixed `CG_TOLERANCE`."""
   if gradient is None or not getattr(linearization, "inexact_steps", False):
     return CG_TOLERANCE
-  return forcing_tolerance(gradient)
+  history = None
+  if FORCING_RULE == "eisenstat_walker":
+    history = linearization.forcing_history
+  elif FORCING_RULE != "sqrt":
+    raise ValueError(f"unknown forcing rule {FORCING_RULE!r}")
+  return forcing_tolerance(gradient, history)
 
 
 def _dot(a, b):

@@ -42,12 +42,19 @@ rebuild the view from them (`restore`). Two kinds here (and
   below the 2 ||J_j||^4 of Gaussian probes for every column; deterministic,
   so every execution mode gives the same numbers). Memory is O(m + n) per problem: this is what solves
   problems with millions of parameters with the conjugate-gradient solver.
+  Where the caller knows a grouping of J's columns into G structurally
+  orthogonal groups (no residual depends on two columns of one group, as
+  scipy's `group_columns` finds from a sparsity pattern: 3 for a 2-D
+  total-variation stencil), diag(J^T J) is exact instead, from G products
+  J e_g and G products J^T (J e_g), e_g the indicator of group g:
+  (J^T J e_g)_j = sum_k in g (J^T J)_jk = (J^T J)_jj for j in g.
 """
 
 import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _batch
+from tfg_optim import _linear_solvers
 
 
 # Up to this many tangent directions, the Jacobian-vector products are traced
@@ -101,20 +108,24 @@ class MatrixFree:
   (`least_squares(..., inexact_steps=True)`) asks for inexact Newton steps:
   conjugate gradients that stop at the forcing term
   `_linear_solvers.forcing_tolerance` of the gradient, not at the fixed
-  1e-6."""
+  1e-6; the term depends on the point the loop came from, whose gradient
+  norm and forcing term the linearization carries (`forcing_history`,
+  [B...] each, NaN at the start; set by `succeed`)."""
 
   dense = False
   exact_column_norms = False
 
-  def __init__(self, kind, point, free, column_norms):
+  def __init__(self, kind, point, free, column_norms, previous_gradient_norm,
+               previous_forcing):
     self.kind = kind
     self.point = point
     self.free = free
     self._column_norms = column_norms
+    self.forcing_history = (previous_gradient_norm, previous_forcing)
 
   @property
   def tensors(self):
-    return (self.free, self._column_norms)
+    return (self.free, self._column_norms) + self.forcing_history
 
   @property
   def inexact_steps(self):
@@ -144,7 +155,7 @@ class MatrixFree:
 
   def hold_fixed(self, free):
     return MatrixFree(self.kind, self.point, self.free * free,
-                      self._column_norms * free)
+                      self._column_norms * free, *self.forcing_history)
 
 
 class DenseKind:
@@ -177,10 +188,16 @@ class MatrixFreeKind:
 
   dense = False
 
-  def __init__(self, problem, num_probes=8, inexact_steps=False):
+  def __init__(self, problem, num_probes=8, inexact_steps=False,
+               column_groups=None):
+    """`column_groups`: None (estimate diag(J^T J) from `num_probes`
+    probes), or a NumPy int array of n entries, the group in 0..G-1 of
+    each tangent coordinate, whose groups are structurally orthogonal
+    (see the module docstring): diag(J^T J) exact, from 2 G products."""
     self.problem = problem
     self.num_probes = num_probes
     self.inexact_steps = inexact_steps
+    self.column_groups = column_groups
     n = problem.tangent_dim
 
     def forward(point, vector):
@@ -215,11 +232,21 @@ class MatrixFreeKind:
     dtype = residual.dtype
     n = self.problem.tangent_dim
     estimate = tf.zeros(tf.concat([residual_shape[:-1], [n]], 0), dtype)
-    for probe in range(self.num_probes):
-      z = _rademacher(residual_shape, probe, dtype)
-      estimate += tf.square(self.reverse(point, z))
-    estimate /= self.num_probes
-    return MatrixFree(self, point, tf.ones_like(estimate), estimate)
+    if self.column_groups is not None:
+      groups = tf.constant(self.column_groups, tf.int32)
+      for group in range(int(np.max(self.column_groups)) + 1):
+        indicator = tf.broadcast_to(tf.cast(tf.equal(groups, group), dtype),
+                                    tf.shape(estimate))
+        estimate += indicator * self.reverse(
+            point, self.forward(point, indicator))
+    else:
+      for probe in range(self.num_probes):
+        z = _rademacher(residual_shape, probe, dtype)
+        estimate += tf.square(self.reverse(point, z))
+      estimate /= self.num_probes
+    no_history = tf.fill(residual_shape[:-1], tf.constant(np.nan, dtype))
+    return MatrixFree(self, point, tf.ones_like(estimate), estimate,
+                      no_history, no_history)
 
   def restore(self, tensors, point):
     return MatrixFree(self, point, *tensors)
@@ -242,6 +269,21 @@ def select(condition, new, old):
   if isinstance(new, MatrixFree):
     return MatrixFree(new.kind, new.point, *tensors)
   return type(new)(*tensors)  # Built from its tensors alone (`Gram`).
+
+
+def succeed(old, old_gradient, new):
+  """`new`, the linearization at the point the loop moves to from `old`'s
+  (where the gradient is `old_gradient`), with what it keeps of the way
+  there: for a matrix-free one with inexact steps, the forcing history
+  (||g_old||, the forcing term of the step from there) of Eisenstat and
+  Walker's forcing term (`_linear_solvers.forcing_tolerance`). Other
+  linearizations keep nothing: `new` itself."""
+  if not isinstance(new, MatrixFree) or not new.inexact_steps:
+    return new
+  return MatrixFree(new.kind, new.point, new.free, new.column_norms(),
+                    tf.norm(old_gradient, axis=-1),
+                    _linear_solvers.step_tolerance(old, old_gradient) +
+                    tf.zeros_like(old_gradient[..., 0]))
 
 
 def jacobian(problem, point, batch_shape, num_residuals):

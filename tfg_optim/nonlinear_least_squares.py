@@ -129,7 +129,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                   jacobian=None, bounds=None,
                   geodesic_acceleration=_DEFAULT_ACCELERATION,
                   vanishing_column_tolerance=None, linear_solver="auto",
-                  inexact_steps=False, data=None, data_chunk_size=None,
+                  inexact_steps=False, column_groups=None, data=None,
+                  data_chunk_size=None,
                   strategy=None, jit_compile_replicas=False, callback=None,
                   record=False,
                   gradients="implicit", implicit_hessian="gauss_newton",
@@ -197,6 +198,16 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       (Nocedal & Wright, Algorithm 7.1/7.2; never tighter than 1e-6):
       fewer CG iterations per iteration, at the price of more iterations
       where the problem is nearly linear (docs/large_scale.md has both).
+    column_groups: with the matrix-free solver only: None (default:
+      diag(J^T J) estimated from 8 probes), or n integers (a list or
+      NumPy array, n the parameters per problem in the variables' order,
+      flattened), the group 0..G-1 of each Jacobian column, where no
+      residual depends on two columns of one group (a coloring of the
+      columns, e.g. scipy's `group_columns` of a sparsity pattern; 3 groups
+      for a 2-D total-variation stencil): diag(J^T J), Marquardt's scaling
+      and the Jacobi preconditioner, is then exact, from G products J v
+      and G products J^T u per iteration (docs/large_scale.md). A wrong
+      grouping gives a wrong diagonal (slower, not wrong, steps).
     data: optional tensor or list/tuple of tensors (the data of a fit) with
       a shared leading dimension N, passed to every residual after the
       variables. Without `data_chunk_size`, the residuals are called once
@@ -310,7 +321,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         geodesic_acceleration=geodesic_acceleration,
         vanishing_column_tolerance=vanishing_column_tolerance,
         linear_solver=linear_solver, inexact_steps=inexact_steps,
-        data_chunk_size=data_chunk_size, strategy=strategy,
+        column_groups=column_groups, data_chunk_size=data_chunk_size, strategy=strategy,
         jit_compile_replicas=jit_compile_replicas, callback=callback,
         record=record,
         gradients=gradients, implicit_hessian=implicit_hessian, name=name)
@@ -463,6 +474,16 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                        "problem.")
     matrix_free = uses_matrix_free(linear_solver, jacobian is not None,
                                    tangent_dim)
+    if column_groups is not None:
+      column_groups = np.asarray(column_groups)
+      if (not (matrix_free and not chunked) or
+          column_groups.shape != (tangent_dim,) or
+          not np.issubdtype(column_groups.dtype, np.integer) or
+          np.min(column_groups) < 0):
+        raise ValueError(
+            "'column_groups' needs the matrix-free solver (linear_solver="
+            f"'cg', without chunked data) and {tangent_dim} non-negative "
+            f"integers, one per parameter; got {column_groups!r}.")
     if inexact_steps and not (matrix_free and not chunked):
       raise ValueError("'inexact_steps' is a rule of the matrix-free "
                        "conjugate-gradient solves: it needs linear_solver="
@@ -523,8 +544,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       zero = tf.zeros(tf.concat([tf.shape(initial_residual)[:-1],
                                  [tangent_dim]], 0), dtype)
       problem.forward_product(point, zero, tf.ones_like(zero))
-    if inexact_steps:
-      kind = _linearization.MatrixFreeKind(problem, inexact_steps=True)
+    if inexact_steps or column_groups is not None:
+      kind = _linearization.MatrixFreeKind(problem,
+                                           inexact_steps=inexact_steps,
+                                           column_groups=column_groups)
     num_records = 0
     if record:
       num_records = max_iterations if isinstance(record, bool) else int(record)
