@@ -320,10 +320,10 @@ class _Child:
 def _start_children(signal):
   environments = local_cluster.worker_environments(
       2, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-  # Worker 0 names the XLA modules it compiles of the per-replica passes.
+  # Worker 0 names the XLA modules it compiles of the per-replica passes;
+  # it compiles with XLA's default code generation (not conftest's).
   environments[0]["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") +
-      f" --xla_dump_to={os.path.join(os.path.dirname(signal), 'xla')} "
+      f"--xla_dump_to={os.path.join(os.path.dirname(signal), 'xla')} "
       "--xla_dump_hlo_module_re=_terms_")
   return {f"worker{index}": _Child(env, str(index), signal)
           for index, env in enumerate(environments)}
