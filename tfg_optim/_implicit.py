@@ -930,6 +930,10 @@ def _null_projector(regularized, product, root, free, delta, null_level):
   image = tf.stack([scaled_product(basis[:, i]) for i in range(count)], 1)
   ritz = tf.matmul(basis, image, transpose_a=True)
   values, vectors = tf.linalg.eigh(0.5 * (ritz + tf.transpose(ritz)))
+  # (review22 trial) a null Ritz value is at the rounding of the products
+  # H_s v, a few eps ||H_s||, not the factorization's 4 rho.
+  null_level = tf.minimum(null_level, 4.0 * float(np.finfo(
+      dtype.as_numpy_dtype).eps) * tf.reduce_max(tf.abs(values)))
   null = tf.cast(tf.abs(values) <= null_level, dtype)
   # An eigenvalue that delta hides but that is not at the rounding level:
   # the Tikhonov answer would be wrong along it.
@@ -1048,7 +1052,9 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
   singular = ((rhs_level <= rho) |
               ((probe_level <= rho) | ~probed) &
               (rhs_level <= rho_high))
-  accepted = solved & ~singular
+  # (review22) rhs = 0 (a gradient of the final cost alone): w = 0 exactly,
+  # whatever H's conditioning; its rhs_level 0 is no evidence of a null space.
+  accepted = solved & (~singular | tf.equal(rhs_size, 0))
 
   def euclidean_retry():  # an iterative solver: as the CG backward's
     delta = np.sqrt(eps) * tf.reduce_max(norms)
