@@ -898,6 +898,24 @@ def _gram_product(linearization, free):
 NULL_PROBES = 8
 
 
+def _map_columns(function, matrix):
+  """([n, k] whose column i is function(matrix[:, i])[0], all of the
+  `ok`s function(.)[1]) in one `tf.while_loop`: `function` (a solve with a
+  factor, a product) is traced once, not k times (k static)."""
+  count = matrix.shape[1]
+  units = tf.eye(count, dtype=matrix.dtype)
+
+  def body(i, out, ok):
+    column, column_ok = function(matrix[:, i])
+    out += (column - out[:, i])[:, tf.newaxis] * units[i][tf.newaxis, :]
+    return i + 1, out, ok & column_ok
+
+  _, out, ok = tf.while_loop(
+      lambda i, *_: i < count, body,
+      (tf.constant(0), tf.zeros_like(matrix), tf.constant(True)))
+  return out, ok
+
+
 def _null_projector(regularized, product, root, free, delta, null_level):
   """(v -> P_N v, ok): the Euclidean orthogonal projector onto the null
   space N of H (up to NULL_PROBES dimensions), found with the factor of
@@ -906,32 +924,37 @@ def _null_projector(regularized, product, root, free, delta, null_level):
   Y = D^1/2 (H + delta D)^-1 D^1/2 X (null directions amplified by
   1 / delta, an eigenvalue lambda of H_s by 1 / (lambda + delta); the
   range's share of Y falls to (delta / lambda)^2), orthonormalized, and
-  the Ritz pairs (theta, y) of H_s on it: those of |theta| <= null_level
-  (4 rho) span D^1/2 N; N is their image under D^-1/2. ok: every solve
-  finite, and no Ritz value in (null_level, delta]: an eigenvalue that
-  is neither null nor resolved by the Tikhonov steps (their answer would
-  be off along it: NaN instead)."""
+  the Ritz pairs (theta, y) of H_s on it: those of |theta| <= the null
+  level (the smaller of `null_level` (4 rho) and 4 eps max|theta|: the
+  rounding of the products H_s y) span D^1/2 N; N is their image under
+  D^-1/2. ok: every solve finite, and no Ritz value in (null level,
+  delta]: an eigenvalue that is neither null nor resolved by the
+  Tikhonov steps (their answer would be off along it: NaN instead).
+  The probes' solves and products run in `tf.while_loop`s
+  (`_map_columns`: each traced once)."""
   dtype = root.dtype
   n = root.shape[0] if root.shape[0] is not None else NULL_PROBES
   count = min(NULL_PROBES, n)
   index = tf.cast(tf.range(tf.size(root)), dtype)
-  basis, ok = tf.stack([free * tf.sin(index * (0.7548776662 * (i + 1)) +
-                                      0.5698403 * i)
-                         for i in range(count)], 1), tf.constant(True)
-  for _ in range(2):  # subspace iteration
-    columns = []
-    for i in range(count):
-      y, solved = regularized(root * basis[:, i])
-      columns.append(root * y)
-      ok &= solved
-    basis, _ = tf.linalg.qr(tf.where(ok, tf.stack(columns, 1),
-                                     tf.zeros_like(basis)))  # scaled
-  scaled_product = lambda v: product(v / root) / root
-  image = tf.stack([scaled_product(basis[:, i]) for i in range(count)], 1)
+  basis = tf.stack([free * tf.sin(index * (0.7548776662 * (i + 1)) +
+                                  0.5698403 * i) for i in range(count)], 1)
+
+  def step(k, basis, ok):  # subspace iteration, in scaled coordinates
+    solved, solved_ok = _map_columns(regularized,
+                                     root[:, tf.newaxis] * basis)
+    ok &= solved_ok
+    basis, _ = tf.linalg.qr(tf.where(ok, root[:, tf.newaxis] * solved,
+                                     tf.zeros_like(basis)))
+    return k + 1, basis, ok
+
+  _, basis, ok = tf.while_loop(lambda k, *_: k < 2, step,
+                               (tf.constant(0), basis, tf.constant(True)))
+  image, _ = _map_columns(
+      lambda v: (product(v / root) / root, tf.constant(True)), basis)
   ritz = tf.matmul(basis, image, transpose_a=True)
   values, vectors = tf.linalg.eigh(0.5 * (ritz + tf.transpose(ritz)))
-  # (review22 trial) a null Ritz value is at the rounding of the products
-  # H_s v, a few eps ||H_s||, not the factorization's 4 rho.
+  # A null Ritz value is at the rounding of the products H_s v, a few
+  # eps ||H_s||, which may be below the factorization's 4 rho (review22).
   null_level = tf.minimum(null_level, 4.0 * float(np.finfo(
       dtype.as_numpy_dtype).eps) * tf.reduce_max(tf.abs(values)))
   null = tf.cast(tf.abs(values) <= null_level, dtype)
@@ -1076,13 +1099,15 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
     project, found = _null_projector(regularized, product, root, free,
                                      np.sqrt(eps), 4.0 * rho)
     consistent = rhs - project(rhs)
-    w = tf.zeros_like(rhs)
-    update = tf.zeros_like(rhs)
-    ok = certified & found
-    for _ in range(TIKHONOV_STEPS):
+
+    def step(k, w, update, ok):  # (a loop: one trace of the solve)
       update, converged = regularized(consistent - product(w))
-      w += update
-      ok &= converged
+      return k + 1, w + update, update, ok & converged
+
+    _, w, update, ok = tf.while_loop(
+        lambda k, *_: k < TIKHONOV_STEPS, step,
+        (tf.constant(0), tf.zeros_like(rhs), tf.zeros_like(rhs),
+         certified & found))
     return w - project(w), update, ok
 
   if iterative:
