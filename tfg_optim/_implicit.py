@@ -1075,10 +1075,10 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
   What is not distinguished: an eigenvalue between rho and rho_high on an
   H that also has a rounding-level one, excited by rhs, is treated as
   null (its component of w is the Tikhonov one, not rhs / lambda). The
-  exact H (products only) of a weak subspace below 4 eps max|theta|
-  (float32: scaled eigenvalues below ~5e-7, cond(H) ~ 1e8 on the review's
-  pair graph, e = 0.001) is taken for null: a finite answer 1.0 off
-  (Gauss-Newton: NaN down to eps^(4/3), 6e-10 in float32).
+  exact H (products only) of a weak subspace below 4 eps max|theta| is
+  taken for null: a finite answer 1.0 off (float32, the review's pair
+  graph: NaN at cond(H) 2e7, scaled eigenvalue 1.8e-7; 1.0 off at cond
+  2e8, 2e-8; Gauss-Newton: NaN at both, down to eps^(4/3), 6e-10).
   """
   dtype = rhs.dtype
   eps = float(np.finfo(dtype.as_numpy_dtype).eps)
