@@ -632,9 +632,8 @@ def test_chunked_persistent_tape_differentiates_no_loop_cond():
   tf.function traces no gradient of the loop's tf.conds (TensorFlow wraps
   each control-flow op whose inputs a persistent tape watches in a
   'cflow_gradient_wrapper' function and differentiates it while tracing:
-  the first call took 113 s instead of 4 s on a 200-row fit), since the
-  passes see the data stopped; the gradient is the plain tape's closed
-  form, A (A^T A)^-1 u."""
+  benchmarks/persistent_tape_first_call.py), since the passes see the data
+  stopped; the gradient is the plain tape's closed form, A (A^T A)^-1 u."""
   a_np, b_np = _linear_problem(seed=13, m=20)
   a, b = tf.constant(a_np), tf.constant(b_np)
   u = tf.constant([1.0, -2.0, 0.5], tf.float64)
