@@ -597,6 +597,63 @@ def test_matrix_free_and_chunked_gradients_match_the_closed_form():
       _large_scale_solve("chunked", a, b, scale, max_iterations=1)
 
 
+def test_chunked_forward_mode_around_and_inside_a_function():
+  """A ForwardAccumulator around a call of a tf.function that solves with
+  data chunks gets the implicit tangent pinv(A) t (TensorFlow transposes
+  the custom gradient's backward pass; a stop_gradient in it made the
+  tangent a silent 0); one inside the tf.function gets the
+  NotImplementedError before the first pass (TensorFlow failed there with
+  'duplicate function ..._rewritten')."""
+  a_np, b_np = _linear_problem(seed=13, m=20)
+  a, b = tf.constant(a_np), tf.constant(b_np)
+  scale = tf.constant(1.5, tf.float64)
+  tangent = tf.constant(np.linspace(-1.0, 2.0, 20))
+  solve = tf.function(
+      lambda b: _large_scale_solve("chunked", a, b, scale,
+                                   chunk_size=10).position)
+  with tf.autodiff.ForwardAccumulator(b, tangent) as accumulator:
+    position = solve(b)
+  np.testing.assert_allclose(accumulator.jvp(position),
+                             np.linalg.pinv(a_np) @ tangent.numpy(),
+                             atol=_LARGE_SCALE_TOLERANCE)
+
+  @tf.function
+  def inside(b):
+    with tf.autodiff.ForwardAccumulator(b, tangent) as accumulator:
+      position = _large_scale_solve("chunked", a, b, scale).position
+    return accumulator.jvp(position)
+
+  with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
+    inside(b)
+
+
+def test_chunked_persistent_tape_differentiates_no_loop_cond():
+  """Under a persistent tape watching the data, a chunked solve in a
+  tf.function traces no gradient of the loop's tf.conds (TensorFlow wraps
+  each control-flow op whose inputs a persistent tape watches in a
+  'cflow_gradient_wrapper' function and differentiates it while tracing:
+  benchmarks/persistent_tape_first_call.py), since the passes see the data
+  stopped; the gradient is the plain tape's closed form, A (A^T A)^-1 u."""
+  a_np, b_np = _linear_problem(seed=13, m=20)
+  a, b = tf.constant(a_np), tf.constant(b_np)
+  u = tf.constant([1.0, -2.0, 0.5], tf.float64)
+
+  @tf.function
+  def gradient(b):
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(b)
+      position = _large_scale_solve("chunked", a, b,
+                                    tf.constant(1.0, tf.float64),
+                                    chunk_size=10).position
+    return tape.gradient(position, b, output_gradients=u)
+
+  np.testing.assert_allclose(gradient(b), np.linalg.pinv(a_np).T @ u.numpy(),
+                             atol=_LARGE_SCALE_TOLERANCE)
+  library = gradient.get_concrete_function(b).graph.as_graph_def().library
+  assert not [f.signature.name for f in library.function
+              if "cflow_gradient_wrapper" in f.signature.name]
+
+
 def test_matrix_free_singular_system_gets_the_pinv_derivative():
   """A rank-deficient J (two equal columns) has a singular J^T J: conjugate
   gradients diverge on it (|gradient| ~ 1e16 without the retry), and are

@@ -178,7 +178,8 @@ def _in_own_thread(function):
   return box["value"]
 
 
-def _stop(value):
+def stop(value):
+  """`value` under `tf.stop_gradient` if it is a floating tensor."""
   if isinstance(value, (tf.Tensor, tf.Variable)) and value.dtype.is_floating:
     return tf.stop_gradient(value)
   return value
@@ -200,7 +201,7 @@ def solve_untaped(solve, gradients):
     outputs = _in_own_thread(solve)
   else:
     outputs = solve()
-  return tf.nest.map_structure(_stop, outputs)
+  return tf.nest.map_structure(stop, outputs)
 
 
 def _needed():
@@ -1174,7 +1175,7 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
 
 
 def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
-                   data, chunk_size, fold=None):
+                   data, chunk_size, fold=None, captures=None):
   """`results` of a chunked-data solve (`data_chunk_size`, or a
   `strategy`) whose position, cost and residual ||F|| have Gauss-Newton
   implicit gradients, with respect to the `data` tensors and to the
@@ -1218,6 +1219,8 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
       parts and the rows [N, ...] of every data tensor. Default:
       local_pass(data), one part. `_distributed.DistributedKind.fold` runs
       it on every replica's shard, with one SUM all-reduce of the sums.
+    captures: optional; what `chunked_captures` returned for these
+      arguments (before the solve, which it refused forward mode for).
 
   Returns:
     `results` with `position`, `cost` and `residual` replaced by
@@ -1233,11 +1236,11 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
   augmented = tf.stop_gradient(augmented)
   dtype = cost.dtype
   n = augmented.shape[-1] - 1
-  captured, variables = _captures(chunk_residual, point, data, chunk_size)
+  captured, variables = captures or chunked_captures(chunk_residual, point,
+                                                     data, chunk_size)
   data_slots = [i for i, t in enumerate(data) if t.dtype.is_floating]
   live = (captured + [tf.convert_to_tensor(v) for v in variables] +
           [data[i] for i in data_slots])
-  _refuse_forward_mode(live)
   num_points = len(flat_point)
 
   def backward(upstream):
@@ -1266,7 +1269,10 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
           value = chunk_residual(retract(point, zero_step), chunk)
       product = accumulator.jvp(
           value, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-      cotangent = tf.stop_gradient(cost_bar * value - product)
+      # Not stopped: w and cost_bar are linear in the upstream cotangents,
+      # and a ForwardAccumulator around a tf.function call takes the
+      # tangents by transposing this pass (a stop here made them 0).
+      cotangent = cost_bar * value - product
       return tape.gradient(value, captured + variables + pieces,
                            output_gradients=cotangent,
                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -1284,6 +1290,21 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
       position=tf.nest.pack_sequence_as(results.position,
                                         outputs[:num_points]),
       residual=outputs[num_points], cost=outputs[num_points + 1])
+
+
+def chunked_captures(chunk_residual, point, data, chunk_size):
+  """(tensors, variables) that `chunk_residual` captures (`_captures`),
+  after a NotImplementedError if a forward accumulator tracks any of them
+  or of the data: called before a chunked solve's first pass, which would
+  otherwise run under the accumulator (tf.function: TensorFlow fails
+  there, 'duplicate function ..._rewritten'). None where no gradient can
+  be taken (eagerly, no tape or accumulator active)."""
+  if not _needed():
+    return None
+  captured, variables = _captures(chunk_residual, point, data, chunk_size)
+  _refuse_forward_mode(captured + [tf.convert_to_tensor(v) for v in variables]
+                       + [t for t in data if t.dtype.is_floating])
+  return captured, variables
 
 
 def _captures(chunk_residual, point, data, chunk_size):

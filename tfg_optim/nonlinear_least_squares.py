@@ -516,15 +516,24 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
             [_bind_data(residual, chunk) for residual in chunk_residuals],
             dtype, 0)
         return robust(chunk_stack(tf.nest.flatten(p)))
+      pass_data, captures = data, None
+      if gradients != "unrolled" and dataset is None:
+        if gradients == "implicit":  # Forward mode refused before any pass.
+          captures = _implicit.chunked_captures(chunk_residual, point, data,
+                                                data_chunk_size)
+        # The passes see the data stopped: no tape or accumulator of the
+        # caller watches what the loop's tf.conds capture (a persistent tape
+        # would differentiate each of them while tracing).
+        pass_data = [_implicit.stop(t) for t in data]
       if strategy is None:
         kind = _chunked.ChunkedKind(
             chunk_residual, retract, tangent_dim,
-            data if dataset is None else _chunked.DatasetChunks(dataset),
+            pass_data if dataset is None else _chunked.DatasetChunks(dataset),
             data_chunk_size, dtype)
       else:
         kind = _distributed.DistributedKind(
             chunk_residual, retract, tangent_dim,
-            data if dataset is None else dataset, data_chunk_size, dtype,
+            pass_data if dataset is None else dataset, data_chunk_size, dtype,
             strategy, jit_compile_replicas)
       initial_residual = kind.residual_norm(point)
       residual_fn = kind.residual_norm
@@ -572,7 +581,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       result = _implicit.attach_chunked(
           result, state.linearization[0], chunk_residual, retract,
           manifold.coordinates if manifold is not None else flat_coordinates,
-          data, data_chunk_size, fold=None if strategy is None else kind.fold)
+          data, data_chunk_size, fold=None if strategy is None else kind.fold,
+          captures=captures)
     elif gradients == "implicit" and matrix_free:
       result = _implicit.attach_matrix_free(
           result, state.linearization, problem,
