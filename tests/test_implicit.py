@@ -22,7 +22,9 @@ from tfg_optim import lbfgs
 from tfg_optim import manifolds
 from tfg_optim import riemannian
 from tfg_optim import StopReason
+from tfg_optim import _engine
 from tfg_optim import _implicit
+from tfg_optim import _linearization
 
 
 
@@ -612,6 +614,39 @@ def test_matrix_free_singular_system_gets_the_pinv_derivative():
     loss = tf.reduce_sum(u * position)
   np.testing.assert_allclose(tape.gradient(loss, b), u @ np.linalg.pinv(a_np),
                              atol=1e-6)
+
+
+def test_matrix_free_derivative_ignores_a_cancelled_column_estimate():
+  """x_0 read by rows i and k whose signs are opposite in all 8 fixed
+  Rademacher probes: its estimated ||J_0||^2 is 0 (asserted), and the
+  backward solve still holds only the structure (no bounds here) and the
+  truly zero column (the last parameter, read by no residual): the
+  derivative is u^T pinv(A) (0.5 of x_0's weight to y_i and y_k; 0 from
+  the zero column, the dense path's convention), not 0 for x_0 and not NaN
+  for all."""
+  m = 16
+  probes = np.stack([_linearization._rademacher([m], p, tf.float64).numpy()  # pylint: disable=protected-access
+                     for p in range(8)])
+  i, k = next((i, k) for i in range(m) for k in range(i + 1, m)
+              if np.all(probes[:, i] == -probes[:, k]))
+  index = np.zeros(m, np.int64)
+  index[np.setdiff1d(np.arange(m), [i, k])] = np.arange(1, m - 1)
+  a_np = np.zeros((m, m))  # columns 0 .. m - 2 read; column m - 1 zero
+  a_np[np.arange(m), index] = 1.0
+  u = np.random.default_rng(15).standard_normal(m)
+  y = tf.constant(np.linspace(1.0, 2.0, m))
+  residual = lambda x: tf.gather(x, index) - y + 0.0 * x[-1]
+  start = tf.zeros([m], tf.float64)
+  problem = _engine.Problem(residual, lambda p, s: p + s, m, None, None)
+  estimate = _linearization.MatrixFreeKind(problem).at(
+      start, residual(start)).column_norms()
+  assert estimate[0] == 0 and estimate[-1] == 0, estimate
+  with tf.GradientTape() as tape:
+    tape.watch(y)
+    result = tfg_optim.least_squares(residual, start, linear_solver="cg")
+    loss = tf.reduce_sum(u * result.position)
+  np.testing.assert_allclose(tape.gradient(loss, y), u @ np.linalg.pinv(a_np),
+                             atol=1e-9)
 
 
 def _large_scale_build(variant, mode):
