@@ -649,6 +649,26 @@ def test_matrix_free_derivative_ignores_a_cancelled_column_estimate():
                              atol=1e-9)
 
 
+def test_matrix_free_derivative_with_a_wrong_column_grouping():
+  """F = [x0 - x1 - y0, x1 - y1, 0.1 (x2 - y2)] with all columns in one
+  group (columns 0 and 1 share row 0): group sums J_j^T J e_g = [0, 1,
+  0.01] (0 for a nonzero column); x* = (y0 + y1, y1, y2), so
+  d(x0 + 2 x1 + 3 x2)/dy = [1, 3, 3]."""
+  y = tf.constant([1.0, 2.0, 0.5], tf.float64)
+  with tf.GradientTape() as tape:
+    tape.watch(y)
+    result = tfg_optim.least_squares(
+        lambda x: tf.stack([x[0] - x[1] - y[0], x[1] - y[1],
+                            0.1 * (x[2] - y[2])]),
+        tf.zeros([3], tf.float64), linear_solver="cg",
+        column_groups=[0, 0, 0])
+    loss = tf.reduce_sum(tf.constant([1.0, 2.0, 3.0], tf.float64) *
+                         result.position)
+  np.testing.assert_allclose(result.position, [3.0, 2.0, 0.5], atol=1e-9)
+  np.testing.assert_allclose(tape.gradient(loss, y), [1.0, 3.0, 3.0],
+                             atol=1e-9)
+
+
 def _large_scale_build(variant, mode):
   """(A, b, scale) -> gradients of u . x + 3 cost (tf.gradients in a TF1
   graph). Chunks of 10 rows: no remainder chunk to trace (the eager test
