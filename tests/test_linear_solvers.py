@@ -595,8 +595,8 @@ def test_column_groups_give_the_exact_diagonal():
   column norms (reverse-mode rows, `DenseKind`), for a batch of two; one
   group for all (not orthogonal) gives row sums of J^T J instead, as the
   closed form says where they are positive, and the probes' estimate
-  where a row sum is 0 or less (one exactly 0 below); a grouping of the wrong length is an
-  error."""
+  where a row sum is 0 or less (one exactly 0 below); a grouping of the
+  wrong length is an error."""
   def residual_fn(x):
     return tf.concat([x[..., :-1] * x[..., 1:] - 1.0, x - 1.0], -1)
   problem = _engine.Problem(residual_fn, lambda p, s: p + s, 6, None, None)
