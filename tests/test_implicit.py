@@ -22,7 +22,9 @@ from tfg_optim import lbfgs
 from tfg_optim import manifolds
 from tfg_optim import riemannian
 from tfg_optim import StopReason
+from tfg_optim import _engine
 from tfg_optim import _implicit
+from tfg_optim import _linearization
 
 
 
@@ -669,6 +671,55 @@ def test_matrix_free_singular_system_gets_the_pinv_derivative():
     loss = tf.reduce_sum(u * position)
   np.testing.assert_allclose(tape.gradient(loss, b), u @ np.linalg.pinv(a_np),
                              atol=1e-6)
+
+
+def test_matrix_free_solve_and_derivative_ignore_a_cancelled_estimate():
+  """x_0 read by rows i and k (F_i = x_0^2 - t_i, F_k = x_0^2 - t_k)
+  whose signs are opposite in all 8 fixed Rademacher probes: its
+  estimated ||J_0||^2 (truly 8 x_0^2) is 0 at every point (asserted), and
+  so is the last parameter's, whose column is truly zero (no residual
+  reads it); the other rows are x_j - t_j. The gradient-cosine stopping
+  test (MINPACK's gtol) fired on the unmeasured x_0 once the others had
+  converged (x_0 = 1.375, cost 1.012, "converged"), and the backward pass
+  held x_0 (a zero derivative). Now x_0 = sqrt((t_i + t_k) / 2), and
+  d(u . x)/dt = u_0 / (4 x_0) at t_i and t_k (Gauss-Newton's is exact
+  here: the residuals' curvature terms 2 (F_i + F_k) sum to 0 at x*), u_j
+  at the others, 0 from the zero column (the dense path's convention),
+  not NaN for all."""
+  m = 16
+  probes = np.stack([_linearization._rademacher([m], p, tf.float64).numpy()  # pylint: disable=protected-access
+                     for p in range(8)])
+  i, k = next((i, k) for i in range(m) for k in range(i + 1, m)
+              if np.all(probes[:, i] == -probes[:, k]))
+  others = np.setdiff1d(np.arange(m), [i, k])
+  index = np.zeros(m, np.int64)
+  index[others] = np.arange(1, m - 1)
+  squared = np.isin(np.arange(m), [i, k])
+  t_np = np.linspace(1.0, 2.0, m)
+  t_np[[i, k]] = [1.0, 3.0]
+  t = tf.constant(t_np)
+
+  def residual(x):  # x: m parameters, the last one read by no residual
+    read = tf.gather(x, index)
+    return tf.where(squared, read * read, read) - t + 0.0 * x[-1]
+
+  start = tf.concat([[1.0], tf.zeros([m - 1], tf.float64)], 0)
+  problem = _engine.Problem(residual, lambda p, s: p + s, m, None, None)
+  estimate = _linearization.MatrixFreeKind(problem).at(
+      start, residual(start)).column_norms()
+  assert estimate[0] == 0 and estimate[-1] == 0, estimate
+  u = np.random.default_rng(15).standard_normal(m)
+  with tf.GradientTape() as tape:
+    tape.watch(t)
+    result = tfg_optim.least_squares(residual, start, linear_solver="cg")
+    loss = tf.reduce_sum(u * result.position)
+  assert bool(result.converged)
+  np.testing.assert_allclose(result.position[0], np.sqrt(2.0), rtol=1e-8)
+  np.testing.assert_allclose(result.cost, 1.0, rtol=1e-12)
+  expected = np.zeros(m)
+  expected[others] = u[1:-1]
+  expected[[i, k]] = u[0] / (4.0 * np.sqrt(2.0))
+  np.testing.assert_allclose(tape.gradient(loss, t), expected, atol=1e-8)
 
 
 def _large_scale_build(variant, mode):

@@ -594,7 +594,9 @@ def test_column_groups_give_the_exact_diagonal():
   orthogonal), the matrix-free diag(J^T J) equals the dense Jacobian's
   column norms (reverse-mode rows, `DenseKind`), for a batch of two; one
   group for all (not orthogonal) gives row sums of J^T J instead, as the
-  closed form says; a grouping of the wrong length is an error."""
+  closed form says where they are positive, and the probes' estimate
+  where a row sum is 0 or less (one exactly 0 below); a grouping of the
+  wrong length is an error."""
   def residual_fn(x):
     return tf.concat([x[..., :-1] * x[..., 1:] - 1.0, x - 1.0], -1)
   problem = _engine.Problem(residual_fn, lambda p, s: p + s, 6, None, None)
@@ -609,8 +611,24 @@ def test_column_groups_give_the_exact_diagonal():
   one_group = _linearization.MatrixFreeKind(
       problem, column_groups=np.zeros(6, np.int64)).at(point, residual)
   gram = np.einsum("bmn,bmk->bnk", dense.matrix, dense.matrix)
-  np.testing.assert_allclose(one_group.column_norms(), gram.sum(-1),
-                             rtol=1e-13)
+  row_sums = gram.sum(-1)  # (the point depends on the tests run before)
+  probes = _linearization.MatrixFreeKind(problem).at(point, residual)
+  np.testing.assert_allclose(
+      one_group.column_norms(),
+      np.where(row_sums > 0, row_sums, probes.column_norms()), rtol=1e-13)
+  # F = [x0 - x1, x1, 0.1 x2] (columns 0 and 1 share row 0), grouped
+  # [0, 0, 1]: J_0^T (J_0 + J_1) = 1 - 1 = 0, replaced by the probes'
+  # exact 1 (one nonzero); J_1^T (J_0 + J_1) = 1 (wrong: ||J_1||^2 = 2)
+  # stays; column 2 alone: 0.01.
+  linear = _engine.Problem(
+      lambda x: tf.stack([x[0] - x[1], x[1], 0.1 * x[2]]),
+      lambda p, s: p + s, 3, None, None)
+  start = tf.zeros([3], tf.float64)
+  wrong = _linearization.MatrixFreeKind(
+      linear, column_groups=np.array([0, 0, 1])).at(
+          start, linear.residual_fn(start))
+  np.testing.assert_allclose(wrong.column_norms(), [1.0, 1.0, 0.01],
+                             rtol=1e-15)
   with pytest.raises(ValueError, match="column_groups"):
     tfg_optim.least_squares(residual_fn, point, batch_dims=1,
                             linear_solver="cg", column_groups=parity[:5])

@@ -461,9 +461,11 @@ def attach_matrix_free(results, linearization_tensors, problem, coordinates):
   live residual's cotangent r_bar + c_bar r - J w (one more J v); ordinary
   automatic differentiation carries it to theta (one reverse pass of the
   residual). The forward pass adds one residual evaluation. Coordinates
-  whose (held) Jacobian column is zero get a zero derivative, as in the
-  dense path: the solve is J^T J on the free coordinates and the identity
-  on the others.
+  held (bounds, `fixed_fn`) or whose Jacobian column is zero get a zero
+  derivative, as in the dense path: the solve is J^T J on the free
+  coordinates and the identity on the others. They are told from the
+  structure and exact tests, never from the estimated diag(J^T J) alone
+  (`_free_coordinates`).
 
   Args:
     results: the solve's results (see `attach_least_squares`).
@@ -569,7 +571,7 @@ def attach_linearization(results, linearization_tensors, kind, residual_fn,
     point_bar = _zeros_for_none(upstream[:num_points], flat_point)
     residual_bar, cost_bar = _zeros_for_none(upstream[num_points:],
                                              [residual, cost])
-    free = tf.cast(linearization.column_norms() > 0, dtype)
+    free = _free_coordinates(linearization, residual)
     rhs = free * coordinates(
         point, tf.nest.pack_sequence_as(results.position, point_bar))
     rhs += linearization.rmatvec(residual_bar)
@@ -599,6 +601,45 @@ def attach_linearization(results, linearization_tensors, kind, residual_fn,
       position=tf.nest.pack_sequence_as(results.position,
                                         outputs[:num_points]),
       residual=outputs[num_points], cost=outputs[num_points + 1])
+
+
+def _free_coordinates(linearization, residual):
+  """[B..., n] 1 on the coordinates the backward pass solves for, 0 on
+  those whose derivative is zero (as the dense path: the held ones and
+  those whose Jacobian column is zero), in `residual`'s dtype.
+
+  Where the column norms are exact: the nonzero columns (a held
+  coordinate's column is zeroed). Where they are an estimate
+  (`MatrixFree`), never the estimate alone: Rademacher probe sums that
+  cancel give 0 for a nonzero column (a column of two entries +-1, with
+  probability 2^-8 for 8 probes: thousands of them in a 10^6-parameter
+  total-variation problem), and a `column_groups` grouping that is not
+  structurally orthogonal gives 0 or less. There the structure, its
+  `free` mask (the coordinates not held by bounds or `fixed_fn`), less
+  the zero columns: a column is nonzero where its estimate is positive
+  ((J^T z)_j != 0 for a probe z, or (J^T J e_g)_j != 0, both sums of its
+  entries) or, where some free estimate is not, where (J^T g)_j != 0 for
+  one fixed Gaussian probe g (one more product J^T u; a nonzero column
+  fails it only where its entries times g's cancel to the last bit).
+  Conjugate gradients cannot solve for a free coordinate whose column is
+  zero (its right-hand side is off the range: they diverge, and the
+  regularized retry refuses it), so those must be told apart.
+  """
+  dtype = residual.dtype
+  norms = linearization.column_norms()
+  if linearization.exact_column_norms:
+    return tf.cast(norms > 0, dtype)
+  free = tf.cast(linearization.free, dtype)
+
+  def gaussian_test():
+    probe = tf.random.stateless_normal(tf.shape(residual), seed=[11, 0],
+                                       dtype=dtype)
+    return tf.not_equal(linearization.rmatvec(probe), 0)
+
+  unsure = (free > 0) & tf.logical_not(norms > 0)
+  nonzero = (norms > 0) | tf.cond(
+      tf.reduce_any(unsure), gaussian_test, lambda: tf.zeros_like(unsure))
+  return free * tf.cast(nonzero, dtype)
 
 
 def backward_solve(linearization, rhs, free):

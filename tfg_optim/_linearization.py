@@ -47,7 +47,13 @@ rebuild the view from them (`restore`). Two kinds here (and
   scipy's `group_columns` finds from a sparsity pattern: 3 for a 2-D
   total-variation stencil), diag(J^T J) is exact instead, from G products
   J e_g and G products J^T (J e_g), e_g the indicator of group g:
-  (J^T J e_g)_j = sum_k in g (J^T J)_jk = (J^T J)_jj for j in g.
+  (J^T J e_g)_j = sum_k in g (J^T J)_jk = (J^T J)_jj for j in g. A
+  grouping that is not structurally orthogonal adds the other columns'
+  J_j^T J_k there; where that makes an entry 0 or negative (a zero
+  column too), the probes' estimate replaces it (`num_probes` more
+  products J^T z, only at a point where some entry is). The estimates
+  scale steps and precondition them, and no derivative is zeroed by them
+  (`tfg_optim._implicit._free_coordinates`).
 """
 
 import numpy as np
@@ -193,7 +199,8 @@ class MatrixFreeKind:
     """`column_groups`: None (estimate diag(J^T J) from `num_probes`
     probes), or a NumPy int array of n entries, the group in 0..G-1 of
     each tangent coordinate, whose groups are structurally orthogonal
-    (see the module docstring): diag(J^T J) exact, from 2 G products."""
+    (see the module docstring): diag(J^T J) exact, from 2 G products
+    (entries <= 0 of a wrong grouping: the probes' estimate)."""
     self.problem = problem
     self.num_probes = num_probes
     self.inexact_steps = inexact_steps
@@ -231,19 +238,32 @@ class MatrixFreeKind:
     residual_shape = tf.shape(residual)
     dtype = residual.dtype
     n = self.problem.tangent_dim
-    estimate = tf.zeros(tf.concat([residual_shape[:-1], [n]], 0), dtype)
+    zeros = tf.zeros(tf.concat([residual_shape[:-1], [n]], 0), dtype)
+
+    def probe_estimate():
+      estimate = zeros
+      for probe in range(self.num_probes):
+        z = _rademacher(residual_shape, probe, dtype)
+        estimate += tf.square(self.reverse(point, z))
+      return estimate / self.num_probes
+
     if self.column_groups is not None:
+      estimate = zeros
       groups = tf.constant(self.column_groups, tf.int32)
       for group in range(int(np.max(self.column_groups)) + 1):
         indicator = tf.broadcast_to(tf.cast(tf.equal(groups, group), dtype),
                                     tf.shape(estimate))
         estimate += indicator * self.reverse(
             point, self.forward(point, indicator))
+      # A grouping that is not structurally orthogonal gives J_j^T J e_g,
+      # which can be 0 or negative for a nonzero column: there (and on a
+      # zero column, where the probes give 0 too) the probes' estimate.
+      unsure = tf.logical_not(estimate > 0)
+      estimate = tf.where(unsure, tf.cond(tf.reduce_any(unsure),
+                                          probe_estimate, lambda: zeros),
+                          estimate)
     else:
-      for probe in range(self.num_probes):
-        z = _rademacher(residual_shape, probe, dtype)
-        estimate += tf.square(self.reverse(point, z))
-      estimate /= self.num_probes
+      estimate = probe_estimate()
     no_history = tf.fill(residual_shape[:-1], tf.constant(np.nan, dtype))
     return MatrixFree(self, point, tf.ones_like(estimate), estimate,
                       no_history, no_history)

@@ -206,8 +206,17 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       columns, e.g. scipy's `group_columns` of a sparsity pattern; 3 groups
       for a 2-D total-variation stencil): diag(J^T J), Marquardt's scaling
       and the Jacobi preconditioner, is then exact, from G products J v
-      and G products J^T u per iteration (docs/large_scale.md). A wrong
-      grouping gives a wrong diagonal (slower, not wrong, steps).
+      and G products J^T u per iteration (docs/large_scale.md). A grouping
+      that is not structurally orthogonal is not detected as such: column
+      j's entry is then J_j^T (the sum of its group's columns), wrong by
+      the other columns' products. Where that is 0 or less, the 8-probe
+      estimate replaces it (8 more products J^T u at that point); a wrong
+      positive entry stays and misscales Marquardt's D and the
+      preconditioner (other iterates, the same minimum) and the default
+      gradient-cosine stopping test, which divides by sqrt(||J_j||^2)
+      (it fires early where the entry is too large). Implicit gradients
+      take the held coordinates from the bounds and exact zero-column
+      tests, never from these entries.
     data: optional tensor or list/tuple of tensors (the data of a fit) with
       a shared leading dimension N, passed to every residual after the
       variables. Without `data_chunk_size`, the residuals are called once

@@ -258,7 +258,9 @@ class StopWhenRelativeStepLess(_Threshold):
 class StopWhenGradientCosineLess(_Threshold):
   """Stops when F is nearly orthogonal to every column of J (MINPACK's gtol,
   invariant to the scale of F and of each variable):
-      max_j |(J^T F)_j| / (||F|| ||J_j||) <= tolerance."""
+      max_j |(J^T F)_j| / (||F|| ||J_j||) <= tolerance.
+  A nonzero (J^T F)_j over a zero ||J_j|| (an estimate, matrix-free, that
+  missed a nonzero column) is not measured: the test does not fire."""
 
   reason = StopReason.GRADIENT_NORM
   key = "gradient_cosine"
@@ -274,7 +276,12 @@ class StopWhenGradientCosineLess(_Threshold):
     denominator = tf.where(tf.math.is_finite(denominator), denominator,
                            _batch.full_like(denominator, np.nan))
     zero = tf.equal(denominator, 0)
-    cosine = tf.where(zero, tf.zeros_like(denominator),
+    # A nonzero gradient entry over a zero norm: an estimated ||J_j||^2
+    # (matrix-free: probe sums that cancel) that missed a nonzero column.
+    # Its cosine is unknown: the test does not fire on it.
+    unknown = zero & tf.not_equal(state.gradient, 0)
+    cosine = tf.where(zero, tf.where(unknown, _batch.full_like(
+        denominator, np.inf), tf.zeros_like(denominator)),
                       tf.abs(state.gradient) / tf.where(
                           zero, tf.ones_like(denominator), denominator))
     return tf.reduce_all(cosine <= self.tolerance, axis=-1)
