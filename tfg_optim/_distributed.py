@@ -51,8 +51,9 @@ with its backward pass over the rows split over the replicas (`fold`):
 every replica solves J^T J w = P^T x_bar with the all-reduced J^T J of the
 solver's state, sums its shard's theta_bar_r = (dF_r/dtheta)^T u_r,
 u_r = c_bar' F_r - J_r w, and computes its rows of the data's cotangent;
-one SUM all-reduce of the theta_bar_r (the size of the captured tensors
-and variables) is the backward pass's only communication.
+adding the theta_bar_r (the size of the captured tensors and variables:
+one SUM all-reduce over workers, a `tf.add_n` in one process) is the
+backward pass's only communication.
 
 A worker that dies leaves the others waiting in a collective; each
 all-reduce has a completion timeout (the strategy's own

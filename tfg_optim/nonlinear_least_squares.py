@@ -219,7 +219,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       batching is the chunking), each pass iterating the dataset once. An
       infinite or empty dataset raises naming 'data' (eagerly; in graphs
       when a pass runs); not under XLA, not with `batch_dims`, no
-      gradients (see docs/distributed.md, Data as a `tf.data.Dataset`).
+      gradients (differentiating the results raises unless
+      gradients='none'; see docs/distributed.md, Data as a
+      `tf.data.Dataset`).
     data_chunk_size: optional int K >= 1 (needs `data`): the residuals are
       called on chunks of K rows of the data (the last chunk has N mod K
       rows) and must return the residuals of those rows. J is built one
@@ -239,12 +241,16 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       same steps (see docs/distributed.md). The same limits and `residual`
       as with `data_chunk_size`; implicit gradients as with
       `data_chunk_size`, their backward pass over the replicas with one
-      all-reduce (docs/differentiation.md; gradients='unrolled' is an
-      error); an eager call runs compiled. Every worker calls with the same
-      arguments. With `batch_dims` > 0, the independent problems are split
-      over the replicas instead (the leading batch dimension of `variables`
-      and of every `data` tensor), solved with no communication, and
-      gathered (no gradients: the outputs are stopped).
+      all-reduce over workers (docs/differentiation.md;
+      gradients='unrolled' is an error); an eager call runs compiled.
+      Every worker calls with the same arguments. With `batch_dims` > 0,
+      the independent problems are split over the replicas instead (the
+      leading batch dimension of `variables` and of every `data` tensor),
+      solved with no communication, and gathered (no gradients:
+      differentiating the results raises unless gradients='none'). An
+      eager tape over a MultiWorkerMirroredStrategy solve whose residuals
+      capture tensors or variables raises (take the gradient in a
+      `tf.function`).
     jit_compile_replicas: False (default) or True (needs `strategy`; not
       with `batch_dims`): each replica's passes over its shard (the sum
       of J^T [J | F] and the cost over its chunks, and the cost-only sum;
@@ -729,8 +735,9 @@ def _refuse_gradients(results, residuals, variables, data, solve):
         "none is wanted (then the tape gets None), or differentiate a "
         "solve without it.")
 
-  outputs = _implicit._identity_with_gradient(  # pylint: disable=protected-access
-      flat_position + [results.residual, results.cost], live, backward)
+  identity = _implicit._identity_with_gradient  # pylint: disable=W0212
+  outputs = identity(flat_position + [results.residual, results.cost], live,
+                     backward)
   return results._replace(
       position=tf.nest.pack_sequence_as(results.position, outputs[:count]),
       residual=outputs[count], cost=outputs[count + 1])
