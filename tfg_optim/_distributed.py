@@ -409,6 +409,7 @@ def _separate_backward_graph(forward_tensor):
   graph = tf.compat.v1.get_default_graph()
   if not getattr(graph, "building_function", False):
     return False
+
   def chain(graph):
     graphs = []
     while getattr(graph, "building_function", False):
