@@ -111,7 +111,7 @@ def _gradient_function():
   if not _GRADIENTS:
     offset = tf.Variable(0.0, dtype=tf.float64)
 
-    def gradients(strategy, weights, scale, t, y):
+    def gradients(strategy, weights, scale, t, y):  # (Also called eagerly.)
       with tf.GradientTape() as tape:
         tape.watch([scale, t, y])
         result = tfg_optim.least_squares(
@@ -124,14 +124,20 @@ def _gradient_function():
           loss, [scale, offset, t, y])
 
     _GRADIENTS["function"] = tf.function(gradients, autograph=False)
+    _GRADIENTS["eager"] = gradients
   return _GRADIENTS["function"]
 
 
-def _gradients(strategy=None, data=None, weights=_WEIGHTS, scale=1.0):
+def _gradients(strategy=None, data=None, weights=_WEIGHTS, scale=1.0,
+               eager=False):
   """The loss, the solution (a*, b*) and the gradients of
-  `_gradient_function`, as lists."""
+  `_gradient_function` (or, `eager`, of its Python function called
+  eagerly: the tape outside the solve's compiled function), as lists."""
   t, y = _problem() if data is None else data
-  values = _gradient_function()(
+  function = _gradient_function()
+  if eager:
+    function = _GRADIENTS["eager"]
+  values = function(
       strategy, *[tf.constant(v, tf.float64) for v in (weights, scale, t, y)])
   return dict(zip(("loss", "position", "scale", "offset", "t", "y"),
                   [v.numpy().tolist() for v in values]))
@@ -252,6 +258,12 @@ def _worker_child(index, signal):
              multi_batch=_solve_batch(strategy))
   begin = time.process_time()
   out["multi_gradient"] = _gradients(strategy)
+  try:  # An eager tape outside the eager call's compiled solve: its
+    # backward function cannot hold the all-reduce (_distributed.fold).
+    _gradients(strategy, eager=True)
+    out["multi_gradient_eager"] = None
+  except NotImplementedError as error:
+    out["multi_gradient_eager"] = str(error)
   out["multi_gradient_cpu_seconds"] = time.process_time() - begin
   if index == 1:  # Dies: worker 0's next solve must fail, naming it.
     # Not before worker 0 has the NaN solve's results (its last all-reduce
@@ -449,6 +461,9 @@ def _check_workers(zero, one, single, batch):
   _same_gradient(one["multi_gradient"], gradient, slice(_N // 2, _N))
   for name in ("loss", "scale", "offset"):
     assert zero["multi_gradient"][name] == one["multi_gradient"][name]
+  for out in (zero, one):  # A clear error, not a malformed backward call.
+    assert "inside a tf.function" in (out["multi_gradient_eager"] or ""), (
+        out["multi_gradient_eager"])
 
 
 def _check_dead_worker(zero):
@@ -537,6 +552,29 @@ def test_invalid_strategies_name_the_argument():
   with pytest.raises(ValueError, match="batch dimension"):  # 2 vs 4 rows
     tfg_optim.least_squares(lambda x, t: x * t, tf.ones([2, 1], tf.float64),
                             batch_dims=1, data=data, strategy=strategy)
+
+
+def test_a_batch_split_over_replicas_refuses_to_be_differentiated():
+  """A batch split over replicas offers no gradients: differentiating it
+  with respect to a captured tensor raises, naming gradients='none',
+  instead of a silent None, eagerly and in a tf.function. (A dataset
+  solve's refusal is the same custom gradient; the child's dataset solves
+  run it in a tf.function that takes no gradient.)"""
+  scale = tf.constant(2.0, tf.float64)
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+
+  def gradient():
+    with tf.GradientTape() as tape:
+      tape.watch(scale)
+      position = tfg_optim.least_squares(
+          lambda x, y: scale * x - y, tf.zeros([2, 1], tf.float64),
+          batch_dims=1, data=(tf.ones([2, 2], tf.float64),),
+          strategy=strategy).position
+    return tape.gradient(position, scale)
+
+  for call in (gradient, tf.function(gradient, autograph=False)):
+    with pytest.raises(NotImplementedError, match="gradients='none'"):
+      call()
 
 
 if __name__ == "__main__":

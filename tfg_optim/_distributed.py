@@ -51,8 +51,9 @@ with its backward pass over the rows split over the replicas (`fold`):
 every replica solves J^T J w = P^T x_bar with the all-reduced J^T J of the
 solver's state, sums its shard's theta_bar_r = (dF_r/dtheta)^T u_r,
 u_r = c_bar' F_r - J_r w, and computes its rows of the data's cotangent;
-one SUM all-reduce of the theta_bar_r (the size of the captured tensors
-and variables) is the backward pass's only communication.
+adding the theta_bar_r (the size of the captured tensors and variables:
+one SUM all-reduce over workers, a `tf.add_n` in one process) is the
+backward pass's only communication.
 
 A worker that dies leaves the others waiting in a collective; each
 all-reduce has a completion timeout (the strategy's own
@@ -224,6 +225,7 @@ class DistributedKind:
 
       self.shards = strategy.run(take_shard)
       self.length = _length(data)
+      self.length_source = data[0]  # (A tensor of the forward pass's graph.)
 
     def fold(function, zeros, rows):
       if chunk_size is None:
@@ -267,10 +269,21 @@ class DistributedKind:
     terms of theta_bar = sum_r (dF_r/dtheta)^T u_r, and the rows of
     data_bar = (dF_r/d data_r)^T u_r, with u_r = c_bar' F_r - J_r w from
     the w that every replica solved alike from the all-reduced J^T J. The
-    sums are all-reduced (SUM, one all-reduce per dtype: the number of
-    entries of the captured tensors and variables, n_theta; none without
-    any), so every replica and worker gets the whole theta_bar, the
-    single-device one up to the order of summation. The rows are not
+    sums, n_theta numbers (the entries of the captured tensors and
+    variables), are added: over the replicas of one process
+    (`MirroredStrategy`) in the cross-replica context, by `tf.add_n` of
+    the replicas' local results; over workers by a SUM all-reduce (one
+    per dtype; none without any), so every worker gets the whole
+    theta_bar. Either is the single-device one up to the order of
+    summation. (Not an all-reduce in one process: a collective op's
+    instance key is captured at call time (`capture_call_time_value`),
+    and the backward function that an eager `tf.GradientTape` builds for
+    a `tf.function` (the eager call's compiled solve, or the user's)
+    drops such captures from its inputs, so its call fails, "input #k
+    was expected to be a double tensor but is a bool tensor"; TensorFlow
+    2.21. An eager tape over a multi-worker solve that captures tensors
+    meets the same limit: call it in a `tf.function` with the tape
+    inside.) The rows are not
     communicated: the replicas' rows of this process, concatenated in
     replica order, and, over several workers, zero in the other workers'
     rows (a worker's solve reads only its own replicas' rows of its
@@ -289,17 +302,22 @@ class DistributedKind:
 
     def replica_pass(rows):
       sums, pieces = local_pass(list(rows))
-      sums = _all_reduce_flat([tf.convert_to_tensor(t) for t in sums],
-                              self.options)
+      sums = [tf.convert_to_tensor(t) for t in sums]
       if not multi_worker:
         return sums, pieces
+      if sums and _separate_backward_graph(self.length_source):
+        raise NotImplementedError(_EAGER_TAPE_MESSAGE)
+      sums = _all_reduce_flat(sums, self.options)
       replica, count = _replica_index()
       start, stop = bounds(length, replica, count)
       return sums, pieces, tf.cast(tf.stack([start, stop]), tf.int64)
 
     outputs = strategy.run(replica_pass, args=(self.shards,))
     local = strategy.experimental_local_results
-    sums = [local(t)[0] for t in outputs[0]]
+    if multi_worker:
+      sums = [local(t)[0] for t in outputs[0]]
+    else:  # Added here: no collective op in a backward pass (see above).
+      sums = [tf.add_n(local(t)) for t in outputs[0]]
     rows = [tf.concat(local(t), 0) for t in outputs[1]]
     if multi_worker:  # Zero in the other workers' rows.
       start, stop = local(outputs[2])[0][0], local(outputs[2])[-1][1]
@@ -371,6 +389,35 @@ class DistributedKind:
   def restore(self, tensors, point):
     del point
     return _chunked.Gram(*tensors)
+
+
+_EAGER_TAPE_MESSAGE = (
+    "least_squares(strategy=MultiWorkerMirroredStrategy): implicit "
+    "gradients from an eager tf.GradientTape are not supported when the "
+    "residuals capture tensors or tf.Variables (their cotangents are "
+    "all-reduced over the workers, and TensorFlow cannot run a collective "
+    "op in the backward function that an eager tape builds for a "
+    "tf.function). Compute the gradient inside a tf.function (the tape "
+    "and the solve in it), or pass gradients='none'.")
+
+
+def _separate_backward_graph(forward_tensor):
+  """Whether the graph being built is a function graph apart from the
+  forward pass's (of `forward_tensor`): the backward function that an
+  eager tape builds for a `tf.function`, rather than `tf.gradients` or a
+  tape inside the forward's own function."""
+  graph = tf.compat.v1.get_default_graph()
+  if not getattr(graph, "building_function", False):
+    return False
+
+  def chain(graph):
+    graphs = []
+    while getattr(graph, "building_function", False):
+      graphs.append(graph)
+      graph = getattr(graph, "outer_graph", None)
+    return graphs
+  forward = chain(getattr(forward_tensor, "graph", None))
+  return not any(g is f for g in chain(graph) for f in forward)
 
 
 def _all_reduce_flat(tensors, options):

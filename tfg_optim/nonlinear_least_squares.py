@@ -228,7 +228,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       batching is the chunking), each pass iterating the dataset once. An
       infinite or empty dataset raises naming 'data' (eagerly; in graphs
       when a pass runs); not under XLA, not with `batch_dims`, no
-      gradients (see docs/distributed.md, Data as a `tf.data.Dataset`).
+      gradients (differentiating the results raises unless
+      gradients='none'; see docs/distributed.md, Data as a
+      `tf.data.Dataset`).
     data_chunk_size: optional int K >= 1 (needs `data`): the residuals are
       called on chunks of K rows of the data (the last chunk has N mod K
       rows) and must return the residuals of those rows. J is built one
@@ -248,12 +250,16 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       same steps (see docs/distributed.md). The same limits and `residual`
       as with `data_chunk_size`; implicit gradients as with
       `data_chunk_size`, their backward pass over the replicas with one
-      all-reduce (docs/differentiation.md; gradients='unrolled' is an
-      error); an eager call runs compiled. Every worker calls with the same
-      arguments. With `batch_dims` > 0, the independent problems are split
-      over the replicas instead (the leading batch dimension of `variables`
-      and of every `data` tensor), solved with no communication, and
-      gathered (no gradients: the outputs are stopped).
+      all-reduce over workers (docs/differentiation.md;
+      gradients='unrolled' is an error); an eager call runs compiled.
+      Every worker calls with the same arguments. With `batch_dims` > 0,
+      the independent problems are split over the replicas instead (the
+      leading batch dimension of `variables` and of every `data` tensor),
+      solved with no communication, and gathered (no gradients:
+      differentiating the results raises unless gradients='none'). An
+      eager tape over a MultiWorkerMirroredStrategy solve whose residuals
+      capture tensors or variables raises (take the gradient in a
+      `tf.function`).
     jit_compile_replicas: False (default) or True (needs `strategy`; not
       with `batch_dims`): each replica's passes over its shard (the sum
       of J^T [J | F] and the cost over its chunks, and the cost-only sum;
@@ -314,10 +320,19 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                                             eager_compile)
     if batch_dims:  # Independent problems: split over the replicas
       # (no gradients through the split: its outputs are stopped).
-      return _distributed.split_batch(strategy, lambda part, part_data: (
+      result = _distributed.split_batch(strategy, lambda part, part_data: (
           least_squares(**dict(arguments, variables=part, data=part_data,
                                strategy=None, gradients="none",
                                eager_compile=False))), variables, data)
+      if gradients == "none":
+        return result
+      flat_data = [] if data is None else tf.nest.flatten(data)
+      return _refuse_gradients(
+          result, _validation.as_callable_list(residuals, "residuals"),
+          [tf.convert_to_tensor(t) for t in tf.nest.flatten(variables)],
+          [tf.convert_to_tensor(t) for t in flat_data],
+          "'strategy' with 'batch_dims' > 0 (a batch split over the "
+          "replicas)")
   if _eager.wanted(eager_compile, callback) or (strategy is not None and
                                                 tf.executing_eagerly()):
     options = dict(
@@ -586,7 +601,12 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       result = result._replace(num_residuals=kind.count(point))
     flat_coordinates = lambda p, v: tf.concat(
         [_vector_space.flatten_batched(t, batch_dims) for t in v], axis=-1)
-    if gradients == "implicit" and chunked:
+    if gradients == "implicit" and dataset is not None:
+      result = _refuse_gradients(
+          result, chunk_residuals, tf.nest.flatten(point),
+          _chunked.row_specs(dataset.element_spec),
+          "'data' as a tf.data.Dataset")
+    elif gradients == "implicit" and chunked:
       result = _implicit.attach_chunked(
           result, state.linearization[0], chunk_residual, retract,
           manifold.coordinates if manifold is not None else flat_coordinates,
@@ -655,8 +675,9 @@ def _data(data, data_chunk_size, strategy=None):
 
 def _check_dataset(dataset, data_chunk_size, strategy, batch_dims,
                    gradients):
-  """The `gradients` mode of a solve whose `data` is a dataset ('none':
-  'implicit' is not offered, the outputs are stopped), after the checks.
+  """The `gradients` mode of a solve whose `data` is a dataset, after the
+  checks: 'none', or 'implicit', which is not offered (the outputs are
+  stopped) and raises when differentiated (`_refuse_gradients`).
 
   Raises:
     TypeError / ValueError naming the argument: `data_chunk_size` given (the
@@ -688,7 +709,57 @@ def _check_dataset(dataset, data_chunk_size, strategy, batch_dims,
                      "gradients='unrolled'; pass gradients='none' (no "
                      "gradients flow through a dataset solve).")
   _chunked.check_dataset(dataset)
-  return "none"
+  return gradients
+
+
+def _refuse_gradients(results, residuals, variables, data, solve):
+  """`results` whose position, cost and residual raise NotImplementedError
+  naming `solve` (a solve that offers no gradients) when differentiated
+  with respect to the floating `data` tensors or the tensors and
+  `tf.Variable`s the `residuals` capture: a custom gradient that raises, so
+  a tape or `tf.gradients` fails where it would silently get None, and a
+  `tf.function` that takes no gradient runs. (Eagerly, a tape recording
+  the compiled solve of an eager call builds its backward pass at the
+  call: the error comes then.)
+
+  Args:
+    variables: the flat variables (tensors) the residuals take first.
+    data: the flat data tensors they take after them, or their
+      `tf.TensorSpec`s (a dataset's rows: no gradient to refuse).
+  """
+  if not _implicit._needed():  # pylint: disable=protected-access
+    return results
+
+  def traced(*args):
+    return [residual(*args) for residual in residuals]
+
+  specs = [t if isinstance(t, tf.TensorSpec) else
+           tf.TensorSpec(t.shape, t.dtype) for t in variables + data]
+  graph = tf.function(traced, autograph=False).get_concrete_function(
+      *specs).graph
+  live = ([t for t in data if tf.is_tensor(t) and t.dtype.is_floating] +
+          [t for t in graph.external_captures if t.dtype.is_floating] +
+          [tf.convert_to_tensor(v) for v in graph.variables])
+  if not live:
+    return results
+  flat_position = tf.nest.flatten(results.position)
+  count = len(flat_position)
+
+  def backward(upstream):
+    del upstream
+    raise NotImplementedError(
+        f"least_squares with {solve} has no gradients (its outputs are "
+        "constants), yet one was asked of a tensor or tf.Variable that its "
+        "data or residuals depend on. Pass gradients='none' to say that "
+        "none is wanted (then the tape gets None), or differentiate a "
+        "solve without it.")
+
+  identity = _implicit._identity_with_gradient  # pylint: disable=W0212
+  outputs = identity(flat_position + [results.residual, results.cost], live,
+                     backward)
+  return results._replace(
+      position=tf.nest.pack_sequence_as(results.position, outputs[:count]),
+      residual=outputs[count], cost=outputs[count + 1])
 
 
 def _check_dataset_residuals(residuals, point, dataset, dtype):
