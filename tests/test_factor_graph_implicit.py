@@ -879,7 +879,7 @@ def test_backward_solves_of_a_float32_gauge():
   _right_or_nan(graph, "sparse_cholesky", u, graph["gram"], 1e-4, nan=False)
 
 
-# The review of branch implicit3 (review22, r22/).
+# The review of branch implicit3 (its reproducers: branch review22, r22/).
 
 
 def test_backward_solves_of_a_float32_weak_subspace_are_right_or_nan():
