@@ -514,8 +514,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                        "'cg' (or 'auto' above "
                        f"{AUTO_DENSE_LIMIT} parameters per problem), "
                        "without 'jacobian' or chunked data.")
+    # (A dataset solve is never differentiated: its gradient refuses, below.)
     if (gradients == "implicit" and implicit_hessian == "exact" and
-        (matrix_free or chunked)):
+        (matrix_free or chunked) and dataset is None):
       raise ValueError("implicit_hessian='exact' needs the dense Jacobian: "
                        "not with linear_solver='cg' or 'data_chunk_size' "
                        "(use 'gauss_newton', or gradients='unrolled').")
