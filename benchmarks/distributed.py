@@ -72,21 +72,28 @@ def _data(n):
   return t, y + 0.01 * rng.standard_normal(n)
 
 
-def _child(config, n, chunk, repeats, xla):
-  """One process's rows (the plain solve; with `xla`, also the XLA one,
-  interleaved); prints a JSON line per row."""
+def strategy_for(config):
+  """The strategy of a row: 'mirrored:R' (R logical CPU devices, set up
+  before TensorFlow starts), 'worker' (MultiWorker from TF_CONFIG), or None
+  (one device)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if config.startswith("mirrored"):
     replicas = int(config.split(":")[1])
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
-    strategy = tf.distribute.MirroredStrategy(
+    return tf.distribute.MirroredStrategy(
         [f"/cpu:{i}" for i in range(replicas)])
-  elif config == "worker":
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-  else:
-    strategy = None
+  if config == "worker":
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  return None
+
+
+def _child(config, n, chunk, repeats, xla):
+  """One process's rows (the plain solve; with `xla`, also the XLA one,
+  interleaved); prints a JSON line per row."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  strategy = strategy_for(config)
   import numpy as np  # pylint: disable=g-import-not-at-top
   import _harness  # pylint: disable=g-import-not-at-top
   import tfg_optim  # pylint: disable=g-import-not-at-top

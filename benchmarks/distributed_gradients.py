@@ -40,17 +40,7 @@ _WIDTH = 0.3
 def _child(config, n, chunk, repeats, xla):
   """One process's row: prints a JSON line."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if config.startswith("mirrored"):
-    replicas = int(config.split(":")[1])
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
-    strategy = tf.distribute.MirroredStrategy(
-        [f"/cpu:{i}" for i in range(replicas)])
-  elif config == "worker":
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-  else:
-    strategy = None
+  strategy = distributed.strategy_for(config)
   import numpy as np  # pylint: disable=g-import-not-at-top
   import _harness  # pylint: disable=g-import-not-at-top
   import tfg_optim  # pylint: disable=g-import-not-at-top

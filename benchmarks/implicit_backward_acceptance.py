@@ -87,17 +87,21 @@ def hidden():
           f"{'NaN' if x < 0 else 'finite'}):", " ".join(out), flush=True)
 
 
+def _every_solver_and_hessian(graph, u):
+  """'solver/GN=error solver/exact=error' for each solver."""
+  return [f"{solver}/{label}="
+          f"{show(pair_error(graph, method(graph, solver, u), u))}"
+          for solver in SOLVERS
+          for label, method in (("GN", gauss_newton), ("exact", exact))]
+
+
 def illcond(dtype, values):
   for e in values:
     graph = T._pair_graph(np.array([[1.0, 1.0], [1.0, 1.0 + e]]), dtype,  # pylint: disable=protected-access
                           held=True)
     free_design = graph["design"][:, 2:]
     u = np.random.default_rng(8).normal(size=14) * graph["free"]
-    out = []
-    for solver in SOLVERS:
-      for label, method in (("GN", gauss_newton), ("exact", exact)):
-        out.append(f"{solver}/{label}="
-                   f"{show(pair_error(graph, method(graph, solver, u), u))}")
+    out = _every_solver_and_hessian(graph, u)
     print(f"illcond {dtype.name} e={e} cond "
           f"{np.linalg.cond(free_design.T @ free_design):.1e}:",
           " ".join(out), flush=True)
@@ -107,11 +111,7 @@ def scaled():
   for unit in (1.0, 1e-3, 1e-5):
     graph = T._pair_graph(unit=unit)  # pylint: disable=protected-access
     u = np.random.default_rng(8).normal(size=14)
-    out = []
-    for solver in SOLVERS:
-      for label, method in (("GN", gauss_newton), ("exact", exact)):
-        out.append(f"{solver}/{label}="
-                   f"{show(pair_error(graph, method(graph, solver, u), u))}")
+    out = _every_solver_and_hessian(graph, u)
     print(f"scaled unit={unit}:", " ".join(out), flush=True)
 
 
@@ -119,11 +119,7 @@ def single():
   for last in (1.0, 0.3, 0.1):
     graph = T._pair_graph(np.array([[2.0, 0.5], [-0.3, last]]), tf.float32)  # pylint: disable=protected-access
     u = np.random.default_rng(8).normal(size=14)
-    out = []
-    for solver in SOLVERS:
-      for label, method in (("GN", gauss_newton), ("exact", exact)):
-        out.append(f"{solver}/{label}="
-                   f"{show(pair_error(graph, method(graph, solver, u), u))}")
+    out = _every_solver_and_hessian(graph, u)
     print(f"f32 l={last}:", " ".join(out), flush=True)
 
 
