@@ -211,46 +211,72 @@ def _needed():
 # -- the linear solve (Gauss-Newton: forward pass; exact, L-BFGS: backward) ---
 
 
-def _diagonal_finite(factor):
-  return tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(factor)),
-                       axis=-1)
+def _masked_solve(hessian, rhs, free, norms=None, exact=False,
+                  any_rhs=False):
+  """w with H_FF w_F = rhs_F and w = 0 off F (F = `free`), per problem
+  (leading axes [B...]), by the acceptance of `_factored_solve` with the
+  dense Cholesky factorization (`_dense_factorization`); returns (w, ok):
+  ok [B...] False where H is not finite, w NaN where no trustworthy
+  answer exists (an indefinite exact H, an eigenvalue neither null nor
+  resolved), never a finite wrong one.
 
-
-def _masked_solve(hessian, rhs, free):
-  """w with H_FF w_F = rhs_F and w = 0 off F (F = `free`), per problem;
-  returns (w, ok), ok [B...] False where no finite solution was found.
-
-  Cholesky of H; where its factor is not finite, of H + delta I with
-  delta = sqrt(eps) max_j |H_jj| (+ tiny).
+  `norms`: D = diag(J^T J) for the Jacobi scaling (default |diag(H)|, the
+  minimizers' exact Hessian: units-covariant as D is); `exact`: H is an
+  exact Hessian (a failed factorization must pass H + rho D, the
+  curvature of w is checked), else J^T J; `any_rhs`: the acceptance
+  judged for every right-hand side (`_first_solve`: the Gauss-Newton
+  forward pass, which differentiates the solve). All problems' first solves
+  (refined once, tested for a rounding-level pivot: `_first_solve`) run
+  batched; only where one of them is refused does each problem go
+  through `_factored_solve` (one `tf.map_fn` over the batch, the refused
+  ones' answers kept).
   """
   dtype = hessian.dtype
   free = tf.cast(free, dtype)
-  n = tf.shape(hessian)[-1]
-  identity = tf.eye(n, dtype=dtype)
-  finite = tf.reduce_all(tf.math.is_finite(hessian), axis=[-2, -1])
+  n = hessian.shape[-1] if hessian.shape[-1] is not None else tf.shape(
+      hessian)[-1]
+  finite = _batch.all_finite(hessian, hessian.shape.rank - 2)
   hessian = tf.where(finite[..., tf.newaxis, tf.newaxis], hessian,
                      tf.zeros_like(hessian))
   hessian = (hessian * free[..., :, tf.newaxis] * free[..., tf.newaxis, :] +
              tf.linalg.diag(1.0 - free))
-  factor = tf.linalg.cholesky(hessian)
-  factored = _diagonal_finite(factor)
-
-  def regularized():
-    finfo = np.finfo(dtype.as_numpy_dtype)
-    delta = (np.sqrt(finfo.eps) * tf.reduce_max(
-        tf.abs(tf.linalg.diag_part(hessian)), axis=-1) + finfo.tiny)
-    shifted = tf.linalg.cholesky(
-        hessian + delta[..., tf.newaxis, tf.newaxis] * identity)
-    return tf.where(factored[..., tf.newaxis, tf.newaxis], factor, shifted)
-
-  factor = tf.cond(tf.reduce_all(factored), lambda: factor, regularized)
-  ok = finite & _diagonal_finite(factor)
-  factor = tf.where(ok[..., tf.newaxis, tf.newaxis], factor,
-                    tf.broadcast_to(identity, tf.shape(factor)))
+  if norms is None:
+    norms = tf.abs(tf.linalg.diag_part(hessian))
+  norms = tf.where(tf.math.is_finite(norms), norms, tf.zeros_like(norms))
   rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
-  w = tf.linalg.cholesky_solve(factor, rhs[..., tf.newaxis])[..., 0] * free
-  ok &= tf.reduce_all(tf.math.is_finite(w), axis=-1)
-  return tf.where(ok[..., tf.newaxis], w, tf.zeros_like(w)), ok
+  product = lambda v: tf.linalg.matvec(hessian, v)
+  factor = _linear_solvers._cholesky(hessian)  # pylint: disable=protected-access
+  factored = _batch.all_finite(factor, factor.shape.rank - 2)
+  factor = tf.where(factored[..., tf.newaxis, tf.newaxis], factor,
+                    tf.eye(n, dtype=dtype))
+
+  def first(v):
+    x = tf.linalg.cholesky_solve(factor, v[..., tf.newaxis])[..., 0] * free
+    return x, factored & _batch.all_finite(x, x.shape.rank - 1)
+
+  root = tf.sqrt(_jacobi_scaling(norms, free))
+  w, solved, accepted = _first_solve(first, product, rhs, free, root,
+                                     any_rhs=any_rhs)
+  if exact:
+    rho, _ = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
+    accepted &= _curvature_flat(product, w, free, root, rho)
+
+  def per_problem():  # `_factored_solve` on each problem
+    flat = lambda t, k: tf.reshape(t, tf.concat([[-1], tf.shape(t)[-k:]], 0))
+
+    def one(arguments):
+      matrix, v, f, d = arguments
+      return _factored_solve(_dense_factorization(matrix, f),
+                             lambda u: tf.linalg.matvec(matrix, u), v, f, d,
+                             exact=exact, any_rhs=any_rhs)[0]
+    solutions = tf.map_fn(
+        one, (flat(hessian, 2), flat(rhs, 1), flat(free, 1), flat(norms, 1)),
+        fn_output_signature=tf.TensorSpec(hessian.shape[-1:], dtype))
+    return tf.where(accepted[..., tf.newaxis], w,
+                    tf.reshape(solutions, tf.shape(w)))
+
+  w = tf.cond(tf.reduce_all(accepted), lambda: w, per_problem)
+  return w, finite
 
 
 def _zeros_for_none(values, like):
@@ -328,6 +354,16 @@ def _zero_valued(tensor):
   return tensor - tf.stop_gradient(tensor)
 
 
+def _nan_derivative(tensor, untrusted):
+  """Zeros [B...] (for `tensor` [B..., m]) whose derivative (reverse and
+  forward mode) is NaN where `untrusted` [B...] and 0 elsewhere: sqrt at
+  0 of the square of a zero-valued copy of sum(tensor), 0 * inf. A solve
+  with no trustworthy answer gives a NaN derivative, the values stay."""
+  u = _zero_valued(tf.reduce_sum(tensor, axis=-1))
+  inner = tf.where(untrusted, tf.square(u), tf.ones_like(u))
+  return tf.where(untrusted, tf.sqrt(inner), tf.zeros_like(u))
+
+
 def _attach_gauss_newton(results, point, jacobian, residual, cost,
                          residual_fn, tangent_vector):
   """Gauss-Newton: plain ops whose values are zero and whose derivative is
@@ -351,14 +387,17 @@ def _attach_gauss_newton(results, point, jacobian, residual, cost,
   batch_rank = residual.shape.rank - 1
   live = residual_fn(point)
   free = tf.reduce_any(tf.not_equal(jacobian, 0), axis=-2)
+  gram = tf.matmul(jacobian, jacobian, adjoint_a=True)
   step, ok = _masked_solve(
-      tf.matmul(jacobian, jacobian, adjoint_a=True),
-      -tf.linalg.matvec(jacobian, live, adjoint_a=True), free)
+      gram, -tf.linalg.matvec(jacobian, live, adjoint_a=True), free,
+      norms=tf.linalg.diag_part(gram), any_rhs=True)
   ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
   ok &= tf.reduce_all(tf.math.is_finite(live), axis=-1)
   ok &= tf.reduce_all(tf.math.is_finite(jacobian),
                       axis=list(range(batch_rank, batch_rank + 2)))
-  delta = _per_problem(ok, _zero_valued(step))
+  trusted = _batch.all_finite(step, batch_rank)  # else a NaN derivative
+  delta = _per_problem(ok & trusted, _zero_valued(step)) + _nan_derivative(
+      live, ok & ~trusted)[..., tf.newaxis]
   moved = tf.nest.flatten(tangent_vector(point, delta))
   position = [x + _per_problem(ok, v) for x, v in
               zip(tf.nest.flatten(point), moved)]
@@ -419,7 +458,9 @@ def _attach_exact(results, point, jacobian, residual, cost, residual_fn,
         _batch_jacobian(gradient_of, tf.reshape(zero, tf.stack([-1, n])),
                         eager),
         tf.concat([coordinate_shape, [n]], 0))
-    w, ok = _masked_solve(matrix, tangent_bar, free)
+    w, ok = _masked_solve(matrix, tangent_bar, free,
+                          norms=tf.reduce_sum(tf.square(jacobian), axis=-2),
+                          exact=True)
     batch_rank = residual.shape.rank - 1
     ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
     ok &= tf.reduce_all(tf.math.is_finite(jacobian),
@@ -629,7 +670,8 @@ def backward_solve(linearization, rhs, free):
                                              False))
   if linearization.dense:
     if rhs.shape.rank != 1:  # (a batch: the dense front-ends' rule)
-      return _masked_solve(linearization.gram(), rhs, free)
+      return _masked_solve(linearization.gram(), rhs, free,
+                           norms=linearization.column_norms())
     return _factored_solve(
         _dense_factorization(linearization.gram(), free),
         _gram_product(linearization, free), rhs, free,
@@ -950,7 +992,7 @@ def _null_projector(regularized, product, root, free, delta, null_level):
 
 
 def _factored_solve(factorize, product, rhs, free, norms, exact,
-                    iterative=False):
+                    iterative=False, any_rhs=False):
   r"""w with H_FF w_F = rhs_F on the `free` coordinates F ([n], 0 or 1),
   w = 0 off F, by a factorization (`factorize(shift [n])` -> v ->
   ((H + diag(1 - free) + diag(shift))^-1 v, ok)); `product`: v -> H v on
@@ -1015,7 +1057,8 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
   else the conjugate-gradient backward's Euclidean retry
   (`_conjugate_gradient_solve`, stages 2 and 3: H + delta I, delta =
   sqrt(eps) max_j D_j, one Tikhonov step that must settle), 4 solves at
-  most instead of about 25.
+  most instead of about 25. `any_rhs`: judged for every right-hand side
+  (`_first_solve`).
 
   What is not distinguished: an eigenvalue between rho and rho_high on an
   H that also has a rounding-level one, excited by rhs, is treated as
@@ -1024,31 +1067,14 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
   dtype = rhs.dtype
   eps = float(np.finfo(dtype.as_numpy_dtype).eps)
   rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
-  rho, rho_high = rounding_levels(dtype, tf.reduce_sum(free))
-  scaling = tf.where(free > 0, norms, tf.ones_like(norms))
-  scaling = tf.where(scaling > 0, scaling, tf.ones_like(scaling))
+  rho, _ = rounding_levels(dtype, tf.reduce_sum(free))
+  scaling = _jacobi_scaling(norms, free)
   root = tf.sqrt(scaling)
-  size = lambda v: tf.sqrt(tf.reduce_sum(tf.square(v)))
-  rhs_size = size(rhs / root)
-  tiny = np.finfo(dtype.as_numpy_dtype).tiny
+  rhs_size = _size(rhs / root)
 
   first = factorize(tf.zeros_like(rhs))
-  w, solved = first(rhs)
-  correction, refined = first(rhs - product(w))
-  w, solved = w + correction, solved & refined
-  if iterative:  # (no probe: `accepted` is the solver's own signal)
-    probed, probe_level = tf.constant(True), tf.constant(np.inf, dtype)
-  else:
-    probe = free * tf.sin(tf.cast(tf.range(tf.size(rhs)), dtype) *
-                          2.399963 + 1.0)
-    z, probed = first(root * probe / size(probe))
-    z, probed = first(root * root * z / tf.maximum(size(root * z), tiny))
-    probe_level = 1.0 / tf.maximum(size(root * z), tiny)
-  rhs_level = rhs_size / tf.maximum(size(root * w), tiny)
-  singular = ((rhs_level <= rho) |
-              ((probe_level <= rho) | ~probed) &
-              (rhs_level <= rho_high))
-  accepted = solved & ~singular
+  w, solved, accepted = _first_solve(first, product, rhs, free, root,
+                                     probe=not iterative, any_rhs=any_rhs)
 
   def euclidean_retry():  # an iterative solver: as the CG backward's
     delta = np.sqrt(eps) * tf.reduce_max(norms)
@@ -1057,7 +1083,7 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
     update, converged = regularized(rhs - product(w))
     smallest = tf.reduce_min(tf.where(free > 0, norms, tf.fill(
         tf.shape(norms), tf.constant(np.inf, dtype))))
-    settled = (size(product(update) * free / root) <=
+    settled = (_size(product(update) * free / root) <=
                RETRY_TOLERANCE * rhs_size) & (
                    smallest > delta / RETRY_TOLERANCE)
     return w + update, update, ok & converged & settled
@@ -1085,13 +1111,67 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
       accepted, lambda: (w, tf.zeros_like(w), solved),
       euclidean_retry if iterative else tikhonov)
   if exact:
-    def flat(v):
-      v = tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
-      return (tf.reduce_sum(v * product(v) * free) >=
-              -rho * tf.reduce_sum(tf.square(root * v)))
-    solved &= flat(w) & flat(update)
+    solved &= (_curvature_flat(product, w, free, root, rho) &
+               _curvature_flat(product, update, free, root, rho))
   w = tf.where(solved, w, tf.fill(tf.shape(w), tf.constant(np.nan, dtype)))
   return w, _batch.all_finite(norms, 0)
+
+
+def _size(v):
+  """||v|| over the last axis."""
+  return tf.sqrt(tf.reduce_sum(tf.square(v), axis=-1))
+
+
+def _jacobi_scaling(norms, free):
+  """D: `norms` on `free` where positive, 1 elsewhere."""
+  scaling = tf.where(free > 0, norms, tf.ones_like(norms))
+  return tf.where(scaling > 0, scaling, tf.ones_like(scaling))
+
+
+def _first_solve(first, product, rhs, free, root, probe=True, any_rhs=False):
+  """Steps 1 and 2 of `_factored_solve`, per problem over leading axes
+  ([B..., n] vectors; `first(v)` -> (H^-1 v, ok [B...]), `product(v)` ->
+  H v, `root` = D^1/2): the first solve refined once, and whether it is
+  accepted (its factorization succeeded and no rounding-level pivot
+  pollutes it). Returns (w, solved, accepted), the last two [B...].
+  `probe` False (a solver with no factor to reuse): no inverse iteration,
+  the rounding test by the solve's own size only. `any_rhs`: the solve
+  stands for every right-hand side (the Gauss-Newton forward pass, whose
+  rhs, J^T r ~ 0, is a placeholder for the derivative's): judged as if
+  rhs excited H's least eigenvalue (lambda_r = lambda_p). A zero rhs is
+  solved exactly by w = 0 (lambda_r = inf)."""
+  dtype = rhs.dtype
+  tiny = np.finfo(dtype.as_numpy_dtype).tiny
+  rho, rho_high = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
+  w, solved = first(rhs)
+  correction, refined = first(rhs - product(w))
+  w, solved = w + correction, solved & refined
+  if probe:
+    q = free * tf.sin(tf.cast(tf.range(tf.shape(rhs)[-1]), dtype) *
+                      2.399963 + 1.0)
+    z, probed = first(root * q / _size(q)[..., tf.newaxis])
+    z, probed = first(root * root * z / tf.maximum(
+        _size(root * z), tiny)[..., tf.newaxis])
+    probe_level = 1.0 / tf.maximum(_size(root * z), tiny)
+  else:  # (the solver's own signal only)
+    probed, probe_level = tf.constant(True), tf.constant(np.inf, dtype)
+  rhs_size = _size(rhs / root)
+  rhs_level = tf.where(rhs_size > 0, rhs_size / tf.maximum(
+      _size(root * w), tiny), tf.constant(np.inf, dtype))
+  if any_rhs:
+    rhs_level = probe_level
+  singular = ((rhs_level <= rho) |
+              ((probe_level <= rho) | ~probed) &
+              (rhs_level <= rho_high))
+  return w, solved, solved & ~singular
+
+
+def _curvature_flat(product, v, free, root, rho):
+  """Step 5 of `_factored_solve`, over leading axes: v^T H v >=
+  -rho ||D^1/2 v||^2 (a non-finite v counts as 0)."""
+  v = tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
+  return (tf.reduce_sum(v * product(v) * free, axis=-1) >=
+          -rho * tf.reduce_sum(tf.square(root * v), axis=-1))
 
 
 # -- chunked data ----------------------------------------------------------------
@@ -1177,7 +1257,7 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
     free = tf.linalg.diag_part(gram) > 0
     rhs = coordinates(point,
                       tf.nest.pack_sequence_as(results.position, point_bar))
-    w, ok = _masked_solve(gram, rhs, free)
+    w, ok = _masked_solve(gram, rhs, free, norms=tf.linalg.diag_part(gram))
     ok &= tf.math.is_finite(cost)
     zero_step = tf.zeros([n], dtype)
 
@@ -1375,7 +1455,7 @@ def attach_minimum(position, value, value_and_gradient):
     matrix = _batch_jacobian(lambda x: value_and_gradient(x)[1], position,
                              eager)
     free = tf.ones_like(position, tf.bool)
-    w, ok = _masked_solve(matrix, position_bar, free)
+    w, ok = _masked_solve(matrix, position_bar, free, exact=True)
     ok &= tf.math.is_finite(live[0]) & tf.reduce_all(
         tf.math.is_finite(live[1]), axis=-1)
     return [None, None, _per_problem(ok, value_bar), _per_problem(ok, -w)]
