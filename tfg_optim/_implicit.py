@@ -211,28 +211,14 @@ def _needed():
 # -- the linear solve (Gauss-Newton: forward pass; exact, L-BFGS: backward) ---
 
 
-def _masked_solve(hessian, rhs, free, norms=None, exact=False,
-                  any_rhs=False):
-  """w with H_FF w_F = rhs_F and w = 0 off F (F = `free`), per problem
-  (leading axes [B...]), by the acceptance of `_factored_solve` with the
-  dense Cholesky factorization (`_dense_factorization`); returns (w, ok):
-  ok [B...] False where H is not finite, w NaN where no trustworthy
-  answer exists (an indefinite exact H, an eigenvalue neither null nor
-  resolved), never a finite wrong one.
-
-  `norms`: D = diag(J^T J) for the Jacobi scaling (default |diag(H)|, the
-  minimizers' exact Hessian: units-covariant as D is); `exact`: H is an
-  exact Hessian (a failed factorization must pass H + rho D, the
-  curvature of w is checked), else J^T J; `any_rhs`: the acceptance
-  judged for every right-hand side (`_first_solve`: the Gauss-Newton
-  forward pass, which differentiates the solve). All problems' first solves
-  (refined once, tested for a rounding-level pivot: `_first_solve`) run
-  batched; only where one of them is refused does each problem go
-  through `_factored_solve` (one `tf.map_fn` over the batch, the refused
-  ones' answers kept).
-  """
+def _masked_factor(hessian, free, norms):
+  """The dense Cholesky factorization of `_masked_solve`, per problem:
+  (H masked, norms, root, first, finite). H masked: its rows and columns
+  off F zeroed and 1 on their diagonal, zero where H is not finite
+  (finite [B...]); norms: D (default |diag(H)|) and root = D^1/2 as in
+  `_factored_solve`; first(v) -> (H^-1 v on F, ok [B...]) for v
+  [B..., n] or [B..., n, k]."""
   dtype = hessian.dtype
-  free = tf.cast(free, dtype)
   n = hessian.shape[-1] if hessian.shape[-1] is not None else tf.shape(
       hessian)[-1]
   finite = _batch.all_finite(hessian, hessian.shape.rank - 2)
@@ -243,40 +229,125 @@ def _masked_solve(hessian, rhs, free, norms=None, exact=False,
   if norms is None:
     norms = tf.abs(tf.linalg.diag_part(hessian))
   norms = tf.where(tf.math.is_finite(norms), norms, tf.zeros_like(norms))
-  rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
-  product = lambda v: tf.linalg.matvec(hessian, v)
   factor = _linear_solvers._cholesky(hessian)  # pylint: disable=protected-access
   factored = _batch.all_finite(factor, factor.shape.rank - 2)
   factor = tf.where(factored[..., tf.newaxis, tf.newaxis], factor,
                     tf.eye(n, dtype=dtype))
 
   def first(v):
-    x = tf.linalg.cholesky_solve(factor, v[..., tf.newaxis])[..., 0] * free
-    return x, factored & _batch.all_finite(x, x.shape.rank - 1)
-
+    matrix = v.shape.rank == hessian.shape.rank
+    x = tf.linalg.cholesky_solve(factor, v if matrix else v[..., tf.newaxis])
+    x = (x if matrix else x[..., 0]) * (
+        free[..., tf.newaxis] if matrix else free)
+    return x, factored & _batch.all_finite(x, hessian.shape.rank - 2)
   root = tf.sqrt(_jacobi_scaling(norms, free))
-  w, solved, accepted = _first_solve(first, product, rhs, free, root,
-                                     any_rhs=any_rhs)
+  return hessian, norms, root, first, finite
+
+
+def _flat_batch(tensor, rank):
+  """[B..., <rank axes>] -> [prod(B), <rank axes>]."""
+  return tf.reshape(tensor, tf.concat([[-1], tf.shape(tensor)[-rank:]], 0))
+
+
+def _for_each(function, elements, like):
+  """tf.stack([function([e[i] for e in elements]) for i]), shaped as
+  `like` [N, ...]: a tf.while_loop writing into a tensor (no TensorArray,
+  whose TensorList ops would look like a differentiated loop; not
+  differentiable: for the refused problems of `_masked_solve`)."""
+  def body(i, out):
+    value = function([e[i] for e in elements])
+    return i + 1, tf.tensor_scatter_nd_update(out, [[i]], value[tf.newaxis])
+  count = tf.shape(like)[0]
+  return tf.while_loop(lambda i, out: i < count, body,
+                       (tf.constant(0), tf.zeros_like(like)),
+                       parallel_iterations=1)[1]
+
+
+def _masked_solve(hessian, rhs, free, norms=None, exact=False):
+  """w with H_FF w_F = rhs_F and w = 0 off F (F = `free`), per problem
+  (leading axes [B...]), by the acceptance of `_factored_solve` with the
+  dense Cholesky factorization (`_dense_factorization`); returns (w, ok):
+  ok [B...] False where H is not finite, w NaN where no trustworthy
+  answer exists (an indefinite exact H, an eigenvalue neither null nor
+  resolved), never a finite wrong one.
+
+  `norms`: D = diag(J^T J) for the Jacobi scaling (default |diag(H)|, the
+  minimizers' exact Hessian: units-covariant as D is); `exact`: H is an
+  exact Hessian (a failed factorization must pass H + rho D, the
+  curvature of w is checked), else J^T J. All problems' first solves
+  (refined once, tested for a rounding-level pivot: `_first_solve`) run
+  batched; only where one of them is refused does each problem go
+  through `_factored_solve` (one `_for_each` loop over the batch, the refused
+  ones' answers kept). Not to be differentiated (`_masked_inverse`).
+  """
+  dtype = hessian.dtype
+  free = tf.cast(free, dtype)
+  hessian, norms, root, first, finite = _masked_factor(hessian, free, norms)
+  rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
+  product = lambda v: tf.linalg.matvec(hessian, v)
+  w, _, accepted = _first_solve(first, product, rhs, free, root)
   if exact:
     rho, _ = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
     accepted &= _curvature_flat(product, w, free, root, rho)
 
   def per_problem():  # `_factored_solve` on each problem
-    flat = lambda t, k: tf.reshape(t, tf.concat([[-1], tf.shape(t)[-k:]], 0))
-
     def one(arguments):
       matrix, v, f, d = arguments
       return _factored_solve(_dense_factorization(matrix, f),
                              lambda u: tf.linalg.matvec(matrix, u), v, f, d,
-                             exact=exact, any_rhs=any_rhs)[0]
-    solutions = tf.map_fn(
-        one, (flat(hessian, 2), flat(rhs, 1), flat(free, 1), flat(norms, 1)),
-        fn_output_signature=tf.TensorSpec(hessian.shape[-1:], dtype))
+                             exact=exact)[0]
+    solutions = _for_each(one, [_flat_batch(hessian, 2), _flat_batch(rhs, 1),
+                                _flat_batch(free, 1), _flat_batch(norms, 1)],
+                          _flat_batch(rhs, 1))
     return tf.where(accepted[..., tf.newaxis], w,
                     tf.reshape(solutions, tf.shape(w)))
 
   w = tf.cond(tf.reduce_all(accepted), lambda: w, per_problem)
   return w, finite
+
+
+def _masked_inverse(gram, free, norms):
+  """M [B..., n, n], no derivative, with w = M v `_masked_solve`'s answer
+  for J^T J (`gram`) and every v, judged for every v (`_first_solve`'s
+  `any_rhs`: the decisions do not depend on v, so the answer is linear
+  in it): the Gauss-Newton forward pass differentiates w = M v, which
+  needs no derivative of the acceptance's branches (tf.cond and a
+  loop, which XLA cannot differentiate). M: the first solve of the
+  identity refined once, H^-1 to rounding; where a problem is refused,
+  `_factored_solve` on each of its columns (the pseudo-inverse on a
+  gauge). Returns (M, ok, trusted), both [B...]: ok False where J^T J is
+  not finite, trusted False where no answer is (M is then 0)."""
+  dtype = gram.dtype
+  free = tf.cast(free, dtype)
+  gram, norms, root, first, finite = _masked_factor(gram, free, norms)
+  gram, norms, root = [tf.stop_gradient(t) for t in (gram, norms, root)]
+  product = lambda v: tf.linalg.matvec(gram, v)
+  _, _, accepted = _first_solve(first, product, tf.zeros_like(norms), free,
+                                root, any_rhs=True)
+  identity = tf.linalg.diag(free)
+  inverse, _ = first(identity)
+  correction, _ = first(identity - tf.matmul(gram, inverse))
+  inverse += correction
+
+  def per_problem():  # `_factored_solve` on each column of each problem
+    def one(arguments):
+      matrix, f, d = arguments
+      column = lambda v: _factored_solve(
+          _dense_factorization(matrix, f),
+          lambda u: tf.linalg.matvec(matrix, u), v, f, d, exact=False,
+          any_rhs=True)[0]
+      return tf.transpose(_for_each(lambda e: column(e[0]),
+                                    [tf.linalg.diag(f)], matrix))
+    inverses = _for_each(one, [_flat_batch(gram, 2), _flat_batch(free, 1),
+                               _flat_batch(norms, 1)], _flat_batch(gram, 2))
+    return tf.where(accepted[..., tf.newaxis, tf.newaxis], inverse,
+                    tf.reshape(inverses, tf.shape(inverse)))
+
+  inverse = tf.cond(tf.reduce_all(accepted), lambda: inverse, per_problem)
+  trusted = _batch.all_finite(inverse, inverse.shape.rank - 2)
+  inverse = tf.where(trusted[..., tf.newaxis, tf.newaxis], inverse,
+                     tf.zeros_like(inverse))
+  return tf.stop_gradient(inverse), finite, trusted
 
 
 def _zeros_for_none(values, like):
@@ -359,7 +430,8 @@ def _nan_derivative(tensor, untrusted):
   forward mode) is NaN where `untrusted` [B...] and 0 elsewhere: sqrt at
   0 of the square of a zero-valued copy of sum(tensor), 0 * inf. A solve
   with no trustworthy answer gives a NaN derivative, the values stay."""
-  u = _zero_valued(tf.reduce_sum(tensor, axis=-1))
+  total = tf.reduce_sum(tensor, axis=-1)
+  u = _zero_valued(tf.where(untrusted, total, tf.zeros_like(total)))
   inner = tf.where(untrusted, tf.square(u), tf.ones_like(u))
   return tf.where(untrusted, tf.sqrt(inner), tf.zeros_like(u))
 
@@ -382,20 +454,25 @@ def _attach_gauss_newton(results, point, jacobian, residual, cost,
   No custom gradient: it works wherever automatic differentiation does
   (forward-mode accumulators included, so a solve nested in another
   solver's residual differentiates). Costs, in the forward pass, one
-  residual evaluation and one n x n Cholesky per problem.
+  residual evaluation, one n x n Cholesky per problem and its inverse
+  (`_masked_inverse`: s = -M J^T r with M = (J^T J)^-1 accepted by
+  `_factored_solve`'s rule, else its answer per column, the
+  pseudo-inverse's on a gauge; where none is trustworthy, the values stay
+  and the derivative is NaN).
   """
   batch_rank = residual.shape.rank - 1
   live = residual_fn(point)
   free = tf.reduce_any(tf.not_equal(jacobian, 0), axis=-2)
   gram = tf.matmul(jacobian, jacobian, adjoint_a=True)
-  step, ok = _masked_solve(
-      gram, -tf.linalg.matvec(jacobian, live, adjoint_a=True), free,
-      norms=tf.linalg.diag_part(gram), any_rhs=True)
+  inverse, ok, trusted = _masked_inverse(gram, free,
+                                         tf.linalg.diag_part(gram))
+  step = tf.linalg.matvec(inverse, -tf.linalg.matvec(
+      jacobian, tf.where(tf.math.is_finite(live), live, tf.zeros_like(live)),
+      adjoint_a=True))
   ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
   ok &= tf.reduce_all(tf.math.is_finite(live), axis=-1)
   ok &= tf.reduce_all(tf.math.is_finite(jacobian),
                       axis=list(range(batch_rank, batch_rank + 2)))
-  trusted = _batch.all_finite(step, batch_rank)  # else a NaN derivative
   delta = _per_problem(ok & trusted, _zero_valued(step)) + _nan_derivative(
       live, ok & ~trusted)[..., tf.newaxis]
   moved = tf.nest.flatten(tangent_vector(point, delta))
