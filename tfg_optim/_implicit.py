@@ -244,23 +244,47 @@ def _masked_factor(hessian, free, norms):
   return hessian, norms, root, first, finite
 
 
-def _flat_batch(tensor, rank):
-  """[B..., <rank axes>] -> [prod(B), <rank axes>]."""
-  return tf.reshape(tensor, tf.concat([[-1], tf.shape(tensor)[-rank:]], 0))
+def _spectral_pseudo_inverse(hessian, free, root, exact):
+  """(M, trusted) per problem: steps 3 and 4 of `_factored_solve` for a
+  dense H (masked: the identity off F) by its eigendecomposition, in
+  Jacobi-scaled coordinates H_s = D^-1/2 H D^-1/2 (root = D^1/2): its
+  eigenvalues at most 4 rho in size span D^1/2 N (N: H's null space, a
+  gauge), P_N is N's Euclidean orthogonal projector, and
 
+      M = (I - P_N) (H + P_N)^-1 (I - P_N),
 
-def _for_each(function, elements, like):
-  """tf.stack([function([e[i] for e in elements]) for i]), shaped as
-  `like` [N, ...]: a tf.while_loop writing into a tensor (no TensorArray,
-  whose TensorList ops would look like a differentiated loop; not
-  differentiable: for the refused problems of `_masked_solve`)."""
-  def body(i, out):
-    value = function([e[i] for e in elements])
-    return i + 1, tf.tensor_scatter_nd_update(out, [[i]], value[tf.newaxis])
-  count = tf.shape(like)[0]
-  return tf.while_loop(lambda i, out: i < count, body,
-                       (tf.constant(0), tf.zeros_like(like)),
-                       parallel_iterations=1)[1]
+  the pseudo-inverse's answer (H^-1 on H's range, nothing along N: what
+  the iterated Tikhonov steps converge to). trusted [B...] False (M then
+  NaN) where an eigenvalue lies in (4 rho, sqrt(eps)] (neither null nor
+  resolved), below -4 rho, or for the exact H below -rho (H + rho D would
+  not factor: indefinite). One batched `eigh`, no loop: n is a dense
+  problem's."""
+  dtype = hessian.dtype
+  eps = float(np.finfo(dtype.as_numpy_dtype).eps)
+  rho, _ = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
+  rho = rho[..., tf.newaxis]
+  scaled = hessian / root[..., :, tf.newaxis] / root[..., tf.newaxis, :]
+  values, vectors = tf.linalg.eigh(0.5 * (scaled + tf.linalg.matrix_transpose(
+      scaled)))
+  null = tf.abs(values) <= 4.0 * rho
+  refused = ((values > 4.0 * rho) & (values <= np.sqrt(eps))) | (
+      values < -(rho if exact else 4.0 * rho))
+  null = tf.cast(null, dtype)
+  directions = vectors * null[..., tf.newaxis, :] / root[..., :, tf.newaxis]
+  gram = tf.matmul(directions, directions, transpose_a=True) + tf.linalg.diag(
+      1.0 - null)
+  projector = tf.matmul(directions, tf.linalg.solve(
+      gram, tf.linalg.matrix_transpose(directions)))
+  complement = tf.eye(tf.shape(hessian)[-1], dtype=dtype) - projector
+  complement *= free[..., :, tf.newaxis]
+  factor = _linear_solvers._cholesky(hessian + projector)  # pylint: disable=protected-access
+  inverse = tf.matmul(complement, tf.linalg.cholesky_solve(
+      factor, tf.linalg.matrix_transpose(complement)))
+  trusted = ~tf.reduce_any(refused, axis=-1) & _batch.all_finite(
+      inverse, inverse.shape.rank - 2)
+  return tf.where(trusted[..., tf.newaxis, tf.newaxis], inverse,
+                  tf.fill(tf.shape(inverse), tf.constant(np.nan, dtype))), (
+                      trusted)
 
 
 def _masked_solve(hessian, rhs, free, norms=None, exact=False):
@@ -276,9 +300,10 @@ def _masked_solve(hessian, rhs, free, norms=None, exact=False):
   exact Hessian (a failed factorization must pass H + rho D, the
   curvature of w is checked), else J^T J. All problems' first solves
   (refined once, tested for a rounding-level pivot: `_first_solve`) run
-  batched; only where one of them is refused does each problem go
-  through `_factored_solve` (one `_for_each` loop over the batch, the refused
-  ones' answers kept). Not to be differentiated (`_masked_inverse`).
+  batched; only where one of them is refused are steps 3 and 4 taken,
+  by an eigendecomposition of the batch's Jacobi-scaled H
+  (`_spectral_pseudo_inverse`), the accepted problems' answers kept. Not
+  to be differentiated (`_masked_inverse`).
   """
   dtype = hessian.dtype
   free = tf.cast(free, dtype)
@@ -290,19 +315,12 @@ def _masked_solve(hessian, rhs, free, norms=None, exact=False):
     rho, _ = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
     accepted &= _curvature_flat(product, w, free, root, rho)
 
-  def per_problem():  # `_factored_solve` on each problem
-    def one(arguments):
-      matrix, v, f, d = arguments
-      return _factored_solve(_dense_factorization(matrix, f),
-                             lambda u: tf.linalg.matvec(matrix, u), v, f, d,
-                             exact=exact)[0]
-    solutions = _for_each(one, [_flat_batch(hessian, 2), _flat_batch(rhs, 1),
-                                _flat_batch(free, 1), _flat_batch(norms, 1)],
-                          _flat_batch(rhs, 1))
+  def refused():  # the pseudo-inverse's answer, or NaN
+    inverse, _ = _spectral_pseudo_inverse(hessian, free, root, exact)
     return tf.where(accepted[..., tf.newaxis], w,
-                    tf.reshape(solutions, tf.shape(w)))
+                    tf.linalg.matvec(inverse, rhs))
 
-  w = tf.cond(tf.reduce_all(accepted), lambda: w, per_problem)
+  w = tf.cond(tf.reduce_all(accepted), lambda: w, refused)
   return w, finite
 
 
@@ -311,11 +329,10 @@ def _masked_inverse(gram, free, norms):
   for J^T J (`gram`) and every v, judged for every v (`_first_solve`'s
   `any_rhs`: the decisions do not depend on v, so the answer is linear
   in it): the Gauss-Newton forward pass differentiates w = M v, which
-  needs no derivative of the acceptance's branches (tf.cond and a
-  loop, which XLA cannot differentiate). M: the first solve of the
-  identity refined once, H^-1 to rounding; where a problem is refused,
-  `_factored_solve` on each of its columns (the pseudo-inverse on a
-  gauge). Returns (M, ok, trusted), both [B...]: ok False where J^T J is
+  needs no derivative of the acceptance's branch (a tf.cond, whose
+  gradient XLA cannot compile). M: the first solve of the identity
+  refined once, H^-1 to rounding; where a problem is refused, the
+  pseudo-inverse (`_spectral_pseudo_inverse`: on a gauge) or NaN. Returns (M, ok, trusted), both [B...]: ok False where J^T J is
   not finite, trusted False where no answer is (M is then 0)."""
   dtype = gram.dtype
   free = tf.cast(free, dtype)
@@ -329,21 +346,12 @@ def _masked_inverse(gram, free, norms):
   correction, _ = first(identity - tf.matmul(gram, inverse))
   inverse += correction
 
-  def per_problem():  # `_factored_solve` on each column of each problem
-    def one(arguments):
-      matrix, f, d = arguments
-      column = lambda v: _factored_solve(
-          _dense_factorization(matrix, f),
-          lambda u: tf.linalg.matvec(matrix, u), v, f, d, exact=False,
-          any_rhs=True)[0]
-      return tf.transpose(_for_each(lambda e: column(e[0]),
-                                    [tf.linalg.diag(f)], matrix))
-    inverses = _for_each(one, [_flat_batch(gram, 2), _flat_batch(free, 1),
-                               _flat_batch(norms, 1)], _flat_batch(gram, 2))
+  def refused():  # the pseudo-inverse, or NaN
+    pseudo_inverse, _ = _spectral_pseudo_inverse(gram, free, root, False)
     return tf.where(accepted[..., tf.newaxis, tf.newaxis], inverse,
-                    tf.reshape(inverses, tf.shape(inverse)))
+                    pseudo_inverse)
 
-  inverse = tf.cond(tf.reduce_all(accepted), lambda: inverse, per_problem)
+  inverse = tf.cond(tf.reduce_all(accepted), lambda: inverse, refused)
   trusted = _batch.all_finite(inverse, inverse.shape.rank - 2)
   inverse = tf.where(trusted[..., tf.newaxis, tf.newaxis], inverse,
                      tf.zeros_like(inverse))
