@@ -12,8 +12,9 @@ closed form), per solver ('cholesky', 'sparse_cholesky', 'schur', 'cg'):
   the pseudo-inverse's w on H's range (error of w's projection on the
   eigenvectors with |lambda| > 1e-13 s);
 - illcond: a_0 held, L = [[1, 1], [1, 1 + e]] (cond(A_F^T A_F) 2e8 at
-  e = 1e-3, 2e10 at 1e-4, 2e12 at 1e-5), float64 and (e = 0.1, 0.03: cond 2e4, 2e5)
-  float32, Gauss-Newton and exact (H = J^T J's blocks): A w against
+  e = 1e-3, 2e10 at 1e-4, 2e12 at 1e-5), float64 and (e = 0.1, 0.03: cond 2e4, 2e5;
+  0.01, 0.001: cond 2e6, 2e8, a weak subspace below sqrt(eps), review22's
+  f32band: right to eps cond or NaN) float32, Gauss-Newton and exact (H = J^T J's blocks): A w against
   pinv(A_F)^T u;
 - scaled: nothing held, b in units c = 1e-3, 1e-5 (and 1);
 - f32: nothing held, float32, L = [[2, 0.5], [-0.3, l]] (range condition
@@ -150,7 +151,7 @@ def api():
 if __name__ == "__main__":
   hidden()
   illcond(tf.float64, (1e-3, 1e-4, 1e-5))
-  illcond(tf.float32, (0.1, 0.03))
+  illcond(tf.float32, (0.1, 0.03, 0.01, 0.001))
   scaled()
   single()
   api()

@@ -35,8 +35,14 @@ from tfg_optim import _engine
 from tfg_optim.examples import local_cluster
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CHILD_TIMEOUT = 90.0  # s: a child still running then is killed.
-_WORKER_TIMEOUT = 6.0  # s: the workers' all-reduce completion timeout.
+_CHILD_TIMEOUT = 180.0  # s: a child still running then is killed (a hang;
+# worker 0 takes about 40 s on a quiet machine, 90 s at load 5).
+# s: the workers' all-reduce completion timeout. The two workers trace and
+# run their solves independently between all-reduces; on 2 loaded cores one
+# fell 6 s behind the other while tracing the gradient cells (a
+# DEADLINE_EXCEEDED at load 6). Worker 0 waits this long for the dead
+# worker while it runs the mirrored solves, which take longer.
+_WORKER_TIMEOUT = 20.0
 _NOT_FINITE = "NOT_FINITE"
 _N = 1001  # 4 shards of 250, 250, 250 and 251 rows.
 _BEGIN = time.monotonic()  # A child's start, after its imports.
@@ -320,10 +326,10 @@ class _Child:
 def _start_children(signal):
   environments = local_cluster.worker_environments(
       2, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-  # Worker 0 names the XLA modules it compiles of the per-replica passes.
+  # Worker 0 names the XLA modules it compiles of the per-replica passes;
+  # it compiles with XLA's default code generation (not conftest's).
   environments[0]["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") +
-      f" --xla_dump_to={os.path.join(os.path.dirname(signal), 'xla')} "
+      f"--xla_dump_to={os.path.join(os.path.dirname(signal), 'xla')} "
       "--xla_dump_hlo_module_re=_terms_")
   return {f"worker{index}": _Child(env, str(index), signal)
           for index, env in enumerate(environments)}

@@ -877,3 +877,33 @@ def test_backward_solves_of_a_float32_gauge():
   graph = _pair_graph(np.array([[2.0, 0.5], [-0.3, 0.1]]), tf.float32)
   u = np.random.default_rng(8).normal(size=14)
   _right_or_nan(graph, "sparse_cholesky", u, graph["gram"], 1e-4, nan=False)
+
+
+# The review of branch implicit3 (review22, r22/).
+
+
+def test_backward_solves_of_a_float32_weak_subspace_are_right_or_nan():
+  """f32band.py: a_0 held, L = [[1, 1], [1, 1 + e]] in float32: no gauge,
+  a weak subspace (scaled eigenvalues 2e-6 to 2.3e-5 at e = 0.01, cond(A_F^T
+  A_F) 2e6; 2e-8, below eps, at e = 0.001). Gauss-Newton's null space was
+  judged by Ritz values y^T H_s y <= 4 rho (2.4e-5 here): the weak
+  subspace was projected off, a finite answer 1.0 off (0.68 at e = 0.001
+  with the review's trial level 4 eps max|theta|). Its Ritz values are now
+  ||J_s y||^2 (`_null_projector`): right to eps cond (0.24 at e = 0.01) or
+  NaN, never finite and wrong."""
+  for matrix_e in (0.01, 0.001):
+    graph = _pair_graph(np.array([[1.0, 1.0], [1.0, 1.0 + matrix_e]]),
+                        tf.float32, held=True)
+    u = np.random.default_rng(8).normal(size=14) * graph["free"]
+    _right_or_nan(graph, "cholesky", u, None, 0.25)
+
+
+def test_backward_solve_of_a_zero_right_hand_side_is_zero():
+  """cost_grad.py: the gradient of the final cost alone (rhs = 0) through
+  a Gauss-Newton solve at cond(A_F^T A_F) = 2e10 was NaN (rhs_level 0
+  was taken for a null space; main: w = 0, the cost's gradient exactly
+  -r by the envelope theorem): w = 0 exactly, for every factorization."""
+  graph = _pair_graph(np.array([[1.0, 1.0], [1.0, 1.0001]]), held=True)
+  for solver in ("cholesky", "sparse_cholesky", "schur"):
+    w, ok = _exact_solve(graph, solver, None, np.zeros(14))
+    assert ok and np.all(w == 0.0), (solver, w)

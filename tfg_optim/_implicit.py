@@ -1015,14 +1015,28 @@ def _own_factorization(linearization, free, products=None):
 
 
 def _gram_product(linearization, free):
-  """v -> J^T J v on `free`, v off it."""
-  return lambda v: linearization.rmatvec(linearization.matvec(v * free)) * (
-      free) + (1.0 - free) * v
+  """v -> J^T J v on `free`, v off it; its attribute `jacobian`: v -> J v
+  on `free` (`_null_projector` measures Gauss-Newton's Ritz values as
+  ||J_s y||^2, resolved to eps^2, not y^T H_s y, resolved to eps)."""
+  def product(v):
+    return linearization.rmatvec(linearization.matvec(v * free)) * (
+        free) + (1.0 - free) * v
+  product.jacobian = lambda v: linearization.matvec(v * free)
+  return product
 
 
 # At most this many null directions are found (`_null_projector`): a 3-D
 # similarity gauge has 7.
 NULL_PROBES = 8
+
+
+def _map_columns(function, matrix, dtype=None):
+  """([m, k] whose column i is function(matrix[:, i])[0], [k] bool: the
+  `ok`s function(.)[1]) in one `tf.while_loop` (`tf.map_fn`): `function`
+  (a solve with a factor, a product) is traced once, not k times."""
+  out, ok = tf.map_fn(function, tf.transpose(matrix),
+                      fn_output_signature=(dtype or matrix.dtype, tf.bool))
+  return tf.transpose(out), ok
 
 
 def _null_projector(regularized, product, root, free, delta, null_level):
@@ -1033,30 +1047,58 @@ def _null_projector(regularized, product, root, free, delta, null_level):
   Y = D^1/2 (H + delta D)^-1 D^1/2 X (null directions amplified by
   1 / delta, an eigenvalue lambda of H_s by 1 / (lambda + delta); the
   range's share of Y falls to (delta / lambda)^2), orthonormalized, and
-  the Ritz pairs (theta, y) of H_s on it: those of |theta| <= null_level
-  (4 rho) span D^1/2 N; N is their image under D^-1/2. ok: every solve
-  finite, and no Ritz value in (null_level, delta]: an eigenvalue that
-  is neither null nor resolved by the Tikhonov steps (their answer would
-  be off along it: NaN instead)."""
+  the Ritz pairs (theta, y) of H_s on it: those of |theta| <= the null
+  level (the smaller of `null_level` (4 rho) and 4 eps max|theta|: the
+  rounding of the products H_s y) span D^1/2 N; N is their image under
+  D^-1/2. ok: every solve finite, and no Ritz value in (null level,
+  delta]: an eigenvalue that is neither null nor resolved by the
+  Tikhonov steps (their answer would be off along it: NaN instead).
+  The probes' solves and products run in `tf.while_loop`s
+  (`_map_columns`: each traced once)."""
   dtype = root.dtype
   n = root.shape[0] if root.shape[0] is not None else NULL_PROBES
   count = min(NULL_PROBES, n)
   index = tf.cast(tf.range(tf.size(root)), dtype)
-  basis, ok = tf.stack([free * tf.sin(index * (0.7548776662 * (i + 1)) +
-                                      0.5698403 * i)
-                         for i in range(count)], 1), tf.constant(True)
-  for _ in range(2):  # subspace iteration
-    columns = []
-    for i in range(count):
-      y, solved = regularized(root * basis[:, i])
-      columns.append(root * y)
-      ok &= solved
-    basis, _ = tf.linalg.qr(tf.where(ok, tf.stack(columns, 1),
-                                     tf.zeros_like(basis)))  # scaled
-  scaled_product = lambda v: product(v / root) / root
-  image = tf.stack([scaled_product(basis[:, i]) for i in range(count)], 1)
-  ritz = tf.matmul(basis, image, transpose_a=True)
-  values, vectors = tf.linalg.eigh(0.5 * (ritz + tf.transpose(ritz)))
+  basis = tf.stack([free * tf.sin(index * (0.7548776662 * (i + 1)) +
+                                  0.5698403 * i) for i in range(count)], 1)
+
+  def step(k, basis, ok):  # subspace iteration, in scaled coordinates
+    solved, solved_ok = _map_columns(regularized,
+                                     root[:, tf.newaxis] * basis)
+    ok &= tf.reduce_all(solved_ok)
+    basis, _ = tf.linalg.qr(tf.where(ok, root[:, tf.newaxis] * solved,
+                                     tf.zeros_like(basis)))
+    return k + 1, basis, ok
+
+  _, basis, ok = tf.while_loop(lambda k, *_: k < 2, step,
+                               (tf.constant(0), basis, tf.constant(True)))
+  eps = float(np.finfo(dtype.as_numpy_dtype).eps)
+  jacobian = getattr(product, "jacobian", None)
+  if jacobian is None:
+    image, _ = _map_columns(
+        lambda v: (product(v / root) / root, tf.constant(True)), basis)
+    ritz = tf.matmul(basis, image, transpose_a=True)
+    values, vectors = tf.linalg.eigh(0.5 * (ritz + tf.transpose(ritz)))
+    # A null Ritz value is at the rounding of the products H_s v, a few
+    # eps ||H_s||, which may be below the factorization's 4 rho.
+    null_level = tf.minimum(null_level,
+                            4.0 * eps * tf.reduce_max(tf.abs(values)))
+  else:  # Gauss-Newton: the singular pairs of J_s Y ([m, k]), theta = s^2
+    image, _ = _map_columns(
+        lambda v: (jacobian(v / root), tf.constant(True)), basis)
+    singular, _, vectors = tf.linalg.svd(tf.linalg.qr(image)[1])  # k x k
+    values = tf.square(singular)
+    # J_s y of a null y is at the rounding of the product J_s y, and its
+    # Ritz vector's share of the range left by the subspace iteration,
+    # (delta / lambda)^2 amplitude along eigenvalues lambda beyond the
+    # subspace: theta = lambda (delta / lambda)^4 <= delta^4 / lambda^3,
+    # below eps^(4/3) (6e-10 in float32, 1e-21 in float64) where
+    # lambda > delta^(4/9) (0.03 in float32, 3e-4 in float64; above, a
+    # null direction is taken for a weak one: NaN, never a wrong answer).
+    # An eigenvalue of H_s below it is taken for null (theta: eps
+    # cond(J_s^T J_s) > 1 / eps^(1/3), cond 2e9 in float32).
+    null_level = tf.minimum(null_level, eps ** (4.0 / 3.0) * tf.reduce_max(
+        values))
   null = tf.cast(tf.abs(values) <= null_level, dtype)
   # An eigenvalue that delta hides but that is not at the rounding level:
   # the Tikhonov answer would be wrong along it.
@@ -1077,7 +1119,7 @@ def _null_projector(regularized, product, root, free, delta, null_level):
 
 
 def _factored_solve(factorize, product, rhs, free, norms, exact,
-                    iterative=False, any_rhs=False):
+                    iterative=False):
   r"""w with H_FF w_F = rhs_F on the `free` coordinates F ([n], 0 or 1),
   w = 0 off F, by a factorization (`factorize(shift [n])` -> v ->
   ((H + diag(1 - free) + diag(shift))^-1 v, ok)); `product`: v -> H v on
@@ -1142,24 +1184,71 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
   else the conjugate-gradient backward's Euclidean retry
   (`_conjugate_gradient_solve`, stages 2 and 3: H + delta I, delta =
   sqrt(eps) max_j D_j, one Tikhonov step that must settle), 4 solves at
-  most instead of about 25. `any_rhs`: judged for every right-hand side
-  (`_first_solve`).
+  most instead of about 25.
+
+  rhs = 0 (a gradient of the final cost alone): w = 0, accepted whatever
+  H's conditioning (its lambda_r = 0 is no evidence of a null space).
+  The solves of steps 1 and 2 are the columns of one loop, and
+  `_null_projector`'s probes and the Tikhonov steps loops too (each
+  solve and product traced once: the graph's size).
+
+  The null space of step 4 (`_null_projector`): Ritz values at most
+  4 rho and at the rounding of their products, 4 eps max|theta| for an
+  H given by its products; for Gauss-Newton (`product.jacobian`, set by
+  `_gram_product`: v -> J v) ||J_s y||^2, resolved to eps^2, null at
+  most eps^(4/3) max theta: a weak eigenvalue above it but below delta
+  is NaN, not projected off.
 
   What is not distinguished: an eigenvalue between rho and rho_high on an
   H that also has a rounding-level one, excited by rhs, is treated as
-  null (its component of w is the Tikhonov one, not rhs / lambda).
+  null (its component of w is the Tikhonov one, not rhs / lambda). The
+  exact H (products only) of a weak subspace below 4 eps max|theta| is
+  taken for null: a finite answer 1.0 off (float32, the review's pair
+  graph: NaN at cond(H) 2e7, scaled eigenvalue 1.8e-7; 1.0 off at cond
+  2e8, 2e-8; Gauss-Newton: NaN at both, down to eps^(4/3), 6e-10).
   """
   dtype = rhs.dtype
   eps = float(np.finfo(dtype.as_numpy_dtype).eps)
   rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
-  rho, _ = rounding_levels(dtype, tf.reduce_sum(free))
+  rho, rho_high = rounding_levels(dtype, tf.reduce_sum(free))
   scaling = _jacobi_scaling(norms, free)
   root = tf.sqrt(scaling)
-  rhs_size = _size(rhs / root)
+  size = _size
+  rhs_size = size(rhs / root)
+  tiny = np.finfo(dtype.as_numpy_dtype).tiny
 
   first = factorize(tf.zeros_like(rhs))
-  w, solved, accepted = _first_solve(first, product, rhs, free, root,
-                                     probe=not iterative, any_rhs=any_rhs)
+  probe = free * tf.sin(tf.cast(tf.range(tf.size(rhs)), dtype) *
+                        2.399963 + 1.0)
+  probe = root * probe / size(probe)
+
+  def stage(k, w, z, solved, probed):  # the solve and its refinement, with
+    # (not iterative) the two steps of inverse iteration on the probe, as
+    # the columns of one loop (`_map_columns`: one trace of the solve)
+    columns = [tf.where(k > 0, rhs - product(w), rhs)]
+    if not iterative:
+      columns.append(tf.where(
+          k > 0, root * root * z / tf.maximum(size(root * z), tiny), probe))
+    x, ok = _map_columns(first, tf.stack(columns, 1))
+    if not iterative:
+      z, probed = x[:, 1], ok[1]
+    return k + 1, w + x[:, 0], z, solved & ok[0], probed
+
+  _, w, z, solved, probed = tf.while_loop(
+      lambda k, *_: k < 2, stage,
+      (tf.constant(0), tf.zeros_like(rhs), tf.zeros_like(rhs),
+       tf.constant(True), tf.constant(True)))
+  if iterative:  # (no probe: `accepted` is the solver's own signal)
+    probe_level = tf.constant(np.inf, dtype)
+  else:
+    probe_level = 1.0 / tf.maximum(size(root * z), tiny)
+  rhs_level = rhs_size / tf.maximum(size(root * w), tiny)
+  singular = ((rhs_level <= rho) |
+              ((probe_level <= rho) | ~probed) &
+              (rhs_level <= rho_high))
+  # (review22) rhs = 0 (a gradient of the final cost alone): w = 0 exactly,
+  # whatever H's conditioning; its rhs_level 0 is no evidence of a null space.
+  accepted = solved & (~singular | tf.equal(rhs_size, 0))
 
   def euclidean_retry():  # an iterative solver: as the CG backward's
     delta = np.sqrt(eps) * tf.reduce_max(norms)
@@ -1181,13 +1270,15 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
     project, found = _null_projector(regularized, product, root, free,
                                      np.sqrt(eps), 4.0 * rho)
     consistent = rhs - project(rhs)
-    w = tf.zeros_like(rhs)
-    update = tf.zeros_like(rhs)
-    ok = certified & found
-    for _ in range(TIKHONOV_STEPS):
+
+    def step(k, w, update, ok):  # (a loop: one trace of the solve)
       update, converged = regularized(consistent - product(w))
-      w += update
-      ok &= converged
+      return k + 1, w + update, update, ok & converged
+
+    _, w, update, ok = tf.while_loop(
+        lambda k, *_: k < TIKHONOV_STEPS, step,
+        (tf.constant(0), tf.zeros_like(rhs), tf.zeros_like(rhs),
+         certified & found))
     return w - project(w), update, ok
 
   if iterative:
@@ -1214,7 +1305,8 @@ def _jacobi_scaling(norms, free):
 
 
 def _first_solve(first, product, rhs, free, root, probe=True, any_rhs=False):
-  """Steps 1 and 2 of `_factored_solve`, per problem over leading axes
+  """Steps 1 and 2 of `_factored_solve` (the same tests, written for a
+  batch of dense problems: `_masked_solve`), per problem over leading axes
   ([B..., n] vectors; `first(v)` -> (H^-1 v, ok [B...]), `product(v)` ->
   H v, `root` = D^1/2): the first solve refined once, and whether it is
   accepted (its factorization succeeded and no rounding-level pivot
