@@ -212,46 +212,151 @@ def _needed():
 # -- the linear solve (Gauss-Newton: forward pass; exact, L-BFGS: backward) ---
 
 
-def _diagonal_finite(factor):
-  return tf.reduce_all(tf.math.is_finite(tf.linalg.diag_part(factor)),
-                       axis=-1)
-
-
-def _masked_solve(hessian, rhs, free):
-  """w with H_FF w_F = rhs_F and w = 0 off F (F = `free`), per problem;
-  returns (w, ok), ok [B...] False where no finite solution was found.
-
-  Cholesky of H; where its factor is not finite, of H + delta I with
-  delta = sqrt(eps) max_j |H_jj| (+ tiny).
-  """
+def _masked_factor(hessian, free, norms):
+  """The dense Cholesky factorization of `_masked_solve`, per problem:
+  (H masked, norms, root, first, finite). H masked: its rows and columns
+  off F zeroed and 1 on their diagonal, zero where H is not finite
+  (finite [B...]); norms: D (default |diag(H)|) and root = D^1/2 as in
+  `_factored_solve`; first(v) -> (H^-1 v on F, ok [B...]) for v
+  [B..., n] or [B..., n, k]."""
   dtype = hessian.dtype
-  free = tf.cast(free, dtype)
-  n = tf.shape(hessian)[-1]
-  identity = tf.eye(n, dtype=dtype)
-  finite = tf.reduce_all(tf.math.is_finite(hessian), axis=[-2, -1])
+  n = hessian.shape[-1] if hessian.shape[-1] is not None else tf.shape(
+      hessian)[-1]
+  finite = _batch.all_finite(hessian, hessian.shape.rank - 2)
   hessian = tf.where(finite[..., tf.newaxis, tf.newaxis], hessian,
                      tf.zeros_like(hessian))
   hessian = (hessian * free[..., :, tf.newaxis] * free[..., tf.newaxis, :] +
              tf.linalg.diag(1.0 - free))
-  factor = tf.linalg.cholesky(hessian)
-  factored = _diagonal_finite(factor)
+  if norms is None:
+    norms = tf.abs(tf.linalg.diag_part(hessian))
+  norms = tf.where(tf.math.is_finite(norms), norms, tf.zeros_like(norms))
+  factor = _linear_solvers._cholesky(hessian)  # pylint: disable=protected-access
+  factored = _batch.all_finite(factor, factor.shape.rank - 2)
+  factor = tf.where(factored[..., tf.newaxis, tf.newaxis], factor,
+                    tf.eye(n, dtype=dtype))
 
-  def regularized():
-    finfo = np.finfo(dtype.as_numpy_dtype)
-    delta = (np.sqrt(finfo.eps) * tf.reduce_max(
-        tf.abs(tf.linalg.diag_part(hessian)), axis=-1) + finfo.tiny)
-    shifted = tf.linalg.cholesky(
-        hessian + delta[..., tf.newaxis, tf.newaxis] * identity)
-    return tf.where(factored[..., tf.newaxis, tf.newaxis], factor, shifted)
+  def first(v):
+    matrix = v.shape.rank == hessian.shape.rank
+    x = tf.linalg.cholesky_solve(factor, v if matrix else v[..., tf.newaxis])
+    x = (x if matrix else x[..., 0]) * (
+        free[..., tf.newaxis] if matrix else free)
+    return x, factored & _batch.all_finite(x, hessian.shape.rank - 2)
+  root = tf.sqrt(_jacobi_scaling(norms, free))
+  return hessian, norms, root, first, finite
 
-  factor = tf.cond(tf.reduce_all(factored), lambda: factor, regularized)
-  ok = finite & _diagonal_finite(factor)
-  factor = tf.where(ok[..., tf.newaxis, tf.newaxis], factor,
-                    tf.broadcast_to(identity, tf.shape(factor)))
+
+def _spectral_pseudo_inverse(hessian, free, root, exact):
+  """(M, trusted) per problem: steps 3 and 4 of `_factored_solve` for a
+  dense H (masked: the identity off F) by its eigendecomposition, in
+  Jacobi-scaled coordinates H_s = D^-1/2 H D^-1/2 (root = D^1/2): its
+  eigenvalues at most 4 rho in size span D^1/2 N (N: H's null space, a
+  gauge), P_N is N's Euclidean orthogonal projector, and
+
+      M = (I - P_N) (H + P_N)^-1 (I - P_N),
+
+  the pseudo-inverse's answer (H^-1 on H's range, nothing along N: what
+  the iterated Tikhonov steps converge to). trusted [B...] False (M then
+  NaN) where an eigenvalue lies in (4 rho, sqrt(eps)] (neither null nor
+  resolved), below -4 rho, or for the exact H below -rho (H + rho D would
+  not factor: indefinite). One batched `eigh`, no loop: n is a dense
+  problem's."""
+  dtype = hessian.dtype
+  eps = float(np.finfo(dtype.as_numpy_dtype).eps)
+  rho, _ = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
+  rho = rho[..., tf.newaxis]
+  scaled = hessian / root[..., :, tf.newaxis] / root[..., tf.newaxis, :]
+  values, vectors = tf.linalg.eigh(0.5 * (scaled + tf.linalg.matrix_transpose(
+      scaled)))
+  null = tf.abs(values) <= 4.0 * rho
+  refused = ((values > 4.0 * rho) & (values <= np.sqrt(eps))) | (
+      values < -(rho if exact else 4.0 * rho))
+  null = tf.cast(null, dtype)
+  directions = vectors * null[..., tf.newaxis, :] / root[..., :, tf.newaxis]
+  gram = tf.matmul(directions, directions, transpose_a=True) + tf.linalg.diag(
+      1.0 - null)
+  projector = tf.matmul(directions, tf.linalg.solve(
+      gram, tf.linalg.matrix_transpose(directions)))
+  complement = tf.eye(tf.shape(hessian)[-1], dtype=dtype) - projector
+  complement *= free[..., :, tf.newaxis]
+  factor = _linear_solvers._cholesky(hessian + projector)  # pylint: disable=protected-access
+  inverse = tf.matmul(complement, tf.linalg.cholesky_solve(
+      factor, tf.linalg.matrix_transpose(complement)))
+  trusted = ~tf.reduce_any(refused, axis=-1) & _batch.all_finite(
+      inverse, inverse.shape.rank - 2)
+  return tf.where(trusted[..., tf.newaxis, tf.newaxis], inverse,
+                  tf.fill(tf.shape(inverse), tf.constant(np.nan, dtype))), (
+                      trusted)
+
+
+def _masked_solve(hessian, rhs, free, norms=None, exact=False):
+  """w with H_FF w_F = rhs_F and w = 0 off F (F = `free`), per problem
+  (leading axes [B...]), by the acceptance of `_factored_solve` with the
+  dense Cholesky factorization (`_dense_factorization`); returns (w, ok):
+  ok [B...] False where H is not finite, w NaN where no trustworthy
+  answer exists (an indefinite exact H, an eigenvalue neither null nor
+  resolved), never a finite wrong one.
+
+  `norms`: D = diag(J^T J) for the Jacobi scaling (default |diag(H)|, the
+  minimizers' exact Hessian: units-covariant as D is); `exact`: H is an
+  exact Hessian (a failed factorization must pass H + rho D, the
+  curvature of w is checked), else J^T J. All problems' first solves
+  (refined once, tested for a rounding-level pivot: `_first_solve`) run
+  batched; only where one of them is refused are steps 3 and 4 taken,
+  by an eigendecomposition of the batch's Jacobi-scaled H
+  (`_spectral_pseudo_inverse`), the accepted problems' answers kept. Not
+  to be differentiated (`_masked_inverse`).
+  """
+  dtype = hessian.dtype
+  free = tf.cast(free, dtype)
+  hessian, norms, root, first, finite = _masked_factor(hessian, free, norms)
   rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
-  w = tf.linalg.cholesky_solve(factor, rhs[..., tf.newaxis])[..., 0] * free
-  ok &= tf.reduce_all(tf.math.is_finite(w), axis=-1)
-  return tf.where(ok[..., tf.newaxis], w, tf.zeros_like(w)), ok
+  product = lambda v: tf.linalg.matvec(hessian, v)
+  w, _, accepted = _first_solve(first, product, rhs, free, root)
+  if exact:
+    rho, _ = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
+    accepted &= _curvature_flat(product, w, free, root, rho)
+
+  def refused():  # the pseudo-inverse's answer, or NaN
+    inverse, _ = _spectral_pseudo_inverse(hessian, free, root, exact)
+    return tf.where(accepted[..., tf.newaxis], w,
+                    tf.linalg.matvec(inverse, rhs))
+
+  w = tf.cond(tf.reduce_all(accepted), lambda: w, refused)
+  return w, finite
+
+
+def _masked_inverse(gram, free, norms):
+  """M [B..., n, n], no derivative, with w = M v `_masked_solve`'s answer
+  for J^T J (`gram`) and every v, judged for every v (`_first_solve`'s
+  `any_rhs`: the decisions do not depend on v, so the answer is linear
+  in it): the Gauss-Newton forward pass differentiates w = M v, which
+  needs no derivative of the acceptance's branch (a tf.cond, whose
+  gradient XLA cannot compile). M: the first solve of the identity
+  refined once, H^-1 to rounding; where a problem is refused, the
+  pseudo-inverse (`_spectral_pseudo_inverse`: on a gauge) or NaN. Returns (M, ok, trusted), both [B...]: ok False where J^T J is
+  not finite, trusted False where no answer is (M is then 0)."""
+  dtype = gram.dtype
+  free = tf.cast(free, dtype)
+  gram, norms, root, first, finite = _masked_factor(gram, free, norms)
+  gram, norms, root = [tf.stop_gradient(t) for t in (gram, norms, root)]
+  product = lambda v: tf.linalg.matvec(gram, v)
+  _, _, accepted = _first_solve(first, product, tf.zeros_like(norms), free,
+                                root, any_rhs=True)
+  identity = tf.linalg.diag(free)
+  inverse, _ = first(identity)
+  correction, _ = first(identity - tf.matmul(gram, inverse))
+  inverse += correction
+
+  def refused():  # the pseudo-inverse, or NaN
+    pseudo_inverse, _ = _spectral_pseudo_inverse(gram, free, root, False)
+    return tf.where(accepted[..., tf.newaxis, tf.newaxis], inverse,
+                    pseudo_inverse)
+
+  inverse = tf.cond(tf.reduce_all(accepted), lambda: inverse, refused)
+  trusted = _batch.all_finite(inverse, inverse.shape.rank - 2)
+  inverse = tf.where(trusted[..., tf.newaxis, tf.newaxis], inverse,
+                     tf.zeros_like(inverse))
+  return tf.stop_gradient(inverse), finite, trusted
 
 
 def _zeros_for_none(values, like):
@@ -329,6 +434,17 @@ def _zero_valued(tensor):
   return tensor - tf.stop_gradient(tensor)
 
 
+def _nan_derivative(tensor, untrusted):
+  """Zeros [B...] (for `tensor` [B..., m]) whose derivative (reverse and
+  forward mode) is NaN where `untrusted` [B...] and 0 elsewhere: sqrt at
+  0 of the square of a zero-valued copy of sum(tensor), 0 * inf. A solve
+  with no trustworthy answer gives a NaN derivative, the values stay."""
+  total = tf.reduce_sum(tensor, axis=-1)
+  u = _zero_valued(tf.where(untrusted, total, tf.zeros_like(total)))
+  inner = tf.where(untrusted, tf.square(u), tf.ones_like(u))
+  return tf.where(untrusted, tf.sqrt(inner), tf.zeros_like(u))
+
+
 def _attach_gauss_newton(results, point, jacobian, residual, cost,
                          residual_fn, tangent_vector):
   """Gauss-Newton: plain ops whose values are zero and whose derivative is
@@ -347,19 +463,27 @@ def _attach_gauss_newton(results, point, jacobian, residual, cost,
   No custom gradient: it works wherever automatic differentiation does
   (forward-mode accumulators included, so a solve nested in another
   solver's residual differentiates). Costs, in the forward pass, one
-  residual evaluation and one n x n Cholesky per problem.
+  residual evaluation, one n x n Cholesky per problem and its inverse
+  (`_masked_inverse`: s = -M J^T r with M = (J^T J)^-1 accepted by
+  `_factored_solve`'s rule, else its answer per column, the
+  pseudo-inverse's on a gauge; where none is trustworthy, the values stay
+  and the derivative is NaN).
   """
   batch_rank = residual.shape.rank - 1
   live = residual_fn(point)
   free = tf.reduce_any(tf.not_equal(jacobian, 0), axis=-2)
-  step, ok = _masked_solve(
-      tf.matmul(jacobian, jacobian, adjoint_a=True),
-      -tf.linalg.matvec(jacobian, live, adjoint_a=True), free)
+  gram = tf.matmul(jacobian, jacobian, adjoint_a=True)
+  inverse, ok, trusted = _masked_inverse(gram, free,
+                                         tf.linalg.diag_part(gram))
+  step = tf.linalg.matvec(inverse, -tf.linalg.matvec(
+      jacobian, tf.where(tf.math.is_finite(live), live, tf.zeros_like(live)),
+      adjoint_a=True))
   ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
   ok &= tf.reduce_all(tf.math.is_finite(live), axis=-1)
   ok &= tf.reduce_all(tf.math.is_finite(jacobian),
                       axis=list(range(batch_rank, batch_rank + 2)))
-  delta = _per_problem(ok, _zero_valued(step))
+  delta = _per_problem(ok & trusted, _zero_valued(step)) + _nan_derivative(
+      live, ok & ~trusted)[..., tf.newaxis]
   moved = tf.nest.flatten(tangent_vector(point, delta))
   position = [x + _per_problem(ok, v) for x, v in
               zip(tf.nest.flatten(point), moved)]
@@ -420,7 +544,9 @@ def _attach_exact(results, point, jacobian, residual, cost, residual_fn,
         _batch_jacobian(gradient_of, tf.reshape(zero, tf.stack([-1, n])),
                         eager),
         tf.concat([coordinate_shape, [n]], 0))
-    w, ok = _masked_solve(matrix, tangent_bar, free)
+    w, ok = _masked_solve(matrix, tangent_bar, free,
+                          norms=tf.reduce_sum(tf.square(jacobian), axis=-2),
+                          exact=True)
     batch_rank = residual.shape.rank - 1
     ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
     ok &= tf.reduce_all(tf.math.is_finite(jacobian),
@@ -671,7 +797,8 @@ def backward_solve(linearization, rhs, free):
                                              False))
   if linearization.dense:
     if rhs.shape.rank != 1:  # (a batch: the dense front-ends' rule)
-      return _masked_solve(linearization.gram(), rhs, free)
+      return _masked_solve(linearization.gram(), rhs, free,
+                           norms=linearization.column_norms())
     return _factored_solve(
         _dense_factorization(linearization.gram(), free),
         _gram_product(linearization, free), rhs, free,
@@ -1126,10 +1253,9 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
   eps = float(np.finfo(dtype.as_numpy_dtype).eps)
   rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
   rho, rho_high = rounding_levels(dtype, tf.reduce_sum(free))
-  scaling = tf.where(free > 0, norms, tf.ones_like(norms))
-  scaling = tf.where(scaling > 0, scaling, tf.ones_like(scaling))
+  scaling = _jacobi_scaling(norms, free)
   root = tf.sqrt(scaling)
-  size = lambda v: tf.sqrt(tf.reduce_sum(tf.square(v)))
+  size = _size
   rhs_size = size(rhs / root)
   tiny = np.finfo(dtype.as_numpy_dtype).tiny
 
@@ -1173,7 +1299,7 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
     update, converged = regularized(rhs - product(w))
     smallest = tf.reduce_min(tf.where(free > 0, norms, tf.fill(
         tf.shape(norms), tf.constant(np.inf, dtype))))
-    settled = (size(product(update) * free / root) <=
+    settled = (_size(product(update) * free / root) <=
                RETRY_TOLERANCE * rhs_size) & (
                    smallest > delta / RETRY_TOLERANCE)
     return w + update, update, ok & converged & settled
@@ -1203,13 +1329,68 @@ def _factored_solve(factorize, product, rhs, free, norms, exact,
       accepted, lambda: (w, tf.zeros_like(w), solved),
       euclidean_retry if iterative else tikhonov)
   if exact:
-    def flat(v):
-      v = tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
-      return (tf.reduce_sum(v * product(v) * free) >=
-              -rho * tf.reduce_sum(tf.square(root * v)))
-    solved &= flat(w) & flat(update)
+    solved &= (_curvature_flat(product, w, free, root, rho) &
+               _curvature_flat(product, update, free, root, rho))
   w = tf.where(solved, w, tf.fill(tf.shape(w), tf.constant(np.nan, dtype)))
   return w, _batch.all_finite(norms, 0)
+
+
+def _size(v):
+  """||v|| over the last axis."""
+  return tf.sqrt(tf.reduce_sum(tf.square(v), axis=-1))
+
+
+def _jacobi_scaling(norms, free):
+  """D: `norms` on `free` where positive, 1 elsewhere."""
+  scaling = tf.where(free > 0, norms, tf.ones_like(norms))
+  return tf.where(scaling > 0, scaling, tf.ones_like(scaling))
+
+
+def _first_solve(first, product, rhs, free, root, probe=True, any_rhs=False):
+  """Steps 1 and 2 of `_factored_solve` (the same tests, written for a
+  batch of dense problems: `_masked_solve`), per problem over leading axes
+  ([B..., n] vectors; `first(v)` -> (H^-1 v, ok [B...]), `product(v)` ->
+  H v, `root` = D^1/2): the first solve refined once, and whether it is
+  accepted (its factorization succeeded and no rounding-level pivot
+  pollutes it). Returns (w, solved, accepted), the last two [B...].
+  `probe` False (a solver with no factor to reuse): no inverse iteration,
+  the rounding test by the solve's own size only. `any_rhs`: the solve
+  stands for every right-hand side (the Gauss-Newton forward pass, whose
+  rhs, J^T r ~ 0, is a placeholder for the derivative's): judged as if
+  rhs excited H's least eigenvalue (lambda_r = lambda_p). A zero rhs is
+  solved exactly by w = 0 (lambda_r = inf)."""
+  dtype = rhs.dtype
+  tiny = np.finfo(dtype.as_numpy_dtype).tiny
+  rho, rho_high = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
+  w, solved = first(rhs)
+  correction, refined = first(rhs - product(w))
+  w, solved = w + correction, solved & refined
+  if probe:
+    q = free * tf.sin(tf.cast(tf.range(tf.shape(rhs)[-1]), dtype) *
+                      2.399963 + 1.0)
+    z, probed = first(root * q / _size(q)[..., tf.newaxis])
+    z, probed = first(root * root * z / tf.maximum(
+        _size(root * z), tiny)[..., tf.newaxis])
+    probe_level = 1.0 / tf.maximum(_size(root * z), tiny)
+  else:  # (the solver's own signal only)
+    probed, probe_level = tf.constant(True), tf.constant(np.inf, dtype)
+  rhs_size = _size(rhs / root)
+  rhs_level = tf.where(rhs_size > 0, rhs_size / tf.maximum(
+      _size(root * w), tiny), tf.constant(np.inf, dtype))
+  if any_rhs:
+    rhs_level = probe_level
+  singular = ((rhs_level <= rho) |
+              ((probe_level <= rho) | ~probed) &
+              (rhs_level <= rho_high))
+  return w, solved, solved & ~singular
+
+
+def _curvature_flat(product, v, free, root, rho):
+  """Step 5 of `_factored_solve`, over leading axes: v^T H v >=
+  -rho ||D^1/2 v||^2 (a non-finite v counts as 0)."""
+  v = tf.where(tf.math.is_finite(v), v, tf.zeros_like(v))
+  return (tf.reduce_sum(v * product(v) * free, axis=-1) >=
+          -rho * tf.reduce_sum(tf.square(root * v), axis=-1))
 
 
 # -- chunked data ----------------------------------------------------------------
@@ -1297,7 +1478,7 @@ def attach_chunked(results, augmented, chunk_residual, retract, coordinates,
     free = tf.linalg.diag_part(gram) > 0
     rhs = coordinates(point,
                       tf.nest.pack_sequence_as(results.position, point_bar))
-    w, ok = _masked_solve(gram, rhs, free)
+    w, ok = _masked_solve(gram, rhs, free, norms=tf.linalg.diag_part(gram))
     ok &= tf.math.is_finite(cost)
     zero_step = tf.zeros([n], dtype)
 
@@ -1513,7 +1694,7 @@ def attach_minimum(position, value, value_and_gradient):
     matrix = _batch_jacobian(lambda x: value_and_gradient(x)[1], position,
                              eager)
     free = tf.ones_like(position, tf.bool)
-    w, ok = _masked_solve(matrix, position_bar, free)
+    w, ok = _masked_solve(matrix, position_bar, free, exact=True)
     ok &= tf.math.is_finite(live[0]) & tf.reduce_all(
         tf.math.is_finite(live[1]), axis=-1)
     return [None, None, _per_problem(ok, value_bar), _per_problem(ok, -w)]
