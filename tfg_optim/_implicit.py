@@ -288,7 +288,8 @@ def _spectral_pseudo_inverse(hessian, free, root, exact):
                       trusted)
 
 
-def _masked_solve(hessian, rhs, free, norms=None, exact=False):
+def _masked_solve(hessian, rhs, free, norms=None, exact=False,
+                  any_rhs=False):
   """w with H_FF w_F = rhs_F and w = 0 off F (F = `free`), per problem
   (leading axes [B...]), by the acceptance of `_factored_solve` with the
   dense Cholesky factorization (`_dense_factorization`); returns (w, ok):
@@ -303,15 +304,19 @@ def _masked_solve(hessian, rhs, free, norms=None, exact=False):
   (refined once, tested for a rounding-level pivot: `_first_solve`) run
   batched; only where one of them is refused are steps 3 and 4 taken,
   by an eigendecomposition of the batch's Jacobi-scaled H
-  (`_spectral_pseudo_inverse`), the accepted problems' answers kept. Not
-  to be differentiated (`_masked_inverse`).
+  (`_spectral_pseudo_inverse`), the accepted problems' answers kept.
+  `any_rhs`: judged for every right-hand side (`_first_solve`), so that w
+  is linear in rhs (the Gauss-Newton backward pass, which TensorFlow may
+  transpose for forward mode). Its derivative with respect to H is not
+  that of the solve (`_masked_inverse` for a derivative).
   """
   dtype = hessian.dtype
   free = tf.cast(free, dtype)
   hessian, norms, root, first, finite = _masked_factor(hessian, free, norms)
   rhs = tf.where(tf.math.is_finite(rhs), rhs, tf.zeros_like(rhs)) * free
   product = lambda v: tf.linalg.matvec(hessian, v)
-  w, _, accepted = _first_solve(first, product, rhs, free, root)
+  w, _, accepted = _first_solve(first, product, rhs, free, root,
+                                any_rhs=any_rhs)
   if exact:
     rho, _ = rounding_levels(dtype, tf.reduce_sum(free, axis=-1))
     accepted &= _curvature_flat(product, w, free, root, rho)
@@ -425,7 +430,7 @@ def attach_least_squares(results, jacobian, residual_fn, retract,
     return _attach_exact(results, point, jacobian, residual, cost,
                          residual_fn, retract, coordinates)
   return _attach_gauss_newton(results, point, jacobian, residual, cost,
-                              residual_fn, tangent_vector)
+                              residual_fn, coordinates, tangent_vector)
 
 
 def _zero_valued(tensor):
@@ -446,42 +451,104 @@ def _nan_derivative(tensor, untrusted):
 
 
 def _attach_gauss_newton(results, point, jacobian, residual, cost,
-                         residual_fn, tangent_vector):
-  """Gauss-Newton: plain ops whose values are zero and whose derivative is
-  the implicit one, added to the solver's outputs.
+                         residual_fn, coordinates, tangent_vector):
+  """Gauss-Newton: one `tf.custom_gradient` identity (as `_attach_exact`)
+  whose inputs are the solver's outputs and the live residual
+  r = r(x*, theta), evaluated once more in the caller's context.
 
-  With r = r(x*, theta) evaluated once more (x* held), the Gauss-Newton
-  step s(theta) = -(J^T J)^-1 J^T r is ~0 at a solution and
-  ds/dtheta = dx*/dtheta. The outputs are
+  Its backward pass forms rhs = P^T x_bar + J^T r_bar, solves
+  J^T J w = rhs by `_masked_solve` (`_factored_solve`'s acceptance,
+  judged for every right-hand side: its decisions do not depend on the
+  cotangents, so the answer is linear in them, w = M rhs with M the
+  accepted (J^T J)^-1, the pseudo-inverse's answer on a gauge, or NaN
+  where no answer is trustworthy) and returns the live residual's
+  cotangent r_bar + c_bar r - J w. The forward pass holds one residual
+  evaluation and an identity: no factorization unless a derivative is
+  asked for.
+
+  Forward mode. Where a `tf.autodiff.ForwardAccumulator` tracks the live
+  residual while this is built (eagerly, or one opened inside the same
+  tf.function: the engine's own, for a solve nested in another solve's
+  residual), the plain ops of `_attach_gauss_newton_plain` instead. Around
+  the call of a tf.function traced without one, TensorFlow transposes
+  this backward pass (linear in the cotangents, with no stop_gradient on
+  their path) and the tangent is M's too.
+  """
+  live = residual_fn(point)
+  if _forward_mode_tracks([live]) is not False:
+    return _attach_gauss_newton_plain(results, point, jacobian, residual,
+                                      cost, live, tangent_vector)
+  flat_point = tf.nest.flatten(point)
+  num_points = len(flat_point)
+  jacobian, ok = _finite_problems(jacobian, residual, live)
+
+  def backward(upstream):
+    point_bar = _zeros_for_none(upstream[:num_points], flat_point)
+    residual_bar, cost_bar = _zeros_for_none(upstream[num_points:],
+                                             [residual, cost])
+    rhs = coordinates(point, tf.nest.pack_sequence_as(results.position,
+                                                      point_bar))
+    rhs += tf.linalg.matvec(jacobian, residual_bar, adjoint_a=True)
+    gram = tf.matmul(jacobian, jacobian, adjoint_a=True)
+    w, _ = _masked_solve(gram, rhs, tf.reduce_any(
+        tf.not_equal(jacobian, 0), axis=-2), norms=tf.linalg.diag_part(gram),
+                         any_rhs=True)
+    # (a zero rhs: w = 0, also where M is NaN; the cost needs no solve)
+    w = tf.where(tf.reduce_all(tf.equal(rhs, 0), axis=-1, keepdims=True),
+                 tf.zeros_like(w), w)
+    live_bar = (residual_bar + residual * cost_bar[..., tf.newaxis] -
+                tf.linalg.matvec(jacobian, w))
+    return [None] * (num_points + 2) + [_per_problem(ok, live_bar)]
+
+  outputs = _identity_with_gradient(flat_point + [residual, cost], [live],
+                                    backward)
+  return results._replace(
+      position=tf.nest.pack_sequence_as(results.position,
+                                        outputs[:num_points]),
+      residual=outputs[num_points], cost=outputs[num_points + 1])
+
+
+def _finite_problems(jacobian, residual, live):
+  """(J, ok): ok [B...] where the held residual, the live one and J are
+  finite; J zeroed elsewhere, so that no product with it carries NaN (a
+  failed problem contributes a zero gradient, never NaN through 0 * NaN,
+  to a tensor the batch shares)."""
+  batch_rank = residual.shape.rank - 1
+  ok = (_batch.all_finite(residual, batch_rank) &
+        _batch.all_finite(live, batch_rank) &
+        _batch.all_finite(jacobian, batch_rank))
+  return _per_problem(ok, jacobian), ok
+
+
+def _attach_gauss_newton_plain(results, point, jacobian, residual, cost,
+                               live, tangent_vector):
+  """Gauss-Newton under a forward accumulator: plain ops whose values are
+  zero and whose derivative is the implicit one, added to the solver's
+  outputs.
+
+  With the live residual r = r(x*, theta), the Gauss-Newton step
+  s(theta) = -M J^T r (M as in `_attach_gauss_newton`, here formed as a
+  matrix: `_masked_inverse`) is ~0 at a solution and ds/dtheta =
+  dx*/dtheta. The outputs are
 
       x* + P (s - stop(s)),  r* + (r - stop(r)) + J (s - stop(s)),
       c* + (1/2 ||r||^2 - stop(1/2 ||r||^2)),
 
   each term after the solver's value exactly zero, so the values are the
-  solver's bit for bit, while every derivative (reverse or forward mode,
-  with respect to anything r captures) is that of the implicit function.
-  No custom gradient: it works wherever automatic differentiation does
-  (forward-mode accumulators included, so a solve nested in another
-  solver's residual differentiates). Costs, in the forward pass, one
-  residual evaluation, one n x n Cholesky per problem and its inverse
-  (`_masked_inverse`: s = -M J^T r with M = (J^T J)^-1 accepted by
-  `_factored_solve`'s rule, else its answer per column, the
-  pseudo-inverse's on a gauge; where none is trustworthy, the values stay
-  and the derivative is NaN).
+  solver's bit for bit, while every derivative (forward or reverse mode)
+  is that of the implicit function; where M is not trustworthy the values
+  stay and the derivative is NaN. Costs one n x n Cholesky per problem
+  and its inverse in the forward pass: only built where forward mode
+  asks for it.
   """
-  batch_rank = residual.shape.rank - 1
-  live = residual_fn(point)
+  jacobian, ok = _finite_problems(jacobian, residual, live)
+  live = tf.where(tf.math.is_finite(live), live, tf.zeros_like(live))
   free = tf.reduce_any(tf.not_equal(jacobian, 0), axis=-2)
   gram = tf.matmul(jacobian, jacobian, adjoint_a=True)
-  inverse, ok, trusted = _masked_inverse(gram, free,
-                                         tf.linalg.diag_part(gram))
+  inverse, _, trusted = _masked_inverse(gram, free,
+                                        tf.linalg.diag_part(gram))
   step = tf.linalg.matvec(inverse, -tf.linalg.matvec(
-      jacobian, tf.where(tf.math.is_finite(live), live, tf.zeros_like(live)),
-      adjoint_a=True))
-  ok &= tf.reduce_all(tf.math.is_finite(residual), axis=-1)
-  ok &= tf.reduce_all(tf.math.is_finite(live), axis=-1)
-  ok &= tf.reduce_all(tf.math.is_finite(jacobian),
-                      axis=list(range(batch_rank, batch_rank + 2)))
+      jacobian, live, adjoint_a=True))
   delta = _per_problem(ok & trusted, _zero_valued(step)) + _nan_derivative(
       live, ok & ~trusted)[..., tf.newaxis]
   moved = tf.nest.flatten(tangent_vector(point, delta))
@@ -1622,16 +1689,22 @@ _FORWARD_MODE_MESSAGE = (
     "the dense solver.")
 
 
-def _refuse_forward_mode(tensors):
-  """Raises if a forward accumulator tracks any of `tensors` (eagerly or
-  while tracing): it would get no tangent, or silently a zero one in a
-  graph, through `tf.custom_gradient`."""
+def _forward_mode_tracks(tensors):
+  """Whether a forward accumulator tracks any of `tensors` (eagerly or
+  while tracing); None for a TensorFlow that cannot tell."""
   try:
     from tensorflow.python import pywrap_tfe  # pylint: disable=g-import-not-at-top
     _, tangents = pywrap_tfe.TFE_Py_PackJVPs(list(tensors))
   except (ImportError, AttributeError, TypeError):  # unknown TensorFlow
-    return
-  if tangents:
+    return None
+  return bool(tangents)
+
+
+def _refuse_forward_mode(tensors):
+  """Raises if a forward accumulator tracks any of `tensors` (eagerly or
+  while tracing): it would get no tangent, or silently a zero one in a
+  graph, through `tf.custom_gradient`."""
+  if _forward_mode_tracks(tensors):
     raise NotImplementedError(_FORWARD_MODE_MESSAGE)
 
 
