@@ -313,20 +313,39 @@ def test_batched_gradient_equals_per_problem_gradients():
 
 
 def test_failed_problem_of_a_batch_gets_zero_not_nan_gradients():
+  """A batch of three r = s A x - b + (c cbrt(x + o), 0), s shared: a
+  solved problem (c = 0), one with a NaN b and one whose Jacobian is
+  infinite at its start (c = 1, o = 0: d cbrt(x)/dx at 0). The failed two
+  stop NOT_FINITE and contribute zero, not NaN (main: NaN for s through
+  0 * inf in J (s - stop(s))); s gets the solved one's -sum(x*) / s (the
+  cost's term, r . A x*, is 0 at the solution)."""
   a_np, b_np = _linear_problem(seed=8)
-  b_np = np.stack([b_np, np.full_like(b_np, np.nan)])
-  a = tf.constant(np.stack([a_np, a_np]))
-  b = tf.constant(b_np)
+  b = tf.constant(np.stack([b_np, np.full_like(b_np, np.nan), b_np]))
+  scale = tf.constant(1.5, tf.float64)
+  c = tf.constant([[0.0], [0.0], [1.0]], tf.float64)
+  offset = tf.constant([[1.0], [1.0], [0.0]], tf.float64)
+
+  def residual(x):
+    cube = c * tf.math.pow(x + offset, 1.0 / 3.0)
+    return scale * tf.linalg.matvec(a_np, x) - b + tf.concat(
+        [cube, tf.zeros_like(cube)], -1)
+
   with tf.GradientTape() as tape:
-    tape.watch(b)
-    result = _linear_solve(a, b)
-    loss = tf.reduce_sum(tf.where(tf.math.is_finite(result.position),
-                                  result.position, 0.0))
-  assert StopReason(int(result.stop_reason[1])) == StopReason.NOT_FINITE
-  grad = tape.gradient(loss, b).numpy()
-  np.testing.assert_allclose(grad[0], np.ones(3) @ np.linalg.pinv(a_np),
-                             atol=1e-12)
-  np.testing.assert_array_equal(grad[1], 0.0)
+    tape.watch([b, scale])
+    result = tfg_optim.least_squares(residual, tf.zeros([3, 3], tf.float64),
+                                     batch_dims=1)
+    finite = lambda t: tf.where(tf.math.is_finite(t), t, 0.0)
+    loss = tf.reduce_sum(finite(result.position)) + tf.reduce_sum(
+        finite(result.cost))
+  assert [StopReason(int(k)) for k in result.stop_reason[1:]] == [
+      StopReason.NOT_FINITE] * 2
+  grad_b, grad_scale = tape.gradient(loss, [b, scale])
+  pinv = np.linalg.pinv(a_np)
+  np.testing.assert_allclose(grad_b[0], np.ones(3) @ pinv / 1.5 - (
+      a_np @ pinv @ b_np - b_np), atol=1e-12)
+  np.testing.assert_array_equal(grad_b[1:], 0.0)
+  np.testing.assert_allclose(grad_scale, -np.sum(pinv @ b_np) / 1.5 ** 2,
+                             rtol=1e-9)
 
 
 # -- execution modes -----------------------------------------------------------
@@ -387,44 +406,77 @@ def test_gradients_in_every_mode(mode, dtype):
 
 
 def test_forward_mode():
-  """Forward mode (how the engine takes Jacobians, so a solve nested in a
-  residual differentiates) sees the implicit derivative: eagerly through a
-  solve, and in a graph through the attached outputs (here at the closed-form
-  solution: a graph's accumulator would also trace the loop's discarded
-  tangents, seconds). The exact Hessian and L-BFGS refuse forward mode."""
-  a_np, b_np = _linear_problem(seed=12)
-  a, b = tf.constant(a_np), tf.constant(b_np)
-  tangent = tf.constant(np.arange(6.0))
-  want = np.linalg.pinv(a_np) @ tangent.numpy()
-  with tf.autodiff.ForwardAccumulator(b, tangent) as accumulator:
-    position = _linear_solve(a, b, **_SMALL_LOOP).position
-  np.testing.assert_allclose(accumulator.jvp(position), want, atol=1e-12)
+  """Forward mode (how the engine takes Jacobians when m > n) sees the
+  implicit derivative. Eagerly: an outer solve over theta whose residual
+  runs an inner linear solve, x(theta) = pinv(A) B theta, converges to the
+  closed form (its Jacobian is the inner solve's tangent). In a graph,
+  through the attached outputs of a gauge (pinv, `_centered_gauge`) at the
+  closed-form solution (a graph's accumulator would also trace the loop's
+  discarded tangents, seconds): an accumulator inside the tf.function
+  (plain ops), one around the call of a tf.function traced without one
+  (TensorFlow transposes the custom gradient's backward pass), whose
+  reverse-mode gradient is also pinv's. The exact Hessian and L-BFGS
+  refuse forward mode."""
+  rng = np.random.default_rng(3)
+  a_in, b_in = rng.standard_normal((4, 2)), rng.standard_normal((4, 2))
+  y, z = rng.standard_normal(2), rng.standard_normal(2)
+  inner = lambda theta: tfg_optim.least_squares(
+      lambda x: tf.linalg.matvec(a_in, x) - tf.linalg.matvec(b_in, theta),
+      tf.zeros(2, tf.float64), max_iterations=3, **_SMALL_LOOP).position
+  outer = tfg_optim.least_squares(
+      lambda theta: tf.concat([inner(theta) - y, theta - z], 0),
+      tf.zeros(2, tf.float64), max_iterations=3, **_SMALL_LOOP)
+  k = np.linalg.pinv(a_in) @ b_in
+  np.testing.assert_allclose(outer.position, np.linalg.solve(
+      k.T @ k + np.eye(2), k.T @ y + z), atol=1e-8)
 
-  x = np.linalg.lstsq(a_np, b_np, rcond=None)[0]
+  a_np = _centered_gauge(0)
+  pinv = np.linalg.pinv(a_np)
+  b_np = np.random.default_rng(12).standard_normal(5)
+  a, b = tf.constant(a_np), tf.constant(b_np)
+  tangent = tf.constant(np.arange(5.0))
+  u = tf.constant([1.0, -2.0, 0.5, 3.0], tf.float64)
+  x = pinv @ b_np
   r = a_np @ x - b_np
   fields = dict.fromkeys(tfg_optim.LeastSquaresResults._fields)
   fields.update(position=[tf.constant(x)], residual=tf.constant(r),
                 cost=tf.constant(0.5 * r @ r))
+  attach = lambda b: _implicit.attach_least_squares(
+      tfg_optim.LeastSquaresResults(**fields), a,
+      lambda p: tf.linalg.matvec(a, p[0]) - b, None,
+      lambda p, v: v[0], lambda p, c: [c])
 
   @tf.function(autograph=False)
-  def jvp(b):
+  def inside(b):
     with tf.autodiff.ForwardAccumulator(b, tangent) as accumulator:
-      attached = _implicit.attach_least_squares(
-          tfg_optim.LeastSquaresResults(**fields), a,
-          lambda p: tf.linalg.matvec(a, p[0]) - b, None,
-          None, lambda p, c: [c])
+      attached = attach(b)
     return [accumulator.jvp(t) for t in (attached.position[0],
                                           attached.cost)]
 
-  position_tangent, cost_tangent = jvp(b)
-  np.testing.assert_allclose(position_tangent, want, atol=1e-12)
-  np.testing.assert_allclose(cost_tangent, -r @ tangent.numpy(), atol=1e-12)
+  @tf.function(autograph=False)
+  def traced(b):
+    with tf.GradientTape() as tape:
+      tape.watch(b)
+      position = attach(b).position[0]
+      loss = tf.reduce_sum(u * position)
+    return position, tape.gradient(loss, b)
+
+  for position_tangent, cost_tangent in [inside(b)]:
+    np.testing.assert_allclose(position_tangent, pinv @ tangent.numpy(),
+                               atol=1e-12)
+    np.testing.assert_allclose(cost_tangent, -r @ tangent.numpy(),
+                               atol=1e-12)
+  with tf.autodiff.ForwardAccumulator(b, tangent) as accumulator:
+    position, gradient = traced(b)
+  np.testing.assert_allclose(accumulator.jvp(position),
+                             pinv @ tangent.numpy(), atol=1e-12)
+  np.testing.assert_allclose(gradient, u.numpy() @ pinv, atol=1e-12)
   with tf.autodiff.ForwardAccumulator(b, tangent):
     with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
       _linear_solve(a, b, implicit_hessian="exact", max_iterations=1)
     with pytest.raises(NotImplementedError, match="gradients='unrolled'"):
       lbfgs.minimize_lbfgs(lambda x: tf.reduce_sum(tf.square(x - b)),
-                           tf.zeros(6, tf.float64), dtype="float64",
+                           tf.zeros(5, tf.float64), dtype="float64",
                            max_iters=1)
 
 
@@ -797,8 +849,8 @@ def _dense_acceptance_cases():
 def test_dense_backward_solves_are_right_or_nan(rule):
   """The four reproducers in one batch (each accepted or refused on its
   own): `_masked_solve` (exact H: least squares with D = diag(J^T J), the
-  minimizers with D = |diag H|) and the Gauss-Newton forward pass's
-  `_masked_inverse` against NumPy's pinv (the inverse where nonsingular)
+  minimizers with D = |diag H|; J^T J judged for any rhs, the Gauss-Newton
+  backward pass) and forward mode's `_masked_inverse` against NumPy's pinv (the inverse where nonsingular)
   to rounding times the condition, NaN for the hidden negative
   eigenvalue (main: 72 and -7e7 where NumPy's saddle says -1000 and 1e9;
   the gauge 0.73 off, the units 0.011 for 1)."""
@@ -807,12 +859,17 @@ def test_dense_backward_solves_are_right_or_nan(rule):
   h, d, f = [tf.constant(np.stack([cases[k][i] for k in names]))
              for i in range(3)]
   u = np.sin(np.arange(4.0) + 1.0)
-  if rule == "gauss_newton":
+  rhs = tf.constant(np.stack([u * cases[k][2] for k in names]))
+  if rule == "gauss_newton":  # (the backward pass, and forward mode's M)
+    w, _ = _implicit._masked_solve(h, rhs, f, d, any_rhs=True)
     inverse, ok, trusted = _implicit._masked_inverse(h, f, d)
     got = inverse.numpy()
     got[~trusted.numpy()] = np.nan
+    for i, name in enumerate(names[1:], 1):
+      np.testing.assert_allclose(w[i], truth[name] @ u, rtol=1e-4 if name ==
+                                 "ill_conditioned" else 1e-9, atol=1e-9,
+                                 err_msg=name)
   else:
-    rhs = tf.constant(np.stack([u * cases[k][2] for k in names]))
     w, ok = _implicit._masked_solve(h, rhs, f, None if rule == "minimizer"
                                     else d, exact=True)
     got = w.numpy()
