@@ -46,12 +46,15 @@ exactly zero at x* (held fixed at an active bound by the solver, or without
 influence on the residual) gets a zero derivative: its rows and columns of H
 are replaced by those of the identity and its right-hand side by 0.
 
-The linear solve is a Cholesky factorization of H; a problem whose factor is
-not finite (H singular) is refactored as H + delta I with
-delta = sqrt(eps) max_j |H_jj| (a tiny regularization, only then); a problem
-whose residual, Jacobian or solution is still not finite contributes a zero
-gradient rather than NaN. Batches: the problems are independent, so H is
-block diagonal and each problem has its own [n, n] factorization.
+The linear solve (`_masked_solve`, per problem) follows the contract of
+every front-end, right or NaN: a nonsingular H keeps its Cholesky solve
+(refined once), a singular one (a gauge) gets the pseudo-inverse's
+answer, an untrustworthy one (an eigenvalue neither null nor resolved,
+an exact H with a negative eigenvalue) NaN; decisions in Jacobi-scaled
+coordinates (`_factored_solve`'s rule). A problem whose residual or
+Jacobian is not finite contributes a zero gradient rather than NaN.
+Batches: the problems are independent, so H is block diagonal and each
+problem has its own [n, n] factorization.
 
 Mechanism. The solver runs with its outputs under `tf.stop_gradient` (and,
 eagerly under a tape, in a thread of its own, so that no tape of the caller
@@ -60,14 +63,21 @@ records its iterations: memory does not grow with them). Then the residual
 context, where every captured tensor and variable is visible to the
 caller's tapes, and the outputs are rebuilt from it:
 
-- Gauss-Newton: with the live residual r(theta) and the stopped J, the
-  Gauss-Newton step s(theta) = -(J^T J)^-1 J^T r(theta) has
-  ds/dtheta = dx*/dtheta, and the outputs are the solver's values plus terms
-  t - stop_gradient(t) (s, r, 1/2 ||r||^2 and their images), which are
-  exactly zero for finite t: the values are the solver's bit for bit, the
-  derivatives the implicit ones, in reverse and forward mode alike, with
-  plain ops (no custom gradient), at the price of one residual evaluation
-  and one n x n Cholesky per problem in the forward pass.
+- Gauss-Newton: one `tf.custom_gradient` identity whose inputs are the
+  solver's outputs and the live residual r(theta); its backward pass
+  solves J^T J w = P^T x_bar + J^T r_bar with the stopped J (judged for
+  every right-hand side, so linear in the cotangents) and returns
+  r_bar + c_bar r - J w. The forward pass costs one residual evaluation.
+  Where a forward accumulator tracks the live residual while this is
+  built, plain ops instead: the Gauss-Newton step
+  s(theta) = -M J^T r(theta) (M the solve's matrix) has
+  ds/dtheta = dx*/dtheta, and the outputs are the solver's values plus
+  terms t - stop_gradient(t) (s, r, 1/2 ||r||^2 and their images), exactly
+  zero for finite t: the values are the solver's bit for bit, the
+  tangents the implicit ones (a solve nested in another solver's
+  residual, whose Jacobian is taken in forward mode, differentiates).
+  Around a tf.function traced without an accumulator, TensorFlow
+  transposes the custom gradient's backward pass.
 - exact Hessian, L-BFGS: one `tf.custom_gradient` identity whose inputs are
   the solver's outputs and the live evaluation (value and gradient of f);
   its backward pass forms H with tapes and solves, and returns the
