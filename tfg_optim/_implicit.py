@@ -344,7 +344,8 @@ def _masked_inverse(gram, free, norms):
   """M [B..., n, n], no derivative, with w = M v `_masked_solve`'s answer
   for J^T J (`gram`) and every v, judged for every v (`_first_solve`'s
   `any_rhs`: the decisions do not depend on v, so the answer is linear
-  in it): the Gauss-Newton forward pass differentiates w = M v, which
+  in it): the Gauss-Newton plain ops (under a forward accumulator:
+  `_attach_gauss_newton_plain`) differentiate w = M v, which
   needs no derivative of the acceptance's branch (a tf.cond, whose
   gradient XLA cannot compile). M: the first solve of the identity
   refined once, H^-1 to rounding; where a problem is refused, the
