@@ -143,6 +143,16 @@ VARIANTS = {
     "XLA groups inexact EW": dict(jit_compile=True, groups=True,
                                   inexact_steps=True,
                                   forcing="eisenstat_walker"),
+    # The trust region's radius grown above rho > 3/4 (`TrustRegionDamping`'s
+    # default, and 'trust_region' with the matrix-free solver before it grew
+    # only above 0.9): the rows before that change, side by side.
+    "default expand 0.75": dict(expand_threshold=0.75),
+    "groups inexact EW expand 0.75": dict(groups=True, inexact_steps=True,
+                                          forcing="eisenstat_walker",
+                                          expand_threshold=0.75),
+    "XLA groups inexact EW expand 0.75": dict(
+        jit_compile=True, groups=True, inexact_steps=True,
+        forcing="eisenstat_walker", expand_threshold=0.75),
 }
 
 
@@ -156,14 +166,16 @@ def tv_column_groups(size):
 
 def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
             inexact_steps=False, jit_compile=False, forcing=None,
-            groups=False):
+            groups=False, expand_threshold=None):
   """One tfg_optim solve (traced once, timed by `_harness.time_call`).
 
   With `jit_compile`, the `tf.function` is compiled by XLA and at least
   one steady call is timed after the first, so that the compile time is
   the first call's excess over it. `forcing`: the forcing rule of
   `inexact_steps` (`_linear_solvers.FORCING_RULE`, None: the default);
-  `groups`: `column_groups=tv_column_groups(size)` (the exact diagonal).
+  `groups`: `column_groups=tv_column_groups(size)` (the exact diagonal);
+  `expand_threshold`: `damping=TrustRegionDamping(expand_threshold=...)`
+  instead of `damping` (None: `damping`).
 
   Returns a dict: position, iterations, stop, CG iterations, the cost after
   each iteration (records), trace, first-call and solve seconds.
@@ -176,6 +188,8 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
     return MU * tf.sqrt(tf.square(dx) + tf.square(dy) + EPS ** 2)
 
   column_groups = tv_column_groups(y.shape[0]) if groups else None
+  if expand_threshold is not None:
+    damping = tfg_optim.TrustRegionDamping(expand_threshold=expand_threshold)
 
   @tf.function(jit_compile=jit_compile)
   def solve(start):
@@ -581,7 +595,9 @@ def main():
             " column_groups" if options.get("groups") else "") + (
                 " inexact_steps" if options.get("inexact_steps") else "") + (
                     f" (forcing {options['forcing']})"
-                    if options.get("forcing") else "")
+                    if options.get("forcing") else "") + (
+                        f" expand above {options['expand_threshold']}"
+                        if options.get("expand_threshold") else "")
         solver = (f"tfg_optim cg{variant} ({args.damping}; peak RSS "
                   f"{run['peak']:.2f} GB)")
         first = f"{run['first_call']:.2f} (trace {run['trace']:.2f}"

@@ -190,7 +190,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       or 'auto' (default): 'dense' for n <= 2048 parameters per problem or
       with a `jacobian`, else 'cg'. With 'cg', Marquardt's scaling and the
       preconditioner use diag(J^T J) estimated from 8 products J^T z
-      (fixed Rademacher probes), and the vanishing-column refusal is off.
+      (fixed Rademacher probes), and the vanishing-column refusal is off;
+      damping='trust_region' there grows the radius only above a gain ratio
+      of 0.9 instead of 3/4 (`TrustRegionDamping(expand_threshold=0.9)`;
+      pass `TrustRegionDamping()` for 3/4).
     inexact_steps: with the matrix-free solver ('cg', or 'auto' choosing
       it) only: False (default) solves each step's system by conjugate
       gradients to the fixed relative tolerance 1e-6; True stops them at
@@ -508,6 +511,12 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
             "'column_groups' needs the matrix-free solver (linear_solver="
             f"'cg', without chunked data) and {tangent_dim} non-negative "
             f"integers, one per parameter; got {column_groups!r}.")
+    if (isinstance(damping, str) and damping == "trust_region" and
+        matrix_free and not chunked):
+      # Steihaug's steps: the radius grows only after a step the model
+      # predicted well (`damping.TrustRegionDamping`'s docstring).
+      policy = damping_lib.TrustRegionDamping(
+          expand_threshold=damping_lib.MATRIX_FREE_EXPAND_THRESHOLD)
     if inexact_steps and not (matrix_free and not chunked):
       raise ValueError("'inexact_steps' is a rule of the matrix-free "
                        "conjugate-gradient solves: it needs linear_solver="
