@@ -26,6 +26,7 @@ from tfg_optim import _engine
 from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
 from tfg_optim import factor_graph
+from tfg_optim import nonlinear_least_squares
 
 _RNG = np.random.default_rng(3)
 _A = _RNG.standard_normal((2, 7, 4))  # a batch of two 7 x 4 linear maps.
@@ -329,6 +330,10 @@ def test_trust_region_radius_expansion_threshold():
               dict(expansion=0.5)):
     with pytest.raises(ValueError, match=list(bad)[0]):
       tfg_optim.TrustRegionDamping(**bad)
+  # least_squares' 'trust_region': 0.9 for the matrix-free solver only.
+  policy = nonlinear_least_squares.damping_policy
+  assert policy("trust_region", matrix_free=True).expand_threshold == 0.9
+  assert policy("trust_region").expand_threshold == 0.75
 
 
 def test_trust_region_method_eigh_is_selectable():

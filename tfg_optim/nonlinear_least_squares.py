@@ -101,12 +101,18 @@ def loss_weight(loss, z):
   raise ValueError(f"'loss' must be one of {LOSSES}, got {loss!r}.")
 
 
-def damping_policy(damping):
+def damping_policy(damping, matrix_free=False):
   """A `DampingPolicy` from a name ('trust_region', 'nielsen', 'tfg',
-  'manopt') or itself."""
+  'manopt') or itself. `matrix_free`: for the matrix-free solver's steps
+  (Steihaug's for the trust region), where 'trust_region' grows its radius
+  only above the gain ratio `damping.MATRIX_FREE_EXPAND_THRESHOLD` (see
+  `TrustRegionDamping`)."""
   if isinstance(damping, damping_lib.DampingPolicy):
     return damping
   if damping == "trust_region":
+    if matrix_free:
+      return damping_lib.TrustRegionDamping(
+          expand_threshold=damping_lib.MATRIX_FREE_EXPAND_THRESHOLD)
     return damping_lib.TrustRegionDamping()
   if damping == "nielsen":
     return damping_lib.NielsenDamping()
@@ -511,12 +517,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
             "'column_groups' needs the matrix-free solver (linear_solver="
             f"'cg', without chunked data) and {tangent_dim} non-negative "
             f"integers, one per parameter; got {column_groups!r}.")
-    if (isinstance(damping, str) and damping == "trust_region" and
-        matrix_free and not chunked):
-      # Steihaug's steps: the radius grows only after a step the model
-      # predicted well (`damping.TrustRegionDamping`'s docstring).
-      policy = damping_lib.TrustRegionDamping(
-          expand_threshold=damping_lib.MATRIX_FREE_EXPAND_THRESHOLD)
+    policy = damping_policy(damping, matrix_free and not chunked)
     if inexact_steps and not (matrix_free and not chunked):
       raise ValueError("'inexact_steps' is a rule of the matrix-free "
                        "conjugate-gradient solves: it needs linear_solver="
