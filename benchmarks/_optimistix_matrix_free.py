@@ -27,6 +27,8 @@ the cost after k steps (the benchmark's time-to-equal-cost row). It imports
 neither TensorFlow nor tfg_optim.
 """
 
+import collections
+import re
 import resource
 import statistics
 import time
@@ -55,6 +57,9 @@ def main():
                       help="instead of solving: the median seconds of this "
                       "many jitted J v (jax.jvp), J^T u (jax.vjp) and F at "
                       "the start")
+  parser.add_argument("--hlo", action="store_true",
+                      help="instead of solving: the op counts of the "
+                      "optimized HLO of the jitted J v, J^T u and F")
   parser.add_argument("--record", action="store_true",
                       help="record the cost after each step (verbose hook)")
   args = parser.parse_args()
@@ -67,6 +72,20 @@ def main():
     dy = x[1:, :-1] - x[:-1, :-1]
     tv = args.mu * jnp.sqrt(dx * dx + dy * dy + args.eps ** 2)
     return jnp.concatenate([(x - y).ravel(), tv.ravel()])
+
+  if args.hlo:
+    f = lambda x: residual(x, None)
+    u = jnp.ones_like(f(y))
+    counts = {}
+    for name, function, arguments in (
+        ("jv", lambda x, v: jax.jvp(f, (x,), (v,))[1], (y, y)),
+        ("jtu", lambda x, w: jax.vjp(f, x)[1](w)[0], (y, u)),
+        ("residual", f, (y,))):
+      text = jax.jit(function).lower(*arguments).compile().as_text()
+      counts[name] = dict(collections.Counter(
+          re.findall(r"= \S+ ([a-z][\w-]*)\(", text)))
+    _harness.print_peer_result(counts)
+    return
 
   if args.products:
     f = lambda x: residual(x, None)

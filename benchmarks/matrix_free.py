@@ -59,9 +59,12 @@ included; the trace time is shown apart) above it.
     python benchmarks/matrix_free.py --sizes 100 200 1000
     python benchmarks/matrix_free.py --preconditioner-check 50
     python benchmarks/matrix_free.py --nearly-linear
+    python benchmarks/matrix_free.py --product-hlo 1000
 """
 
+import collections
 import os
+import re
 import resource
 import statistics
 import tempfile
@@ -140,6 +143,16 @@ VARIANTS = {
     "XLA groups inexact EW": dict(jit_compile=True, groups=True,
                                   inexact_steps=True,
                                   forcing="eisenstat_walker"),
+    # The trust region's radius grown above rho > 3/4 (`TrustRegionDamping`'s
+    # default, and 'trust_region' with the matrix-free solver before it grew
+    # only above 0.9): the rows before that change, side by side.
+    "default expand 0.75": dict(expand_threshold=0.75),
+    "groups inexact EW expand 0.75": dict(groups=True, inexact_steps=True,
+                                          forcing="eisenstat_walker",
+                                          expand_threshold=0.75),
+    "XLA groups inexact EW expand 0.75": dict(
+        jit_compile=True, groups=True, inexact_steps=True,
+        forcing="eisenstat_walker", expand_threshold=0.75),
 }
 
 
@@ -153,14 +166,16 @@ def tv_column_groups(size):
 
 def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
             inexact_steps=False, jit_compile=False, forcing=None,
-            groups=False):
+            groups=False, expand_threshold=None):
   """One tfg_optim solve (traced once, timed by `_harness.time_call`).
 
   With `jit_compile`, the `tf.function` is compiled by XLA and at least
   one steady call is timed after the first, so that the compile time is
   the first call's excess over it. `forcing`: the forcing rule of
   `inexact_steps` (`_linear_solvers.FORCING_RULE`, None: the default);
-  `groups`: `column_groups=tv_column_groups(size)` (the exact diagonal).
+  `groups`: `column_groups=tv_column_groups(size)` (the exact diagonal);
+  `expand_threshold`: `damping=TrustRegionDamping(expand_threshold=...)`
+  instead of `damping` (None: `damping`).
 
   Returns a dict: position, iterations, stop, CG iterations, the cost after
   each iteration (records), trace, first-call and solve seconds.
@@ -173,6 +188,8 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
     return MU * tf.sqrt(tf.square(dx) + tf.square(dy) + EPS ** 2)
 
   column_groups = tv_column_groups(y.shape[0]) if groups else None
+  if expand_threshold is not None:
+    damping = tfg_optim.TrustRegionDamping(expand_threshold=expand_threshold)
 
   @tf.function(jit_compile=jit_compile)
   def solve(start):
@@ -201,11 +218,10 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
               first_call=timing.first_call, seconds=timing.seconds)
 
 
-def time_products(y, calls, jit_compile=False):
-  """The median seconds of `calls` J v and J^T u at y as the matrix-free
-  linearization makes them (`_linearization.MatrixFreeKind`'s forward- and
-  reverse-mode products of the residuals, each in a `tf.function`, compiled
-  by XLA with `jit_compile`), and of one residual evaluation."""
+def _products_problem(y):
+  """(kind, point, v, u, F) of the products at the start y: the
+  `_linearization.MatrixFreeKind` of the TV residuals as one F, the point
+  y, a tangent v = y and a residual-space u = 1."""
   target = tf.constant(y)
 
   def residual_fn(x):
@@ -220,7 +236,15 @@ def time_products(y, calls, jit_compile=False):
       tangent_dim=y.size, cost_fn=None, jacobian_fn=None)
   kind = _linearization.MatrixFreeKind(problem)
   point, vector = tf.constant(y), tf.constant(y.ravel())
-  u = tf.ones_like(residual_fn(point))
+  return kind, point, vector, tf.ones_like(residual_fn(point)), residual_fn
+
+
+def time_products(y, calls, jit_compile=False):
+  """The median seconds of `calls` J v and J^T u at y as the matrix-free
+  linearization makes them (`_linearization.MatrixFreeKind`'s forward- and
+  reverse-mode products of the residuals, each in a `tf.function`, compiled
+  by XLA with `jit_compile`), and of one residual evaluation."""
+  kind, point, vector, u, residual_fn = _products_problem(y)
   timings = {}
   compiled = lambda f: tf.function(f, jit_compile=jit_compile)
   for name, call in (("jv", compiled(lambda: kind.forward(point, vector))),
@@ -234,6 +258,47 @@ def time_products(y, calls, jit_compile=False):
       times.append(time.perf_counter() - begin)
     timings[name] = statistics.median(times)
   return timings
+
+
+def hlo_op_counts(hlo_text):
+  """{op: count} of an HLO module's text (each instruction's opcode, the
+  fused computations' included)."""
+  return collections.Counter(re.findall(r"= \S+ ([a-z][\w-]*)\(", hlo_text))
+
+
+def product_hlo(size, jax_python, data, out):
+  """The optimized HLO of J v, J^T u and F at the start of the size x size
+  problem, ours (`_linearization.MatrixFreeKind`'s products under
+  `tf.function(jit_compile=True)`) and JAX's (`jax.jvp`, `jax.vjp`, F under
+  `jax.jit`, `_optimistix_matrix_free.py --hlo`): the op counts of each
+  module (fusions, and every op inside them), side by side."""
+  y = noisy_disc(size)
+  kind, point, vector, u, residual_fn = _products_problem(y)
+  rows = {}
+  for name, function, argument in (
+      ("jv", lambda p, v: kind.forward(p, v), vector),
+      ("jtu", lambda p, w: kind.reverse(p, w), u),
+      ("residual", lambda p, unused: residual_fn(p), u)):
+    compiled = tf.function(function, jit_compile=True, autograph=False)
+    rows[name] = hlo_op_counts(compiled.experimental_get_compiler_ir(
+        point, argument)(stage="optimized_hlo"))
+  np.savez(data, y=y)
+  theirs, note = _harness.run_peer(
+      jax_python, "_optimistix_matrix_free.py",
+      ["--data", data, "--out", out, "--hlo"], what="optimistix")
+  table = []
+  for what, label in (("jv", "J v"), ("jtu", "J^T u"), ("residual", "F")):
+    for who, counts in (("tfg_optim (XLA)", rows[what]),
+                        ("JAX (jit)", theirs and theirs[what])):
+      if counts:
+        table.append((f"{size}x{size}", label, who, sum(counts.values()),
+                      counts.get("fusion", 0), ", ".join(
+                          f"{op} {count}" for op, count in sorted(
+                              counts.items(), key=lambda kv: -kv[1]))))
+  _harness.print_table(("image", "product", "who", "ops", "fusions",
+                        "op counts (optimized HLO)"), table)
+  if theirs is None:
+    print("note: " + note)
 
 
 def preconditioner_check(size, seed=1):
@@ -410,6 +475,10 @@ def main():
   parser.add_argument("--preconditioner-check", type=int, metavar="SIZE",
                       help="only the CG iterations of Jacobi preconditioners "
                       "at the start of the SIZE x SIZE problem (NumPy)")
+  parser.add_argument("--product-hlo", type=int, metavar="SIZE",
+                      help="only the optimized HLO op counts of J v, J^T u "
+                      "and F at the start of the SIZE x SIZE problem, ours "
+                      "under XLA and JAX's")
   parser.add_argument("--nearly-linear", action="store_true",
                       help="only inexact_steps on two small problems with "
                       "known minima (Tikhonov, extended Rosenbrock)")
@@ -433,6 +502,11 @@ def main():
     return
   if args.nearly_linear:
     nearly_linear_check()
+    return
+  if args.product_hlo:
+    workdir = tempfile.mkdtemp(prefix="matrix_free_")
+    product_hlo(args.product_hlo, args.jax_python,
+                os.path.join(workdir, "y.npz"), os.path.join(workdir, "x.npz"))
     return
   _harness.print_machine_info()
   print(f"load average at start: {os.getloadavg()}", flush=True)
@@ -521,7 +595,9 @@ def main():
             " column_groups" if options.get("groups") else "") + (
                 " inexact_steps" if options.get("inexact_steps") else "") + (
                     f" (forcing {options['forcing']})"
-                    if options.get("forcing") else "")
+                    if options.get("forcing") else "") + (
+                        f" expand above {options['expand_threshold']}"
+                        if options.get("expand_threshold") else "")
         solver = (f"tfg_optim cg{variant} ({args.damping}; peak RSS "
                   f"{run['peak']:.2f} GB)")
         first = f"{run['first_call']:.2f} (trace {run['trace']:.2f}"

@@ -26,6 +26,7 @@ from tfg_optim import _engine
 from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
 from tfg_optim import factor_graph
+from tfg_optim import nonlinear_least_squares
 
 _RNG = np.random.default_rng(3)
 _A = _RNG.standard_normal((2, 7, 4))  # a batch of two 7 x 4 linear maps.
@@ -301,6 +302,38 @@ def test_cholesky_trust_region_non_finite_member_is_rejected():
   keep = [0, 2, 3, 4, 5, 6, 7]
   for got, want in zip((step, radius, lam, other), clean):
     np.testing.assert_array_equal(got[keep], want[keep])
+
+
+def test_trust_region_radius_expansion_threshold():
+  """After a step on the boundary (||D^1/2 s|| = Delta = 1) with gain
+  ratios 0.8, 0.95, 0.5 and 0.1, the radius becomes max(Delta, expansion
+  ||D^1/2 s||) above `expand_threshold`, stays between 1/4 and it, and is
+  min(Delta, ||D^1/2 s||) / 4 below 1/4: 3, 3, 1, 1/4 by default (rho >
+  3/4, x3), 1, 2, 1, 1/4 with (0.9, 2); all four are accepted. Bad values
+  are refused."""
+  ones = tf.ones([4], tf.float64)
+  gain = tf.constant([0.8, 0.95, 0.5, 0.1], tf.float64)
+  step = tfg_optim.damping.Step(
+      cost=ones, candidate_cost=ones - gain, model_decrease=ones,
+      penalty=0 * ones, finite=tf.ones([4], tf.bool), scaled_norm=ones,
+      curvature=ones)
+  state = tfg_optim.damping.TrustRegionState(ones, 0 * ones,
+                                             tf.ones([4, 3], tf.float64))
+  for policy, want in (
+      (tfg_optim.TrustRegionDamping(), [3.0, 3.0, 1.0, 0.25]),
+      (tfg_optim.TrustRegionDamping(expand_threshold=0.9, expansion=2.0),
+       [1.0, 2.0, 1.0, 0.25])):
+    accepted, new_state = policy.update(state, step)
+    np.testing.assert_array_equal(accepted, [True] * 4)
+    np.testing.assert_array_equal(new_state.radius, want)
+  for bad in (dict(expand_threshold=0.2), dict(expand_threshold=1.0),
+              dict(expansion=0.5)):
+    with pytest.raises(ValueError, match=list(bad)[0]):
+      tfg_optim.TrustRegionDamping(**bad)
+  # least_squares' 'trust_region': 0.9 for the matrix-free solver only.
+  policy = nonlinear_least_squares.damping_policy
+  assert policy("trust_region", matrix_free=True).expand_threshold == 0.9
+  assert policy("trust_region").expand_threshold == 0.75
 
 
 def test_trust_region_method_eigh_is_selectable():

@@ -101,12 +101,18 @@ def loss_weight(loss, z):
   raise ValueError(f"'loss' must be one of {LOSSES}, got {loss!r}.")
 
 
-def damping_policy(damping):
+def damping_policy(damping, matrix_free=False):
   """A `DampingPolicy` from a name ('trust_region', 'nielsen', 'tfg',
-  'manopt') or itself."""
+  'manopt') or itself. `matrix_free`: for the matrix-free solver's steps
+  (Steihaug's for the trust region), where 'trust_region' grows its radius
+  only above the gain ratio `damping.MATRIX_FREE_EXPAND_THRESHOLD` (see
+  `TrustRegionDamping`)."""
   if isinstance(damping, damping_lib.DampingPolicy):
     return damping
   if damping == "trust_region":
+    if matrix_free:
+      return damping_lib.TrustRegionDamping(
+          expand_threshold=damping_lib.MATRIX_FREE_EXPAND_THRESHOLD)
     return damping_lib.TrustRegionDamping()
   if damping == "nielsen":
     return damping_lib.NielsenDamping()
@@ -190,7 +196,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       or 'auto' (default): 'dense' for n <= 2048 parameters per problem or
       with a `jacobian`, else 'cg'. With 'cg', Marquardt's scaling and the
       preconditioner use diag(J^T J) estimated from 8 products J^T z
-      (fixed Rademacher probes), and the vanishing-column refusal is off.
+      (fixed Rademacher probes), and the vanishing-column refusal is off;
+      damping='trust_region' there grows the radius only above a gain ratio
+      of 0.9 instead of 3/4 (`TrustRegionDamping(expand_threshold=0.9)`;
+      pass `TrustRegionDamping()` for 3/4).
     inexact_steps: with the matrix-free solver ('cg', or 'auto' choosing
       it) only: False (default) solves each step's system by conjugate
       gradients to the fixed relative tolerance 1e-6; True stops them at
@@ -508,6 +517,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
             "'column_groups' needs the matrix-free solver (linear_solver="
             f"'cg', without chunked data) and {tangent_dim} non-negative "
             f"integers, one per parameter; got {column_groups!r}.")
+    policy = damping_policy(damping, matrix_free and not chunked)
     if inexact_steps and not (matrix_free and not chunked):
       raise ValueError("'inexact_steps' is a rule of the matrix-free "
                        "conjugate-gradient solves: it needs linear_solver="
