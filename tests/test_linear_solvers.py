@@ -694,3 +694,60 @@ def test_column_groups_solve_reaches_the_tikhonov_closed_form(mode, dtype):
   assert converged
   np.testing.assert_allclose(position, want,
                              atol=1e-9 if dtype == "float64" else 1e-4)
+
+
+def _loop_residual(x):
+  return tf.while_loop(lambda i, y: i < 3,
+                       lambda i, y: (i + 1, tf.sin(y) * x), (0, x))[1]
+
+
+_DERIVATIVE_RESIDUALS = {
+    "piecewise": lambda x: (tf.where(x > 0, x ** 2, tf.sign(x) * x) +
+                            tf.floor(x)),
+    "gather_atan2_norm": lambda x: tf.stack([
+        tf.math.atan2(x[0], x[1]), tf.gather(x, [2, 0])[0] * x[1],
+        tf.norm(x)]),
+    "cholesky": lambda x: tf.reshape(tf.linalg.cholesky(
+        tf.linalg.diag(x * x + 1.0) + 0.1), [-1]),
+    "while_loop": _loop_residual,
+    "constant": lambda x: tf.constant([1.0, 2.0], tf.float64),
+}
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "function"])
+def test_directional_derivatives_equal_forward_mode(eager):
+  """`_linearization.directional_derivatives` (reverse mode twice: how the
+  engine takes J t) equals TensorFlow's forward mode
+  (`tf.autodiff.ForwardAccumulator`, op by op) on residuals with
+  piecewise ops, gathers, a Cholesky factorization and a while loop, and
+  says None (not connected) for a constant."""
+  x = tf.constant([0.3, -0.7, 1.1], tf.float64)
+  tangents = [tf.constant(t, tf.float64) for t in np.eye(3)] + [
+      tf.constant([0.5, -2.0, 1.5], tf.float64)]
+
+  def both(x):
+    results = []
+    for f in _DERIVATIVE_RESIDUALS.values():
+      forward = []
+      for t in tangents:
+        with tf.autodiff.ForwardAccumulator(x, t) as accumulator:
+          value = f(x)
+        forward.append(accumulator.jvp(value))
+      seen = []
+      _, products = _linearization.directional_derivatives(
+          f, x, tangents, check=lambda depends, value: seen.append(
+              depends(value)))
+      results.append((forward, products, seen))
+    return results
+
+  results = both(x) if eager else tf.function(both, autograph=False)(x)
+  for name, (forward, products, seen) in zip(_DERIVATIVE_RESIDUALS,
+                                             results):
+    if name == "constant":
+      assert forward == [None] * 4 and products == [None] * 4
+      assert seen == [False]
+      continue
+    assert seen == [True]
+    for want, got in zip(forward, products):
+      np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15,
+                                 err_msg=name)

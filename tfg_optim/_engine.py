@@ -82,8 +82,8 @@ fixed_fn: optional (point, gradient) -> [B..., n] bool, the coordinates held
   zeroed, so the step leaves them alone and the gradient tests see the
   projected gradient.
 forward_product: optional (point, step, tangent) -> d/dt F(R_p(step + t
-  tangent)) at t = 0, [B..., m]; None means a `tf.autodiff.ForwardAccumulator`
-  around F at every use. `minimize` sets it, in graphs, to one traced
+  tangent)) at t = 0, [B..., m]; None means
+  `_linearization.directional_derivatives` of F at every use. `minimize` sets it, in graphs, to one traced
   function that the Jacobian's columns, its relinearization and geodesic
   acceleration all call (see `_linearization.traced_forward_product`).
 tangent_product: optional (point, tangent) -> J tangent = d/dt F(R_p(t

@@ -213,10 +213,10 @@ class MatrixFreeKind:
         return problem.tangent_product(point, vector)
       if problem.forward_product is not None:
         return problem.forward_product(point, zero, vector)
-      with tf.autodiff.ForwardAccumulator(zero, vector) as accumulator:
-        residual = problem.residual_fn(problem.retract(point, zero))
-      return accumulator.jvp(
-          residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      residual, (product,) = directional_derivatives(
+          lambda s: problem.residual_fn(problem.retract(point, s)), zero,
+          [vector])
+      return _zero_if_none(product, residual)
 
     def reverse(point, vector):
       batch_shape = tf.shape(vector)[:-1]
@@ -306,15 +306,67 @@ def succeed(old, old_gradient, new):
                     tf.zeros_like(old_gradient[..., 0]))
 
 
+def directional_derivatives(function, primal, tangents, check=None):
+  """(F, [J t for t in tangents]) for F = function(primal) and
+  J t = d/ds function(primal + s t) at s = 0 (`primal` and each tangent:
+  structures of tensors alike), by reverse mode twice: u -> J^T u is linear
+  in the cotangent u, so its own reverse pass along t is (J^T)^T t = J t,
+  whatever u is (here 0). F and J^T u are computed once for all tangents.
+
+  TensorFlow's forward mode (`tf.autodiff.ForwardAccumulator`) computes the
+  same products op by op, each op's derivative a call of a `tf.function`
+  that it looks up (and, for a new signature, traces) while F is traced or,
+  eagerly, run: that was most of the package's trace time and of its eager
+  solves' time. Here both reverse passes are plain ops, traced once; in a
+  graph the unused J^T u is pruned.
+
+  Each J t is None where F does not depend on `primal` through
+  differentiable ops. `check`, if given, is called once as
+  check(depends, F), with depends(tensor) -> whether a tensor computed by
+  `function` depends on `primal` through differentiable ops (for
+  `_validation.require_connected`).
+  """
+  flat_primal = tf.nest.flatten(primal)
+  with tf.GradientTape(watch_accessed_variables=False,
+                       persistent=len(tangents) > 1) as outer:
+    with tf.GradientTape(watch_accessed_variables=False,
+                         persistent=check is not None) as inner:
+      inner.watch(flat_primal)
+      value = function(primal)
+    cotangent = tf.zeros_like(value)
+    outer.watch(cotangent)
+    pullbacks = inner.gradient(value, flat_primal, output_gradients=cotangent)
+  if check is not None:
+    check(lambda t: any(g is not None
+                        for g in inner.gradient(t, flat_primal)), value)
+  connected = [i for i, g in enumerate(pullbacks) if g is not None]
+  if not connected:
+    return value, [None] * len(tangents)
+  products = []
+  for tangent in tangents:
+    flat_tangent = tf.nest.flatten(tangent)
+    products.append(outer.gradient(
+        [pullbacks[i] for i in connected], cotangent,
+        output_gradients=[flat_tangent[i] for i in connected],
+        unconnected_gradients=tf.UnconnectedGradients.ZERO))
+  return value, products
+
+
+def _zero_if_none(product, value):
+  return tf.zeros_like(value) if product is None else product
+
+
 def jacobian(problem, point, batch_shape, num_residuals):
   """J = d/ds F(R_p(s)) at s = 0, shape [B..., m, n].
 
-  Forward mode (one Jacobian-vector product per tangent coordinate,
-  vectorized with `tf.vectorized_map`) when m >= n or m is unknown; reverse
+  Columns J e_j (one Jacobian-vector product per tangent coordinate, by
+  `directional_derivatives`; vectorized with `tf.vectorized_map` for large
+  n in graphs) when m >= n or m is unknown; reverse
   mode (one vector-Jacobian product per residual) when m < n. Neither builds an
-  m x m matrix. Eagerly, and for n <= 16 in graphs, the forward products are a
-  Python loop: eagerly nothing is traced (and retraced) per call, and in graphs
-  it traces much faster than `tf.vectorized_map` at the same run time.
+  m x m matrix. Eagerly, and for n <= 16 in graphs, the products are a
+  Python loop (eagerly F and J^T u are computed once for all of them): eagerly
+  nothing is traced (and retraced) per call, and in graphs it traces much
+  faster than `tf.vectorized_map` at the same run time.
   """
   if problem.jacobian_fn is not None:
     return problem.jacobian_fn(point)
@@ -331,10 +383,9 @@ def jacobian(problem, point, batch_shape, num_residuals):
 
   def directional_derivative(direction):
     tangent = tf.broadcast_to(direction, tf.shape(zero_step))
-    with tf.autodiff.ForwardAccumulator(zero_step, tangent) as accumulator:
-      residual = residual_of_step(zero_step)
-    return accumulator.jvp(
-        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    residual, (product,) = directional_derivatives(residual_of_step,
+                                                   zero_step, [tangent])
+    return _zero_if_none(product, residual)
 
   basis = tf.eye(n, dtype=dtype)
   product = problem.tangent_product or (
@@ -345,7 +396,10 @@ def jacobian(problem, point, batch_shape, num_residuals):
         product(point, tf.broadcast_to(basis[i], tf.shape(zero_step)))
         for i in range(n)])
   elif eager or n <= _UNROLLED_JVPS:
-    columns = tf.stack([directional_derivative(basis[i]) for i in range(n)])
+    residual, products = directional_derivatives(
+        residual_of_step, zero_step,
+        [tf.broadcast_to(basis[i], tf.shape(zero_step)) for i in range(n)])
+    columns = tf.stack([_zero_if_none(p, residual) for p in products])
   else:
     columns = tf.vectorized_map(directional_derivative, basis,
                                 fallback_to_while_loop=True, warn=False)
@@ -383,24 +437,21 @@ def traced_forward_product(problem, check=None):
   """(point, step, tangent) -> d/dt F(R_p(step + t tangent)) at t = 0, as one
   `tf.function`: F and its forward-mode derivative are traced once (per input
   signature) however often it is called, instead of once per Jacobian column,
-  per relinearization and per geodesic correction. Tracing F under a
-  `ForwardAccumulator` is most of the engine's trace time (each op's
-  derivative is a function call built by TensorFlow). The calls are inlined
+  per relinearization and per geodesic correction (each by
+  `directional_derivatives`: reverse mode twice). The calls are inlined
   before the graph runs (`trace_once(..., called=False)`); a matrix-free
   linearization calls it inside its own called J v.
 
-  `check`, if given, is called with the accumulator and F when F is traced (once
-  per signature): a front-end's structural checks of the residual's
+  `check`, if given, is `directional_derivatives`' check, called when F is
+  traced (once per signature): a front-end's structural checks of the residual's
   derivative (`_validation.require_connected`) then cost no trace of their
   own.
   """
   def forward_product(point, step, tangent):
-    with tf.autodiff.ForwardAccumulator(step, tangent) as accumulator:
-      residual = problem.residual_fn(problem.retract(point, step))
-    if check is not None:
-      check(accumulator, residual)
-    return accumulator.jvp(
-        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    residual, (product,) = directional_derivatives(
+        lambda s: problem.residual_fn(problem.retract(point, s)), step,
+        [tangent], check)
+    return _zero_if_none(product, residual)
   return trace_once(forward_product, called=False)
 
 
@@ -410,19 +461,15 @@ def traced_tangent_product(problem, tangent_vector, check=None):
   `traced_forward_product`), by the chain rule: every retraction has
   DR_p(0) = id on the tangent space, so J c = DF(p)[xi] with the ambient
   tangent vector xi = `tangent_vector(p, c)` (the manifold's basis map).
-  Only F is traced under the `ForwardAccumulator`, not the retraction: for
-  SO(3) the function graphs are half as large and the first call about
-  twice as fast. For front-ends that need no products at a nonzero step
+  Only F is differentiated, not the retraction: for SO(3) the function
+  graphs are half as large and the first call about twice as fast. For front-ends that need no products at a nonzero step
   (no geodesic acceleration). `check` as in `traced_forward_product`.
   """
   def tangent_product(point, tangent):
     ambient = tangent_vector(point, tangent)
-    with tf.autodiff.ForwardAccumulator(point, ambient) as accumulator:
-      residual = problem.residual_fn(point)
-    if check is not None:
-      check(accumulator, residual)
-    return accumulator.jvp(
-        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    residual, (product,) = directional_derivatives(
+        problem.residual_fn, point, [ambient], check)
+    return _zero_if_none(product, residual)
   return trace_once(tangent_product, called=False)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _batch
+from tfg_optim import _linearization
 
 Trial = collections.namedtuple(
     "Trial", ["velocity", "step", "regularization", "scaling", "damping",
@@ -148,11 +149,11 @@ def second_directional_derivative(problem, point, direction, residual,
   if problem.forward_product:
     shifted_slope = problem.forward_product(point, shifted_step, direction)
   else:
-    with tf.autodiff.ForwardAccumulator(shifted_step,
-                                        direction) as accumulator:
-      value = problem.residual_fn(problem.retract(point, shifted_step))
-    shifted_slope = accumulator.jvp(
-        value, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    value, (shifted_slope,) = _linearization.directional_derivatives(
+        lambda s: problem.residual_fn(problem.retract(point, s)),
+        shifted_step, [direction])
+    if shifted_slope is None:
+      shifted_slope = tf.zeros_like(value)
   curvature = (tf.reshape(shifted_slope, tf.shape(slope)) - slope) / tau[
       ..., tf.newaxis]
   curvature = tf.where(moving[..., tf.newaxis], curvature,

@@ -42,28 +42,31 @@ def connected_outputs(function, primals, names):
   """Evaluates `function()` -> list of tensors, checking that each depends on
   `primals` (a structure of tensors) through differentiable ops.
 
-  The evaluation runs under a forward-mode accumulator whose tangents are
-  ones; an output with no tangent at all (None, not a computed zero) is not
-  connected: computed in NumPy, from constants,
-  or through ops without gradients. Such a residual would make every solver
-  report convergence at the start, so it is an error, raised while tracing.
-  In a graph the tangent ops are pruned when nothing reads them.
+  The evaluation runs under a gradient tape; an output whose gradient is
+  None for every primal (not a computed zero) is not connected: computed in
+  NumPy, from constants, or through ops without gradients. Such a residual
+  would make every solver report convergence at the start, so it is an
+  error, raised while tracing. In a graph the gradient ops are pruned, since
+  nothing reads them.
 
   Returns the outputs. Raises ValueError naming the first unconnected one.
   """
   flat = tf.nest.flatten(primals)
-  with tf.autodiff.ForwardAccumulator(
-      flat, [tf.ones_like(p) for p in flat]) as accumulator:
+  with tf.GradientTape(watch_accessed_variables=False,
+                       persistent=True) as tape:
+    tape.watch(flat)
     outputs = function()
-  require_connected([accumulator.jvp(output) for output in outputs], names)
+  require_connected([any(g is not None for g in tape.gradient(output, flat))
+                     for output in outputs], names)
   return outputs
 
 
-def require_connected(tangents, names):
-  """Raises ValueError naming the first output whose forward-mode tangent
-  is None (see `connected_outputs`)."""
-  for tangent, name in zip(tangents, names):
-    if tangent is None:
+def require_connected(connected, names):
+  """Raises ValueError naming the first output that is not `connected` (a
+  bool per output: whether it depends on the variables through
+  differentiable ops; see `connected_outputs`)."""
+  for is_connected, name in zip(connected, names):
+    if not is_connected:
       raise ValueError(
           f"'{name}' does not depend on the variables through "
           "differentiable TensorFlow ops (was it computed in NumPy, from "

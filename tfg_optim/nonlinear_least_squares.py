@@ -531,9 +531,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                        "not with linear_solver='cg' or 'data_chunk_size' "
                        "(use 'gauss_newton', or gradients='unrolled').")
     initial_residual = None
-    # Residuals must depend on the variables (forward-mode tangents that
-    # exist). In graphs the check rides on the one trace of F under the
-    # forward-mode accumulator that the Jacobian needs anyway (below).
+    # Residuals must depend on the variables (a derivative that exists). In
+    # graphs the check rides on the one trace of F and its Jacobian-vector
+    # product that the Jacobian needs anyway (below).
     check_in_forward_trace = (jacobian is None and not chunked and
                               not tf.executing_eagerly())
     if (jacobian is None and not check_in_forward_trace and
@@ -579,11 +579,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
     if check_in_forward_trace:
       problem = problem._replace(
           forward_product=_linearization.traced_forward_product(
-              problem, check=lambda accumulator, _: (
-                  _validation.require_connected(
-                      [accumulator.jvp(piece) for piece in stack.last_pieces],
-                      stack.names()))))
-      # Traces F under the accumulator now (the check raises here); the
+              problem, check=lambda depends, _: _validation.require_connected(
+                  [depends(piece) for piece in stack.last_pieces],
+                  stack.names())))
+      # Traces F and its derivative now (the check raises here); the
       # Jacobian's products reuse this trace, and nothing reads this call.
       zero = tf.zeros(tf.concat([tf.shape(initial_residual)[:-1],
                                  [tangent_dim]], 0), dtype)

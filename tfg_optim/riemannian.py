@@ -338,17 +338,16 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
         jacobian_fn=user_jacobian)
     if (jacobian_f is None and initial_residual_values is None and
         not tf.executing_eagerly()):
-      # In graphs the same check rides on the one trace of F under the
-      # forward-mode accumulator that the Jacobian needs anyway.
+      # In graphs the same check rides on the one trace of F and its
+      # Jacobian-vector product that the Jacobian needs anyway.
       # (No geodesic acceleration here: every product is at the point, so
       # F's derivative along the ambient tangent vectors, without the
-      # retraction under the accumulator.)
+      # retraction differentiated.)
       problem = problem._replace(
           tangent_product=_linearization.traced_tangent_product(
               problem, manifold.tangent_vector,
-              check=lambda accumulator, residual: (
-                  _validation.require_connected(
-                      [accumulator.jvp(residual)], ["f"]))))
+              check=lambda depends, residual: _validation.require_connected(
+                  [depends(residual)], ["f"])))
       initial_residual = residual_fn(point)
       zero = tf.zeros(tf.concat([tf.shape(initial_residual)[:-1],
                                  [manifold.dim]], 0), dtype)
