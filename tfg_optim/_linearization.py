@@ -311,7 +311,11 @@ def directional_derivatives(function, primal, tangents, check=None):
   J t = d/ds function(primal + s t) at s = 0 (`primal` and each tangent:
   structures of tensors alike), by reverse mode twice: u -> J^T u is linear
   in the cotangent u, so its own reverse pass along t is (J^T)^T t = J t,
-  whatever u is (here 0). F and J^T u are computed once for all tangents.
+  whatever u is. Here u = 1, as in TensorFlow's own forward mode: a
+  backward pass that special-cases a zero cotangent (the implicit
+  gradients' w = 0 for rhs = 0, in a solve nested in F) would be
+  differentiated on that branch, a silent zero. F and J^T u are computed
+  once for all tangents.
 
   TensorFlow's forward mode (`tf.autodiff.ForwardAccumulator`) computes the
   same products op by op, each op's derivative a call of a `tf.function`
@@ -333,7 +337,7 @@ def directional_derivatives(function, primal, tangents, check=None):
                          persistent=check is not None) as inner:
       inner.watch(flat_primal)
       value = function(primal)
-    cotangent = tf.zeros_like(value)
+    cotangent = tf.ones_like(value)
     outer.watch(cotangent)
     pullbacks = inner.gradient(value, flat_primal, output_gradients=cotangent)
   if check is not None:
