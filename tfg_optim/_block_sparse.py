@@ -26,7 +26,7 @@ pair of slots (a, b) of every term: no m x n matrix is ever formed.
 
 A term may bring its blocks in closed form (`Term.jacobian`, e.g. the
 relative-pose error of a pose graph: `lie_groups.between_error_jacobians`);
-otherwise they are computed by forward mode: the D = sum_s d_s basis
+otherwise they are computed as directional derivatives: the D = sum_s d_s basis
 directions of all slots of a term are one tangent of the edges tiled D
 times (row j K + k moves edge k along the j-th direction: e_j of its slot,
 zero in the others), so one Jacobian-vector product of f over D K edges
@@ -184,14 +184,15 @@ class Layout:
     dims, rows, data, size, directions = self._tiled(point, term)
     total = sum(dims)
     # d/dt f(R_x(t e_j)) = Df(x)[tangent_vector(x, e_j)] (every retraction
-    # has DR_x(0) = id): the retraction is neither traced under the
-    # accumulator nor run on the D K tiled rows.
+    # has DR_x(0) = id): the retraction is neither differentiated nor run
+    # on the D K tiled rows. (`directional_derivatives`: reverse mode
+    # twice, not TensorFlow's op-by-op forward mode.)
     tangents = [self.tables[t].manifold.tangent_vector(row, direction)
                 for t, row, direction in zip(term.tables, rows, directions)]
-    with tf.autodiff.ForwardAccumulator(rows, tangents) as accumulator:
-      residual = term.function(*rows, *data)
-    derivative = accumulator.jvp(
-        residual, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    residual, (derivative,) = _linearization.directional_derivatives(
+        lambda moved: term.function(*moved, *data), rows, [tangents])
+    if derivative is None:
+      derivative = tf.zeros_like(residual)
     derivative = tf.reshape(derivative, [total, size, term.width])
     blocks, start = [], 0
     for d in dims:

@@ -45,6 +45,7 @@ import tensorflow as tf
 from tfg_optim import _block_sparse
 from tfg_optim import _engine
 from tfg_optim import _implicit
+from tfg_optim import _linearization
 from tfg_optim import _schur
 from tfg_optim import _sparse_cholesky
 from tfg_optim import _validation
@@ -300,7 +301,8 @@ def _robust_jacobian(term, dtype):
 
       d(f s(z))/dx_s = s(z) J_s + (2 s'(z) / C^2) f (f^T J_s),
 
-  the derivative that forward mode takes of it (s' by forward mode on
+  the derivative that forward mode takes of it (s' as a directional
+  derivative (`_linearization.directional_derivatives`) of
   the loss weight, so the loss's formulas stay `loss_weight`'s). The
   term's jacobian itself for the linear loss (or None)."""
   if term.jacobian is None or term.loss == "linear":
@@ -310,10 +312,11 @@ def _robust_jacobian(term, dtype):
     value = tf.convert_to_tensor(term.function(*arguments))
     scale = tf.constant(term.loss_scale, dtype)
     z = tf.reduce_sum(tf.square(value / scale), axis=-1, keepdims=True)
-    with tf.autodiff.ForwardAccumulator(z, tf.ones_like(z)) as accumulator:
-      weight = tf.sqrt(nonlinear_least_squares.loss_weight(term.loss, z))
-    slope = accumulator.jvp(
-        weight, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    weight, (slope,) = _linearization.directional_derivatives(
+        lambda z: tf.sqrt(nonlinear_least_squares.loss_weight(term.loss, z)),
+        z, [tf.ones_like(z)])
+    if slope is None:  # (a loss weight that does not depend on z)
+      slope = tf.zeros_like(weight)
     coefficient = 2.0 * slope / tf.square(scale)  # [K, 1]
     blocks = []
     for block in term.jacobian(*arguments):
