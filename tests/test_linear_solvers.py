@@ -710,6 +710,10 @@ _DERIVATIVE_RESIDUALS = {
     "cholesky": lambda x: tf.reshape(tf.linalg.cholesky(
         tf.linalg.diag(x * x + 1.0) + 0.1), [-1]),
     "while_loop": _loop_residual,
+    # (TensorFlow cannot differentiate a py_function's gradient: forward
+    # mode is taken instead)
+    "py_function": lambda x: tf.reshape(tf.py_function(
+        lambda q: tf.sin(q) * q, [x], tf.float64), [3]),
     "constant": lambda x: tf.constant([1.0, 2.0], tf.float64),
 }
 
@@ -719,7 +723,9 @@ def test_directional_derivatives_equal_forward_mode(eager):
   """`_linearization.directional_derivatives` (reverse mode twice: how the
   engine takes J t) equals TensorFlow's forward mode
   (`tf.autodiff.ForwardAccumulator`, op by op) on residuals with
-  piecewise ops, gathers, a Cholesky factorization and a while loop, and
+  piecewise ops, gathers, a Cholesky factorization, a while loop and a
+  `tf.py_function` (whose gradient TensorFlow cannot differentiate: it
+  failed, eagerly and in graphs, before the forward-mode fallback), and
   says None (not connected) for a constant."""
   x = tf.constant([0.3, -0.7, 1.1], tf.float64)
   tangents = [tf.constant(t, tf.float64) for t in np.eye(3)] + [

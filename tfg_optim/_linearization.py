@@ -331,28 +331,73 @@ def directional_derivatives(function, primal, tangents, check=None):
   `_validation.require_connected`).
   """
   flat_primal = tf.nest.flatten(primal)
+  eager = tf.executing_eagerly()
+  if not eager:
+    graph = tf.compat.v1.get_default_graph()
+    num_ops = len(graph.get_operations())
   with tf.GradientTape(watch_accessed_variables=False,
                        persistent=len(tangents) > 1) as outer:
     with tf.GradientTape(watch_accessed_variables=False,
                          persistent=check is not None) as inner:
       inner.watch(flat_primal)
       value = function(primal)
+    if not eager and any(op.type in _PYTHON_OPS
+                         for op in graph.get_operations()[num_ops:]):
+      return _forward_mode(function, primal, tangents, check)
     cotangent = tf.ones_like(value)
     outer.watch(cotangent)
-    pullbacks = inner.gradient(value, flat_primal, output_gradients=cotangent)
-  if check is not None:
-    check(lambda t: any(g is not None
-                        for g in inner.gradient(t, flat_primal)), value)
-  connected = [i for i, g in enumerate(pullbacks) if g is not None]
-  if not connected:
-    return value, [None] * len(tangents)
+    try:
+      pullbacks = inner.gradient(value, flat_primal,
+                                 output_gradients=cotangent)
+    except tf.errors.UnknownError:
+      if eager:  # (a Python op in F: see _PYTHON_OPS)
+        return _forward_mode(function, primal, tangents, check)
+      raise
+  try:
+    if check is not None:
+      check(lambda t: any(g is not None
+                          for g in inner.gradient(t, flat_primal)), value)
+    connected = [i for i, g in enumerate(pullbacks) if g is not None]
+    if not connected:
+      return value, [None] * len(tangents)
+    products = []
+    for tangent in tangents:
+      flat_tangent = tf.nest.flatten(tangent)
+      products.append(outer.gradient(
+          [pullbacks[i] for i in connected], cotangent,
+          output_gradients=[flat_tangent[i] for i in connected],
+          unconnected_gradients=tf.UnconnectedGradients.ZERO))
+  except tf.errors.UnknownError:
+    if not eager:
+      raise
+    # (Eagerly, a Python op in F fails here: see _PYTHON_OPS.)
+    return _forward_mode(function, primal, tangents, check)
+  return value, products
+
+
+# Ops that run Python (`tf.py_function`, `tf.numpy_function`): the gradient
+# of one replays, once, the tape its function recorded, so a reverse pass of
+# that reverse pass fails (TensorFlow: a KeyError for the op's token). With
+# one in F (seen among the ops it adds to a graph; eagerly, by that error),
+# `directional_derivatives` takes TensorFlow's forward mode instead.
+_PYTHON_OPS = frozenset({"EagerPyFunc", "PyFunc", "PyFuncStateless"})
+
+
+def _forward_mode(function, primal, tangents, check):
+  """`directional_derivatives` by `tf.autodiff.ForwardAccumulator`, one
+  evaluation of F per tangent (op by op; for F with a Python op)."""
+  flat_primal = tf.nest.flatten(primal)
   products = []
-  for tangent in tangents:
-    flat_tangent = tf.nest.flatten(tangent)
-    products.append(outer.gradient(
-        [pullbacks[i] for i in connected], cotangent,
-        output_gradients=[flat_tangent[i] for i in connected],
-        unconnected_gradients=tf.UnconnectedGradients.ZERO))
+  accumulator = None
+  for tangent in tangents or [tf.nest.map_structure(tf.zeros_like, primal)]:
+    with tf.autodiff.ForwardAccumulator(
+        flat_primal, tf.nest.flatten(tangent)) as accumulator:
+      value = function(primal)
+    products.append(accumulator.jvp(
+        value, unconnected_gradients=tf.UnconnectedGradients.NONE))
+  products = products[:len(tangents)]
+  if check is not None:
+    check(lambda t: accumulator.jvp(t) is not None, value)
   return value, products
 
 
