@@ -701,6 +701,13 @@ def _loop_residual(x):
                        lambda i, y: (i + 1, tf.sin(y) * x), (0, x))[1]
 
 
+@tf.custom_gradient
+def _square_stopping_its_cotangent(x):
+  """x^2 whose backward stops its cotangent: reverse mode twice cannot
+  transpose it (it gave a silent 0)."""
+  return x * x, lambda upstream: 2.0 * x * tf.stop_gradient(upstream)
+
+
 _DERIVATIVE_RESIDUALS = {
     "piecewise": lambda x: (tf.where(x > 0, x ** 2, tf.sign(x) * x) +
                             tf.floor(x)),
@@ -715,6 +722,12 @@ _DERIVATIVE_RESIDUALS = {
     "py_function": lambda x: tf.reshape(tf.py_function(
         lambda q: tf.sin(q) * q, [x], tf.float64), [3]),
     "constant": lambda x: tf.constant([1.0, 2.0], tf.float64),
+    # (TensorFlow's forward mode for these two, which reverse mode twice
+    # got as a silent 0: a custom gradient, and an op whose gradient has no
+    # gradient; `tf.image.resize` is None in both, as before)
+    "custom_gradient": lambda x: _square_stopping_its_cotangent(x) - 1.0,
+    "resize": lambda x: tf.reshape(tf.image.resize(
+        tf.reshape(x, [1, 3, 1, 1]), [4, 1]), [4]),
 }
 
 
@@ -725,8 +738,10 @@ def test_directional_derivatives_equal_forward_mode(eager):
   (`tf.autodiff.ForwardAccumulator`, op by op) on residuals with
   piecewise ops, gathers, a Cholesky factorization, a while loop and a
   `tf.py_function` (whose gradient TensorFlow cannot differentiate: it
-  failed, eagerly and in graphs, before the forward-mode fallback), and
-  says None (not connected) for a constant."""
+  failed, eagerly and in graphs, before the forward-mode fallback), a
+  custom gradient that stops its cotangent and `tf.image.resize` (both
+  were a silent 0 by reverse mode twice), and says None (not connected)
+  for a constant."""
   x = tf.constant([0.3, -0.7, 1.1], tf.float64)
   tangents = [tf.constant(t, tf.float64) for t in np.eye(3)] + [
       tf.constant([0.5, -2.0, 1.5], tf.float64)]
@@ -752,6 +767,9 @@ def test_directional_derivatives_equal_forward_mode(eager):
     if name == "constant":
       assert forward == [None] * 4 and products == [None] * 4
       assert seen == [False]
+      continue
+    if name == "resize":  # (its gradient has no gradient: not connected)
+      assert forward == [None] * 4 and products == [None] * 4, name
       continue
     assert seen == [True]
     for want, got in zip(forward, products):

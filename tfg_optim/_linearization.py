@@ -311,11 +311,16 @@ def directional_derivatives(function, primal, tangents, check=None):
   J t = d/ds function(primal + s t) at s = 0 (`primal` and each tangent:
   structures of tensors alike), by reverse mode twice: u -> J^T u is linear
   in the cotangent u, so its own reverse pass along t is (J^T)^T t = J t,
-  whatever u is. Here u = 1, as in TensorFlow's own forward mode: a
-  backward pass that special-cases a zero cotangent (the implicit
-  gradients' w = 0 for rhs = 0, in a solve nested in F) would be
-  differentiated on that branch, a silent zero. F and J^T u are computed
-  once for all tangents.
+  whatever u is (here fixed numbers in [1, 2]: `_generic_cotangent`). F
+  and J^T u are computed once for all tangents.
+
+  This needs every backward pass in F to be differentiable and linear in
+  its cotangent. Where that is not known, TensorFlow's forward mode is
+  taken instead (`_forward_mode`): in a graph, when F adds a Python op, a
+  custom gradient, a call or control flow (`_forward_op_transposable`), or
+  its reverse pass an op with no gradient (`_backward_op_differentiable`,
+  e.g. `tf.image.resize`'s); eagerly, when TensorFlow fails or the adjoint
+  test <J t, u> = <t, J^T u> fails (`_adjoint_holds`).
 
   TensorFlow's forward mode (`tf.autodiff.ForwardAccumulator`) computes the
   same products op by op, each op's derivative a call of a `tf.function`
@@ -341,11 +346,13 @@ def directional_derivatives(function, primal, tangents, check=None):
                          persistent=check is not None) as inner:
       inner.watch(flat_primal)
       value = function(primal)
-    if not eager and any(op.type in _PYTHON_OPS
-                         for op in graph.get_operations()[num_ops:]):
+    if not eager and not all(_forward_op_transposable(op) for op in
+                             graph.get_operations()[num_ops:]):
       return _forward_mode(function, primal, tangents, check)
-    cotangent = tf.ones_like(value)
+    cotangent = _generic_cotangent(value)
     outer.watch(cotangent)
+    if not eager:
+      num_ops = len(graph.get_operations())
     try:
       pullbacks = inner.gradient(value, flat_primal,
                                  output_gradients=cotangent)
@@ -353,15 +360,13 @@ def directional_derivatives(function, primal, tangents, check=None):
       if eager:  # (a Python op in F: see _PYTHON_OPS)
         return _forward_mode(function, primal, tangents, check)
       raise
+    if not eager and not all(_backward_op_differentiable(op) for op in
+                             graph.get_operations()[num_ops:]):
+      return _forward_mode(function, primal, tangents, check)
   try:
-    if check is not None:
-      check(lambda t: any(g is not None
-                          for g in inner.gradient(t, flat_primal)), value)
     connected = [i for i, g in enumerate(pullbacks) if g is not None]
-    if not connected:
-      return value, [None] * len(tangents)
-    products = []
-    for tangent in tangents:
+    products = [] if connected else [None] * len(tangents)
+    for tangent in tangents if connected else []:
       flat_tangent = tf.nest.flatten(tangent)
       products.append(outer.gradient(
           [pullbacks[i] for i in connected], cotangent,
@@ -372,7 +377,80 @@ def directional_derivatives(function, primal, tangents, check=None):
       raise
     # (Eagerly, a Python op in F fails here: see _PYTHON_OPS.)
     return _forward_mode(function, primal, tangents, check)
+  if eager and connected and not _adjoint_holds(
+      products, cotangent, tangents, pullbacks, connected):
+    return _forward_mode(function, primal, tangents, check)
+  if check is not None:
+    check(lambda t: any(g is not None
+                        for g in inner.gradient(t, flat_primal)), value)
   return value, products
+
+
+def _generic_cotangent(value):
+  """The dummy cotangent u: fixed numbers in [1, 2], not ones: a backward
+  pass that special-cases a zero cotangent (the implicit gradients' w = 0
+  for rhs = 0, in a solve nested in F) would be differentiated on that
+  branch, and ones can cancel (F = [s, -s]: rhs = 0 again)."""
+  return tf.random.stateless_uniform(tf.shape(value), [7, 11], 1.0, 2.0,
+                                     dtype=value.dtype)
+
+
+# Forward ops after which reverse mode twice is not trusted in a graph:
+# Python ops (below), custom gradients (a backward that stops or is not
+# linear in its cotangent gives 0), and calls and control flow (whose
+# bodies hide such ops). F with one of them takes TensorFlow's forward mode.
+_OPAQUE_OPS = frozenset({"While", "StatelessWhile", "If", "StatelessIf",
+                         "Case", "StatelessCase", "PartitionedCall",
+                         "StatefulPartitionedCall"})
+# Backward ops with float outputs and no gradient that are constants of
+# the cotangent (their derivative is 0 indeed).
+_CONSTANT_OPS = frozenset({"ZerosLike", "OnesLike", "Fill", "Const",
+                           "Shape", "ShapeN", "Size", "Rank",
+                           "BroadcastGradientArgs"})
+
+
+def _forward_op_transposable(op):
+  if op.type in _PYTHON_OPS or op.type in _OPAQUE_OPS:
+    return False
+  try:
+    op.get_attr("_gradient_op_type")
+    return False  # a tf.custom_gradient (or a gradient override)
+  except ValueError:
+    return True
+
+
+def _backward_op_differentiable(op):
+  """Whether a backward op has a registered gradient (or, with no float
+  output or as a constant, needs none): TensorFlow registers none for some
+  gradient ops (e.g. ResizeBilinearGrad), whose reverse pass would then be a
+  silent 0."""
+  if op.type in _CONSTANT_OPS or not any(
+      t.dtype.is_floating or t.dtype.is_complex for t in op.outputs):
+    return True
+  if op.type in _OPAQUE_OPS:
+    return False
+  try:
+    return ops_gradient_function(op) is not None
+  except LookupError:
+    return False
+
+
+def _adjoint_holds(products, cotangent, tangents, pullbacks, connected):
+  """Eagerly: <J t, u> = <t, J^T u> for every tangent, to 1e-6 relative (a
+  product that a backward pass not differentiable in its cotangent cut to 0
+  fails it; rounding does not)."""
+  for product, tangent in zip(products, tangents):
+    flat_tangent = tf.nest.flatten(tangent)
+    wide = lambda a, b: tf.cast(a, tf.float64) * tf.cast(b, tf.float64)
+    terms = [wide(product, cotangent)] + [
+        wide(flat_tangent[i], pullbacks[i]) for i in connected]
+    left = tf.reduce_sum(terms[0])
+    right = tf.add_n([tf.reduce_sum(t) for t in terms[1:]])
+    scale = tf.reduce_sum(tf.abs(terms[0])) + tf.add_n(
+        [tf.reduce_sum(tf.abs(t)) for t in terms[1:]])
+    if not bool(tf.abs(left - right) <= 1e-6 * scale):
+      return False
+  return True
 
 
 # Ops that run Python (`tf.py_function`, `tf.numpy_function`): the gradient
@@ -399,6 +477,13 @@ def _forward_mode(function, primal, tangents, check):
   if check is not None:
     check(lambda t: accumulator.jvp(t) is not None, value)
   return value, products
+
+
+def ops_gradient_function(op):
+  """The registered gradient function of a graph op (None where the op is
+  registered not differentiable; LookupError where none is registered)."""
+  from tensorflow.python.framework import ops  # pylint: disable=g-import-not-at-top
+  return ops.get_gradient_function(op)
 
 
 def _zero_if_none(product, value):
