@@ -71,7 +71,9 @@ def require_connected(connected, names):
           f"'{name}' does not depend on the variables through "
           "differentiable TensorFlow ops (was it computed in NumPy, from "
           "constants, or only through ops without gradients such as round, "
-          "floor or an int cast?); the solver cannot move it.")
+          "floor or an int cast, or through a tf.custom_gradient whose "
+          "derivative TensorFlow's forward mode cannot take?); the solver "
+          "cannot move it.")
 
 
 def real_number(value, name, lower=None, lower_inclusive=True, upper=None,
