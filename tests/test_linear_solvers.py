@@ -775,3 +775,28 @@ def test_directional_derivatives_equal_forward_mode(eager):
     for want, got in zip(forward, products):
       np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15,
                                  err_msg=name)
+
+
+@pytest.mark.parametrize("mode,dtype,dynamic", [
+    ("eager", "float64", False), ("function", "float32", True),
+    ("xla", "float64", False), ("session", "float32", True)])
+def test_custom_gradient_residual_solves_in_every_mode(mode, dtype, dynamic):
+  """A residual through a custom gradient whose backward stops its
+  cotangent (reverse mode twice cannot transpose it; it gave J = 0 and
+  'converged' at the start) reaches the closed form x = sqrt(c) in every
+  mode, float32 and float64, with data of unknown length: TensorFlow's
+  forward mode is taken for it (graphs: the custom gradient is seen;
+  eagerly: the adjoint test fails)."""
+  target = np.array([1.0, 2.0, 3.0], dtype)
+
+  def build(x, c):
+    result = tfg_optim.least_squares(
+        lambda v: _square_stopping_its_cotangent(v) - c, x)
+    return result.position, result.converged, result.num_iterations
+
+  position, converged, iterations = modes.run(
+      build, [np.ones(3, dtype), target], mode,
+      signature=[[3], [None]] if dynamic else None)
+  assert converged and iterations > 0
+  np.testing.assert_allclose(position, np.sqrt(target),
+                             rtol=1e-4 if dtype == "float32" else 1e-9)

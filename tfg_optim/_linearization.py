@@ -430,7 +430,7 @@ def _backward_op_differentiable(op):
   if op.type in _OPAQUE_OPS:
     return False
   try:
-    return ops_gradient_function(op) is not None
+    return _registered_gradient(op) is not None
   except LookupError:
     return False
 
@@ -479,7 +479,7 @@ def _forward_mode(function, primal, tangents, check):
   return value, products
 
 
-def ops_gradient_function(op):
+def _registered_gradient(op):
   """The registered gradient function of a graph op (None where the op is
   registered not differentiable; LookupError where none is registered)."""
   from tensorflow.python.framework import ops  # pylint: disable=g-import-not-at-top
