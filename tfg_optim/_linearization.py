@@ -314,13 +314,26 @@ def directional_derivatives(function, primal, tangents, check=None):
   whatever u is (here fixed numbers in [1, 2]: `_generic_cotangent`). F
   and J^T u are computed once for all tangents.
 
-  This needs every backward pass in F to be differentiable and linear in
-  its cotangent. Where that is not known, TensorFlow's forward mode is
-  taken instead (`_forward_mode`): in a graph, when F adds a Python op, a
-  custom gradient, a call or control flow (`_forward_op_transposable`), or
-  its reverse pass an op with no gradient (`_backward_op_differentiable`,
-  e.g. `tf.image.resize`'s); eagerly, when TensorFlow fails or the adjoint
-  test <J t, u> = <t, J^T u> fails (`_adjoint_holds`).
+  J is the derivative TensorFlow's reverse mode defines, in every mode: a
+  custom gradient's backward pass, transposed (a straight-through
+  estimator's identity, a surrogate gradient), as `tf.GradientTape.jacobian`
+  and TensorFlow Graphics see it. Reverse mode twice transposes a backward
+  pass only where it is differentiable in its cotangent; where one is not
+  (it stops its cotangent, or runs NumPy), the adjoint test
+  <J t, u> = <t, J^T u> (`_adjoint_test`, 1e-6 relative) fails and
+  TensorFlow's forward mode of the forward computation is taken instead
+  (`_forward_mode`), by the same rule eagerly and in graphs:
+
+  - eagerly, the test runs on every call (a custom gradient cannot be seen
+    there), and forward mode also where TensorFlow fails (a Python op);
+  - in a graph, F's ops, and those of the loop, branch and function bodies
+    it calls (`_forward_kind`), decide: a Python op (or a body that cannot
+    be read) takes forward mode; a custom gradient (or gradient override)
+    runs the adjoint test in the graph and chooses by `tf.cond`; otherwise
+    every backward pass is TensorFlow's own, linear and differentiable in
+    its cotangent, and reverse mode twice is taken as it is, unless the
+    reverse pass adds an op with no registered gradient (e.g.
+    `tf.image.resize`'s: `_backward_differentiable`): forward mode then.
 
   TensorFlow's forward mode (`tf.autodiff.ForwardAccumulator`) computes the
   same products op by op, each op's derivative a call of a `tf.function`
@@ -346,9 +359,10 @@ def directional_derivatives(function, primal, tangents, check=None):
                          persistent=check is not None) as inner:
       inner.watch(flat_primal)
       value = function(primal)
-    if not eager and not all(_forward_op_transposable(op) for op in
-                             graph.get_operations()[num_ops:]):
-      return _forward_mode(function, primal, tangents, check)
+    if not eager:
+      kind = _forward_kind(graph.get_operations()[num_ops:])
+      if kind == _PYTHON:
+        return _forward_mode(function, primal, tangents, check)
     cotangent = _generic_cotangent(value)
     outer.watch(cotangent)
     if not eager:
@@ -360,13 +374,15 @@ def directional_derivatives(function, primal, tangents, check=None):
       if eager:  # (a Python op in F: see _PYTHON_OPS)
         return _forward_mode(function, primal, tangents, check)
       raise
-    if not eager and not all(_backward_op_differentiable(op) for op in
-                             graph.get_operations()[num_ops:]):
+    # A backward op with no gradient: reverse mode twice would see 0 there.
+    differentiable = eager or _backward_differentiable(
+        graph.get_operations()[num_ops:])
+    if not differentiable and kind == _PLAIN:
       return _forward_mode(function, primal, tangents, check)
   try:
     connected = [i for i, g in enumerate(pullbacks) if g is not None]
     products = [] if connected else [None] * len(tangents)
-    for tangent in tangents if connected else []:
+    for tangent in tangents if connected and differentiable else []:
       flat_tangent = tf.nest.flatten(tangent)
       products.append(outer.gradient(
           [pullbacks[i] for i in connected], cotangent,
@@ -377,13 +393,58 @@ def directional_derivatives(function, primal, tangents, check=None):
       raise
     # (Eagerly, a Python op in F fails here: see _PYTHON_OPS.)
     return _forward_mode(function, primal, tangents, check)
-  if eager and connected and not _adjoint_holds(
-      products, cotangent, tangents, pullbacks, connected):
-    return _forward_mode(function, primal, tangents, check)
   if check is not None:
-    check(lambda t: any(g is not None
-                        for g in inner.gradient(t, flat_primal)), value)
+    _check_connected(check, inner, value, flat_primal)
+  transposed = lambda: _checked_forward_mode(  # pylint: disable=g-long-lambda
+      function, primal, tangents, value, cotangent, pullbacks, connected)
+  if connected and not differentiable:  # (a custom gradient's, in a graph)
+    products = transposed()
+  elif connected and (eager or kind == _CUSTOM):
+    holds = _adjoint_test(products, cotangent, tangents, pullbacks, connected)
+    if eager:
+      products = products if bool(holds) else transposed()
+    else:
+      products = tf.cond(holds, lambda: products, transposed)
   return value, products
+
+
+def _checked_forward_mode(function, primal, tangents, value, cotangent,
+                          pullbacks, connected):
+  """J t by TensorFlow's forward mode where reverse mode twice failed the
+  adjoint test, itself held to it: a custom gradient that neither reverse
+  mode twice nor forward mode can transpose (one that stops its cotangent
+  inside a nested `tf.function`: forward mode gives 0 there; eagerly, also
+  `tf.image.resize`, whose gradient has no gradient) is a ValueError
+  eagerly and NaN products in a graph (the solvers then stop with a
+  non-finite gradient), never a wrong J."""
+  eager = tf.executing_eagerly()
+  try:
+    products = [_zero_if_none(p, value)
+                for p in _forward_mode(function, primal, tangents, None)[1]]
+  except (TypeError, ValueError, NotImplementedError, LookupError):
+    if eager:
+      raise
+    # (TensorFlow's forward mode cannot trace F, e.g. a tf.map_fn: NaN.)
+    return [tf.fill(tf.shape(value), tf.constant(np.nan, value.dtype))
+            for _ in tangents]
+  holds = _adjoint_test(products, cotangent, tangents, pullbacks, connected)
+  if not eager:
+    return [tf.where(holds, p, tf.constant(np.nan, p.dtype)) for p in products]
+  if not bool(holds):
+    raise ValueError(
+        "The Jacobian of the residuals cannot be taken: their reverse-mode "
+        "derivative is not differentiable in its upstream gradient (a "
+        "tf.custom_gradient whose backward pass stops it or runs NumPy, or "
+        "an op whose gradient has no gradient, such as tf.image.resize's), "
+        "and TensorFlow's forward mode does not agree with it (e.g. a custom "
+        "gradient inside a nested tf.function). Make such a backward pass a "
+        "differentiable function of its upstream gradient.")
+  return products
+
+
+def _check_connected(check, tape, value, flat_primal):
+  check(lambda t: any(g is not None for g in tape.gradient(t, flat_primal)),
+        value)
 
 
 def _generic_cotangent(value):
@@ -395,13 +456,17 @@ def _generic_cotangent(value):
                                      dtype=value.dtype)
 
 
-# Forward ops after which reverse mode twice is not trusted in a graph:
-# Python ops (below), custom gradients (a backward that stops or is not
-# linear in its cotangent gives 0), and calls and control flow (whose
-# bodies hide such ops). F with one of them takes TensorFlow's forward mode.
-_OPAQUE_OPS = frozenset({"While", "StatelessWhile", "If", "StatelessIf",
-                         "Case", "StatelessCase", "PartitionedCall",
-                         "StatefulPartitionedCall"})
+# What a graph's ops say of reverse mode twice (`_forward_kind`): every
+# backward pass TensorFlow's own (_PLAIN), a custom gradient among them
+# (_CUSTOM: the adjoint test decides in the graph), or a Python op or a body
+# that cannot be read (_PYTHON: forward mode).
+_PLAIN, _CUSTOM, _PYTHON = 0, 1, 2
+# Ops that call function graphs (loop, branch and function bodies), and the
+# attributes that name them.
+_CALL_OPS = frozenset({"While", "StatelessWhile", "If", "StatelessIf",
+                       "Case", "StatelessCase", "PartitionedCall",
+                       "StatefulPartitionedCall"})
+_BODY_ATTRS = ("cond", "body", "then_branch", "else_branch", "branches", "f")
 # Backward ops with float outputs and no gradient that are constants of
 # the cotangent (their derivative is 0 indeed).
 _CONSTANT_OPS = frozenset({"ZerosLike", "OnesLike", "Fill", "Const",
@@ -409,36 +474,78 @@ _CONSTANT_OPS = frozenset({"ZerosLike", "OnesLike", "Fill", "Const",
                            "BroadcastGradientArgs"})
 
 
-def _forward_op_transposable(op):
-  if op.type in _PYTHON_OPS or op.type in _OPAQUE_OPS:
-    return False
-  try:
-    op.get_attr("_gradient_op_type")
-    return False  # a tf.custom_gradient (or a gradient override)
-  except ValueError:
-    return True
+def _bodies(op):
+  """The graphs of the functions `op` calls, or None where one cannot be
+  read (a function imported without its Python graph)."""
+  bodies = []
+  for attr in _BODY_ATTRS:
+    try:
+      value = op.get_attr(attr)
+    except ValueError:
+      continue
+    for function in value if isinstance(value, list) else [value]:
+      graph, body = op.graph, None
+      while graph is not None and body is None:
+        body = getattr(graph._get_function(function.name), "graph", None)  # pylint: disable=protected-access
+        graph = getattr(graph, "outer_graph", None)
+      if body is None:
+        return None
+      bodies.append(body)
+  return bodies
 
 
-def _backward_op_differentiable(op):
-  """Whether a backward op has a registered gradient (or, with no float
-  output or as a constant, needs none): TensorFlow registers none for some
-  gradient ops (e.g. ResizeBilinearGrad), whose reverse pass would then be a
-  silent 0."""
-  if op.type in _CONSTANT_OPS or not any(
-      t.dtype.is_floating or t.dtype.is_complex for t in op.outputs):
-    return True
-  if op.type in _OPAQUE_OPS:
-    return False
-  try:
-    return _registered_gradient(op) is not None
-  except LookupError:
-    return False
+def _forward_kind(ops):
+  """_PLAIN, _CUSTOM or _PYTHON (above) for a graph's forward ops, the
+  bodies they call included."""
+  kind = _PLAIN
+  for op in ops:
+    if op.type in _PYTHON_OPS:
+      return _PYTHON
+    try:
+      op.get_attr("_gradient_op_type")
+      kind = _CUSTOM  # a tf.custom_gradient (or a gradient override)
+    except ValueError:
+      pass
+    if op.type in _CALL_OPS:
+      bodies = _bodies(op)
+      if bodies is None:
+        return _PYTHON
+      for body in bodies:
+        kind = max(kind, _forward_kind(body.get_operations()))
+        if kind == _PYTHON:
+          return kind
+  return kind
 
 
-def _adjoint_holds(products, cotangent, tangents, pullbacks, connected):
-  """Eagerly: <J t, u> = <t, J^T u> for every tangent, to 1e-6 relative (a
-  product that a backward pass not differentiable in its cotangent cut to 0
-  fails it; rounding does not)."""
+def _backward_differentiable(ops):
+  """Whether every backward op (in the bodies it calls too) has a
+  registered gradient (or, with no float output or as a constant, needs
+  none): TensorFlow registers none for some gradient ops (e.g.
+  ResizeBilinearGrad), whose reverse pass would then be a silent 0."""
+  for op in ops:
+    if op.type in _CALL_OPS:
+      bodies = _bodies(op)
+      if bodies is None or not all(
+          _backward_differentiable(body.get_operations()) for body in bodies):
+        return False
+      continue
+    if op.type in _CONSTANT_OPS or not any(
+        t.dtype.is_floating or t.dtype.is_complex for t in op.outputs):
+      continue
+    try:
+      if _registered_gradient(op) is None:
+        return False
+    except LookupError:
+      return False
+  return True
+
+
+def _adjoint_test(products, cotangent, tangents, pullbacks, connected):
+  """<J t, u> = <t, J^T u> for every tangent, to 1e-6 relative, as a
+  boolean tensor (a product that a backward pass not differentiable in its
+  cotangent cut to 0 fails it; rounding does not; a non-finite side, e.g.
+  a NaN tangent, passes it: the products carry that NaN)."""
+  holds = []
   for product, tangent in zip(products, tangents):
     flat_tangent = tf.nest.flatten(tangent)
     wide = lambda a, b: tf.cast(a, tf.float64) * tf.cast(b, tf.float64)
@@ -448,9 +555,9 @@ def _adjoint_holds(products, cotangent, tangents, pullbacks, connected):
     right = tf.add_n([tf.reduce_sum(t) for t in terms[1:]])
     scale = tf.reduce_sum(tf.abs(terms[0])) + tf.add_n(
         [tf.reduce_sum(tf.abs(t)) for t in terms[1:]])
-    if not bool(tf.abs(left - right) <= 1e-6 * scale):
-      return False
-  return True
+    # (Not finite: no judgement; the NaN is the products' answer anyway.)
+    holds.append(tf.logical_not(tf.abs(left - right) > 1e-6 * scale))
+  return tf.reduce_all(tf.stack(holds))
 
 
 # Ops that run Python (`tf.py_function`, `tf.numpy_function`): the gradient
