@@ -5,8 +5,9 @@ exponential fit (a few iterations) and Moré-Garbow-Hillstrom's Powell
 singular function (n = 4, capped at 200 iterations: its Jacobian is
 singular at the solution, so it converges slowly and ends at the cap). For each,
 the time of `eager_compile=False` (every call op by op) and of the default
-'auto' (first call op by op, second traces, later calls compiled), side by
-side in one run.
+'auto' (first call op by op, second traces, later calls compiled; a first
+call still running after `_eager.TRIAL_ITERATIONS` iterations is compiled
+at once, so its second call is already compiled), side by side in one run.
 
     python benchmarks/eager_calls.py
 """
@@ -53,7 +54,7 @@ def main():
     print(f"  done: {name}", flush=True)
   _harness.print_table(
       ("problem", "iterations", "op by op, each call s", "auto: 1st",
-       "2nd (trace)", "3rd", "4th", "op by op / compiled"), rows)
+       "2nd (trace*)", "3rd", "4th", "op by op / compiled"), rows)
 
 
 if __name__ == "__main__":

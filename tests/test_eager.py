@@ -234,3 +234,42 @@ def test_quasi_newton_front_ends_reuse_their_compiled_solve():
   assert counter.calls == calls and len(_eager._CACHE) == 2
   np.testing.assert_allclose(again.position, [3.0, 1.0], rtol=1e-6)
   np.testing.assert_array_equal(again.position, bfgs.position)
+
+
+@pytest.mark.parametrize("front_end", ["least_squares", "lbfgs"])
+def test_a_long_first_call_is_compiled_after_the_trial(front_end):
+  """An 'auto' first call still running after `_eager.TRIAL_ITERATIONS`
+  op-by-op iterations is compiled and solved from the start (Powell's
+  singular function: 200 iterations op by op took 7 to 9 s, compiled
+  under 1 s): its answer is the compiled solve's (`eager_compile=True`),
+  bit for bit, and the next call reuses that trace."""
+  counter = _Counter()
+  start = tf.constant([3.0, -1.0, 0.0, 1.0], tf.float64)
+
+  def powell(x):
+    counter.calls += 1
+    return tf.stack([x[0] + 10.0 * x[1], np.sqrt(5.0) * (x[2] - x[3]),
+                     (x[1] - 2.0 * x[2]) ** 2,
+                     np.sqrt(10.0) * (x[0] - x[3]) ** 2])
+
+  if front_end == "least_squares":
+    solve = lambda **options: tfg_optim.least_squares(
+        powell, start, max_iterations=40, **options)
+    answer = lambda result: (np.array(result.position),
+                             int(result.num_iterations))
+  else:
+    solve = lambda **options: tfg_optim.lbfgs.minimize_lbfgs(
+        lambda x: 0.5 * tf.reduce_sum(powell(x) ** 2), start,
+        max_iters=40, dtype="float64", **options)
+    answer = lambda result: (np.array(result[2]), int(result[1]))
+  compiled = answer(solve(eager_compile=True))
+  _eager.clear()
+  first = answer(solve())
+  assert first[1] > _eager.TRIAL_ITERATIONS
+  assert len(_eager._CACHE) == 1  # compiled at the first call
+  np.testing.assert_array_equal(first[0], compiled[0])
+  assert first[1] == compiled[1]
+  calls = counter.calls
+  second = answer(solve())
+  assert counter.calls == calls  # the trace is reused
+  np.testing.assert_array_equal(second[0], compiled[0])

@@ -381,9 +381,12 @@ class EvaluationCountTest(tf.test.TestCase, parameterized.TestCase):
       # gradients="none": the implicit default evaluates the objective once
       # more at the solution in graphs, outside the solve and its count (the
       # input of its backward pass; docs/differentiation.md).
+      # eager_compile=False: under 'auto' an eager first call past 10
+      # iterations is solved again compiled, and the counter also counts the
+      # dropped op-by-op iterations' evaluations (docs/least_squares.md).
       result = lbfgs.minimize_lbfgs(counted, x0, history_size=3,
                                     max_iters=30, dtype=dtype,
-                                    gradients="none")
+                                    gradients="none", eager_compile=False)
       with tf.control_dependencies(tf.nest.flatten(result)):
         return result[1], counter.read_value()
 

@@ -5,7 +5,10 @@ per iteration whatever the problem's size, because every op is dispatched
 from Python. Inside `tf.function` the same loop runs in milliseconds, but
 tracing it costs seconds. A front-end called eagerly therefore runs its
 first call with a given problem op by op and, from the second call with the
-same problem, calls a `tf.function` traced once and cached here.
+same problem, calls a `tf.function` traced once and cached here. A first
+call that runs past `TRIAL_ITERATIONS` iterations is given up and compiled
+at once (`trial`): a long solve's first call costs about a trace, not
+0.05 s per iteration.
 
 "The same problem" is decided by a fingerprint (`fingerprint`) of the
 residual/objective functions and of everything they capture, recursively
@@ -36,7 +39,9 @@ the key: new starts of the same shape reuse the trace. The cache holds the
 """
 
 import collections
+import contextlib
 import hashlib
+import threading
 import types
 
 import numpy as np
@@ -44,6 +49,11 @@ import tensorflow as tf
 
 MAX_ENTRIES = 32
 _MAX_DEPTH = 6
+# The op-by-op iterations an 'auto' first call may take before it is given
+# up and the solve compiled (`trial`): about 0.5 s op by op, a few times the
+# iterations of a typical short fit; a longer solve then costs that plus one
+# trace (under a second for a small problem) instead of 0.05 s per iteration.
+TRIAL_ITERATIONS = 10
 
 _CACHE = collections.OrderedDict()  # key -> (tf.function, kept objects)
 _SEEN = collections.OrderedDict()   # keys called once, op by op
@@ -182,8 +192,68 @@ def wanted(eager_compile, callback):
               (callback is None or eager_compile is True))
 
 
+class TrialExceeded(Exception):
+  """An eager first call ran past `TRIAL_ITERATIONS` (raised by the engine
+  inside `trial`)."""
+
+
+class FirstCall:
+  """What `compiled` returns for a problem's first call under 'auto': run it
+  op by op inside `trial`; on `TrialExceeded`, `compile()` gives the
+  compiled solve."""
+
+  def __init__(self, compile_now):
+    self.compile = compile_now
+
+
+_TRIAL = threading.local()
+
+
+@contextlib.contextmanager
+def trial():
+  """Within it, an eager solver loop stops after `TRIAL_ITERATIONS` and
+  raises `TrialExceeded` if a problem is still running (`loop_bound`,
+  `end_loop`)."""
+  previous = getattr(_TRIAL, "cap", None)
+  _TRIAL.cap = TRIAL_ITERATIONS
+  try:
+    yield
+  finally:
+    _TRIAL.cap = previous
+
+
+def loop_bound(max_iterations):
+  """(bound, capped): a solver loop's iteration bound, `max_iterations` or,
+  eagerly inside `trial`, `TRIAL_ITERATIONS` where that is smaller; pass
+  `capped` to `end_loop`."""
+  cap = getattr(_TRIAL, "cap", None) if tf.executing_eagerly() else None
+  if cap is None or (max_iterations is not None and
+                     int(max_iterations) <= cap):
+    return max_iterations, False
+  return cap, True
+
+
+def end_loop(capped, running):
+  """Raises `TrialExceeded` if a `capped` loop left a problem `running`."""
+  if capped and bool(tf.reduce_any(running)):
+    raise TrialExceeded()
+
+
+def run_first_call(first_call, op_by_op):
+  """`op_by_op()` inside `trial`; past it, the compiled solve (the op-by-op
+  iterations are dropped: the compiled solve starts from the start)."""
+  try:
+    with trial():
+      return op_by_op()
+  except TrialExceeded:
+    pass
+  solve = first_call.compile()
+  return op_by_op() if solve is None else solve()
+
+
 def compiled(key, kept, build, compile_now):
-  """The cached `tf.function` for `key`, or None to run op by op.
+  """The cached `tf.function` for `key`; None to run op by op (`key` is
+  None); a `FirstCall` for its first call (not `compile_now`).
 
   Args:
     key: from `fingerprint` (None: never cached).
@@ -200,7 +270,7 @@ def compiled(key, kept, build, compile_now):
     _SEEN[key] = kept
     while len(_SEEN) > MAX_ENTRIES:
       _SEEN.popitem(last=False)
-    return None
+    return FirstCall(lambda: compiled(key, kept, build, True))
   _SEEN.pop(key, None)
   function = tf.function(build(), autograph=False)
   _CACHE[key] = (function, kept)

@@ -56,6 +56,7 @@ import tensorflow as tf
 
 from tfg_optim import _acceptance
 from tfg_optim import _advance
+from tfg_optim import _eager
 from tfg_optim import _linear_solvers
 from tfg_optim import _linearization
 from tfg_optim import _step
@@ -327,10 +328,11 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
   # Problems may stop before the first iteration (already converged, or not
   # finite at the start).
   state = check(state, tf.equal(state.stop_reason, StopReason.RUNNING))
-  (state,) = tf.while_loop(cond, body, (state,),
-                           maximum_iterations=max_iterations,
+  bound, capped = _eager.loop_bound(max_iterations)  # (an eager 1st call)
+  (state,) = tf.while_loop(cond, body, (state,), maximum_iterations=bound,
                            parallel_iterations=1)
   running = tf.equal(state.stop_reason, StopReason.RUNNING)
+  _eager.end_loop(capped, running)
   if start_time is not None:
     with tf.control_dependencies(tf.nest.flatten(state)):
       state = state._replace(wall_time=_timestamp() - state.wall_time)

@@ -217,7 +217,8 @@ def minimize_lbfgs(objective_func,
       other outputs are not differentiable. See docs/differentiation.md.
     eager_compile: what an eager call does (no effect inside `tf.function`
       or a TF1 graph): 'auto' (default) runs the first call with a given
-      problem op by op and later calls with the same problem (objective
+      problem op by op (compiled and solved again if still running after
+      10 iterations) and later calls with the same problem (objective
       and what it captures, options, position shape and dtype; see
       `tfg_optim._eager`) as one cached compiled `tf.function`; True
       compiles at the first call; False always runs op by op.
@@ -323,6 +324,11 @@ def _compiled_solve(front_end, arguments):
     return solve
 
   function = _eager.compiled(key, kept, build, eager_compile is True)
+  if isinstance(function, _eager.FirstCall):
+    first_call = _eager.FirstCall(lambda: _compiled_solve(
+        front_end, dict(arguments, eager_compile=True)))
+    return lambda: _eager.run_first_call(first_call, lambda: front_end(
+        objective_func, initial_position, eager_compile=False, **options))
   if function is None:
     return None
   return lambda: function(start)
@@ -601,8 +607,10 @@ def _run(policy, value_and_grad, x0, h0, max_iters, tolerance_grad,
                                    search.gradient - state.gradient, ok,
                                    h0)),)
 
-  final, = tf.while_loop(cond, body, (initial,), maximum_iterations=max_iters,
+  bound, capped = _eager.loop_bound(max_iters)  # (an eager first call)
+  final, = tf.while_loop(cond, body, (initial,), maximum_iterations=bound,
                          parallel_iterations=1)
+  _eager.end_loop(capped, tf.equal(final.stop_reason, int(StopReason.RUNNING)))
   return final._replace(stop_reason=tf.where(
       tf.equal(final.stop_reason, int(StopReason.RUNNING)),
       _reason(StopReason.MAX_ITERATIONS), final.stop_reason))

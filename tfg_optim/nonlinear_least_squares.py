@@ -301,9 +301,11 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       capture) only 'gauss_newton', reverse mode only.
     eager_compile: what an eager call does (no effect inside `tf.function`
       or a graph). 'auto' (default): the first call with a given problem
-      runs op by op, and later calls with the same problem (the same
-      residual functions with the same captured values, the same options;
-      see `tfg_optim._eager`) run a `tf.function` traced once, in
+      runs op by op (if it is still running after
+      `_eager.TRIAL_ITERATIONS` = 10 iterations, it is compiled and solved
+      again from the start), and later calls with the same problem (the
+      same residual functions with the same captured values, the same
+      options; see `tfg_optim._eager`) run a `tf.function` traced once, in
       milliseconds; the start and `data` may change between calls. True:
       compile from the first call. False: always op by op, for
       step-by-step debugging. With a `callback`, 'auto' runs op by op (the
@@ -366,6 +368,9 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                             eager_compile is True or strategy is not None)
     if strategy is not None:
       return _distributed.naming_workers(strategy, solve)
+    if isinstance(solve, _eager.FirstCall):
+      return _eager.run_first_call(solve, lambda: least_squares(
+          residuals, variables, data=data, eager_compile=False, **options))
     if solve is not None:
       return solve()
   max_iterations = _validation.positive_int(max_iterations, "max_iterations")
@@ -844,6 +849,9 @@ def _compiled_solve(residuals, variables, data, options, compile_now):
     return solve
 
   function = _eager.compiled(key, kept, build, compile_now)
+  if isinstance(function, _eager.FirstCall):
+    return _eager.FirstCall(lambda: _compiled_solve(residuals, variables,
+                                                    data, options, True))
   if function is None and strategy is not None:  # Uncacheable: compile anyway.
     function = tf.function(build(), autograph=False)
   if function is None:

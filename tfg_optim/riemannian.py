@@ -120,7 +120,8 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
       Hessian of the implicit gradients.
     eager_compile: what an eager call does, as in
       `tfg_optim.least_squares`: 'auto' (default) runs the first call with
-      a problem op by op and later calls with the same problem (the same
+      a problem op by op (compiled and solved again if still running after
+      10 iterations) and later calls with the same problem (the same
       manifold, f with the same captured values, the same options) as one
       cached `tf.function`; True compiles from the first call; False never.
       With a `callback`, initial values or an initial Jacobian, 'auto' runs
@@ -153,6 +154,9 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
         jacobian_tangent_basis=jacobian_tangent_basis, batch_dims=batch_dims,
         gradients=gradients, implicit_hessian=implicit_hessian, name=name)
     solve = _compiled_solve(manifold, f, p, options, eager_compile is True)
+    if isinstance(solve, _eager.FirstCall):
+      return _eager.run_first_call(solve, lambda: levenberg_marquardt(
+          manifold, f, p, eager_compile=False, **options))
     if solve is not None:
       return solve()
   state, _ = _solve(manifold, f, p, jacobian_f, num_components, eta,
@@ -184,6 +188,9 @@ def _compiled_solve(manifold, f, p, options, compile_now):
     return solve
 
   function = _eager.compiled(key, kept, build, compile_now)
+  if isinstance(function, _eager.FirstCall):
+    return _eager.FirstCall(lambda: _compiled_solve(manifold, f, p, options,
+                                                    True))
   if function is None:
     return None
   tensors = [tf.convert_to_tensor(leaf) for leaf in leaves]
