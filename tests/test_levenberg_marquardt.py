@@ -65,8 +65,27 @@ def _underdetermined(rng, dtype):
   return [residual], [rng.standard_normal(5).astype(dtype)], 8
 
 
+@tf.custom_gradient
+def _exp_with_surrogate_gradient(z):
+  """exp(z) whose backward pass says 0.8 exp(z) (a surrogate gradient):
+  TensorFlow Graphics' J (reverse mode) is the surrogate's, so ours must
+  be too, in every mode (graphs took forward mode's exp(z) before)."""
+  value = tf.exp(z)
+  return value, lambda upstream: 0.8 * value * upstream
+
+
+def _surrogate(rng, dtype):
+  t = np.linspace(0.0, 2.0, int(rng.integers(20, 60))).astype(dtype)
+  y = (1.5 * np.exp(-0.7 * t) + 0.01 * rng.standard_normal(t.size))
+  y = y.astype(dtype)
+  start = np.asarray([1.0, 1.0], dtype)
+  return [lambda q: q[0] * _exp_with_surrogate_gradient(-q[1] * t) - y], [
+      start], 6
+
+
 GENERATORS = {"linear": _linear, "curve": _curve, "rosenbrock": _rosenbrock,
-              "multi": _multi, "underdetermined": _underdetermined}
+              "multi": _multi, "underdetermined": _underdetermined,
+              "surrogate_gradient": _surrogate}
 # 20 problems, each in one mode: every generator's four problems (2 seeds x
 # 2 dtypes) take the four modes, rotated per generator, so every pair of
 # generator, seed, dtype and mode levels is covered (not all 80 triples;
