@@ -400,7 +400,8 @@ def directional_derivatives(function, primal, tangents, check=None):
   if connected and not differentiable:  # (a custom gradient's, in a graph)
     products = transposed()
   elif connected and (eager or kind == _CUSTOM):
-    holds = _adjoint_test(products, cotangent, tangents, pullbacks, connected)
+    holds = _adjoint_test(products, cotangent, tangents, pullbacks,
+                          connected, mask_non_finite=True)
     if eager:
       products = products if bool(holds) else transposed()
     else:
@@ -427,7 +428,8 @@ def _checked_forward_mode(function, primal, tangents, value, cotangent,
     # (TensorFlow's forward mode cannot trace F, e.g. a tf.map_fn: NaN.)
     return [tf.fill(tf.shape(value), tf.constant(np.nan, value.dtype))
             for _ in tangents]
-  holds = _adjoint_test(products, cotangent, tangents, pullbacks, connected)
+  holds = _adjoint_test(products, cotangent, tangents, pullbacks, connected,
+                        mask_non_finite=False)
   if not eager:
     return [tf.where(holds, p, tf.constant(np.nan, p.dtype)) for p in products]
   if not bool(holds):
@@ -540,24 +542,43 @@ def _backward_differentiable(ops):
   return True
 
 
-def _adjoint_test(products, cotangent, tangents, pullbacks, connected):
+def _adjoint_test(products, cotangent, tangents, pullbacks, connected,
+                  mask_non_finite):
   """<J t, u> = <t, J^T u> for every tangent, to 1e-6 relative, as a
   boolean tensor (a product that a backward pass not differentiable in its
-  cotangent cut to 0 fails it; rounding does not; a non-finite side, e.g.
-  a NaN tangent, passes it: the products carry that NaN)."""
+  cotangent cut to 0 fails it; rounding does not).
+
+  Non-finite terms (a NaN tangent, a NaN member of a batch) cannot be
+  judged. `mask_non_finite` (the test of reverse mode twice, which chooses
+  the method for the whole batch): they are left out of both sides, so a
+  NaN member neither passes a J that is 0 for the others nor changes the
+  method they get (a member that is NaN on one side only can fail the test:
+  forward mode is then taken, as before). Otherwise (the test of forward
+  mode, op by op and so per member) a non-finite sum passes: the NaN is
+  the products' answer."""
   holds = []
   for product, tangent in zip(products, tangents):
     flat_tangent = tf.nest.flatten(tangent)
-    wide = lambda a, b: tf.cast(a, tf.float64) * tf.cast(b, tf.float64)
-    terms = [wide(product, cotangent)] + [
-        wide(flat_tangent[i], pullbacks[i]) for i in connected]
+    terms = [_wide_product(product, cotangent)] + [
+        _wide_product(flat_tangent[i], pullbacks[i]) for i in connected]
+    if mask_non_finite:
+      terms = [tf.where(tf.math.is_finite(t), t, tf.zeros_like(t))
+               for t in terms]
     left = tf.reduce_sum(terms[0])
     right = tf.add_n([tf.reduce_sum(t) for t in terms[1:]])
     scale = tf.reduce_sum(tf.abs(terms[0])) + tf.add_n(
         [tf.reduce_sum(tf.abs(t)) for t in terms[1:]])
-    # (Not finite: no judgement; the NaN is the products' answer anyway.)
-    holds.append(tf.logical_not(tf.abs(left - right) > 1e-6 * scale))
+    agree = tf.abs(left - right) <= 1e-6 * scale
+    if not mask_non_finite:  # (explicitly: Grappler rewrites not(a > b)
+      # into a <= b, which a NaN fails)
+      agree = tf.logical_or(agree, tf.logical_not(
+          tf.math.is_finite(left - right) & tf.math.is_finite(scale)))
+    holds.append(agree)
   return tf.reduce_all(tf.stack(holds))
+
+
+def _wide_product(a, b):
+  return tf.cast(a, tf.float64) * tf.cast(b, tf.float64)
 
 
 # Ops that run Python (`tf.py_function`, `tf.numpy_function`): the gradient
