@@ -10,7 +10,7 @@ geodesic acceleration, bounds, a Cauchy loss, a batch, an underdetermined
 problem (m < n), NIST BoxBOD from start 1 without acceleration (a step is
 refused for a vanishing Jacobian column), per-iteration records with a
 callback, the matrix-free solver (linear_solver='cg') and chunked data,
-eagerly and in `tf.function`; the curve fit and Rosenbrock under XLA; a
+eagerly (op by op: `eager_compile=False`) and in `tf.function`; the curve fit and Rosenbrock under XLA; a
 small factor graph with every linear solver of
 `factor_graph.least_squares` (Nielsen's damping; 'cg' also with the trust
 region: Steihaug), eagerly and in `tf.function`; plus a Riemannian
@@ -96,8 +96,10 @@ def xla_cases():
 
 
 def solve(name, damping, acceleration, options):
+  # eager_compile=False: the eager rows run op by op (under 'auto', a first
+  # call past 10 iterations runs the compiled solve).
   options = dict(options, damping=damping,
-                 geodesic_acceleration=acceleration)
+                 geodesic_acceleration=acceleration, eager_compile=False)
   if name == "curve":
     result = tfg_optim.least_squares(curve, _f64(1.0, 0.0), **options)
   elif name == "rosen":

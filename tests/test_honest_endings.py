@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import tfg_optim
 from tests import modes
+from tfg_optim import _batch
 from tfg_optim import _linearization
 from tfg_optim import StopReason
 from tfg_optim import stopping
@@ -240,7 +241,6 @@ def test_reported_gradient_norm_does_not_overflow_for_a_finite_gradient():
   # `gradient_norm` (results and records) is `_batch.norm`: a finite float32
   # gradient of norm 5e19 (> sqrt of float32's largest value) is reported
   # as 5e19, not inf; non-finite entries still give inf / NaN.
-  from tfg_optim import _batch  # pylint: disable=g-import-not-at-top
   norms = _batch.norm(tf.constant([[3e19, 4e19], [3.0, 4.0], [0.0, 0.0],
                                    [np.inf, 1.0], [np.nan, 1.0]], tf.float32))
   np.testing.assert_array_equal(norms, np.array([5e19, 5.0, 0.0, np.inf,
@@ -296,3 +296,17 @@ def test_collapsed_trust_region_gives_a_zero_step(method):
   np.testing.assert_array_equal(step[0], [0.0, 0.0])
   scaled = np.sqrt(np.sum(state.scale.numpy()[1] * step[1] ** 2))
   np.testing.assert_allclose(scaled, 0.5, rtol=0.11)  # on the boundary
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_not_positive_is_true_for_nan_in_every_mode(mode):
+  """`_batch.not_positive` (where the package asks "x <= 0 or NaN"): in a
+  tf.function, Grappler rewrites tf.logical_not(x > 0) into x <= 0, False
+  for NaN, while eager mode and XLA give True; the trust-region radius
+  test, the column-norm probes, the implicit gradients' zero columns and
+  the sparse Cholesky's padding asked it that way."""
+  x = tf.constant([np.nan, 1.0, 0.0, -1.0, np.inf], tf.float64)
+  run = {"eager": lambda f: f, "function": tf.function,
+         "xla": lambda f: tf.function(f, jit_compile=True)}[mode]
+  np.testing.assert_array_equal(run(_batch.not_positive)(x),
+                                [True, False, True, True, False])

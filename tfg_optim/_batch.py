@@ -67,3 +67,9 @@ def norm(vector):
       tf.square(vector / largest[..., tf.newaxis]), axis=-1))
   return tf.where(tf.math.is_finite(plain) | ~tf.math.is_finite(largest),
                   plain, scaled)
+
+
+def not_positive(tensor):
+  """tensor <= 0 or NaN, in every mode. (Not tf.logical_not(tensor > 0):
+  Grappler rewrites that into tensor <= 0, False for NaN, in graphs only.)"""
+  return (tensor <= 0) | tf.math.is_nan(tensor)

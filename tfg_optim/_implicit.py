@@ -840,7 +840,7 @@ def _free_coordinates(linearization, residual):
                                        dtype=dtype)
     return tf.not_equal(linearization.rmatvec(probe), 0)
 
-  unsure = (free > 0) & tf.logical_not(norms > 0)
+  unsure = (free > 0) & _batch.not_positive(norms)
   nonzero = (norms > 0) | tf.cond(
       tf.reduce_any(unsure), gaussian_test, lambda: tf.zeros_like(unsure))
   return free * tf.cast(nonzero, dtype)

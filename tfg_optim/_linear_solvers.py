@@ -380,7 +380,7 @@ def cholesky_trust_region_solver(
     # lambda) or without a finite radius; a step still not finite at the
     # shift counts as too long. Otherwise bracket lambda and start at the
     # previous lambda.
-    first_done = first & (tf.logical_not(radius > 0) | (
+    first_done = first & (_batch.not_positive(radius) | (
         tf.logical_not(failed) & (phi <= band)))
     first_lower = guess + correction
     first_lower = tf.where(tf.math.is_finite(first_lower), first_lower,

@@ -258,7 +258,7 @@ class MatrixFreeKind:
       # A grouping that is not structurally orthogonal gives J_j^T J e_g,
       # which can be 0 or negative for a nonzero column: there (and on a
       # zero column, where the probes give 0 too) the probes' estimate.
-      unsure = tf.logical_not(estimate > 0)
+      unsure = _batch.not_positive(estimate)
       estimate = tf.where(unsure, tf.cond(tf.reduce_any(unsure),
                                           probe_estimate, lambda: zeros),
                           estimate)

@@ -790,8 +790,9 @@ class SparseCholesky(_block_sparse.BlockSparse):
     # 1 on held and padded coordinates and where J^T J's column is zero and
     # lambda D does not make the diagonal positive (as `_schur`). A negative
     # diagonal elsewhere is left to fail the factorization.
-    extra = tf.where((held > 0) | ((norms <= 0) & ~(diagonal > 0)),
-                     tf.ones_like(diagonal), diagonal)
+    extra = tf.where(
+        (held > 0) | ((norms <= 0) & _batch.not_positive(diagonal)),
+        tf.ones_like(diagonal), diagonal)
     return storage, tf.gather(extra, structure.order)
 
   def damped_solver(self, regularization, scaling=None, products=None):

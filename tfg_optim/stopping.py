@@ -157,12 +157,15 @@ class StopWhenModelDecreaseLess(_Threshold):
   def _check(self, state):
     tolerance = tf.constant(self.tolerance, state.cost.dtype)
     before = state.cost + state.cost_change
-    decreased = state.cost_change > tolerance * before
+    # Not logical_not(change > tolerance * before): Grappler rewrites that
+    # into change <= tolerance * before in graphs only, so a NaN change
+    # would fire the test eagerly and not in graphs. Here it never does.
+    not_decreased = state.cost_change <= tolerance * before
     # |.|: a model decrease below -tolerance * cost is not rounding but an
     # inaccurate solve (exactly, -g^T v - 1/2 ||J v||^2 >= 0 for a damped
     # step): it certifies nothing (float32 Lanczos1/2 stopped 1e5x and 14x
     # above the reachable cost on a promise of -2.6 times the cost).
-    return ((state.num_iterations > 0) & tf.logical_not(decreased) &
+    return ((state.num_iterations > 0) & not_decreased &
             (tf.abs(state.model_decrease) <= tolerance * state.cost))
 
 
