@@ -273,3 +273,21 @@ def test_a_long_first_call_is_compiled_after_the_trial(front_end):
   second = answer(solve())
   assert counter.calls == calls  # the trace is reused
   np.testing.assert_array_equal(second[0], compiled[0])
+
+
+def test_only_the_first_front_end_in_a_trial_is_capped():
+  """The trial's cap goes to the front-end that claims it first (the
+  first call's own solve, before its residuals run): a solve nested in the
+  residuals is not capped. (It was: an eager_compile=False solve inside a
+  tf.py_function residual raised TrialExceeded through TensorFlow as an
+  UnknownError.) The cap is gone after the trial, even if it was never
+  claimed."""
+  with _eager.trial():
+    assert _eager.claim_trial() == _eager.TRIAL_ITERATIONS
+    assert _eager.claim_trial() is None
+  with _eager.trial():
+    pass
+  assert _eager.claim_trial() is None
+  assert _eager.loop_bound(40, None) == (40, False)
+  assert _eager.loop_bound(5, _eager.TRIAL_ITERATIONS) == (5, False)
+  assert _eager.loop_bound(40, 10) == (10, True)

@@ -211,9 +211,9 @@ _TRIAL = threading.local()
 
 @contextlib.contextmanager
 def trial():
-  """Within it, an eager solver loop stops after `TRIAL_ITERATIONS` and
-  raises `TrialExceeded` if a problem is still running (`loop_bound`,
-  `end_loop`)."""
+  """Within it, the eager loop of the front-end that claims it
+  (`claim_trial`) stops after `TRIAL_ITERATIONS` and raises `TrialExceeded`
+  if a problem is still running (`loop_bound`, `end_loop`)."""
   previous = getattr(_TRIAL, "cap", None)
   _TRIAL.cap = TRIAL_ITERATIONS
   try:
@@ -222,11 +222,19 @@ def trial():
     _TRIAL.cap = previous
 
 
-def loop_bound(max_iterations):
-  """(bound, capped): a solver loop's iteration bound, `max_iterations` or,
-  eagerly inside `trial`, `TRIAL_ITERATIONS` where that is smaller; pass
-  `capped` to `end_loop`."""
+def claim_trial():
+  """The iteration cap of an enclosing `trial`, for the front-end that calls
+  this first (eagerly, before it evaluates anything the user wrote), or
+  None; cleared, so that solves nested in the residuals are not capped."""
   cap = getattr(_TRIAL, "cap", None) if tf.executing_eagerly() else None
+  _TRIAL.cap = None
+  return cap
+
+
+def loop_bound(max_iterations, cap):
+  """(bound, capped): a solver loop's iteration bound, `max_iterations` or
+  the trial's `cap` (from `claim_trial`) where that is smaller; pass
+  `capped` to `end_loop`."""
   if cap is None or (max_iterations is not None and
                      int(max_iterations) <= cap):
     return max_iterations, False

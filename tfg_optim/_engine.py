@@ -160,7 +160,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
              initial_jacobian=None, geodesic_acceleration=None,
              vanishing_column_tolerance=None, invalid_start=None,
              safeguards=True, initial_residual_evaluations=0,
-             matrix_free=False, kind=None):
+             matrix_free=False, kind=None, trial_cap=None):
   """Runs the Levenberg-Marquardt loop.
 
   Args:
@@ -214,6 +214,9 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     kind: optional linearization kind, overriding `matrix_free` (e.g.
       `_chunked.ChunkedKind`, whose linearization is J^T J and J^T F summed
       over data chunks; the problem's residual is then ||F||, [1]).
+    trial_cap: an eager 'auto' first call's iteration cap
+      (`_eager.claim_trial`): past it with a problem still running, the
+      loop raises `_eager.TrialExceeded` (its front-end then compiles).
 
   Returns:
     The final `LoopState`.
@@ -328,7 +331,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
   # Problems may stop before the first iteration (already converged, or not
   # finite at the start).
   state = check(state, tf.equal(state.stop_reason, StopReason.RUNNING))
-  bound, capped = _eager.loop_bound(max_iterations)  # (an eager 1st call)
+  bound, capped = _eager.loop_bound(max_iterations, trial_cap)
   (state,) = tf.while_loop(cond, body, (state,), maximum_iterations=bound,
                            parallel_iterations=1)
   running = tf.equal(state.stop_reason, StopReason.RUNNING)

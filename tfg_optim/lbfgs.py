@@ -485,6 +485,7 @@ def _minimize(default_name, policy, objective_func, initial_position,
               max_line_search_iters, initial_step_length, dtype, name,
               value_and_gradient, batch_dims, return_results, gradients):
   """Shared front-end checks and the quasi-Newton while_loop."""
+  trial_cap = _eager.claim_trial()  # (before the objective runs)
   gradients = _implicit.check_gradients(gradients)
   if not callable(objective_func):
     raise TypeError("'objective_func' must be callable, got "
@@ -517,7 +518,7 @@ def _minimize(default_name, policy, objective_func, initial_position,
         policy, value_and_grad, tf.reshape(x0, [batch, n]), h0, max_iters,
         tf.constant(tolerance_grad, dtype),
         tf.constant(tolerance_change, dtype), max_line_search_iters,
-        initial_step_length), gradients)
+        initial_step_length, trial_cap), gradients)
     if gradients == "implicit":
       position, value = _implicit.attach_minimum(
           final.position, final.value, value_and_grad)
@@ -544,8 +545,10 @@ def _inf_norm(v):
 
 
 def _run(policy, value_and_grad, x0, h0, max_iters, tolerance_grad,
-         tolerance_change, max_line_search_iters, initial_step_length):
-  """Runs the loop on [B, n] positions; returns the final `_LoopState`.
+         tolerance_change, max_line_search_iters, initial_step_length,
+         trial_cap=None):
+  """Runs the loop on [B, n] positions; returns the final `_LoopState`
+  (`trial_cap`: as `_engine.minimize`'s).
 
   A member runs while its stop reason is RUNNING. The convergence tests read
   only finite values (the start's, or a successful line search's, which
@@ -607,7 +610,7 @@ def _run(policy, value_and_grad, x0, h0, max_iters, tolerance_grad,
                                    search.gradient - state.gradient, ok,
                                    h0)),)
 
-  bound, capped = _eager.loop_bound(max_iters)  # (an eager first call)
+  bound, capped = _eager.loop_bound(max_iters, trial_cap)
   final, = tf.while_loop(cond, body, (initial,), maximum_iterations=bound,
                          parallel_iterations=1)
   _eager.end_loop(capped, tf.equal(final.stop_reason, int(StopReason.RUNNING)))

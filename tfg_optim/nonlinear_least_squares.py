@@ -373,6 +373,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
           residuals, variables, data=data, eager_compile=False, **options))
     if solve is not None:
       return solve()
+  trial_cap = _eager.claim_trial()  # (before any residual runs)
   max_iterations = _validation.positive_int(max_iterations, "max_iterations")
   batch_dims = _validation.positive_int(batch_dims, "batch_dims", minimum=0)
   gradients = _implicit.check_gradients(gradients)
@@ -609,7 +610,7 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
         initial_residual=initial_residual, initial_residual_evaluations=1,
         geodesic_acceleration=geodesic_acceleration,
         vanishing_column_tolerance=vanishing_tolerance,
-        matrix_free=matrix_free, kind=kind), gradients)
+        matrix_free=matrix_free, kind=kind, trial_cap=trial_cap), gradients)
     result = results_lib.from_state(state, num_records, criterion)
     if chunked:
       # Static where the chunks' shapes are: no evaluation then.

@@ -236,6 +236,7 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
            callback, record, jacobian_tangent_basis, initial_residual_values,
            initial_jacobian_f, batch_dims, gradients, implicit_hessian, name):
   """Validates the arguments, runs the engine, returns (results, state)."""
+  trial_cap = _eager.claim_trial()  # (before f runs)
   gradients = _implicit.check_gradients(gradients)
   implicit_hessian = _implicit.check_hessian(implicit_hessian)
   if isinstance(f, NonlinearLeastSquaresObjective):
@@ -369,7 +370,8 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
                           to_orthonormal(point, initial_jacobian_f)),
         invalid_start=invalid_start,
         initial_residual_evaluations=int(initial_residual_values is None and
-                                         jacobian_f is None)), gradients)
+                                         jacobian_f is None),
+        trial_cap=trial_cap), gradients)
     results = results_lib.from_state(state, num_records, stopping_criterion)
     if gradients == "implicit":
       results = _implicit.attach_least_squares(
