@@ -929,3 +929,50 @@ def test_nan_member_does_not_change_a_custom_gradient_batch():
   assert int(beside_nan.num_iterations[0]) == int(alone.num_iterations[0])
   assert bool(alone.converged[0]) and bool(beside_nan.converged[0])
   assert int(beside_nan.stop_reason[1]) == tfg_optim.StopReason.NOT_FINITE
+
+
+class _TwentyParameters:
+  """The minimal problem `_linearization.jacobian` reads, n = 20 (> 16: in
+  graphs, the columns are vectorized unless F has a custom gradient)."""
+  tangent_product = forward_product = jacobian_fn = None
+  tangent_dim = 20
+
+  def __init__(self, residual_fn):
+    self.residual_fn = residual_fn
+
+  def retract(self, point, step):
+    return point + step
+
+
+_MIXING = np.random.default_rng(1).standard_normal((30, 20))
+
+
+@pytest.mark.parametrize("name", ["surrogate", "surrogate_in_scan",
+                                  "surrogate_in_while"])
+def test_wide_jacobian_with_custom_gradients_in_graphs(name):
+  """J for n = 20 in a graph (where `tf.vectorized_map` builds the
+  columns) equals the reverse-mode Jacobian for a surrogate custom
+  gradient, also inside tf.scan and tf.while_loop: under pfor the adjoint
+  test's tf.cond made the XLA compile fail and the loops' J NaN; the
+  while loop's backward bodies' arguments (Placeholder ops, 'no
+  gradient') sent it to forward mode."""
+  mixing = tf.constant(_MIXING)
+  residual = {
+      "surrogate": lambda x: _square_with_surrogate_gradient(
+          tf.linalg.matvec(mixing, x)),
+      "surrogate_in_scan": lambda x: tf.scan(
+          lambda a, v: _square_with_surrogate_gradient(v) + 0.1 * a,
+          tf.linalg.matvec(mixing, x)),
+      "surrogate_in_while": lambda x: tf.while_loop(
+          lambda i, v: i < 2, lambda i, v: (
+              i + 1, _square_with_surrogate_gradient(v) * 0.5),
+          (0, tf.linalg.matvec(mixing, x)))[1],
+  }[name]
+  x = tf.constant(np.random.default_rng(2).uniform(-0.5, 0.5, 20))
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(x)
+    value = residual(x)
+  want = tape.jacobian(value, x, experimental_use_pfor=False)
+  got = tf.function(lambda x: _linearization.jacobian(
+      _TwentyParameters(residual), x, [], 30), autograph=False)(x)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)

@@ -470,10 +470,18 @@ _CALL_OPS = frozenset({"While", "StatelessWhile", "If", "StatelessIf",
                        "StatefulPartitionedCall"})
 _BODY_ATTRS = ("cond", "body", "then_branch", "else_branch", "branches", "f")
 # Backward ops with float outputs and no gradient that are constants of
-# the cotangent (their derivative is 0 indeed).
+# the cotangent (their derivative is 0 indeed), or a body's arguments.
 _CONSTANT_OPS = frozenset({"ZerosLike", "OnesLike", "Fill", "Const",
                            "Shape", "ShapeN", "Size", "Rank",
-                           "BroadcastGradientArgs"})
+                           "BroadcastGradientArgs", "Placeholder"})
+
+
+def _traced_kind(function, primal):
+  """`_forward_kind` of `function`'s ops, traced at `primal`'s signature in a
+  throwaway `tf.function` (in a graph, before choosing to vectorize)."""
+  graph = tf.function(function, autograph=False).get_concrete_function(
+      tf.nest.map_structure(tf.TensorSpec.from_tensor, primal)).graph
+  return _forward_kind(graph.get_operations())
 
 
 def _bodies(op):
@@ -623,7 +631,8 @@ def jacobian(problem, point, batch_shape, num_residuals):
 
   Columns J e_j (one Jacobian-vector product per tangent coordinate, by
   `directional_derivatives`; vectorized with `tf.vectorized_map` for large
-  n in graphs) when m >= n or m is unknown; reverse
+  n in graphs where F has no custom gradient or Python op, `_traced_kind`)
+  when m >= n or m is unknown; reverse
   mode (one vector-Jacobian product per residual) when m < n. Neither builds an
   m x m matrix. Eagerly, and for n <= 16 in graphs, the products are a
   Python loop (eagerly F and J^T u are computed once for all of them): eagerly
@@ -662,9 +671,15 @@ def jacobian(problem, point, batch_shape, num_residuals):
         residual_of_step, zero_step,
         [tf.broadcast_to(basis[i], tf.shape(zero_step)) for i in range(n)])
     columns = tf.stack([_zero_if_none(p, residual) for p in products])
-  else:
+  elif _traced_kind(residual_of_step, zero_step) == _PLAIN:
     columns = tf.vectorized_map(directional_derivative, basis,
                                 fallback_to_while_loop=True, warn=False)
+  else:  # (A custom gradient's adjoint test and tf.cond, or a Python op's
+    # forward mode, are not vectorized by pfor: NaN or failures there.)
+    residual, products = directional_derivatives(
+        residual_of_step, zero_step,
+        [tf.broadcast_to(basis[i], tf.shape(zero_step)) for i in range(n)])
+    columns = tf.stack([_zero_if_none(p, residual) for p in products])
   # columns: [n, B..., m] -> [B..., m, n].
   rank = columns.shape.rank
   return tf.transpose(columns, list(range(1, rank)) + [0])
