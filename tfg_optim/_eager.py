@@ -54,6 +54,9 @@ _MAX_DEPTH = 6
 # iterations of a typical short fit; a longer solve then costs that plus one
 # trace (under a second for a small problem) instead of 0.05 s per iteration.
 TRIAL_ITERATIONS = 10
+# The Riemannian solver's: its op-by-op iterations cost about twice as much
+# (0.11 s on a Sphere(8) fit under load), its trace less.
+RIEMANNIAN_TRIAL_ITERATIONS = 5
 
 _CACHE = collections.OrderedDict()  # key -> (tf.function, kept objects)
 _SEEN = collections.OrderedDict()   # keys called once, op by op
@@ -210,12 +213,12 @@ _TRIAL = threading.local()
 
 
 @contextlib.contextmanager
-def trial():
+def trial(iterations=TRIAL_ITERATIONS):
   """Within it, the eager loop of the front-end that claims it
   (`claim_trial`) stops after `TRIAL_ITERATIONS` and raises `TrialExceeded`
   if a problem is still running (`loop_bound`, `end_loop`)."""
   previous = getattr(_TRIAL, "cap", None)
-  _TRIAL.cap = TRIAL_ITERATIONS
+  _TRIAL.cap = iterations
   try:
     yield
   finally:
@@ -247,11 +250,11 @@ def end_loop(capped, running):
     raise TrialExceeded()
 
 
-def run_first_call(first_call, op_by_op):
+def run_first_call(first_call, op_by_op, iterations=TRIAL_ITERATIONS):
   """`op_by_op()` inside `trial`; past it, the compiled solve (the op-by-op
   iterations are dropped: the compiled solve starts from the start)."""
   try:
-    with trial():
+    with trial(iterations):
       return op_by_op()
   except TrialExceeded:
     pass

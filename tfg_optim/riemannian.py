@@ -121,7 +121,7 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
     eager_compile: what an eager call does, as in
       `tfg_optim.least_squares`: 'auto' (default) runs the first call with
       a problem op by op (compiled and solved again if still running after
-      10 iterations) and later calls with the same problem (the same
+      5 iterations) and later calls with the same problem (the same
       manifold, f with the same captured values, the same options) as one
       cached `tf.function`; True compiles from the first call; False never.
       With a `callback`, initial values or an initial Jacobian, 'auto' runs
@@ -156,7 +156,8 @@ def levenberg_marquardt(manifold, f, p, jacobian_f=None, num_components=-1, *,
     solve = _compiled_solve(manifold, f, p, options, eager_compile is True)
     if isinstance(solve, _eager.FirstCall):
       return _eager.run_first_call(solve, lambda: levenberg_marquardt(
-          manifold, f, p, eager_compile=False, **options))
+          manifold, f, p, eager_compile=False, **options),
+                                   _eager.RIEMANNIAN_TRIAL_ITERATIONS)
     if solve is not None:
       return solve()
   state, _ = _solve(manifold, f, p, jacobian_f, num_components, eta,
