@@ -31,6 +31,14 @@ def full_like(tensor, value, dtype=None):
   return tf.fill(tf.shape(tensor), tf.constant(value, dtype))
 
 
+def isin(tensor, values):
+  """Whether each entry of an integer `tensor` is one of the Python ints
+  `values` (one comparison, not one per value)."""
+  return tf.reduce_any(tf.equal(tf.expand_dims(tensor, -1),
+                                tf.constant(list(values), tensor.dtype)),
+                       axis=-1)
+
+
 def select(condition, if_true, if_false):
   """`tf.where` for a [B...] condition and tensors of shape [B..., ...]."""
   condition = tf.convert_to_tensor(condition)

@@ -155,10 +155,7 @@ def from_state(state, num_records, criterion=None):
   """Builds `LeastSquaresResults` from the engine's final loop state and the
   stopping criterion that applied (for `tolerances`)."""
   reason = state.stop_reason
-  converged = tf.zeros_like(reason, tf.bool)
-  for member in StopReason:
-    if member.converged:
-      converged |= tf.equal(reason, int(member))
+  converged = _batch.isin(reason, [m for m in StopReason if m.converged])
   records = {}
   if num_records:
     # Row i holds iteration i + 1. The engine writes NaN for a problem that
