@@ -168,6 +168,9 @@ def graph_solve(solver, damping):
 
 
 def riemannian_solve(points, target):
+  """The rotation fit of `main` (NumPy `points`, `target`), with its cost
+  and iterations."""
+  points, target = tf.constant(points), tf.constant(target)
   result = tfg_optim.riemannian.levenberg_marquardt(
       manifolds.SpecialOrthogonal(3),
       lambda r: tf.reshape(tf.matmul(r, points) - target, [-1]),
@@ -231,6 +234,7 @@ def main():
       lambda r: tf.reshape(tf.matmul(r, points) - target, [-1]),
       tf.eye(3, dtype=tf.float64))
   lines.append(f"riemannian {digest([rotation])}")
+  points, target = points.numpy(), target.numpy()
   for mode in ("function", "xla"):
     run = tf.function(lambda: riemannian_solve(points, target),
                       jit_compile=mode == "xla")
