@@ -248,7 +248,7 @@ def trust_region_solver(linearization, gradient, scale, radius,
   def newton_body(i, lam, moved):
     del moved
     raised = newton_step(lam)
-    return i + 1, raised, tf.reduce_any(tf.not_equal(raised, lam))
+    return i + 1, raised, _batch.any_entry(tf.not_equal(raised, lam))
 
   _, lam, _ = tf.while_loop(
       lambda i, lam, moved: moved, newton_body,
