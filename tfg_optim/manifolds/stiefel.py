@@ -45,7 +45,9 @@ def _symmetric_part(matrix):
 
 
 def _eye_like(matrix, size):
-  return tf.eye(size, dtype=matrix.dtype)
+  """The identity of a static `size`, one constant (tf.eye builds six
+  ops)."""
+  return tf.constant(np.eye(size), matrix.dtype)
 
 
 def qr_orthonormalize(x):
@@ -352,7 +354,7 @@ def rodrigues(w):
   w = tf.convert_to_tensor(w)
   angle_squared = tf.reduce_sum(w * w, axis=-1)[..., tf.newaxis, tf.newaxis]
   k = hat(w)
-  return (tf.eye(3, dtype=w.dtype) + base.sinc(angle_squared) * k +
+  return (_eye_like(w, 3) + base.sinc(angle_squared) * k +
           base.one_minus_cos_over_square(angle_squared) * tf.matmul(k, k))
 
 
