@@ -14,7 +14,10 @@ eagerly (op by op: `eager_compile=False`) and in `tf.function`; the curve fit an
 small factor graph with every linear solver of
 `factor_graph.least_squares` (Nielsen's damping; 'cg' also with the trust
 region: Steihaug), eagerly and in `tf.function`; plus a Riemannian
-rotation fit and TensorFlow Graphics' `minimize` (with a callback). Each line is a case, the first 10 hex digits of the SHA-1 of its
+rotation fit (also in `tf.function` and XLA), L-BFGS and BFGS
+(`lbfgs_cases`) eagerly, in `tf.function` and XLA, and a curve fit, the
+rotation and the L-BFGS cases in a TF1 `Session`; and TensorFlow Graphics'
+`minimize` (with a callback). Each line is a case, the first 10 hex digits of the SHA-1 of its
 outputs' bytes (position, cost, iterations, stop reason; records where
 kept) and those of its counters (accepted, rejected, residual and Jacobian
 evaluations). (The engine's linearization refactor, the chunked-data change
@@ -166,6 +169,40 @@ def graph_solve(solver, damping):
   return values, counters
 
 
+def riemannian_solve(points, target):
+  """The rotation fit of `main` (NumPy `points`, `target`), with its cost
+  and iterations."""
+  points, target = tf.constant(points), tf.constant(target)
+  result = tfg_optim.riemannian.levenberg_marquardt(
+      manifolds.SpecialOrthogonal(3),
+      lambda r: tf.reshape(tf.matmul(r, points) - target, [-1]),
+      tf.eye(3, dtype=tf.float64), return_state=True)
+  return [result.position, result.cost, result.num_iterations]
+
+
+def lbfgs_cases():
+  yield "lbfgs", "float64", 0
+  yield "bfgs", "float64", 0
+  yield "lbfgs", "float32", 1
+
+
+def lbfgs_solve(method, dtype, batch_dims):
+  """L-BFGS or BFGS on the curve fit's 1/2 ||r||^2 (a batch of two starts
+  with batch_dims=1)."""
+  start = [[1.0, 0.0], [2.0, -2.0]] if batch_dims else [1.0, 0.0]
+  t, y = tf.constant(_T, dtype), tf.constant(_Y, dtype)
+
+  def objective(x):
+    r = x[..., :1] * tf.exp(x[..., 1:] * t) - y
+    return 0.5 * tf.reduce_sum(tf.square(r), axis=-1)
+  minimize = (tfg_optim.lbfgs.minimize_lbfgs if method == "lbfgs" else
+              tfg_optim.lbfgs.minimize_bfgs)
+  result = minimize(objective, tf.constant(start, dtype), dtype=dtype,
+                    batch_dims=batch_dims, return_results=True)
+  return [result.position, result.objective_value, result.num_iterations,
+          result.num_func_calls, result.stop_reason]
+
+
 def digest(values):
   return hashlib.sha1(b"".join(
       np.asarray(v).tobytes() for v in values)).hexdigest()[:10]
@@ -199,6 +236,29 @@ def main():
       lambda r: tf.reshape(tf.matmul(r, points) - target, [-1]),
       tf.eye(3, dtype=tf.float64))
   lines.append(f"riemannian {digest([rotation])}")
+  points, target = points.numpy(), target.numpy()
+  for mode in ("function", "xla"):
+    run = tf.function(lambda: riemannian_solve(points, target),
+                      jit_compile=mode == "xla")
+    lines.append(f"{mode} riemannian {digest(run())}")
+  for mode in ("eager", "function", "xla"):
+    for case in lbfgs_cases():
+      run = lambda: lbfgs_solve(*case)
+      if mode != "eager":
+        run = tf.function(run, jit_compile=mode == "xla")
+      lines.append(f"{mode} lbfgs {case} {digest(run())}")
+  # A TF1 Session graph.
+  with tf.Graph().as_default():
+    fetches = [solve("curve", "trust_region", 2.0, {"record": True}),
+               riemannian_solve(points, target)] + [
+                   lbfgs_solve(*case) for case in lbfgs_cases()]
+    with tf.compat.v1.Session() as session:
+      fetched = session.run(fetches)
+  lines.append(f"session curve {digest(fetched[0][0])} "
+               f"{digest(fetched[0][1])}")
+  lines.append(f"session riemannian {digest(fetched[1])}")
+  for case, values in zip(lbfgs_cases(), fetched[2:]):
+    lines.append(f"session lbfgs {case} {digest(values)}")
   reference = levenberg_marquardt.minimize(curve, _f64(1.0, 0.0), 20,
                                           callback=finite_cost)
   lines.append(f"tfg {digest(tf.nest.flatten(reference))}")

@@ -59,7 +59,7 @@ def advance(kind, state, linearization, decision, candidate):
   # The candidates' gradient only where one was accepted: a rejection
   # costs no J^T F (a reverse pass for a matrix-free linearization).
   tensors, gradient = tf.cond(
-      tf.reduce_any(accepted), relinearize,
+      _batch.any_entry(accepted), relinearize,
       lambda: (linearization.tensors, state.gradient))
   return Advanced(kind.restore(tensors, trial_point), gradient, accepted)
 

@@ -31,6 +31,23 @@ def full_like(tensor, value, dtype=None):
   return tf.fill(tf.shape(tensor), tf.constant(value, dtype))
 
 
+def any_entry(tensor):
+  """`tf.reduce_any` over every axis, with the axes one constant where the
+  rank is known (for a scalar, TensorFlow builds its Rank, Range and three
+  constants)."""
+  rank = tensor.shape.rank
+  return tf.reduce_any(tensor, axis=None if rank is None else
+                       list(range(rank)))
+
+
+def isin(tensor, values):
+  """Whether each entry of an integer `tensor` is one of the Python ints
+  `values` (one comparison, not one per value)."""
+  return tf.reduce_any(tf.equal(tf.expand_dims(tensor, -1),
+                                tf.constant(list(values), tensor.dtype)),
+                       axis=-1)
+
+
 def select(condition, if_true, if_false):
   """`tf.where` for a [B...] condition and tensors of shape [B..., ...]."""
   condition = tf.convert_to_tensor(condition)
@@ -64,7 +81,7 @@ def norm(vector):
   # Where largest is 0 or not finite the plain norm is kept, so the scaled
   # one (NaN there) is never read.
   scaled = largest * tf.sqrt(tf.reduce_sum(
-      tf.square(vector / largest[..., tf.newaxis]), axis=-1))
+      tf.square(vector / tf.expand_dims(largest, -1)), axis=-1))
   return tf.where(tf.math.is_finite(plain) | ~tf.math.is_finite(largest),
                   plain, scaled)
 

@@ -55,6 +55,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfg_optim import _acceptance
+from tfg_optim import _batch
 from tfg_optim import _advance
 from tfg_optim import _eager
 from tfg_optim import _linear_solvers
@@ -322,7 +323,7 @@ def minimize(problem, initial_point, policy, max_iterations, stopping=None,
     return (_call_back(callback, new_state),)
 
   def cond(state):
-    return tf.reduce_any(tf.equal(state.stop_reason, StopReason.RUNNING))
+    return _batch.any_entry(tf.equal(state.stop_reason, StopReason.RUNNING))
 
   if invalid_start is not None:
     state = state._replace(stop_reason=tf.where(

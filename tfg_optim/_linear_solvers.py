@@ -203,13 +203,16 @@ def trust_region_solver(linearization, gradient, scale, radius,
   dtype = gradient.dtype
   inverse_root = tf.math.rsqrt(scale)
   gram = linearization.gram()
-  scaled_gram = (gram * inverse_root[..., :, tf.newaxis] *
-                 inverse_root[..., tf.newaxis, :])
+  scaled_gram = (gram * tf.expand_dims(inverse_root, -1) *
+                 tf.expand_dims(inverse_root, -2))
   finite = _batch.all_finite(scaled_gram, scaled_gram.shape.rank - 2)
-  identity = tf.eye(tf.shape(scaled_gram)[-1], dtype=dtype)
+  n = scaled_gram.shape[-1]
+  # (`select` broadcasts the identity over the batch; one constant where n
+  # is known while tracing.)
+  identity = (tf.constant(np.eye(n), dtype) if n is not None else
+              tf.eye(tf.shape(scaled_gram)[-1], dtype=dtype))
   sigma, vectors = tf.linalg.eigh(
-      _batch.select(finite, scaled_gram,
-                    tf.broadcast_to(identity, tf.shape(scaled_gram))))
+      _batch.select(finite, scaled_gram, identity))
   sigma = tf.maximum(sigma, tf.zeros_like(sigma))
   coefficients = tf.linalg.matvec(vectors, inverse_root * gradient,
                                   adjoint_a=True)
@@ -218,7 +221,7 @@ def trust_region_solver(linearization, gradient, scale, radius,
   floor = finfo.eps * tf.reduce_max(sigma, axis=-1, keepdims=True) + tiny
 
   def shifted(lam):  # sigma + lambda, [B..., n]
-    return tf.maximum(sigma + lam[..., tf.newaxis], floor)
+    return tf.maximum(sigma + tf.expand_dims(lam, -1), floor)
 
   lam = tf.zeros_like(radius)
   gauss_newton_length = tf.norm(coefficients / shifted(lam), axis=-1)
@@ -245,7 +248,7 @@ def trust_region_solver(linearization, gradient, scale, radius,
   def newton_body(i, lam, moved):
     del moved
     raised = newton_step(lam)
-    return i + 1, raised, tf.reduce_any(tf.not_equal(raised, lam))
+    return i + 1, raised, _batch.any_entry(tf.not_equal(raised, lam))
 
   _, lam, _ = tf.while_loop(
       lambda i, lam, moved: moved, newton_body,

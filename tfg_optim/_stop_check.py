@@ -231,9 +231,8 @@ class StopCheck:
       reason = tf.zeros_like(state.stop_reason)
     if self.safeguards:
       stalled = tf.constant(int(StopReason.STALLED), tf.int32)
-      step_test = tf.zeros_like(stop)  # a step or cost-change test fired
-      for member in _STEP_TESTS:
-        step_test |= tf.equal(reason, int(member))
+      # A step or cost-change test fired.
+      step_test = _batch.isin(reason, _STEP_TESTS)
       if limited is not None:  # after a step
         scaling = (self.policy.scaling(state.damping) if self.policy.scaled
                    else None)

@@ -104,6 +104,7 @@ import tensorflow as tf
 from tfg_optim import _eager
 from tfg_optim import _implicit
 from tfg_optim import _line_search
+from tfg_optim import _linearization
 from tfg_optim import _validation
 from tfg_optim._engine import StopReason
 
@@ -663,7 +664,11 @@ def _batched_value_and_gradient(objective_func, value_and_gradient,
                             "a gradient")
     return tf.reshape(value, [batch]), tf.reshape(gradient, [batch, n])
 
-  return call
+  if tf.executing_eagerly():
+    return call
+  # In graphs, traced once for the start, the line search and the implicit
+  # gradient, and inlined where called (the arithmetic of three traces).
+  return _linearization.trace_once(call, called=False)
 
 
 def _check_shape(tensor, shape, size, what):

@@ -151,14 +151,19 @@ class LeastSquaresResults(collections.namedtuple("LeastSquaresResults",
             f"{iterations.tolist()})")
 
 
+def _size(tensor):
+  """The last dimension of `tensor`, an int32 scalar: a constant where it is
+  known while tracing."""
+  size = tensor.shape[-1]
+  return (tf.constant(size, tf.int32) if size is not None else
+          tf.shape(tensor)[-1])
+
+
 def from_state(state, num_records, criterion=None):
   """Builds `LeastSquaresResults` from the engine's final loop state and the
   stopping criterion that applied (for `tolerances`)."""
   reason = state.stop_reason
-  converged = tf.zeros_like(reason, tf.bool)
-  for member in StopReason:
-    if member.converged:
-      converged |= tf.equal(reason, int(member))
+  converged = _batch.isin(reason, [m for m in StopReason if m.converged])
   records = {}
   if num_records:
     # Row i holds iteration i + 1. The engine writes NaN for a problem that
@@ -188,8 +193,8 @@ def from_state(state, num_records, criterion=None):
       step_size=state.step_norm,
       residual=state.residual,
       records=records,
-      num_residuals=tf.shape(state.residual)[-1],
-      num_parameters=tf.shape(state.gradient)[-1],
+      num_residuals=_size(state.residual),
+      num_parameters=_size(state.gradient),
       wall_time=state.wall_time,
       num_linear_solver_iterations=state.num_linear_solver_iterations,
       tolerances={name: tf.constant(value, tf.float64) for name, value in

@@ -27,6 +27,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
+from tfg_optim import _batch
 from tfg_optim import _eager
 from tfg_optim import _engine
 from tfg_optim import _implicit
@@ -302,8 +303,8 @@ def _solve(manifold, f, p, jacobian_f, num_components, eta, damping_term_min,
         raise ValueError(f"'f' returned shape {value.shape}; its first "
                          f"batch_dims={batch_dims} axes must be the batch "
                          f"shape {batch_shape} of 'p'.")
-      flat = tf.reshape(value, tf.concat(
-          [tf.shape(value)[:batch_dims], [-1]], 0))
+      flat = tf.reshape(value, _batch.concat_shapes(
+          _batch.leading_shape(value, batch_dims), [-1]))
       if num_components != -1 and flat.shape[-1] is not None and (
           flat.shape[-1] != num_components):
         raise ValueError(f"'num_components' is {num_components} but f "
