@@ -422,6 +422,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   if vanishing_column_tolerance is not None:
     vanishing_column_tolerance = _validation.real_number(
         vanishing_column_tolerance, "vanishing_column_tolerance", lower=0.0)
+  default_acceleration = isinstance(geodesic_acceleration,
+                                    _DefaultAcceleration)
   if geodesic_acceleration is not None:
     geodesic_acceleration = _validation.real_number(
         geodesic_acceleration, "geodesic_acceleration", lower=0.0,
@@ -507,6 +509,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                        "problem.")
     matrix_free = uses_matrix_free(linear_solver, jacobian is not None,
                                    tangent_dim)
+    if matrix_free and default_acceleration:
+      # Its second conjugate-gradient solve per iteration doubled the CG
+      # iterations for the same iterations (docs/large_scale.md).
+      geodesic_acceleration = None
     if column_groups is not None:
       column_groups = np.asarray(column_groups)
       if (not (matrix_free and not chunked) or
