@@ -186,7 +186,11 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       solves NIST BoxBOD from start 1). F''[v, v] costs one nested
       forward-mode product per iteration (with `jacobian`, one more residual
       evaluation: a finite difference). Off by default with
-      `data_chunk_size` (an explicit value is then an error).
+      `data_chunk_size` (an explicit value is then an error) and with the
+      matrix-free solver ('cg', or 'auto' choosing it; an explicit value
+      applies it there: a second conjugate-gradient solve per iteration,
+      which about doubled the CG iterations for the same iterations on the
+      smooth-TV denoising of docs/large_scale.md).
     linear_solver: 'dense' (the Jacobian as a [B..., m, n] tensor; Cholesky
       of the damped normal equations or of their dual form, or the trust
       region's eigendecomposition), 'cg' (matrix-free: J is never formed;
