@@ -16,7 +16,10 @@ noisy disc, every solver started from y, float64. Solvers:
                estimated from 8 probes); and under XLA
                (`tf.function(jit_compile=True)`; its compile time is the
                first call less the trace and a steady call, so each XLA
-               row solves at least twice). --variants picks the rows.
+               row solves at least twice); rows named "geodesic" pass
+               `geodesic_acceleration=2.0` (the default before the
+               matrix-free solver turned it off). --variants picks the
+               rows.
   scipy        `least_squares(method='trf', tr_solver='lsmr',
                jac_sparsity=...)`, default tolerances (finite differences
                with the sparsity's column grouping).
@@ -138,7 +141,6 @@ VARIANTS = {
     "groups inexact EW": dict(groups=True, inexact_steps=True,
                               forcing="eisenstat_walker"),
     "XLA": dict(jit_compile=True),
-    "XLA groups": dict(jit_compile=True, groups=True),
     "XLA inexact EW": dict(jit_compile=True, inexact_steps=True,
                            forcing="eisenstat_walker"),
     "XLA groups inexact EW": dict(jit_compile=True, groups=True,
