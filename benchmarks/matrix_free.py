@@ -16,7 +16,10 @@ noisy disc, every solver started from y, float64. Solvers:
                estimated from 8 probes); and under XLA
                (`tf.function(jit_compile=True)`; its compile time is the
                first call less the trace and a steady call, so each XLA
-               row solves at least twice). --variants picks the rows.
+               row solves at least twice); rows named "geodesic" pass
+               `geodesic_acceleration=2.0` (the default before the
+               matrix-free solver turned it off). --variants picks the
+               rows.
   scipy        `least_squares(method='trf', tr_solver='lsmr',
                jac_sparsity=...)`, default tolerances (finite differences
                with the sparsity's column grouping).
@@ -143,6 +146,16 @@ VARIANTS = {
     "XLA groups inexact EW": dict(jit_compile=True, groups=True,
                                   inexact_steps=True,
                                   forcing="eisenstat_walker"),
+    # Geodesic acceleration on (`geodesic_acceleration=2.0`; the matrix-free
+    # solver's default before it turned it off): the rows before that
+    # change, side by side.
+    "default geodesic": dict(geodesic=True),
+    "groups inexact EW geodesic": dict(groups=True, inexact_steps=True,
+                                       forcing="eisenstat_walker",
+                                       geodesic=True),
+    "XLA groups inexact EW geodesic": dict(
+        jit_compile=True, groups=True, inexact_steps=True,
+        forcing="eisenstat_walker", geodesic=True),
     # The trust region's radius grown above rho > 3/4 (`TrustRegionDamping`'s
     # default, and 'trust_region' with the matrix-free solver before it grew
     # only above 0.9): the rows before that change, side by side.
@@ -166,7 +179,7 @@ def tv_column_groups(size):
 
 def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
             inexact_steps=False, jit_compile=False, forcing=None,
-            groups=False, expand_threshold=None):
+            groups=False, expand_threshold=None, geodesic=False):
   """One tfg_optim solve (traced once, timed by `_harness.time_call`).
 
   With `jit_compile`, the `tf.function` is compiled by XLA and at least
@@ -175,7 +188,8 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
   `inexact_steps` (`_linear_solvers.FORCING_RULE`, None: the default);
   `groups`: `column_groups=tv_column_groups(size)` (the exact diagonal);
   `expand_threshold`: `damping=TrustRegionDamping(expand_threshold=...)`
-  instead of `damping` (None: `damping`).
+  instead of `damping` (None: `damping`); `geodesic`:
+  `geodesic_acceleration=2.0` (False: the default, off with 'cg').
 
   Returns a dict: position, iterations, stop, CG iterations, the cost after
   each iteration (records), trace, first-call and solve seconds.
@@ -188,6 +202,7 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
     return MU * tf.sqrt(tf.square(dx) + tf.square(dy) + EPS ** 2)
 
   column_groups = tv_column_groups(y.shape[0]) if groups else None
+  acceleration = dict(geodesic_acceleration=2.0) if geodesic else {}
   if expand_threshold is not None:
     damping = tfg_optim.TrustRegionDamping(expand_threshold=expand_threshold)
 
@@ -196,7 +211,7 @@ def run_tfg(y, max_iterations, damping, repeats, cost_tolerance=0.0,
     result = tfg_optim.least_squares(
         [lambda x: x - target, total_variation], start, damping=damping,
         linear_solver="cg", inexact_steps=inexact_steps,
-        column_groups=column_groups,
+        column_groups=column_groups, **acceleration,
         max_iterations=max_iterations, cost_tolerance=cost_tolerance,
         record=True)
     return (result.position, result.num_iterations, result.stop_reason,
@@ -527,7 +542,8 @@ def main():
       runs[name] = run
       print(f"  {image} {name}: {run['seconds']:.2f} s, "
             f"{run['iterations']} iterations, {run['cg']} CG", flush=True)
-    ours = runs["tfg_optim"]
+    # The ratios' reference: the default row, else the first.
+    ours = runs.get("tfg_optim", next(iter(runs.values())))
     if not args.skip_scipy:
       runs["scipy"] = run_scipy(y, args.max_iterations)
       print(f"  {image} scipy: {runs['scipy']['seconds']:.2f} s", flush=True)
@@ -597,7 +613,9 @@ def main():
                     f" (forcing {options['forcing']})"
                     if options.get("forcing") else "") + (
                         f" expand above {options['expand_threshold']}"
-                        if options.get("expand_threshold") else "")
+                        if options.get("expand_threshold") else "") + (
+                            " geodesic_acceleration=2"
+                            if options.get("geodesic") else "")
         solver = (f"tfg_optim cg{variant} ({args.damping}; peak RSS "
                   f"{run['peak']:.2f} GB)")
         first = f"{run['first_call']:.2f} (trace {run['trace']:.2f}"

@@ -186,7 +186,11 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
       solves NIST BoxBOD from start 1). F''[v, v] costs one nested
       forward-mode product per iteration (with `jacobian`, one more residual
       evaluation: a finite difference). Off by default with
-      `data_chunk_size` (an explicit value is then an error).
+      `data_chunk_size` (an explicit value is then an error) and with the
+      matrix-free solver ('cg', or 'auto' choosing it; an explicit value
+      applies it there: a second conjugate-gradient solve per iteration,
+      which about doubled the CG iterations for the same iterations on the
+      smooth-TV denoising of docs/large_scale.md).
     linear_solver: 'dense' (the Jacobian as a [B..., m, n] tensor; Cholesky
       of the damped normal equations or of their dual form, or the trust
       region's eigendecomposition), 'cg' (matrix-free: J is never formed;
@@ -428,6 +432,8 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
   if vanishing_column_tolerance is not None:
     vanishing_column_tolerance = _validation.real_number(
         vanishing_column_tolerance, "vanishing_column_tolerance", lower=0.0)
+  default_acceleration = isinstance(geodesic_acceleration,
+                                    _DefaultAcceleration)
   if geodesic_acceleration is not None:
     geodesic_acceleration = _validation.real_number(
         geodesic_acceleration, "geodesic_acceleration", lower=0.0,
@@ -513,6 +519,10 @@ def least_squares(residuals, variables, *, manifold=None, batch_dims=0,
                        "problem.")
     matrix_free = uses_matrix_free(linear_solver, jacobian is not None,
                                    tangent_dim)
+    if matrix_free and default_acceleration:
+      # Its second conjugate-gradient solve per iteration doubled the CG
+      # iterations for the same iterations (docs/large_scale.md).
+      geodesic_acceleration = None
     if column_groups is not None:
       column_groups = np.asarray(column_groups)
       if (not (matrix_free and not chunked) or
