@@ -176,7 +176,7 @@ def riemannian_solve(points, target):
   result = tfg_optim.riemannian.levenberg_marquardt(
       manifolds.SpecialOrthogonal(3),
       lambda r: tf.reshape(tf.matmul(r, points) - target, [-1]),
-      tf.eye(3, dtype=tf.float64), return_state=True)
+      tf.eye(3, dtype=tf.float64), return_state=True, eager_compile=False)
   return [result.position, result.cost, result.num_iterations]
 
 
@@ -198,7 +198,8 @@ def lbfgs_solve(method, dtype, batch_dims):
   minimize = (tfg_optim.lbfgs.minimize_lbfgs if method == "lbfgs" else
               tfg_optim.lbfgs.minimize_bfgs)
   result = minimize(objective, tf.constant(start, dtype), dtype=dtype,
-                    batch_dims=batch_dims, return_results=True)
+                    batch_dims=batch_dims, return_results=True,
+                    eager_compile=False)
   return [result.position, result.objective_value, result.num_iterations,
           result.num_func_calls, result.stop_reason]
 
@@ -234,7 +235,7 @@ def main():
   rotation = tfg_optim.riemannian.levenberg_marquardt(
       manifolds.SpecialOrthogonal(3),
       lambda r: tf.reshape(tf.matmul(r, points) - target, [-1]),
-      tf.eye(3, dtype=tf.float64))
+      tf.eye(3, dtype=tf.float64), eager_compile=False)
   lines.append(f"riemannian {digest([rotation])}")
   points, target = points.numpy(), target.numpy()
   for mode in ("function", "xla"):
