@@ -589,3 +589,33 @@ class ArgumentTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
   tf.test.main()
+
+
+class UnrolledGradientTest(tf.test.TestCase, parameterized.TestCase):
+  """gradients='unrolled' through minimize_lbfgs in a graph equals the
+  eager one and, at the solution, the closed form (review24b: NaN in
+  tf.function and XLA for every max_iters >= 2, main too: a discarded NaN
+  in the line search's cubic step made the tf.where's gradient NaN)."""
+
+  @parameterized.parameters("function", "xla")
+  def test_unrolled_gradient_is_finite_and_right(self, mode):
+    theta = tf.Variable(3.0, dtype=tf.float64)
+
+    def gradient(max_iters):
+      with tf.GradientTape() as tape:
+        result = lbfgs.minimize_lbfgs(
+            lambda x: tf.reduce_sum((x - theta) ** 2) +
+            0.1 * tf.reduce_sum(x ** 4), tf.constant([0.0], tf.float64),
+            dtype="float64", gradients="unrolled", return_results=True,
+            eager_compile=False, max_iters=max_iters)
+        loss = tf.reduce_sum(result.position)
+      return result.position, tape.gradient(loss, theta)
+
+    graph = tf.function(gradient, jit_compile=mode == "xla")
+    _, eager_two = gradient(2)
+    _, graph_two = graph(2)
+    self.assertAllClose(graph_two, eager_two, rtol=1e-10)
+    position, derivative = graph(50)
+    # x* solves 2 (x - theta) + 0.4 x^3 = 0: dx*/dtheta = 2 / (2 + 1.2 x*^2).
+    x = float(position[0])
+    self.assertAllClose(derivative, 2.0 / (2.0 + 1.2 * x * x), rtol=1e-6)

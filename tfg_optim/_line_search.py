@@ -61,12 +61,26 @@ _State = collections.namedtuple("_State", [
 def cubic_minimizer(a, fa, da, b, fb, db):
   """The minimizer of the cubic through (a, fa, da) and (b, fb, db).
 
-  N&W eq. 3.59. NaN (or Inf) where the cubic has no minimizer or the points
-  coincide; callers safeguard.
+  N&W eq. 3.59. NaN where the cubic has no minimizer or the points
+  coincide; callers safeguard. Every division and square root reads a safe
+  operand there (the "double where"): a discarded NaN or Inf would still
+  make the gradient of the caller's tf.where NaN (0 * Inf), which made
+  L-BFGS's unrolled gradients NaN in graphs.
   """
-  d1 = da + db - 3.0 * (fa - fb) / (a - b)
-  d2 = tf.sign(b - a) * tf.sqrt(d1 * d1 - da * db)
-  return b - (b - a) * (db + d2 - d1) / (db - da + 2.0 * d2)
+  one = tf.ones_like(a)
+  span = a - b
+  d1 = da + db - 3.0 * (fa - fb) / tf.where(tf.equal(span, 0), one, span)
+  discriminant = d1 * d1 - da * db
+  positive = discriminant > 0
+  d2 = tf.sign(b - a) * tf.where(
+      positive, tf.sqrt(tf.where(positive, discriminant, one)),
+      tf.zeros_like(a))
+  denominator = db - da + 2.0 * d2
+  valid = (tf.not_equal(span, 0) & (discriminant >= 0) &
+           tf.not_equal(denominator, 0))
+  value = b - (b - a) * (db + d2 - d1) / tf.where(valid, denominator, one)
+  return tf.where(valid, value, tf.fill(tf.shape(value),
+                                        tf.constant(np.nan, value.dtype)))
 
 
 def _zoom_trial(a_lo, f_lo, d_lo, a_hi, f_hi, d_hi):
